@@ -1,0 +1,1 @@
+"""nodegraph: a typed node-graph workflow engine."""

@@ -1,0 +1,272 @@
+"""The `nodegraph` command line: run, validate, list nodes, print the workflow schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import events as ev
+from .events import Event
+from .executor import Executor, RunResult
+from .node import CancelToken
+from .plugins import DEFAULT_NODES_DIR, PackProblem, build_registry
+from .validation import WorkflowInvalid, parse_document
+from .workflow import Workflow, document_schema
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """Bad command-line arguments or files; exit code 2."""
+
+
+def _parse_assignment(text: str) -> tuple[str, str, Any]:
+    target, sep, raw = text.partition("=")
+    node_id, dot, input_name = target.rpartition(".")
+    if not sep or not dot or not node_id or not input_name:
+        raise UsageError(f"--set {text!r}: expected NODE.INPUT=VALUE")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # plain text needs no JSON quotes
+    return node_id, input_name, value
+
+
+def read_workflow(path: str, assignments: list[str]) -> Workflow:
+    """Read and parse a workflow file and apply `--set` overrides to it."""
+    file = Path(path)
+    try:
+        data = file.read_bytes()
+    except OSError as error:
+        raise UsageError(f"cannot read workflow {path}: {error.strerror}") from None
+    workflow = parse_document(data, source=str(file))
+    for text in assignments:
+        node_id, input_name, value = _parse_assignment(text)
+        if node_id not in workflow.nodes:
+            raise UsageError(f"--set {text!r}: the workflow has no node {node_id!r} (nodes: {', '.join(workflow.nodes)})")
+        workflow.nodes[node_id].inputs[input_name] = value
+    return workflow
+
+
+def _print_problems(problems: list[PackProblem]) -> None:
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+
+
+def _print_issues(issues: list, out: TextIO) -> None:
+    print(f"invalid workflow: {len(issues)} problem{'s' if len(issues) != 1 else ''}", file=out)
+    for issue in issues:
+        print(f"  - {issue}", file=out)
+
+
+class ProgressDisplay:
+    """Turns run events into terminal output: a live status line on a TTY, plain lines otherwise."""
+
+    def __init__(self, out: TextIO, live: bool) -> None:
+        self.out = out
+        self.live = live
+        self.total = 0
+        self.done = 0
+        self.current = ""
+        self.width = 0
+
+    def _line(self, text: str) -> None:
+        if self.live:
+            self.out.write("\r" + text.ljust(self.width))
+            self.width = len(text)
+        else:
+            self.out.write(text + "\n")
+        self.out.flush()
+
+    def _end_line(self) -> None:
+        if self.live and self.width:
+            self.out.write("\n")
+            self.width = 0
+
+    def __call__(self, event: Event) -> None:
+        kind, data = event.type, event.data
+        if kind == ev.RUN_STARTED:
+            self.total = len(data["nodes"])
+        elif kind == ev.NODE_STARTED:
+            self.current = f"{event.node_id} ({data['type']})"
+            if self.live:
+                self._line(f"[{self.done + 1}/{self.total}] {self.current}")
+        elif kind == ev.NODE_PROGRESS:
+            value, total = data["value"], max(data["max"], 1)
+            filled = int(20 * value / total)
+            bar = "#" * filled + "-" * (20 - filled)
+            if self.live or value == total or value == 1:
+                self._line(f"[{self.done + 1}/{self.total}] {self.current} [{bar}] {value}/{total}")
+        elif kind in (ev.NODE_FINISHED, ev.NODE_CACHED):
+            self.done += 1
+            if not self.live:
+                what = "cached" if kind == ev.NODE_CACHED else f"{self.current} done in {data['seconds']:.2f}s"
+                self._line(f"[{self.done}/{self.total}] {event.node_id if kind == ev.NODE_CACHED else what}"
+                           + (": cached" if kind == ev.NODE_CACHED else ""))
+        elif kind in ev.RUN_ENDED:
+            self._end_line()
+
+
+def _event_json(event: Event) -> dict[str, Any]:
+    data = event.to_json()
+    if event.type == ev.NODE_PREVIEW:
+        image = data.pop("image", None)
+        data["image_size"] = list(getattr(image, "size", ()))
+    return data
+
+
+def _run_result_json(result: RunResult) -> dict[str, Any]:
+    return {"run_id": result.run_id, "status": result.status, "seconds": result.seconds, "files": result.files,
+            "executed": result.executed, "cached": result.cached,
+            "error": result.error.to_json() if result.error else None}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    registry, problems = build_registry(args.nodes_dir or [DEFAULT_NODES_DIR])
+    _print_problems(problems)
+    try:
+        workflow = read_workflow(args.workflow, args.set)
+        executor = Executor(registry, device=args.device, output_dir=args.output_dir)
+        plan = executor.compile(workflow, args.output or None)
+    except WorkflowInvalid as invalid:
+        if args.json:
+            print(json.dumps({"status": "invalid", "issues": [i.to_json() for i in invalid.issues]}))
+        else:
+            _print_issues(invalid.issues, sys.stderr)
+        return EXIT_INVALID
+
+    cancel = CancelToken()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if cancel.cancelled:
+            raise KeyboardInterrupt
+        cancel.cancel()
+        print("\ncancelling (Ctrl-C again to abort)...", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    if args.json:
+        sink = lambda event: print(json.dumps(_event_json(event)), flush=True)  # noqa: E731
+    else:
+        sink = ProgressDisplay(sys.stderr, live=sys.stderr.isatty())
+    try:
+        result = executor.run(plan, on_event=sink, cancel=cancel)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+    if args.json:
+        print(json.dumps({"result": _run_result_json(result)}))
+    elif result.status == "failed" and result.error is not None:
+        print(f"error: {result.error}", file=sys.stderr)
+        if args.verbose:
+            print(result.error.traceback, file=sys.stderr)
+    elif result.status == "cancelled":
+        print("cancelled", file=sys.stderr)
+    else:
+        for path in result.files:
+            print(path)
+        print(f"finished in {result.seconds:.2f}s ({len(result.executed)} nodes run, {len(result.cached)} cached)",
+              file=sys.stderr)
+    return {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}[result.status]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    registry, problems = build_registry(args.nodes_dir or [DEFAULT_NODES_DIR])
+    _print_problems(problems)
+    try:
+        Executor(registry).compile(read_workflow(args.workflow, []))
+    except WorkflowInvalid as invalid:
+        if args.json:
+            print(json.dumps({"valid": False, "issues": [i.to_json() for i in invalid.issues]}, indent=2))
+        else:
+            _print_issues(invalid.issues, sys.stdout)
+        return EXIT_INVALID
+    print(json.dumps({"valid": True}) if args.json else f"{args.workflow}: valid")
+    return EXIT_OK
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    registry, problems = build_registry(args.nodes_dir or [DEFAULT_NODES_DIR])
+    _print_problems(problems)
+    catalogue = registry.catalogue()
+    if args.json:
+        print(json.dumps(catalogue, indent=2, default=str))
+        return EXIT_OK
+    by_category: dict[str, list[dict[str, Any]]] = {}
+    for info in catalogue["nodes"].values():
+        by_category.setdefault(info["category"], []).append(info)
+    for category in sorted(by_category):
+        print(f"{category}:")
+        for info in by_category[category]:
+            print(f"  {info['type']} - {info['description']}")
+            for name, spec in info["inputs"].items():
+                detail = spec["type"] + ("" if spec["required"] else f" = {spec.get('default')!r}")
+                if "choices" in spec:
+                    detail += f" one of {spec['choices'][:8]}"
+                print(f"      in  {name}: {detail}")
+            for name, spec in info["outputs"].items():
+                print(f"      out {name}: {spec['type']}")
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    registry, problems = build_registry(args.nodes_dir or [DEFAULT_NODES_DIR])
+    _print_problems(problems)
+    print(json.dumps(document_schema(registry), indent=2, default=str))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nodegraph", description="Run and inspect nodegraph workflows.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more, and print tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_nodes_dir(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--nodes-dir", action="append", type=Path, metavar="DIR",
+                       help=f"load node packs from DIR (repeatable; default ./{DEFAULT_NODES_DIR})")
+        return p
+
+    run = with_nodes_dir(sub.add_parser("run", help="run a workflow file"))
+    run.add_argument("workflow")
+    run.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                     help="override an input (VALUE is JSON, or plain text)")
+    run.add_argument("--output", action="append", metavar="NODE", help="run only what this node needs (repeatable)")
+    run.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where output files go (default outputs/)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    run.add_argument("--json", action="store_true", help="print events and the result as JSON lines")
+    run.set_defaults(handler=cmd_run)
+
+    validate = with_nodes_dir(sub.add_parser("validate", help="check a workflow without running it"))
+    validate.add_argument("workflow")
+    validate.add_argument("--json", action="store_true")
+    validate.set_defaults(handler=cmd_validate)
+
+    nodes = with_nodes_dir(sub.add_parser("nodes", help="list node types with their inputs and outputs"))
+    nodes.add_argument("--json", action="store_true")
+    nodes.set_defaults(handler=cmd_nodes)
+
+    schema = with_nodes_dir(sub.add_parser("schema", help="print the workflow JSON Schema"))
+    schema.set_defaults(handler=cmd_schema)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_INVALID
+    except WorkflowInvalid as invalid:
+        _print_issues(invalid.issues, sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return EXIT_CANCELLED

@@ -1,0 +1,212 @@
+"""The executor: runs a validated workflow demand-first, reusing cached outputs across runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from . import events as ev
+from .cache import CacheEntry, OutputCache, estimate_nbytes
+from .events import Event, EventSink
+from .node import CancelToken, Node, NodeOutputs, RunCancelled, RunContext
+from .registry import NodeRegistry
+from .validation import CompiledWorkflow, compile_workflow
+from .workflow import Workflow
+
+log = logging.getLogger(__name__)
+
+
+class NodeFailure(Exception):
+    """A node raised while running; names the node, its type and the original exception."""
+
+    def __init__(self, node_id: str, node_type: str, error: BaseException, traceback_text: str) -> None:
+        super().__init__(f"node {node_id!r} ({node_type}) failed: {type(error).__name__}: {error}")
+        self.node_id = node_id
+        self.node_type = node_type
+        self.error = error
+        self.traceback = traceback_text
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "node_type": self.node_type, "exception": type(self.error).__name__,
+                "message": str(self.error), "traceback": self.traceback}
+
+
+class NodeInputError(ValueError):
+    """A value that arrived by link does not satisfy the input's declaration."""
+
+
+@dataclass
+class NodeResult:
+    node_id: str
+    status: Literal["executed", "cached"]
+    outputs: NodeOutputs
+    files: tuple[str, ...]
+    seconds: float
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: Literal["succeeded", "failed", "cancelled"]
+    outputs: list[str]
+    results: dict[str, NodeResult] = field(default_factory=dict)
+    error: NodeFailure | None = None
+    seconds: float = 0.0
+
+    @property
+    def executed(self) -> list[str]:
+        return [n for n, r in self.results.items() if r.status == "executed"]
+
+    @property
+    def cached(self) -> list[str]:
+        return [n for n, r in self.results.items() if r.status == "cached"]
+
+    @property
+    def files(self) -> list[str]:
+        return [f for node_id in self.outputs if node_id in self.results for f in self.results[node_id].files]
+
+
+def _overrides_fingerprint(node_class: type[Node]) -> bool:
+    return node_class.fingerprint.__func__ is not Node.fingerprint.__func__
+
+
+class Executor:
+    """Runs workflows with one registry and one cross-run cache. One run at a time."""
+
+    def __init__(self, registry: NodeRegistry, cache: OutputCache | None = None, device: str = "auto",
+                 output_dir: Path | str = Path("outputs")) -> None:
+        self.registry = registry
+        self.cache = cache if cache is not None else OutputCache()
+        self.device = device
+        self.output_dir = Path(output_dir)
+
+    def compile(self, workflow: str | bytes | dict[str, Any] | Workflow, outputs: list[str] | None = None) -> CompiledWorkflow:
+        return compile_workflow(workflow, self.registry, outputs)
+
+    def cache_keys(self, plan: CompiledWorkflow, run_id: str) -> dict[str, str]:
+        """Content keys: hash of node type, version, literal inputs, fingerprint and upstream keys."""
+        keys: dict[str, str] = {}
+        output_dir = str(self.output_dir.resolve())
+        for node_id in plan.order:
+            node = plan.nodes[node_id]
+            cls = node.node_class
+            upstream = sorted((name, keys[link.source], link.output) for name, link in node.links.items())
+            parts: list[Any] = [cls.type_name, cls.version, node.literal_json, upstream]
+            if cls.cache == "never":
+                parts.append(run_id)
+            if _overrides_fingerprint(cls):
+                parts.append(cls.fingerprint(node.literals))
+            if cls.output_node:
+                parts.append(output_dir)
+            keys[node_id] = hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()
+        return keys
+
+    def run(
+        self,
+        workflow: str | bytes | dict[str, Any] | Workflow | CompiledWorkflow,
+        outputs: list[str] | None = None,
+        on_event: EventSink | None = None,
+        cancel: CancelToken | None = None,
+        run_id: str | None = None,
+    ) -> RunResult:
+        """Run a workflow (validating it first unless already compiled).
+
+        Raises WorkflowInvalid before anything runs; node failures and cancellation are
+        reported in the result and the events, not raised.
+        """
+        plan = workflow if isinstance(workflow, CompiledWorkflow) else self.compile(workflow, outputs)
+        run_id = run_id or uuid.uuid4().hex
+        cancel = cancel or CancelToken()
+        emit = on_event or (lambda event: None)
+        started = time.perf_counter()
+        result = RunResult(run_id, "succeeded", plan.outputs)
+        emit(Event(ev.RUN_STARTED, run_id, data={"nodes": plan.order, "outputs": plan.outputs}))
+
+        keys = self.cache_keys(plan, run_id)
+        hits: dict[str, CacheEntry] = {}
+        needed = set(plan.outputs)
+        for node_id in reversed(plan.order):
+            if node_id not in needed:
+                continue
+            entry = self.cache.get(keys[node_id])
+            if entry is not None:
+                hits[node_id] = entry
+            else:
+                needed.update(link.source for link in plan.nodes[node_id].links.values())
+
+        values: dict[str, NodeOutputs] = {}
+        try:
+            for node_id in plan.order:
+                if node_id not in needed:
+                    continue
+                if cancel.cancelled:
+                    raise RunCancelled()
+                entry = hits.get(node_id)
+                if entry is not None:
+                    values[node_id] = entry.outputs
+                    result.results[node_id] = NodeResult(node_id, "cached", entry.outputs, entry.files, 0.0)
+                    emit(Event(ev.NODE_CACHED, run_id, node_id, {"files": list(entry.files)}))
+                    continue
+                node_result = self._run_node(plan, node_id, keys[node_id], values, emit, cancel, run_id)
+                values[node_id] = node_result.outputs
+                result.results[node_id] = node_result
+        except RunCancelled:
+            result.status = "cancelled"
+            result.seconds = time.perf_counter() - started
+            emit(Event(ev.RUN_CANCELLED, run_id, data={"seconds": result.seconds}))
+            return result
+        except NodeFailure as failure:
+            result.status = "failed"
+            result.error = failure
+            result.seconds = time.perf_counter() - started
+            emit(Event(ev.NODE_FAILED, run_id, failure.node_id, failure.to_json()))
+            emit(Event(ev.RUN_FAILED, run_id, failure.node_id, {"error": failure.to_json(), "seconds": result.seconds}))
+            return result
+        result.seconds = time.perf_counter() - started
+        emit(Event(ev.RUN_FINISHED, run_id, data={"seconds": result.seconds, "files": result.files,
+                                                  "executed": len(result.executed), "cached": len(result.cached)}))
+        return result
+
+    def _run_node(self, plan: CompiledWorkflow, node_id: str, key: str, values: dict[str, NodeOutputs],
+                  emit: EventSink, cancel: CancelToken, run_id: str) -> NodeResult:
+        node = plan.nodes[node_id]
+        cls = node.node_class
+        emit(Event(ev.NODE_STARTED, run_id, node_id, {"type": cls.type_name}))
+        started = time.perf_counter()
+
+        def report(kind: str, data: dict[str, Any]) -> None:
+            emit(Event(ev.NODE_PROGRESS if kind == "progress" else ev.NODE_PREVIEW, run_id, node_id, data))
+
+        ctx = RunContext(node_id, self.device, self.output_dir, logging.getLogger(f"nodegraph.node.{cls.type_name}"),
+                         cancel, report)
+        try:
+            raw = dict(node.literals)
+            for name, link in node.links.items():
+                raw[name] = getattr(values[link.source], link.output)
+            try:
+                inputs = cls.Inputs.model_validate(raw)
+            except ValidationError as error:
+                detail = error.errors(include_url=False)[0]
+                name = ".".join(str(p) for p in detail["loc"])
+                raise NodeInputError(f"input {name!r}: {detail['msg']}") from None
+            outputs = cls().run(inputs, ctx)
+            if not isinstance(outputs, cls.Outputs):
+                raise TypeError(f"run() returned {type(outputs).__name__}, expected {cls.__name__}.Outputs")
+        except RunCancelled:
+            raise
+        except Exception as error:  # any node error fails the run, with the node named
+            raise NodeFailure(node_id, cls.type_name, error, traceback.format_exc()) from error
+        seconds = time.perf_counter() - started
+        files = tuple(ctx.files)
+        self.cache.put(key, CacheEntry(outputs, files, estimate_nbytes(outputs)))
+        emit(Event(ev.NODE_FINISHED, run_id, node_id, {"seconds": seconds, "files": list(files)}))
+        return NodeResult(node_id, "executed", outputs, files, seconds)

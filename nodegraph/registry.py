@@ -1,0 +1,82 @@
+"""The node types and socket types one engine knows, and where each came from."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterable, Iterator
+
+from .node import Node
+from .types import SocketType, TypeRegistry
+
+
+class DuplicateNodeType(ValueError):
+    """A pack defines a node type that another pack already defined."""
+
+    def __init__(self, type_name: str, first_pack: str, second_pack: str) -> None:
+        super().__init__(
+            f"node type {type_name!r} is defined by both pack {first_pack!r} and pack {second_pack!r}"
+        )
+        self.type_name = type_name
+        self.packs = (first_pack, second_pack)
+
+
+class NodeRegistry:
+    """Node classes by type name, the socket types they use, and the pack each came from."""
+
+    def __init__(self) -> None:
+        self.types = TypeRegistry()
+        self._nodes: dict[str, type[Node]] = {}
+        self._pack_of: dict[str, str] = {}
+
+    def add_pack(self, pack: str, nodes: Iterable[type[Node]], socket_types: Iterable[SocketType] = ()) -> None:
+        """Add all of a pack's nodes, or none of them if any name is taken."""
+        nodes = list(nodes)
+        seen: dict[str, type[Node]] = {}
+        for node_class in nodes:
+            if not (isinstance(node_class, type) and issubclass(node_class, Node)):
+                raise TypeError(f"pack {pack!r} lists {node_class!r}, which is not a Node subclass")
+            name = node_class.type_name
+            if name in self._nodes:
+                raise DuplicateNodeType(name, self._pack_of[name], pack)
+            if name in seen:
+                raise DuplicateNodeType(name, pack, pack)
+            seen[name] = node_class
+        new_types = list(socket_types)
+        for node_class in nodes:
+            new_types.extend(node_class.specs().socket_types)
+        for socket_type in new_types:
+            self.types.register(socket_type)
+        for name, node_class in seen.items():
+            self._nodes[name] = node_class
+            self._pack_of[name] = pack
+
+    def get(self, type_name: str) -> type[Node] | None:
+        return self._nodes.get(type_name)
+
+    def pack_of(self, type_name: str) -> str:
+        return self._pack_of[type_name]
+
+    def closest(self, type_name: str, n: int = 3) -> list[str]:
+        """Known type names that look like `type_name`, best first."""
+        by_lower = {name.lower(): name for name in self._nodes}
+        matches = difflib.get_close_matches(type_name.lower(), list(by_lower), n=n, cutoff=0.5)
+        return [by_lower[m] for m in matches]
+
+    def __iter__(self) -> Iterator[type[Node]]:
+        return iter(self._nodes.values())
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def catalogue(self) -> dict[str, Any]:
+        """Every node type with its inputs and outputs, and every socket type: what UIs draw from."""
+        return {
+            "nodes": {
+                name: {**cls.specs().to_json(), "pack": self._pack_of[name]}
+                for name, cls in sorted(self._nodes.items())
+            },
+            "types": {
+                t.name: {"description": t.description, "color": t.color, "accepts": list(t.accepts)}
+                for t in self.types
+            },
+        }

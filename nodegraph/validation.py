@@ -1,0 +1,253 @@
+"""Whole-workflow validation: every error at once, each naming its node and input; nothing runs
+on an invalid graph. A valid workflow compiles into the graph the executor runs."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import networkx as nx
+from pydantic import ValidationError
+
+from .node import InputSpec, Node
+from .registry import NodeRegistry
+from .workflow import Link, UnsupportedVersion, Workflow, as_link, upgrade
+
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of"}
+_CHOICE_ERRORS = {"literal_error", "enum"}
+
+
+@dataclass(frozen=True)
+class ValidationIssue:
+    """One thing wrong with a workflow. `code` is stable and machine-readable."""
+
+    code: str
+    message: str
+    node_id: str | None = None
+    input: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "node_id": self.node_id,
+                "input": self.input, "details": self.details}
+
+    def __str__(self) -> str:
+        where = ".".join(part for part in (self.node_id, self.input) if part)
+        return f"{where + ': ' if where else ''}{self.message} [{self.code}]"
+
+
+class WorkflowInvalid(Exception):
+    """The workflow has one or more validation issues; nothing was run."""
+
+    def __init__(self, issues: list[ValidationIssue]) -> None:
+        super().__init__("\n".join(str(issue) for issue in issues))
+        self.issues = issues
+
+
+@dataclass
+class CompiledNode:
+    """A validated node: its class, literal inputs (defaults filled in) and links."""
+
+    id: str
+    node_class: type[Node]
+    literals: dict[str, Any]
+    links: dict[str, Link]
+    literal_json: str
+
+
+@dataclass
+class CompiledWorkflow:
+    """A validated workflow, restricted to what the requested outputs need, in run order."""
+
+    workflow: Workflow
+    nodes: dict[str, CompiledNode]
+    outputs: list[str]
+    order: list[str]
+
+
+def parse_document(data: str | bytes | dict[str, Any], source: str = "workflow") -> Workflow:
+    """Parse JSON text (or an already-decoded dict), upgrade old versions, check the structure."""
+    if isinstance(data, (str, bytes)):
+        try:
+            data = json.loads(data)
+        except json.JSONDecodeError as error:
+            raise WorkflowInvalid([ValidationIssue(
+                "invalid_json", f"{source}: {error.msg} at line {error.lineno}, column {error.colno}",
+                details={"line": error.lineno, "column": error.colno, "source": source})]) from None
+        except UnicodeDecodeError as error:
+            raise WorkflowInvalid([ValidationIssue("invalid_json", f"{source}: not UTF-8 text ({error.reason})")]) from None
+    if not isinstance(data, dict):
+        raise WorkflowInvalid([ValidationIssue("invalid_document", f"{source}: a workflow must be a JSON object")])
+    try:
+        data = upgrade(data)
+    except UnsupportedVersion as error:
+        raise WorkflowInvalid([ValidationIssue("unsupported_version", f"{source}: {error}")]) from None
+    try:
+        return Workflow.model_validate(data)
+    except ValidationError as error:
+        issues = []
+        for detail in error.errors(include_url=False):
+            loc = detail["loc"]
+            node_id = str(loc[1]) if len(loc) > 1 and loc[0] == "nodes" else None
+            path = "/".join(str(part) for part in loc)
+            issues.append(ValidationIssue("invalid_document", f"{path}: {detail['msg']}", node_id=node_id,
+                                          details={"path": path}))
+        raise WorkflowInvalid(issues) from None
+
+
+def _closest(name: str, candidates: Iterable[str]) -> list[str]:
+    return difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
+
+
+def _suggest(options: list[str]) -> str:
+    return f"; did you mean {' or '.join(repr(o) for o in options)}?" if options else ""
+
+
+def _check_literal(node_id: str, spec: InputSpec, value: Any) -> tuple[Any, ValidationIssue | None]:
+    if spec.link_only:
+        return None, ValidationIssue(
+            "link_required", f"input {spec.name!r} takes a {spec.socket_type.name} link, not a literal value",
+            node_id, spec.name, {"expected_type": spec.socket_type.name})
+    try:
+        checked = spec.validator.validate_python(value, strict=True)
+    except ValidationError as error:
+        detail = error.errors(include_url=False)[0]
+        kind = detail["type"]
+        if kind in _BOUND_ERRORS:
+            code = "value_out_of_bounds"
+        elif kind in _CHOICE_ERRORS:
+            code = "value_not_in_choices"
+        else:
+            code = "wrong_value_type"
+        details: dict[str, Any] = {"value": value, **spec.bounds}
+        if spec.choices is not None:
+            details["choices"] = list(spec.choices)
+        return None, ValidationIssue(code, f"input {spec.name!r}: {detail['msg']} (got {value!r})",
+                                     node_id, spec.name, details)
+    if spec.dynamic_choices is not None:
+        choices = spec.dynamic_choices.values()
+        if checked not in choices:
+            hint = _suggest(_closest(str(checked), choices))
+            return None, ValidationIssue(
+                "value_not_in_choices",
+                f"input {spec.name!r}: {checked!r} is not one of the {len(choices)} available choices{hint}",
+                node_id, spec.name, {"value": value, "choices": choices[:50]})
+    return checked, None
+
+
+def _literal_json(node_class: type[Node], literals: dict[str, Any]) -> str:
+    specs = node_class.specs().inputs
+    canonical = {name: specs[name].validator.dump_python(value, mode="json") for name, value in literals.items()}
+    return json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def compile_workflow(
+    data: str | bytes | dict[str, Any] | Workflow,
+    registry: NodeRegistry,
+    outputs: list[str] | None = None,
+    source: str = "workflow",
+) -> CompiledWorkflow:
+    """Validate everything, then select the nodes the outputs need and order them.
+
+    `outputs` names the nodes whose results are wanted; by default every output node.
+    Raises WorkflowInvalid listing every issue found.
+    """
+    workflow = data if isinstance(data, Workflow) else parse_document(data, source)
+    issues: list[ValidationIssue] = []
+    compiled: dict[str, CompiledNode] = {}
+    graph = nx.DiGraph()
+
+    classes: dict[str, type[Node]] = {}
+    for node_id, entry in workflow.nodes.items():
+        graph.add_node(node_id)
+        node_class = registry.get(entry.type)
+        if node_class is None:
+            options = registry.closest(entry.type)
+            issues.append(ValidationIssue("unknown_node_type", f"unknown node type {entry.type!r}{_suggest(options)}",
+                                          node_id, None, {"type": entry.type, "suggestions": options}))
+        else:
+            classes[node_id] = node_class
+
+    for node_id, node_class in classes.items():
+        entry = workflow.nodes[node_id]
+        specs = node_class.specs().inputs
+        for name in entry.inputs:
+            if name not in specs:
+                options = _closest(name, specs)
+                issues.append(ValidationIssue("unknown_input", f"{entry.type} has no input {name!r}{_suggest(options)}",
+                                              node_id, name, {"inputs": list(specs)}))
+        literals: dict[str, Any] = {}
+        links: dict[str, Link] = {}
+        for name, spec in specs.items():
+            if name not in entry.inputs:
+                if spec.required:
+                    issues.append(ValidationIssue(
+                        "missing_input", f"required input {name!r} ({spec.socket_type.name}) is not connected or set",
+                        node_id, name, {"expected_type": spec.socket_type.name}))
+                else:
+                    literals[name] = spec.default
+                continue
+            value = entry.inputs[name]
+            link = as_link(value)
+            if link is None:
+                checked, issue = _check_literal(node_id, spec, value)
+                if issue is not None:
+                    issues.append(issue)
+                else:
+                    literals[name] = checked
+                continue
+            links[name] = link
+            graph.add_edge(link.source, node_id)
+            source_entry = workflow.nodes.get(link.source)
+            if source_entry is None:
+                issues.append(ValidationIssue(
+                    "missing_node", f"input {name!r} links to node {link.source!r}, which is not in the workflow",
+                    node_id, name, {"from": link.source}))
+                continue
+            source_class = classes.get(link.source)
+            if source_class is None:
+                continue  # already reported as an unknown type
+            source_outputs = source_class.specs().outputs
+            if link.output not in source_outputs:
+                issues.append(ValidationIssue(
+                    "missing_output",
+                    f"input {name!r} links to output {link.output!r} of node {link.source!r} ({source_entry.type}), "
+                    f"which has outputs {sorted(source_outputs)}",
+                    node_id, name, {"from": link.source, "output": link.output, "outputs": sorted(source_outputs)}))
+                continue
+            source_type = source_outputs[link.output].socket_type.name
+            if not registry.types.compatible(source_type, spec.socket_type.name):
+                issues.append(ValidationIssue(
+                    "type_mismatch",
+                    f"input {name!r} expects {spec.socket_type.name} but {link.source}.{link.output} is {source_type}",
+                    node_id, name, {"expected_type": spec.socket_type.name, "got_type": source_type}))
+        compiled[node_id] = CompiledNode(node_id, node_class, literals, links, "")
+
+    for component in nx.strongly_connected_components(graph):
+        if len(component) > 1 or any(graph.has_edge(n, n) for n in component):
+            members = sorted(component)
+            issues.append(ValidationIssue("cycle", f"nodes {members} form a cycle", members[0], None,
+                                          {"nodes": members}))
+
+    if outputs is None:
+        outputs = [node_id for node_id, cls in classes.items() if cls.output_node]
+        if not outputs and not any(i.code == "unknown_node_type" for i in issues):
+            issues.append(ValidationIssue("no_output_node", "the workflow has no output node (save, preview, ...), so nothing would run"))
+    else:
+        for node_id in outputs:
+            if node_id not in workflow.nodes:
+                issues.append(ValidationIssue("unknown_output_node", f"requested output {node_id!r} is not a node of the workflow",
+                                              node_id))
+    if issues:
+        raise WorkflowInvalid(issues)
+
+    needed = set(outputs)
+    for node_id in outputs:
+        needed |= nx.ancestors(graph, node_id)
+    order = list(nx.topological_sort(graph.subgraph(needed)))
+    for node_id in order:
+        node = compiled[node_id]
+        node.literal_json = _literal_json(node.node_class, node.literals)
+    return CompiledWorkflow(workflow, {n: compiled[n] for n in order}, list(outputs), order)

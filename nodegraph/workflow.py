@@ -1,0 +1,135 @@
+"""The workflow document: one versioned JSON format for the CLI, the API and the editor."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import TYPE_CHECKING, Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from .registry import NodeRegistry
+
+WORKFLOW_VERSION = 1
+
+
+class Link(BaseModel):
+    """An input fed by another node's named output: `{"from": "node_id", "output": "latent"}`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    source: str = Field(alias="from", description="Id of the node whose output feeds this input.")
+    output: str = Field(description="Name of that node's output.")
+
+
+class NodeEntry(BaseModel):
+    """One node of a workflow: its type and its inputs (literal JSON values or links)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: str = Field(description="Node type name, e.g. LoadCheckpoint.")
+    inputs: dict[str, Any] = Field(default_factory=dict, description="Input name -> literal value or link.")
+
+
+class Workflow(BaseModel):
+    """A workflow document. The `ui` block belongs to the editor and never changes what runs."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(WORKFLOW_VERSION, description="Document format version.")
+    nodes: dict[str, NodeEntry] = Field(description="Node id -> node.")
+    ui: dict[str, Any] = Field(default_factory=dict, description="Editor state (positions, groups); ignored by the executor.")
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, mode="json")
+
+
+def as_link(value: Any) -> Link | None:
+    """The link an input value stands for, or None for a literal."""
+    if isinstance(value, Link):
+        return value
+    if isinstance(value, dict) and set(value) == {"from", "output"}:
+        if isinstance(value["from"], str) and isinstance(value["output"], str):
+            return Link(source=value["from"], output=value["output"])
+    return None
+
+
+def _upgrade_from_0(document: dict[str, Any]) -> dict[str, Any]:
+    """Version 0, the pre-release draft: no version key, links as `[node_id, output]` pairs."""
+    nodes = {}
+    for node_id, node in document.get("nodes", {}).items():
+        if isinstance(node, dict) and isinstance(node.get("inputs"), dict):
+            inputs = {
+                name: {"from": value[0], "output": value[1]}
+                if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
+                else value
+                for name, value in node["inputs"].items()
+            }
+            node = {**node, "inputs": inputs}
+        nodes[node_id] = node
+    return {**document, "nodes": nodes, "version": 1}
+
+
+# MIGRATIONS[n] turns a version-n document into a version-(n+1) one.
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _upgrade_from_0}
+
+
+class UnsupportedVersion(ValueError):
+    pass
+
+
+def upgrade(document: dict[str, Any]) -> dict[str, Any]:
+    """Bring an older document up to WORKFLOW_VERSION; the input is not modified."""
+    version = document.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise UnsupportedVersion(f"'version' must be an integer, got {version!r}")
+    if version > WORKFLOW_VERSION:
+        raise UnsupportedVersion(
+            f"document version {version} is newer than this nodegraph understands ({WORKFLOW_VERSION}); upgrade nodegraph"
+        )
+    document = copy.deepcopy(document)
+    while version < WORKFLOW_VERSION:
+        if version not in MIGRATIONS:
+            raise UnsupportedVersion(f"no upgrade from document version {version}")
+        document = MIGRATIONS[version](document)
+        version = document["version"]
+    return document
+
+
+def document_schema(registry: NodeRegistry | None = None) -> dict[str, Any]:
+    """The JSON Schema of the document format; with a registry, each node type's inputs too."""
+    schema = Workflow.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "nodegraph workflow"
+    if registry is None:
+        return schema
+    defs = schema.setdefault("$defs", {})
+    defs["Link"] = Link.model_json_schema(by_alias=True)
+    link = {"$ref": "#/$defs/Link"}
+    variants = []
+    for node_class in registry:
+        inputs: dict[str, Any] = {}
+        for name, spec in node_class.specs().inputs.items():
+            if spec.link_only:
+                inputs[name] = link
+            else:
+                literal = spec.validator.json_schema()
+                literal.pop("$defs", None)
+                inputs[name] = {"anyOf": [literal, link], "description": spec.description}
+        required = [name for name, spec in node_class.specs().inputs.items() if spec.required]
+        defs[f"node_{node_class.type_name}"] = {
+            "type": "object",
+            "description": node_class.description(),
+            "properties": {
+                "type": {"const": node_class.type_name},
+                "inputs": {"type": "object", "properties": inputs, "required": required,
+                           "additionalProperties": False},
+            },
+            "required": ["type"] + (["inputs"] if required else []),
+            "additionalProperties": False,
+        }
+        variants.append({"$ref": f"#/$defs/node_{node_class.type_name}"})
+    schema["properties"]["nodes"]["additionalProperties"] = {"oneOf": variants}
+    return schema
+
+
+def dumps(workflow: Workflow) -> str:
+    return json.dumps(workflow.to_json(), indent=2) + "\n"
