@@ -8,7 +8,7 @@ import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Hashable
 
 from pydantic import BaseModel
 
@@ -17,34 +17,39 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BYTES = 8 * 1024**3
 
 
-def estimate_nbytes(value: Any) -> int:
-    """Estimate the memory held by a value: tensors, modules, arrays, images, containers.
+def memory_parts(value: Any) -> dict[Hashable, int]:
+    """The memory a value holds, as {identity of a buffer: bytes}.
 
-    Objects referenced more than once are counted once. Types the estimate does not know can
-    report their own size through `__sizeof__`.
+    Tensors count by storage, so views and weights shared between models count once;
+    modules by their parameters and buffers; arrays, images and byte strings by size. Small
+    Python objects count under one ("misc", id) entry. Types the walk does not know can report
+    their own size through `__sizeof__`.
     """
+    parts: dict[Hashable, int] = {}
+    misc = 0
     seen: set[int] = set()
-    total = 0
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         obj, depth = stack.pop()
         if id(obj) in seen or obj is None:
             continue
         seen.add(id(obj))
-        if hasattr(obj, "element_size") and hasattr(obj, "numel"):  # a torch tensor
-            total += obj.numel() * obj.element_size()
+        if hasattr(obj, "untyped_storage") and hasattr(obj, "element_size"):  # a torch tensor
+            storage = obj.untyped_storage()
+            if obj.device.type != "meta":
+                parts[("storage", obj.device.type, storage.data_ptr())] = storage.nbytes()
         elif callable(getattr(obj, "parameters", None)) and callable(getattr(obj, "buffers", None)):  # nn.Module
             stack.extend((t, depth + 1) for t in obj.parameters())
             stack.extend((t, depth + 1) for t in obj.buffers())
         elif isinstance(getattr(obj, "nbytes", None), int):  # numpy array
-            total += obj.nbytes
+            parts[("object", id(obj))] = obj.nbytes
         elif callable(getattr(obj, "getbands", None)) and hasattr(obj, "size"):  # PIL image
             width, height = obj.size
-            total += width * height * len(obj.getbands())
-        elif isinstance(obj, (str, bytes, bytearray, int, float, bool)):
-            total += sys.getsizeof(obj)
-        elif depth > 6:
-            total += sys.getsizeof(obj)
+            parts[("object", id(obj))] = width * height * len(obj.getbands())
+        elif isinstance(obj, (bytes, bytearray)) and len(obj) > 4096:
+            parts[("object", id(obj))] = sys.getsizeof(obj)
+        elif isinstance(obj, (str, bytes, bytearray, int, float, bool)) or depth > 6:
+            misc += sys.getsizeof(obj)
         elif isinstance(obj, dict):
             stack.extend((v, depth + 1) for v in obj.values())
         elif isinstance(obj, (list, tuple, set, frozenset)):
@@ -56,30 +61,42 @@ def estimate_nbytes(value: Any) -> int:
         elif hasattr(obj, "__dict__") and type(obj).__sizeof__ is object.__sizeof__:
             stack.extend((v, depth + 1) for v in vars(obj).values())
         else:
-            total += sys.getsizeof(obj)
-    return total
+            misc += sys.getsizeof(obj)
+    parts[("misc", id(value))] = misc
+    return parts
+
+
+def estimate_nbytes(value: Any) -> int:
+    """Total bytes of `memory_parts(value)`."""
+    return sum(memory_parts(value).values())
 
 
 @dataclass(frozen=True)
 class CacheEntry:
-    """A node's outputs, the files it reported, and their estimated size."""
+    """A node's outputs, the files it reported, and the memory they hold (see memory_parts)."""
 
     outputs: Any
     files: tuple[str, ...]
-    nbytes: int
+    parts: dict[Hashable, int]
+
+    @classmethod
+    def of(cls, outputs: Any, files: tuple[str, ...] = ()) -> CacheEntry:
+        return cls(outputs, files, memory_parts(outputs))
 
 
 class OutputCache:
     """Node outputs by cache key, evicting the least recently used beyond `max_bytes`.
 
-    The newest entry is always kept, even when it alone exceeds the bound, so that a model
-    larger than the bound still serves the run that loaded it.
+    A buffer shared by several entries (one model's weights in a loader's and a patcher's
+    outputs, say) counts once. The newest entry is always kept, even when it alone exceeds the
+    bound, so that a model larger than the bound still serves the run that loaded it.
     """
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
         self._lock = threading.Lock()
+        self._buffers: dict[Hashable, list[int]] = {}  # identity -> [entries holding it, bytes]
         self.total_bytes = 0
         self.hits = 0
         self.misses = 0
@@ -99,14 +116,26 @@ class OutputCache:
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
-                self.total_bytes -= old.nbytes
+                self._release(old)
             self._entries[key] = entry
-            self.total_bytes += entry.nbytes
+            for identity, nbytes in entry.parts.items():
+                held = self._buffers.setdefault(identity, [0, nbytes])
+                if held[0] == 0:
+                    self.total_bytes += nbytes
+                held[0] += 1
             while self.total_bytes > self.max_bytes and len(self._entries) > 1:
                 evicted_key, evicted = self._entries.popitem(last=False)
-                self.total_bytes -= evicted.nbytes
+                self._release(evicted)
                 self.evictions += 1
-                log.debug("evicted %s (%d bytes)", evicted_key[:12], evicted.nbytes)
+                log.debug("evicted %s", evicted_key[:12])
+
+    def _release(self, entry: CacheEntry) -> None:
+        for identity in entry.parts:
+            held = self._buffers[identity]
+            held[0] -= 1
+            if held[0] == 0:
+                self.total_bytes -= held[1]
+                del self._buffers[identity]
 
     def __contains__(self, key: str) -> bool:
         with self._lock:
@@ -118,6 +147,7 @@ class OutputCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._buffers.clear()
             self.total_bytes = 0
 
     def stats(self) -> dict[str, int]:

@@ -93,7 +93,7 @@ class ProgressDisplay:
         if kind == ev.RUN_STARTED:
             self.total = len(data["nodes"])
         elif kind == ev.NODE_STARTED:
-            self.current = f"{event.node_id} ({data['type']})"
+            self.current = f"{event.node_id} ({data['node_type']})"
             if self.live:
                 self._line(f"[{self.done + 1}/{self.total}] {self.current}")
         elif kind == ev.NODE_PROGRESS:

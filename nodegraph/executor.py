@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from . import events as ev
-from .cache import CacheEntry, OutputCache, estimate_nbytes
+from .cache import CacheEntry, OutputCache
 from .events import Event, EventSink
 from .node import CancelToken, Node, NodeOutputs, RunCancelled, RunContext
 from .registry import NodeRegistry
@@ -180,7 +180,7 @@ class Executor:
                   emit: EventSink, cancel: CancelToken, run_id: str) -> NodeResult:
         node = plan.nodes[node_id]
         cls = node.node_class
-        emit(Event(ev.NODE_STARTED, run_id, node_id, {"type": cls.type_name}))
+        emit(Event(ev.NODE_STARTED, run_id, node_id, {"node_type": cls.type_name}))
         started = time.perf_counter()
 
         def report(kind: str, data: dict[str, Any]) -> None:
@@ -207,6 +207,6 @@ class Executor:
             raise NodeFailure(node_id, cls.type_name, error, traceback.format_exc()) from error
         seconds = time.perf_counter() - started
         files = tuple(ctx.files)
-        self.cache.put(key, CacheEntry(outputs, files, estimate_nbytes(outputs)))
+        self.cache.put(key, CacheEntry.of(outputs, files))
         emit(Event(ev.NODE_FINISHED, run_id, node_id, {"seconds": seconds, "files": list(files)}))
         return NodeResult(node_id, "executed", outputs, files, seconds)

@@ -1,0 +1,131 @@
+"""The command line, as a user runs it: exit codes, overrides, JSON output, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from counting_pack import doc, link
+
+ROOT = Path(__file__).resolve().parents[2]
+PACK = Path(__file__).with_name("counting_pack.py")
+
+
+def nodegraph(*args, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nodegraph", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=60, **kwargs)
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    (tmp_path / "custom_nodes").mkdir()
+    shutil.copy(PACK, tmp_path / "custom_nodes" / "counting_pack.py")
+    return tmp_path
+
+
+def write(path: Path, data) -> str:
+    path.write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return str(path)
+
+
+def test_run_arithmetic_example_and_override(workdir):
+    done = nodegraph("run", str(ROOT / "workflows" / "arithmetic.json"), "--output-dir", "out", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    out_file = Path(done.stdout.split()[0])
+    assert (workdir / out_file).read_text() == "(3 + 4.5) * 2 = 15.0\n"
+    done = nodegraph("run", str(ROOT / "workflows" / "arithmetic.json"), "--output-dir", "out",
+                     "--set", "b.value=5.5", "--set", "text.template=result {a}", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    assert (workdir / done.stdout.split()[0]).read_text() == "result 17.0\n"
+
+
+def test_invalid_workflow_exits_2_with_every_issue(workdir):
+    path = write(workdir / "bad.json", doc(v=("Value", {"value": 5000}), s=("Sink", {"value": link("w", "value")})))
+    done = nodegraph("run", path, cwd=workdir)
+    assert done.returncode == 2
+    assert "v.value" in done.stderr and "value_out_of_bounds" in done.stderr
+    assert "s.value" in done.stderr and "missing_node" in done.stderr
+    done = nodegraph("validate", path, "--json", cwd=workdir)
+    assert done.returncode == 2
+    assert {i["code"] for i in json.loads(done.stdout)["issues"]} == {"value_out_of_bounds", "missing_node"}
+
+
+def test_malformed_json_and_missing_file_exit_2(workdir):
+    done = nodegraph("run", write(workdir / "broken.json", '{"nodes": {'), cwd=workdir)
+    assert done.returncode == 2
+    assert "line 1, column 12" in done.stderr
+    done = nodegraph("run", str(workdir / "nope.json"), cwd=workdir)
+    assert done.returncode == 2
+    assert "nope.json" in done.stderr
+
+
+def test_bad_set_argument_exits_2(workdir):
+    path = write(workdir / "w.json", doc(v=("Value", {}), s=("Sink", {"value": link("v", "value")})))
+    done = nodegraph("run", path, "--set", "ghost.value=1", cwd=workdir)
+    assert done.returncode == 2 and "ghost" in done.stderr
+    done = nodegraph("run", path, "--set", "novalue", cwd=workdir)
+    assert done.returncode == 2 and "NODE.INPUT=VALUE" in done.stderr
+
+
+def test_node_failure_exits_1_naming_the_node(workdir):
+    path = write(workdir / "fail.json", doc(f=("Fail", {}), s=("Sink", {"value": link("f", "value")})))
+    done = nodegraph("run", path, cwd=workdir)
+    assert done.returncode == 1
+    assert "node 'f' (Fail) failed: RuntimeError: boom" in done.stderr
+
+
+def test_json_output_is_one_event_per_line(workdir):
+    path = write(workdir / "w.json", doc(s=("Steps", {"steps": 2}), o=("Sink", {"value": link("s", "value")})))
+    done = nodegraph("run", path, "--json", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line.get("type") for line in lines[:-1]] == [
+        "run_started", "node_started", "node_progress", "node_progress", "node_finished",
+        "node_started", "node_finished", "run_finished"]
+    assert lines[-1]["result"]["status"] == "succeeded"
+
+
+def test_ctrl_c_cancels_cleanly_with_exit_130(workdir):
+    path = write(workdir / "long.json", doc(s=("Steps", {"steps": 10_000, "delay": 0.01}),
+                                            o=("Sink", {"value": link("s", "value")})))
+    process = subprocess.Popen([sys.executable, "-m", "nodegraph", "run", path, "--json"], cwd=workdir,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if json.loads(line).get("type") == "node_progress":
+            break
+    started = time.perf_counter()
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    assert time.perf_counter() - started < 5
+    events = [json.loads(line) for line in stdout.splitlines()]
+    assert events[-2]["type"] == "run_cancelled"
+    assert events[-1]["result"]["status"] == "cancelled"
+
+
+def test_nodes_json_lists_inputs_and_outputs(workdir):
+    done = nodegraph("nodes", "--json", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    catalogue = json.loads(done.stdout)
+    choose = catalogue["nodes"]["Choose"]
+    assert choose["inputs"]["mode"]["choices"] == ["fast", "slow"]
+    assert choose["inputs"]["count"] == {"type": "INT", "required": False, "description": "", "link_only": False,
+                                         "default": 1, "ge": 1, "le": 10, "multiple_of": 1}
+    assert catalogue["nodes"]["SaveText"]["output_node"] is True
+    assert catalogue["nodes"]["Math"]["pack"] == "basic"
+    text = nodegraph("nodes", cwd=workdir).stdout
+    assert "Math - Arithmetic on two numbers." in text
+
+
+def test_schema_command_prints_json_schema(workdir):
+    done = nodegraph("schema", cwd=workdir)
+    assert done.returncode == 0
+    schema = json.loads(done.stdout)
+    assert "node_Math" in schema["$defs"]
