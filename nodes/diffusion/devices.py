@@ -1,0 +1,346 @@
+"""Where models run and in what precision: device choice, dtype policy, and a model manager that offloads when memory is short."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+Component = Literal["unet", "text_encoder", "vae", "controlnet"]
+COMPONENTS: tuple[Component, ...] = ("unet", "text_encoder", "vae", "controlnet")
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class DeviceError(ValueError):
+    """A requested device or precision is not available here; the message says what is."""
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def pick_device(preference: str | torch.device = "auto") -> torch.device:
+    """Resolve a device request: ``"auto"`` is CUDA if present, then MPS, then CPU.
+
+    An explicit ``"cuda"``, ``"cuda:1"`` or ``"mps"`` that is not available raises DeviceError
+    rather than silently running somewhere slower.
+    """
+    if isinstance(preference, torch.device):
+        device = preference
+    elif preference == "auto":
+        if cuda_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    else:
+        try:
+            device = torch.device(preference)
+        except RuntimeError as exc:
+            raise DeviceError(f"unknown device {preference!r}; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from exc
+    if device.type == "cuda":
+        if not cuda_available():
+            raise DeviceError(f"device {str(device)!r} requested but CUDA is not available (available: {available_devices()})")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"device {str(device)!r} requested but only {count} CUDA device(s) exist")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type == "mps" and not mps_available():
+        raise DeviceError(f"device 'mps' requested but MPS is not available (available: {available_devices()})")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device {str(device)!r} is not supported; expected cpu, cuda or mps")
+    return device
+
+
+def available_devices() -> list[str]:
+    """Names of the devices this process can compute on, CPU last."""
+    found = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if cuda_available() else []
+    if mps_available():
+        found.append("mps")
+    return [*found, "cpu"]
+
+
+def cuda_supports_bf16(device: torch.device) -> bool:
+    # bf16 matmuls need compute capability 8.0 (Ampere) or newer.
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def default_dtype(device: torch.device, component: Component = "unet") -> torch.dtype:
+    """The precision a component runs in on `device` when the user does not choose one.
+
+    - CPU: fp32 (half-precision convolutions are slow or unsupported on CPUs).
+    - CUDA with bf16 (Ampere and newer): bf16 for everything; its fp32-sized exponent avoids the
+      fp16 overflows of the SDXL VAE and of SD2 attention.
+    - Older CUDA and MPS: fp16, except the VAE in fp32 because its decoder overflows fp16
+      (the SDXL VAE produces NaNs).
+    """
+    if component not in COMPONENTS:
+        raise DeviceError(f"unknown component {component!r}; expected one of {COMPONENTS}")
+    if device.type == "cpu":
+        return torch.float32
+    if device.type == "cuda" and cuda_supports_bf16(device):
+        return torch.bfloat16
+    if device.type in ("cuda", "mps"):
+        return torch.float32 if component == "vae" else torch.float16
+    raise DeviceError(f"no dtype policy for device {str(device)!r}")
+
+
+def resolve_dtype(
+    request: str | torch.dtype | None, device: torch.device, component: Component = "unet"
+) -> torch.dtype:
+    """A dtype from a user request (``None``/``"auto"`` -> :func:`default_dtype`, ``"fp16"``, ``torch.bfloat16``, ...).
+
+    bf16 on a CUDA device without bf16 support raises DeviceError.
+    """
+    if request is None or request == "auto":
+        return default_dtype(device, component)
+    if isinstance(request, torch.dtype):
+        dtype = request
+    else:
+        try:
+            dtype = DTYPE_NAMES[request.lower()]
+        except KeyError:
+            raise DeviceError(f"unknown dtype {request!r}; expected 'auto' or one of {sorted(DTYPE_NAMES)}") from None
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise DeviceError(f"dtype {dtype} is not a floating-point precision models can run in")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not cuda_supports_bf16(device):
+        raise DeviceError(f"{device} does not support bf16 (needs compute capability 8.0+); use fp16 or fp32")
+    return dtype
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device` (for CPU: available system memory)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+    if device.type == "cpu":
+        return _available_system_memory()
+    raise DeviceError(f"cannot measure free memory on {device}")
+
+
+def _available_system_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        logger.debug("/proc/meminfo unreadable; falling back to sysconf", exc_info=True)
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in (*module.parameters(), *module.buffers()):
+        key = id(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def same_device(a: torch.device | None, b: torch.device | None) -> bool:
+    """Device equality where ``cuda`` and ``cuda:0`` (the default index) are the same device."""
+    if a is None or b is None:
+        return a is b
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def module_device(module: nn.Module) -> torch.device | None:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return None
+
+
+def module_dtype(module: nn.Module) -> torch.dtype | None:
+    for tensor in module.parameters():
+        return tensor.dtype
+    return None
+
+
+class OffloadPolicy(str, Enum):
+    """When a managed model leaves the compute device.
+
+    NEVER: models stay on the compute device once used (fastest; needs memory for all of them).
+    AFTER_USE: each model goes back to the offload device when its `use` block ends (least memory).
+    WHEN_NEEDED: models stay until another model needs the room; then the least recently used
+        ones not in use are moved out first.
+    """
+
+    NEVER = "never"
+    AFTER_USE = "after_use"
+    WHEN_NEEDED = "when_needed"
+
+
+@dataclass(frozen=True)
+class LoadedModelInfo:
+    """One managed model as inspected: its name, size, and where and in what precision it is."""
+
+    name: str
+    bytes: int
+    device: torch.device | None
+    dtype: torch.dtype | None
+    in_use: bool
+
+
+class OffloadError(RuntimeError):
+    """A model cannot be placed on the compute device even after offloading everything else."""
+
+
+class ModelManager:
+    """Keeps models on the compute device only while needed, per an :class:`OffloadPolicy`.
+
+    >>> manager = ModelManager(pick_device("auto"))
+    >>> manager.add("unet", unet)
+    >>> with manager.use("unet") as model:
+    ...     model(x)
+
+    `reserve_bytes` is left free on the compute device for activations. `free_memory_probe`
+    reports free bytes on a device (default :func:`free_memory`).
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        offload_device: torch.device | str = "cpu",
+        policy: OffloadPolicy | str = OffloadPolicy.WHEN_NEEDED,
+        reserve_bytes: int = 1 << 30,
+        free_memory_probe: Callable[[torch.device], int] = free_memory,
+    ) -> None:
+        self.device = torch.device(device)
+        self.offload_device = torch.device(offload_device)
+        self.policy = OffloadPolicy(policy)
+        self.reserve_bytes = reserve_bytes
+        self._free_memory = free_memory_probe
+        self._models: dict[str, nn.Module] = {}
+        # Where each model is, as the manager placed it; every move goes through _move.
+        self._placement: dict[str, torch.device | None] = {}
+        self._last_used: dict[str, float] = {}
+        self._in_use: dict[str, int] = {}
+
+    def add(self, name: str, model: nn.Module) -> nn.Module:
+        """Register `model` under `name`; it stays where it is until first used."""
+        if name in self._models and self._models[name] is not model:
+            raise ValueError(f"a different model is already managed under the name {name!r}")
+        self._models[name] = model
+        self._placement[name] = module_device(model)
+        self._last_used.setdefault(name, 0.0)
+        self._in_use.setdefault(name, 0)
+        return model
+
+    def remove(self, name: str) -> nn.Module:
+        """Stop managing `name` (it is not moved); returns the model."""
+        if self._in_use.get(name):
+            raise OffloadError(f"model {name!r} is in use and cannot be removed")
+        self._last_used.pop(name, None)
+        self._in_use.pop(name, None)
+        self._placement.pop(name, None)
+        return self._models.pop(name)
+
+    def _name_of(self, model: nn.Module | str) -> str:
+        if isinstance(model, str):
+            if model not in self._models:
+                raise KeyError(f"no model named {model!r} is managed (managed: {sorted(self._models)})")
+            return model
+        for name, candidate in self._models.items():
+            if candidate is model:
+                return name
+        raise KeyError("that model is not managed; add() it first")
+
+    @contextmanager
+    def use(self, model: nn.Module | str) -> Iterator[nn.Module]:
+        """Put the model on the compute device for the block, then apply the offload policy."""
+        name = self._name_of(model)
+        module = self._models[name]
+        self._make_room_for(name)
+        self._move(name, self.device)
+        self._in_use[name] += 1
+        try:
+            yield module
+        finally:
+            self._in_use[name] -= 1
+            self._last_used[name] = time.monotonic()
+            if self.policy is OffloadPolicy.AFTER_USE and not self._in_use[name]:
+                self._move(name, self.offload_device)
+
+    def _on_device(self, name: str) -> bool:
+        return same_device(self._placement[name], self.device)
+
+    def _make_room_for(self, name: str) -> None:
+        if self.policy is not OffloadPolicy.WHEN_NEEDED or self.device == self.offload_device or self._on_device(name):
+            return
+        needed = module_bytes(self._models[name]) + self.reserve_bytes
+        free = self._free_memory(self.device)
+        if free >= needed:
+            return
+        candidates = sorted(
+            (n for n in self._models if n != name and not self._in_use[n] and self._on_device(n)),
+            key=lambda n: self._last_used[n],
+        )
+        for victim in candidates:
+            logger.info("offloading %s to %s to make room for %s", victim, self.offload_device, name)
+            self._move(victim, self.offload_device)
+            free = self._free_memory(self.device)
+            if free >= needed:
+                return
+        logger.warning(
+            "%s needs %d bytes on %s but only %d are free after offloading every idle model; trying anyway",
+            name, needed, self.device, free,
+        )
+
+    def _move(self, name: str, device: torch.device) -> None:
+        if not same_device(self._placement[name], device):
+            self._transfer(self._models[name], device)
+            self._placement[name] = device
+
+    def _transfer(self, module: nn.Module, device: torch.device) -> None:
+        """Move the weights; the one place data crosses devices."""
+        module.to(device)
+
+    def offload_all(self) -> None:
+        """Move every idle model to the offload device."""
+        for name in self._models:
+            if not self._in_use[name]:
+                self._move(name, self.offload_device)
+
+    def loaded(self) -> list[LoadedModelInfo]:
+        """What is managed, how big it is, and where and in what precision it is now."""
+        return [
+            LoadedModelInfo(
+                name=name,
+                bytes=module_bytes(module),
+                device=self._placement[name],
+                dtype=module_dtype(module),
+                in_use=bool(self._in_use[name]),
+            )
+            for name, module in self._models.items()
+        ]
