@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 import traceback
@@ -99,15 +98,16 @@ class Executor:
         for node_id in plan.order:
             node = plan.nodes[node_id]
             cls = node.node_class
-            upstream = sorted((name, keys[link.source], link.output) for name, link in node.links.items())
-            parts: list[Any] = [cls.type_name, cls.version, node.literal_json, upstream]
+            # Fields are joined with control characters, which canonical JSON escapes.
+            parts = [cls.type_name, str(cls.version), node.literal_json]
+            parts.extend(f"{name}\x1e{keys[link.source]}\x1e{link.output}" for name, link in sorted(node.links.items()))
             if cls.cache == "never":
-                parts.append(run_id)
+                parts.append(f"never\x1e{run_id}")
             if _overrides_fingerprint(cls):
-                parts.append(cls.fingerprint(node.literals))
+                parts.append(f"fingerprint\x1e{cls.fingerprint(node.literals)}")
             if cls.output_node:
-                parts.append(output_dir)
-            keys[node_id] = hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()
+                parts.append(f"output_dir\x1e{output_dir}")
+            keys[node_id] = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
         return keys
 
     def run(

@@ -137,9 +137,14 @@ def _check_literal(node_id: str, spec: InputSpec, value: Any) -> tuple[Any, Vali
     return checked, None
 
 
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
 def _literal_json(node_class: type[Node], literals: dict[str, Any]) -> str:
+    """Canonical JSON of a node's literal inputs: the part of its cache key users set."""
     specs = node_class.specs().inputs
-    canonical = {name: specs[name].validator.dump_python(value, mode="json") for name, value in literals.items()}
+    canonical = {name: value if isinstance(value, _JSON_SCALARS) else specs[name].validator.dump_python(value, mode="json")
+                 for name, value in literals.items()}
     return json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -225,11 +230,15 @@ def compile_workflow(
                     node_id, name, {"expected_type": spec.socket_type.name, "got_type": source_type}))
         compiled[node_id] = CompiledNode(node_id, node_class, literals, links, "")
 
-    for component in nx.strongly_connected_components(graph):
-        if len(component) > 1 or any(graph.has_edge(n, n) for n in component):
-            members = sorted(component)
-            issues.append(ValidationIssue("cycle", f"nodes {members} form a cycle", members[0], None,
-                                          {"nodes": members}))
+    try:
+        topological = list(nx.topological_sort(graph))
+    except nx.NetworkXUnfeasible:
+        topological = []
+        for component in nx.strongly_connected_components(graph):
+            if len(component) > 1 or graph.has_edge(next(iter(component)), next(iter(component))):
+                members = sorted(component)
+                issues.append(ValidationIssue("cycle", f"nodes {members} form a cycle", members[0], None,
+                                              {"nodes": members}))
 
     if outputs is None:
         outputs = [node_id for node_id, cls in classes.items() if cls.output_node]
@@ -244,9 +253,13 @@ def compile_workflow(
         raise WorkflowInvalid(issues)
 
     needed = set(outputs)
-    for node_id in outputs:
-        needed |= nx.ancestors(graph, node_id)
-    order = list(nx.topological_sort(graph.subgraph(needed)))
+    frontier = list(outputs)
+    while frontier:
+        for source in graph.predecessors(frontier.pop()):
+            if source not in needed:
+                needed.add(source)
+                frontier.append(source)
+    order = [node_id for node_id in topological if node_id in needed]
     for node_id in order:
         node = compiled[node_id]
         node.literal_json = _literal_json(node.node_class, node.literals)

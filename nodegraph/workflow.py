@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,12 +14,28 @@ if TYPE_CHECKING:
 WORKFLOW_VERSION = 1
 
 
-class Link(BaseModel):
+@dataclass(frozen=True)
+class Link:
     """An input fed by another node's named output: `{"from": "node_id", "output": "latent"}`."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
-    source: str = Field(alias="from", description="Id of the node whose output feeds this input.")
-    output: str = Field(description="Name of that node's output.")
+    source: str
+    output: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"from": self.source, "output": self.output}
+
+
+LINK_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "title": "Link",
+    "description": "An input fed by another node's named output.",
+    "properties": {
+        "from": {"type": "string", "description": "Id of the node whose output feeds this input."},
+        "output": {"type": "string", "description": "Name of that node's output."},
+    },
+    "required": ["from", "output"],
+    "additionalProperties": False,
+}
 
 
 class NodeEntry(BaseModel):
@@ -48,7 +64,7 @@ def as_link(value: Any) -> Link | None:
         return value
     if isinstance(value, dict) and set(value) == {"from", "output"}:
         if isinstance(value["from"], str) and isinstance(value["output"], str):
-            return Link(source=value["from"], output=value["output"])
+            return Link(value["from"], value["output"])
     return None
 
 
@@ -77,7 +93,8 @@ class UnsupportedVersion(ValueError):
 
 
 def upgrade(document: dict[str, Any]) -> dict[str, Any]:
-    """Bring an older document up to WORKFLOW_VERSION; the input is not modified."""
+    """Bring an older document up to WORKFLOW_VERSION; the input is not modified (migrations
+    build new containers for what they change)."""
     version = document.get("version", 0)
     if not isinstance(version, int) or isinstance(version, bool):
         raise UnsupportedVersion(f"'version' must be an integer, got {version!r}")
@@ -85,7 +102,6 @@ def upgrade(document: dict[str, Any]) -> dict[str, Any]:
         raise UnsupportedVersion(
             f"document version {version} is newer than this nodegraph understands ({WORKFLOW_VERSION}); upgrade nodegraph"
         )
-    document = copy.deepcopy(document)
     while version < WORKFLOW_VERSION:
         if version not in MIGRATIONS:
             raise UnsupportedVersion(f"no upgrade from document version {version}")
@@ -102,7 +118,7 @@ def document_schema(registry: NodeRegistry | None = None) -> dict[str, Any]:
     if registry is None:
         return schema
     defs = schema.setdefault("$defs", {})
-    defs["Link"] = Link.model_json_schema(by_alias=True)
+    defs["Link"] = LINK_SCHEMA
     link = {"$ref": "#/$defs/Link"}
     variants = []
     for node_class in registry:
