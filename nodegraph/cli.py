@@ -105,9 +105,8 @@ class ProgressDisplay:
         elif kind in (ev.NODE_FINISHED, ev.NODE_CACHED):
             self.done += 1
             if not self.live:
-                what = "cached" if kind == ev.NODE_CACHED else f"{self.current} done in {data['seconds']:.2f}s"
-                self._line(f"[{self.done}/{self.total}] {event.node_id if kind == ev.NODE_CACHED else what}"
-                           + (": cached" if kind == ev.NODE_CACHED else ""))
+                what = f"{event.node_id}: cached" if kind == ev.NODE_CACHED else f"{self.current} done in {data['seconds']:.2f}s"
+                self._line(f"[{self.done}/{self.total}] {what}")
         elif kind in ev.RUN_ENDED:
             self._end_line()
 

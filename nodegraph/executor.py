@@ -129,7 +129,6 @@ class Executor:
         emit = on_event or (lambda event: None)
         started = time.perf_counter()
         result = RunResult(run_id, "succeeded", plan.outputs)
-        emit(Event(ev.RUN_STARTED, run_id, data={"nodes": plan.order, "outputs": plan.outputs}))
 
         keys = self.cache_keys(plan, run_id)
         hits: dict[str, CacheEntry] = {}
@@ -143,6 +142,8 @@ class Executor:
             else:
                 needed.update(link.source for link in plan.nodes[node_id].links.values())
 
+        emit(Event(ev.RUN_STARTED, run_id, data={"nodes": [n for n in plan.order if n in needed],
+                                                 "outputs": plan.outputs}))
         values: dict[str, NodeOutputs] = {}
         try:
             for node_id in plan.order:
