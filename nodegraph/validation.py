@@ -138,6 +138,7 @@ def _check_literal(node_id: str, spec: InputSpec, value: Any) -> tuple[Any, Vali
 
 
 _JSON_SCALARS = (str, int, float, bool, type(None))
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def _literal_json(node_class: type[Node], literals: dict[str, Any]) -> str:
@@ -145,7 +146,7 @@ def _literal_json(node_class: type[Node], literals: dict[str, Any]) -> str:
     specs = node_class.specs().inputs
     canonical = {name: value if isinstance(value, _JSON_SCALARS) else specs[name].validator.dump_python(value, mode="json")
                  for name, value in literals.items()}
-    return json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL_JSON.encode(canonical)
 
 
 def compile_workflow(
