@@ -205,6 +205,21 @@ class SafetensorsFile:
             self._mmap = mapping
         return self._mmap
 
+    def release(self, name: str) -> None:
+        """Drop the mapped pages that lie wholly inside tensor `name` from memory.
+
+        For callers that copied the tensor elsewhere (another dtype or device): the pages were
+        never written, so a later read of them simply faults them in from the file again.
+        """
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        info = self.header.tensors[name]
+        page = mmap.PAGESIZE
+        start = -(-(self.header.data_start + info.begin) // page) * page
+        stop = (self.header.data_start + info.end) // page * page
+        if stop > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor in the file, each a view into the mapping."""
         return {name: self.tensor(name) for name in self.header.tensors}
