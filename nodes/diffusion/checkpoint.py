@@ -828,7 +828,10 @@ def _instantiate(
     try:
         result = module.load_state_dict(state_dict, strict=False, assign=True)
     except RuntimeError as exc:
-        raise StateDictMismatchError(path, f"{component} weights do not fit the architecture derived from their shapes: {exc}") from exc
+        detail = " ".join(str(exc).split())  # torch lists mismatches on tab-indented lines
+        raise StateDictMismatchError(
+            path, f"{component} weights do not fit the architecture derived from their shapes: {detail}"
+        ) from exc
     if result.missing_keys:
         raise StateDictMismatchError(
             path, f"{component} is missing {len(result.missing_keys)} key(s): {_key_list(result.missing_keys)}"
