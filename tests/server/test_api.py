@@ -1,0 +1,221 @@
+"""The HTTP/WebSocket API over the run queue: submit, inspect, cancel, events, persistence, security."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+
+import counting_pack  # noqa: E402
+from counting_pack import doc, link  # noqa: E402
+from nodegraph.cache import OutputCache  # noqa: E402
+from nodegraph.registry import NodeRegistry  # noqa: E402
+from nodegraph.server import create_app  # noqa: E402
+
+pytestmark = pytest.mark.asyncio
+
+SUM = doc(a=("Value", {"value": 2}), b=("Add", {"a": link("a", "value"), "b": 3}),
+          out=("Sink", {"value": link("b", "sum")}))
+
+
+def slow(steps: int = 200, delay: float = 0.01, x: float = 0.0) -> dict:
+    return doc(s=("Steps", {"steps": steps, "delay": delay, "x": x}), out=("Sink", {"value": link("s", "value")}))
+
+
+@pytest.fixture
+def registry() -> NodeRegistry:
+    counting_pack.RUNS.clear()
+    registry = NodeRegistry()
+    registry.add_pack("counting", counting_pack.NODES)
+    return registry
+
+
+@pytest.fixture
+def make_client(aiohttp_client, registry, tmp_path):
+    async def make(db: Path | None = None, **options):
+        app = create_app(registry, db or tmp_path / "runs.sqlite", output_dir=tmp_path / "out", device="cpu",
+                         cache=OutputCache(max_bytes=10**8), **options)
+        return await aiohttp_client(app)
+    return make
+
+
+async def wait_status(client, run_id: str, statuses: tuple[str, ...], timeout: float = 5.0) -> dict:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        response = await client.get(f"/api/runs/{run_id}")
+        run = await response.json()
+        if run["status"] in statuses:
+            return run
+        assert asyncio.get_running_loop().time() < deadline, f"run stayed {run['status']}"
+        await asyncio.sleep(0.02)
+
+
+async def submit(client, workflow: dict, **extra) -> str:
+    response = await client.post("/api/runs", json={"workflow": workflow, **extra})
+    assert response.status == 201, await response.text()
+    return (await response.json())["id"]
+
+
+async def test_submit_runs_and_reports_result(make_client):
+    client = await make_client()
+    run_id = await submit(client, SUM)
+    run = await wait_status(client, run_id, ("succeeded", "failed"))
+    assert run["status"] == "succeeded"
+    assert run["error"] is None
+    assert run["started"] >= run["created"] and run["finished"] >= run["started"]
+    assert {n: s["status"] for n, s in run["nodes"].items()} == {"a": "executed", "b": "executed", "out": "executed"}
+    assert counting_pack.RUNS == {"a": 1, "b": 1, "out": 1}
+
+    # The cache is shared across runs: the same workflow again runs nothing.
+    again = await wait_status(client, await submit(client, SUM), ("succeeded",))
+    assert {s["status"] for s in again["nodes"].values()} == {"cached"}
+    assert counting_pack.RUNS == {"a": 1, "b": 1, "out": 1}
+
+    listed = await (await client.get("/api/runs")).json()
+    assert [r["id"] for r in listed["runs"]] == [run_id, again["id"]]
+    assert "workflow" not in listed["runs"][0]
+
+
+async def test_failed_run_names_the_node(make_client):
+    client = await make_client()
+    run_id = await submit(client, doc(f=("Fail", {}), out=("Sink", {"value": link("f", "value")})))
+    run = await wait_status(client, run_id, ("succeeded", "failed"))
+    assert run["status"] == "failed"
+    assert run["error"]["node_id"] == "f" and run["error"]["message"] == "boom"
+    assert run["nodes"]["f"]["status"] == "failed"
+
+
+async def test_invalid_workflow_is_400_with_issues(make_client):
+    client = await make_client()
+    response = await client.post("/api/runs", json={"workflow": doc(
+        a=("NoSuchNode", {}), b=("Value", {"value": 5000}), out=("Sink", {"value": link("b", "value")}))})
+    assert response.status == 400
+    body = await response.json()
+    assert body["error"] == "invalid_workflow"
+    assert {issue["node_id"] for issue in body["issues"]} == {"a", "b"}
+    listed = await (await client.get("/api/runs")).json()
+    assert listed["runs"] == []
+
+
+async def test_unknown_run_is_404(make_client):
+    client = await make_client()
+    assert (await client.get("/api/runs/nope")).status == 404
+    assert (await client.post("/api/runs/nope/cancel")).status == 404
+
+
+async def test_cancel_queued_and_running(make_client):
+    client = await make_client()
+    running = await submit(client, slow(x=1))
+    queued = await submit(client, slow(x=2))
+    await wait_status(client, running, ("running",))
+
+    response = await client.post(f"/api/runs/{queued}/cancel")
+    assert (await response.json())["status"] == "cancelled"
+    response = await client.post(f"/api/runs/{running}/cancel")
+    assert (await response.json())["status"] == "running"
+
+    run = await wait_status(client, running, ("cancelled", "succeeded"))
+    assert run["status"] == "cancelled"
+    # It stopped part way: the node never finished.
+    assert run["nodes"]["s"]["status"] == "running" and run["nodes"]["s"]["progress"][0] < 200
+    assert (await wait_status(client, queued, ("cancelled",)))["started"] is None
+    assert counting_pack.RUNS["s"] == 1
+
+
+async def test_pause_resume_and_clear(make_client):
+    client = await make_client()
+    assert (await client.post("/api/queue/pause")).status == 200
+    first = await submit(client, SUM)
+    second = await submit(client, slow(steps=2, delay=0))
+    await asyncio.sleep(0.1)
+    assert (await (await client.get(f"/api/runs/{first}")).json())["status"] == "queued"
+    assert (await (await client.get("/api/health")).json()) == {"ok": True, "paused": True, "queued": 2}
+
+    response = await client.delete("/api/queue")
+    assert (await response.json()) == {"cancelled": 2}
+    third = await submit(client, SUM)
+    await client.post("/api/queue/resume")
+    assert (await wait_status(client, third, ("succeeded",)))["status"] == "succeeded"
+    assert (await (await client.get(f"/api/runs/{second}")).json())["status"] == "cancelled"
+
+
+async def test_websocket_receives_run_events(make_client):
+    client = await make_client()
+    socket = await client.ws_connect("/api/events")
+    run_id = await submit(client, slow(steps=3, delay=0))
+    received = []
+    while not received or received[-1]["type"] != "run_finished":
+        received.append(await asyncio.wait_for(socket.receive_json(), 5))
+    await socket.close()
+    assert {event["run_id"] for event in received} == {run_id}
+    assert [e["type"] for e in received if e["node_id"] != "s" or e["type"] != "node_progress"] == [
+        "run_started", "node_started", "node_finished", "node_started", "node_finished", "run_finished"]
+    assert [(e["value"], e["max"]) for e in received if e["type"] == "node_progress"] == [(1, 3), (2, 3), (3, 3)]
+    # The end event is sent after the result is stored.
+    assert (await (await client.get(f"/api/runs/{run_id}")).json())["status"] == "succeeded"
+
+
+async def test_queue_and_history_survive_a_restart(make_client, tmp_path):
+    db = tmp_path / "persist.sqlite"
+    client = await make_client(db)
+    done = await submit(client, SUM)
+    await wait_status(client, done, ("succeeded",))
+    await client.post("/api/queue/pause")
+    waiting = [await submit(client, SUM, outputs=["b"]), await submit(client, slow(steps=2, delay=0))]
+    await client.close()
+
+    client = await make_client(db)
+    listed = await (await client.get("/api/runs")).json()
+    assert listed["paused"] is True
+    assert [(r["id"], r["status"]) for r in listed["runs"]] == [
+        (done, "succeeded"), (waiting[0], "queued"), (waiting[1], "queued")]
+    finished = await (await client.get(f"/api/runs/{done}")).json()
+    assert finished["nodes"]["out"]["status"] == "executed"
+
+    await client.post("/api/queue/resume")
+    for run_id in waiting:
+        assert (await wait_status(client, run_id, ("succeeded", "failed")))["status"] == "succeeded"
+    assert (await (await client.get(f"/api/runs/{waiting[0]}")).json())["outputs"] == ["b"]
+
+
+async def test_run_in_progress_at_shutdown_is_interrupted(make_client, tmp_path):
+    db = tmp_path / "persist.sqlite"
+    client = await make_client(db)
+    run_id = await submit(client, slow(steps=500))
+    await wait_status(client, run_id, ("running",))
+    await client.close()
+
+    client = await make_client(db)
+    assert (await (await client.get(f"/api/runs/{run_id}")).json())["status"] == "interrupted"
+
+
+async def test_oversized_body_is_413(make_client):
+    client = await make_client(max_body_bytes=1024)
+    response = await client.post("/api/runs", data=b"{" + b" " * 4096 + b"}",
+                                 headers={"Content-Type": "application/json"})
+    assert response.status == 413
+    assert (await response.json())["error"] == "body_too_large"
+
+
+async def test_foreign_origin_is_403(make_client):
+    client = await make_client()
+    response = await client.post("/api/runs", json={"workflow": SUM}, headers={"Origin": "https://evil.example"})
+    assert response.status == 403
+    assert (await (await client.get("/api/runs")).json())["runs"] == []
+    response = await client.get("/api/events", headers={"Origin": "https://evil.example"})
+    assert response.status == 403
+
+    own = f"http://{client.server.host}:{client.server.port}"
+    assert (await client.get("/api/health", headers={"Origin": own})).status == 200
+    assert (await client.get("/api/health")).status == 200
+
+
+async def test_node_catalogue(make_client):
+    client = await make_client()
+    catalogue = await (await client.get("/api/nodes")).json()
+    assert set(catalogue["nodes"]) == {cls.type_name for cls in counting_pack.NODES}
+    assert "steps" in catalogue["nodes"]["Steps"]["inputs"]
