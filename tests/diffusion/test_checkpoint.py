@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from nodegraph_diffusion import checkpoint as ck
-from nodegraph_diffusion import controlnet, text_encoder, unet, vae
+from nodegraph_diffusion import text_encoder, unet, vae
 from nodegraph_diffusion.checkpoint import (
     CheckpointError,
     FileKind,
