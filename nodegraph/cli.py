@@ -219,6 +219,16 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve  # aiohttp is needed only here
+
+    registry, problems = build_registry(args.nodes_dir or [DEFAULT_NODES_DIR])
+    _print_problems(problems)
+    print(f"serving on http://{args.host}:{args.port}", file=sys.stderr)
+    serve(registry, args.db, host=args.host, port=args.port, output_dir=args.output_dir, device=args.device)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nodegraph", description="Run and inspect nodegraph workflows.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more, and print tracebacks")
@@ -250,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = with_nodes_dir(sub.add_parser("schema", help="print the workflow JSON Schema"))
     schema.set_defaults(handler=cmd_schema)
+
+    serve = with_nodes_dir(sub.add_parser("serve", help="run the HTTP/WebSocket API server"))
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8188)
+    serve.add_argument("--db", type=Path, default=Path("nodegraph-runs.sqlite"), help="run queue and history database")
+    serve.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where output files go (default outputs/)")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    serve.set_defaults(handler=cmd_serve)
 
     return parser
 

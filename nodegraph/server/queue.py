@@ -163,6 +163,7 @@ class RunQueue:
         self._current: tuple[str, CancelToken] | None = None
         self._live_nodes: dict[str, dict[str, Any]] = {}
         self._end_event: Event | None = None
+        self._nodes_lock = threading.Lock()
         interrupted = store.set_status_where(RUNNING, INTERRUPTED)
         if interrupted:
             log.warning("%d run(s) were running when the server stopped; marked interrupted", interrupted)
@@ -229,7 +230,8 @@ class RunQueue:
     def get(self, run_id: str) -> dict[str, Any]:
         run = self.store.get(run_id)
         if run["status"] == RUNNING:
-            run["nodes"] = json.loads(json.dumps(self._live_nodes))  # a copy taken while the worker writes
+            with self._nodes_lock:
+                run["nodes"] = json.loads(json.dumps(self._live_nodes))
         return run
 
     def list(self, status: str | None = None) -> list[dict[str, Any]]:
@@ -246,7 +248,8 @@ class RunQueue:
                 if run is not None:
                     token = CancelToken()
                     self._current = (run["id"], token)
-                    self._live_nodes = {}
+                    with self._nodes_lock:
+                        self._live_nodes = {}
                     self.store.update(run["id"], status=RUNNING, started=time.time())
                     return run, token
                 self._wake.wait()
@@ -261,7 +264,8 @@ class RunQueue:
                     self._current = None
 
     def _emit(self, event: Event) -> None:
-        _node_state(self._live_nodes, event)
+        with self._nodes_lock:
+            _node_state(self._live_nodes, event)
         if event.type in ev.RUN_ENDED:
             # Held back until the result is stored, so a client reacting to it reads the final state.
             self._end_event = event

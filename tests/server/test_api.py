@@ -16,8 +16,6 @@ from nodegraph.cache import OutputCache  # noqa: E402
 from nodegraph.registry import NodeRegistry  # noqa: E402
 from nodegraph.server import create_app  # noqa: E402
 
-pytestmark = pytest.mark.asyncio
-
 SUM = doc(a=("Value", {"value": 2}), b=("Add", {"a": link("a", "value"), "b": 3}),
           out=("Sink", {"value": link("b", "sum")}))
 
@@ -60,6 +58,7 @@ async def submit(client, workflow: dict, **extra) -> str:
     return (await response.json())["id"]
 
 
+@pytest.mark.asyncio
 async def test_submit_runs_and_reports_result(make_client):
     client = await make_client()
     run_id = await submit(client, SUM)
@@ -80,6 +79,7 @@ async def test_submit_runs_and_reports_result(make_client):
     assert "workflow" not in listed["runs"][0]
 
 
+@pytest.mark.asyncio
 async def test_failed_run_names_the_node(make_client):
     client = await make_client()
     run_id = await submit(client, doc(f=("Fail", {}), out=("Sink", {"value": link("f", "value")})))
@@ -89,6 +89,7 @@ async def test_failed_run_names_the_node(make_client):
     assert run["nodes"]["f"]["status"] == "failed"
 
 
+@pytest.mark.asyncio
 async def test_invalid_workflow_is_400_with_issues(make_client):
     client = await make_client()
     response = await client.post("/api/runs", json={"workflow": doc(
@@ -101,12 +102,14 @@ async def test_invalid_workflow_is_400_with_issues(make_client):
     assert listed["runs"] == []
 
 
+@pytest.mark.asyncio
 async def test_unknown_run_is_404(make_client):
     client = await make_client()
     assert (await client.get("/api/runs/nope")).status == 404
     assert (await client.post("/api/runs/nope/cancel")).status == 404
 
 
+@pytest.mark.asyncio
 async def test_cancel_queued_and_running(make_client):
     client = await make_client()
     running = await submit(client, slow(x=1))
@@ -126,6 +129,7 @@ async def test_cancel_queued_and_running(make_client):
     assert counting_pack.RUNS["s"] == 1
 
 
+@pytest.mark.asyncio
 async def test_pause_resume_and_clear(make_client):
     client = await make_client()
     assert (await client.post("/api/queue/pause")).status == 200
@@ -143,6 +147,7 @@ async def test_pause_resume_and_clear(make_client):
     assert (await (await client.get(f"/api/runs/{second}")).json())["status"] == "cancelled"
 
 
+@pytest.mark.asyncio
 async def test_websocket_receives_run_events(make_client):
     client = await make_client()
     socket = await client.ws_connect("/api/events")
@@ -159,6 +164,7 @@ async def test_websocket_receives_run_events(make_client):
     assert (await (await client.get(f"/api/runs/{run_id}")).json())["status"] == "succeeded"
 
 
+@pytest.mark.asyncio
 async def test_queue_and_history_survive_a_restart(make_client, tmp_path):
     db = tmp_path / "persist.sqlite"
     client = await make_client(db)
@@ -182,6 +188,7 @@ async def test_queue_and_history_survive_a_restart(make_client, tmp_path):
     assert (await (await client.get(f"/api/runs/{waiting[0]}")).json())["outputs"] == ["b"]
 
 
+@pytest.mark.asyncio
 async def test_run_in_progress_at_shutdown_is_interrupted(make_client, tmp_path):
     db = tmp_path / "persist.sqlite"
     client = await make_client(db)
@@ -193,6 +200,7 @@ async def test_run_in_progress_at_shutdown_is_interrupted(make_client, tmp_path)
     assert (await (await client.get(f"/api/runs/{run_id}")).json())["status"] == "interrupted"
 
 
+@pytest.mark.asyncio
 async def test_oversized_body_is_413(make_client):
     client = await make_client(max_body_bytes=1024)
     response = await client.post("/api/runs", data=b"{" + b" " * 4096 + b"}",
@@ -201,6 +209,7 @@ async def test_oversized_body_is_413(make_client):
     assert (await response.json())["error"] == "body_too_large"
 
 
+@pytest.mark.asyncio
 async def test_foreign_origin_is_403(make_client):
     client = await make_client()
     response = await client.post("/api/runs", json={"workflow": SUM}, headers={"Origin": "https://evil.example"})
@@ -214,8 +223,41 @@ async def test_foreign_origin_is_403(make_client):
     assert (await client.get("/api/health")).status == 200
 
 
+@pytest.mark.asyncio
 async def test_node_catalogue(make_client):
     client = await make_client()
     catalogue = await (await client.get("/api/nodes")).json()
     assert set(catalogue["nodes"]) == {cls.type_name for cls in counting_pack.NODES}
     assert "steps" in catalogue["nodes"]["Steps"]["inputs"]
+
+
+def test_serve_command_listens_on_localhost(tmp_path):
+    import json
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "nodegraph", "serve", "--port", str(port), "--db",
+                                str(tmp_path / "runs.sqlite"), "--nodes-dir", str(tmp_path)],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1) as response:
+                    health = json.load(response)
+                break
+            except OSError:
+                assert process.poll() is None, process.communicate()[1]
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.1)
+        assert health == {"ok": True, "paused": False, "queued": 0}
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=10)
+    assert (tmp_path / "runs.sqlite").exists()
