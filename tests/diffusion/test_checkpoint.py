@@ -312,6 +312,16 @@ def test_diffusers_folder_loads_and_matches_diffusers(tmp_path: Path) -> None:
     with torch.no_grad():
         assert (loaded.text_encoders["clip_l"](ids).last_hidden_state - clip(ids).last_hidden_state).abs().max() <= 1e-4
 
+    # The VAE subfolder alone is a VAE folder (its config.json gives the scaling); its weight file alone is a
+    # diffusers-layout VAE whose latent space the weights cannot tell.
+    vae_folder = ck.load_vae(tmp_path / "vae", device="cpu")
+    assert vae_folder.latent_format is not None and vae_folder.latent_format.scaling_factor == 0.18215
+    vae_file = ck.load_vae(tmp_path / "vae" / "diffusion_pytorch_model.safetensors", device="cpu")
+    assert vae_file.latent_format is None
+    assert torch.equal(vae_file.vae.decoder.conv_in.weight, loaded.vae.decoder.conv_in.weight)
+    with pytest.raises(WrongModelKindError, match="expected a VAE, but this is an SD1.x U-Net"):
+        ck.load_vae(tmp_path / "unet")
+
 
 # --------------------------------------------------------------------------- what other files are
 
