@@ -49,6 +49,20 @@ async def same_origin_only(request: web.Request, handler: Handler) -> web.Stream
     return await handler(request)
 
 
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+@web.middleware
+async def loopback_host_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse Host names other than loopback ones: defeats DNS rebinding, where a foreign site's
+    own name resolves to 127.0.0.1 and its pages would then pass the same-origin check."""
+    hostname = urlsplit(f"//{request.host}").hostname or ""
+    if hostname not in LOOPBACK_NAMES:
+        log.warning("refused %s %s for host %s", request.method, request.path, request.host)
+        return _error(403, "forbidden_host", f"host {request.host!r} is not served; use localhost or 127.0.0.1")
+    return await handler(request)
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -171,9 +185,13 @@ async def _broadcast(app: web.Application, outbox: asyncio.Queue[str]) -> None:
 
 def create_app(registry: NodeRegistry, db_path: Path | str, output_dir: Path | str = Path("outputs"),
                device: str = "auto", cache: OutputCache | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> web.Application:
-    """The API application; its run queue starts with the app and stops (interrupting a run) with it."""
-    app = web.Application(middlewares=[same_origin_only, json_errors], client_max_size=max_body_bytes)
+               max_body_bytes: int = MAX_BODY_BYTES, loopback_only: bool = True) -> web.Application:
+    """The API application; its run queue starts with the app and stops (interrupting a run) with it.
+
+    `loopback_only` accepts only loopback Host names; turn it off only when serving other machines.
+    """
+    middlewares = [loopback_host_only] if loopback_only else []
+    app = web.Application(middlewares=[*middlewares, same_origin_only, json_errors], client_max_size=max_body_bytes)
     app[REGISTRY_KEY] = registry
     app[SOCKETS_KEY] = weakref.WeakSet()
 
@@ -218,5 +236,6 @@ def create_app(registry: NodeRegistry, db_path: Path | str, output_dir: Path | s
 
 def serve(registry: NodeRegistry, db_path: Path | str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           **options: Any) -> None:
-    """Run the API server until interrupted."""
+    """Run the API server until interrupted; a non-loopback `host` lifts the loopback Host check."""
+    options.setdefault("loopback_only", host in LOOPBACK_NAMES)
     web.run_app(create_app(registry, db_path, **options), host=host, port=port, print=None)

@@ -224,6 +224,17 @@ async def test_foreign_origin_is_403(make_client):
 
 
 @pytest.mark.asyncio
+async def test_foreign_host_is_403(make_client):
+    """DNS rebinding: a foreign name pointing at 127.0.0.1 sends its own Host and a matching Origin."""
+    client = await make_client()
+    headers = {"Host": "evil.example", "Origin": "http://evil.example"}
+    response = await client.post("/api/runs", json={"workflow": SUM}, headers=headers)
+    assert response.status == 403
+    assert (await response.json())["error"] == "forbidden_host"
+    assert (await client.get("/api/health", headers={"Host": f"localhost:{client.server.port}"})).status == 200
+
+
+@pytest.mark.asyncio
 async def test_node_catalogue(make_client):
     client = await make_client()
     catalogue = await (await client.get("/api/nodes")).json()
