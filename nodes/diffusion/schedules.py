@@ -1,0 +1,220 @@
+"""Noise schedules (sigma sequences) for sampling the SD discrete-time model, as pure functions."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "ScheduleError",
+    "DiscreteSchedule",
+    "sd_discrete_schedule",
+    "sigmas_normal",
+    "sigmas_karras",
+    "sigmas_exponential",
+    "sigmas_sgm_uniform",
+    "sigmas_simple",
+    "sigmas_ddim_uniform",
+    "sigmas_beta",
+    "beta_ppf",
+    "sigmas_for_denoise",
+    "split_sigmas",
+]
+
+
+class ScheduleError(ValueError):
+    """A schedule was asked for with arguments it cannot honour (e.g. zero steps)."""
+
+
+class DiscreteSchedule:
+    """The training noise levels of a discrete-time (DDPM-style) model and sigma<->timestep maps.
+
+    sigmas: (T,) increasing, sigmas[t] = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t]).
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor) -> None:
+        self.alphas_cumprod = alphas_cumprod.to(torch.float64)
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+        self.log_sigmas = self.sigmas.log()
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Fractional timestep of each sigma, interpolating linearly in log-sigma. sigma: any shape."""
+        log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
+        # index of the table entry at or below each log-sigma, kept inside [0, T-2] so a neighbour exists
+        low = (torch.searchsorted(self.log_sigmas, log_sigma.reshape(-1), right=True) - 1).clamp(
+            0, self.log_sigmas.numel() - 2
+        ).reshape(log_sigma.shape)
+        high = low + 1
+        lo_v, hi_v = self.log_sigmas[low], self.log_sigmas[high]
+        w = ((log_sigma - lo_v) / (hi_v - lo_v)).clamp(0, 1)
+        return low.to(torch.float64) + w
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Sigma at (fractional) timestep t, interpolating linearly in log-sigma. t: any shape."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        low = t.floor().long().clamp(0, self.log_sigmas.numel() - 1)
+        high = t.ceil().long().clamp(0, self.log_sigmas.numel() - 1)
+        w = t - t.floor()
+        return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
+
+
+def sd_discrete_schedule(
+    num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> DiscreteSchedule:
+    """The Stable Diffusion 1.x/2.x/XL "scaled_linear" beta schedule (betas linear in sqrt-space)."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+    return DiscreteSchedule(torch.cumprod(1 - betas, dim=0))
+
+
+def _check_steps(n: int) -> None:
+    if n < 1:
+        raise ScheduleError(f"a schedule needs at least 1 step, got steps={n}")
+
+
+def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float32)
+
+
+def sigmas_normal(schedule: DiscreteSchedule, n: int) -> torch.Tensor:
+    """n sigmas uniform in timestep from sigma_max to sigma_min, then 0. Returns (n+1,)."""
+    _check_steps(n)
+    t_max = schedule.sigma_to_t(torch.tensor(schedule.sigma_max))
+    t_min = schedule.sigma_to_t(torch.tensor(schedule.sigma_min))
+    return _append_zero(schedule.t_to_sigma(torch.linspace(float(t_max), float(t_min), n, dtype=torch.float64)))
+
+
+def sigmas_sgm_uniform(schedule: DiscreteSchedule, n: int) -> torch.Tensor:
+    """Like normal, but n+1 points uniform in timestep with the last (sigma_min) dropped. Returns (n+1,)."""
+    _check_steps(n)
+    t_max = float(schedule.sigma_to_t(torch.tensor(schedule.sigma_max)))
+    t_min = float(schedule.sigma_to_t(torch.tensor(schedule.sigma_min)))
+    ts = torch.linspace(t_max, t_min, n + 1, dtype=torch.float64)[:-1]
+    return _append_zero(schedule.t_to_sigma(ts))
+
+
+def sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022) schedule: uniform in sigma**(1/rho). Returns (n+1,)."""
+    _check_steps(n)
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    inv_max, inv_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return _append_zero((inv_max + ramp * (inv_min - inv_max)) ** rho)
+
+
+def sigmas_exponential(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Uniform in log-sigma from sigma_max to sigma_min. Returns (n+1,)."""
+    _check_steps(n)
+    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp())
+
+
+def sigmas_simple(schedule: DiscreteSchedule, n: int) -> torch.Tensor:
+    """n training sigmas taken at an even stride from the top of the table. Returns (n+1,)."""
+    _check_steps(n)
+    stride = schedule.sigmas.numel() / n
+    idx = torch.tensor([schedule.sigmas.numel() - 1 - int(i * stride) for i in range(n)])
+    return _append_zero(schedule.sigmas[idx])
+
+
+def sigmas_ddim_uniform(schedule: DiscreteSchedule, n: int) -> torch.Tensor:
+    """DDIM's uniform timesteps t = 1 + k*(T//n), k = n-1..0 (steps_offset 1). Returns (n+1,)."""
+    _check_steps(n)
+    stride = schedule.sigmas.numel() // n
+    if stride < 1:
+        raise ScheduleError(f"ddim_uniform supports at most {schedule.sigmas.numel()} steps, got {n}")
+    ts = torch.arange(n - 1, -1, -1) * stride + 1
+    return _append_zero(schedule.sigmas[ts.clamp(max=schedule.sigmas.numel() - 1)])
+
+
+def _log_beta_fn(a: float, b: float) -> float:
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def _incomplete_beta_cf(x: float, a: float, b: float) -> float:
+    """Continued fraction of the regularized incomplete beta, evaluated by the modified Lentz method."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for num in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def beta_cdf(x: float, a: float, b: float) -> float:
+    """Regularized incomplete beta I_x(a, b), the CDF of Beta(a, b)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    front = math.exp(a * math.log(x) + b * math.log1p(-x) - _log_beta_fn(a, b))
+    # the continued fraction converges fast only below the mean; use the symmetry I_x(a,b)=1-I_{1-x}(b,a)
+    if x < (a + 1) / (a + b + 2):
+        return front * _incomplete_beta_cf(x, a, b) / a
+    return 1.0 - front * _incomplete_beta_cf(1 - x, b, a) / b
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """Quantile of Beta(a, b) (inverse of `beta_cdf`) by bisection to ~1e-12."""
+    if not (0.0 <= q <= 1.0):
+        raise ScheduleError(f"beta quantile needs 0 <= q <= 1, got {q}")
+    if a <= 0 or b <= 0:
+        raise ScheduleError(f"beta distribution needs alpha > 0 and beta > 0, got alpha={a}, beta={b}")
+    if q in (0.0, 1.0):
+        return q
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if beta_cdf(mid, a, b) < q:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def sigmas_beta(schedule: DiscreteSchedule, n: int, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+    """Timesteps at Beta(alpha, beta) quantiles 1, 1-1/n, ..., 1/n (rounded), their training sigmas. (n+1,)."""
+    _check_steps(n)
+    t_last = schedule.sigmas.numel() - 1
+    ts = [round(beta_ppf(1.0 - i / n, alpha, beta) * t_last) for i in range(n)]
+    return _append_zero(schedule.sigmas[torch.tensor(ts)])
+
+
+def sigmas_for_denoise(make_sigmas: Callable[[int], torch.Tensor], steps: int, denoise: float) -> torch.Tensor:
+    """Schedule for img2img: the last steps+1 sigmas of a round(steps/denoise)-step schedule.
+
+    make_sigmas: n -> (n+1,) sigmas, e.g. `lambda n: sigmas_karras(n, lo, hi)`. Returns (steps+1,);
+    denoise 0 gives an empty schedule (nothing to sample).
+    """
+    if not (0.0 <= denoise <= 1.0):
+        raise ScheduleError(f"denoise must be in [0, 1], got {denoise}")
+    _check_steps(steps)
+    if denoise == 0.0:
+        return torch.zeros(0)
+    total = max(steps, round(steps / denoise))
+    return make_sigmas(total)[-(steps + 1) :]
+
+
+def split_sigmas(sigmas: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a schedule at `step`: (sigmas[:step+1], sigmas[step:]); the boundary sigma is in both."""
+    if not (0 <= step < sigmas.numel()):
+        raise ScheduleError(f"split step must be in [0, {sigmas.numel() - 1}], got {step}")
+    return sigmas[: step + 1], sigmas[step:]

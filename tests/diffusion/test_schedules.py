@@ -1,0 +1,160 @@
+"""Schedules against their formulas written out here and against diffusers' schedulers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nodegraph_diffusion import schedules as S
+
+SCHED = S.sd_discrete_schedule()
+
+
+def _reference_sigma_table() -> np.ndarray:
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    ac = np.cumprod(1.0 - betas)
+    return np.sqrt((1 - ac) / ac)
+
+
+def _ref_t_to_sigma(t: float, table: np.ndarray) -> float:
+    lo, hi = math.floor(t), math.ceil(t)
+    w = t - lo
+    return math.exp((1 - w) * math.log(table[lo]) + w * math.log(table[hi]))
+
+
+def test_training_sigmas_match_scaled_linear_formula() -> None:
+    np.testing.assert_allclose(SCHED.sigmas.numpy(), _reference_sigma_table(), rtol=1e-12)
+    assert SCHED.sigma_min == pytest.approx(0.0291671, abs=1e-6)
+    assert SCHED.sigma_max == pytest.approx(14.614641, abs=1e-5)
+
+
+def test_sigma_timestep_roundtrip() -> None:
+    ts = torch.tensor([0.0, 0.5, 17.25, 500.0, 998.9, 999.0], dtype=torch.float64)
+    sig = SCHED.t_to_sigma(ts)
+    table = _reference_sigma_table()
+    for t, s in zip(ts.tolist(), sig.tolist()):
+        assert s == pytest.approx(_ref_t_to_sigma(t, table), rel=1e-10)
+    torch.testing.assert_close(SCHED.sigma_to_t(sig), ts, atol=1e-8, rtol=0)
+
+
+def test_normal_and_sgm_uniform_formulas() -> None:
+    table = _reference_sigma_table()
+    n = 7
+    ts = np.linspace(999, 0, n)
+    ref = [_ref_t_to_sigma(t, table) for t in ts] + [0.0]
+    np.testing.assert_allclose(S.sigmas_normal(SCHED, n).numpy(), ref, rtol=1e-5)
+    ts = np.linspace(999, 0, n + 1)[:-1]
+    ref = [_ref_t_to_sigma(t, table) for t in ts] + [0.0]
+    np.testing.assert_allclose(S.sigmas_sgm_uniform(SCHED, n).numpy(), ref, rtol=1e-5)
+
+
+def test_karras_and_exponential_formulas() -> None:
+    n, lo, hi, rho = 6, 0.03, 14.6, 7.0
+    ref = [(hi ** (1 / rho) + i / (n - 1) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho for i in range(n)] + [0.0]
+    np.testing.assert_allclose(S.sigmas_karras(n, lo, hi, rho).numpy(), ref, rtol=1e-6)
+    ref = [hi * (lo / hi) ** (i / (n - 1)) for i in range(n)] + [0.0]
+    np.testing.assert_allclose(S.sigmas_exponential(n, lo, hi).numpy(), ref, rtol=1e-6)
+
+
+def test_simple_and_ddim_uniform_formulas() -> None:
+    table = _reference_sigma_table()
+    n = 6
+    ref = [table[999 - int(i * 1000 / n)] for i in range(n)] + [0.0]
+    np.testing.assert_allclose(S.sigmas_simple(SCHED, n).numpy(), ref, rtol=1e-6)
+    ref = [table[1 + k * (1000 // n)] for k in reversed(range(n))] + [0.0]
+    np.testing.assert_allclose(S.sigmas_ddim_uniform(SCHED, n).numpy(), ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.05, 0.3, 0.5, 0.77, 1.0])
+def test_beta_ppf_against_closed_forms(q: float) -> None:
+    assert S.beta_ppf(q, 1.0, 1.0) == pytest.approx(q, abs=1e-10)  # uniform
+    assert S.beta_ppf(q, 0.5, 0.5) == pytest.approx(math.sin(math.pi * q / 2) ** 2, abs=1e-10)  # arcsine
+    assert S.beta_ppf(q, 2.5, 1.0) == pytest.approx(q ** (1 / 2.5), abs=1e-10)  # CDF x**a
+    assert S.beta_ppf(q, 1.0, 3.0) == pytest.approx(1 - (1 - q) ** (1 / 3), abs=1e-10)  # CDF 1-(1-x)**b
+
+
+def test_beta_cdf_against_numerical_integral() -> None:
+    # Beta(0.6, 0.6) density integrated with the substitution x = u**(1/a), which removes the x**(a-1) pole
+    a = b = 0.6
+    x = 0.3
+    u = np.linspace(0, x**a, 200001)
+    xs = u ** (1 / a)
+    integrand = (1 - xs) ** (b - 1) / a
+    integral = np.trapezoid(integrand, u) / math.exp(math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    assert S.beta_cdf(x, a, b) == pytest.approx(integral, abs=1e-7)
+    assert S.beta_ppf(0.5, a, b) == pytest.approx(0.5, abs=1e-12)  # symmetric
+
+
+def test_beta_schedule() -> None:
+    table = _reference_sigma_table()
+    n = 5
+    ts = [1.0, 0.8, 0.6, 0.4, 0.2]
+    # for alpha=beta=0.5 the quantile is sin^2(pi q / 2); exercises the same code path with a known answer
+    ref = [table[round(math.sin(math.pi * q / 2) ** 2 * 999)] for q in ts] + [0.0]
+    np.testing.assert_allclose(S.sigmas_beta(SCHED, n, 0.5, 0.5).numpy(), ref, rtol=1e-6)
+    s = S.sigmas_beta(SCHED, 10)
+    assert s.shape == (11,) and bool((s[:-1] > s[1:]).all())
+
+
+def test_denoise_and_split() -> None:
+    make = lambda n: S.sigmas_karras(n, 0.03, 14.6)  # noqa: E731
+    out = S.sigmas_for_denoise(make, 10, 0.4)
+    torch.testing.assert_close(out, make(25)[-11:])
+    torch.testing.assert_close(S.sigmas_for_denoise(make, 10, 1.0), make(10))
+    assert S.sigmas_for_denoise(make, 10, 0.0).numel() == 0
+    hi, lo = S.split_sigmas(make(10), 4)
+    assert hi.numel() == 5 and lo.numel() == 7 and hi[-1] == lo[0]
+    with pytest.raises(S.ScheduleError, match="split step"):
+        S.split_sigmas(make(10), 11)
+    with pytest.raises(S.ScheduleError, match="denoise"):
+        S.sigmas_for_denoise(make, 10, 1.5)
+    with pytest.raises(S.ScheduleError, match="at least 1 step"):
+        S.sigmas_karras(0, 0.03, 14.6)
+
+
+def _diffusers_euler(**kw: object) -> "object":
+    diffusers = pytest.importorskip("diffusers")
+    sch = diffusers.EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, **kw
+    )
+    return sch
+
+
+@pytest.mark.parity
+def test_normal_matches_diffusers_linspace() -> None:
+    # n=10 puts linspace(0, 999, n) on integer timesteps, where diffusers' linear-in-sigma lookup is exact
+    sch = _diffusers_euler(timestep_spacing="linspace")
+    sch.set_timesteps(10)
+    np.testing.assert_allclose(S.sigmas_normal(SCHED, 10).numpy(), sch.sigmas.numpy(), atol=1e-4)
+
+
+@pytest.mark.parity
+def test_karras_matches_diffusers() -> None:
+    sch = _diffusers_euler(use_karras_sigmas=True)
+    sch.set_timesteps(12)
+    ours = S.sigmas_karras(12, SCHED.sigma_min, SCHED.sigma_max)
+    np.testing.assert_allclose(ours.numpy(), sch.sigmas.numpy(), atol=1e-4)
+
+
+@pytest.mark.parity
+def test_exponential_matches_diffusers() -> None:
+    sch = _diffusers_euler(use_exponential_sigmas=True)
+    sch.set_timesteps(9)
+    ours = S.sigmas_exponential(9, SCHED.sigma_min, SCHED.sigma_max)
+    np.testing.assert_allclose(ours.numpy(), sch.sigmas.numpy(), atol=1e-4)
+
+
+@pytest.mark.parity
+def test_ddim_uniform_matches_diffusers_ddim_timesteps() -> None:
+    diffusers = pytest.importorskip("diffusers")
+    sch = diffusers.DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        timestep_spacing="leading",
+    )
+    sch.set_timesteps(8)
+    ac = sch.alphas_cumprod[sch.timesteps]
+    ref = torch.cat([((1 - ac) / ac).sqrt(), torch.zeros(1)])
+    np.testing.assert_allclose(S.sigmas_ddim_uniform(SCHED, 8).numpy(), ref.numpy(), atol=1e-4)
