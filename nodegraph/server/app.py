@@ -110,6 +110,7 @@ async def get_run(request: web.Request) -> web.Response:
         run = request.app[QUEUE_KEY].get(request.match_info["run_id"])
     except UnknownRun as error:
         return _error(404, "unknown_run", str(error))
+    run.pop("seq")
     return web.json_response(run)
 
 

@@ -290,6 +290,11 @@ class RunQueue:
             self.store.update(run_id, status=FAILED, finished=time.time(),
                               error={"error": "invalid_workflow", "issues": [i.to_json() for i in invalid.issues]})
             return
+        except Exception as error:  # outside any node (e.g. a fingerprint): fail this run, keep the worker
+            log.exception("run %s failed outside its nodes", run_id)
+            self.store.update(run_id, status=FAILED, finished=time.time(), nodes=self._live_nodes,
+                              error={"error": "run_error", "exception": type(error).__name__, "message": str(error)})
+            return
         self._record(run_id, result)
         if self._end_event is not None:
             self._broadcast(self._end_event)

@@ -90,6 +90,18 @@ async def test_failed_run_names_the_node(make_client):
 
 
 @pytest.mark.asyncio
+async def test_error_outside_nodes_fails_the_run_not_the_worker(make_client, tmp_path):
+    client = await make_client()
+    # ReadFile's fingerprint stats the file when the run starts, before any node runs.
+    missing = tmp_path / "missing.txt"
+    run_id = await submit(client, doc(r=("ReadFile", {"path": str(missing)}), out=("Sink", {"value": link("r", "text")})))
+    run = await wait_status(client, run_id, ("succeeded", "failed"))
+    assert run["status"] == "failed"
+    assert run["error"]["exception"] == "FileNotFoundError" and str(missing) in run["error"]["message"]
+    assert (await wait_status(client, await submit(client, SUM), ("succeeded", "failed")))["status"] == "succeeded"
+
+
+@pytest.mark.asyncio
 async def test_invalid_workflow_is_400_with_issues(make_client):
     client = await make_client()
     response = await client.post("/api/runs", json={"workflow": doc(
