@@ -132,6 +132,11 @@ def _node_state(nodes: dict[str, dict[str, Any]], event: Event) -> None:
         for node_id in event.data["nodes"]:
             nodes[node_id] = {"status": "pending"}
         return
+    if event.type == ev.RUN_CANCELLED:
+        for state in nodes.values():
+            if state["status"] == "running":
+                state["status"] = "cancelled"
+        return
     if event.node_id is None:
         return
     state = nodes.setdefault(event.node_id, {"status": "pending"})

@@ -140,8 +140,9 @@ async def test_cancel_queued_and_running(make_client):
 
     run = await wait_status(client, running, ("cancelled", "succeeded"))
     assert run["status"] == "cancelled"
-    # It stopped part way: the node never finished.
-    assert run["nodes"]["s"]["status"] == "running" and run["nodes"]["s"]["progress"][0] < 200
+    # It stopped part way through the node, and the sink never started.
+    assert run["nodes"]["s"]["status"] == "cancelled" and run["nodes"]["s"]["progress"][0] < 200
+    assert run["nodes"]["out"] == {"status": "pending"}
     assert (await wait_status(client, queued, ("cancelled",)))["started"] is None
     assert counting_pack.RUNS["s"] == 1
 
