@@ -14,7 +14,7 @@ import counting_pack  # noqa: E402
 from counting_pack import doc, link  # noqa: E402
 from nodegraph.cache import OutputCache  # noqa: E402
 from nodegraph.registry import NodeRegistry  # noqa: E402
-from nodegraph.server import create_app  # noqa: E402
+from nodegraph.server import RunStore, create_app  # noqa: E402
 
 SUM = doc(a=("Value", {"value": 2}), b=("Add", {"a": link("a", "value"), "b": 3}),
           out=("Sink", {"value": link("b", "sum")}))
@@ -216,6 +216,20 @@ async def test_run_in_progress_at_shutdown_is_interrupted(make_client, tmp_path)
 
     client = await make_client(db)
     assert (await (await client.get(f"/api/runs/{run_id}")).json())["status"] == "interrupted"
+
+
+@pytest.mark.asyncio
+async def test_run_left_running_by_a_crash_is_interrupted(make_client, tmp_path):
+    db = tmp_path / "crashed.sqlite"
+    store = RunStore(db)  # what a killed process leaves behind: a run marked running
+    store.add("crashed", SUM, None)
+    store.update("crashed", status="running", started=1.0)
+    store.close()
+
+    client = await make_client(db)
+    run = await (await client.get("/api/runs/crashed")).json()
+    assert run["status"] == "interrupted" and run["finished"] is not None
+    assert counting_pack.RUNS == {}
 
 
 @pytest.mark.asyncio
