@@ -111,3 +111,136 @@ def test_dpmpp_2m_matches_diffusers_multistep() -> None:
     ours = K.sample_dpmpp_2m(fake_denoiser, x0.clone(), sigmas)
     ref = _run_diffusers(sched, x0.clone() / (1 + sigmas[0] ** 2) ** 0.5)
     _assert_close(ours, ref)
+
+
+@pytest.mark.parity
+def test_dpm_2_ancestral_matches_diffusers_with_shared_noise() -> None:
+    sched = _diffusers_scheduler("KDPM2AncestralDiscreteScheduler", timestep_spacing="linspace")
+    sched.set_timesteps(8)
+    sigmas = torch.unique_consecutive(sched.sigmas)
+    assert sigmas.numel() == 9
+    x0 = _start(sigmas[0])
+    g = torch.Generator().manual_seed(1)
+    ours = K.sample_dpm_2_ancestral(fake_denoiser, x0.clone(), sigmas, generator=g)
+    _assert_close(ours, _run_diffusers(sched, x0.clone(), seed=1))
+
+
+@pytest.mark.parity
+def test_dpmpp_2m_sde_matches_diffusers_sde_multistep() -> None:
+    sched = _diffusers_scheduler(
+        "DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="midpoint",
+        timestep_spacing="linspace", final_sigmas_type="zero", lower_order_final=True,
+    )
+    sched.set_timesteps(8)
+    sigmas = sched.sigmas
+    x0 = _start(sigmas[0])
+    g = torch.Generator().manual_seed(1)
+    ours = K.sample_dpmpp_2m_sde(fake_denoiser, x0.clone(), sigmas, generator=g)
+    _assert_close(ours, _run_diffusers(sched, x0.clone() / (1 + sigmas[0] ** 2) ** 0.5, seed=1))
+
+
+@pytest.mark.parity
+def test_ddpm_matches_diffusers_with_shared_noise() -> None:
+    sched = _diffusers_scheduler("DDPMScheduler", clip_sample=False, variance_type="fixed_small")
+    timesteps = [876, 751, 626, 501, 376, 251, 126, 1]
+    sched.set_timesteps(timesteps=timesteps)
+    ac = sched.alphas_cumprod[torch.tensor(timesteps)]
+    sigmas = torch.cat([((1 - ac) / ac).sqrt(), torch.zeros(1)])
+    x0 = _start(sigmas[0])
+    g = torch.Generator().manual_seed(1)
+    ours = K.sample_ddpm(fake_denoiser, x0.clone(), sigmas, generator=g)
+    _assert_close(ours, _run_diffusers(sched, x0.clone() / (1 + sigmas[0] ** 2) ** 0.5, seed=1))
+
+
+def _reference_lms_coefficient(sig: np.ndarray, order: int, i: int, j: int) -> float:
+    # the Lagrange basis integrated with a fine composite trapezoid rule
+    s = np.linspace(sig[i], sig[i + 1], 20001)
+    prod = np.ones_like(s)
+    for k in range(order):
+        if k != j:
+            prod *= (s - sig[i - k]) / (sig[i - j] - sig[i - k])
+    return float(np.trapezoid(prod, s))
+
+
+def test_lms_coefficients_and_run_match_written_out_multistep() -> None:
+    sigmas = S.sigmas_karras(7, 0.03, 14.6).to(torch.float64)
+    sig = sigmas.numpy()
+    for i, order in [(0, 1), (1, 2), (3, 4), (5, 4)]:
+        for j in range(order):
+            assert K.lms_coefficient(order, sig, i, j) == pytest.approx(_reference_lms_coefficient(sig, order, i, j), abs=1e-6)
+    x = _start(sigmas[0]).to(torch.float64)
+    ref, ds = x.clone(), []
+    for i in range(7):
+        ds.append((ref - fake_denoiser(ref, sigmas[i : i + 1])) / sigmas[i])
+        cur = min(i + 1, 4)
+        ref = ref + sum(_reference_lms_coefficient(sig, cur, i, j) * ds[-1 - j] for j in range(cur))
+    _assert_close(K.sample_lms(fake_denoiser, x, sigmas), ref)
+
+
+# For Gaussian data N(0, v) the exact denoiser is x * v / (v + sigma^2) and the probability-flow ODE
+# has the closed-form solution x(s) = x(s0) * sqrt((v + s^2) / (v + s0^2)).
+VAR = 0.5
+
+
+def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+    return x * VAR / (VAR + s**2)
+
+
+@pytest.mark.parametrize(
+    "sampler,order",
+    [
+        (K.sample_euler, 1), (K.sample_ddim, 1), (K.sample_heun, 2), (K.sample_dpm_2, 2), (K.sample_lms, 2),
+        (K.sample_dpmpp_2m, 2),
+        (lambda m, x, s: K.sample_dpmpp_2s_ancestral(m, x, s, eta=0.0), 2),
+        (lambda m, x, s: K.sample_euler_ancestral(m, x, s, eta=0.0), 1),
+        (lambda m, x, s: K.sample_dpmpp_2m_sde(m, x, s, eta=0.0), 2),
+    ],
+)
+def test_deterministic_samplers_converge_to_exact_ode_solution(sampler: Callable, order: int) -> None:
+    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 10.0
+    sigma_end = 0.1
+    exact = x0 * math.sqrt((VAR + sigma_end**2) / (VAR + 10.0**2))
+    errs = []
+    for n in (20, 40):
+        # ends at sigma_end (not 0) so that no last-step special case hides the order of the method
+        sigmas = torch.exp(torch.linspace(math.log(10.0), math.log(sigma_end), n + 1, dtype=torch.float64))
+        errs.append((sampler(gaussian_denoiser, x0.clone(), sigmas) - exact).abs().max().item())
+    assert errs[1] < 0.05 * exact.abs().max().item()
+    # halving the step size shrinks the error by about 2**order
+    assert errs[0] / errs[1] > 2**order * 0.7, errs
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [K.sample_euler_ancestral, K.sample_dpm_2_ancestral, K.sample_dpmpp_2s_ancestral, K.sample_dpmpp_2m_sde,
+     K.sample_ddpm],
+)
+def test_stochastic_samplers_produce_the_data_distribution(sampler: Callable) -> None:
+    # sampling error shrinks with the step count; 80 Karras steps bring every sampler here within ~8%
+    sigmas = S.sigmas_karras(80, 0.03, 14.6).to(torch.float64)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(64, 1, 32, 32, generator=g, dtype=torch.float64) * sigmas[0]
+    out = sampler(gaussian_denoiser, x0, sigmas, generator=g)
+    assert out.var().item() == pytest.approx(VAR, rel=0.1)
+
+
+def test_callback_sees_every_step_and_noise_sampler_is_used() -> None:
+    sigmas = S.sigmas_karras(5, 0.03, 14.6)
+    seen: list[int] = []
+    x0 = _start(sigmas[0])
+    K.sample_euler(fake_denoiser, x0, sigmas, callback=lambda i, x, d: seen.append(i))
+    assert seen == [0, 1, 2, 3, 4]
+    calls: list[float] = []
+
+    def zero_noise(s: torch.Tensor, s_next: torch.Tensor) -> torch.Tensor:
+        calls.append(float(s_next))
+        return torch.zeros(SHAPE)
+
+    # with zero noise an ancestral step is an Euler step to sigma_down: lcm then reduces to the bare prediction
+    out = K.sample_lcm(fake_denoiser, x0.clone(), sigmas, noise_sampler=zero_noise)
+    assert len(calls) == 4
+    x = x0.clone()
+    for i in range(5):
+        x = fake_denoiser(x, sigmas[i : i + 1])
+    _assert_close(out, x)
