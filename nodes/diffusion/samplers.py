@@ -34,6 +34,7 @@ __all__ = [
     "sample_dpmpp_2m",
     "sample_dpmpp_2s_ancestral",
     "sample_dpmpp_2m_sde",
+    "sample_dpmpp_3m_sde",
     "sample_ddim",
     "sample_ddpm",
     "sample_lcm",
@@ -327,6 +328,52 @@ def sample_dpmpp_2m_sde(
 
 
 @torch.no_grad()
+def sample_dpmpp_3m_sde(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    callback: Optional[StepCallback] = None,
+    eta: float = 1.0,
+    noise_sampler: Optional[NoiseSampler] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """DPM-Solver++(3M) SDE: 3rd-order multistep exponential integrator (eta=0 is the ODE solver 3M)."""
+    noise = _noise_or_default(x, noise_sampler, generator)
+    denoised_1: Optional[torch.Tensor] = None
+    denoised_2: Optional[torch.Tensor] = None
+    h_1: Optional[torch.Tensor] = None
+    h_2: Optional[torch.Tensor] = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, _batch_sigma(x, sigmas[i]))
+        if callback is not None:
+            callback(i, x, denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        h = _lambda(sigmas[i + 1]) - _lambda(sigmas[i])
+        h_eta = h * (eta + 1)
+        # sigma_next/sigma * exp(-eta*h) == exp(-h_eta)
+        x = (-h_eta).exp() * x - torch.expm1(-h_eta) * denoised
+        # phi_2, phi_3 of the exponential integrator, written so that they stay finite as h -> 0
+        phi_2 = torch.expm1(-h_eta) / h_eta + 1
+        if denoised_2 is not None and denoised_1 is not None and h_1 is not None and h_2 is not None:
+            r0, r1 = h_1 / h, h_2 / h
+            d1_0 = (denoised - denoised_1) / r0
+            d1_1 = (denoised_1 - denoised_2) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            phi_3 = phi_2 / h_eta - 0.5
+            x = x + phi_2 * d1 - phi_3 * d2
+        elif denoised_1 is not None and h_1 is not None:
+            x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
+        if eta:
+            x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-torch.expm1(-2 * eta * h)).sqrt()
+        denoised_2, denoised_1 = denoised_1, denoised
+        h_2, h_1 = h_1, h
+    return x
+
+
+@torch.no_grad()
 def sample_ddim(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: Optional[StepCallback] = None) -> torch.Tensor:
     """Deterministic DDIM (eta=0): keep the predicted noise, re-noise the prediction to sigma_next.
 
@@ -403,6 +450,7 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "ddim": sample_ddim,
     "ddpm": sample_ddpm,
     "lcm": sample_lcm,

@@ -140,6 +140,20 @@ def test_dpmpp_2m_sde_matches_diffusers_sde_multistep() -> None:
 
 
 @pytest.mark.parity
+def test_dpmpp_3m_sde_without_noise_matches_diffusers_3rd_order_multistep() -> None:
+    # 16 steps: below 15 diffusers also drops to 2nd order on the second-to-last step
+    sched = _diffusers_scheduler(
+        "DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_order=3, solver_type="heun",
+        timestep_spacing="linspace", final_sigmas_type="zero", lower_order_final=True,
+    )
+    sched.set_timesteps(16)
+    sigmas = sched.sigmas
+    x0 = _start(sigmas[0])
+    ours = K.sample_dpmpp_3m_sde(fake_denoiser, x0.clone(), sigmas, eta=0.0)
+    _assert_close(ours, _run_diffusers(sched, x0.clone() / (1 + sigmas[0] ** 2) ** 0.5))
+
+
+@pytest.mark.parity
 def test_ddpm_matches_diffusers_with_shared_noise() -> None:
     sched = _diffusers_scheduler("DDPMScheduler", clip_sample=False, variance_type="fixed_small")
     timesteps = [876, 751, 626, 501, 376, 251, 126, 1]
@@ -195,6 +209,8 @@ def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         (lambda m, x, s: K.sample_dpmpp_2s_ancestral(m, x, s, eta=0.0), 2),
         (lambda m, x, s: K.sample_euler_ancestral(m, x, s, eta=0.0), 1),
         (lambda m, x, s: K.sample_dpmpp_2m_sde(m, x, s, eta=0.0), 2),
+        # a 1st-order first step (local error h^2) caps the observed global order of 3M at 2
+        (lambda m, x, s: K.sample_dpmpp_3m_sde(m, x, s, eta=0.0), 2),
     ],
 )
 def test_deterministic_samplers_converge_to_exact_ode_solution(sampler: Callable, order: int) -> None:
@@ -214,7 +230,7 @@ def test_deterministic_samplers_converge_to_exact_ode_solution(sampler: Callable
 @pytest.mark.parametrize(
     "sampler",
     [K.sample_euler_ancestral, K.sample_dpm_2_ancestral, K.sample_dpmpp_2s_ancestral, K.sample_dpmpp_2m_sde,
-     K.sample_ddpm],
+     K.sample_dpmpp_3m_sde, K.sample_ddpm],
 )
 def test_stochastic_samplers_produce_the_data_distribution(sampler: Callable) -> None:
     # sampling error shrinks with the step count; 80 Karras steps bring every sampler here within ~8%
