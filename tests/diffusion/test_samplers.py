@@ -68,12 +68,16 @@ def _assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
 def test_deterministic_ve_samplers_match_diffusers(diffusers_name: str, sampler: Callable, kw: dict) -> None:
     sched = _diffusers_scheduler(diffusers_name, timestep_spacing="linspace", **kw)
     sched.set_timesteps(8)
-    sigmas = S.sigmas_karras(8, S.sd_discrete_schedule().sigma_min, S.sd_discrete_schedule().sigma_max) if kw else None
-    # Heun/KDPM2 keep interleaved copies of each sigma; the distinct schedule is the first of each pair
-    ours_sigmas = torch.unique_consecutive(sched.sigmas) if sigmas is None else sigmas
-    assert ours_sigmas.numel() == 9
-    x0 = _start(ours_sigmas[0])
-    ours = sampler(fake_denoiser, x0.clone(), ours_sigmas)
+    if kw.get("use_karras_sigmas"):
+        # our own Karras schedule drives our sampler: checks schedule and sampler together
+        table = S.sd_discrete_schedule()
+        sigmas = S.sigmas_karras(8, table.sigma_min, table.sigma_max)
+    else:
+        # Heun/KDPM2 keep interleaved copies of each sigma; the distinct schedule is one of each
+        sigmas = torch.unique_consecutive(sched.sigmas)
+    assert sigmas.numel() == 9
+    x0 = _start(sigmas[0])
+    ours = sampler(fake_denoiser, x0.clone(), sigmas)
     _assert_close(ours, _run_diffusers(sched, x0.clone()))
 
 
@@ -209,6 +213,7 @@ def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         (lambda m, x, s: K.sample_dpmpp_2s_ancestral(m, x, s, eta=0.0), 2),
         (lambda m, x, s: K.sample_euler_ancestral(m, x, s, eta=0.0), 1),
         (lambda m, x, s: K.sample_dpmpp_2m_sde(m, x, s, eta=0.0), 2),
+        (lambda m, x, s: K.sample_dpmpp_sde(m, x, s, eta=0.0), 2),
         # a 1st-order first step (local error h^2) caps the observed global order of 3M at 2
         (lambda m, x, s: K.sample_dpmpp_3m_sde(m, x, s, eta=0.0), 2),
     ],
