@@ -158,6 +158,20 @@ def test_dpmpp_3m_sde_without_noise_matches_diffusers_3rd_order_multistep() -> N
 
 
 @pytest.mark.parity
+@pytest.mark.parametrize("order,steps", [(2, 8), (3, 16)])
+def test_uni_pc_matches_diffusers(order: int, steps: int) -> None:
+    sched = _diffusers_scheduler(
+        "UniPCMultistepScheduler", predict_x0=True, solver_type="bh2", solver_order=order,
+        timestep_spacing="linspace", final_sigmas_type="zero", lower_order_final=True,
+    )
+    sched.set_timesteps(steps)
+    sigmas = sched.sigmas
+    x0 = _start(sigmas[0])
+    ours = K.sample_uni_pc(fake_denoiser, x0.clone(), sigmas, order=order)
+    _assert_close(ours, _run_diffusers(sched, x0.clone() / (1 + sigmas[0] ** 2) ** 0.5))
+
+
+@pytest.mark.parity
 def test_ddpm_matches_diffusers_with_shared_noise() -> None:
     sched = _diffusers_scheduler("DDPMScheduler", clip_sample=False, variance_type="fixed_small")
     timesteps = [876, 751, 626, 501, 376, 251, 126, 1]
@@ -214,6 +228,7 @@ def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         (lambda m, x, s: K.sample_euler_ancestral(m, x, s, eta=0.0), 1),
         (lambda m, x, s: K.sample_dpmpp_2m_sde(m, x, s, eta=0.0), 2),
         (lambda m, x, s: K.sample_dpmpp_sde(m, x, s, eta=0.0), 2),
+        (K.sample_uni_pc, 2),
         # a 1st-order first step (local error h^2) caps the observed global order of 3M at 2
         (lambda m, x, s: K.sample_dpmpp_3m_sde(m, x, s, eta=0.0), 2),
     ],
