@@ -138,15 +138,16 @@ class SpatialTransformer(nn.Module):
         h = self.norm(x)
         if not self.use_linear_projection:
             h = self.proj_in(h)
-        # (B, C, H, W) -> (B, H*W, C): one copy into the token-major layout the blocks want.
-        h = h.permute(0, 2, 3, 1).reshape(batch, height * width, -1)
+        # (B, C, H, W) -> (B, H*W, C): one explicit copy into the token-major layout, so the norms,
+        # matmuls and residual adds downstream all read contiguous memory.
+        h = h.permute(0, 2, 3, 1).contiguous().view(batch, height * width, -1)
         if self.use_linear_projection:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)
         if self.use_linear_projection:
             h = self.proj_out(h)
-        h = h.view(batch, height, width, -1).permute(0, 3, 1, 2).contiguous()
+        h = h.reshape(batch, height, width, -1).permute(0, 3, 1, 2).contiguous()
         if not self.use_linear_projection:
             h = self.proj_out(h)
         return h + x

@@ -84,7 +84,7 @@ class ControlNet(UNetEncoder):
         self,
         x: Tensor,
         hint: Tensor,
-        timesteps: Tensor,
+        timesteps: Tensor | float,
         context: Tensor,
         y: Tensor | None = None,
         strength: float = 1.0,

@@ -21,7 +21,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -305,11 +305,11 @@ class ControlResiduals:
     Residuals of several ControlNets add up (``a + b``).
     """
 
-    down: list[Tensor] = field(default_factory=list)
-    middle: Tensor | None = None
+    down: list[Tensor]
+    middle: Tensor
 
     def __add__(self, other: ControlResiduals) -> ControlResiduals:
-        if len(self.down) != len(other.down) or self.middle is None or other.middle is None:
+        if len(self.down) != len(other.down):
             raise UNetInputError(
                 f"cannot add ControlNet residuals of different layouts ({len(self.down)} vs {len(other.down)} skips)"
             )
@@ -370,8 +370,9 @@ class UNetEncoder(nn.Module):
             channels, heads, head_dim, depth, config.context_dim, config.use_linear_projection
         )
 
-    def embed(self, timesteps: Tensor, y: Tensor | None, batch: int, dtype: torch.dtype) -> Tensor:
+    def embed(self, timesteps: Tensor | float, y: Tensor | None, batch: int, dtype: torch.dtype) -> Tensor:
         """Timestep (+ vector conditioning) embedding: timesteps (B,) or (), y (B, adm) -> (B, E)."""
+        timesteps = torch.as_tensor(timesteps, device=self.time_embed[0].weight.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(batch)
         if timesteps.shape != (batch,):
@@ -427,7 +428,7 @@ class UNet(UNetEncoder):
     def forward(
         self,
         x: Tensor,
-        timesteps: Tensor,
+        timesteps: Tensor | float,
         context: Tensor,
         y: Tensor | None = None,
         control: ControlResiduals | None = None,
@@ -442,10 +443,10 @@ class UNet(UNetEncoder):
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise UNetInputError(f"x must have shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
         self._check_context(context, batch)
-        if control is not None and (len(control.down) != len(self.input_blocks) or control.middle is None):
+        if control is not None and len(control.down) != len(self.input_blocks):
             raise UNetInputError(
-                f"control must hold {len(self.input_blocks)} skip residuals and a middle one, "
-                f"got {len(control.down)} and {'none' if control.middle is None else 'one'}"
+                f"control must hold {len(self.input_blocks)} skip residuals (one per input block), "
+                f"got {len(control.down)}"
             )
         emb = self.embed(timesteps, y, batch, x.dtype)
 

@@ -115,7 +115,9 @@ def test_scalar_timestep_is_broadcast_like_diffusers() -> None:
     with torch.inference_mode():
         expected = reference(inputs["x"], t, encoder_hidden_states=inputs["context"]).sample
         got = ours(inputs["x"], t, inputs["context"])
+        got_from_float = ours(inputs["x"], 421.0, inputs["context"])
     assert max_err(got, expected) <= TOL
+    assert torch.equal(got_from_float, got)
 
 
 @pytest.mark.parity
