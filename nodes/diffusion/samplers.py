@@ -7,14 +7,11 @@ ends as the sample at sigmas[-1] (normally 0). Stochastic samplers draw noise fr
 
 from __future__ import annotations
 
-import logging
-import math
 from typing import Callable, Optional, Protocol
 
 import numpy as np
 import torch
 
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "Denoiser",
