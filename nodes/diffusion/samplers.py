@@ -12,12 +12,10 @@ from typing import Callable, Optional, Protocol
 import numpy as np
 import torch
 
-
 __all__ = [
     "Denoiser",
     "StepCallback",
     "NoiseSampler",
-    "SamplerError",
     "gaussian_noise_sampler",
     "to_d",
     "ancestral_step",
@@ -49,10 +47,6 @@ class Denoiser(Protocol):
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class SamplerError(ValueError):
-    """A sampler was called with inputs it cannot use (e.g. a stochastic sampler without noise)."""
 
 
 def gaussian_noise_sampler(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> NoiseSampler:
