@@ -61,7 +61,8 @@ def load_embedding(path: str | os.PathLike[str], encoder: str | None = None) -> 
     elif suffix in (".pt", ".bin"):
         tensors = _torch_file_tensors(path)
     else:
-        raise EmbeddingFormatError(path, f"unknown embedding file type {suffix!r}; expected one of {', '.join(EMBEDDING_SUFFIXES)}")
+        expected = ", ".join(EMBEDDING_SUFFIXES)
+        raise EmbeddingFormatError(path, f"unknown embedding file type {suffix!r}; expected one of {expected}")
     vectors = _pick_vectors(tensors, encoder, path)
     if vectors.ndim == 1:
         vectors = vectors.unsqueeze(0)
@@ -76,11 +77,11 @@ def _torch_file_tensors(path: Path) -> dict[str, Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise EmbeddingFormatError(
             path,
-            "refused to unpickle: the file needs code beyond tensors and plain data to load "
-            f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}). Nothing in it was run; "
-            "convert it to .safetensors if you trust its source.",
+            f"refused to unpickle: the file needs code beyond tensors and plain data to load ({reason}). "
+            "Nothing in it was run; convert it to .safetensors if you trust its source.",
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise EmbeddingFormatError(path, f"cannot read as a torch file (truncated or corrupt?): {exc}") from exc
@@ -104,7 +105,10 @@ def _pick_vectors(tensors: Mapping[str, Tensor], encoder: str | None, path: Path
             return tensors[encoder]
         if encoder is None and len(per_encoder) == 1:
             return tensors[per_encoder[0]]
-        wanted = "which text encoder's vectors to use (encoder='clip_l' or 'clip_g')" if encoder is None else f"vectors for {encoder!r}"
+        if encoder is None:
+            wanted = "which text encoder's vectors to use (encoder='clip_l' or 'clip_g')"
+        else:
+            wanted = f"vectors for {encoder!r}"
         raise EmbeddingFormatError(path, f"holds vectors for {', '.join(per_encoder)}; need {wanted}")
     if len(tensors) == 1:
         return next(iter(tensors.values()))
@@ -155,9 +159,8 @@ class EmbeddingFolder:
             return None
         matches = sorted(p for p in directory.iterdir() if p.name.lower() == candidate.name.lower() and p.is_file())
         if len(matches) > 1:
-            raise EmbeddingNotFoundError(
-                str(candidate), f"{directory}: ambiguous, several files differ only in case: {', '.join(p.name for p in matches)}"
-            )
+            names = ", ".join(p.name for p in matches)
+            raise EmbeddingNotFoundError(str(candidate), f"{directory}: ambiguous, several files differ only in case: {names}")
         return matches[0] if matches else None
 
     def __call__(self, name: str) -> Tensor:

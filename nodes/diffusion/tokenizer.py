@@ -318,7 +318,9 @@ class CLIPTokenizer:
         groups = _fill_chunks(units)
         if max_chunks is not None and len(groups) > max_chunks:
             dropped = sum(len(ids) for ids, _, _ in groups[max_chunks:])
-            logger.warning("prompt truncated to %d chunk(s) of %d tokens; %d tokens dropped", max_chunks, CHUNK_TOKENS, dropped)
+            logger.warning(
+                "prompt truncated to %d chunk(s) of %d tokens; %d tokens dropped", max_chunks, CHUNK_TOKENS, dropped
+            )
             groups = groups[:max_chunks]
         return [_make_chunk(ids, weights, vectors, pad_id) for ids, weights, vectors in groups]
 

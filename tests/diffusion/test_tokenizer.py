@@ -150,8 +150,9 @@ def chunk_text(chunk_ids: list[int]) -> list[int]:
 @pytest.mark.parametrize("encoder, pad", [("clip_l", EOS_ID), ("clip_h", 0), ("clip_g", 0)])
 def test_short_prompt_is_one_padded_chunk(tokenizer: CLIPTokenizer, encoder: str, pad: int) -> None:
     assert PAD_ID_BY_ENCODER[encoder] == pad
-    ids = tokenizer.encode("a photograph of an astronaut riding a horse")
-    (chunk,) = tokenizer.tokenize_prompt("a photograph of an astronaut riding a horse", pad_id=PAD_ID_BY_ENCODER[encoder])
+    text = "a photograph of an astronaut riding a horse"
+    ids = tokenizer.encode(text)
+    (chunk,) = tokenizer.tokenize_prompt(text, pad_id=PAD_ID_BY_ENCODER[encoder])
     assert len(chunk.ids) == len(chunk.weights) == CHUNK_LENGTH
     assert chunk.ids == [BOS_ID, *ids, EOS_ID] + [pad] * (CHUNK_LENGTH - 2 - len(ids))
     assert chunk.weights == [1.0] * CHUNK_LENGTH
