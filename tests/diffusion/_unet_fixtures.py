@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from nodegraph_diffusion.unet import SDXL_VECTOR_EMBED_DIM, UNetConfig
+from _random_weights import randomize_
 
 TOL = 1e-4
 CONTEXT_DIM = 32
@@ -56,22 +57,6 @@ TINY_SDXL_REFINER = replace(TINY_SDXL, adm_in_channels=SDXL_REFINER_ADM)
 # A decoder deeper/shallower than its encoder (the SSD-1B kind of distillation).
 TINY_SDXL_UNEVEN = replace(TINY_SDXL, transformer_depth_output=(2, 1, 3, 1, 2, 1, 0, 0, 0))
 TINY_INPAINT = replace(TINY_SD1, in_channels=9)
-
-
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Fill every parameter with random values (diffusers zero-inits some output convs, which
-    would let a wrong wiring pass) and switch to eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if param.ndim > 1:
-                param.copy_(noise / param[0].numel() ** 0.5)
-            elif "norm" in name:
-                param.copy_(1 + 0.2 * noise)
-            else:
-                param.copy_(0.2 * noise)
-    return module.eval()
 
 
 def _diffusers_common_kwargs(config: UNetConfig) -> dict:

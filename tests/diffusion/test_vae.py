@@ -9,26 +9,12 @@ from torch import Tensor, nn
 
 from nodegraph_diffusion import vae
 from nodegraph_diffusion.vae import AutoencoderKL, VAEConfig, VAELoadError
+from _random_weights import randomize_
 
 TOL = 1e-4
 
 # Three levels (f = 4), one ResNet per level: every layer kind occurs and it runs in milliseconds.
 TINY = VAEConfig(channels=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8)
-
-
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every parameter random values (references zero-init some, which would hide mistakes)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if param.ndim > 1:
-                param.copy_(noise / param[0].numel() ** 0.5)
-            elif "norm" in name:
-                param.copy_(1 + 0.3 * noise)
-            else:
-                param.copy_(0.3 * noise)
-    return module.eval()
 
 
 def diffusers_vae(config: VAEConfig):
@@ -45,7 +31,7 @@ def diffusers_vae(config: VAEConfig):
         latent_channels=config.latent_channels,
         norm_num_groups=config.norm_groups,
     )
-    return randomize_(reference)
+    return randomize_(reference, scale=0.3)
 
 
 def max_err(a: Tensor, b: Tensor) -> float:
@@ -170,7 +156,7 @@ def test_load_vae_reports_missing_keys() -> None:
 
 
 def test_load_vae_builds_from_ldm_state_dict_with_training_keys() -> None:
-    source = randomize_(AutoencoderKL(TINY), seed=3)
+    source = randomize_(AutoencoderKL(TINY), seed=3, scale=0.3)
     state_dict = dict(source.state_dict())
     state_dict["loss.logvar"] = torch.zeros(())
     loaded = vae.load_vae(state_dict, family="sdxl", config=vae.vae_config_from_shapes(
