@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from .types import Choices, SocketType, choices_of, socket_type_of
 
@@ -245,7 +245,3 @@ class NodeSpec:
             "outputs": {name: spec.to_json() for name, spec in self.outputs.items()},
         }
 
-
-def first_error(error: ValidationError) -> dict[str, Any]:
-    """The first pydantic error detail, for messages naming one input."""
-    return error.errors(include_url=False)[0]

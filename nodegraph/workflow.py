@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -146,6 +145,3 @@ def document_schema(registry: NodeRegistry | None = None) -> dict[str, Any]:
     schema["properties"]["nodes"]["additionalProperties"] = {"oneOf": variants}
     return schema
 
-
-def dumps(workflow: Workflow) -> str:
-    return json.dumps(workflow.to_json(), indent=2) + "\n"
