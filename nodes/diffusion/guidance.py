@@ -1,0 +1,275 @@
+"""Conditioning and classifier-free guidance: prompts, areas, masks, timestep ranges and ControlNets
+turned into one denoiser `model(x, sigma) -> denoised` for the samplers.
+
+A conditioning is a tuple of :class:`CondEntry`; each entry is one encoded prompt with where and
+when it applies. At every step the entries active at that sigma are evaluated, batched into as few
+U-Net calls as their shapes allow (the positive and negative prompt of a plain graph share one
+call), and their predictions are averaged with their area/mask weights. Guidance then combines
+the two sides: uncond + cfg * (cond - uncond); at cfg 1 the negative side is not evaluated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .controlnet import ControlNet
+from .denoising import ModelSampling
+from .unet import ControlResiduals, UNet, UNetConfig
+
+
+class GuidanceError(ValueError):
+    """Conditioning that cannot be applied to this model or latent (names what does not fit)."""
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """One ControlNet applied to a conditioning; `previous` is the ControlNet applied before it (stacked).
+
+    hint: (B or 1, 3, H, W) control image in [0, 1], resized to the latent's pixel size when used.
+    start/end: the part of sampling it acts in, as fractions of the way from noise to image.
+    """
+
+    controlnet: ControlNet
+    hint: Tensor
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    previous: ControlSpec | None = None
+
+    def chain(self) -> list[ControlSpec]:
+        specs, spec = [], self
+        while spec is not None:
+            specs.append(spec)
+            spec = spec.previous
+        return specs[::-1]
+
+
+@dataclass(frozen=True)
+class CondEntry:
+    """One encoded prompt and where/when it applies.
+
+    context: (1, T, D) text-encoder hidden states (T a multiple of 77 for long prompts).
+    pooled: (1, P) pooled text embedding or None; y: (1, adm) the vector conditioning of models
+    that take one (SDXL: pooled + size embeddings), else None.
+    area: (height, width, top, left) in image pixels, or None for the whole image.
+    mask: (H, W) or (1, H, W) in [0, 1] at any resolution (resized to the latent), or None.
+    strength: weight of this entry where several overlap.
+    start/end: the fraction of sampling (0 = first step, 1 = last) the entry is active in.
+    """
+
+    context: Tensor
+    pooled: Tensor | None = None
+    y: Tensor | None = None
+    area: tuple[int, int, int, int] | None = None
+    mask: Tensor | None = None
+    mask_strength: float = 1.0
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    control: ControlSpec | None = None
+
+    def with_(self, **changes: object) -> CondEntry:
+        return replace(self, **changes)
+
+
+Conditioning = tuple[CondEntry, ...]
+
+
+@dataclass
+class _Work:
+    """One entry's model input at one step: the region of x it sees and its weight there."""
+
+    entry: CondEntry
+    side: int  # 0 = positive, 1 = negative
+    region: tuple[int, int, int, int]  # top, left, height, width in latent cells
+    weight: Tensor  # (1 or B, 1, h, w)
+
+
+def _latent_region(entry: CondEntry, height: int, width: int, factor: int) -> tuple[int, int, int, int]:
+    if entry.area is None:
+        return 0, 0, height, width
+    area_h, area_w, top, left = entry.area
+    top, left = min(top // factor, height - 1), min(left // factor, width - 1)
+    h = max(1, min(area_h // factor, height - top))
+    w = max(1, min(area_w // factor, width - left))
+    return top, left, h, w
+
+
+def _entry_weight(entry: CondEntry, region: tuple[int, int, int, int], height: int, width: int,
+                  device: torch.device, dtype: torch.dtype) -> Tensor:
+    top, left, h, w = region
+    weight = torch.full((1, 1, h, w), float(entry.strength), device=device, dtype=dtype)
+    if entry.mask is not None:
+        mask = entry.mask.to(device=device, dtype=dtype)
+        mask = mask.reshape(-1, 1, *mask.shape[-2:])
+        mask = F.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False)
+        weight = weight * mask[:, :, top: top + h, left: left + w] * entry.mask_strength
+    return weight
+
+
+def check_conditioning(config: UNetConfig, entries: Sequence[CondEntry]) -> None:
+    """Raise GuidanceError if any entry was not encoded for a model of this config."""
+    for entry in entries:
+        if entry.context.ndim != 3 or entry.context.shape[-1] != config.context_dim:
+            raise GuidanceError(
+                f"conditioning of shape {tuple(entry.context.shape)} does not fit this model, which expects "
+                f"(1, T, {config.context_dim}) text states (a prompt encoded for another model family?)"
+            )
+        if config.adm_in_channels is not None and (entry.y is None or entry.y.shape[-1] != config.adm_in_channels):
+            got = None if entry.y is None else tuple(entry.y.shape)
+            raise GuidanceError(
+                f"this model needs vector conditioning of width {config.adm_in_channels} (SDXL size "
+                f"conditioning), got {got}: encode the prompt with this model's text encoders"
+            )
+
+
+class CFGGuider:
+    """Classifier-free guidance of one model by a positive and a negative conditioning.
+
+    unet: the (already patched) U-Net; model_sampling: its schedule and prediction type;
+    downscale: image pixels per latent cell (areas and control images are given in pixels).
+    concat: optional (B, K, H, W) extra input channels (inpainting models' mask + masked latent).
+    """
+
+    def __init__(
+        self,
+        unet: UNet,
+        model_sampling: ModelSampling,
+        positive: Sequence[CondEntry],
+        negative: Sequence[CondEntry],
+        cfg: float,
+        downscale: int = 8,
+        concat: Tensor | None = None,
+    ) -> None:
+        if not positive:
+            raise GuidanceError("the positive conditioning is empty")
+        if cfg != 1.0 and not negative:
+            raise GuidanceError("the negative conditioning is empty (needed when cfg is not 1)")
+        self.unet = unet
+        self.model_sampling = model_sampling
+        self.positive = tuple(positive)
+        self.negative = tuple(negative)
+        self.cfg = float(cfg)
+        self.downscale = downscale
+        self.concat = concat
+        self.model_calls = 0  # U-Net forward passes so far (each batched over entries)
+        check_conditioning(unet.config, self.positive + self.negative)
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """x: (B, C, H, W) noisy latents, sigma: (B,) -> guided denoised estimate (B, C, H, W)."""
+        level = float(sigma.reshape(-1)[0])
+        sides = [self.positive] if self.cfg == 1.0 else [self.positive, self.negative]
+        height, width = x.shape[-2:]
+        work: list[_Work] = []
+        for side, entries in enumerate(sides):
+            # A side whose entries' timestep ranges all exclude this step falls back to all of them.
+            active = [e for e in entries if self._in_range(e.start, e.end, level)] or list(entries)
+            for entry in active:
+                region = _latent_region(entry, height, width, self.downscale)
+                work.append(_Work(entry, side, region, _entry_weight(entry, region, height, width, x.device, x.dtype)))
+
+        totals = [torch.zeros_like(x) for _ in sides]
+        weights = [torch.zeros((x.shape[0], 1, height, width), device=x.device, dtype=x.dtype) for _ in sides]
+        for group in _groups(work):
+            outputs = self._run_group(group, x, sigma)
+            for item, output in zip(group, outputs):
+                top, left, h, w = item.region
+                totals[item.side][:, :, top: top + h, left: left + w] += output * item.weight
+                weights[item.side][:, :, top: top + h, left: left + w] += item.weight
+        # Where no entry covers a cell (areas/masks that leave gaps) the cell keeps x as its estimate.
+        preds = [torch.where(wt > 0, tot / wt.clamp_min(1e-8), x) for tot, wt in zip(totals, weights)]
+        if self.cfg == 1.0:
+            return preds[0]
+        return preds[1] + self.cfg * (preds[0] - preds[1])
+
+    def _run_group(self, group: list[_Work], x: Tensor, sigma: Tensor) -> list[Tensor]:
+        """One batched U-Net call for entries sharing region and shapes; returns each entry's denoised (B, C, h, w)."""
+        top, left, h, w = group[0].region
+        batch = x.shape[0]
+        x_in = x[:, :, top: top + h, left: left + w]
+        n = len(group)
+        xs = x_in.repeat(n, 1, 1, 1)
+        sigmas = sigma.repeat(n)
+        context = torch.cat([item.entry.context.to(x.device, x.dtype).expand(batch, -1, -1) for item in group])
+        y = None
+        if self.unet.config.adm_in_channels is not None:
+            y = torch.cat([item.entry.y.to(x.device, x.dtype).expand(batch, -1) for item in group])  # type: ignore[union-attr]
+        c_in = ModelSampling.input_scale(sigmas).to(x.dtype).reshape(-1, 1, 1, 1)
+        model_in = xs * c_in
+        if self.concat is not None:
+            extra = self.concat[:, :, top: top + h, left: left + w].to(x.device, x.dtype).repeat(n, 1, 1, 1)
+            model_in = torch.cat([model_in, extra], dim=1)
+        timesteps = self.model_sampling.timestep(sigmas).to(x.device)
+        # The U-Net may run in half precision; the sampler's arithmetic stays in x's dtype.
+        dtype = next(self.unet.parameters()).dtype
+        context = context.to(dtype)
+        y = None if y is None else y.to(dtype)
+        control = self._control(group, (xs * c_in).to(dtype), timesteps, context, y, float(sigma.reshape(-1)[0]),
+                                (top, left, h, w))
+        output = self.unet(model_in.to(dtype), timesteps, context, y, control)
+        self.model_calls += 1
+        denoised = self.model_sampling.denoised(xs, sigmas, output.to(x.dtype))
+        return list(denoised.chunk(n))
+
+    def _in_range(self, start: float, end: float, level: float) -> bool:
+        return self.model_sampling.percent_to_sigma(end) <= level <= self.model_sampling.percent_to_sigma(start)
+
+    def _control(self, group: list[_Work], x_in: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None,
+                 level: float, region: tuple[int, int, int, int]) -> ControlResiduals | None:
+        """Summed residuals of every active ControlNet of the group's entries, one call per ControlNet."""
+        batch = x_in.shape[0] // len(group)
+        users: dict[int, tuple[ControlSpec, list[int]]] = {}
+        for index, item in enumerate(group):
+            for spec in item.entry.control.chain() if item.entry.control is not None else []:
+                if self._in_range(spec.start, spec.end, level):
+                    rows = list(range(index * batch, (index + 1) * batch))
+                    users.setdefault(id(spec), (spec, []))[1].extend(rows)
+        total: ControlResiduals | None = None
+        for spec, rows in users.values():
+            index = torch.tensor(rows, device=x_in.device)
+            hint = self._hint(spec, len(rows), region, x_in)
+            residuals = spec.controlnet(
+                x_in[index], hint, timesteps[index], context[index], None if y is None else y[index], spec.strength
+            )
+            full = _scatter_rows(residuals, index, x_in.shape[0])
+            total = full if total is None else total + full
+        return total
+
+    def _hint(self, spec: ControlSpec, batch: int, region: tuple[int, int, int, int], x_in: Tensor) -> Tensor:
+        top, left, h, w = region
+        # The hint is at the ControlNet's own scale (usually the VAE's 8x, but it is the ControlNet's call).
+        f = spec.controlnet.controlnet_config.hint_downscale
+        hint = spec.hint.to(x_in.device, x_in.dtype)
+        full_h, full_w = h * f, w * f
+        if tuple(hint.shape[-2:]) != (full_h, full_w):
+            hint = F.interpolate(hint, size=(full_h, full_w), mode="bilinear", align_corners=False)
+        if hint.shape[0] != batch:
+            if batch % hint.shape[0]:
+                raise GuidanceError(f"control image batch {hint.shape[0]} does not divide the latent batch {batch}")
+            hint = hint.repeat(batch // hint.shape[0], 1, 1, 1)
+        return hint
+
+
+def _scatter_rows(residuals: ControlResiduals, rows: Tensor, total_rows: int) -> ControlResiduals:
+    """Residuals computed for some rows of a batched call -> zeros elsewhere in the whole batch."""
+
+    def pad(t: Tensor) -> Tensor:
+        return t.new_zeros((total_rows, *t.shape[1:])).index_copy(0, rows, t)
+
+    return ControlResiduals([pad(t) for t in residuals.down], pad(residuals.middle))
+
+
+def _groups(work: list[_Work]) -> list[list[_Work]]:
+    """Entries that can share one U-Net call: same region and same context/vector shapes."""
+    groups: dict[tuple, list[_Work]] = {}
+    for item in work:
+        key = (item.region, tuple(item.entry.context.shape),
+               None if item.entry.y is None else tuple(item.entry.y.shape))
+        groups.setdefault(key, []).append(item)
+    return list(groups.values())
+

@@ -1,0 +1,121 @@
+"""Running a sampler: start noise, img2img and masks, stochastic noise, progress callbacks."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .denoising import apply_noise_mask, masked_denoiser
+from .samplers import SAMPLERS, Denoiser
+from .schedules import ScheduleError
+
+SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
+
+# (step index, number of steps, current x (B, C, h, w), denoised estimate (B, C, h, w))
+ProgressCallback = Callable[[int, int, Tensor, Tensor], None]
+
+
+class SamplingError(ValueError):
+    """A sampling request that cannot run (unknown sampler, mismatched shapes)."""
+
+
+@dataclass(frozen=True)
+class SamplerChoice:
+    """A sampler by name with its options (eta, s_noise, order... as the sampler function takes them)."""
+
+    name: str
+    options: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in SAMPLERS:
+            raise SamplingError(f"unknown sampler {self.name!r}; known: {', '.join(SAMPLER_NAMES)}")
+        accepted = inspect.signature(SAMPLERS[self.name]).parameters
+        unknown = sorted(set(self.options) - set(accepted))
+        if unknown:
+            raise SamplingError(f"sampler {self.name!r} takes no option(s) {unknown}")
+
+    @classmethod
+    def with_supported(cls, name: str, **options: float) -> SamplerChoice:
+        """A choice keeping only the options the sampler takes (eta means nothing to euler, say)."""
+        if name not in SAMPLERS:
+            raise SamplingError(f"unknown sampler {name!r}; known: {', '.join(SAMPLER_NAMES)}")
+        accepted = inspect.signature(SAMPLERS[name]).parameters
+        return cls(name, {key: value for key, value in options.items() if key in accepted})
+
+    @property
+    def stochastic(self) -> bool:
+        return "noise_sampler" in inspect.signature(SAMPLERS[self.name]).parameters
+
+
+def resize_mask(mask: Tensor, batch: int, height: int, width: int) -> Tensor:
+    """mask: (B or 1, 1, H, W) or (B, H, W) -> (batch, 1, height, width), bilinear, values in [0, 1]."""
+    if mask.ndim == 3:
+        mask = mask[:, None]
+    mask = torch.nn.functional.interpolate(mask.float(), size=(height, width), mode="bilinear", align_corners=False)
+    if mask.shape[0] != batch:
+        if batch % mask.shape[0]:
+            raise SamplingError(f"mask batch {mask.shape[0]} does not divide the latent batch {batch}")
+        mask = mask.repeat(batch // mask.shape[0], 1, 1, 1)
+    return mask.clamp(0.0, 1.0)
+
+
+def _cpu_noise_sampler(x: Tensor, generator: torch.Generator) -> Callable[[Tensor, Tensor], Tensor]:
+    def draw(sigma: Tensor, sigma_next: Tensor) -> Tensor:
+        return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+
+    return draw
+
+
+def sample(
+    denoiser: Denoiser,
+    sampler: SamplerChoice,
+    sigmas: Tensor,
+    latent: Tensor,
+    noise: Tensor,
+    *,
+    noise_mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    callback: ProgressCallback | None = None,
+) -> Tensor:
+    """Sample from `latent` (zeros for text-to-image) along `sigmas`.
+
+    latent, noise: (B, C, h, w) on any device; the start is latent + noise * sigmas[0] (img2img
+    starts at the sigma that its denoise strength implies). noise_mask: (B, 1, h, w) with
+    1 = repaint; outside it the result equals `latent`. generator: CPU generator for stochastic
+    samplers' per-step noise. Returns (B, C, h, w) float32 on the CPU.
+    """
+    if latent.shape != noise.shape:
+        raise SamplingError(f"noise shape {tuple(noise.shape)} does not match the latent {tuple(latent.shape)}")
+    if sigmas.ndim != 1:
+        raise SamplingError(f"sigmas must be a 1-D schedule, got shape {tuple(sigmas.shape)}")
+    if sigmas.numel() < 2:
+        return latent.float().cpu()
+    if torch.any(sigmas[:-1] < sigmas[1:]):
+        raise ScheduleError("sigmas must not increase")
+    device = torch.device(device)
+    latent = latent.to(device, torch.float32)
+    noise = noise.to(device, torch.float32)
+    sigmas = sigmas.to(device, torch.float32)
+    model = denoiser
+    if noise_mask is not None:
+        noise_mask = noise_mask.to(device, torch.float32)
+        model = masked_denoiser(denoiser, latent, noise, noise_mask)
+    x = latent + noise * sigmas[0]
+    steps = sigmas.numel() - 1
+
+    def on_step(i: int, x_i: Tensor, denoised: Tensor) -> None:
+        if callback is not None:
+            callback(i, steps, x_i, denoised)
+
+    kwargs: dict[str, object] = dict(sampler.options)
+    if sampler.stochastic:
+        kwargs["noise_sampler"] = _cpu_noise_sampler(x, generator or torch.Generator("cpu").manual_seed(0))
+    result = SAMPLERS[sampler.name](model, x, sigmas, callback=on_step, **kwargs)
+    if noise_mask is not None:
+        result = apply_noise_mask(result, latent, noise_mask)
+    return result.float().cpu()
