@@ -1,4 +1,4 @@
-"""Read LoRA files (kohya, diffusers/PEFT, LoCon) into weight deltas on this library's parameter names, and write kohya files.
+"""Read LoRA files (kohya, diffusers/PEFT, LoCon) as weight deltas on this library's parameter names; write kohya files.
 
 What a LoRA module holds and what it adds to the weight ``W`` it targets:
 
@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -77,7 +77,9 @@ _ROLE_SUFFIXES = (
 # diffusers' attention-processor LoRA: ``<attn>.processor.to_q_lora.down.weight`` patches ``<attn>.to_q``.
 _PROCESSOR_KEY = re.compile(r"^(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 # Other LyCORIS algorithms: recognised so a file using them is refused by name, not half-applied.
-_UNSUPPORTED = re.compile(r"\.(hada_w[12]_[ab]|hada_t[12]|lokr_w[12](_[ab])?|lokr_t2|dora_scale|diff|diff_b|w_norm|b_norm)$")
+_UNSUPPORTED = re.compile(
+    r"\.(hada_w[12]_[ab]|hada_t[12]|lokr_w[12](_[ab])?|lokr_t2|dora_scale|diff|diff_b|w_norm|b_norm)$"
+)
 
 
 class LoraFormatError(CheckpointError):
@@ -122,14 +124,17 @@ class LoraDelta:
         return (out, *self.down.shape[1:])
 
     def fits(self, shape: Sequence[int]) -> bool:
-        """Whether the product can be added to a weight of ``shape`` (same output rows, same size)."""
-        natural = self.natural_shape()
-        return len(shape) > 0 and shape[0] == natural[0] and _numel(shape) == _numel(natural)
+        """Whether the product can be added to a weight of ``shape``: the same shape, up to 1x1
+        kernel dimensions (a linear LoRA on a 1x1 conv, or the reverse)."""
+        return _without_unit_kernel(shape) == _without_unit_kernel(self.natural_shape())
 
     def tensor(
         self, shape: Sequence[int], dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
     ) -> Tensor:
-        """The full delta for a weight of ``shape`` (scale applied, strength not): computed in fp32, returned in ``dtype``."""
+        """The full delta for a weight of ``shape`` (scale applied, strength not).
+
+        Computed in fp32 on ``device``, returned in ``dtype``; raises :class:`LoraShapeError` if it does not fit.
+        """
         if not self.fits(shape):
             raise LoraShapeError(
                 f"LoRA module {self.source!r} makes a {tuple(self.natural_shape())} delta; "
@@ -145,11 +150,9 @@ class LoraDelta:
         return (product * self.scale).reshape(tuple(shape)).to(dtype)
 
 
-def _numel(shape: Sequence[int]) -> int:
-    total = 1
-    for size in shape:
-        total *= int(size)
-    return total
+def _without_unit_kernel(shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(size) for size in shape)
+    return shape[:2] if all(size == 1 for size in shape[2:]) else shape
 
 
 # --------------------------------------------------------------------------- U-Net module names
@@ -321,7 +324,9 @@ def kohya_state_dict(
                 module = _module_of(param)
                 diffusers = names.diffusers_module(module)
                 if diffusers is None:
-                    raise ValueError(f"U-Net parameter {param!r} has no diffusers counterpart, so no kohya {family.value} name")
+                    raise ValueError(
+                        f"U-Net parameter {param!r} has no diffusers counterpart, so no kohya {family.value} name"
+                    )
                 _put(result, "lora_unet_" + _underscored(diffusers), factors, param)
         else:
             for param, factors in unet.items():
@@ -351,3 +356,230 @@ def _put(result: dict[str, Tensor], module: str, factors: LoraFactors, param: st
     result[module + ".lora_up.weight"] = up.detach().contiguous()
     if alpha is not None:
         result[module + ".alpha"] = torch.as_tensor(alpha, dtype=torch.float32).detach().reshape(()).clone()
+
+
+# --------------------------------------------------------------------------- reading LoRA files
+
+
+@dataclass(frozen=True, eq=False)
+class _LoraModule:
+    """One module of a file: which section of the model it belongs to and its factors."""
+
+    section: str  # "unet", "te", "te1", "te2"
+    name: str  # the module path below its section, dots as underscores
+    delta: LoraDelta
+
+
+@dataclass(frozen=True, eq=False)
+class LoraFile:
+    """A parsed LoRA: its modules by their names in the file, matched to a model by :meth:`deltas`.
+
+    ignored_keys: entries that belong to no LoRA module (training extras such as embeddings); they
+    are logged when the file is read and otherwise left alone.
+    """
+
+    path: str
+    modules: Mapping[str, _LoraModule]
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    ignored_keys: tuple[str, ...] = ()
+
+    @classmethod
+    def from_state_dict(
+        cls, state_dict: Mapping[str, Tensor], path: str | os.PathLike[str] = "<state dict>",
+        metadata: Mapping[str, str] | None = None,
+    ) -> LoraFile:
+        """Parse LoRA tensors already in memory (what :func:`kohya_state_dict` returns, or a file's contents).
+
+        Raises :class:`LoraFormatError` naming ``path`` when the tensors are not a usable LoRA.
+        """
+        path = str(path)
+        factors: dict[str, dict[str, Tensor]] = {}
+        ignored: list[str] = []
+        for key, tensor in state_dict.items():
+            if _UNSUPPORTED.search(key):
+                raise LoraFormatError(
+                    path, f"key {key!r} belongs to a LyCORIS/DoRA variant that is not supported; "
+                    "supported: LoRA and LoCon (lora_down/lora_up[/lora_mid], lora_A/lora_B)"
+                )
+            split = _split_key(key)
+            if split is None:
+                ignored.append(key)
+                continue
+            module, role = split
+            if role in factors.setdefault(module, {}):
+                raise LoraFormatError(path, f"module {module!r} has its {role} factor twice (key {key!r})")
+            factors[module][role] = tensor
+        modules: dict[str, _LoraModule] = {}
+        for source, parts in factors.items():
+            section = _section(source)
+            if section is None:
+                ignored.extend(f"{source} ({role})" for role in parts)
+                continue
+            modules[source] = _LoraModule(section[0], section[1], _delta(path, source, parts))
+        if not modules:
+            shown = ", ".join(repr(k) for k in list(state_dict)[:5]) + (", ..." if len(state_dict) > 5 else "")
+            raise LoraFormatError(
+                path, f"no LoRA modules found among its {len(state_dict)} keys ({shown}); "
+                "expected kohya (lora_unet_*/lora_te*_* with lora_down/lora_up) or diffusers/PEFT "
+                "(unet.*/text_encoder*.* with lora_A/lora_B) keys"
+            )
+        if ignored:
+            logger.warning("%s: %d keys are not LoRA factors and are ignored (first: %s)",
+                           path, len(ignored), ignored[0])
+        return cls(path, modules, dict(metadata or {}), tuple(ignored))
+
+    @property
+    def module_names(self) -> list[str]:
+        """Every LoRA module in the file, by its name there (``lora_unet_..._to_q``, ``unet.down_blocks...to_q``)."""
+        return list(self.modules)
+
+    def deltas(
+        self, target: str, params: Mapping[str, Tensor | Sequence[int]] | Collection[str]
+    ) -> tuple[dict[str, LoraDelta], list[str]]:
+        """Match the file's modules for ``target`` to a model's parameters.
+
+        target: ``unet`` or a text-encoder slot (``clip_l``, ``clip_h``, ``clip_g``).
+        params: the model's parameter names, or better its state dict / name -> shape mapping, so
+        that a module whose product has another shape (a LoRA for another architecture with the
+        same layer names) counts as unmatched instead of failing when applied.
+        Returns (parameter name -> delta, names of the file's modules for ``target`` that match nothing).
+        """
+        if target not in _SECTIONS_BY_TARGET:
+            raise ValueError(f"unknown LoRA target {target!r}; expected one of {', '.join(TARGETS)}")
+        sections = _SECTIONS_BY_TARGET[target]
+        shapes = _shapes_of(params) if isinstance(params, Mapping) else None
+        names = list(params)
+        resolve = _unet_resolver(names) if target == "unet" else _text_resolver(names)
+        matched: dict[str, LoraDelta] = {}
+        unmatched: list[str] = []
+        for source, module in self.modules.items():
+            if module.section not in sections:
+                continue
+            param = resolve(module.name)
+            if param is None or (shapes is not None and not module.delta.fits(shapes[param])):
+                unmatched.append(source)
+                continue
+            if param in matched:
+                raise LoraFormatError(
+                    self.path,
+                    f"modules {matched[param].source!r} and {source!r} both patch {target} parameter {param!r}",
+                )
+            matched[param] = module.delta
+        if unmatched:
+            logger.info("%s: %d of %d %s modules match no parameter (first: %s)", self.path, len(unmatched),
+                        len(unmatched) + len(matched), target, unmatched[0])
+        return matched, unmatched
+
+
+def load_lora(path: str | os.PathLike[str]) -> LoraFile:
+    """Read a LoRA file: ``.safetensors``, or ``.pt``/``.ckpt``/... through ``torch.load(weights_only=True)``.
+
+    Raises :class:`LoraFormatError` naming the file when it cannot be read or holds no usable LoRA.
+    """
+    try:
+        weights = open_weights(Path(path))
+        tensors = {name: weights.tensor(name) for name in weights.shapes()}
+    except LoraFormatError:
+        raise
+    except CheckpointError as error:
+        raise LoraFormatError(error.path, error.problem) from None
+    return LoraFile.from_state_dict(tensors, path, weights.metadata)
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    """key -> (module name in the file, factor role), None for a key that is no LoRA factor."""
+    match = _PROCESSOR_KEY.match(key)
+    if match:
+        owner, layer, role = match.groups()
+        # diffusers' attention output projection is a ModuleList whose first entry is the linear layer.
+        return f"{owner}.{'to_out.0' if layer == 'to_out' else layer}", role
+    for suffix, role in _ROLE_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
+def _section(source: str) -> tuple[str, str] | None:
+    """module name in the file -> (model section, underscored module path below it)."""
+    for prefix, section in _KOHYA_PREFIXES.items():
+        if source.startswith(prefix):
+            return section, source[len(prefix):]
+    for prefix, section in _DIFFUSERS_PREFIXES.items():
+        if source.startswith(prefix):
+            return section, _underscored(source[len(prefix):])
+    if source.startswith(_BARE_UNET_STARTS):
+        return "unet", _underscored(source)
+    return None
+
+
+def _delta(path: str, source: str, parts: Mapping[str, Tensor]) -> LoraDelta:
+    missing = [role for role in ("down", "up") if role not in parts]
+    if missing:
+        raise LoraFormatError(path, f"module {source!r} lacks its {' and '.join(missing)} factor")
+    down, up, mid = parts["down"], parts["up"], parts.get("mid")
+    for role, tensor in parts.items():
+        if role != "alpha" and not tensor.is_floating_point():
+            raise LoraFormatError(
+                path, f"module {source!r}: {role} factor has dtype {tensor.dtype}, expected a float type"
+            )
+    if down.ndim not in (2, 4) or up.ndim not in (2, 4) or any(size != 1 for size in up.shape[2:]):
+        raise LoraFormatError(
+            path, f"module {source!r}: down {tuple(down.shape)} / up {tuple(up.shape)} are not LoRA factors "
+            "(expected down (r, in) or (r, in, kh, kw) and up (out, r) or (out, r, 1, 1))"
+        )
+    rank = down.shape[0]
+    if mid is None:
+        if up.shape[1] != rank:
+            raise LoraFormatError(path, f"module {source!r}: down has rank {rank}, up has rank {up.shape[1]}")
+    elif (mid.ndim != 4 or mid.shape[0] != up.shape[1] or mid.shape[1] != rank or down.ndim != 4
+          or any(size != 1 for size in down.shape[2:])):
+        raise LoraFormatError(
+            path, f"module {source!r}: lora_mid {tuple(mid.shape)} does not join down {tuple(down.shape)} "
+            f"and up {tuple(up.shape)} (expected down (r, in, 1, 1), mid (r, r, kh, kw), up (out, r, 1, 1))"
+        )
+    alpha = None
+    if "alpha" in parts:
+        if parts["alpha"].numel() != 1:
+            raise LoraFormatError(
+                path, f"module {source!r}: alpha has shape {tuple(parts['alpha'].shape)}, expected a scalar"
+            )
+        alpha = float(parts["alpha"].item())
+    return LoraDelta(source, down, up, mid, alpha)
+
+
+def _shapes_of(params: Mapping[str, Tensor | Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(value.shape) if isinstance(value, Tensor) else tuple(value) for name, value in params.items()}
+
+
+def _weight_index(names: Collection[str]) -> dict[str, str]:
+    """underscored module path -> its ``.weight`` parameter name."""
+    return {_underscored(name[: -len(".weight")]): name for name in names if name.endswith(".weight")}
+
+
+def _text_resolver(names: Collection[str]) -> Callable[[str], str | None]:
+    return _weight_index(names).get
+
+
+@lru_cache(maxsize=16)
+def _underscored_table(layout: unet_module.DiffusersUNetLayout, levels: int) -> dict[str, str]:
+    return _probed(layout, levels).underscored_to_ldm()
+
+
+def _unet_resolver(names: Collection[str]) -> Callable[[str], str | None]:
+    """A function from an underscored module path (LDM or diffusers naming) to our U-Net parameter name."""
+    index = _weight_index(names)
+    found = _layout_of_names(names)
+    table = _underscored_table(*found) if found else {}
+
+    def resolve(name: str) -> str | None:
+        if name in index:
+            return index[name]
+        if name in table:
+            return index.get(_underscored(table[name]))
+        # An attention-block prefix ends at an underscore; what follows keeps its name in LDM.
+        for position, char in enumerate(name):
+            if char == "_" and name[: position + 1] in table:
+                return index.get(_underscored(table[name[: position + 1]]) + name[position + 1:])
+        return None
+
+    return resolve

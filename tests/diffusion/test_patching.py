@@ -1,0 +1,164 @@
+"""Tests for nodegraph_diffusion.patching: weights patched inside the block, restored bit for bit after it (also on errors), strength 0 is no patch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from nodegraph_diffusion.lora import LoraDelta
+from nodegraph_diffusion.patching import PatchError, WeightPatches, patched
+from nodegraph_diffusion.text_encoder import CLIPTextEncoder, TextEncoderConfig
+from nodegraph_diffusion.unet import UNet
+
+from _random_weights import randomize_
+from _unet_fixtures import TINY_SD1, unet_inputs
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 5)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.untouched = nn.Linear(5, 5)
+
+    def forward(self, x: Tensor, image: Tensor) -> tuple[Tensor, Tensor]:
+        return self.untouched(self.proj(x)), self.conv(image)
+
+
+def random_delta(source: str, shape: tuple[int, ...], rank: int = 2, seed: int = 0, alpha: float | None = 1.0) -> LoraDelta:
+    generator = torch.Generator().manual_seed(seed)
+    down = torch.randn((rank, *shape[1:]), generator=generator)
+    up = torch.randn((shape[0], rank, *([1, 1] if len(shape) == 4 else [])), generator=generator)
+    return LoraDelta(source, down, up, alpha=alpha)
+
+
+def tiny_deltas(seed: int = 0) -> dict[str, LoraDelta]:
+    return {"proj.weight": random_delta("proj", (5, 6), seed=seed),
+            "conv.weight": random_delta("conv", (4, 3, 3, 3), seed=seed + 1)}
+
+
+def snapshot(module: nn.Module) -> dict[str, Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def assert_bit_identical(module: nn.Module, before: dict[str, Tensor]) -> None:
+    for name, param in module.named_parameters():
+        assert param.dtype == before[name].dtype and torch.equal(param, before[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_patch_adds_strength_times_delta_and_unpatch_restores_bit_identical(dtype):
+    module = Tiny().to(dtype)
+    before = snapshot(module)
+    params_before = {name: p for name, p in module.named_parameters()}
+    deltas = tiny_deltas()
+    with patched(module, [(deltas, 0.8)]) as same:
+        assert same is module
+        for name, delta in deltas.items():
+            base = before[name]
+            want = (base.float() + 0.8 * delta.tensor(base.shape, torch.float32, "cpu")).to(dtype)
+            assert torch.equal(module.get_parameter(name), want), name
+        assert torch.equal(module.untouched.weight, before["untouched.weight"])
+    assert_bit_identical(module, before)
+    # In place: the module keeps its Parameter objects (optimizers, hooks and offloaders hold them).
+    assert all(p is params_before[name] for name, p in module.named_parameters())
+
+
+def test_patches_stack_as_a_sum():
+    module = Tiny()
+    before = snapshot(module)
+    first, second = tiny_deltas(seed=0), {"proj.weight": random_delta("proj2", (5, 6), seed=7)}
+    with patched(module, WeightPatches().plus(first, 1.5).plus(second, -0.5)):
+        proj = module.proj.weight.detach().clone()
+    want = (before["proj.weight"] + 1.5 * first["proj.weight"].tensor((5, 6), torch.float32, "cpu")
+            - 0.5 * second["proj.weight"].tensor((5, 6), torch.float32, "cpu"))
+    assert (proj - want).abs().max() <= 1e-6
+    assert_bit_identical(module, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_strength_zero_is_no_lora(dtype):
+    module = Tiny().to(dtype)
+    before = snapshot(module)
+    x, image = torch.randn(2, 6).to(dtype), torch.randn(1, 3, 5, 5).to(dtype)
+    without = module(x, image)
+    with patched(module, [(tiny_deltas(), 0.0)]):
+        assert_bit_identical(module, before)
+        with_zero = module(x, image)
+    assert all(torch.equal(a, b) for a, b in zip(without, with_zero))
+
+
+def test_error_inside_the_block_restores_the_weights():
+    module = Tiny().half()
+    before = snapshot(module)
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        with patched(module, [(tiny_deltas(), 1.0)]):
+            assert not torch.equal(module.proj.weight, before["proj.weight"])
+            raise RuntimeError("sampling failed")
+    assert_bit_identical(module, before)
+
+
+def test_bad_patch_leaves_the_module_untouched():
+    module = Tiny()
+    before = snapshot(module)
+    wrong_name = {"proj.weight": random_delta("ok", (5, 6)), "missing.weight": random_delta("lora_unet_x", (5, 6))}
+    with pytest.raises(PatchError, match="lora_unet_x.*missing.weight"):
+        with patched(module, [(wrong_name, 1.0)]):
+            pass
+    wrong_shape = {"proj.weight": random_delta("ok", (5, 6)), "conv.weight": random_delta("too_small", (4, 2, 3, 3))}
+    with pytest.raises(ValueError, match="too_small"):
+        with patched(module, [(wrong_shape, 1.0)]):
+            pass
+    with pytest.raises(PatchError, match="finite"):
+        with patched(module, [(tiny_deltas(), float("nan"))]):
+            pass
+    assert_bit_identical(module, before)
+
+
+def test_nested_blocks_unwind_in_order_and_backups_can_wait_on_cpu():
+    module = Tiny()
+    before = snapshot(module)
+    with patched(module, [(tiny_deltas(0), 1.0)], backup_device="cpu"):
+        once = snapshot(module)
+        with patched(module, [(tiny_deltas(5), 1.0)]):
+            assert not torch.equal(module.proj.weight, once["proj.weight"])
+        assert_bit_identical(module, once)
+    assert_bit_identical(module, before)
+
+
+def test_weight_patches_are_immutable_values():
+    base = WeightPatches()
+    with_lora = base.plus(tiny_deltas(), 1.0)
+    assert len(base) == 0 and len(with_lora) == 1
+    with pytest.raises(AttributeError):
+        with_lora.entries = ()  # type: ignore[misc]
+
+
+def test_two_graphs_share_one_unet_and_the_one_without_lora_sees_base_weights():
+    unet = randomize_(UNet(TINY_SD1), seed=3)
+    before = snapshot(unet)
+    inputs = unet_inputs(TINY_SD1, batch=1, height=8, width=8)
+    x, t, context = inputs["x"], inputs["timesteps"], inputs["context"]
+    with torch.no_grad():
+        base_out = unet(x, t, context)
+        name = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+        deltas = {name: random_delta("to_k", tuple(before[name].shape), seed=4)}
+        with patched(unet, WeightPatches().plus(deltas, 1.0)):
+            lora_out = unet(x, t, context)
+        again = unet(x, t, context)
+    assert (lora_out - base_out).abs().max() > 1e-4
+    assert torch.equal(again, base_out)
+    assert_bit_identical(unet, before)
+
+
+def test_fp16_text_encoder_unpatch_is_bit_identical():
+    config = TextEncoderConfig(vocab_size=64, width=32, layers=2, heads=2, intermediate_size=48, eos_token_id=63)
+    encoder = randomize_(CLIPTextEncoder(config), seed=5).half()
+    before = snapshot(encoder)
+    deltas = {name: random_delta(name, tuple(p.shape), seed=i)
+              for i, (name, p) in enumerate(before.items()) if name.endswith("proj.weight")}
+    assert len(deltas) == 8
+    with patched(encoder, [(deltas, 0.3)]):
+        assert sum(not torch.equal(encoder.get_parameter(n), before[n]) for n in deltas) == len(deltas)
+    assert_bit_identical(encoder, before)
