@@ -82,6 +82,14 @@ _UNSUPPORTED = re.compile(
 )
 
 
+# Prefixes of metadata values naming the base model (ModelSpec architecture ids, kohya's version names).
+_FAMILY_MARKERS = (
+    ("stable-diffusion-xl", "sdxl"), ("sdxl", "sdxl"),
+    ("stable-diffusion-v2", "sd2"), ("sd_v2", "sd2"),
+    ("stable-diffusion-v1", "sd1"), ("sd_v1", "sd1"),
+)
+
+
 class LoraFormatError(CheckpointError):
     """A LoRA file that cannot be used; the message names the file and what is wrong with it."""
 
@@ -427,6 +435,22 @@ class LoraFile:
             logger.warning("%s: %d keys are not LoRA factors and are ignored (first: %s)",
                            path, len(ignored), ignored[0])
         return cls(path, modules, dict(metadata or {}), tuple(ignored))
+
+    @property
+    def family(self) -> str | None:
+        """The model family the LoRA was made for ("sd1", "sd2", "sdxl"), None when the file does not say.
+
+        From the training tools' metadata (``modelspec.architecture``, kohya's ``ss_base_model_version``),
+        else from its sections: only SDXL LoRAs have two text encoders. Name matching cannot always
+        tell: SD1 and SDXL share many layer names and some shapes (their CLIP-L is the same model).
+        """
+        for key in ("modelspec.architecture", "ss_base_model_version"):
+            value = self.metadata.get(key, "").lower()
+            for marker, family in _FAMILY_MARKERS:
+                if value.startswith(marker):
+                    return family
+        sections = {module.section for module in self.modules.values()}
+        return "sdxl" if sections & {"te1", "te2"} else None
 
     @property
     def module_names(self) -> list[str]:

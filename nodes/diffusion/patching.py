@@ -56,13 +56,12 @@ class WeightPatches:
 
 
 def _contributions(
-    module: nn.Module, patches: WeightPatches | Iterable[Patch]
+    module: nn.Module, params: Mapping[str, nn.Parameter], patches: WeightPatches | Iterable[Patch]
 ) -> dict[str, list[tuple[WeightDelta, float]]]:
     """parameter name -> its (delta, strength) contributions, strength-0 ones left out.
 
     Raises :class:`PatchError` for a parameter the module does not have or a strength that is not finite.
     """
-    params = dict(module.named_parameters())
     contributions: dict[str, list[tuple[WeightDelta, float]]] = {}
     for deltas, strength in patches:
         if not math.isfinite(strength):
@@ -92,8 +91,8 @@ def patched(
     parameter's dtype. backup_device: where the copies of the original weights wait (default: the
     parameter's own device; "cpu" saves accelerator memory at the price of two transfers).
     """
-    contributions = _contributions(module, patches)
     params = dict(module.named_parameters())
+    contributions = _contributions(module, params, patches)
     backups: dict[str, Tensor] = {}
     try:
         with torch.no_grad():

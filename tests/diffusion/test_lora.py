@@ -346,6 +346,20 @@ def test_sdxl_lora_on_sd1_model_reports_every_unet_module_unmatched(sdxl_unet, s
             delta.tensor(shapes[param], torch.float32, "cpu")
 
 
+def test_family_from_metadata_or_from_the_two_text_encoders(tmp_path):
+    text = lora_factors(shapes_of(CLIPTextEncoder(CLIP_L)), TEXT_PARAMS[:1])
+    sd1_dict = kohya_state_dict({}, {"clip_l": text}, "sd1")
+    assert LoraFile.from_state_dict(sd1_dict).family is None
+    assert LoraFile.from_state_dict(kohya_state_dict({}, {"clip_g": text}, "sdxl")).family == "sdxl"
+    for metadata, family in (({"ss_base_model_version": "sd_v1"}, "sd1"),
+                             ({"ss_base_model_version": "sdxl_base_v1-0"}, "sdxl"),
+                             ({"modelspec.architecture": "stable-diffusion-v2-768-v/lora"}, "sd2"),
+                             ({"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}, "sdxl")):
+        path = tmp_path / "with_metadata.safetensors"
+        save_file(sd1_dict, str(path), metadata=metadata)
+        assert load_lora(path).family == family, metadata
+
+
 def test_text_encoder_slots_take_their_own_sections():
     text = lora_factors(shapes_of(CLIPTextEncoder(CLIP_L)), TEXT_PARAMS)
     names = list(shapes_of(CLIPTextEncoder(CLIP_L)))
