@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 from . import events as ev
+from .event_json import event_json
 from .events import Event
 from .executor import Executor, RunResult
 from .node import CancelToken
@@ -111,14 +113,6 @@ class ProgressDisplay:
             self._end_line()
 
 
-def _event_json(event: Event) -> dict[str, Any]:
-    data = event.to_json()
-    if event.type == ev.NODE_PREVIEW:
-        image = data.pop("image", None)
-        data["image_size"] = list(getattr(image, "size", ()))
-    return data
-
-
 def _run_result_json(result: RunResult) -> dict[str, Any]:
     return {"run_id": result.run_id, "status": result.status, "seconds": result.seconds, "files": result.files,
             "executed": result.executed, "cached": result.cached,
@@ -149,7 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     if args.json:
-        sink = lambda event: print(json.dumps(_event_json(event)), flush=True)  # noqa: E731
+        sink = lambda event: print(json.dumps(event_json(event)), flush=True)  # noqa: E731
     else:
         sink = ProgressDisplay(sys.stderr, live=sys.stderr.isatty())
     try:
@@ -220,12 +214,22 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve  # aiohttp is needed only here
+    from .server import LOOPBACK_NAMES, new_token, serve  # aiohttp is needed only here
 
     registry, problems = build_registry(args.nodes_dir or [DEFAULT_NODES_DIR])
     _print_problems(problems)
-    print(f"serving on http://{args.host}:{args.port}", file=sys.stderr)
-    serve(registry, args.db, host=args.host, port=args.port, output_dir=args.output_dir, device=args.device)
+    beyond_loopback = args.listen not in LOOPBACK_NAMES
+    token = args.token or os.environ.get("NODEGRAPH_TOKEN") or (new_token() if beyond_loopback else None)
+    shown_host = f"[{args.listen}]" if ":" in args.listen else args.listen
+    address = f"http://{shown_host}:{args.port}/"
+    if token is not None:
+        address += f"?token={token}"
+        if beyond_loopback:
+            print("serving beyond this machine: every request needs the access token", file=sys.stderr)
+    print(f"serving on {address}", file=sys.stderr)
+    serve(registry, args.db, host=args.listen, port=args.port, output_dir=args.output_dir, device=args.device,
+          token=token, inputs_dir=args.inputs_dir, workflows_dir=args.workflows_dir,
+          **({"editor_dir": args.editor_dir} if args.editor_dir else {}))
     return EXIT_OK
 
 
@@ -262,10 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(handler=cmd_schema)
 
     serve = with_nodes_dir(sub.add_parser("serve", help="run the HTTP/WebSocket API server"))
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    serve.add_argument("--listen", "--host", dest="listen", default="127.0.0.1", metavar="ADDRESS",
+                       help="address to listen on (default 127.0.0.1, this machine only; any other address "
+                            "requires an access token)")
     serve.add_argument("--port", type=int, default=8188)
+    serve.add_argument("--token", help="access token (default: $NODEGRAPH_TOKEN, or generated and printed when "
+                                       "listening beyond this machine)")
     serve.add_argument("--db", type=Path, default=Path("nodegraph-runs.sqlite"), help="run queue and history database")
     serve.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where output files go (default outputs/)")
+    serve.add_argument("--inputs-dir", type=Path, default=Path("inputs"), help="where uploaded images go (default inputs/)")
+    serve.add_argument("--workflows-dir", type=Path, default=Path("workflows"),
+                       help="saved workflows the editor lists (default workflows/)")
+    serve.add_argument("--editor-dir", type=Path, help="the built editor to serve (default: web/dist of this checkout)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     serve.set_defaults(handler=cmd_serve)
 

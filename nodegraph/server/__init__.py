@@ -1,6 +1,9 @@
-"""The HTTP/WebSocket server: a persistent run queue behind a local JSON API."""
+"""The HTTP/WebSocket server: a persistent run queue behind a local JSON API, and the editor."""
 
+from .access import LOOPBACK_NAMES, new_token
 from .app import DEFAULT_HOST, DEFAULT_PORT, MAX_BODY_BYTES, create_app, serve
-from .queue import RunQueue, RunStore, UnknownRun
+from .openapi import openapi_document
+from .queue import NotQueued, RunQueue, RunStore, UnknownRun
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "MAX_BODY_BYTES", "RunQueue", "RunStore", "UnknownRun", "create_app", "serve"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "LOOPBACK_NAMES", "MAX_BODY_BYTES", "NotQueued", "RunQueue", "RunStore", "UnknownRun",
+           "create_app", "new_token", "openapi_document", "serve"]

@@ -1,66 +1,56 @@
-"""The HTTP/WebSocket API: routes over the run queue, the node catalogue and the event stream."""
+"""The HTTP/WebSocket API: routes over the run queue, the node catalogue, files and the event stream."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import mimetypes
 import weakref
 from pathlib import Path
-from typing import Any, Awaitable, Callable
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import quote, unquote
 
 from aiohttp import WSMsgType, web
 
-from .. import events as ev
 from ..cache import OutputCache
+from ..event_json import event_json
 from ..events import Event
 from ..executor import Executor
+from ..files import atomic_write
 from ..registry import NodeRegistry
 from ..validation import WorkflowInvalid
-from .queue import FINISHED, RunQueue, RunStore, UnknownRun
+from .access import (LOOPBACK_NAMES, Handler, error_response, loopback_host_only, same_origin_only,
+                     token_required)
+from .folders import (IMAGE_SUFFIXES, MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, NotAFile, PathRefused, ServedFolder,
+                      UploadRefused, check_image, safe_file_name, store_upload)
+from .openapi import openapi_document
+from .queue import FINISHED, QUEUE_CHANGED, NotQueued, RunQueue, RunStore, UnknownRun
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8188
 MAX_BODY_BYTES = 32 * 1024 * 1024
+EDITOR_DIR = Path(__file__).resolve().parents[2] / "web" / "dist"
+"""Where `npm run build` in web/ puts the editor (the repository layout of an editable install)."""
+
+# File types a browser could run as a page of this origin are sent as downloads, never shown.
+_ACTIVE_CONTENT = frozenset({"text/html", "image/svg+xml", "application/xhtml+xml", "text/xml", "application/xml",
+                             "text/javascript", "application/javascript"})
+_EDITOR_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+               "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 QUEUE_KEY = web.AppKey("queue", RunQueue)
 SOCKETS_KEY = web.AppKey("sockets", weakref.WeakSet)
 REGISTRY_KEY = web.AppKey("registry", NodeRegistry)
 BROADCASTER_KEY = web.AppKey("broadcaster", asyncio.Task)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _error(status: int, code: str, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": code, "message": message, **extra}, status=status)
+FOLDERS_KEY = web.AppKey("folders", dict)
+LIMITS_KEY = web.AppKey("limits", dict)
 
 
-@web.middleware
-async def same_origin_only(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse browser requests from other sites: a page elsewhere must not drive a local server."""
-    origin = request.headers.get("Origin")
-    if origin is not None and urlsplit(origin).netloc.lower() != request.host.lower():
-        log.warning("refused %s %s from origin %s", request.method, request.path, origin)
-        return _error(403, "forbidden_origin", f"requests from origin {origin!r} are not allowed; "
-                                               f"only pages served by {request.host} may use this API")
-    return await handler(request)
-
-
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
-@web.middleware
-async def loopback_host_only(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse Host names other than loopback ones: defeats DNS rebinding, where a foreign site's
-    own name resolves to 127.0.0.1 and its pages would then pass the same-origin check."""
-    hostname = urlsplit(f"//{request.host}").hostname or ""
-    if hostname not in LOOPBACK_NAMES:
-        log.warning("refused %s %s for host %s", request.method, request.path, request.host)
-        return _error(403, "forbidden_host", f"host {request.host!r} is not served; use localhost or 127.0.0.1")
-    return await handler(request)
+class BadRequest(Exception):
+    """A request the client must change: turned into a 400 response with this message."""
 
 
 @web.middleware
@@ -68,7 +58,18 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         return await handler(request)
     except web.HTTPRequestEntityTooLarge as error:
-        return _error(413, "body_too_large", error.text or "request body too large")
+        return error_response(413, "body_too_large", error.text or "request body too large")
+    except BadRequest as error:
+        return error_response(400, "bad_request", str(error))
+
+
+@web.middleware
+async def no_sniffing(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await handler(request)
+    if not response.prepared:
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+    return response
 
 
 async def _read_json(request: web.Request) -> Any:
@@ -79,39 +80,58 @@ async def _read_json(request: web.Request) -> Any:
                                  content_type="application/json") from None
 
 
-def _run_summary(run: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in run.items() if key not in ("workflow", "seq")}
+# -- runs and the queue --
+
+def _add_file_urls(outputs: ServedFolder, data: dict[str, Any]) -> dict[str, Any]:
+    """Beside each `files` list (of the run, and of each node), `file_urls`: their download
+    addresses, None for a file outside the output folder."""
+    holders = [data, *(data["nodes"].values() if isinstance(data.get("nodes"), dict) else ())]
+    for holder in holders:
+        if isinstance(holder.get("files"), list):
+            relatives = [outputs.relative(path) for path in holder["files"]]
+            holder["file_urls"] = [None if rel is None else f"/api/files/outputs/{quote(rel)}" for rel in relatives]
+    return data
+
+
+def _with_file_urls(request: web.Request, data: dict[str, Any]) -> dict[str, Any]:
+    return _add_file_urls(request.app[FOLDERS_KEY]["outputs"], data)
 
 
 async def submit_run(request: web.Request) -> web.Response:
     body = await _read_json(request)
     if not isinstance(body, dict) or not isinstance(body.get("workflow"), dict):
-        return _error(400, "bad_request", 'expected {"workflow": {...}, "outputs": [node ids] (optional)}')
+        raise BadRequest('expected {"workflow": {...}, "outputs": [node ids] (optional)}')
     outputs = body.get("outputs")
     if outputs is not None and not (isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)):
-        return _error(400, "bad_request", '"outputs" must be a list of node ids')
+        raise BadRequest('"outputs" must be a list of node ids')
     queue = request.app[QUEUE_KEY]
     try:
         run_id = await asyncio.to_thread(queue.submit, body["workflow"], outputs)
     except WorkflowInvalid as invalid:
-        return web.json_response({"error": "invalid_workflow", "issues": [i.to_json() for i in invalid.issues]},
-                                 status=400)
+        return web.json_response({"error": "invalid_workflow", "message": str(invalid),
+                                  "issues": [i.to_json() for i in invalid.issues]}, status=400)
     return web.json_response({"id": run_id, "status": "queued"}, status=201)
 
 
 async def list_runs(request: web.Request) -> web.Response:
+    queue = request.app[QUEUE_KEY]
     status = request.query.get("status")
-    runs = request.app[QUEUE_KEY].list(status)
-    return web.json_response({"runs": [_run_summary(run) for run in runs], "paused": request.app[QUEUE_KEY].paused})
+    limit_text = request.query.get("limit")
+    runs = await asyncio.to_thread(queue.list, status)
+    if limit_text is not None:
+        if not limit_text.isdigit():
+            raise BadRequest(f"limit must be a whole number, got {limit_text!r}")
+        runs = runs[-int(limit_text):] if int(limit_text) else []
+    summaries = [_with_file_urls(request, {k: v for k, v in run.items() if k != "workflow"}) for run in runs]
+    return web.json_response({"runs": summaries, **queue.snapshot()})
 
 
 async def get_run(request: web.Request) -> web.Response:
     try:
         run = request.app[QUEUE_KEY].get(request.match_info["run_id"])
     except UnknownRun as error:
-        return _error(404, "unknown_run", str(error))
-    run.pop("seq")
-    return web.json_response(run)
+        return error_response(404, "unknown_run", str(error))
+    return web.json_response(_with_file_urls(request, run))
 
 
 async def cancel_run(request: web.Request) -> web.Response:
@@ -119,10 +139,26 @@ async def cancel_run(request: web.Request) -> web.Response:
     try:
         status = request.app[QUEUE_KEY].cancel(run_id)
     except UnknownRun as error:
-        return _error(404, "unknown_run", str(error))
+        return error_response(404, "unknown_run", str(error))
     if status in FINISHED and status != "cancelled":
-        return _error(409, "run_finished", f"run {run_id} already ended: {status}", status=status)
+        return error_response(409, "run_finished", f"run {run_id} already ended: {status}", status=status)
     return web.json_response({"id": run_id, "status": status, "cancel_requested": True})
+
+
+async def get_queue(request: web.Request) -> web.Response:
+    return web.json_response(request.app[QUEUE_KEY].snapshot())
+
+
+async def reorder_queue(request: web.Request) -> web.Response:
+    body = await _read_json(request)
+    order = body.get("order") if isinstance(body, dict) else None
+    if not (isinstance(order, list) and all(isinstance(run_id, str) for run_id in order)):
+        raise BadRequest('expected {"order": [run ids, first to run first]}')
+    try:
+        new_order = request.app[QUEUE_KEY].reorder(order)
+    except NotQueued as error:
+        return error_response(409, "not_queued", str(error), run_ids=error.run_ids)
+    return web.json_response({"queued": new_order})
 
 
 async def clear_queue(request: web.Request) -> web.Response:
@@ -139,20 +175,160 @@ async def resume_queue(request: web.Request) -> web.Response:
     return web.json_response({"paused": False})
 
 
+# -- the catalogue --
+
 async def node_catalogue(request: web.Request) -> web.Response:
-    catalogue = request.app[REGISTRY_KEY].catalogue()
+    # Choices can list folders (models, inputs): build off the loop.
+    catalogue = await asyncio.to_thread(request.app[REGISTRY_KEY].catalogue)
     return web.json_response(text=json.dumps(catalogue, default=str))
+
+
+async def model_lists(request: web.Request) -> web.Response:
+    """The files each model folder offers, gathered from the inputs that pick from a folder."""
+    catalogue = await asyncio.to_thread(request.app[REGISTRY_KEY].catalogue)
+    folders: dict[str, list[Any]] = {}
+    for node in catalogue["nodes"].values():
+        for spec in node["inputs"].values():
+            if spec.get("choices_kind"):
+                folders[spec["choices_kind"]] = spec.get("choices", [])
+    return web.json_response({"folders": folders})
 
 
 async def health(request: web.Request) -> web.Response:
     queue = request.app[QUEUE_KEY]
-    return web.json_response({"ok": True, "paused": queue.paused, "queued": len(queue.list("queued"))})
+    return web.json_response({"ok": True, "paused": queue.paused, "queued": len(queue.store.queued_ids())})
 
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+# -- files --
+
+def _folder(request: web.Request) -> ServedFolder:
+    folder = request.app[FOLDERS_KEY].get(request.match_info["folder"])
+    if folder is None or folder.name == "workflows":
+        raise web.HTTPNotFound(text=json.dumps({"error": "unknown_folder", "message":
+                               f"no folder {request.match_info['folder']!r}; expected inputs or outputs"}),
+                               content_type="application/json")
+    return folder
+
+
+async def list_files(request: web.Request) -> web.Response:
+    folder = _folder(request)
+    suffixes = IMAGE_SUFFIXES if request.query.get("images") == "1" else None
+    files = await asyncio.to_thread(folder.list, suffixes)
+    for item in files:
+        item["url"] = f"/api/files/{folder.name}/{quote(str(item['name']))}"
+    return web.json_response({"folder": folder.name, "files": files})
+
+
+async def download_file(request: web.Request) -> web.StreamResponse:
+    folder = _folder(request)
+    relative = request.match_info["path"]
+    try:
+        path = folder.resolve(relative)
+    except PathRefused as error:
+        log.warning("refused file request: %s", error)
+        return error_response(403, "path_refused", str(error))
+    except NotAFile as error:
+        return error_response(404, "no_such_file", str(error))
+    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    headers = {"Cache-Control": "no-cache"}
+    if content_type in _ACTIVE_CONTENT:
+        content_type = "application/octet-stream"
+        headers["Content-Disposition"] = f"attachment; filename*=UTF-8''{quote(path.name)}"
+    headers["Content-Type"] = content_type
+    return web.FileResponse(path, headers=headers)
+
+
+async def upload_input(request: web.Request) -> web.Response:
+    """Multipart upload of one image (field `file`) into the inputs folder."""
+    limits = request.app[LIMITS_KEY]
+    max_bytes = limits["upload_bytes"]
+    if request.content_length is not None and request.content_length > max_bytes + 64 * 1024:
+        return error_response(413, "upload_too_large", f"upload is {request.content_length} bytes; "
+                              f"at most {max_bytes} bytes are accepted")
+    if not request.content_type.startswith("multipart/"):
+        raise BadRequest("expected a multipart/form-data body with the image in a field named 'file'")
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if getattr(part, "name", None) != "file":
+            continue
+        chunks, size = [], 0
+        while chunk := await part.read_chunk():
+            size += len(chunk)
+            if size > max_bytes:
+                return error_response(413, "upload_too_large", f"upload is over {max_bytes} bytes")
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        try:
+            image_format, width, height = await asyncio.to_thread(check_image, data, limits["upload_pixels"])
+        except UploadRefused as error:
+            return error_response(415, "unsupported_image", str(error))
+        inputs = request.app[FOLDERS_KEY]["inputs"]
+        # Some clients percent-encode the name in Content-Disposition; it is only a hint anyway.
+        client_name = unquote(part.filename or "upload")
+        name = await asyncio.to_thread(store_upload, inputs, client_name, data, image_format)
+        log.info("stored upload %s (%s, %dx%d)", name, image_format, width, height)
+        return web.json_response({"name": name, "folder": "inputs", "format": image_format, "width": width,
+                                  "height": height, "url": f"/api/files/inputs/{quote(name)}"}, status=201)
+    raise BadRequest("the multipart body has no field named 'file'")
+
+
+# -- saved workflows --
+
+def _workflow_name(request: web.Request) -> str:
+    name = request.match_info["name"]
+    cleaned = safe_file_name(name, default_stem="")
+    if cleaned != name or not name.endswith(".json"):
+        raise BadRequest(f"workflow name {name!r} must be a plain file name ending in .json "
+                         "(letters, digits, '.', '_', '-')")
+    return name
+
+
+async def list_workflows(request: web.Request) -> web.Response:
+    folder: ServedFolder = request.app[FOLDERS_KEY]["workflows"]
+    files = await asyncio.to_thread(folder.list, frozenset({".json"}))
+    return web.json_response({"workflows": [item for item in files if "/" not in str(item["name"])]})
+
+
+async def get_workflow(request: web.Request) -> web.Response:
+    folder: ServedFolder = request.app[FOLDERS_KEY]["workflows"]
+    try:
+        path = folder.resolve(_workflow_name(request))
+    except PathRefused as error:
+        return error_response(403, "path_refused", str(error))
+    except NotAFile as error:
+        return error_response(404, "no_such_workflow", str(error))
+    try:
+        document = json.loads(path.read_bytes())
+    except json.JSONDecodeError as error:
+        return error_response(422, "bad_workflow_file", f"workflows/{path.name} is not JSON: {error}")
+    return web.json_response(document)
+
+
+async def save_workflow(request: web.Request) -> web.Response:
+    folder: ServedFolder = request.app[FOLDERS_KEY]["workflows"]
+    name = _workflow_name(request)
+    document = await _read_json(request)
+    if not isinstance(document, dict) or not isinstance(document.get("nodes"), dict):
+        raise BadRequest('expected a workflow document: {"version": 1, "nodes": {...}}')
+    await asyncio.to_thread(atomic_write, folder.root / name, json.dumps(document, indent=2).encode() + b"\n")
+    return web.json_response({"name": name}, status=201)
+
+
+# -- the event stream --
 
 async def event_stream(request: web.Request) -> web.WebSocketResponse:
-    """Every run event, as JSON text messages, to every connected client; client messages are ignored."""
+    """Every run and queue event, as JSON text messages, to every client; client messages are ignored.
+
+    The first message is the queue's current state, so a client needs no separate request.
+    """
     socket = web.WebSocketResponse(heartbeat=30)
     await socket.prepare(request)
+    queue = request.app[QUEUE_KEY]
+    await socket.send_str(json.dumps({"type": QUEUE_CHANGED, "run_id": "", "node_id": None, **queue.snapshot()}))
     sockets = request.app[SOCKETS_KEY]
     sockets.add(socket)
     try:
@@ -162,13 +338,6 @@ async def event_stream(request: web.Request) -> web.WebSocketResponse:
     finally:
         sockets.discard(socket)
     return socket
-
-
-def _event_message(event: Event) -> str:
-    data = event.to_json()
-    if event.type == ev.NODE_PREVIEW:
-        data.pop("image", None)  # previews are not streamed yet
-    return json.dumps(data, default=str)
 
 
 async def _broadcast(app: web.Application, outbox: asyncio.Queue[str]) -> None:
@@ -184,17 +353,51 @@ async def _broadcast(app: web.Application, outbox: asyncio.Queue[str]) -> None:
                 log.info("dropped an event for a client that went away")
 
 
+# -- the editor --
+
+def _editor_routes(app: web.Application, editor_dir: Path) -> None:
+    index = editor_dir / "index.html"
+
+    async def editor_page(request: web.Request) -> web.StreamResponse:
+        if not index.is_file():
+            return web.Response(status=404, content_type="text/plain",
+                                text=f"The editor is not built ({index} is missing). Build it with "
+                                     "`make setup`, or `npm ci && npm run build` in web/.")
+        return web.FileResponse(index, headers={"Content-Security-Policy": _EDITOR_CSP, "Cache-Control": "no-cache"})
+
+    app.router.add_get("/", editor_page)
+    if (editor_dir / "assets").is_dir():
+        app.router.add_static("/assets", editor_dir / "assets")
+
+
 def create_app(registry: NodeRegistry, db_path: Path | str, output_dir: Path | str = Path("outputs"),
                device: str = "auto", cache: OutputCache | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, loopback_only: bool = True) -> web.Application:
+               max_body_bytes: int = MAX_BODY_BYTES, loopback_only: bool = True, token: str | None = None,
+               inputs_dir: Path | str = Path("inputs"), workflows_dir: Path | str = Path("workflows"),
+               editor_dir: Path | str = EDITOR_DIR, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               max_upload_pixels: int = MAX_UPLOAD_PIXELS) -> web.Application:
     """The API application; its run queue starts with the app and stops (interrupting a run) with it.
 
-    `loopback_only` accepts only loopback Host names; turn it off only when serving other machines.
+    `loopback_only` accepts only loopback Host names; turn it off only when serving other machines,
+    and then give a `token` that every request must carry.
     """
-    middlewares = [loopback_host_only] if loopback_only else []
-    app = web.Application(middlewares=[*middlewares, same_origin_only, json_errors], client_max_size=max_body_bytes)
+    middlewares: list[Any] = [json_errors, no_sniffing]
+    if loopback_only:
+        middlewares.append(loopback_host_only)
+    middlewares.append(same_origin_only)
+    if token is not None:
+        middlewares.append(token_required(token))
+    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app[REGISTRY_KEY] = registry
     app[SOCKETS_KEY] = weakref.WeakSet()
+    app[FOLDERS_KEY] = {"inputs": ServedFolder("inputs", Path(inputs_dir)),
+                        "outputs": ServedFolder("outputs", Path(output_dir)),
+                        "workflows": ServedFolder("workflows", Path(workflows_dir))}
+    app[LIMITS_KEY] = {"upload_bytes": max_upload_bytes, "upload_pixels": max_upload_pixels}
+    outputs_folder = app[FOLDERS_KEY]["outputs"]
+
+    def message(event: Event) -> str:
+        return json.dumps(_add_file_urls(outputs_folder, event_json(event)), default=str)
 
     async def start_queue(app: web.Application) -> None:
         loop = asyncio.get_running_loop()
@@ -205,8 +408,8 @@ def create_app(registry: NodeRegistry, db_path: Path | str, output_dir: Path | s
         app[BROADCASTER_KEY] = broadcaster
 
         def hand_off(event: Event) -> None:
-            # Called on the worker thread; the sockets and the outbox belong to the loop.
-            loop.call_soon_threadsafe(outbox.put_nowait, _event_message(event))
+            # Called on the worker thread (or a request's); the sockets and the outbox belong to the loop.
+            loop.call_soon_threadsafe(outbox.put_nowait, message(event))
 
         queue.subscribe(hand_off)
         queue.start()
@@ -226,12 +429,23 @@ def create_app(registry: NodeRegistry, db_path: Path | str, output_dir: Path | s
     app.router.add_get("/api/runs", list_runs)
     app.router.add_get("/api/runs/{run_id}", get_run)
     app.router.add_post("/api/runs/{run_id}/cancel", cancel_run)
+    app.router.add_get("/api/queue", get_queue)
     app.router.add_delete("/api/queue", clear_queue)
+    app.router.add_post("/api/queue/order", reorder_queue)
     app.router.add_post("/api/queue/pause", pause_queue)
     app.router.add_post("/api/queue/resume", resume_queue)
     app.router.add_get("/api/nodes", node_catalogue)
+    app.router.add_get("/api/models", model_lists)
+    app.router.add_get("/api/files/{folder}", list_files)
+    app.router.add_get("/api/files/{folder}/{path:.+}", download_file)
+    app.router.add_post("/api/files/inputs", upload_input)
+    app.router.add_get("/api/workflows", list_workflows)
+    app.router.add_get("/api/workflows/{name}", get_workflow)
+    app.router.add_put("/api/workflows/{name}", save_workflow)
     app.router.add_get("/api/health", health)
+    app.router.add_get("/api/openapi.json", openapi)
     app.router.add_get("/api/events", event_stream)
+    _editor_routes(app, Path(editor_dir))
     return app
 
 
@@ -239,4 +453,6 @@ def serve(registry: NodeRegistry, db_path: Path | str, host: str = DEFAULT_HOST,
           **options: Any) -> None:
     """Run the API server until interrupted; a non-loopback `host` lifts the loopback Host check."""
     options.setdefault("loopback_only", host in LOOPBACK_NAMES)
+    if not options["loopback_only"] and not options.get("token"):
+        raise ValueError(f"serving on {host} (beyond this machine) needs an access token")
     web.run_app(create_app(registry, db_path, **options), host=host, port=port, print=None)

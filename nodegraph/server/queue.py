@@ -23,6 +23,11 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, INTERRUPTED = (
     "queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 FINISHED = (SUCCEEDED, FAILED, CANCELLED, INTERRUPTED)
 
+# Queue-level events, beside the executor's run and node events. A queue event that concerns
+# no single run (pause, say) has an empty run_id.
+RUN_QUEUED = "run_queued"
+QUEUE_CHANGED = "queue_changed"
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -36,12 +41,14 @@ CREATE TABLE IF NOT EXISTS runs (
     seconds REAL,
     nodes TEXT NOT NULL DEFAULT '{}',
     files TEXT NOT NULL DEFAULT '[]',
-    error TEXT
+    error TEXT,
+    rank REAL
 );
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 _JSON_COLUMNS = ("workflow", "outputs", "nodes", "files", "error")
+_INTERNAL_COLUMNS = ("seq", "rank")
 
 
 class UnknownRun(KeyError):
@@ -55,6 +62,14 @@ class UnknownRun(KeyError):
         return f"no run with id {self.run_id!r}"
 
 
+class NotQueued(ValueError):
+    """A queue re-ordering named runs that are not waiting in the queue."""
+
+    def __init__(self, run_ids: list[str]) -> None:
+        super().__init__(f"runs not in the queue: {', '.join(run_ids)}")
+        self.run_ids = run_ids
+
+
 class RunStore:
     """Runs and queue settings in one SQLite file; safe to use from the loop and the worker thread."""
 
@@ -64,6 +79,10 @@ class RunStore:
         self._lock = threading.Lock()
         with self._lock:
             self._db.executescript(_SCHEMA)
+            columns = {row["name"] for row in self._db.execute("PRAGMA table_info(runs)")}
+            if "rank" not in columns:  # a database from before the queue could be re-ordered
+                self._db.execute("ALTER TABLE runs ADD COLUMN rank REAL")
+                self._db.execute("UPDATE runs SET rank = seq")
 
     def close(self) -> None:
         with self._lock:
@@ -75,14 +94,15 @@ class RunStore:
 
     @staticmethod
     def _to_json(row: sqlite3.Row) -> dict[str, Any]:
-        run = dict(row)
+        run = {key: value for key, value in dict(row).items() if key not in _INTERNAL_COLUMNS}
         for column in _JSON_COLUMNS:
             if run[column] is not None:
                 run[column] = json.loads(run[column])
         return run
 
     def add(self, run_id: str, workflow: dict[str, Any], outputs: list[str] | None) -> None:
-        self._execute("INSERT INTO runs (id, status, workflow, outputs, created) VALUES (?, ?, ?, ?, ?)",
+        self._execute("INSERT INTO runs (id, status, workflow, outputs, created, rank) "
+                      "VALUES (?, ?, ?, ?, ?, (SELECT COALESCE(MAX(rank), 0) + 1 FROM runs))",
                       (run_id, QUEUED, json.dumps(workflow), json.dumps(outputs), time.time()))
 
     def update(self, run_id: str, **fields: Any) -> None:
@@ -97,15 +117,30 @@ class RunStore:
         return self._to_json(rows[0])
 
     def list(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Runs in submission order; queued runs (`status="queued"`) in queue order."""
         if status is None:
             rows = self._execute("SELECT * FROM runs ORDER BY seq")
+        elif status == QUEUED:
+            rows = self._execute("SELECT * FROM runs WHERE status = ? ORDER BY rank, seq", (status,))
         else:
             rows = self._execute("SELECT * FROM runs WHERE status = ? ORDER BY seq", (status,))
         return [self._to_json(row) for row in rows]
 
+    def queued_ids(self) -> list[str]:
+        """Ids of the waiting runs, next first."""
+        return [row["id"] for row in self._execute("SELECT id FROM runs WHERE status = ? ORDER BY rank, seq", (QUEUED,))]
+
     def next_queued(self) -> dict[str, Any] | None:
-        rows = self._execute("SELECT * FROM runs WHERE status = ? ORDER BY seq LIMIT 1", (QUEUED,))
+        rows = self._execute("SELECT * FROM runs WHERE status = ? ORDER BY rank, seq LIMIT 1", (QUEUED,))
         return self._to_json(rows[0]) if rows else None
+
+    def set_queue_order(self, run_ids: list[str]) -> None:
+        """Rank the given queued runs in this order, before every other queued run."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            for position, run_id in enumerate(run_ids):
+                self._db.execute("UPDATE runs SET rank = ? WHERE id = ? AND status = ?", (position, run_id, QUEUED))
+            self._db.execute("COMMIT")
 
     def set_status_where(self, old: str, new: str, run_id: str | None = None) -> int:
         """Move runs (all, or one) from status `old` to `new`; returns how many moved."""
@@ -196,8 +231,11 @@ class RunQueue:
         """Validate and queue a workflow; returns the run id. Raises WorkflowInvalid."""
         self.executor.compile(workflow, outputs)
         run_id = uuid.uuid4().hex
-        self.store.add(run_id, workflow, outputs)
+        # Under the lock the worker takes runs with, so `run_queued` goes out before `run_started`.
         with self._wake:
+            self.store.add(run_id, workflow, outputs)
+            self._broadcast(Event(RUN_QUEUED, run_id, data={"outputs": outputs}))
+            self._queue_changed()
             self._wake.notify_all()
         return run_id
 
@@ -205,6 +243,8 @@ class RunQueue:
         """Cancel a queued or running run; returns its status after the request. Raises UnknownRun."""
         with self._wake:
             if self.store.set_status_where(QUEUED, CANCELLED, run_id):
+                self._broadcast(Event(ev.RUN_CANCELLED, run_id, data={"seconds": 0.0, "started": False}))
+                self._queue_changed()
                 return CANCELLED
             if self._current is not None and self._current[0] == run_id:
                 self._current[1].cancel()
@@ -214,7 +254,27 @@ class RunQueue:
     def clear(self) -> int:
         """Cancel every queued run; returns how many."""
         with self._wake:
-            return self.store.set_status_where(QUEUED, CANCELLED)
+            waiting = self.store.queued_ids()
+            for run_id in waiting:
+                self.store.set_status_where(QUEUED, CANCELLED, run_id)
+                self._broadcast(Event(ev.RUN_CANCELLED, run_id, data={"seconds": 0.0, "started": False}))
+            self._queue_changed()
+            return len(waiting)
+
+    def reorder(self, run_ids: list[str]) -> list[str]:
+        """Move the given queued runs to the front, in this order; returns the new queue order.
+
+        Raises NotQueued (and changes nothing) if any id is not waiting in the queue.
+        """
+        with self._wake:
+            waiting = self.store.queued_ids()
+            missing = [run_id for run_id in run_ids if run_id not in waiting]
+            if missing or len(set(run_ids)) != len(run_ids):
+                raise NotQueued(missing or [r for r in run_ids if run_ids.count(r) > 1])
+            order = list(run_ids) + [run_id for run_id in waiting if run_id not in run_ids]
+            self.store.set_queue_order(order)
+            self._queue_changed()
+            return order
 
     @property
     def paused(self) -> bool:
@@ -225,12 +285,27 @@ class RunQueue:
         with self._wake:
             self._paused = True
             self.store.set_setting("paused", "1")
+            self._queue_changed()
 
     def resume(self) -> None:
         with self._wake:
             self._paused = False
             self.store.set_setting("paused", "0")
+            self._queue_changed()
             self._wake.notify_all()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The queue as clients see it: waiting run ids in order, the running one, and whether paused."""
+        with self._wake:
+            return self._snapshot()
+
+    def _snapshot(self) -> dict[str, Any]:
+        running = self._current[0] if self._current is not None else None
+        return {"queued": self.store.queued_ids(), "running": running, "paused": self._paused}
+
+    def _queue_changed(self) -> None:
+        """Tell listeners the queue's new state; the caller holds `_wake`."""
+        self._broadcast(Event(QUEUE_CHANGED, "", data=self._snapshot()))
 
     def get(self, run_id: str) -> dict[str, Any]:
         run = self.store.get(run_id)
@@ -256,6 +331,7 @@ class RunQueue:
                     with self._nodes_lock:
                         self._live_nodes = {}
                     self.store.update(run["id"], status=RUNNING, started=time.time())
+                    self._queue_changed()
                     return run, token
                 self._wake.wait()
 
@@ -267,6 +343,7 @@ class RunQueue:
             finally:
                 with self._wake:
                     self._current = None
+                    self._queue_changed()
 
     def _emit(self, event: Event) -> None:
         with self._nodes_lock:

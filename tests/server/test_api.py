@@ -4,58 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-
-import counting_pack  # noqa: E402
-from counting_pack import doc, link  # noqa: E402
-from nodegraph.cache import OutputCache  # noqa: E402
-from nodegraph.registry import NodeRegistry  # noqa: E402
-from nodegraph.server import RunStore, create_app  # noqa: E402
-
-SUM = doc(a=("Value", {"value": 2}), b=("Add", {"a": link("a", "value"), "b": 3}),
-          out=("Sink", {"value": link("b", "sum")}))
+from _server_fixtures import SUM, counting_pack, doc, link, make_client, registry, submit, wait_status  # noqa: F401
+from nodegraph.server import RunStore
 
 
 def slow(steps: int = 200, delay: float = 0.01, x: float = 0.0) -> dict:
     return doc(s=("Steps", {"steps": steps, "delay": delay, "x": x}), out=("Sink", {"value": link("s", "value")}))
-
-
-@pytest.fixture
-def registry() -> NodeRegistry:
-    counting_pack.RUNS.clear()
-    registry = NodeRegistry()
-    registry.add_pack("counting", counting_pack.NODES)
-    return registry
-
-
-@pytest.fixture
-def make_client(aiohttp_client, registry, tmp_path):
-    async def make(db: Path | None = None, **options):
-        app = create_app(registry, db or tmp_path / "runs.sqlite", output_dir=tmp_path / "out", device="cpu",
-                         cache=OutputCache(max_bytes=10**8), **options)
-        return await aiohttp_client(app)
-    return make
-
-
-async def wait_status(client, run_id: str, statuses: tuple[str, ...], timeout: float = 5.0) -> dict:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        response = await client.get(f"/api/runs/{run_id}")
-        run = await response.json()
-        if run["status"] in statuses:
-            return run
-        assert asyncio.get_running_loop().time() < deadline, f"run stayed {run['status']}"
-        await asyncio.sleep(0.02)
-
-
-async def submit(client, workflow: dict, **extra) -> str:
-    response = await client.post("/api/runs", json={"workflow": workflow, **extra})
-    assert response.status == 201, await response.text()
-    return (await response.json())["id"]
 
 
 @pytest.mark.asyncio
@@ -173,10 +130,17 @@ async def test_websocket_receives_run_events(make_client):
     received = []
     while not received or received[-1]["type"] != "run_finished":
         received.append(await asyncio.wait_for(socket.receive_json(), 5))
+    # The queue's state follows the run's end.
+    queue_states = [e for e in received if e["type"] == "queue_changed"]
+    queue_states.append(await asyncio.wait_for(socket.receive_json(), 5))
     await socket.close()
-    assert {event["run_id"] for event in received} == {run_id}
-    assert [e["type"] for e in received if e["type"] != "node_progress"] == [
-        "run_started", "node_started", "node_finished", "node_started", "node_finished", "run_finished"]
+    run_events = [e for e in received if e["type"] != "queue_changed"]
+    assert {event["run_id"] for event in run_events} == {run_id}
+    assert [e["type"] for e in run_events if e["type"] != "node_progress"] == [
+        "run_queued", "run_started", "node_started", "node_finished", "node_started", "node_finished", "run_finished"]
+    # First the state on connecting, then queued, then running, then empty again.
+    assert [(q["queued"], q["running"]) for q in queue_states] == [
+        ([], None), ([run_id], None), ([], run_id), ([], None)]
     assert [(e["value"], e["max"]) for e in received if e["type"] == "node_progress"] == [(1, 3), (2, 3), (3, 3)]
     # The end event is sent after the result is stored.
     assert (await (await client.get(f"/api/runs/{run_id}")).json())["status"] == "succeeded"
@@ -289,7 +253,7 @@ def test_serve_command_listens_on_localhost(tmp_path):
                                 str(tmp_path / "runs.sqlite"), "--nodes-dir", str(tmp_path)],
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 90  # imports all packs (torch) on a busy machine
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1) as response:
