@@ -1,4 +1,4 @@
-"""The `nodegraph` command line: run, validate, list nodes, print the workflow schema."""
+"""The `nodegraph` command line: run, validate, convert, list nodes, print the workflow schema."""
 
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ from . import events as ev
 from .event_json import event_json
 from .events import Event
 from .executor import Executor, RunResult
+from .files import atomic_write
+from .importers import is_native
 from .node import CancelToken
 from .plugins import DEFAULT_NODES_DIR, PackProblem, build_registry
+from .registry import NodeRegistry
 from .validation import WorkflowInvalid, parse_document
 from .workflow import Workflow, document_schema
 
@@ -39,14 +42,31 @@ def _parse_assignment(text: str) -> tuple[str, str, Any]:
     return node_id, input_name, value
 
 
-def read_workflow(path: str, assignments: list[str]) -> Workflow:
-    """Read and parse a workflow file and apply `--set` overrides to it."""
-    file = Path(path)
+def _read_file(path: str) -> bytes:
     try:
-        data = file.read_bytes()
+        return Path(path).read_bytes()
     except OSError as error:
         raise UsageError(f"cannot read workflow {path}: {error.strerror}") from None
-    workflow = parse_document(data, source=str(file))
+
+
+def _import(registry: NodeRegistry, data: bytes) -> tuple[Any, str | None]:
+    """The decoded document, converted if it is in a foreign format a pack imports, and the
+    importer's name (None: not converted)."""
+    try:
+        document = json.loads(data)
+    except ValueError:  # not JSON: parse_document reports where and why
+        return data, None
+    return registry.import_document(document)
+
+
+def read_workflow(path: str, assignments: list[str], registry: NodeRegistry | None = None) -> Workflow:
+    """Read and parse a workflow file and apply `--set` overrides to it. With a registry, a file in
+    a foreign format (e.g. ComfyUI's) that one of its packs imports is converted first."""
+    data = _read_file(path)
+    document, importer = _import(registry, data) if registry is not None else (data, None)
+    if importer is not None:
+        logging.getLogger(__name__).info("%s: converted from %s", path, importer)
+    workflow = parse_document(document, source=path)
     for text in assignments:
         node_id, input_name, value = _parse_assignment(text)
         if node_id not in workflow.nodes:
@@ -123,7 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     registry, problems = build_registry(args.nodes_dir or [DEFAULT_NODES_DIR])
     _print_problems(problems)
     try:
-        workflow = read_workflow(args.workflow, args.set)
+        workflow = read_workflow(args.workflow, args.set, registry)
         executor = Executor(registry, device=args.device, output_dir=args.output_dir)
         plan = executor.compile(workflow, args.output or None)
     except WorkflowInvalid as invalid:
@@ -171,7 +191,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     registry, problems = build_registry(args.nodes_dir or [DEFAULT_NODES_DIR])
     _print_problems(problems)
     try:
-        Executor(registry).compile(read_workflow(args.workflow, []))
+        Executor(registry).compile(read_workflow(args.workflow, [], registry))
     except WorkflowInvalid as invalid:
         if args.json:
             print(json.dumps({"valid": False, "issues": [i.to_json() for i in invalid.issues]}, indent=2))
@@ -179,6 +199,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
             _print_issues(invalid.issues, sys.stdout)
         return EXIT_INVALID
     print(json.dumps({"valid": True}) if args.json else f"{args.workflow}: valid")
+    return EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    registry, problems = build_registry(args.nodes_dir or [DEFAULT_NODES_DIR])
+    _print_problems(problems)
+    document, importer = _import(registry, _read_file(args.input))
+    if importer is None:
+        if isinstance(document, bytes):
+            parse_document(document, source=args.input)  # reports the JSON syntax error and its position
+        if is_native(document):
+            raise UsageError(f"{args.input} is already a nodegraph workflow; nothing to convert")
+        known = ", ".join(i.name for i in registry.importers) or "none loaded"
+        raise UsageError(f"{args.input}: not a nodegraph workflow, and no importer recognises it (importers: {known})")
+    workflow = parse_document(document, source=args.input)
+    atomic_write(Path(args.output), (json.dumps(workflow.to_json(), indent=2) + "\n").encode())
+    print(f"converted {args.input} ({importer}, {len(workflow.nodes)} nodes) to {args.output}")
     return EXIT_OK
 
 
@@ -243,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"load node packs from DIR (repeatable; default ./{DEFAULT_NODES_DIR})")
         return p
 
-    run = with_nodes_dir(sub.add_parser("run", help="run a workflow file"))
+    run = with_nodes_dir(sub.add_parser("run", help="run a workflow file (or a ComfyUI one a pack imports)"))
     run.add_argument("workflow")
     run.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
                      help="override an input (VALUE is JSON, or plain text)")
@@ -257,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("workflow")
     validate.add_argument("--json", action="store_true")
     validate.set_defaults(handler=cmd_validate)
+
+    convert = with_nodes_dir(sub.add_parser(
+        "convert", help="convert a workflow in a foreign format (e.g. ComfyUI API or UI JSON) to a nodegraph workflow"))
+    convert.add_argument("input")
+    convert.add_argument("output", help="where the nodegraph workflow is written (replaced if it exists)")
+    convert.set_defaults(handler=cmd_convert)
 
     nodes = with_nodes_dir(sub.add_parser("nodes", help="list node types with their inputs and outputs"))
     nodes.add_argument("--json", action="store_true")

@@ -1,7 +1,8 @@
 """Node pack discovery: Python entry points (group `nodegraph.nodes`) and pack directories.
 
 A pack is a module (or package) with `NODES`, a list of Node classes, and optionally `TYPES`,
-a list of SocketType objects it introduces. Built-in packs load the same way as third-party ones.
+a list of SocketType objects it introduces, and `IMPORTERS`, converters of other tools' workflow
+formats (see nodegraph.importers). Built-in packs load the same way as third-party ones.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _register_module(registry: NodeRegistry, pack: str, module: ModuleType) -> N
     nodes = getattr(module, "NODES", None)
     if nodes is None:
         raise PackError("the module defines no NODES list")
-    registry.add_pack(pack, nodes, getattr(module, "TYPES", ()))
+    registry.add_pack(pack, nodes, getattr(module, "TYPES", ()), getattr(module, "IMPORTERS", ()))
 
 
 def _import_directory_pack(path: Path) -> ModuleType:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .node import Node
 from .types import SocketType, TypeRegistry
+
+if TYPE_CHECKING:
+    from .importers import Importer
 
 
 class DuplicateNodeType(ValueError):
@@ -27,9 +30,24 @@ class NodeRegistry:
         self.types = TypeRegistry()
         self._nodes: dict[str, type[Node]] = {}
         self._pack_of: dict[str, str] = {}
+        self._importers: list[Importer] = []
 
-    def add_pack(self, pack: str, nodes: Iterable[type[Node]], socket_types: Iterable[SocketType] = ()) -> None:
-        """Add all of a pack's nodes, or none of them if any name is taken."""
+    def add_pack(self, pack: str, nodes: Iterable[type[Node]], socket_types: Iterable[SocketType] = (),
+                 importers: Iterable[Importer] = ()) -> None:
+        """Add all of a pack's nodes (and importers of foreign workflow formats, see
+        nodegraph.importers), or none of them if any name is taken."""
+        from .importers import check_importer  # importers -> validation -> registry
+
+        importers = list(importers)
+        importer_names = {importer.name for importer in self._importers}
+        for importer in importers:
+            try:
+                check_importer(importer)
+            except TypeError as error:
+                raise TypeError(f"pack {pack!r}: {error}") from None
+            if importer.name in importer_names:
+                raise ValueError(f"pack {pack!r}: an importer named {importer.name!r} is already registered")
+            importer_names.add(importer.name)
         nodes = list(nodes)
         seen: dict[str, type[Node]] = {}
         for node_class in nodes:
@@ -49,6 +67,19 @@ class NodeRegistry:
         for name, node_class in seen.items():
             self._nodes[name] = node_class
             self._pack_of[name] = pack
+        self._importers.extend(importers)
+
+    @property
+    def importers(self) -> list[Importer]:
+        return list(self._importers)
+
+    def import_document(self, document: Any) -> tuple[Any, str | None]:
+        """A decoded workflow document in our format: foreign formats a pack can import are
+        converted. Returns (document, name of the importer used or None); raises
+        WorkflowImportError (a WorkflowInvalid) when a foreign document cannot be converted."""
+        from .importers import import_document  # importers -> validation -> registry
+
+        return import_document(self._importers, document)
 
     def get(self, type_name: str) -> type[Node] | None:
         return self._nodes.get(type_name)
