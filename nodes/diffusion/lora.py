@@ -20,7 +20,8 @@ text encoders):
   ``lora_te2_`` (SDXL's CLIP-L / OpenCLIP bigG), HF module names.
 - diffusers/PEFT: ``unet.<diffusers module>`` / ``text_encoder.`` / ``text_encoder_2.`` with
   ``lora_A``/``lora_B`` (PEFT), ``lora.down``/``lora.up``, ``lora_linear_layer.down``/``.up``, or the
-  attention-processor form ``attn1.processor.to_q_lora.down``.
+  attention-processor forms ``attn1.processor.to_q_lora.down`` / ``self_attn.to_q_lora.down``.
+- plain LDM names under ``diffusion_model.`` (as some tools save them).
 
 The diffusers <-> LDM U-Net renaming is :func:`unet.ldm_key_from_diffusers`; the tables here are
 derived from it, never written out a second time.
@@ -57,7 +58,8 @@ _SECTIONS_BY_TARGET: dict[str, tuple[str, ...]] = {
 }
 
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te_": "te"}
-_DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder_2.": "te2", "text_encoder.": "te"}
+# diffusers/PEFT names, and the plain LDM names some tools write (``diffusion_model.input_blocks...``).
+_DOTTED_PREFIXES = {"unet.": "unet", "text_encoder_2.": "te2", "text_encoder.": "te", "diffusion_model.": "unet"}
 # A diffusers U-Net LoRA saved without the ``unet.`` prefix (older pytorch_lora_weights files).
 _BARE_UNET_STARTS = ("down_blocks.", "mid_block.", "up_blocks.")
 
@@ -74,8 +76,11 @@ _ROLE_SUFFIXES = (
     (".lora_linear_layer.up.weight", "up"),
     (".alpha", "alpha"),
 )
-# diffusers' attention-processor LoRA: ``<attn>.processor.to_q_lora.down.weight`` patches ``<attn>.to_q``.
+# diffusers' attention-processor LoRA: ``<attn>.processor.to_q_lora.down.weight`` patches ``<attn>.to_q``
+# in the U-Net, ``self_attn.to_q_lora.down.weight`` patches ``self_attn.q_proj`` in a CLIP text encoder.
 _PROCESSOR_KEY = re.compile(r"^(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_TEXT_PROCESSOR_KEY = re.compile(r"^(.+\.self_attn)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_CLIP_ATTENTION_LAYERS = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 # Other LyCORIS algorithms: recognised so a file using them is refused by name, not half-applied.
 _UNSUPPORTED = re.compile(
     r"\.(hada_w[12]_[ab]|hada_t[12]|lokr_w[12](_[ab])?|lokr_t2|dora_scale|diff|diff_b|w_norm|b_norm)$"
@@ -218,15 +223,6 @@ class _DiffusersModuleNames:
         for name in top_level:
             modules[name] = unet_module.ldm_key_from_diffusers(f"{name}.weight", layout)[: -len(".weight")]
         return cls(modules, block_prefixes)
-
-    def ldm_module(self, diffusers_module: str) -> str | None:
-        """The LDM name of a dotted diffusers module name; None if it is not a U-Net module."""
-        if diffusers_module in self.modules:
-            return self.modules[diffusers_module]
-        for prefix, ldm_prefix in self.block_prefixes.items():
-            if diffusers_module.startswith(prefix):
-                return ldm_prefix + diffusers_module[len(prefix):]
-        return None
 
     def diffusers_module(self, ldm_module: str) -> str | None:
         """The dotted diffusers name of an LDM module name; None if diffusers has no such module."""
@@ -517,6 +513,10 @@ def _split_key(key: str) -> tuple[str, str] | None:
         owner, layer, role = match.groups()
         # diffusers' attention output projection is a ModuleList whose first entry is the linear layer.
         return f"{owner}.{'to_out.0' if layer == 'to_out' else layer}", role
+    match = _TEXT_PROCESSOR_KEY.match(key)
+    if match:
+        owner, layer, role = match.groups()
+        return f"{owner}.{_CLIP_ATTENTION_LAYERS[layer]}", role
     for suffix, role in _ROLE_SUFFIXES:
         if key.endswith(suffix):
             return key[: -len(suffix)], role
@@ -528,7 +528,7 @@ def _section(source: str) -> tuple[str, str] | None:
     for prefix, section in _KOHYA_PREFIXES.items():
         if source.startswith(prefix):
             return section, source[len(prefix):]
-    for prefix, section in _DIFFUSERS_PREFIXES.items():
+    for prefix, section in _DOTTED_PREFIXES.items():
         if source.startswith(prefix):
             return section, _underscored(source[len(prefix):])
     if source.startswith(_BARE_UNET_STARTS):

@@ -68,6 +68,10 @@ def lora_factors(shapes: dict[str, tuple[int, ...]], params, rank: int = 3, seed
     return factors
 
 
+def without_alpha(factors: dict) -> dict:
+    return {name: (down, up, None) for name, (down, up, _) in factors.items()}
+
+
 def zero_factors(shape: tuple[int, ...]) -> tuple[Tensor, Tensor, None]:
     """Rank-1 factors of the right layout for a weight of ``shape`` (for tests about names only)."""
     return torch.zeros(1, *shape[1:]), torch.zeros(shape[0], 1, *[1] * (len(shape) - 2)), None
@@ -158,18 +162,21 @@ def test_sd1_unet_kohya_and_peft_files_patch_the_same_layers_by_the_same_amount(
 
 
 def test_sd1_kohya_names_in_ldm_form_are_read_too(sd1_unet):
-    """ComfyUI/A1111 also write SD1 files with LDM module names; both spellings reach the same weight."""
+    """Some tools write SD1 files with LDM module names (underscored, or dotted under ``diffusion_model.``)."""
     shapes = shapes_of(sd1_unet)
     param = "input_blocks.4.0.in_layers.2.weight"
     factors = lora_factors(shapes, [param])
     written = kohya_state_dict(factors, {}, "sd1", unet_config=TINY_SD1)
     ldm_named = {k.replace("lora_unet_down_blocks_1_resnets_0_conv1", "lora_unet_input_blocks_4_0_in_layers_2"): v
                  for k, v in written.items()}
-    assert set(ldm_named) != set(written)
-    deltas, unmatched = LoraFile.from_state_dict(ldm_named).deltas("unet", sd1_unet.state_dict())
-    assert unmatched == [] and set(deltas) == {param}
+    dotted = {k.replace("lora_unet_down_blocks_1_resnets_0_conv1", "diffusion_model.input_blocks.4.0.in_layers.2"): v
+              for k, v in written.items()}
+    assert set(ldm_named) != set(written) and set(dotted) != set(written)
     want = expected_delta(shapes[param], *factors[param])
-    assert (deltas[param].tensor(shapes[param], torch.float32, "cpu") - want).abs().max() <= TOL
+    for state_dict in (ldm_named, dotted):
+        deltas, unmatched = LoraFile.from_state_dict(state_dict).deltas("unet", sd1_unet.state_dict())
+        assert unmatched == [] and set(deltas) == {param}
+        assert (deltas[param].tensor(shapes[param], torch.float32, "cpu") - want).abs().max() <= TOL
 
 
 def test_diffusers_attention_processor_names_are_read(sd1_unet):
@@ -271,6 +278,51 @@ def test_probed_diffusers_names_are_diffusers_module_names():
         want = {"lora_unet_" + diffusers_name[id(ldm[key])][: -len(".weight")].replace(".", "_") + ".lora_down.weight"
                 for key in factors}
         assert {k for k in written if k.endswith(".lora_down.weight")} == want
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_diffusers_converter_reads_our_kohya_files_as_the_same_layers(family, sd1_unet, sdxl_unet):
+    """diffusers' own kohya importer renames what we write to real diffusers modules, and reading its
+    output gives the deltas reading our file gives."""
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_lora_to_diffusers,
+        _maybe_map_sgm_blocks_to_diffusers,
+    )
+    from _unet_fixtures import diffusers_unet
+
+    config, unet = (TINY_SD1, sd1_unet) if family == "sd1" else (TINY_SDXL, sdxl_unet)
+    # diffusers maps kohya's SDXL (LDM) names for attention layers only: that is what its importer supports.
+    params = SD1_DIFFUSERS_MODULES if family == "sd1" else [p for p in SDXL_DIFFUSERS_MODULES if ".1." in p]
+    shapes = shapes_of(unet)
+    # No alphas: this test is about names (diffusers keys its converted alphas for its own loader).
+    factors = without_alpha(lora_factors(shapes, params, seed=13))
+    text_slot = "clip_l"
+    text = without_alpha(lora_factors(shapes_of(CLIPTextEncoder(CLIP_L)), TEXT_PARAMS, seed=14))
+    written = kohya_state_dict(factors, {text_slot: text}, family, unet_config=config)
+    ours = LoraFile.from_state_dict(written)
+
+    reference_unet = diffusers_unet(config)
+    converted = dict(written)
+    if family == "sdxl":
+        converted = _maybe_map_sgm_blocks_to_diffusers(converted, reference_unet.config)
+    converted, alphas = _convert_non_diffusers_lora_to_diffusers(converted)
+    assert alphas == {}
+    theirs = LoraFile.from_state_dict(converted)
+
+    diffusers_modules = {name for name, _ in reference_unet.named_modules()}
+    for name in theirs.module_names:
+        if name.startswith("unet."):
+            assert name[len("unet."):] in diffusers_modules, name
+    ours_deltas, ours_unmatched = ours.deltas("unet", unet.state_dict())
+    theirs_deltas, theirs_unmatched = theirs.deltas("unet", unet.state_dict())
+    assert ours_unmatched == theirs_unmatched == []
+    assert_same_deltas(ours_deltas, theirs_deltas, shapes, factors)
+    text_shapes = shapes_of(CLIPTextEncoder(CLIP_L))
+    ours_text, _ = ours.deltas(text_slot, text_shapes)
+    theirs_text, theirs_text_unmatched = theirs.deltas(text_slot, text_shapes)
+    assert theirs_text_unmatched == []
+    assert_same_deltas(ours_text, theirs_text, text_shapes, text)
 
 
 # --------------------------------------------------------------------------- LoCon and the delta math
