@@ -1,0 +1,9 @@
+"""The diffusion node pack: every Stable Diffusion pipeline stage as a typed node.
+
+Loaded through the `nodegraph.nodes` entry point like any third-party pack; the model library
+(`nodegraph_diffusion.unet`, ...) does not depend on this package or on the engine.
+"""
+
+from . import conditioning, images, latent, loading, sampling
+
+NODES = [*loading.NODES, *conditioning.NODES, *latent.NODES, *sampling.NODES, *images.NODES]

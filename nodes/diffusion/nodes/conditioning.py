@@ -1,0 +1,264 @@
+"""Conditioning nodes: prompts to conditioning, and where, when and how strongly it applies."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
+from nodegraph.types import CLIP, CONDITIONING, CONTROL_NET, IMAGE, MASK
+
+from ..checkpoint import LoadedControlNet, ModelFamily
+from ..components import TextEncoders
+from ..embeddings import EmbeddingNotFoundError
+from ..guidance import Conditioning, ControlSpec
+from .common import InputError
+
+def _encode(clip: TextEncoders, text: str, input_name: str, **options: object) -> Conditioning:
+    try:
+        return (clip.encode(text, **options),)  # type: ignore[arg-type]
+    except EmbeddingNotFoundError as error:
+        raise InputError(input_name, str(error)) from None
+
+
+class TextEncode(Node):
+    """Encode a prompt with the model's text encoder(s). Supports (word:1.2) emphasis, long prompts
+    (in 75-token chunks) and embedding:name for textual-inversion embeddings in the embeddings folder.
+    For SDXL the size conditioning is for a 1024x1024 image; use TextEncodeSDXL to set it."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        clip: CLIP.annotation
+        text: str = Field("", description="The prompt.", json_schema_extra={"multiline": True})
+
+    class Outputs(NodeOutputs):
+        conditioning: CONDITIONING.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        return self.Outputs(conditioning=_encode(inputs.clip, inputs.text, "text"))
+
+
+class TextEncodeSDXL(Node):
+    """Encode a prompt for SDXL with both text encoders and the size/crop conditioning."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        clip: CLIP.annotation
+        text_g: str = Field("", description="Prompt for the OpenCLIP bigG encoder.", json_schema_extra={"multiline": True})
+        text_l: str = Field("", description="Prompt for the CLIP-L encoder (empty: same as text_g).",
+                            json_schema_extra={"multiline": True})
+        width: int = Field(1024, ge=8, le=16384, description="Original image width the model is told about.")
+        height: int = Field(1024, ge=8, le=16384, description="Original image height.")
+        crop_left: int = Field(0, ge=0, le=16384)
+        crop_top: int = Field(0, ge=0, le=16384)
+        target_width: int = Field(1024, ge=8, le=16384)
+        target_height: int = Field(1024, ge=8, le=16384)
+
+    class Outputs(NodeOutputs):
+        conditioning: CONDITIONING.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        clip: TextEncoders = inputs.clip
+        if clip.family not in (ModelFamily.SDXL, ModelFamily.SDXL_REFINER):
+            raise InputError("clip", f"TextEncodeSDXL needs SDXL text encoders, got {clip.family.value}'s")
+        return self.Outputs(conditioning=_encode(
+            clip, inputs.text_g, "text_g", text_secondary=inputs.text_l or None,
+            size=(inputs.height, inputs.width), crop=(inputs.crop_top, inputs.crop_left),
+            target_size=(inputs.target_height, inputs.target_width),
+        ))
+
+
+class SetClipSkip(Node):
+    """Condition on an earlier text-encoder layer: 1 = the last layer, 2 = the penultimate, ..."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        clip: CLIP.annotation
+        clip_skip: int = Field(1, ge=1, le=24, description="How many layers from the end to take the states from.")
+
+    class Outputs(NodeOutputs):
+        clip: CLIP.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        try:
+            return self.Outputs(clip=inputs.clip.with_clip_skip(inputs.clip_skip))
+        except ValueError as error:
+            raise InputError("clip_skip", str(error)) from None
+
+
+class ConditioningCombine(Node):
+    """Both conditionings apply: their predictions are averaged (by area, mask and strength)."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        a: CONDITIONING.annotation
+        b: CONDITIONING.annotation
+
+    class Outputs(NodeOutputs):
+        conditioning: CONDITIONING.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        return self.Outputs(conditioning=tuple(inputs.a) + tuple(inputs.b))
+
+
+class ConditioningConcat(Node):
+    """Append the text states of `source` (its first entry) to every entry of `target` (one longer prompt)."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        target: CONDITIONING.annotation
+        source: CONDITIONING.annotation
+
+    class Outputs(NodeOutputs):
+        conditioning: CONDITIONING.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        extra = inputs.source[0].context
+        out = []
+        for entry in inputs.target:
+            if entry.context.shape[-1] != extra.shape[-1]:
+                raise InputError("source", f"text states of width {extra.shape[-1]} cannot be appended to width "
+                                           f"{entry.context.shape[-1]} (different models)")
+            out.append(entry.with_(context=torch.cat([entry.context, extra], dim=1)))
+        return self.Outputs(conditioning=tuple(out))
+
+
+class ConditioningSetArea(Node):
+    """Restrict a conditioning to a rectangle of the image (pixels, multiples of 8)."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        conditioning: CONDITIONING.annotation
+        width: int = Field(64, ge=8, le=16384, multiple_of=8)
+        height: int = Field(64, ge=8, le=16384, multiple_of=8)
+        x: int = Field(0, ge=0, le=16384, multiple_of=8)
+        y: int = Field(0, ge=0, le=16384, multiple_of=8)
+        strength: float = Field(1.0, ge=0.0, le=10.0)
+
+    class Outputs(NodeOutputs):
+        conditioning: CONDITIONING.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        area = (inputs.height, inputs.width, inputs.y, inputs.x)
+        return self.Outputs(conditioning=tuple(
+            e.with_(area=area, strength=inputs.strength) for e in inputs.conditioning))
+
+
+class ConditioningSetMask(Node):
+    """Restrict a conditioning to a mask (resized to the latent when sampling)."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        conditioning: CONDITIONING.annotation
+        mask: MASK.annotation
+        strength: float = Field(1.0, ge=0.0, le=10.0)
+
+    class Outputs(NodeOutputs):
+        conditioning: CONDITIONING.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        mask = inputs.mask if inputs.mask.ndim == 3 else inputs.mask[None]
+        return self.Outputs(conditioning=tuple(
+            e.with_(mask=mask, mask_strength=inputs.strength) for e in inputs.conditioning))
+
+
+class ConditioningSetTimestepRange(Node):
+    """Make a conditioning act only between two points of sampling (0 = start, 1 = end)."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        conditioning: CONDITIONING.annotation
+        start: float = Field(0.0, ge=0.0, le=1.0)
+        end: float = Field(1.0, ge=0.0, le=1.0)
+
+    class Outputs(NodeOutputs):
+        conditioning: CONDITIONING.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        if inputs.end < inputs.start:
+            raise InputError("end", f"end ({inputs.end}) is before start ({inputs.start})")
+        return self.Outputs(conditioning=tuple(
+            e.with_(start=inputs.start, end=inputs.end) for e in inputs.conditioning))
+
+
+class ConditioningZeroOut(Node):
+    """All-zero text states and pooled output (a neutral negative for some models)."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        conditioning: CONDITIONING.annotation
+
+    class Outputs(NodeOutputs):
+        conditioning: CONDITIONING.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        out = []
+        for e in inputs.conditioning:
+            pooled = None if e.pooled is None else torch.zeros_like(e.pooled)
+            y = e.y
+            if y is not None and e.pooled is not None:
+                # Only the pooled-text part of SDXL's vector conditioning is zeroed; sizes stay.
+                y = torch.cat([torch.zeros_like(e.pooled), y[:, e.pooled.shape[-1]:]], dim=-1)
+            out.append(e.with_(context=torch.zeros_like(e.context), pooled=pooled, y=y))
+        return self.Outputs(conditioning=tuple(out))
+
+
+class ApplyControlNet(Node):
+    """Guide sampling with a ControlNet and a control image, on both the positive and the negative
+    conditioning, between start and end (fractions of sampling). Chain to stack several."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        positive: CONDITIONING.annotation
+        negative: CONDITIONING.annotation
+        control_net: CONTROL_NET.annotation
+        image: IMAGE.annotation
+        strength: float = Field(1.0, ge=0.0, le=10.0)
+        start: float = Field(0.0, ge=0.0, le=1.0)
+        end: float = Field(1.0, ge=0.0, le=1.0)
+
+    class Outputs(NodeOutputs):
+        positive: CONDITIONING.annotation
+        negative: CONDITIONING.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        if inputs.end < inputs.start:
+            raise InputError("end", f"end ({inputs.end}) is before start ({inputs.start})")
+        control: LoadedControlNet = inputs.control_net
+        hint = inputs.image.permute(0, 3, 1, 2).contiguous()
+        context_dim = control.config.unet.context_dim
+        for name in ("positive", "negative"):
+            for entry in getattr(inputs, name):
+                if entry.context.shape[-1] != context_dim:
+                    raise InputError(name, f"conditioning of width {entry.context.shape[-1]} does not fit this "
+                                           f"{control.family.value} ControlNet (width {context_dim})")
+        if inputs.strength == 0.0:
+            return self.Outputs(positive=inputs.positive, negative=inputs.negative)
+
+        # One spec per earlier stack, so positive and negative share one ControlNet call per step.
+        specs: dict[int, ControlSpec] = {}
+
+        def spec_after(previous: ControlSpec | None) -> ControlSpec:
+            if id(previous) not in specs:
+                specs[id(previous)] = ControlSpec(control.controlnet, hint, inputs.strength, inputs.start,
+                                                  inputs.end, previous=previous)
+            return specs[id(previous)]
+
+        def apply(conditioning: Conditioning) -> Conditioning:
+            return tuple(e.with_(control=spec_after(e.control)) for e in conditioning)
+
+        return self.Outputs(positive=apply(inputs.positive), negative=apply(inputs.negative))
+
+
+NODES = [TextEncode, TextEncodeSDXL, SetClipSkip, ConditioningCombine, ConditioningConcat, ConditioningSetArea,
+         ConditioningSetMask, ConditioningSetTimestepRange, ConditioningZeroOut, ApplyControlNet]

@@ -1,0 +1,179 @@
+"""Loader nodes: checkpoints, VAEs, LoRAs and ControlNets from the model folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
+from nodegraph.types import CLIP, CONTROL_NET, MODEL, VAE, Choices
+
+from .. import checkpoint, lora
+from ..components import DiffusionModel, TextEncoders, VAEModel
+from ..denoising import ModelSampling
+from ..tokenizer import CLIPTokenizer
+from . import folders
+from .common import InputError, run_device
+
+
+def _file_fingerprint(kind: str, name: Any) -> str | None:
+    try:
+        stat = folders.resolve(kind, str(name)).stat()
+    except (OSError, folders.ModelFolderError):
+        return None
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _model_file(kind: str) -> Any:
+    return Annotated[str, Choices(lambda: folders.list_files(kind), kind=kind),
+                     Field(description=f"A file under the {kind} model folder(s).")]
+
+
+def _resolve(kind: str, name: str, input_name: str = "name") -> Path:
+    try:
+        return folders.resolve(kind, name)
+    except folders.ModelFolderError as error:
+        raise InputError(input_name, str(error)) from None
+
+
+class LoadCheckpoint(Node):
+    """Load a Stable Diffusion checkpoint (SD1.x, SD2.x, SDXL; single file or diffusers folder): the
+    diffusion model, its text encoders and its VAE. The architecture is detected from the weights."""
+
+    category = "loaders"
+
+    class Inputs(NodeInputs):
+        name: _model_file("checkpoints")  # type: ignore[valid-type]
+
+    class Outputs(NodeOutputs):
+        model: MODEL.annotation
+        clip: CLIP.annotation
+        vae: VAE.annotation
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
+        return _file_fingerprint("checkpoints", literals.get("name"))
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        path = _resolve("checkpoints", inputs.name)
+        loaded = checkpoint.load_checkpoint(path, device=run_device(ctx))
+        ctx.log.info("%s: %s", inputs.name, loaded.detection.describe())
+        model = DiffusionModel(
+            unet=loaded.unet,
+            family=loaded.family,
+            sampling=ModelSampling.for_prediction(loaded.prediction),
+            latent_format=loaded.latent_format,
+            name=inputs.name,
+        )
+        embeddings = folders.first_folder("embeddings")
+        clip = TextEncoders(
+            encoders=loaded.text_encoders,
+            tokenizer=CLIPTokenizer.from_default(),
+            family=loaded.family,
+            embeddings_dir=None if embeddings is None else str(embeddings),
+        )
+        vae = None if loaded.vae is None else VAEModel(loaded.vae, loaded.latent_format, inputs.name)
+        return self.Outputs(model=model, clip=clip, vae=vae)
+
+
+class LoadVAE(Node):
+    """Load a standalone VAE (to replace a checkpoint's own). Its latent space is taken as SD1/SD2's
+    unless the file says otherwise; pair SDXL VAEs with `family` = sdxl."""
+
+    category = "loaders"
+
+    class Inputs(NodeInputs):
+        name: _model_file("vae")  # type: ignore[valid-type]
+        family: checkpoint.ModelFamily = Field(checkpoint.ModelFamily.SD1, description="Latent space the VAE serves.")
+
+    class Outputs(NodeOutputs):
+        vae: VAE.annotation
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
+        return _file_fingerprint("vae", literals.get("name"))
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        loaded = checkpoint.load_vae(_resolve("vae", inputs.name), family=inputs.family, device=run_device(ctx))
+        assert loaded.latent_format is not None
+        return self.Outputs(vae=VAEModel(loaded.vae, loaded.latent_format, inputs.name))
+
+
+class LoadLora(Node):
+    """Apply a LoRA (kohya, diffusers/PEFT or LoCon format) to a model and its text encoders, with
+    separate strengths. The base weights are not changed: the LoRA is applied while the model runs.
+    Chain several to stack them."""
+
+    category = "loaders"
+
+    class Inputs(NodeInputs):
+        model: MODEL.annotation
+        clip: CLIP.annotation
+        name: _model_file("loras")  # type: ignore[valid-type]
+        strength_model: float = Field(1.0, ge=-20.0, le=20.0, description="Strength on the diffusion model.")
+        strength_clip: float = Field(1.0, ge=-20.0, le=20.0, description="Strength on the text encoders.")
+
+    class Outputs(NodeOutputs):
+        model: MODEL.annotation
+        clip: CLIP.annotation
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
+        return _file_fingerprint("loras", literals.get("name"))
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        path = _resolve("loras", inputs.name)
+        try:
+            lora_file = lora.load_lora(path)
+        except lora.LoraFormatError as error:
+            raise InputError("name", str(error)) from None
+        model: DiffusionModel = inputs.model
+        clip: TextEncoders = inputs.clip
+        unet_deltas, _ = lora_file.deltas("unet", model.unet.state_dict())
+        used = {delta.source for delta in unet_deltas.values()}
+        clip_deltas = {}
+        for slot, encoder in clip.encoders.items():
+            deltas, _ = lora_file.deltas(slot, encoder.state_dict())
+            used |= {delta.source for delta in deltas.values()}
+            if deltas:
+                clip_deltas[slot] = deltas
+        total = len(lora_file.module_names)
+        if not used:
+            raise InputError(
+                "name",
+                f"LoRA {inputs.name} matches none of this {model.family.value} model's layers "
+                f"(0 of {total} LoRA modules matched): it was made for another architecture",
+            )
+        if len(used) < total:
+            ctx.log.warning("LoRA %s: %d of %d modules matched this %s model; the rest are ignored",
+                            inputs.name, len(used), total, model.family.value)
+        if unet_deltas:
+            model = model.with_patch(unet_deltas, inputs.strength_model)
+        if clip_deltas:
+            clip = clip.with_patches(clip_deltas, inputs.strength_clip)
+        return self.Outputs(model=model, clip=clip)
+
+
+class LoadControlNet(Node):
+    """Load a ControlNet (original or diffusers layout) for SD1.x or SDXL."""
+
+    category = "loaders"
+
+    class Inputs(NodeInputs):
+        name: _model_file("controlnet")  # type: ignore[valid-type]
+
+    class Outputs(NodeOutputs):
+        control_net: CONTROL_NET.annotation
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
+        return _file_fingerprint("controlnet", literals.get("name"))
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        loaded = checkpoint.load_controlnet(_resolve("controlnet", inputs.name), device=run_device(ctx))
+        return self.Outputs(control_net=loaded)
+
+
+NODES = [LoadCheckpoint, LoadVAE, LoadLora, LoadControlNet]

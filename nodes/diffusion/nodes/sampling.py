@@ -1,0 +1,326 @@
+"""The sampling loop as composable nodes (noise, sigmas, sampler, guider, sample) plus the
+one-node convenience samplers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from pydantic import Field
+
+from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
+from nodegraph.types import CONDITIONING, GUIDER, LATENT, MODEL, NOISE, SAMPLER, SIGMAS
+
+from .. import schedules
+from ..components import DiffusionModel, Latent, NoiseSource, ZeroNoise
+from ..guidance import CFGGuider, Conditioning, GuidanceError, check_conditioning
+from ..previews import preview_image
+from ..sampling import SamplerChoice, resize_mask, sample
+from .common import InputError
+
+SamplerName = Literal["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2m",
+                      "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "ddpm",
+                      "uni_pc", "lcm"]
+SchedulerName = Literal["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"]
+_SEED = Field(0, ge=0, le=2**63 - 1, description="Random seed; the same seed gives the same noise on every device.")
+
+
+def schedule_sigmas(model: DiffusionModel, scheduler: str, steps: int) -> torch.Tensor:
+    """(steps + 1,) sigmas of the named scheduler for a model, ending in 0."""
+    schedule = model.sampling.schedule
+    lo, hi = model.sampling.sigma_min, model.sampling.sigma_max
+    makers: dict[str, Callable[[int], torch.Tensor]] = {
+        "normal": lambda n: schedules.sigmas_normal(schedule, n),
+        "karras": lambda n: schedules.sigmas_karras(n, lo, hi),
+        "exponential": lambda n: schedules.sigmas_exponential(n, lo, hi),
+        "sgm_uniform": lambda n: schedules.sigmas_sgm_uniform(schedule, n),
+        "simple": lambda n: schedules.sigmas_simple(schedule, n),
+        "ddim_uniform": lambda n: schedules.sigmas_ddim_uniform(schedule, n),
+        "beta": lambda n: schedules.sigmas_beta(schedule, n),
+    }
+    return makers[scheduler](steps).to(torch.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class Guidance:
+    """A GUIDER value: the model and conditioning that classifier-free guidance combines."""
+
+    model: DiffusionModel
+    positive: Conditioning
+    negative: Conditioning
+    cfg: float
+
+
+def _check_guidance(model: DiffusionModel, positive: Conditioning, negative: Conditioning) -> None:
+    for name, conditioning in (("positive", positive), ("negative", negative)):
+        try:
+            check_conditioning(model.unet.config, conditioning)
+        except GuidanceError as error:
+            raise InputError(name, str(error)) from None
+
+
+def _inpaint_concat(model: DiffusionModel, latent: Latent) -> torch.Tensor | None:
+    """The extra input channels of an inpainting U-Net: the mask and the (blanked) image's latent."""
+    if not model.inpainting:
+        return None
+    samples = latent.samples
+    b, _, h, w = samples.shape
+    if latent.noise_mask is None:
+        return torch.cat([torch.ones((b, 1, h, w)), torch.zeros_like(samples)], dim=1)
+    return torch.cat([resize_mask(latent.noise_mask, b, h, w), samples], dim=1)
+
+
+def run_sampling(ctx: RunContext, guidance: Guidance, sampler: SamplerChoice, sigmas: torch.Tensor,
+                 latent: Latent, noise: NoiseSource) -> tuple[Latent, Latent]:
+    """Sample a latent with guidance; reports progress with previews. Returns (result, last denoised)."""
+    model = guidance.model
+    samples = latent.samples
+    if samples.shape[1] != model.latent_format.channels:
+        raise InputError("latent", f"{samples.shape[1]} latent channels; this model works on "
+                                   f"{model.latent_format.channels}")
+    start_noise = noise.generate(tuple(samples.shape))
+    mask = None
+    if latent.noise_mask is not None:
+        mask = resize_mask(latent.noise_mask, samples.shape[0], samples.shape[2], samples.shape[3])
+    device = next(model.unet.parameters()).device
+    last = {"denoised": samples}
+    with model.patched_unet() as unet:
+        guider = CFGGuider(unet, model.sampling, guidance.positive, guidance.negative, guidance.cfg,
+                           downscale=model.latent_format.downscale_factor, concat=_inpaint_concat(model, latent))
+
+        def on_step(i: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+            last["denoised"] = denoised
+            ctx.progress(i + 1, total, preview_image(denoised, model.family.latent_family))
+
+        result = sample(guider, sampler, sigmas, samples, start_noise, noise_mask=mask,
+                        generator=noise.sampler_generator(), device=device, callback=on_step)
+    denoised = last["denoised"].float().cpu()
+    return latent.with_(samples=result), latent.with_(samples=denoised)
+
+
+class RandomNoise(Node):
+    """Seeded Gaussian noise, generated on the CPU: the same seed gives the same image on any device."""
+
+    category = "sampling"
+
+    class Inputs(NodeInputs):
+        seed: int = _SEED
+
+    class Outputs(NodeOutputs):
+        noise: NOISE.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        return self.Outputs(noise=NoiseSource(inputs.seed))
+
+
+class DisableNoise(Node):
+    """No noise: continue sampling a latent that still holds noise (the second half of a split schedule)."""
+
+    category = "sampling"
+
+    class Outputs(NodeOutputs):
+        noise: NOISE.annotation
+
+    def run(self, inputs: NodeInputs, ctx: RunContext) -> Outputs:
+        return self.Outputs(noise=ZeroNoise())
+
+
+class Scheduler(Node):
+    """The noise levels (sigmas) to sample through. denoise < 1 keeps the last part of a longer
+    schedule, so img2img starts at the noise level that its strength implies."""
+
+    category = "sampling"
+
+    class Inputs(NodeInputs):
+        model: MODEL.annotation
+        scheduler: SchedulerName = "normal"
+        steps: int = Field(20, ge=1, le=10000)
+        denoise: float = Field(1.0, ge=0.0, le=1.0)
+
+    class Outputs(NodeOutputs):
+        sigmas: SIGMAS.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        sigmas = schedules.sigmas_for_denoise(lambda n: schedule_sigmas(inputs.model, inputs.scheduler, n),
+                                              inputs.steps, inputs.denoise)
+        return self.Outputs(sigmas=sigmas)
+
+
+class SplitSigmas(Node):
+    """Split a schedule at a step: the high-noise part and the low-noise rest (they share the boundary)."""
+
+    category = "sampling"
+
+    class Inputs(NodeInputs):
+        sigmas: SIGMAS.annotation
+        step: int = Field(0, ge=0, le=10000)
+
+    class Outputs(NodeOutputs):
+        high: SIGMAS.annotation
+        low: SIGMAS.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        try:
+            high, low = schedules.split_sigmas(inputs.sigmas, inputs.step)
+        except schedules.ScheduleError as error:
+            raise InputError("step", str(error)) from None
+        return self.Outputs(high=high, low=low)
+
+
+class SelectSampler(Node):
+    """A sampling algorithm. eta and s_noise apply to the ancestral and SDE samplers."""
+
+    category = "sampling"
+
+    class Inputs(NodeInputs):
+        sampler_name: SamplerName = "euler"
+        eta: float = Field(1.0, ge=0.0, le=10.0, description="Amount of fresh noise per step (stochastic samplers).")
+
+    class Outputs(NodeOutputs):
+        sampler: SAMPLER.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        return self.Outputs(sampler=SamplerChoice.with_supported(inputs.sampler_name, eta=inputs.eta))
+
+
+class Guider(Node):
+    """Classifier-free guidance: cfg x (positive - negative) on top of negative. At cfg 1 only the
+    positive prompt is evaluated (half the work)."""
+
+    category = "sampling"
+
+    class Inputs(NodeInputs):
+        model: MODEL.annotation
+        positive: CONDITIONING.annotation
+        negative: CONDITIONING.annotation
+        cfg: float = Field(7.0, ge=0.0, le=100.0)
+
+    class Outputs(NodeOutputs):
+        guider: GUIDER.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        _check_guidance(inputs.model, inputs.positive, inputs.negative)
+        return self.Outputs(guider=Guidance(inputs.model, tuple(inputs.positive), tuple(inputs.negative), inputs.cfg))
+
+
+class Sample(Node):
+    """Run a sampler: noise + guider + sampler + sigmas on a latent. Outputs the result and the
+    model's last denoised estimate."""
+
+    category = "sampling"
+
+    class Inputs(NodeInputs):
+        noise: NOISE.annotation
+        guider: GUIDER.annotation
+        sampler: SAMPLER.annotation
+        sigmas: SIGMAS.annotation
+        latent: LATENT.annotation
+
+    class Outputs(NodeOutputs):
+        latent: LATENT.annotation
+        denoised: LATENT.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        result, denoised = run_sampling(ctx, inputs.guider, inputs.sampler, inputs.sigmas, inputs.latent, inputs.noise)
+        return self.Outputs(latent=result, denoised=denoised)
+
+
+class DenoiseStep(Node):
+    """One guided model evaluation: the denoised estimate of a latent that holds noise of level sigma."""
+
+    category = "sampling"
+
+    class Inputs(NodeInputs):
+        guider: GUIDER.annotation
+        latent: LATENT.annotation
+        sigma: float = Field(1.0, gt=0.0, le=1000.0)
+
+    class Outputs(NodeOutputs):
+        denoised: LATENT.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        guidance: Guidance = inputs.guider
+        model = guidance.model
+        device = next(model.unet.parameters()).device
+        with model.patched_unet() as unet, torch.no_grad():
+            guider = CFGGuider(unet, model.sampling, guidance.positive, guidance.negative, guidance.cfg,
+                               downscale=model.latent_format.downscale_factor,
+                               concat=_inpaint_concat(model, inputs.latent))
+            x = inputs.latent.samples.to(device, torch.float32)
+            denoised = guider(x, torch.full((x.shape[0],), inputs.sigma, device=device))
+        return self.Outputs(denoised=inputs.latent.with_(samples=denoised.float().cpu()))
+
+
+class KSampler(Node):
+    """Sample in one node: seed, steps, cfg, sampler, scheduler and denoise strength (1 = text-to-image,
+    less = img2img from the given latent)."""
+
+    category = "sampling"
+
+    class Inputs(NodeInputs):
+        model: MODEL.annotation
+        positive: CONDITIONING.annotation
+        negative: CONDITIONING.annotation
+        latent: LATENT.annotation
+        seed: int = _SEED
+        steps: int = Field(20, ge=1, le=10000)
+        cfg: float = Field(7.0, ge=0.0, le=100.0)
+        sampler_name: SamplerName = "euler"
+        scheduler: SchedulerName = "normal"
+        denoise: float = Field(1.0, ge=0.0, le=1.0)
+
+    class Outputs(NodeOutputs):
+        latent: LATENT.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        _check_guidance(inputs.model, inputs.positive, inputs.negative)
+        sigmas = schedules.sigmas_for_denoise(lambda n: schedule_sigmas(inputs.model, inputs.scheduler, n),
+                                              inputs.steps, inputs.denoise)
+        guidance = Guidance(inputs.model, tuple(inputs.positive), tuple(inputs.negative), inputs.cfg)
+        result, _ = run_sampling(ctx, guidance, SamplerChoice(inputs.sampler_name), sigmas, inputs.latent,
+                                 NoiseSource(inputs.seed))
+        return self.Outputs(latent=result)
+
+
+class KSamplerAdvanced(Node):
+    """Sample a range of steps of a schedule: for multi-pass graphs (base then refiner) and for
+    continuing from a latent that still holds noise."""
+
+    category = "sampling"
+
+    class Inputs(NodeInputs):
+        model: MODEL.annotation
+        positive: CONDITIONING.annotation
+        negative: CONDITIONING.annotation
+        latent: LATENT.annotation
+        add_noise: bool = True
+        seed: int = _SEED
+        steps: int = Field(20, ge=1, le=10000)
+        cfg: float = Field(7.0, ge=0.0, le=100.0)
+        sampler_name: SamplerName = "euler"
+        scheduler: SchedulerName = "normal"
+        start_at_step: int = Field(0, ge=0, le=10000)
+        end_at_step: int = Field(10000, ge=0, le=10000)
+        return_with_leftover_noise: bool = False
+
+    class Outputs(NodeOutputs):
+        latent: LATENT.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        _check_guidance(inputs.model, inputs.positive, inputs.negative)
+        sigmas = schedule_sigmas(inputs.model, inputs.scheduler, inputs.steps)
+        end = min(inputs.end_at_step, inputs.steps)
+        if inputs.start_at_step >= end:
+            raise InputError("start_at_step", f"{inputs.start_at_step} leaves no steps before end_at_step {end}")
+        sigmas = sigmas[inputs.start_at_step: end + 1].clone()
+        if end < inputs.steps and not inputs.return_with_leftover_noise:
+            sigmas[-1] = 0.0
+        guidance = Guidance(inputs.model, tuple(inputs.positive), tuple(inputs.negative), inputs.cfg)
+        noise = NoiseSource(inputs.seed) if inputs.add_noise else ZeroNoise(inputs.seed)
+        result, _ = run_sampling(ctx, guidance, SamplerChoice(inputs.sampler_name), sigmas, inputs.latent, noise)
+        return self.Outputs(latent=result)
+
+
+NODES = [RandomNoise, DisableNoise, Scheduler, SplitSigmas, SelectSampler, Guider, Sample, DenoiseStep, KSampler,
+         KSamplerAdvanced]
