@@ -1,0 +1,481 @@
+"""Import ComfyUI workflows built from its core nodes: the API format (`{"3": {"class_type":
+"KSampler", "inputs": {..., "model": ["4", 0]}}}`) and the editor's UI format (`{"nodes": [...],
+"links": [[id, from_node, from_slot, to_node, to_slot, type], ...]}`) become workflows of this
+pack's nodes. ComfyUI node ids are kept; UI positions go to the `ui` block."""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+from nodegraph.importers import WorkflowImportError
+from nodegraph.node import Node
+from nodegraph.validation import ValidationIssue
+
+API_FORMAT = "ComfyUI API format"
+UI_FORMAT = "ComfyUI UI format"
+
+# Widgets of the ComfyUI editor that are no inputs of the node (some API exports carry them too):
+# what to do with a seed after each run, and the image upload button.
+UI_ONLY_WIDGETS = frozenset({"control_after_generate", "upload"})
+
+# UI node modes: 2 = muted (never runs), 4 = bypassed (inputs passed through to outputs).
+MODE_MUTED, MODE_BYPASSED = 2, 4
+# UI-only node types: comments and wire routing, which never reach ComfyUI's API format.
+NOTE_TYPES = frozenset({"Note", "MarkdownNote"})
+REROUTE, PRIMITIVE = "Reroute", "PrimitiveNode"
+
+
+class UnmappableValue(ValueError):
+    """A ComfyUI input value with no equivalent here; the message says what would be accepted."""
+
+
+def _stop_layer_to_clip_skip(value: Any) -> int:
+    # ComfyUI counts from the end with negative numbers (-1 = last layer); clip skip 1 is the last.
+    if isinstance(value, bool) or not isinstance(value, int) or value > -1:
+        raise UnmappableValue(f"expected a layer from -1 (the last) to -24, got {value!r}")
+    return -value
+
+
+def _enable_to_bool(value: Any) -> bool:
+    if value not in ("enable", "disable"):
+        raise UnmappableValue(f"expected 'enable' or 'disable', got {value!r}")
+    return value == "enable"
+
+
+@dataclass(frozen=True)
+class NodeMapping:
+    """How one ComfyUI node type becomes one of this pack's nodes."""
+
+    type: str
+    inputs: Mapping[str, str]  # ComfyUI input name -> ours (links and literals)
+    outputs: tuple[str, ...] = ()  # our output names, in ComfyUI's output slot order
+    widgets: tuple[str, ...] = ()  # ComfyUI input names in the UI format's `widgets_values` order
+    values: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)  # ComfyUI input -> value converter
+    fixed: Mapping[str, Any] = field(default_factory=dict)  # no counterpart; only this value (our behaviour) maps
+    ignored: frozenset[str] = frozenset()  # no counterpart, and no effect on the models this pack runs
+    needs_model: bool = False  # our node takes a model link that ComfyUI's does not have
+
+
+def _same(*names: str) -> dict[str, str]:
+    return {name: name for name in names}
+
+
+MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
+    "CheckpointLoaderSimple": NodeMapping("LoadCheckpoint", {"ckpt_name": "name"}, ("model", "clip", "vae"),
+                                          ("ckpt_name",)),
+    "VAELoader": NodeMapping("LoadVAE", {"vae_name": "name"}, ("vae",), ("vae_name",)),
+    "LoraLoader": NodeMapping(
+        "LoadLora", {"lora_name": "name", **_same("model", "clip", "strength_model", "strength_clip")},
+        ("model", "clip"), ("lora_name", "strength_model", "strength_clip")),
+    "ControlNetLoader": NodeMapping("LoadControlNet", {"control_net_name": "name"}, ("control_net",),
+                                    ("control_net_name",)),
+    "CLIPTextEncode": NodeMapping("TextEncode", _same("clip", "text"), ("conditioning",), ("text",)),
+    "CLIPSetLastLayer": NodeMapping("SetClipSkip", {"clip": "clip", "stop_at_clip_layer": "clip_skip"}, ("clip",),
+                                    ("stop_at_clip_layer",), {"stop_at_clip_layer": _stop_layer_to_clip_skip}),
+    "ConditioningCombine": NodeMapping("ConditioningCombine", {"conditioning_1": "a", "conditioning_2": "b"},
+                                       ("conditioning",)),
+    "ConditioningConcat": NodeMapping("ConditioningConcat",
+                                      {"conditioning_to": "target", "conditioning_from": "source"}, ("conditioning",)),
+    "ConditioningSetArea": NodeMapping(
+        "ConditioningSetArea", _same("conditioning", "width", "height", "x", "y", "strength"), ("conditioning",),
+        ("width", "height", "x", "y", "strength")),
+    "ConditioningSetMask": NodeMapping(
+        "ConditioningSetMask", _same("conditioning", "mask", "strength"), ("conditioning",),
+        ("strength", "set_cond_area"), fixed={"set_cond_area": "default"}),
+    "ConditioningSetTimestepRange": NodeMapping("ConditioningSetTimestepRange", _same("conditioning", "start", "end"),
+                                                ("conditioning",), ("start", "end")),
+    "ConditioningZeroOut": NodeMapping("ConditioningZeroOut", _same("conditioning"), ("conditioning",)),
+    "ControlNetApplyAdvanced": NodeMapping(
+        "ApplyControlNet",
+        {"start_percent": "start", "end_percent": "end",
+         **_same("positive", "negative", "control_net", "image", "strength")},
+        ("positive", "negative"), ("strength", "start_percent", "end_percent"),
+        # Newer ComfyUI passes a VAE for ControlNets of other model families; SD1/SDXL ones need none.
+        ignored=frozenset({"vae"})),
+    "EmptyLatentImage": NodeMapping("EmptyLatent", _same("width", "height", "batch_size"), ("latent",),
+                                    ("width", "height", "batch_size"), needs_model=True),
+    "LatentUpscale": NodeMapping(
+        "LatentUpscale", {"samples": "latent", "upscale_method": "method", **_same("width", "height", "crop")},
+        ("latent",), ("upscale_method", "width", "height", "crop")),
+    "LatentUpscaleBy": NodeMapping("LatentUpscaleBy",
+                                   {"samples": "latent", "upscale_method": "method", "scale_by": "scale_by"},
+                                   ("latent",), ("upscale_method", "scale_by")),
+    "LatentComposite": NodeMapping(
+        "LatentComposite", {"samples_to": "destination", "samples_from": "source", **_same("x", "y", "feather")},
+        ("latent",), ("x", "y", "feather")),
+    "LatentFromBatch": NodeMapping("LatentFromBatch", {"samples": "latent", **_same("batch_index", "length")},
+                                   ("latent",), ("batch_index", "length")),
+    "RepeatLatentBatch": NodeMapping("RepeatLatentBatch", {"samples": "latent", "amount": "amount"}, ("latent",),
+                                     ("amount",)),
+    "SetLatentNoiseMask": NodeMapping("SetLatentNoiseMask", {"samples": "latent", "mask": "mask"}, ("latent",)),
+    "VAEDecode": NodeMapping("VAEDecode", {"samples": "latent", "vae": "vae"}, ("image",)),
+    "VAEEncode": NodeMapping("VAEEncode", {"pixels": "image", "vae": "vae"}, ("latent",)),
+    "VAEEncodeForInpaint": NodeMapping(
+        "VAEEncodeForInpaint", {"pixels": "image", **_same("vae", "mask", "grow_mask_by")}, ("latent",),
+        ("grow_mask_by",)),
+    "KSampler": NodeMapping(
+        "KSampler",
+        {"latent_image": "latent",
+         **_same("model", "positive", "negative", "seed", "steps", "cfg", "sampler_name", "scheduler", "denoise")},
+        ("latent",),
+        ("seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise")),
+    "KSamplerAdvanced": NodeMapping(
+        "KSamplerAdvanced",
+        {"latent_image": "latent", "noise_seed": "seed",
+         **_same("model", "positive", "negative", "add_noise", "steps", "cfg", "sampler_name", "scheduler",
+                 "start_at_step", "end_at_step", "return_with_leftover_noise")},
+        ("latent",),
+        ("add_noise", "noise_seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler",
+         "start_at_step", "end_at_step", "return_with_leftover_noise"),
+        {"add_noise": _enable_to_bool, "return_with_leftover_noise": _enable_to_bool}),
+    "SaveImage": NodeMapping("SaveImage", {"images": "image", "filename_prefix": "filename_prefix"}, (),
+                             ("filename_prefix",)),
+    "LoadImage": NodeMapping("LoadImage", {"image": "name"}, ("image", "mask"), ("image", "upload")),
+})
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """A ComfyUI link: output slot `slot` of node `node`."""
+
+    node: str
+    slot: int
+
+
+@dataclass
+class ComfyNode:
+    """One ComfyUI node, read from either format: inputs are literal values or SourceRefs."""
+
+    id: str
+    type: str
+    inputs: dict[str, Any]
+    pos: list[float] | None = None
+
+
+class _Problems:
+    """Everything that stops a conversion, gathered so that all of it is reported at once."""
+
+    def __init__(self, importer: str) -> None:
+        self.importer = importer
+        self.unsupported: dict[str, list[str]] = defaultdict(list)
+        self.issues: list[ValidationIssue] = []
+
+    def add(self, code: str, message: str, node_id: str | None = None, input_name: str | None = None) -> None:
+        self.issues.append(ValidationIssue(code, message, node_id, input_name, {"importer": self.importer}))
+
+    def raise_any(self) -> None:
+        if self.unsupported or self.issues:
+            raise WorkflowImportError(self.importer, {t: ids for t, ids in self.unsupported.items()}, self.issues)
+
+
+def _node_classes() -> dict[str, type[Node]]:
+    from . import NODES  # the pack's own list; imported late because the pack imports this module
+
+    return {node_class.type_name: node_class for node_class in NODES}
+
+
+def _as_source(value: Any) -> SourceRef | None:
+    """API-format links are `[node_id, output_index]`."""
+    if (isinstance(value, list) and len(value) == 2 and isinstance(value[0], (str, int))
+            and not isinstance(value[0], bool) and isinstance(value[1], int) and not isinstance(value[1], bool)):
+        return SourceRef(str(value[0]), value[1])
+    return None
+
+
+# --- API format -------------------------------------------------------------------------------
+
+def _api_graph(document: Any) -> dict[str, Any] | None:
+    """The node table of an API-format document (bare, or as the body of a POST /prompt)."""
+    if isinstance(document, dict) and isinstance(document.get("prompt"), dict) and "class_type" not in document:
+        document = document["prompt"]
+    if not isinstance(document, dict) or not document:
+        return None
+    if all(isinstance(node, dict) and isinstance(node.get("class_type"), str) for node in document.values()):
+        return document
+    return None
+
+
+def read_api_nodes(document: Any) -> list[ComfyNode]:
+    """The nodes of an API-format document."""
+    graph = _api_graph(document)
+    if graph is None:
+        raise ValueError("not a ComfyUI API-format document")
+    nodes = []
+    for node_id, node in graph.items():
+        inputs = node.get("inputs") or {}
+        nodes.append(ComfyNode(str(node_id), node["class_type"],
+                               {name: _as_source(value) or value for name, value in inputs.items()}))
+    return nodes
+
+
+# --- UI format --------------------------------------------------------------------------------
+
+def _is_ui_document(document: Any) -> bool:
+    return (isinstance(document, dict) and isinstance(document.get("nodes"), list)
+            and isinstance(document.get("links", []), list)
+            and all(isinstance(node, dict) and "id" in node and "type" in node for node in document["nodes"]))
+
+
+@dataclass(frozen=True)
+class _UILink:
+    source: str
+    slot: int
+    type: Any
+
+
+def _ui_links(document: dict[str, Any], problems: _Problems) -> dict[int, _UILink]:
+    links = {}
+    for entry in document.get("links") or []:
+        if isinstance(entry, list) and len(entry) >= 5:  # [id, from_node, from_slot, to_node, to_slot, type]
+            link_id, source, slot, link_type = entry[0], entry[1], entry[2], entry[5] if len(entry) > 5 else None
+        elif isinstance(entry, dict) and {"id", "origin_id", "origin_slot"} <= set(entry):
+            link_id, source, slot, link_type = entry["id"], entry["origin_id"], entry["origin_slot"], entry.get("type")
+        else:
+            problems.add("invalid_link", f"cannot read link {entry!r}")
+            continue
+        links[link_id] = _UILink(str(source), slot, link_type)
+    return links
+
+
+def _position(node: dict[str, Any]) -> list[float] | None:
+    pos = node.get("pos")
+    if isinstance(pos, dict):  # older editors saved {"0": x, "1": y}
+        pos = [pos.get("0"), pos.get("1")]
+    if isinstance(pos, list) and len(pos) == 2 and all(isinstance(v, (int, float)) for v in pos):
+        return [float(pos[0]), float(pos[1])]
+    return None
+
+
+def _widget_values(node: dict[str, Any], mapping: NodeMapping, problems: _Problems) -> dict[str, Any]:
+    """The node's widget values by ComfyUI input name."""
+    node_id, values = str(node["id"]), node.get("widgets_values")
+    if values is None:
+        return {}
+    if isinstance(values, dict):
+        return {name: value for name, value in values.items() if name not in UI_ONLY_WIDGETS}
+    if not isinstance(values, list):
+        problems.add("invalid_widgets", f"widgets_values must be a list, got {values!r}", node_id)
+        return {}
+    names = mapping.widgets
+    if len(values) != len(names):
+        # Files from editors that do not store the UI-only widgets hold just the real ones.
+        names = tuple(name for name in names if name not in UI_ONLY_WIDGETS)
+    if len(values) != len(names):
+        problems.add("invalid_widgets", f"{node['type']} has {len(mapping.widgets)} widget values "
+                                        f"({', '.join(mapping.widgets)}), the file has {len(values)}: {values!r}",
+                     node_id)
+        return {}
+    return {name: value for name, value in zip(names, values) if name not in UI_ONLY_WIDGETS}
+
+
+def read_ui_nodes(document: Any, problems: _Problems | None = None) -> list[ComfyNode]:
+    """The nodes of a UI-format document that run, with links resolved through reroutes, bypassed
+    nodes and primitive nodes (which become literal values). Raises WorkflowImportError."""
+    own_problems = problems is None
+    problems = problems or _Problems(UI_FORMAT)
+    if not _is_ui_document(document):
+        raise ValueError("not a ComfyUI UI-format document")
+    links = _ui_links(document, problems)
+    by_id = {str(node["id"]): node for node in document["nodes"]}
+
+    def linked_inputs(node: dict[str, Any]) -> list[tuple[str, Any, int]]:
+        """(input name, input type, link id) for each connected input."""
+        found = []
+        for entry in node.get("inputs") or []:
+            if isinstance(entry, dict) and entry.get("link") is not None:
+                widget = entry.get("widget")
+                name = widget.get("name") if isinstance(widget, dict) and widget.get("name") else entry.get("name")
+                found.append((name, entry.get("type"), entry["link"]))
+        return found
+
+    def resolve(link_id: Any, target: str, input_name: str, seen: frozenset[str] = frozenset()) -> Any:
+        """What feeds an input: a SourceRef to a node that runs, or a literal from a primitive node."""
+        link = links.get(link_id)
+        if link is None:
+            problems.add("invalid_link", f"link {link_id!r} is not in the file's links", target, input_name)
+            return None
+        source = by_id.get(link.source)
+        if source is None:
+            problems.add("missing_node", f"linked to node {link.source}, which is not in the file", target, input_name)
+            return None
+        if link.source in seen:
+            problems.add("invalid_link", f"links loop through node {link.source}", target, input_name)
+            return None
+        mode = source.get("mode", 0)
+        if source["type"] == PRIMITIVE:
+            values = source.get("widgets_values") or []
+            if not values:
+                problems.add("invalid_widgets", "the primitive node feeding this input holds no value", target,
+                             input_name)
+                return None
+            return values[0]
+        if source["type"] == REROUTE or mode == MODE_BYPASSED:
+            # A bypassed node hands each output the first connected input of the same type.
+            candidates = linked_inputs(source)
+            if mode == MODE_BYPASSED:
+                candidates = [c for c in candidates if c[1] == link.type]
+            if not candidates:
+                what = "reroute" if source["type"] == REROUTE else f"bypassed {source['type']} node"
+                problems.add("invalid_link", f"fed by {what} {link.source}, which passes nothing of type "
+                                             f"{link.type} through", target, input_name)
+                return None
+            return resolve(candidates[0][2], target, input_name, seen | {link.source})
+        if mode == MODE_MUTED:
+            problems.add("muted_source", f"fed by node {link.source} ({source['type']}), which is muted; "
+                                         "mute this node too or unmute that one", target, input_name)
+            return None
+        return SourceRef(link.source, link.slot)
+
+    nodes = []
+    for node in document["nodes"]:
+        node_id, node_type = str(node["id"]), node["type"]
+        if node_type in NOTE_TYPES or node_type in (REROUTE, PRIMITIVE):
+            continue
+        if node.get("mode", 0) in (MODE_MUTED, MODE_BYPASSED):
+            continue
+        mapping = MAPPINGS.get(node_type)
+        inputs = _widget_values(node, mapping, problems) if mapping is not None else {}
+        for name, _, link_id in linked_inputs(node):
+            inputs[name] = resolve(link_id, node_id, name)
+        nodes.append(ComfyNode(node_id, node_type, inputs, _position(node)))
+    if own_problems:
+        problems.raise_any()
+    return nodes
+
+
+# --- conversion ---------------------------------------------------------------------------------
+
+def _check_choice(node_class: type[Node], our_input: str, value: Any) -> str | None:
+    """Why `value` is not one of the input's fixed choices, or None if it is (or there are none)."""
+    spec = node_class.specs().inputs.get(our_input)
+    if spec is None or spec.choices is None or value in spec.choices:
+        return None
+    return f"{value!r} is not supported here (supported: {', '.join(map(str, spec.choices))})"
+
+
+def _model_source(node_id: str, nodes: dict[str, dict[str, Any]]) -> dict[str, str] | None:
+    """The model a latent-making node is for: found at the first node downstream of it that takes a
+    model, then traced upstream through model-to-model nodes (LoRAs) to the loader. A node that feeds
+    no such node (it would not run in ComfyUI) takes the workflow's only model loader, if it has one."""
+    consumers: dict[str, list[str]] = defaultdict(list)
+    for target, entry in nodes.items():
+        for value in entry["inputs"].values():
+            if isinstance(value, dict) and "from" in value:
+                consumers[value["from"]].append(target)
+    queue, seen = deque([node_id]), {node_id}
+    while queue:
+        current = queue.popleft()
+        model = nodes[current]["inputs"].get("model") if current != node_id else None
+        if isinstance(model, dict) and "from" in model:
+            while True:
+                upstream = nodes.get(model["from"], {}).get("inputs", {}).get("model")
+                if not (model["output"] == "model" and isinstance(upstream, dict) and "from" in upstream):
+                    return model
+                model = upstream
+        for target in consumers[current]:
+            if target not in seen:
+                seen.add(target)
+                queue.append(target)
+    loaders = [loader_id for loader_id, entry in nodes.items()
+               if entry["type"] == MAPPINGS["CheckpointLoaderSimple"].type]
+    return {"from": loaders[0], "output": "model"} if len(loaders) == 1 else None
+
+
+def convert_nodes(comfy_nodes: list[ComfyNode], importer: str, problems: _Problems | None = None) -> dict[str, Any]:
+    """A version-1 workflow document from ComfyUI nodes. Raises WorkflowImportError listing every
+    unsupported node type by name and every input that cannot be mapped."""
+    problems = problems or _Problems(importer)
+    classes = _node_classes()
+    types = {node.id: node.type for node in comfy_nodes}
+    nodes: dict[str, dict[str, Any]] = {}
+    for node in comfy_nodes:
+        mapping = MAPPINGS.get(node.type)
+        if mapping is None:
+            problems.unsupported[node.type].append(node.id)
+            continue
+        node_class = classes[mapping.type]
+        inputs: dict[str, Any] = {}
+        for name, value in node.inputs.items():
+            if name in mapping.ignored or name in UI_ONLY_WIDGETS or value is None:  # None: reported broken link
+                continue
+            if name in mapping.fixed:
+                if value != mapping.fixed[name]:
+                    problems.add("unsupported_value", f"{node.type} input {name!r}: only {mapping.fixed[name]!r} "
+                                                      f"is supported here, got {value!r}", node.id, name)
+                continue
+            ours = mapping.inputs.get(name)
+            if ours is None:
+                problems.add("unknown_input", f"{node.type} has no input {name!r} that maps to {mapping.type}",
+                             node.id, name)
+                continue
+            if isinstance(value, SourceRef):
+                source_mapping = MAPPINGS.get(types.get(value.node, ""))
+                if value.node not in types:
+                    problems.add("missing_node", f"linked to node {value.node}, which is not in the workflow",
+                                 node.id, name)
+                elif source_mapping is not None:  # an unsupported source is listed by its type already
+                    if not 0 <= value.slot < len(source_mapping.outputs):
+                        problems.add("invalid_link", f"linked to output {value.slot} of node {value.node} "
+                                                     f"({types[value.node]}), which has "
+                                                     f"{len(source_mapping.outputs)} outputs", node.id, name)
+                    else:
+                        inputs[ours] = {"from": value.node, "output": source_mapping.outputs[value.slot]}
+                continue
+            if name in mapping.values:
+                try:
+                    value = mapping.values[name](value)
+                except UnmappableValue as error:
+                    problems.add("unsupported_value", f"{node.type} input {name!r}: {error}", node.id, name)
+                    continue
+            reason = _check_choice(node_class, ours, value)
+            if reason is not None:
+                problems.add("unsupported_value", f"{node.type} input {name!r}: {reason}", node.id, name)
+                continue
+            inputs[ours] = value
+        nodes[node.id] = {"type": mapping.type, "inputs": inputs}
+    for node in comfy_nodes:
+        mapping = MAPPINGS.get(node.type)
+        if mapping is not None and mapping.needs_model and node.id in nodes:
+            model = _model_source(node.id, nodes)
+            if model is None:
+                problems.add("needs_model", f"{node.type} feeds no sampler, and the workflow has several "
+                                            "checkpoint loaders: which model is it for? Connect it to a sampler", node.id)
+            else:
+                nodes[node.id]["inputs"]["model"] = model
+    problems.raise_any()
+    document: dict[str, Any] = {"version": 1, "nodes": nodes}
+    positions = {node.id: {"pos": node.pos} for node in comfy_nodes if node.pos is not None and node.id in nodes}
+    if positions:
+        document["ui"] = {"nodes": positions}
+    return document
+
+
+class ComfyAPIImporter:
+    """ComfyUI's API format: what its "Export (API)" writes and its POST /prompt takes."""
+
+    name = API_FORMAT
+
+    def detect(self, document: Any) -> bool:
+        return _api_graph(document) is not None
+
+    def convert(self, document: Any) -> dict[str, Any]:
+        return convert_nodes(read_api_nodes(document), API_FORMAT)
+
+
+class ComfyUIImporter:
+    """ComfyUI's UI format: the editor's saved workflows, also embedded in its PNGs."""
+
+    name = UI_FORMAT
+
+    def detect(self, document: Any) -> bool:
+        return _is_ui_document(document)
+
+    def convert(self, document: Any) -> dict[str, Any]:
+        problems = _Problems(UI_FORMAT)
+        return convert_nodes(read_ui_nodes(document, problems), UI_FORMAT, problems)
+
+
+IMPORTERS = [ComfyAPIImporter(), ComfyUIImporter()]

@@ -1,0 +1,267 @@
+"""ComfyUI import: the API and UI formats of ComfyUI's core nodes become workflows of the diffusion
+pack's nodes; the default text-to-image graph runs unchanged; what cannot be mapped is named."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from nodegraph.importers import UNSUPPORTED_NODE_TYPES, WorkflowImportError
+from nodegraph_diffusion.nodes import NODES, comfyui
+
+DATA = Path(__file__).with_name("data")
+API, UI = comfyui.IMPORTERS
+
+
+def load(name: str) -> dict:
+    return json.loads((DATA / name).read_text())
+
+
+@pytest.fixture
+def api_graph() -> dict:
+    return load("comfyui_txt2img_api.json")
+
+
+@pytest.fixture
+def ui_graph() -> dict:
+    return load("comfyui_txt2img_ui.json")
+
+
+def link(node: str, output: str) -> dict:
+    return {"from": node, "output": output}
+
+
+def import_error(importer, document) -> WorkflowImportError:
+    with pytest.raises(WorkflowImportError) as caught:
+        importer.convert(document)
+    return caught.value
+
+
+def issues_at(error: WorkflowImportError) -> dict[tuple[str | None, str | None], str]:
+    return {(issue.node_id, issue.input): issue.code for issue in error.issues if issue.code != UNSUPPORTED_NODE_TYPES}
+
+
+def test_default_api_graph_becomes_our_txt2img_graph(api_graph):
+    nodes = API.convert(api_graph)["nodes"]
+    assert {node_id: node["type"] for node_id, node in nodes.items()} == {
+        "3": "KSampler", "4": "LoadCheckpoint", "5": "EmptyLatent", "6": "TextEncode", "7": "TextEncode",
+        "8": "VAEDecode", "9": "SaveImage"}
+    assert nodes["3"]["inputs"] == {
+        "seed": 8566257, "steps": 2, "cfg": 8, "sampler_name": "euler", "scheduler": "normal", "denoise": 1,
+        "model": link("4", "model"), "positive": link("6", "conditioning"), "negative": link("7", "conditioning"),
+        "latent": link("5", "latent")}
+    assert nodes["4"]["inputs"] == {"name": "tiny-sd1.safetensors"}
+    # ComfyUI's empty latent has no model input; ours is linked to the loader of the sampler it feeds.
+    assert nodes["5"]["inputs"] == {"width": 32, "height": 32, "batch_size": 1, "model": link("4", "model")}
+    assert nodes["6"]["inputs"] == {"clip": link("4", "clip"), "text": "a red circle on a blue background"}
+    assert nodes["8"]["inputs"] == {"latent": link("3", "latent"), "vae": link("4", "vae")}
+    assert nodes["9"]["inputs"] == {"image": link("8", "image"), "filename_prefix": "ComfyUI"}
+
+
+def test_ui_format_converts_to_the_same_graph_with_positions(api_graph, ui_graph):
+    converted = UI.convert(ui_graph)
+    assert converted["nodes"] == API.convert(api_graph)["nodes"]
+    assert converted["ui"]["nodes"]["3"] == {"pos": [863.0, 186.0]}
+    assert set(converted["ui"]["nodes"]) == set(converted["nodes"])
+
+
+def test_each_importer_detects_only_its_format(api_graph, ui_graph):
+    assert API.detect(api_graph) and not API.detect(ui_graph)
+    assert UI.detect(ui_graph) and not UI.detect(api_graph)
+    assert API.detect({"prompt": api_graph, "client_id": "x"})  # the body of ComfyUI's POST /prompt
+    native = {"version": 1, "nodes": {"a": {"type": "TextEncode", "inputs": {}}}}
+    assert not API.detect(native) and not UI.detect(native)
+    assert not API.detect({}) and not API.detect([])
+
+
+def test_unsupported_types_and_values_are_all_named(api_graph):
+    api_graph["3"]["inputs"] |= {"sampler_name": "dpmpp_2m_sde_gpu", "scheduler": "kl_optimal"}
+    api_graph["10"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "x.pth"}}
+    api_graph["11"] = {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["10", 0],
+                                                                         "image": ["8", 0]}}
+    api_graph["12"] = {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["10", 0],
+                                                                         "image": ["8", 0]}}
+    api_graph["9"]["inputs"]["images"] = ["11", 0]  # fed by an unsupported node: listed once, by its type
+    api_graph["8"]["inputs"]["tiling"] = True
+    error = import_error(API, api_graph)
+    assert error.unsupported_types == {"ImageUpscaleWithModel": ["11", "12"], "UpscaleModelLoader": ["10"]}
+    assert "ImageUpscaleWithModel (nodes 11, 12), UpscaleModelLoader (node 10)" in error.issues[0].message
+    assert issues_at(error) == {("3", "sampler_name"): "unsupported_value", ("3", "scheduler"): "unsupported_value",
+                                ("8", "tiling"): "unknown_input"}
+    sampler_issue = next(i for i in error.issues if i.input == "sampler_name")
+    assert "'dpmpp_2m_sde_gpu' is not supported here" in sampler_issue.message and "dpmpp_2m_sde" in sampler_issue.message
+
+
+def test_broken_links_name_node_and_input(api_graph):
+    api_graph["3"]["inputs"]["positive"] = ["99", 0]
+    api_graph["8"]["inputs"]["vae"] = ["4", 3]
+    error = import_error(API, api_graph)
+    assert issues_at(error) == {("3", "positive"): "missing_node", ("8", "vae"): "invalid_link"}
+    assert error.unsupported_types == {}
+
+
+def test_advanced_sampler_clip_skip_and_lora_values(api_graph):
+    api_graph["10"] = {"class_type": "LoraLoader", "inputs": {
+        "model": ["4", 0], "clip": ["4", 1], "lora_name": "style.safetensors", "strength_model": 0.8,
+        "strength_clip": 0.5}}
+    api_graph["11"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["10", 1], "stop_at_clip_layer": -2}}
+    api_graph["6"]["inputs"]["clip"] = ["11", 0]
+    api_graph["3"] = {"class_type": "KSamplerAdvanced", "inputs": {
+        "add_noise": "enable", "noise_seed": 5, "steps": 4, "cfg": 6.5, "sampler_name": "dpmpp_2m",
+        "scheduler": "karras", "start_at_step": 1, "end_at_step": 3, "return_with_leftover_noise": "disable",
+        "model": ["10", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}}
+    nodes = API.convert(api_graph)["nodes"]
+    assert nodes["10"] == {"type": "LoadLora", "inputs": {
+        "model": link("4", "model"), "clip": link("4", "clip"), "name": "style.safetensors",
+        "strength_model": 0.8, "strength_clip": 0.5}}
+    assert nodes["11"] == {"type": "SetClipSkip", "inputs": {"clip": link("10", "clip"), "clip_skip": 2}}
+    assert nodes["3"]["type"] == "KSamplerAdvanced"
+    assert nodes["3"]["inputs"] == {
+        "add_noise": True, "seed": 5, "steps": 4, "cfg": 6.5, "sampler_name": "dpmpp_2m", "scheduler": "karras",
+        "start_at_step": 1, "end_at_step": 3, "return_with_leftover_noise": False, "model": link("10", "model"),
+        "positive": link("6", "conditioning"), "negative": link("7", "conditioning"), "latent": link("5", "latent")}
+    # The latent's model is traced through the LoRA to the checkpoint loader.
+    assert nodes["5"]["inputs"]["model"] == link("4", "model")
+
+    api_graph["11"]["inputs"]["stop_at_clip_layer"] = 1
+    api_graph["3"]["inputs"]["add_noise"] = "yes"
+    error = import_error(API, api_graph)
+    assert issues_at(error) == {("11", "stop_at_clip_layer"): "unsupported_value",
+                                ("3", "add_noise"): "unsupported_value"}
+    assert "from -1 (the last) to -24" in str(error)
+
+
+def test_inpaint_controlnet_and_latent_nodes_map():
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "m.safetensors"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "photo.png", "upload": "image"}},
+        "3": {"class_type": "VAEEncodeForInpaint", "inputs": {"pixels": ["2", 0], "vae": ["1", 2], "mask": ["2", 1],
+                                                              "grow_mask_by": 8}},
+        "4": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "canny.safetensors"}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
+        "6": {"class_type": "ConditioningSetArea", "inputs": {"conditioning": ["5", 0], "width": 64, "height": 32,
+                                                              "x": 8, "y": 16, "strength": 0.5}},
+        "7": {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["5", 0], "conditioning_2": ["6", 0]}},
+        "8": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": ["7", 0], "negative": ["5", 0], "control_net": ["4", 0], "image": ["2", 0],
+            "strength": 0.7, "start_percent": 0.1, "end_percent": 0.9, "vae": ["1", 2]}},
+        "9": {"class_type": "LatentUpscale", "inputs": {"samples": ["3", 0], "upscale_method": "bilinear",
+                                                        "width": 96, "height": 64, "crop": "center"}},
+        "10": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["9", 0], "mask": ["2", 1]}},
+        "11": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": ["8", 0], "negative": ["8", 1], "latent_image": ["10", 0], "seed": 1,
+            "steps": 3, "cfg": 5.0, "sampler_name": "uni_pc", "scheduler": "beta", "denoise": 0.6}},
+    }
+    nodes = API.convert(graph)["nodes"]
+    assert nodes["2"] == {"type": "LoadImage", "inputs": {"name": "photo.png"}}
+    assert nodes["3"]["inputs"] == {"image": link("2", "image"), "vae": link("1", "vae"), "mask": link("2", "mask"),
+                                    "grow_mask_by": 8}
+    assert nodes["6"]["inputs"] == {"conditioning": link("5", "conditioning"), "width": 64, "height": 32, "x": 8,
+                                    "y": 16, "strength": 0.5}
+    assert nodes["7"]["inputs"] == {"a": link("5", "conditioning"), "b": link("6", "conditioning")}
+    assert nodes["8"] == {"type": "ApplyControlNet", "inputs": {
+        "positive": link("7", "conditioning"), "negative": link("5", "conditioning"),
+        "control_net": link("4", "control_net"), "image": link("2", "image"), "strength": 0.7, "start": 0.1,
+        "end": 0.9}}
+    assert nodes["9"]["inputs"] == {"latent": link("3", "latent"), "method": "bilinear", "width": 96, "height": 64,
+                                    "crop": "center"}
+    assert nodes["11"]["inputs"]["negative"] == link("8", "negative")
+
+    graph["9"]["inputs"]["upscale_method"] = "bislerp"
+    assert issues_at(import_error(API, graph)) == {("9", "upscale_method"): "unsupported_value"}
+
+
+def test_empty_latent_feeding_no_sampler_takes_the_only_loader_or_is_named(api_graph):
+    api_graph["3"]["inputs"]["latent_image"] = ["12", 0]
+    api_graph["12"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}}
+    nodes = API.convert(api_graph)["nodes"]
+    assert nodes["12"]["inputs"]["model"] == link("4", "model")
+    assert nodes["5"]["inputs"]["model"] == link("4", "model")  # feeds nothing now; there is one loader
+    api_graph["13"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "other.safetensors"}}
+    error = import_error(API, api_graph)
+    assert issues_at(error) == {("5", None): "needs_model"}
+
+
+def ui_node(graph: dict, node_id: int) -> dict:
+    return next(node for node in graph["nodes"] if node["id"] == node_id)
+
+
+def test_ui_primitive_reroute_bypass_mute_and_notes(api_graph, ui_graph):
+    graph = copy.deepcopy(ui_graph)
+    # The seed widget turned into an input fed by a primitive node.
+    sampler = ui_node(graph, 3)
+    sampler["inputs"].append({"name": "seed", "type": "INT", "link": 10, "widget": {"name": "seed"}})
+    graph["nodes"].append({"id": 20, "type": "PrimitiveNode", "pos": [0, 0], "mode": 0,
+                           "outputs": [{"name": "INT", "type": "INT", "links": [10], "widget": {"name": "seed"}}],
+                           "widgets_values": [42, "fixed"]})
+    graph["links"].append([10, 20, 0, 3, 4, "INT"])
+    # The model reaches the sampler through a reroute and a bypassed LoRA loader.
+    graph["nodes"].append({"id": 21, "type": "Reroute", "pos": [0, 0], "mode": 0,
+                           "inputs": [{"name": "", "type": "*", "link": 11}],
+                           "outputs": [{"name": "", "type": "MODEL", "links": [12]}]})
+    graph["nodes"].append({"id": 22, "type": "LoraLoader", "pos": [0, 0], "mode": 4,
+                           "inputs": [{"name": "model", "type": "MODEL", "link": 12},
+                                      {"name": "clip", "type": "CLIP", "link": None}],
+                           "widgets_values": ["style.safetensors", 1, 1]})
+    graph["links"] = [entry for entry in graph["links"] if entry[0] != 1]
+    graph["links"] += [[11, 4, 0, 21, 0, "MODEL"], [12, 21, 0, 22, 0, "MODEL"], [1, 22, 0, 3, 0, "MODEL"]]
+    # A muted branch and a note change nothing.
+    graph["nodes"].append({"id": 23, "type": "SaveImage", "mode": 2, "inputs": [{"name": "images", "link": 13}],
+                           "widgets_values": ["muted"]})
+    graph["links"].append([13, 8, 0, 23, 0, "IMAGE"])
+    graph["nodes"].append({"id": 24, "type": "Note", "mode": 0, "widgets_values": ["remember the milk"]})
+
+    converted = UI.convert(graph)
+    expected = API.convert(api_graph)["nodes"]
+    expected["3"]["inputs"]["seed"] = 42
+    assert converted["nodes"] == expected
+
+
+def test_ui_problems_are_named(ui_graph):
+    graph = copy.deepcopy(ui_graph)
+    ui_node(graph, 5)["widgets_values"] = [32, 32]
+    ui_node(graph, 8)["inputs"][1]["link"] = 77
+    graph["nodes"].append({"id": 30, "type": "SaveImage", "mode": 0, "inputs": [{"name": "images", "link": 31}],
+                           "widgets_values": ["x"]})
+    graph["nodes"].append({"id": 31, "type": "VAEDecode", "mode": 2, "inputs": []})
+    graph["links"].append([31, 31, 0, 30, 0, "IMAGE"])
+    graph["nodes"].append({"id": 32, "type": "CR Prompt Text", "mode": 0, "widgets_values": ["x"]})
+    error = import_error(UI, graph)
+    assert error.unsupported_types == {"CR Prompt Text": ["32"]}
+    assert issues_at(error) == {("5", None): "invalid_widgets", ("8", "vae"): "invalid_link",
+                                ("30", "images"): "muted_source"}
+    assert "width, height, batch_size" in str(error)
+
+
+def test_every_mapping_matches_the_pack_nodes():
+    classes = {node_class.type_name: node_class for node_class in NODES}
+    for comfy_type, mapping in comfyui.MAPPINGS.items():
+        assert mapping.type in classes, comfy_type
+        specs = classes[mapping.type].specs()
+        assert set(mapping.inputs.values()) <= set(specs.inputs), comfy_type
+        assert set(mapping.outputs) <= set(specs.outputs) and len(set(mapping.outputs)) == len(mapping.outputs)
+        if mapping.needs_model:
+            assert "model" in specs.inputs and "model" not in mapping.inputs.values()
+        assert set(mapping.widgets) <= set(mapping.inputs) | set(mapping.fixed) | comfyui.UI_ONLY_WIDGETS, comfy_type
+
+
+@pytest.mark.slow
+def test_default_api_graph_runs_unchanged_from_the_command_line(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from _pipeline_fixtures import write_models
+    from nodegraph.cli import main
+
+    monkeypatch.setenv("NODEGRAPH_MODELS", str(write_models(tmp_path / "models")))
+    code = main(["run", str(DATA / "comfyui_txt2img_api.json"), "--output-dir", str(tmp_path / "out"),
+                 "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    files = [Path(line) for line in out.splitlines()]
+    assert [path.suffix for path in files] == [".png"]
+    assert files[0].name.startswith("ComfyUI")
+    with Image.open(files[0]) as image:
+        assert image.size == (32, 32)
