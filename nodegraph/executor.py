@@ -145,6 +145,7 @@ class Executor:
         emit(Event(ev.RUN_STARTED, run_id, data={"nodes": [n for n in plan.order if n in needed],
                                                  "outputs": plan.outputs}))
         values: dict[str, NodeOutputs] = {}
+        document = plan.workflow.to_json()
         try:
             for node_id in plan.order:
                 if node_id not in needed:
@@ -157,7 +158,7 @@ class Executor:
                     result.results[node_id] = NodeResult(node_id, "cached", entry.outputs, entry.files, 0.0)
                     emit(Event(ev.NODE_CACHED, run_id, node_id, {"files": list(entry.files)}))
                     continue
-                node_result = self._run_node(plan, node_id, keys[node_id], values, emit, cancel, run_id)
+                node_result = self._run_node(plan, node_id, keys[node_id], values, emit, cancel, run_id, document)
                 values[node_id] = node_result.outputs
                 result.results[node_id] = node_result
         except RunCancelled:
@@ -178,7 +179,7 @@ class Executor:
         return result
 
     def _run_node(self, plan: CompiledWorkflow, node_id: str, key: str, values: dict[str, NodeOutputs],
-                  emit: EventSink, cancel: CancelToken, run_id: str) -> NodeResult:
+                  emit: EventSink, cancel: CancelToken, run_id: str, document: dict[str, Any]) -> NodeResult:
         node = plan.nodes[node_id]
         cls = node.node_class
         emit(Event(ev.NODE_STARTED, run_id, node_id, {"node_type": cls.type_name}))
@@ -188,7 +189,7 @@ class Executor:
             emit(Event(ev.NODE_PROGRESS if kind == "progress" else ev.NODE_PREVIEW, run_id, node_id, data))
 
         ctx = RunContext(node_id, self.device, self.output_dir, logging.getLogger(f"nodegraph.node.{cls.type_name}"),
-                         cancel, report)
+                         cancel, report, run_id=run_id, workflow=document)
         try:
             raw = dict(node.literals)
             for name, link in node.links.items():

@@ -57,6 +57,11 @@ class RunContext:
     cancel_token: CancelToken
     report: Callable[[str, dict[str, Any]], None]
     files: list[str] = field(default_factory=list)
+    # What output files embed so a result can be traced and its graph reopened: the run's id and
+    # the workflow document being run (upgraded to the current version, `ui` block included).
+    # Shared by every node of the run: read it, do not modify it.
+    run_id: str = ""
+    workflow: dict[str, Any] = field(default_factory=dict)
 
     def check_cancelled(self) -> None:
         """Raise RunCancelled if the run was cancelled."""
