@@ -441,8 +441,9 @@ def convert_nodes(comfy_nodes: list[ComfyNode], importer: str, problems: _Proble
         if mapping is not None and mapping.needs_model and node.id in nodes:
             model = _model_source(node.id, nodes)
             if model is None:
-                problems.add("needs_model", f"{node.type} feeds no sampler, and the workflow has several "
-                                            "checkpoint loaders: which model is it for? Connect it to a sampler", node.id)
+                problems.add("needs_model", f"{node.type} feeds no sampler and the workflow has no single "
+                                            "checkpoint loader, so its model is unknown; connect it to a sampler",
+                             node.id)
             else:
                 nodes[node.id]["inputs"]["model"] = model
     problems.raise_any()
