@@ -230,8 +230,10 @@ def test_ui_problems_are_named(ui_graph):
     graph["nodes"].append({"id": 31, "type": "VAEDecode", "mode": 2, "inputs": []})
     graph["links"].append([31, 31, 0, 30, 0, "IMAGE"])
     graph["nodes"].append({"id": 32, "type": "CR Prompt Text", "mode": 0, "widgets_values": ["x"]})
+    graph["nodes"].append({"id": 33, "type": "6f1d2c3e-0000-4000-8000-000000000001", "mode": 0})
+    graph["definitions"] = {"subgraphs": [{"id": "6f1d2c3e-0000-4000-8000-000000000001", "name": "Upscale"}]}
     error = import_error(UI, graph)
-    assert error.unsupported_types == {"CR Prompt Text": ["32"]}
+    assert error.unsupported_types == {"CR Prompt Text": ["32"], "subgraph 'Upscale'": ["33"]}
     assert issues_at(error) == {("5", None): "invalid_widgets", ("8", "vae"): "invalid_link",
                                 ("30", "images"): "muted_source"}
     assert "width, height, batch_size" in str(error)

@@ -280,6 +280,9 @@ def read_ui_nodes(document: Any, problems: _Problems | None = None) -> list[Comf
         raise ValueError("not a ComfyUI UI-format document")
     links = _ui_links(document, problems)
     by_id = {str(node["id"]): node for node in document["nodes"]}
+    # Nodes that stand for a subgraph have its id as their type; users know it by its name.
+    subgraphs = {sub.get("id"): sub.get("name") for sub in (document.get("definitions") or {}).get("subgraphs") or []
+                 if isinstance(sub, dict)}
 
     def linked_inputs(node: dict[str, Any]) -> list[tuple[str, Any, int]]:
         """(input name, input type, link id) for each connected input."""
@@ -336,6 +339,8 @@ def read_ui_nodes(document: Any, problems: _Problems | None = None) -> list[Comf
             continue
         if node.get("mode", 0) in (MODE_MUTED, MODE_BYPASSED):
             continue
+        if node_type in subgraphs:
+            node_type = f"subgraph {subgraphs[node_type]!r}"
         mapping = MAPPINGS.get(node_type)
         inputs = _widget_values(node, mapping, problems) if mapping is not None else {}
         for name, _, link_id in linked_inputs(node):
