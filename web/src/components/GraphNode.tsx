@@ -1,0 +1,81 @@
+// One node on the canvas: typed, coloured handles, widgets for its literal inputs, run state and images.
+
+import { Handle, type Node, type NodeProps, Position } from "@xyflow/react";
+
+import { typeColor, widgetFor } from "../catalogue";
+import type { GraphNodeData } from "../graph";
+import { useEditor } from "../store";
+import { InputWidget } from "./Widgets";
+
+export function GraphNode({ id, data, selected }: NodeProps<Node<GraphNodeData, "graph">>) {
+  const catalogue = useEditor((s) => s.catalogue);
+  const linked = useEditor((s) => s.history.present.edges);
+  const issues = useEditor((s) => s.issues[id]);
+  const media = useEditor((s) => s.media[id]);
+  const runState = useEditor((s) => {
+    const runId = s.runs.queue.running ?? s.runs.order[s.runs.order.length - 1];
+    return runId === undefined ? undefined : s.runs.runs[runId]?.nodes[id];
+  });
+  const spec = catalogue?.nodes[data.nodeType];
+  const status = runState?.status ?? "idle";
+  const className = ["graph-node", `status-${status}`, selected ? "selected" : "", issues ? "has-issues" : ""].join(" ");
+
+  if (catalogue === null || spec === undefined) {
+    return (
+      <div className={className} data-testid={`node-${id}`}>
+        <div className="node-title">{data.nodeType} <span className="node-id">{id}</span></div>
+        <div className="node-issue">unknown node type {data.nodeType}: no installed pack provides it</div>
+      </div>
+    );
+  }
+  const linkedInputs = new Set(linked.filter((edge) => edge.target === id).map((edge) => edge.targetHandle));
+  const progress = runState?.progress;
+  return (
+    <div className={className} data-testid={`node-${id}`} data-status={status} title={spec.description}>
+      <div className="node-title">
+        {spec.display_name} <span className="node-id">{id}</span>
+      </div>
+      {status === "running" && (
+        <div className="node-progress" data-testid={`progress-${id}`}>
+          <div style={{ width: progress ? `${(100 * progress[0]) / Math.max(progress[1], 1)}%` : "0%" }} />
+        </div>
+      )}
+      {issues?.[""]?.map((message) => <div key={message} className="node-issue">{message}</div>)}
+      {runState?.error && <div className="node-issue">{runState.error}</div>}
+      <div className="node-body">
+        {Object.entries(spec.inputs).map(([name, input]) => {
+          const widget = widgetFor(name, input);
+          const isLinked = linkedInputs.has(name);
+          return (
+            <div className="node-input" key={name}>
+              <Handle type="target" position={Position.Left} id={name} className="socket"
+                      style={{ background: typeColor(catalogue, input.type) }} title={`${name}: ${input.type}`} />
+              <span className="socket-label" title={input.description}>
+                {name}{input.required && !isLinked && widget.kind === "none" ? " *" : ""}
+              </span>
+              {!isLinked && (
+                <InputWidget nodeId={id} name={name} spec={input} widget={widget} value={data.values[name]}
+                             randomize={data.randomize?.includes(name) ?? false} />
+              )}
+              {issues?.[name]?.map((message) => (
+                <div key={message} className="node-issue" data-testid={`issue-${id}-${name}`}>{message}</div>
+              ))}
+            </div>
+          );
+        })}
+        {Object.entries(spec.outputs).map(([name, output]) => (
+          <div className="node-output" key={name}>
+            <span className="socket-label" title={output.description}>{name}</span>
+            <Handle type="source" position={Position.Right} id={name} className="socket"
+                    style={{ background: typeColor(catalogue, output.type) }} title={`${name}: ${output.type}`} />
+          </div>
+        ))}
+      </div>
+      {media && (
+        <a href={media.kind === "image" ? media.src : undefined} target="_blank" rel="noreferrer">
+          <img className="node-media" data-testid={`media-${id}`} data-kind={media.kind} src={media.src} alt={`${id} ${media.kind}`} />
+        </a>
+      )}
+    </div>
+  );
+}

@@ -1,0 +1,88 @@
+import { describe, expect, it } from "vitest";
+
+import { catalogue } from "./testCatalogue";
+import {
+  connect, connectionProblem, copySelection, createNode, graphToWorkflow, newNodeId, paste, removeItems,
+  workflowToGraph, type WorkflowDocument,
+} from "./graph";
+
+const arithmetic: WorkflowDocument = {
+  version: 1,
+  nodes: {
+    a: { type: "Integer", inputs: { value: 3 } },
+    sum: { type: "Math", inputs: { a: { from: "a", output: "value" }, b: 4.5, operation: "add" } },
+    text: { type: "FormatText", inputs: { template: "= {a}", a: { from: "sum", output: "result" } } },
+  },
+  ui: { nodes: { a: { pos: [40, 80] }, sum: { pos: [260, 80], randomize: [] }, text: { pos: [480, 80] } } },
+};
+
+describe("workflow documents", () => {
+  it("round-trip through the graph, links as edges", () => {
+    const graph = workflowToGraph(arithmetic);
+    expect(graph.edges.map((e) => `${e.source}.${e.sourceHandle}->${e.target}.${e.targetHandle}`))
+      .toEqual(["a.value->sum.a", "sum.result->text.a"]);
+    expect(graph.nodes.find((n) => n.id === "sum")?.data.values).toEqual({ b: 4.5, operation: "add" });
+    const back = graphToWorkflow(graph);
+    expect(back.nodes).toEqual(arithmetic.nodes);
+    expect(back.ui?.nodes?.text).toEqual({ pos: [480, 80] });
+  });
+
+  it("keeps which seeds are randomised in the ui block", () => {
+    const graph = workflowToGraph({ version: 1, nodes: { s: { type: "Integer", inputs: {} } },
+                                    ui: { nodes: { s: { pos: [0, 0], randomize: ["value"] } } } });
+    expect(graph.nodes[0].data.randomize).toEqual(["value"]);
+    expect(graphToWorkflow(graph).ui?.nodes?.s.randomize).toEqual(["value"]);
+  });
+
+  it("lays out nodes without positions and refuses other documents", () => {
+    const graph = workflowToGraph({ version: 1, nodes: { x: { type: "Integer", inputs: {} }, y: { type: "Integer", inputs: {} } } });
+    expect(graph.nodes.map((n) => n.position.x)).toEqual([40, 300]);
+    expect(() => workflowToGraph({ "1": { class_type: "KSampler" } })).toThrow(/not a nodegraph workflow/);
+    expect(() => workflowToGraph({ nodes: { x: {} } })).toThrow(/node x/);
+  });
+});
+
+describe("editing", () => {
+  it("creates nodes with defaults and fresh ids", () => {
+    const node = createNode(catalogue.nodes.Math, newNodeId("Math", new Set(["math"])), { x: 1, y: 2 });
+    expect(node.id).toBe("math_2");
+    expect(node.data.values).toEqual({ a: 0, b: 0, operation: "add" });
+    expect(newNodeId("FormatText", new Set())).toBe("format_text");
+  });
+
+  it("refuses incompatible types and cycles, and one link replaces another", () => {
+    const graph = workflowToGraph(arithmetic);
+    const stringToFloat = { source: "text", sourceHandle: "text", target: "sum", targetHandle: "b" };
+    expect(connectionProblem(catalogue, graph, stringToFloat)).toBe("STRING cannot feed FLOAT");
+    expect(connectionProblem(catalogue, graph, { source: "a", sourceHandle: "value", target: "sum", targetHandle: "b" })).toBeNull();
+    const cycle = { source: "text", sourceHandle: "text", target: "text", targetHandle: "a" };
+    expect(connectionProblem(catalogue, graph, cycle)).toBe("a node cannot feed itself");
+    const loop = { source: "sum", sourceHandle: "result", target: "sum", targetHandle: "b" };
+    expect(connectionProblem(catalogue, graph, loop)).not.toBeNull();
+
+    const linked = connect(graph, { source: "a", sourceHandle: "value", target: "sum", targetHandle: "b" });
+    expect(linked.nodes.find((n) => n.id === "sum")?.data.values).toEqual({ operation: "add" });
+    const relinked = connect(linked, { source: "sum", sourceHandle: "result", target: "text", targetHandle: "a" });
+    expect(relinked.edges.filter((e) => e.target === "text")).toHaveLength(1);
+  });
+
+  it("removes nodes with their links", () => {
+    const graph = removeItems(workflowToGraph(arithmetic), new Set(["sum"]), new Set());
+    expect(graph.nodes.map((n) => n.id)).toEqual(["a", "text"]);
+    expect(graph.edges).toEqual([]);
+  });
+
+  it("copies and pastes a selection with renamed ids and inner links", () => {
+    const graph = workflowToGraph(arithmetic);
+    const snippet = copySelection(graph, new Set(["a", "sum"]));
+    expect(snippet.edges).toHaveLength(1);
+    const pasted = paste(graph, snippet, { x: 40, y: 40 });
+    expect(pasted.nodes.map((n) => n.id)).toEqual(["a", "sum", "text", "integer", "math"]);
+    expect(pasted.nodes.filter((n) => n.selected).map((n) => n.id)).toEqual(["integer", "math"]);
+    expect(pasted.nodes[3].position).toEqual({ x: 80, y: 120 });
+    expect(pasted.edges.at(-1)).toMatchObject({ source: "integer", target: "math", targetHandle: "a" });
+    // The copy is independent of the original.
+    pasted.nodes[3].data.values.value = 99;
+    expect(graph.nodes[0].data.values.value).toBe(3);
+  });
+});

@@ -1,0 +1,230 @@
+// The editor's graph (nodes with positions, edges between named sockets) and the workflow
+// document the server runs; conversion both ways, new nodes, links, copy and paste.
+
+import type { Catalogue, NodeTypeSpec } from "./catalogue";
+import { canConnect } from "./catalogue";
+
+export interface Link {
+  from: string;
+  output: string;
+}
+
+export interface WorkflowNode {
+  type: string;
+  inputs: Record<string, unknown>;
+}
+
+export interface UiNode {
+  pos?: [number, number];
+  randomize?: string[];
+  [key: string]: unknown;
+}
+
+export interface WorkflowDocument {
+  version: number;
+  nodes: Record<string, WorkflowNode>;
+  ui?: { nodes?: Record<string, UiNode>; [key: string]: unknown };
+}
+
+export interface GraphNodeData {
+  [key: string]: unknown;
+  nodeType: string;
+  /** Literal input values; linked inputs are edges instead. */
+  values: Record<string, unknown>;
+  /** Seed inputs given a new random value after each run. */
+  randomize?: string[];
+}
+
+export interface GraphNode {
+  id: string;
+  type: "graph";
+  position: { x: number; y: number };
+  data: GraphNodeData;
+  selected?: boolean;
+}
+
+export interface GraphEdge {
+  id: string;
+  source: string;
+  sourceHandle: string;
+  target: string;
+  targetHandle: string;
+  selected?: boolean;
+}
+
+export interface Graph {
+  nodes: GraphNode[];
+  edges: GraphEdge[];
+}
+
+export class WorkflowFormatError extends Error {}
+
+export function isLink(value: unknown): value is Link {
+  return typeof value === "object" && value !== null && !Array.isArray(value)
+    && typeof (value as Link).from === "string" && typeof (value as Link).output === "string"
+    && Object.keys(value).length === 2;
+}
+
+export function edgeId(target: string, input: string): string {
+  // One link per input, so the target socket names the edge.
+  return `${target}:${input}`;
+}
+
+/** The graph a workflow document describes; nodes without a saved position are laid out in a row. */
+export function workflowToGraph(document: unknown): Graph {
+  if (typeof document !== "object" || document === null || typeof (document as WorkflowDocument).nodes !== "object") {
+    throw new WorkflowFormatError('not a nodegraph workflow: expected {"version": 1, "nodes": {...}}');
+  }
+  const doc = document as WorkflowDocument;
+  const nodes: GraphNode[] = [];
+  const edges: GraphEdge[] = [];
+  let column = 0;
+  for (const [id, node] of Object.entries(doc.nodes)) {
+    if (typeof node?.type !== "string") throw new WorkflowFormatError(`node ${id}: missing "type"`);
+    const ui = doc.ui?.nodes?.[id];
+    const saved = ui?.pos;
+    const position = Array.isArray(saved) && saved.length === 2
+      ? { x: Number(saved[0]), y: Number(saved[1]) }
+      : { x: 40 + 260 * column++, y: 80 };
+    const values: Record<string, unknown> = {};
+    for (const [name, value] of Object.entries(node.inputs ?? {})) {
+      if (isLink(value)) {
+        edges.push({ id: edgeId(id, name), source: value.from, sourceHandle: value.output, target: id, targetHandle: name });
+      } else {
+        values[name] = value;
+      }
+    }
+    const data: GraphNodeData = { nodeType: node.type, values };
+    if (Array.isArray(ui?.randomize) && ui.randomize.length > 0) data.randomize = ui.randomize.map(String);
+    nodes.push({ id, type: "graph", position, data });
+  }
+  return { nodes, edges };
+}
+
+/** The workflow document for a graph, node positions in its `ui` block. */
+export function graphToWorkflow(graph: Graph): WorkflowDocument {
+  const nodes: Record<string, WorkflowNode> = {};
+  const positions: Record<string, UiNode> = {};
+  for (const node of graph.nodes) {
+    nodes[node.id] = { type: node.data.nodeType, inputs: { ...node.data.values } };
+    positions[node.id] = { pos: [Math.round(node.position.x), Math.round(node.position.y)] };
+    if (node.data.randomize && node.data.randomize.length > 0) positions[node.id].randomize = [...node.data.randomize];
+  }
+  for (const edge of graph.edges) {
+    const target = nodes[edge.target];
+    if (target !== undefined && nodes[edge.source] !== undefined) {
+      target.inputs[edge.targetHandle] = { from: edge.source, output: edge.sourceHandle };
+    }
+  }
+  return { version: 1, nodes, ui: { nodes: positions } };
+}
+
+/** An id for a new node of `type`, unused in `taken`: the type in snake case, numbered. */
+export function newNodeId(type: string, taken: Set<string>): string {
+  const base = type.replace(/([a-z0-9])([A-Z])/g, "$1_$2").toLowerCase() || "node";
+  for (let n = 1; ; n++) {
+    const id = n === 1 ? base : `${base}_${n}`;
+    if (!taken.has(id)) return id;
+  }
+}
+
+/** A new node of a catalogue type, its literal inputs set to their defaults. */
+export function createNode(spec: NodeTypeSpec, id: string, position: { x: number; y: number }): GraphNode {
+  const values: Record<string, unknown> = {};
+  for (const [name, input] of Object.entries(spec.inputs)) {
+    if (input.link_only) continue;
+    if (input.default !== undefined) values[name] = input.default;
+    else if (input.choices !== undefined && input.choices.length > 0 && input.required) values[name] = input.choices[0];
+  }
+  return { id, type: "graph", position, data: { nodeType: spec.type, values } };
+}
+
+export interface Connection {
+  source: string;
+  sourceHandle: string;
+  target: string;
+  targetHandle: string;
+}
+
+/** Why a connection may not be made, or null if it may (the socket types must be compatible). */
+export function connectionProblem(catalogue: Catalogue, graph: Graph, connection: Connection): string | null {
+  if (connection.source === connection.target) return "a node cannot feed itself";
+  const source = graph.nodes.find((node) => node.id === connection.source);
+  const target = graph.nodes.find((node) => node.id === connection.target);
+  const output = source && catalogue.nodes[source.data.nodeType]?.outputs[connection.sourceHandle];
+  const input = target && catalogue.nodes[target.data.nodeType]?.inputs[connection.targetHandle];
+  if (!output || !input) return "unknown socket";
+  if (!canConnect(catalogue, output.type, input.type)) return `${output.type} cannot feed ${input.type}`;
+  if (reaches(graph, connection.target, connection.source)) return "the link would make a cycle";
+  return null;
+}
+
+function reaches(graph: Graph, from: string, to: string): boolean {
+  const seen = new Set<string>();
+  const stack = [from];
+  while (stack.length > 0) {
+    const current = stack.pop() as string;
+    if (current === to) return true;
+    if (seen.has(current)) continue;
+    seen.add(current);
+    for (const edge of graph.edges) if (edge.source === current) stack.push(edge.target);
+  }
+  return false;
+}
+
+/** The graph with the link added, replacing any link into the same input; the input's literal goes. */
+export function connect(graph: Graph, connection: Connection): Graph {
+  const id = edgeId(connection.target, connection.targetHandle);
+  const edges = graph.edges.filter((edge) => edge.id !== id);
+  edges.push({ id, ...connection });
+  const nodes = graph.nodes.map((node) => {
+    if (node.id !== connection.target || !(connection.targetHandle in node.data.values)) return node;
+    const values = { ...node.data.values };
+    delete values[connection.targetHandle];
+    return { ...node, data: { ...node.data, values } };
+  });
+  return { nodes, edges };
+}
+
+/** The graph without the given nodes (and their links) and edges. */
+export function removeItems(graph: Graph, nodeIds: Set<string>, edgeIds: Set<string>): Graph {
+  return {
+    nodes: graph.nodes.filter((node) => !nodeIds.has(node.id)),
+    edges: graph.edges.filter((edge) => !edgeIds.has(edge.id) && !nodeIds.has(edge.source) && !nodeIds.has(edge.target)),
+  };
+}
+
+export interface Snippet {
+  nodes: GraphNode[];
+  edges: GraphEdge[];
+}
+
+/** The selected nodes and the links among them, for the clipboard. */
+export function copySelection(graph: Graph, selected: Set<string>): Snippet {
+  return {
+    nodes: graph.nodes.filter((node) => selected.has(node.id)).map((node) => structuredClone({ ...node, selected: false })),
+    edges: graph.edges.filter((edge) => selected.has(edge.source) && selected.has(edge.target))
+      .map((edge) => ({ ...edge, selected: false })),
+  };
+}
+
+/** The graph with a snippet pasted in: fresh ids, shifted by `offset`, the pasted nodes selected. */
+export function paste(graph: Graph, snippet: Snippet, offset: { x: number; y: number }): Graph {
+  const taken = new Set(graph.nodes.map((node) => node.id));
+  const renamed = new Map<string, string>();
+  const nodes: GraphNode[] = graph.nodes.map((node) => ({ ...node, selected: false }));
+  for (const node of snippet.nodes) {
+    const id = newNodeId(node.data.nodeType, taken);
+    taken.add(id);
+    renamed.set(node.id, id);
+    nodes.push({ ...structuredClone(node), id, selected: true,
+                 position: { x: node.position.x + offset.x, y: node.position.y + offset.y } });
+  }
+  const edges: GraphEdge[] = graph.edges.map((edge) => ({ ...edge, selected: false }));
+  for (const edge of snippet.edges) {
+    const source = renamed.get(edge.source) as string;
+    const target = renamed.get(edge.target) as string;
+    edges.push({ ...edge, id: edgeId(target, edge.targetHandle), source, target });
+  }
+  return { nodes, edges };
+}

@@ -1,0 +1,154 @@
+// What the editor shows about runs, folded from the server's WebSocket events (docs/api.md).
+
+export type NodeStatus = "pending" | "running" | "cached" | "executed" | "failed" | "cancelled";
+export type RunStatus = "queued" | "running" | "succeeded" | "failed" | "cancelled" | "interrupted";
+
+export interface NodeRunState {
+  status: NodeStatus;
+  progress?: [number, number];
+  preview?: string;
+  images: string[];
+  error?: string;
+}
+
+export interface RunView {
+  id: string;
+  status: RunStatus;
+  nodes: Record<string, NodeRunState>;
+  currentNode: string | null;
+  images: string[];
+  error?: string;
+  seconds?: number;
+}
+
+export interface QueueState {
+  queued: string[];
+  running: string | null;
+  paused: boolean;
+}
+
+export interface RunsState {
+  runs: Record<string, RunView>;
+  /** Run ids, oldest first. */
+  order: string[];
+  queue: QueueState;
+}
+
+export interface ServerEvent {
+  type: string;
+  run_id: string;
+  node_id: string | null;
+  [field: string]: unknown;
+}
+
+export const emptyRuns: RunsState = { runs: {}, order: [], queue: { queued: [], running: null, paused: false } };
+
+const IMAGE_URL = /\.(png|jpe?g|webp|gif|bmp)$/i;
+
+export function imageUrls(urls: unknown): string[] {
+  if (!Array.isArray(urls)) return [];
+  return urls.filter((url): url is string => typeof url === "string" && IMAGE_URL.test(url));
+}
+
+function withRun(state: RunsState, id: string, change: (run: RunView) => RunView): RunsState {
+  const known = state.runs[id];
+  const run = known ?? { id, status: "queued", nodes: {}, currentNode: null, images: [] };
+  return {
+    ...state,
+    runs: { ...state.runs, [id]: change(run) },
+    order: known ? state.order : [...state.order, id],
+  };
+}
+
+function withNode(run: RunView, nodeId: string, change: (node: NodeRunState) => NodeRunState): RunView {
+  const node = run.nodes[nodeId] ?? { status: "pending", images: [] };
+  return { ...run, nodes: { ...run.nodes, [nodeId]: change(node) } };
+}
+
+/** The state after one server event. Unknown event types change nothing. */
+export function applyEvent(state: RunsState, event: ServerEvent): RunsState {
+  const nodeId = event.node_id;
+  switch (event.type) {
+    case "queue_changed":
+      return { ...state, queue: { queued: event.queued as string[], running: event.running as string | null,
+                                  paused: event.paused as boolean } };
+    case "run_queued":
+      return withRun(state, event.run_id, (run) => ({ ...run, status: "queued" }));
+    case "run_started":
+      return withRun(state, event.run_id, (run) => {
+        const nodes: Record<string, NodeRunState> = {};
+        for (const id of event.nodes as string[]) nodes[id] = { status: "pending", images: [] };
+        return { ...run, status: "running", nodes };
+      });
+    case "node_started":
+      return withRun(state, event.run_id, (run) => ({
+        ...withNode(run, nodeId as string, (node) => ({ ...node, status: "running" })), currentNode: nodeId }));
+    case "node_progress":
+      return withRun(state, event.run_id, (run) => withNode(run, nodeId as string, (node) => ({
+        ...node, progress: [event.value as number, event.max as number] })));
+    case "node_preview":
+      return withRun(state, event.run_id, (run) => withNode(run, nodeId as string, (node) => ({
+        ...node, preview: event.image as string })));
+    case "node_cached":
+    case "node_finished": {
+      const images = imageUrls(event.file_urls);
+      const status: NodeStatus = event.type === "node_cached" ? "cached" : "executed";
+      return withRun(state, event.run_id, (run) => ({
+        ...withNode(run, nodeId as string, (node) => ({ ...node, status, images })),
+        currentNode: run.currentNode === nodeId ? null : run.currentNode,
+        images: [...run.images, ...images],
+      }));
+    }
+    case "node_failed":
+      return withRun(state, event.run_id, (run) => withNode(run, nodeId as string, (node) => ({
+        ...node, status: "failed", error: `${event.exception}: ${event.message}` })));
+    case "run_finished":
+      return withRun(state, event.run_id, (run) => ({ ...run, status: "succeeded", currentNode: null,
+                                                      seconds: event.seconds as number }));
+    case "run_failed": {
+      const error = event.error as { node_id?: string; message?: string; exception?: string } | undefined;
+      return withRun(state, event.run_id, (run) => ({ ...run, status: "failed", currentNode: null,
+        error: error ? `${error.node_id ?? ""}: ${error.exception ?? ""} ${error.message ?? ""}`.trim() : "failed" }));
+    }
+    case "run_cancelled":
+      return withRun(state, event.run_id, (run) => {
+        const nodes = Object.fromEntries(Object.entries(run.nodes).map(([id, node]) =>
+          [id, node.status === "running" ? { ...node, status: "cancelled" as NodeStatus } : node]));
+        return { ...run, status: "cancelled", currentNode: null, nodes };
+      });
+    default:
+      return state;
+  }
+}
+
+/** A run's progress from 0 to 1: finished nodes plus the running node's share of its steps. */
+export function runProgress(run: RunView): number {
+  if (run.status === "succeeded") return 1;
+  const nodes = Object.values(run.nodes);
+  if (nodes.length === 0) return 0;
+  let done = 0;
+  for (const node of nodes) {
+    if (node.status === "executed" || node.status === "cached") done += 1;
+    else if (node.status === "running" && node.progress && node.progress[1] > 0) done += node.progress[0] / node.progress[1];
+  }
+  return done / nodes.length;
+}
+
+export interface Issue {
+  code: string;
+  message: string;
+  node_id?: string | null;
+  input?: string | null;
+}
+
+/** Validation issues by node id, then by input name ("" for the node as a whole). */
+export function issuesByNode(issues: Issue[]): Record<string, Record<string, string[]>> {
+  const grouped: Record<string, Record<string, string[]>> = {};
+  for (const issue of issues) {
+    const node = issue.node_id ?? "";
+    const input = issue.input ?? "";
+    grouped[node] ??= {};
+    (grouped[node][input] ??= []).push(issue.message);
+  }
+  return grouped;
+}

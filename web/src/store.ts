@@ -1,0 +1,318 @@
+// The editor's one store: the graph with its undo history, the catalogue, runs and messages.
+// Components read it with useEditor(selector) and change it only through `actions`.
+
+import { applyEdgeChanges, applyNodeChanges, type EdgeChange, type NodeChange } from "@xyflow/react";
+import { useSyncExternalStore } from "react";
+
+import { api, ApiError } from "./api";
+import { type Catalogue, randomSeed, widgetFor } from "./catalogue";
+import {
+  connect, type Connection, connectionProblem, copySelection, createNode, type Graph, type GraphEdge,
+  type GraphNode, graphToWorkflow, newNodeId, paste, removeItems, type Snippet, workflowToGraph,
+} from "./graph";
+import { type History, record, redo, replace, startHistory, undo } from "./history";
+import { workflowFromPng } from "./pngWorkflow";
+import { applyEvent, emptyRuns, imageUrls, issuesByNode, type RunsState, type ServerEvent } from "./runState";
+
+export const SAVED_GRAPH_KEY = "nodegraph.graph";
+export const DEFAULT_WORKFLOW = "txt2img.json";
+
+export interface NodeMedia {
+  src: string;
+  kind: "preview" | "image";
+}
+
+export interface EditorState {
+  catalogue: Catalogue | null;
+  history: History<Graph>;
+  runs: RunsState;
+  issues: Record<string, Record<string, string[]>>;
+  media: Record<string, NodeMedia>;
+  message: { text: string; error: boolean } | null;
+  connected: boolean;
+  workflowName: string;
+  savedWorkflows: string[];
+  /** Bumped whenever a whole workflow is loaded, so the canvas fits it into view. */
+  loads: number;
+}
+
+let state: EditorState = {
+  catalogue: null,
+  history: startHistory<Graph>({ nodes: [], edges: [] }),
+  runs: emptyRuns,
+  issues: {},
+  media: {},
+  message: null,
+  connected: false,
+  workflowName: "untitled.json",
+  savedWorkflows: [],
+  loads: 0,
+};
+const listeners = new Set<() => void>();
+let clipboard: Snippet | null = null;
+
+function set(change: Partial<EditorState>): void {
+  const graphBefore = state.history.present;
+  state = { ...state, ...change };
+  if (state.history.present !== graphBefore) persist();
+  for (const listener of listeners) listener();
+}
+
+function persist(): void {
+  try {
+    localStorage.setItem(SAVED_GRAPH_KEY, JSON.stringify({ name: state.workflowName,
+                                                           workflow: graphToWorkflow(state.history.present) }));
+  } catch {
+    // Storage full or disabled: the graph still lives in the page; nothing else depends on it.
+  }
+}
+
+export function getState(): EditorState {
+  return state;
+}
+
+export function subscribe(listener: () => void): () => void {
+  listeners.add(listener);
+  return () => listeners.delete(listener);
+}
+
+export function useEditor<T>(select: (state: EditorState) => T): T {
+  return useSyncExternalStore(subscribe, () => select(state));
+}
+
+const graph = () => state.history.present;
+const commit = (next: Graph) => set({ history: record(state.history, next), issues: {} });
+const say = (text: string, error = false) => set({ message: { text, error } });
+
+function selectedIds(): { nodes: Set<string>; edges: Set<string> } {
+  return { nodes: new Set(graph().nodes.filter((n) => n.selected).map((n) => n.id)),
+           edges: new Set(graph().edges.filter((e) => e.selected).map((e) => e.id)) };
+}
+
+export const actions = {
+  async start(): Promise<void> {
+    try {
+      set({ catalogue: await api.catalogue() });
+    } catch (error) {
+      say(`cannot load the node catalogue: ${(error as Error).message}`, true);
+      return;
+    }
+    await actions.refreshWorkflows();
+    const saved = localStorage.getItem(SAVED_GRAPH_KEY);
+    if (saved !== null) {
+      try {
+        const { name, workflow } = JSON.parse(saved) as { name: string; workflow: unknown };
+        actions.load(workflow, name, false);
+        return;
+      } catch {
+        localStorage.removeItem(SAVED_GRAPH_KEY);  // unreadable: start from the default instead
+      }
+    }
+    if (state.savedWorkflows.includes(DEFAULT_WORKFLOW)) await actions.openSaved(DEFAULT_WORKFLOW);
+  },
+
+  async refreshWorkflows(): Promise<void> {
+    try {
+      const { workflows } = await api.workflows();
+      set({ savedWorkflows: workflows.map((w) => w.name) });
+    } catch (error) {
+      say(`cannot list saved workflows: ${(error as Error).message}`, true);
+    }
+  },
+
+  event(event: ServerEvent): void {
+    let media = state.media;
+    if (event.node_id !== null) {
+      if (event.type === "node_preview") media = { ...media, [event.node_id]: { src: event.image as string, kind: "preview" } };
+      const images = imageUrls(event.file_urls);
+      if (images.length > 0) media = { ...media, [event.node_id]: { src: images[images.length - 1], kind: "image" } };
+    }
+    set({ runs: applyEvent(state.runs, event), media });
+  },
+
+  setConnected(connected: boolean): void {
+    set({ connected });
+  },
+
+  nodesChanged(changes: NodeChange<GraphNode>[]): void {
+    const next = { ...graph(), nodes: applyNodeChanges(changes, graph().nodes) };
+    // A finished drag or a removal is one undo step; selection and in-drag moves are not.
+    const undoable = changes.some((c) => c.type === "remove" || (c.type === "position" && c.dragging === false));
+    if (changes.some((c) => c.type === "remove")) {
+      const removed = new Set(changes.filter((c) => c.type === "remove").map((c) => c.id));
+      next.edges = next.edges.filter((e) => !removed.has(e.source) && !removed.has(e.target));
+    }
+    set({ history: undoable ? record(state.history, next) : replace(state.history, next) });
+  },
+
+  edgesChanged(changes: EdgeChange<GraphEdge>[]): void {
+    const next = { ...graph(), edges: applyEdgeChanges(changes, graph().edges) as GraphEdge[] };
+    const undoable = changes.some((c) => c.type === "remove");
+    set({ history: undoable ? record(state.history, next) : replace(state.history, next) });
+  },
+
+  canConnect(connection: Connection): boolean {
+    return state.catalogue !== null && connectionProblem(state.catalogue, graph(), connection) === null;
+  },
+
+  connect(connection: Connection): void {
+    if (state.catalogue === null) return;
+    const problem = connectionProblem(state.catalogue, graph(), connection);
+    if (problem !== null) {
+      say(`cannot connect: ${problem}`, true);
+      return;
+    }
+    commit(connect(graph(), connection));
+  },
+
+  addNode(type: string, position: { x: number; y: number }): string | null {
+    const spec = state.catalogue?.nodes[type];
+    if (spec === undefined) return null;
+    const id = newNodeId(type, new Set(graph().nodes.map((n) => n.id)));
+    commit({ ...graph(), nodes: [...graph().nodes.map((n) => ({ ...n, selected: false })),
+                                 { ...createNode(spec, id, position), selected: true }] });
+    return id;
+  },
+
+  setValue(nodeId: string, input: string, value: unknown): void {
+    commit({ ...graph(), nodes: graph().nodes.map((node) => node.id !== nodeId ? node
+      : { ...node, data: { ...node.data, values: { ...node.data.values, [input]: value } } }) });
+  },
+
+  setRandomize(nodeId: string, input: string, on: boolean): void {
+    commit({ ...graph(), nodes: graph().nodes.map((node) => {
+      if (node.id !== nodeId) return node;
+      const others = (node.data.randomize ?? []).filter((name) => name !== input);
+      return { ...node, data: { ...node.data, randomize: on ? [...others, input] : others } };
+    }) });
+  },
+
+  deleteSelected(): void {
+    const { nodes, edges } = selectedIds();
+    if (nodes.size + edges.size > 0) commit(removeItems(graph(), nodes, edges));
+  },
+
+  copy(): void {
+    const { nodes } = selectedIds();
+    if (nodes.size > 0) clipboard = copySelection(graph(), nodes);
+  },
+
+  paste(): void {
+    if (clipboard !== null) commit(paste(graph(), clipboard, { x: 40, y: 40 }));
+  },
+
+  undo(): void {
+    set({ history: undo(state.history) });
+  },
+
+  redo(): void {
+    set({ history: redo(state.history) });
+  },
+
+  load(document: unknown, name: string, undoable = true): void {
+    const next = workflowToGraph(document);
+    set({ history: undoable ? record(state.history, next) : startHistory(next), workflowName: name, issues: {},
+          media: {}, loads: state.loads + 1 });
+  },
+
+  async openSaved(name: string): Promise<void> {
+    try {
+      actions.load(await api.workflow(name), name);
+      say(`opened ${name}`);
+    } catch (error) {
+      say(`cannot open ${name}: ${(error as Error).message}`, true);
+    }
+  },
+
+  async saveToServer(name: string): Promise<void> {
+    const fileName = name.endsWith(".json") ? name : `${name}.json`;
+    try {
+      await api.saveWorkflow(fileName, graphToWorkflow(graph()));
+      set({ workflowName: fileName });
+      say(`saved ${fileName}`);
+      await actions.refreshWorkflows();
+    } catch (error) {
+      say(`cannot save: ${(error as Error).message}`, true);
+    }
+  },
+
+  /** Open a dropped or chosen file: a workflow JSON, a foreign format the server converts, or a nodegraph PNG. */
+  async openFile(file: File): Promise<void> {
+    try {
+      const bytes = new Uint8Array(await file.arrayBuffer());
+      let document: unknown;
+      if (file.type === "image/png" || file.name.toLowerCase().endsWith(".png")) {
+        document = workflowFromPng(bytes);
+      } else {
+        document = JSON.parse(new TextDecoder().decode(bytes));
+      }
+      const native = typeof document === "object" && document !== null && "nodes" in document
+        && typeof (document as { nodes: unknown }).nodes === "object" && !Array.isArray((document as { nodes: unknown }).nodes);
+      if (!native) {
+        const converted = await api.convert(document);
+        document = converted.workflow;
+        say(`imported ${file.name} (${converted.importer ?? "converted"})`);
+      } else {
+        say(`opened ${file.name}`);
+      }
+      actions.load(document, file.name.replace(/\.png$/i, ".json"));
+    } catch (error) {
+      say(`cannot open ${file.name}: ${(error as Error).message}`, true);
+    }
+  },
+
+  async uploadImage(nodeId: string, input: string, file: File): Promise<void> {
+    try {
+      const uploaded = await api.upload(file);
+      set({ catalogue: await api.catalogue() });  // the inputs folder's choices now include it
+      actions.setValue(nodeId, input, uploaded.name);
+      say(`uploaded ${uploaded.name}`);
+    } catch (error) {
+      say(`upload failed: ${(error as Error).message}`, true);
+    }
+  },
+
+  async run(): Promise<void> {
+    const workflow = graphToWorkflow(graph());
+    try {
+      const { id } = await api.submit(workflow);
+      set({ issues: {} });
+      say(`queued run ${id.slice(0, 8)}`);
+      actions.randomizeSeeds();
+    } catch (error) {
+      if (error instanceof ApiError && error.issues.length > 0) {
+        set({ issues: issuesByNode(error.issues), message: { text: `not run: ${error.issues.map((i) => i.message).join("; ")}`, error: true } });
+      } else {
+        say(`cannot run: ${(error as Error).message}`, true);
+      }
+    }
+  },
+
+  randomizeSeeds(): void {
+    const catalogue = state.catalogue;
+    if (catalogue === null) return;
+    let changed = false;
+    const nodes = graph().nodes.map((node) => {
+      const spec = catalogue.nodes[node.data.nodeType];
+      if (!spec || !node.data.randomize?.length) return node;
+      const values = { ...node.data.values };
+      for (const input of node.data.randomize) {
+        const widget = spec.inputs[input] && widgetFor(input, spec.inputs[input]);
+        if (widget?.kind === "seed") {
+          values[input] = randomSeed(widget);
+          changed = true;
+        }
+      }
+      return { ...node, data: { ...node.data, values } };
+    });
+    if (changed) commit({ ...graph(), nodes });
+  },
+
+  notify(text: string, error = false): void {
+    say(text, error);
+  },
+
+  dismissMessage(): void {
+    set({ message: null });
+  },
+};
