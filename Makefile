@@ -1,23 +1,39 @@
 # The two quick-start commands: `make run` (set up, run the default workflow) and `make test`.
 PYTHON ?= python3
+NPM ?= npm
 VENV := .venv
 # torch is pinned to the CPU build on disk; an unpinned torch would pull a multi-GB CUDA build.
 PIP := $(VENV)/bin/pip install --quiet --constraint .ci/constraints.txt
 WORKFLOW ?= workflows/arithmetic.json
+# The browser editor that `nodegraph serve` serves: built from web/ with the versions in its lockfile.
+EDITOR_SOURCES := web/index.html web/package.json web/vite.config.ts web/tsconfig.json \
+	$(wildcard web/src/*.ts web/src/*.tsx web/src/*.css web/src/components/*.tsx)
 
-.PHONY: run test setup setup-test
+.PHONY: run test setup setup-test editor test-web
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-setup: $(VENV)/bin/python
+web/node_modules/.package-lock.json: web/package-lock.json
+	cd web && $(NPM) ci --no-audit --no-fund
+
+web/dist/index.html: web/node_modules/.package-lock.json $(EDITOR_SOURCES)
+	cd web && $(NPM) run build
+
+editor: web/dist/index.html
+
+setup: $(VENV)/bin/python editor
 	$(PIP) --editable .
 
-setup-test: $(VENV)/bin/python
+setup-test: $(VENV)/bin/python editor
 	$(PIP) --editable '.[test]'
 
 run: setup
 	$(VENV)/bin/nodegraph run $(WORKFLOW)
 
-test: setup-test
+test-web: web/node_modules/.package-lock.json
+	cd web && $(NPM) test
+
+# The Python suite includes the editor's end-to-end test (tests/web), which needs Chromium.
+test: setup-test test-web
 	$(VENV)/bin/python -m pytest
