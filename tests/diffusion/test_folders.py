@@ -67,7 +67,8 @@ def test_comfyui_layout_from_the_working_directory_config_with_relative_paths(is
         '[inputs]\ndir = "pictures"\n')
     assert folders.list_files("checkpoints") == ["sdxl/base.safetensors"]
     assert folders.list_files("loras") == ["detail.safetensors", "extra.safetensors"]
-    assert folders.resolve("loras", "extra.safetensors").resolve() == (isolated / "more-loras" / "extra.safetensors").resolve()
+    extra = folders.resolve("loras", "extra.safetensors")
+    assert extra.resolve() == (isolated / "more-loras" / "extra.safetensors").resolve()
     assert folders.inputs_dir().resolve() == (isolated / "pictures").resolve()
 
 

@@ -9,14 +9,11 @@ A root is a models directory laid out like ours, ComfyUI's or A1111's; see docs/
 
 from __future__ import annotations
 
-import logging
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 MODELS_ENV = "NODEGRAPH_MODELS"
 INPUTS_ENV = "NODEGRAPH_INPUTS"
@@ -108,7 +105,8 @@ def read_config(path: Path) -> FolderConfig:
     extra: dict[str, tuple[Path, ...]] = {}
     for kind, value in folders.items():
         if kind not in KIND_SUBFOLDERS:
-            raise FolderConfigError(f"{path}: models.folders.{kind}: unknown kind; expected one of {', '.join(MODEL_KINDS)}")
+            raise FolderConfigError(f"{path}: models.folders.{kind}: unknown kind; "
+                                    f"expected one of {', '.join(MODEL_KINDS)}")
         extra[kind] = _paths(value, f"{path}: models.folders.{kind}", base)
     inputs_table = data.get("inputs", {})
     if not isinstance(inputs_table, dict) or set(inputs_table) - {"dir"}:
@@ -201,7 +199,8 @@ def _relative_parts(name: str, what: str) -> tuple[str, ...]:
     normalized = name.replace("\\", "/")
     path = PurePosixPath(normalized)
     if path.is_absolute() or (len(normalized) > 1 and normalized[1] == ":") or ".." in path.parts:
-        raise ModelFolderError(f"{what}: {name!r} is not a name inside the folder (absolute paths and '..' are refused)")
+        raise ModelFolderError(f"{what}: {name!r} is not a name inside the folder "
+                               "(absolute paths and '..' are refused)")
     return tuple(part for part in path.parts if part != ".")
 
 
