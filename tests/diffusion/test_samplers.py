@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
+import sys
 from typing import Callable
 
 import numpy as np
@@ -184,6 +186,26 @@ def test_ddpm_matches_diffusers_with_shared_noise() -> None:
     _assert_close(ours, _run_diffusers(sched, x0.clone() / (1 + sigmas[0] ** 2) ** 0.5, seed=1))
 
 
+@pytest.mark.parity
+@pytest.mark.parametrize("steps", [1, 4, 8])
+def test_lcm_matches_diffusers_with_shared_noise(steps: int) -> None:
+    sched = _diffusers_scheduler("LCMScheduler", original_inference_steps=50, timestep_scaling=10.0)
+    sched.set_timesteps(steps)
+    ac = sched.alphas_cumprod[sched.timesteps]
+    # the scheduler's last step lands on its prediction: our schedule ends at sigma 0
+    sigmas = torch.cat([((1 - ac) / ac).sqrt(), torch.zeros(1)])
+    # diffusers mixes its prediction with the input through LCM's boundary condition
+    # (c_skip = 0.25 / ((10 t)^2 + 0.25), c_out = 10 t / sqrt((10 t)^2 + 0.25)); that is the model's
+    # parameterisation, not the sampler's, and on LCM's timesteps (t >= 19) it is the identity to ~1e-5
+    for t in sched.timesteps:
+        c_skip, c_out = sched.get_scalings_for_boundary_condition_discrete(t)
+        assert float(c_skip) < 1e-5 and abs(1 - float(c_out)) < 1e-5
+    x0 = _start(sigmas[0])
+    g = torch.Generator().manual_seed(1)
+    ours = K.sample_lcm(fake_denoiser, x0.clone(), sigmas, generator=g)
+    _assert_close(ours, _run_diffusers(sched, x0.clone() / (1 + sigmas[0] ** 2) ** 0.5, seed=1))
+
+
 def _reference_lms_coefficient(sig: np.ndarray, order: int, i: int, j: int) -> float:
     # the Lagrange basis integrated with a fine composite trapezoid rule
     s = np.linspace(sig[i], sig[i + 1], 20001)
@@ -207,6 +229,102 @@ def test_lms_coefficients_and_run_match_written_out_multistep() -> None:
         cur = min(i + 1, 4)
         ref = ref + sum(_reference_lms_coefficient(sig, cur, i, j) * ds[-1 - j] for j in range(cur))
     _assert_close(K.sample_lms(fake_denoiser, x, sigmas), ref)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("kw", [{}, {"use_karras_sigmas": True}])
+def test_lms_matches_diffusers(kw: dict) -> None:
+    pytest.importorskip("scipy")  # diffusers integrates its LMS coefficients with scipy.integrate.quad
+    # LMS steps the VE variable like the Euler family; its sigmas end with 0
+    sched = _diffusers_scheduler("LMSDiscreteScheduler", timestep_spacing="linspace", **kw)
+    sched.set_timesteps(8)
+    sigmas = sched.sigmas
+    assert sigmas.numel() == 9 and sigmas[-1] == 0
+    x0 = _start(sigmas[0])
+    ours = K.sample_lms(fake_denoiser, x0.clone(), sigmas)
+    _assert_close(ours, _run_diffusers(sched, x0.clone()))
+
+
+
+# DPM-Solver++ (Lu et al. 2022) written out in the paper's variance-preserving notation: x_vp = alpha * x0
+# + sig * eps with alpha = 1/sqrt(1+s^2), sig = s/sqrt(1+s^2), lambda = log(alpha/sig) for VE sigma s.
+def _vp(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    alpha = 1 / (1 + s**2) ** 0.5
+    sig = s * alpha
+    return alpha, sig, (alpha / sig).log()
+
+
+def _vp_data_prediction(x_vp: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    alpha, sig, _ = _vp(s)
+    return (x_vp - sig * fake_eps(x_vp)) / alpha
+
+
+def _dpmpp_1(x_vp: torch.Tensor, s: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver++ first-order update from s to t with the data prediction x0."""
+    (_, sig_s, lam_s), (alpha_t, sig_t, lam_t) = _vp(s), _vp(t)
+    return (sig_t / sig_s) * x_vp - alpha_t * torch.expm1(-(lam_t - lam_s)) * x0
+
+
+def _ancestral_split(s: torch.Tensor, s_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # k-diffusion's split (eta=1): VE noise of std sigma_up re-added after a deterministic step to sigma_down
+    up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5
+    return (s_next**2 - up**2) ** 0.5, up
+
+
+def _renoise(x_vp: torch.Tensor, down: torch.Tensor, up: torch.Tensor, s_next: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    # adding VE noise: x_ve(s_next) = x_ve(down) + up * z, with x_ve = x_vp / alpha
+    return _vp(s_next)[0] * (x_vp / _vp(down)[0] + up * z)
+
+
+def _shared_noise(n: int) -> tuple[list[torch.Tensor], Callable]:
+    g = torch.Generator().manual_seed(5)
+    draws = [torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(n)]
+    pending = list(draws)
+    return draws, lambda s, s_next: pending.pop(0)
+
+
+def test_dpmpp_2s_ancestral_matches_written_out_dpm_solver_pp_2s() -> None:
+    sigmas = S.sigmas_karras(8, 0.03, 14.6).to(torch.float64)
+    draws, noise = _shared_noise(7)
+    x = _start(sigmas[0]).to(torch.float64)
+    ours = K.sample_dpmpp_2s_ancestral(fake_denoiser, x.clone(), sigmas, noise_sampler=noise)
+    x_vp = x * _vp(sigmas[0])[0]
+    for i in range(8):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        if s_next == 0:
+            x_vp = _vp_data_prediction(x_vp, s)
+            continue
+        down, up = _ancestral_split(s, s_next)
+        # Algorithm 1 of the paper with r = 1/2: the intermediate point halves the step in lambda
+        lam_mid = 0.5 * (_vp(s)[2] + _vp(down)[2])
+        s_mid = (-lam_mid).exp()
+        u = _dpmpp_1(x_vp, s, s_mid, _vp_data_prediction(x_vp, s))
+        x_vp = _dpmpp_1(x_vp, s, down, _vp_data_prediction(u, s_mid))
+        x_vp = _renoise(x_vp, down, up, s_next, draws[i])
+    _assert_close(ours, x_vp)
+
+
+def test_dpmpp_sde_matches_written_out_two_stage_sde_step() -> None:
+    sigmas = S.sigmas_karras(8, 0.03, 14.6).to(torch.float64)
+    draws, noise = _shared_noise(14)
+    x = _start(sigmas[0]).to(torch.float64)
+    ours = K.sample_dpmpp_sde(fake_denoiser, x.clone(), sigmas, noise_sampler=noise)
+    x_vp = x * _vp(sigmas[0])[0]
+    z = iter(draws)
+    for i in range(8):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = _vp_data_prediction(x_vp, s)
+        if s_next == 0:
+            x_vp = x0
+            continue
+        # stage 1: ancestral first-order step to the log-sigma midpoint
+        s_mid = (s * s_next) ** 0.5
+        down, up = _ancestral_split(s, s_mid)
+        u = _renoise(_dpmpp_1(x_vp, s, down, x0), down, up, s_mid, next(z))
+        # stage 2: ancestral first-order step over the whole interval with the midpoint's prediction
+        down, up = _ancestral_split(s, s_next)
+        x_vp = _renoise(_dpmpp_1(x_vp, s, down, _vp_data_prediction(u, s_mid)), down, up, s_next, next(z))
+    _assert_close(ours, x_vp)
 
 
 # For Gaussian data N(0, v) the exact denoiser is x * v / (v + sigma^2) and the probability-flow ODE
@@ -280,3 +398,20 @@ def test_callback_sees_every_step_and_noise_sampler_is_used() -> None:
     for i in range(5):
         x = fake_denoiser(x, sigmas[i : i + 1])
     _assert_close(out, x)
+
+
+def test_every_sampler_has_a_reference_test() -> None:
+    # a reference test is a parity test or one named "..._written_out_..."; the samplers it runs are
+    # read from its source (body and parametrize decorator), so a new sampler without one fails here
+    by_function = {fn.__name__: name for name, fn in K.SAMPLERS.items()}
+    covered: set[str] = set()
+    for test_name, test in vars(sys.modules[__name__]).items():
+        if not (test_name.startswith("test_") and callable(test)):
+            continue
+        marks = {m.name for m in getattr(test, "pytestmark", [])}
+        if "parity" not in marks and "written_out" not in test_name:
+            continue
+        for fn_name in re.findall(r"\bK\.(sample_\w+)", inspect.getsource(test)):
+            covered.add(by_function[fn_name])
+    missing = sorted(set(K.SAMPLERS) - covered)
+    assert not missing, f"samplers without a parity or written-out formula test: {missing}"
