@@ -253,6 +253,9 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import LOOPBACK_NAMES, new_token, serve  # aiohttp is needed only here
 
+    # Packs that list input images (LoadImage) read $NODEGRAPH_INPUTS: uploads land where they look.
+    inputs_dir = args.inputs_dir or Path(os.environ.get("NODEGRAPH_INPUTS") or "inputs")
+    os.environ["NODEGRAPH_INPUTS"] = str(inputs_dir)
     registry, problems = build_registry(args.nodes_dir or [DEFAULT_NODES_DIR])
     _print_problems(problems)
     beyond_loopback = args.listen not in LOOPBACK_NAMES
@@ -265,7 +268,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print("serving beyond this machine: every request needs the access token", file=sys.stderr)
     print(f"serving on {address}", file=sys.stderr)
     serve(registry, args.db, host=args.listen, port=args.port, output_dir=args.output_dir, device=args.device,
-          token=token, inputs_dir=args.inputs_dir, workflows_dir=args.workflows_dir,
+          token=token, inputs_dir=inputs_dir, workflows_dir=args.workflows_dir,
           **({"editor_dir": args.editor_dir} if args.editor_dir else {}))
     return EXIT_OK
 
@@ -317,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "listening beyond this machine)")
     serve.add_argument("--db", type=Path, default=Path("nodegraph-runs.sqlite"), help="run queue and history database")
     serve.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where output files go (default outputs/)")
-    serve.add_argument("--inputs-dir", type=Path, default=Path("inputs"), help="where uploaded images go (default inputs/)")
+    serve.add_argument("--inputs-dir", type=Path, help="where uploaded images go, and where image nodes look "
+                                                        "(default: $NODEGRAPH_INPUTS, else inputs/)")
     serve.add_argument("--workflows-dir", type=Path, default=Path("workflows"),
                        help="saved workflows the editor lists (default workflows/)")
     serve.add_argument("--editor-dir", type=Path, help="the built editor to serve (default: web/dist of this checkout)")

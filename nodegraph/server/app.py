@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..cache import OutputCache
 from ..event_json import event_json
 from ..events import Event
 from ..executor import Executor
 from ..files import atomic_write
+from ..importers import is_native
 from ..registry import NodeRegistry
 from ..validation import WorkflowInvalid
 from .access import (LOOPBACK_NAMES, Handler, error_response, loopback_host_only, same_origin_only,
@@ -25,7 +26,7 @@ from .access import (LOOPBACK_NAMES, Handler, error_response, loopback_host_only
 from .folders import (IMAGE_SUFFIXES, MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, NotAFile, PathRefused, ServedFolder,
                       UploadRefused, check_image, safe_file_name, store_upload)
 from .openapi import openapi_document
-from .queue import FINISHED, QUEUE_CHANGED, NotQueued, RunQueue, RunStore, UnknownRun
+from .queue import FINISHED, QUEUE_CHANGED, QUEUE_EVENT_IDS, NotQueued, RunQueue, RunStore, UnknownRun
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +319,21 @@ async def save_workflow(request: web.Request) -> web.Response:
     return web.json_response({"name": name}, status=201)
 
 
+async def convert_workflow(request: web.Request) -> web.Response:
+    """A document of another tool (ComfyUI's, say) converted by a pack's importer; ours unchanged."""
+    document = await _read_json(request)
+    try:
+        converted, importer = await asyncio.to_thread(request.app[REGISTRY_KEY].import_document, document)
+    except WorkflowInvalid as invalid:  # WorkflowImportError: every node and input it cannot map
+        return web.json_response({"error": "cannot_import", "message": str(invalid),
+                                  "issues": [i.to_json() for i in invalid.issues]}, status=400)
+    if importer is None and not is_native(converted):
+        known = ", ".join(i.name for i in request.app[REGISTRY_KEY].importers) or "none loaded"
+        return error_response(422, "unknown_format", "not a nodegraph workflow, and no importer recognises it "
+                              f"(importers: {known})")
+    return web.json_response({"workflow": converted, "importer": importer})
+
+
 # -- the event stream --
 
 async def event_stream(request: web.Request) -> web.WebSocketResponse:
@@ -328,7 +344,8 @@ async def event_stream(request: web.Request) -> web.WebSocketResponse:
     socket = web.WebSocketResponse(heartbeat=30)
     await socket.prepare(request)
     queue = request.app[QUEUE_KEY]
-    await socket.send_str(json.dumps({"type": QUEUE_CHANGED, "run_id": "", "node_id": None, **queue.snapshot()}))
+    await socket.send_str(json.dumps({"type": QUEUE_CHANGED, "run_id": "", "node_id": None,
+                                      **queue.snapshot(QUEUE_EVENT_IDS)}))
     sockets = request.app[SOCKETS_KEY]
     sockets.add(socket)
     try:
@@ -415,15 +432,19 @@ def create_app(registry: NodeRegistry, db_path: Path | str, output_dir: Path | s
         queue.start()
         app[QUEUE_KEY] = queue
 
+    async def close_sockets(app: web.Application) -> None:
+        # Before the server waits for open requests to end: an event stream never ends by itself.
+        for socket in list(app[SOCKETS_KEY]):
+            await socket.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
     async def stop_queue(app: web.Application) -> None:
         queue = app[QUEUE_KEY]
         await asyncio.to_thread(queue.stop)
         queue.store.close()
         app[BROADCASTER_KEY].cancel()
-        for socket in list(app[SOCKETS_KEY]):
-            await socket.close()
 
     app.on_startup.append(start_queue)
+    app.on_shutdown.append(close_sockets)
     app.on_cleanup.append(stop_queue)
     app.router.add_post("/api/runs", submit_run)
     app.router.add_get("/api/runs", list_runs)
@@ -440,6 +461,7 @@ def create_app(registry: NodeRegistry, db_path: Path | str, output_dir: Path | s
     app.router.add_get("/api/files/{folder}/{path:.+}", download_file)
     app.router.add_post("/api/files/inputs", upload_input)
     app.router.add_get("/api/workflows", list_workflows)
+    app.router.add_post("/api/workflows/convert", convert_workflow)
     app.router.add_get("/api/workflows/{name}", get_workflow)
     app.router.add_put("/api/workflows/{name}", save_workflow)
     app.router.add_get("/api/health", health)

@@ -35,7 +35,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "InvalidWorkflow": {
         "type": "object", "required": ["error", "issues"],
-        "properties": {"error": {"const": "invalid_workflow"}, "message": {"type": "string"},
+        "properties": {"error": {"enum": ["invalid_workflow", "cannot_import"]}, "message": {"type": "string"},
                        "issues": {"type": "array", "items": {"$ref": "#/components/schemas/Issue"}}},
     },
     "Workflow": {
@@ -68,8 +68,9 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "Queue": {
-        "type": "object", "required": ["queued", "running", "paused"],
+        "type": "object", "required": ["queued", "queued_count", "running", "paused"],
         "properties": {"queued": {"type": "array", "items": {"type": "string"}, "description": "Run ids, next first."},
+                       "queued_count": {"type": "integer", "description": "How many runs wait."},
                        "running": {"type": ["string", "null"]}, "paused": {"type": "boolean"}},
     },
     "Catalogue": {
@@ -186,6 +187,17 @@ PATHS: dict[str, Any] = {
     "/api/workflows": {"get": {"summary": "The saved workflows (the server's workflows/ folder)",
                                "responses": {"200": _json({"type": "object", "properties": {"workflows": {
                                    "type": "array", "items": {"$ref": "#/components/schemas/File"}}}}, "Names.")}}},
+    "/api/workflows/convert": {"post": {
+        "summary": "Convert another tool's workflow (e.g. ComfyUI API or UI format) with the packs' importers",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
+        "responses": {"200": _json({"type": "object", "required": ["workflow", "importer"], "properties": {
+            "workflow": {"$ref": "#/components/schemas/Workflow"},
+            "importer": {"type": ["string", "null"], "description": "The importer used; null for our own format."}}},
+            "The workflow in our format."),
+            "400": _json({"$ref": "#/components/schemas/InvalidWorkflow"},
+                         "Recognised but not convertible: every unsupported node type and input."),
+            "422": _error("No importer recognises the document.")},
+    }},
     "/api/workflows/{name}": {
         "get": {"summary": "A saved workflow document", "parameters": [_WORKFLOW_NAME],
                 "responses": {"200": _json({"$ref": "#/components/schemas/Workflow"}, "The document."),

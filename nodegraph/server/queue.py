@@ -27,6 +27,9 @@ FINISHED = (SUCCEEDED, FAILED, CANCELLED, INTERRUPTED)
 # no single run (pause, say) has an empty run_id.
 RUN_QUEUED = "run_queued"
 QUEUE_CHANGED = "queue_changed"
+QUEUE_EVENT_IDS = 20
+"""A queue_changed event names only the next this many runs: with hundreds queued, every change
+would otherwise send every id to every client (GET /api/queue has them all)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -78,6 +81,10 @@ class RunStore:
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
         with self._lock:
+            # WAL: readers do not wait for the worker's writes, and a commit needs no fsync of the
+            # whole file; synchronous=NORMAL keeps every commit across a process crash.
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             columns = {row["name"] for row in self._db.execute("PRAGMA table_info(runs)")}
             if "rank" not in columns:  # a database from before the queue could be re-ordered
@@ -294,18 +301,20 @@ class RunQueue:
             self._queue_changed()
             self._wake.notify_all()
 
-    def snapshot(self) -> dict[str, Any]:
-        """The queue as clients see it: waiting run ids in order, the running one, and whether paused."""
+    def snapshot(self, limit: int | None = None) -> dict[str, Any]:
+        """The queue as clients see it: waiting run ids in order (the first `limit`), how many
+        wait, the running one, and whether paused."""
         with self._wake:
-            return self._snapshot()
+            return self._snapshot(limit)
 
-    def _snapshot(self) -> dict[str, Any]:
+    def _snapshot(self, limit: int | None = None) -> dict[str, Any]:
         running = self._current[0] if self._current is not None else None
-        return {"queued": self.store.queued_ids(), "running": running, "paused": self._paused}
+        waiting = self.store.queued_ids()
+        return {"queued": waiting[:limit], "queued_count": len(waiting), "running": running, "paused": self._paused}
 
     def _queue_changed(self) -> None:
         """Tell listeners the queue's new state; the caller holds `_wake`."""
-        self._broadcast(Event(QUEUE_CHANGED, "", data=self._snapshot()))
+        self._broadcast(Event(QUEUE_CHANGED, "", data=self._snapshot(QUEUE_EVENT_IDS)))
 
     def get(self, run_id: str) -> dict[str, Any]:
         run = self.store.get(run_id)

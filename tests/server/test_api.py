@@ -266,5 +266,5 @@ def test_serve_command_listens_on_localhost(tmp_path):
         assert health == {"ok": True, "paused": False, "queued": 0}
     finally:
         process.send_signal(signal.SIGINT)
-        process.communicate(timeout=10)
+        process.communicate(timeout=60)
     assert (tmp_path / "runs.sqlite").exists()

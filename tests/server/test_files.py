@@ -150,3 +150,45 @@ async def test_saved_workflows(make_client, tmp_path):
     assert (await client.put("/api/workflows/bad.json", json=[1, 2])).status == 400
     assert (await client.get("/api/workflows/none.json")).status == 404
     assert sorted(p.name for p in (tmp_path / "workflows").iterdir()) == ["sum.json"]
+
+
+class ListFormat:
+    """A made-up foreign format: {"steps": [numbers]} becomes a chain of Value nodes into a Sink."""
+
+    name = "list format"
+
+    def detect(self, document) -> bool:
+        return isinstance(document, dict) and isinstance(document.get("steps"), list)
+
+    def convert(self, document) -> dict:
+        from nodegraph.importers import WorkflowImportError
+
+        if not all(isinstance(step, (int, float)) for step in document["steps"]):
+            raise WorkflowImportError(self.name, {"NotANumber": ["0"]})
+        nodes = {f"v{i}": {"type": "Value", "inputs": {"value": step}} for i, step in enumerate(document["steps"])}
+        nodes["out"] = {"type": "Sink", "inputs": {"value": {"from": "v0", "output": "value"}}}
+        return {"version": 1, "nodes": nodes}
+
+
+@pytest.mark.asyncio
+async def test_convert_foreign_workflows(aiohttp_client, tmp_path):
+    from _server_fixtures import counting_registry, make_client_factory
+
+    registry = counting_registry()
+    registry.add_pack("list", [], importers=[ListFormat()])
+    client = await make_client_factory(aiohttp_client, registry, tmp_path)()
+
+    response = await client.post("/api/workflows/convert", json={"steps": [4, 5]})
+    body = await response.json()
+    assert response.status == 200 and body["importer"] == "list format"
+    assert body["workflow"]["nodes"]["v1"] == {"type": "Value", "inputs": {"value": 5}}
+    assert (await client.post("/api/runs", json={"workflow": body["workflow"]})).status == 201
+
+    same = await (await client.post("/api/workflows/convert", json=SUM)).json()
+    assert same == {"workflow": SUM, "importer": None}
+
+    refused = await client.post("/api/workflows/convert", json={"steps": ["x"]})
+    assert refused.status == 400 and (await refused.json())["error"] == "cannot_import"
+    assert "NotANumber" in (await refused.json())["message"]
+    unknown = await client.post("/api/workflows/convert", json={"something": "else"})
+    assert unknown.status == 422 and "list format" in (await unknown.json())["message"]

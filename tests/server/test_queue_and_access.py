@@ -15,6 +15,7 @@ from _server_fixtures import PICTURE_PACK_DIR, SUM, make_client_factory, submit,
 from _server_fixtures import make_client, registry  # noqa: F401
 from nodegraph.plugins import build_registry
 from nodegraph.server import RunStore, openapi_document
+from nodegraph.server.queue import QUEUE_EVENT_IDS
 
 
 @pytest.mark.asyncio
@@ -24,8 +25,8 @@ async def test_reorder_the_queue(make_client):
     ids = [await submit(client, SUM, outputs=[node]) for node in ("a", "b", "out")]
     response = await client.post("/api/queue/order", json={"order": [ids[2], ids[0]]})
     assert (await response.json()) == {"queued": [ids[2], ids[0], ids[1]]}
-    assert (await (await client.get("/api/queue")).json()) == {"queued": [ids[2], ids[0], ids[1]], "running": None,
-                                                               "paused": True}
+    assert (await (await client.get("/api/queue")).json()) == {"queued": [ids[2], ids[0], ids[1]], "queued_count": 3,
+                                                               "running": None, "paused": True}
 
     response = await client.post("/api/queue/order", json={"order": [ids[1], "nope"]})
     assert response.status == 409 and (await response.json())["run_ids"] == ["nope"]
@@ -40,6 +41,18 @@ async def test_reorder_the_queue(make_client):
         if event["type"] == "run_started":
             started.append(event["run_id"])
     assert started == [ids[2], ids[0], ids[1]]
+    await socket.close()
+
+
+@pytest.mark.asyncio
+async def test_queue_events_name_only_the_next_runs(make_client):
+    client = await make_client()
+    await client.post("/api/queue/pause")
+    ids = [await submit(client, SUM, outputs=["a"]) for _ in range(QUEUE_EVENT_IDS + 3)]
+    socket = await client.ws_connect("/api/events")
+    state = await socket.receive_json()
+    assert state["queued"] == ids[:QUEUE_EVENT_IDS] and state["queued_count"] == len(ids)
+    assert (await (await client.get("/api/queue")).json())["queued"] == ids
     await socket.close()
 
 
@@ -173,3 +186,19 @@ async def test_editor_page_is_served_with_a_content_policy(make_client, tmp_path
     missing = await make_client(editor_dir=tmp_path / "nothing")
     response = await missing.get("/")
     assert response.status == 404 and "npm run build" in await response.text()
+
+
+@pytest.mark.asyncio
+async def test_shutdown_closes_event_streams_promptly(make_client):
+    """An open editor tab must not hold Ctrl-C up for the server's 60 s shutdown grace period."""
+    import time
+
+    client = await make_client()
+    socket = await client.ws_connect("/api/events")
+    await socket.receive_json()
+    started = time.monotonic()
+    await client.server.close()
+    message = await asyncio.wait_for(socket.receive(), 5)
+    assert message.extra == "server shutdown"
+    assert time.monotonic() - started < 5
+    await socket.close()
