@@ -58,7 +58,7 @@ def test_default_api_graph_becomes_our_txt2img_graph(api_graph):
     assert nodes["5"]["inputs"] == {"width": 32, "height": 32, "batch_size": 1, "model": link("4", "model")}
     assert nodes["6"]["inputs"] == {"clip": link("4", "clip"), "text": "a red circle on a blue background"}
     assert nodes["8"]["inputs"] == {"latent": link("3", "latent"), "vae": link("4", "vae")}
-    assert nodes["9"]["inputs"] == {"image": link("8", "image"), "filename_prefix": "ComfyUI"}
+    assert nodes["9"]["inputs"] == {"images": link("8", "image"), "filename_prefix": "ComfyUI"}
 
 
 def test_ui_format_converts_to_the_same_graph_with_positions(api_graph, ui_graph):
@@ -157,7 +157,7 @@ def test_inpaint_controlnet_and_latent_nodes_map():
             "steps": 3, "cfg": 5.0, "sampler_name": "uni_pc", "scheduler": "beta", "denoise": 0.6}},
     }
     nodes = API.convert(graph)["nodes"]
-    assert nodes["2"] == {"type": "LoadImage", "inputs": {"name": "photo.png"}}
+    assert nodes["2"] == {"type": "LoadImage", "inputs": {"image": "photo.png"}}
     assert nodes["3"]["inputs"] == {"image": link("2", "image"), "vae": link("1", "vae"), "mask": link("2", "mask"),
                                     "grow_mask_by": 8}
     assert nodes["6"]["inputs"] == {"conditioning": link("5", "conditioning"), "width": 64, "height": 32, "x": 8,
@@ -173,6 +173,32 @@ def test_inpaint_controlnet_and_latent_nodes_map():
 
     graph["9"]["inputs"]["upscale_method"] = "bislerp"
     assert issues_at(import_error(API, graph)) == {("9", "upscale_method"): "unsupported_value"}
+
+
+def test_image_nodes_map():
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png", "upload": "image"}},
+        "2": {"class_type": "LoadImageMask", "inputs": {"image": "mask.png", "channel": "red", "upload": "image"}},
+        "3": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "nearest-exact",
+                                                     "width": 64, "height": 0, "crop": "disabled"}},
+        "4": {"class_type": "ImagePadForOutpaint", "inputs": {"image": ["3", 0], "left": 8, "top": 0, "right": 16,
+                                                              "bottom": 0, "feathering": 4}},
+        "5": {"class_type": "ImageCompositeMasked", "inputs": {"destination": ["4", 0], "source": ["1", 0], "x": 4,
+                                                               "y": 2, "resize_source": False, "mask": ["2", 0]}},
+        "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
+    }
+    nodes = API.convert(graph)["nodes"]
+    assert nodes["2"] == {"type": "LoadMask", "inputs": {"image": "mask.png", "channel": "red"}}
+    assert nodes["3"]["inputs"] == {"image": link("1", "image"), "method": "nearest", "width": 64, "height": 0,
+                                    "crop": "disabled"}
+    assert nodes["5"] == {"type": "ImageCompositeMasked", "inputs": {
+        "destination": link("4", "image"), "source": link("1", "image"), "x": 4, "y": 2, "mask": link("2", "mask")}}
+    assert nodes["6"] == {"type": "PreviewImage", "inputs": {"images": link("5", "image")}}
+
+    graph["5"]["inputs"]["resize_source"] = True
+    graph["3"]["inputs"]["upscale_method"] = "bislerp"
+    assert issues_at(import_error(API, graph)) == {("5", "resize_source"): "unsupported_value",
+                                                   ("3", "upscale_method"): "unsupported_value"}
 
 
 def test_empty_latent_feeding_no_sampler_takes_the_only_loader_or_is_named(api_graph):
@@ -255,10 +281,15 @@ def test_every_mapping_matches_the_pack_nodes():
 def test_default_api_graph_runs_unchanged_from_the_command_line(tmp_path, monkeypatch, capsys):
     from PIL import Image
 
-    from _pipeline_fixtures import write_models
+    from _checkpoint_fixtures import write_safetensors
+    from _pipeline_fixtures import sd1_weights
     from nodegraph.cli import main
 
-    monkeypatch.setenv("NODEGRAPH_MODELS", str(write_models(tmp_path / "models")))
+    # Only the SD1 checkpoint of the pipeline fixtures' models folder: the graph loads nothing else.
+    checkpoints = tmp_path / "models" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    write_safetensors(checkpoints / "tiny-sd1.safetensors", sd1_weights(), dtype=None)
+    monkeypatch.setenv("NODEGRAPH_MODELS", str(tmp_path / "models"))
     code = main(["run", str(DATA / "comfyui_txt2img_api.json"), "--output-dir", str(tmp_path / "out"),
                  "--device", "cpu"])
     out, err = capsys.readouterr()

@@ -45,6 +45,11 @@ def _enable_to_bool(value: Any) -> bool:
     return value == "enable"
 
 
+def _image_resize_method(value: Any) -> Any:
+    # ComfyUI's image nodes call their nearest-neighbour filter by the latent nodes' name for it.
+    return "nearest" if value == "nearest-exact" else value
+
+
 @dataclass(frozen=True)
 class NodeMapping:
     """How one ComfyUI node type becomes one of this pack's nodes."""
@@ -131,9 +136,26 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
         ("add_noise", "noise_seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler",
          "start_at_step", "end_at_step", "return_with_leftover_noise"),
         {"add_noise": _enable_to_bool, "return_with_leftover_noise": _enable_to_bool}),
-    "SaveImage": NodeMapping("SaveImage", {"images": "image", "filename_prefix": "filename_prefix"}, (),
-                             ("filename_prefix",)),
-    "LoadImage": NodeMapping("LoadImage", {"image": "name"}, ("image", "mask"), ("image", "upload")),
+    "SaveImage": NodeMapping("SaveImage", _same("images", "filename_prefix"), (), ("filename_prefix",)),
+    "PreviewImage": NodeMapping("PreviewImage", _same("images")),
+    "LoadImage": NodeMapping("LoadImage", _same("image"), ("image", "mask"), ("image", "upload")),
+    "LoadImageMask": NodeMapping("LoadMask", _same("image", "channel"), ("mask",), ("image", "channel", "upload")),
+    "ImageScale": NodeMapping(
+        "ImageScale", {"upscale_method": "method", **_same("image", "width", "height", "crop")}, ("image",),
+        ("upscale_method", "width", "height", "crop"), {"upscale_method": _image_resize_method}),
+    "ImageScaleBy": NodeMapping("ImageScaleBy", {"image": "image", "upscale_method": "method", "scale_by": "factor"},
+                                ("image",), ("upscale_method", "scale_by"), {"upscale_method": _image_resize_method}),
+    "ImagePadForOutpaint": NodeMapping(
+        "PadForOutpaint", _same("image", "left", "top", "right", "bottom", "feathering"), ("image", "mask"),
+        ("left", "top", "right", "bottom", "feathering")),
+    "ImageInvert": NodeMapping("InvertImage", _same("image"), ("image",)),
+    "InvertMask": NodeMapping("InvertMask", _same("mask"), ("mask",)),
+    "ImageToMask": NodeMapping("ImageToMask", _same("image", "channel"), ("mask",), ("channel",)),
+    "MaskToImage": NodeMapping("MaskToImage", _same("mask"), ("image",)),
+    "ImageBatch": NodeMapping("ImageBatch", _same("image1", "image2"), ("image",)),
+    "ImageCompositeMasked": NodeMapping(
+        "ImageCompositeMasked", _same("destination", "source", "x", "y", "mask"), ("image",),
+        ("x", "y", "resize_source"), fixed={"resize_source": False}),
 })
 
 
