@@ -175,6 +175,34 @@ def test_inpaint_controlnet_and_latent_nodes_map():
     assert issues_at(import_error(API, graph)) == {("9", "upscale_method"): "unsupported_value"}
 
 
+def test_custom_sampler_stages_map(api_graph):
+    del api_graph["3"]
+    api_graph |= {
+        "10": {"class_type": "RandomNoise", "inputs": {"noise_seed": 7, "control_after_generate": "fixed"}},
+        "11": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmpp_2m"}},
+        "12": {"class_type": "BasicScheduler", "inputs": {"model": ["4", 0], "scheduler": "karras", "steps": 6,
+                                                          "denoise": 1.0}},
+        "13": {"class_type": "SplitSigmas", "inputs": {"sigmas": ["12", 0], "step": 2}},
+        "14": {"class_type": "CFGGuider", "inputs": {"model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
+                                                     "cfg": 4.5}},
+        "15": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["10", 0], "guider": ["14", 0],
+                                                                 "sampler": ["11", 0], "sigmas": ["13", 1],
+                                                                 "latent_image": ["5", 0]}},
+        "16": {"class_type": "DisableNoise", "inputs": {}},
+    }
+    api_graph["8"]["inputs"]["samples"] = ["15", 1]
+    nodes = API.convert(api_graph)["nodes"]
+    assert nodes["10"] == {"type": "RandomNoise", "inputs": {"seed": 7}}
+    assert nodes["12"]["inputs"] == {"model": link("4", "model"), "scheduler": "karras", "steps": 6, "denoise": 1.0}
+    assert nodes["14"]["type"] == "Guider" and nodes["14"]["inputs"]["cfg"] == 4.5
+    assert nodes["15"] == {"type": "Sample", "inputs": {
+        "noise": link("10", "noise"), "guider": link("14", "guider"), "sampler": link("11", "sampler"),
+        "sigmas": link("13", "low"), "latent": link("5", "latent")}}
+    assert nodes["8"]["inputs"]["latent"] == link("15", "denoised")
+    assert nodes["5"]["inputs"]["model"] == link("4", "model")
+    assert nodes["16"] == {"type": "DisableNoise", "inputs": {}}
+
+
 def test_image_nodes_map():
     graph = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png", "upload": "image"}},
@@ -275,6 +303,17 @@ def test_every_mapping_matches_the_pack_nodes():
         if mapping.needs_model:
             assert "model" in specs.inputs and "model" not in mapping.inputs.values()
         assert set(mapping.widgets) <= set(mapping.inputs) | set(mapping.fixed) | comfyui.UI_ONLY_WIDGETS, comfy_type
+
+
+def test_convert_command_writes_the_ui_graph_in_our_format(tmp_path, capsys, api_graph):
+    from nodegraph.cli import main
+
+    out = tmp_path / "txt2img.json"
+    assert main(["convert", str(DATA / "comfyui_txt2img_ui.json"), str(out)]) == 0
+    assert comfyui.UI_FORMAT in capsys.readouterr().out
+    written = json.loads(out.read_text())
+    assert written["version"] == 1 and written["nodes"] == API.convert(api_graph)["nodes"]
+    assert written["ui"]["nodes"]["4"] == {"pos": [26.0, 474.0]}
 
 
 @pytest.mark.slow
