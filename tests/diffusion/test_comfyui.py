@@ -102,6 +102,8 @@ def test_broken_links_name_node_and_input(api_graph):
     error = import_error(API, api_graph)
     assert issues_at(error) == {("3", "positive"): "missing_node", ("8", "vae"): "invalid_link"}
     assert error.unsupported_types == {}
+    api_graph["9"]["inputs"] = ["ComfyUI"]
+    assert issues_at(import_error(API, api_graph)) == {("9", None): "invalid_document"}
 
 
 def test_advanced_sampler_clip_skip_and_lora_values(api_graph):

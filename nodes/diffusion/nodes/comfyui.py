@@ -235,11 +235,15 @@ def read_api_nodes(document: Any) -> list[ComfyNode]:
     graph = _api_graph(document)
     if graph is None:
         raise ValueError("not a ComfyUI API-format document")
-    nodes = []
+    nodes, problems = [], _Problems(API_FORMAT)
     for node_id, node in graph.items():
         inputs = node.get("inputs") or {}
+        if not isinstance(inputs, dict):
+            problems.add("invalid_document", f"'inputs' must be an object, got {inputs!r}", str(node_id))
+            continue
         nodes.append(ComfyNode(str(node_id), node["class_type"],
                                {name: _as_source(value) or value for name, value in inputs.items()}))
+    problems.raise_any()
     return nodes
 
 
