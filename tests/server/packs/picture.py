@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import time
 
 from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
 from pydantic import Field
 
 from nodegraph.files import write_numbered
@@ -48,7 +50,7 @@ class PromptPicture(Node):
 
 
 class SavePicture(Node):
-    """Writes the picture as a new numbered PNG in the output folder."""
+    """Writes the picture as a new numbered PNG in the output folder, the workflow in its text."""
 
     category = "picture"
     output_node = True
@@ -61,8 +63,11 @@ class SavePicture(Node):
         pass
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        # The workflow travels in the PNG, as with the diffusion pack's SaveImage, so the editor can reopen it.
+        text = PngInfo()
+        text.add_text("workflow", json.dumps(ctx.workflow))
         buffer = io.BytesIO()
-        inputs.image.save(buffer, format="PNG")
+        inputs.image.save(buffer, format="PNG", pnginfo=text)
         ctx.record_file(write_numbered(ctx.output_dir, inputs.filename_prefix, ".png", buffer.getvalue()))
         return self.Outputs()
 
