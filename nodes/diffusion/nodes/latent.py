@@ -13,6 +13,7 @@ from nodegraph.types import IMAGE, LATENT, MASK, MODEL, VAE
 
 from ..components import DiffusionModel, Latent, VAEModel
 from .common import InputError
+from .images import as_mask, check_mask_size
 
 UpscaleMethod = Literal["nearest-exact", "bilinear", "area", "bicubic"]
 _SIZE = dict(ge=16, le=16384)
@@ -213,12 +214,6 @@ class RepeatLatentBatch(Node):
         return self.Outputs(latent=latent.with_(samples=latent.samples.repeat(inputs.amount, 1, 1, 1), noise_mask=mask))
 
 
-def _check_mask_size(mask: torch.Tensor, height: int, width: int, what: str) -> None:
-    if tuple(mask.shape[-2:]) != (height, width):
-        raise InputError("mask", f"mask is {mask.shape[-1]}x{mask.shape[-2]} pixels but the {what} is "
-                                 f"{width}x{height}; resize it first")
-
-
 class SetLatentNoiseMask(Node):
     """Only the masked part of the latent is resampled; the rest stays as it is (inpainting)."""
 
@@ -233,8 +228,9 @@ class SetLatentNoiseMask(Node):
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         latent: Latent = inputs.latent
-        _check_mask_size(inputs.mask, *latent.pixel_size, "latent's image")
-        mask = inputs.mask.reshape(-1, 1, *inputs.mask.shape[-2:]).float()
+        mask = as_mask(inputs.mask)
+        check_mask_size(mask, *latent.pixel_size, "latent's image")
+        mask = mask[:, None]
         return self.Outputs(latent=latent.with_(noise_mask=mask))
 
 
@@ -348,8 +344,8 @@ class VAEEncodeForInpaint(Node):
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         vae = _vae(inputs.vae)
-        image, mask = inputs.image, inputs.mask.reshape(-1, *inputs.mask.shape[-2:]).float()
-        _check_mask_size(mask, image.shape[1], image.shape[2], "image")
+        image, mask = inputs.image, as_mask(inputs.mask)
+        check_mask_size(mask, image.shape[1], image.shape[2], "image")
         if inputs.grow_mask_by:
             k = 2 * inputs.grow_mask_by + 1
             mask = F.max_pool2d(mask[:, None], kernel_size=k, stride=1, padding=inputs.grow_mask_by)[:, 0]

@@ -131,6 +131,10 @@ class LoadLora(Node):
             raise InputError("name", str(error)) from None
         model: DiffusionModel = inputs.model
         clip: TextEncoders = inputs.clip
+        family = model.family.latent_family
+        if lora_file.family is not None and lora_file.family != family:
+            raise InputError("name", f"LoRA {inputs.name} was made for {lora_file.family} models, this is a "
+                                     f"{family} model ({len(lora_file.module_names)} LoRA modules)")
         unet_deltas, _ = lora_file.deltas("unet", model.unet.state_dict())
         used = {delta.source for delta in unet_deltas.values()}
         clip_deltas = {}
