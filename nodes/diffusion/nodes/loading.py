@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 from pydantic import Field
 
@@ -104,20 +104,20 @@ class LoadVAE(Node):
 class LoadLora(Node):
     """Apply a LoRA (kohya, diffusers/PEFT or LoCon format) to a model and its text encoders, with
     separate strengths. The base weights are not changed: the LoRA is applied while the model runs.
-    Chain several to stack them."""
+    Chain several to stack them; leave `clip` unconnected to patch the diffusion model only."""
 
     category = "loaders"
 
     class Inputs(NodeInputs):
         model: MODEL.annotation
-        clip: CLIP.annotation
+        clip: Optional[CLIP.annotation] = None
         name: _model_file("loras")  # type: ignore[valid-type]
         strength_model: float = Field(1.0, ge=-20.0, le=20.0, description="Strength on the diffusion model.")
         strength_clip: float = Field(1.0, ge=-20.0, le=20.0, description="Strength on the text encoders.")
 
     class Outputs(NodeOutputs):
         model: MODEL.annotation
-        clip: CLIP.annotation
+        clip: Optional[CLIP.annotation]
 
     @classmethod
     def fingerprint(cls, literals: dict[str, Any]) -> str | None:
@@ -130,7 +130,7 @@ class LoadLora(Node):
         except lora.LoraFormatError as error:
             raise InputError("name", str(error)) from None
         model: DiffusionModel = inputs.model
-        clip: TextEncoders = inputs.clip
+        clip: TextEncoders | None = inputs.clip
         family = model.family.latent_family
         if lora_file.family is not None and lora_file.family != family:
             raise InputError("name", f"LoRA {inputs.name} was made for {lora_file.family} models, this is a "
@@ -138,7 +138,7 @@ class LoadLora(Node):
         unet_deltas, _ = lora_file.deltas("unet", model.unet.state_dict())
         used = {delta.source for delta in unet_deltas.values()}
         clip_deltas = {}
-        for slot, encoder in clip.encoders.items():
+        for slot, encoder in (clip.encoders.items() if clip is not None else ()):
             deltas, _ = lora_file.deltas(slot, encoder.state_dict())
             used |= {delta.source for delta in deltas.values()}
             if deltas:
@@ -155,7 +155,7 @@ class LoadLora(Node):
                             inputs.name, len(used), total, model.family.value)
         if unet_deltas:
             model = model.with_patch(unet_deltas, inputs.strength_model)
-        if clip_deltas:
+        if clip is not None and clip_deltas:
             clip = clip.with_patches(clip_deltas, inputs.strength_clip)
         return self.Outputs(model=model, clip=clip)
 
