@@ -165,7 +165,7 @@ async def test_editor_runs_the_txt2img_workflow(case_name, serve, tmp_path):
 
     async with Browser(chromium, tmp_path / "profile") as page:
         await page.goto(f"{base}/")
-        await page.wait_for("document.querySelectorAll('.palette-item').length > 0", what="the palette")
+        await page.wait_for("document.querySelector('.editor[data-ready=true]') !== null", what="the editor to start")
         # Every node type of the catalogue is in the palette, descriptions as tooltips.
         catalogue = _get_json(f"{base}/api/nodes")["nodes"]
         listed = await page.evaluate("[...document.querySelectorAll('.palette-item')].map(e => e.dataset.testid)")

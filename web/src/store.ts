@@ -34,6 +34,8 @@ export interface EditorState {
   savedWorkflows: string[];
   /** Bumped whenever a whole workflow is loaded, so the canvas fits it into view. */
   loads: number;
+  /** The start-up work (catalogue, saved or default graph) is done. */
+  ready: boolean;
 }
 
 let state: EditorState = {
@@ -47,6 +49,7 @@ let state: EditorState = {
   workflowName: "untitled.json",
   savedWorkflows: [],
   loads: 0,
+  ready: false,
 };
 const listeners = new Set<() => void>();
 let clipboard: Snippet | null = null;
@@ -91,6 +94,11 @@ function selectedIds(): { nodes: Set<string>; edges: Set<string> } {
 
 export const actions = {
   async start(): Promise<void> {
+    await actions.loadInitialGraph();
+    set({ ready: true });
+  },
+
+  async loadInitialGraph(): Promise<void> {
     try {
       set({ catalogue: await api.catalogue() });
     } catch (error) {

@@ -79,9 +79,17 @@ function Canvas() {
   const loads = useEditor((s) => s.loads);
   const flow = useReactFlow();
   useEffect(() => {
-    // After React Flow has measured the new nodes.
-    const timer = setTimeout(() => void flow.fitView({ padding: 0.15 }), 60);
-    return () => clearTimeout(timer);
+    // Bring a newly loaded workflow into view once React Flow has measured all of its nodes.
+    let frames = 0;
+    let handle = 0;
+    const fitWhenMeasured = () => {
+      const wanted = new Set(getState().history.present.nodes.map((node) => node.id));
+      const shown = flow.getNodes().filter((node) => wanted.has(node.id) && node.measured?.width);
+      if (wanted.size > 0 && shown.length === wanted.size) void flow.fitView({ padding: 0.1 });
+      else if (frames++ < 300) handle = requestAnimationFrame(fitWhenMeasured);
+    };
+    handle = requestAnimationFrame(fitWhenMeasured);
+    return () => cancelAnimationFrame(handle);
   }, [loads, flow]);
 
   const isValidConnection: IsValidConnection = (connection) => actions.canConnect(asConnection(connection as FlowConnection));
@@ -145,8 +153,9 @@ function Editor() {
     const centre = box ? { x: box.left + box.width / 2, y: box.top + box.height / 2 } : { x: 400, y: 300 };
     actions.addNode(type, flow.screenToFlowPosition(centre));
   };
+  const ready = useEditor((s) => s.ready);
   return (
-    <div className="editor">
+    <div className="editor" data-ready={ready}>
       <Toolbar />
       <div className="main">
         <Palette onAdd={addAtCentre} />
