@@ -268,3 +268,45 @@ def test_serve_command_listens_on_localhost(tmp_path):
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=60)
     assert (tmp_path / "runs.sqlite").exists()
+
+
+def test_serve_beyond_loopback_prints_and_requires_a_token(tmp_path):
+    import re
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.2", 0))  # any loopback address other than the default counts as "beyond"
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "nodegraph", "serve", "--listen", "127.0.0.2", "--port", str(port),
+                                "--db", str(tmp_path / "runs.sqlite"), "--nodes-dir", str(tmp_path)],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 90  # imports all packs (torch) on a busy machine
+        while not any("serving on" in line for line in lines):
+            assert process.poll() is None and time.monotonic() < deadline, lines
+            lines.append(process.stderr.readline())
+        address = re.search(r"serving on (\S+)", "".join(lines)).group(1)
+        token = re.fullmatch(rf"http://127\.0\.0\.2:{port}/\?token=([\w-]{{40,}})", address).group(1)
+        base = f"http://127.0.0.2:{port}"
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/api/health", timeout=1)
+                raise AssertionError("served without the token")
+            except urllib.error.HTTPError as error:
+                assert error.code == 401
+                break
+            except urllib.error.URLError:
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.1)
+        request = urllib.request.Request(f"{base}/api/health", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=60)
