@@ -101,6 +101,11 @@ class Page:
                                    f" if (!e) return false; e.click(); return true; }})()"):
             raise BrowserError(f"no element {selector}")
 
+    async def press(self, key: str, code: str, key_code: int) -> None:
+        """Press and release a key, as a user at the keyboard would."""
+        for kind in ("keyDown", "keyUp"):
+            await self.send("Input.dispatchKeyEvent", type=kind, key=key, code=code, windowsVirtualKeyCode=key_code)
+
     async def screenshot(self, path: Path) -> None:
         data = await self.send("Page.captureScreenshot", format="png")
         path.parent.mkdir(parents=True, exist_ok=True)

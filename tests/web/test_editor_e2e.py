@@ -203,11 +203,28 @@ async def test_editor_runs_the_txt2img_workflow(case_name, serve, tmp_path):
         await page.send("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(png_path)])
         await page.wait_for(f"{text_of(prompt_box)} === {json.dumps(prompt)}", what="the workflow restored from the PNG")
 
+        if case_name == "picture":
+            # Delete the link into the save node: the server refuses the run and the editor shows why on
+            # that node's input; undo brings the link back.
+            await page.evaluate("document.querySelector('.react-flow__pane').click()")
+            await page.evaluate("(() => { const e = document.querySelector('[data-id=\"save:image\"]');"
+                                " e.dispatchEvent(new MouseEvent('click', {bubbles: true})); })()")
+            await page.wait_for("document.querySelector('.react-flow__edge.selected') !== null", what="a selected link")
+            await page.evaluate("document.activeElement?.blur()")  # keys typed into a text box do not delete
+            await page.press("Delete", "Delete", 46)
+            await page.wait_for("document.querySelectorAll('.react-flow__edge').length === 1", what="the link deleted")
+            await page.click("[data-testid=run]")
+            issue = await page.wait_for("document.querySelector('[data-testid=issue-save-image]')?.textContent",
+                                        what="the validation error on the save node's input")
+            assert "image" in issue
+            await page.click("button[title='Ctrl+Z']")
+            await page.wait_for("document.querySelectorAll('.react-flow__edge').length === 2", what="the link back")
+
     picture = Image.open(png_path)
     stored = json.loads(picture.text["workflow"])
     assert stored["nodes"][case.prompt_node]["inputs"][case.prompt_input] == prompt
     runs = _get_json(f"{base}/api/runs")["runs"]
-    assert [run["status"] for run in runs] == ["succeeded"]
+    assert [run["status"] for run in runs] == ["succeeded"]  # the invalid one was never queued
     if case_name == "picture":
         # The image shown is the one made from the changed prompt (its colour comes from prompt and seed).
         assert picture.size == (256, 192)
