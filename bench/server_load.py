@@ -7,8 +7,9 @@ connects the WebSocket listeners, then submits `--runs` small arithmetic workflo
 of the basic pack, each run with its own numbers so nothing is served from the cache) from
 `--clients` concurrent HTTP clients. It checks that every run succeeds exactly once, that no run
 is lost or duplicated, and that every listener saw every event of every run, in the same order
-as the others. Reports throughput (runs finished per second, first submit to last run_finished)
-and submit latency percentiles. Exits 1 if any check fails.
+as the others. Reports throughput (runs finished per second, first submit to last run_finished), submit
+latency percentiles, the server's CPU time per run, and the machine's load average (the first
+two depend on it). Exits 1 if any check fails.
 """
 
 from __future__ import annotations
@@ -106,6 +107,15 @@ async def client(session: aiohttp.ClientSession, base: str, numbers: list[int], 
         submitted.append(body["id"])
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
@@ -129,6 +139,7 @@ async def measure(runs: int, clients: int, listeners: int, timeout: float) -> di
                 latencies: list[float] = []
                 submitted: list[str] = []
                 shares = [list(range(i, runs, clients)) for i in range(clients)]
+                cpu_before = cpu_seconds(process.pid)
                 started = time.perf_counter()
                 await asyncio.gather(*(client(session, base, share, latencies, submitted) for share in shares))
                 submitting = time.perf_counter() - started
@@ -141,6 +152,7 @@ async def measure(runs: int, clients: int, listeners: int, timeout: float) -> di
                         w.changed.clear()
                     await asyncio.wait([asyncio.create_task(w.changed.wait()) for w in watchers], timeout=1.0)
                 elapsed = time.perf_counter() - started
+                cpu_after = cpu_seconds(process.pid)
 
                 async with session.get(f"{base}/api/runs") as response:
                     stored = (await response.json())["runs"]
@@ -187,6 +199,10 @@ async def measure(runs: int, clients: int, listeners: int, timeout: float) -> di
         "seconds_total": round(elapsed, 3),
         "seconds_submitting": round(submitting, 3),
         "throughput_runs_per_s": round(runs / elapsed, 2),
+        # CPU the server process spent per run (HTTP, validation, running, events to every listener):
+        # the figure that does not depend on what else the machine is doing.
+        "server_cpu_ms_per_run": (None if cpu_before is None or cpu_after is None
+                                  else round(1000 * (cpu_after - cpu_before) / runs, 2)),
         "submit_latency_ms": {"p50": round(1000 * statistics.median(latencies), 2),
                               "p95": round(1000 * percentile(latencies, 0.95), 2),
                               "max": round(1000 * max(latencies), 2)},
