@@ -119,6 +119,10 @@ export const actions = {
     if (state.savedWorkflows.includes(DEFAULT_WORKFLOW)) await actions.openSaved(DEFAULT_WORKFLOW);
   },
 
+  setCatalogue(catalogue: Catalogue): void {
+    set({ catalogue });
+  },
+
   async refreshWorkflows(): Promise<void> {
     try {
       const { workflows } = await api.workflows();

@@ -1,0 +1,87 @@
+import { beforeEach, describe, expect, it } from "vitest";
+
+import { graphToWorkflow } from "./graph";
+import { actions, getState } from "./store";
+import { catalogue } from "./testCatalogue";
+
+const workflow = {
+  version: 1,
+  nodes: {
+    seed: { type: "Integer", inputs: { value: 5 } },
+    sum: { type: "Math", inputs: { a: { from: "seed", output: "value" }, b: 1, operation: "add" } },
+  },
+  ui: { nodes: { seed: { pos: [0, 0], randomize: ["value"] }, sum: { pos: [300, 0] } } },
+};
+
+const values = (id: string) => getState().history.present.nodes.find((node) => node.id === id)?.data.values;
+
+describe("the editor store", () => {
+  beforeEach(() => {
+    // A catalogue where Integer's value is a seed, as a sampler's seed input would be.
+    const seeded = structuredClone(catalogue);
+    seeded.nodes.Integer.inputs.value = { ...seeded.nodes.Integer.inputs.value, seed: true, ge: 0, le: 9 };
+    actions.load(structuredClone(workflow), "test.json", false);
+    actions.setCatalogue(seeded);
+  });
+
+  it("edits values with undo and redo", () => {
+    actions.setValue("sum", "b", 7);
+    actions.setValue("sum", "operation", "subtract");
+    expect(values("sum")).toEqual({ b: 7, operation: "subtract" });
+    actions.undo();
+    expect(values("sum")).toEqual({ b: 7, operation: "add" });
+    actions.undo();
+    actions.undo();  // nothing further back than the loaded workflow
+    expect(values("sum")).toEqual({ b: 1, operation: "add" });
+    actions.redo();
+    expect(values("sum")).toEqual({ b: 7, operation: "add" });
+  });
+
+  it("adds nodes from the catalogue and refuses links between incompatible types", () => {
+    const id = actions.addNode("FormatText", { x: 10, y: 10 });
+    expect(id).toBe("format_text");
+    expect(actions.canConnect({ source: "format_text", sourceHandle: "text", target: "sum", targetHandle: "b" })).toBe(false);
+    actions.connect({ source: "format_text", sourceHandle: "text", target: "sum", targetHandle: "b" });
+    expect(getState().message).toEqual({ text: "cannot connect: STRING cannot feed FLOAT", error: true });
+    actions.connect({ source: "sum", sourceHandle: "result", target: "format_text", targetHandle: "a" });
+    expect(graphToWorkflow(getState().history.present).nodes.format_text.inputs.a).toEqual({ from: "sum", output: "result" });
+    expect(actions.addNode("NoSuchType", { x: 0, y: 0 })).toBeNull();
+  });
+
+  it("copies, pastes and deletes the selection", () => {
+    actions.nodesChanged([{ type: "select", id: "seed", selected: true }, { type: "select", id: "sum", selected: true }]);
+    actions.copy();
+    actions.paste();
+    const ids = getState().history.present.nodes.map((node) => node.id);
+    expect(ids).toEqual(["seed", "sum", "integer", "math"]);
+    expect(getState().history.present.edges.map((edge) => edge.id)).toEqual(["sum:a", "math:a"]);
+    actions.deleteSelected();  // the pasted nodes are the selection now
+    expect(getState().history.present.nodes.map((node) => node.id)).toEqual(["seed", "sum"]);
+    actions.undo();
+    expect(getState().history.present.nodes).toHaveLength(4);
+  });
+
+  it("re-rolls seeds marked random after a run, within bounds", () => {
+    const seen = new Set<unknown>();
+    for (let i = 0; i < 30; i++) {
+      actions.randomizeSeeds();
+      const value = values("seed")?.value as number;
+      expect(value).toBeGreaterThanOrEqual(0);
+      expect(value).toBeLessThanOrEqual(9);
+      seen.add(value);
+    }
+    expect(seen.size).toBeGreaterThan(1);
+    actions.setRandomize("seed", "value", false);
+    const fixed = values("seed")?.value;
+    actions.randomizeSeeds();
+    expect(values("seed")?.value).toBe(fixed);
+  });
+
+  it("shows previews, then images, on the node that made them", () => {
+    actions.event({ type: "node_preview", run_id: "r", node_id: "sum", image: "data:image/jpeg;base64,AA" });
+    expect(getState().media.sum).toEqual({ src: "data:image/jpeg;base64,AA", kind: "preview" });
+    actions.event({ type: "node_finished", run_id: "r", node_id: "sum", files: ["o/x.png"],
+                    file_urls: ["/api/files/outputs/x.png"] });
+    expect(getState().media.sum).toEqual({ src: "/api/files/outputs/x.png", kind: "image" });
+  });
+});
