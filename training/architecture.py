@@ -1,0 +1,81 @@
+"""The tiny-shapes model's architecture and the conditioning path it shares with the product.
+
+The configs here are the single source of the shipped model's shapes; the loader re-derives them
+from the checkpoint's tensor shapes, and the shipped-model test checks the two agree.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from nodegraph_diffusion.text_encoder import HIDDEN_STATE_BY_FAMILY, CLIPTextEncoder, TextEncoderConfig
+from nodegraph_diffusion.tokenizer import PAD_ID_BY_ENCODER, CLIPTokenizer
+from nodegraph_diffusion.unet import UNetConfig
+from nodegraph_diffusion.vae import VAEConfig
+
+# Where intermediate training state lives (resumable checkpoints, rendered data, latents).
+STATE_DIR = Path(os.environ.get("TINY_SHAPES_STATE", "/work/train_state"))
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT_PATH = REPO_ROOT / "models" / "checkpoints" / "tiny-shapes.safetensors"
+CONTROLNET_PATH = REPO_ROOT / "models" / "controlnet" / "tiny-shapes-silhouette.safetensors"
+LORA_PATH = REPO_ROOT / "models" / "loras" / "tiny-shapes-outlined.safetensors"
+
+# 64 -> 32 -> 16 -> 8: the SD1 f=8 layout at the smallest widths GroupNorm(32) allows.
+VAE_CONFIG = VAEConfig(channels=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)
+
+# Two 64-wide quick_gelu layers over CLIP's full vocabulary and 77 positions.
+TEXT_ENCODER_CONFIG = TextEncoderConfig(width=64, layers=2, heads=1, intermediate_size=256)
+
+# conv proj_in/out and 8 heads: what the loader assumes for an SD1 layout.
+UNET_CONFIG = UNetConfig(
+    model_channels=64,
+    channel_mult=(1, 2),
+    num_res_blocks=2,
+    transformer_depth=(1, 1),
+    transformer_depth_middle=1,
+    num_heads=8,
+    context_dim=TEXT_ENCODER_CONFIG.width,
+    use_linear_projection=False,
+)
+
+FAMILY = "sd1"
+
+
+def configure_torch(threads: int = 2) -> None:
+    """Training runs on a 2-core CPU: pin the thread count so runs are comparable."""
+    torch.set_num_threads(threads)
+
+
+class PromptEncoder:
+    """Captions -> U-Net context exactly as the product conditions an SD1 model.
+
+    The real CLIP BPE tokenizer, CLIP-L's pad id, and the hidden state SD1 uses
+    (:data:`HIDDEN_STATE_BY_FAMILY`); captions are tokenized once and cached.
+    """
+
+    def __init__(self) -> None:
+        self.tokenizer = CLIPTokenizer.from_default()
+        self.pad_id = PAD_ID_BY_ENCODER["clip_l"]
+        self.hidden_state = HIDDEN_STATE_BY_FAMILY[FAMILY]
+        self._ids: dict[str, list[int]] = {}
+
+    def ids(self, captions: list[str]) -> Tensor:
+        """captions -> token ids (B, 77) int64; each caption must fit in one 77-token chunk."""
+        rows = []
+        for caption in captions:
+            if caption not in self._ids:
+                chunks = self.tokenizer.tokenize_prompt(caption, pad_id=self.pad_id)
+                if len(chunks) != 1:
+                    raise ValueError(f"caption {caption!r} does not fit in one 77-token chunk")
+                self._ids[caption] = chunks[0].ids
+            rows.append(self._ids[caption])
+        return torch.tensor(rows, dtype=torch.long)
+
+    def encode(self, encoder: CLIPTextEncoder, ids: Tensor) -> Tensor:
+        """ids: (B, 77) -> context (B, 77, width), the hidden state the product feeds the U-Net."""
+        choice = self.hidden_state
+        return encoder(ids, clip_skip=choice.clip_skip, final_norm=choice.final_norm).hidden_state

@@ -1,0 +1,174 @@
+"""Train the tiny-shapes text encoder and U-Net jointly (epsilon prediction, SD1 schedule, CFG dropout).
+
+Run from the repository root after :mod:`training.train_vae`: ``python -m training.train_base``.
+The training images are encoded to latents once with the trained VAE's posterior means (scaled
+by SD1's 0.18215), and the diffusion loss is the plain epsilon MSE on the SD "scaled_linear"
+1000-step schedule, with the U-Net fed integer timesteps exactly as the product's denoiser feeds
+fractional ones. Captions are tokenized with the real CLIP tokenizer; 10% of them are replaced by
+the empty prompt so the model learns the unconditional branch classifier-free guidance needs.
+Resumes from ``STATE_DIR/base.pt``; the result (EMA weights) is ``STATE_DIR/base_final.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nodegraph_diffusion.schedules import sd_discrete_schedule
+from nodegraph_diffusion.text_encoder import CLIPTextEncoder
+from nodegraph_diffusion.unet import UNet
+from nodegraph_diffusion.vae import AutoencoderKL
+
+from . import shapes
+from .architecture import STATE_DIR, TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG, PromptEncoder, configure_torch
+from .train_vae import DATASET_SEED, DATASET_SIZE, learning_rate, training_images
+
+logger = logging.getLogger(__name__)
+
+SEED = 21
+STEPS = 1200
+BATCH = 48
+LR = 6e-4
+WARMUP = 100
+CAPTION_DROPOUT = 0.1
+EMA_DECAY = 0.995
+# CLIP's own initialisation scale for token and position embeddings.
+EMBEDDING_INIT_STD = 0.02
+
+
+def load_trained_vae() -> AutoencoderKL:
+    """The rescaled VAE written by :mod:`training.train_vae`."""
+    vae = AutoencoderKL(VAE_CONFIG)
+    vae.load_state_dict(torch.load(STATE_DIR / "vae_final.pt")["model"])
+    return vae.eval()
+
+
+def encode_latents(vae: AutoencoderKL, images: Tensor, batch: int = 256) -> Tensor:
+    """images: (N, 3, 64, 64) in [-1, 1] -> diffusion-space latents (N, 4, 8, 8) (posterior means)."""
+    with torch.no_grad():
+        return torch.cat([
+            vae.latents_to_diffusion(vae.encode(images[i:i + batch]).mean) for i in range(0, len(images), batch)
+        ])
+
+
+def cached_latents() -> Tensor:
+    """The training set's latents, encoded once and kept in ``STATE_DIR``."""
+    path = STATE_DIR / "latents.pt"
+    if path.exists():
+        return torch.load(path)
+    latents = encode_latents(load_trained_vae(), training_images())
+    torch.save(latents, path)
+    return latents
+
+
+def new_text_encoder() -> CLIPTextEncoder:
+    encoder = CLIPTextEncoder(TEXT_ENCODER_CONFIG)
+    embeddings = encoder.text_model.embeddings
+    nn.init.normal_(embeddings.token_embedding.weight, std=EMBEDDING_INIT_STD)
+    nn.init.normal_(embeddings.position_embedding.weight, std=EMBEDDING_INIT_STD)
+    return encoder
+
+
+class DiffusionLoss:
+    """Epsilon-prediction loss on the SD1 discrete schedule."""
+
+    def __init__(self) -> None:
+        self.alphas_cumprod = sd_discrete_schedule().alphas_cumprod.to(torch.float32)
+
+    def noisy(self, latents: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, which equals the product's c_in * (x0 + sigma eps)."""
+        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return abar.sqrt() * latents + (1 - abar).sqrt() * noise
+
+
+def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for t, s in zip(target.parameters(), source.parameters()):
+            t.lerp_(s, 1 - decay)
+
+
+def train(steps: int = STEPS) -> tuple[UNet, CLIPTextEncoder]:
+    configure_torch()
+    latents = cached_latents()
+    captions = shapes.render_dataset(DATASET_SIZE, DATASET_SEED, cache_dir=STATE_DIR, with_silhouettes=True).captions
+    prompts = PromptEncoder()
+    ids = prompts.ids(captions)
+    empty_ids = prompts.ids([""])[0]
+    logger.info("latents %s std %.3f; %d distinct captions", tuple(latents.shape), float(latents.std()), len(set(captions)))
+
+    torch.manual_seed(SEED)
+    unet = UNet(UNET_CONFIG)
+    text_encoder = new_text_encoder()
+    ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(SEED)
+    loss_fn = DiffusionLoss()
+    start = 0
+    state_path = STATE_DIR / "base.pt"
+    if state_path.exists():
+        state = torch.load(state_path)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_text.load_state_dict(state["ema_text"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        start = state["step"]
+        logger.info("resumed base training at step %d", start)
+    began = time.time()
+    running = None
+    for step in range(start, steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, LR, WARMUP)
+        index = torch.randint(len(latents), (BATCH,), generator=generator)
+        x0 = latents[index]
+        batch_ids = ids[index].clone()
+        drop = torch.rand(BATCH, generator=generator) < CAPTION_DROPOUT
+        batch_ids[drop] = empty_ids
+        t = torch.randint(0, 1000, (BATCH,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        context = prompts.encode(text_encoder, batch_ids)
+        prediction = unet(loss_fn.noisy(x0, noise, t), t.float(), context)
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        # Early EMA averages over fewer steps so the average is not dominated by the random init.
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))
+        ema_update(ema_unet, unet, decay)
+        ema_update(ema_text, text_encoder, decay)
+        value = float(loss.detach())
+        running = value if running is None else 0.98 * running + 0.02 * value
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            logger.info("step %d/%d loss %.4f (avg %.4f) %.1fs", step + 1, steps, value, running, time.time() - began)
+        if (step + 1) % 200 == 0 or step + 1 == steps:
+            torch.save({
+                "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step + 1,
+            }, state_path)
+    torch.save({"unet": ema_unet.state_dict(), "text_encoder": ema_text.state_dict(),
+                "raw_unet": unet.state_dict(), "raw_text_encoder": text_encoder.state_dict(),
+                "loss": running, "seconds": time.time() - began}, STATE_DIR / "base_final.pt")
+    return ema_unet.eval(), ema_text.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    train(args.steps)
+
+
+if __name__ == "__main__":
+    main()
