@@ -273,12 +273,13 @@ class RunQueue:
 
         Raises NotQueued (and changes nothing) if any id is not waiting in the queue.
         """
+        first = list(dict.fromkeys(run_ids))  # an id named twice keeps its first place
         with self._wake:
             waiting = self.store.queued_ids()
-            missing = [run_id for run_id in run_ids if run_id not in waiting]
-            if missing or len(set(run_ids)) != len(run_ids):
-                raise NotQueued(missing or [r for r in run_ids if run_ids.count(r) > 1])
-            order = list(run_ids) + [run_id for run_id in waiting if run_id not in run_ids]
+            missing = [run_id for run_id in first if run_id not in waiting]
+            if missing:
+                raise NotQueued(missing)
+            order = first + [run_id for run_id in waiting if run_id not in first]
             self.store.set_queue_order(order)
             self._queue_changed()
             return order

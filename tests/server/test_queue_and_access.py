@@ -31,6 +31,8 @@ async def test_reorder_the_queue(make_client):
     response = await client.post("/api/queue/order", json={"order": [ids[1], "nope"]})
     assert response.status == 409 and (await response.json())["run_ids"] == ["nope"]
     assert (await client.post("/api/queue/order", json={"order": "x"})).status == 400
+    twice = await client.post("/api/queue/order", json={"order": [ids[2], ids[2], ids[0]]})
+    assert (await twice.json()) == {"queued": [ids[2], ids[0], ids[1]]}
 
     socket = await client.ws_connect("/api/events")
     assert (await socket.receive_json())["queued"] == [ids[2], ids[0], ids[1]]

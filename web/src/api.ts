@@ -34,7 +34,6 @@ function jsonBody(method: string, body: unknown): RequestInit {
 export const api = {
   catalogue: () => request<Catalogue>("/api/nodes"),
   submit: (workflow: WorkflowDocument) => request<{ id: string }>("/api/runs", jsonBody("POST", { workflow })),
-  runs: (limit = 50) => request<{ runs: { id: string; status: string }[] }>(`/api/runs?limit=${limit}`),
   cancel: (id: string) => request<unknown>(`/api/runs/${encodeURIComponent(id)}/cancel`, { method: "POST" }),
   clearQueue: () => request<unknown>("/api/queue", { method: "DELETE" }),
   pause: () => request<unknown>("/api/queue/pause", { method: "POST" }),
