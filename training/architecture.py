@@ -45,9 +45,13 @@ UNET_CONFIG = UNetConfig(
 FAMILY = "sd1"
 
 
-def configure_torch(threads: int = 2) -> None:
-    """Training runs on a 2-core CPU: pin the thread count so runs are comparable."""
-    torch.set_num_threads(threads)
+def configure_torch(threads: int | None = None) -> None:
+    """Training runs on a 2-core CPU: pin the thread count (default 2, or ``TINY_SHAPES_THREADS``).
+
+    Two single-threaded jobs side by side get more done than one job on two threads: these
+    small kernels scale poorly past one core.
+    """
+    torch.set_num_threads(threads or int(os.environ.get("TINY_SHAPES_THREADS", "2")))
 
 
 class PromptEncoder:
