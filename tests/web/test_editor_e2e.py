@@ -129,10 +129,13 @@ def serve(tmp_path):
 
 
 async def open_saved(page: Page, name: str) -> None:
+    """Open a workflow from the server's folder, and wait until the editor has loaded it."""
     await page.wait_for(f"[...document.querySelectorAll('[data-testid=open-saved] option')]"
                         f".some(o => o.value === {json.dumps(name)})", what="the saved workflow list")
+    loads = int(await page.evaluate("document.querySelector('.editor').dataset.loads"))
     await page.evaluate("(() => { const s = document.querySelector('[data-testid=open-saved]');"
                         f" s.value = {json.dumps(name)}; s.dispatchEvent(new Event('change', {{bubbles: true}})); }})()")
+    await page.wait_for(f"Number(document.querySelector('.editor').dataset.loads) > {loads}", what=f"{name} loaded")
 
 
 def text_of(selector: str) -> str:
@@ -206,6 +209,7 @@ async def test_editor_runs_the_txt2img_workflow(case_name, serve, tmp_path):
         if case_name == "picture":
             # Delete the link into the save node: the server refuses the run and the editor shows why on
             # that node's input; undo brings the link back.
+            await page.wait_for("document.querySelector('[data-id=\"save:image\"]') !== null", what="the links drawn")
             await page.evaluate("document.querySelector('.react-flow__pane').click()")
             await page.evaluate("(() => { const e = document.querySelector('[data-id=\"save:image\"]');"
                                 " e.dispatchEvent(new MouseEvent('click', {bubbles: true})); })()")

@@ -2,7 +2,7 @@ import { describe, expect, it } from "vitest";
 
 import { catalogue } from "./testCatalogue";
 import {
-  connect, connectionProblem, copySelection, createNode, graphToWorkflow, newNodeId, paste, removeItems,
+  arrange, connect, connectionProblem, hasOverlaps, copySelection, createNode, graphToWorkflow, newNodeId, paste, removeItems,
   workflowToGraph, type WorkflowDocument,
 } from "./graph";
 
@@ -84,5 +84,22 @@ describe("editing", () => {
     // The copy is independent of the original.
     pasted.nodes[3].data.values.value = 99;
     expect(graph.nodes[0].data.values.value).toBe(3);
+  });
+});
+
+describe("arrange", () => {
+  it("lays nodes out in columns by link depth without overlaps", () => {
+    const graph = workflowToGraph({ version: 1, nodes: {
+      a: { type: "Integer", inputs: {} }, b: { type: "Integer", inputs: {} },
+      sum: { type: "Math", inputs: { a: { from: "a", output: "value" }, b: { from: "b", output: "value" } } },
+      text: { type: "FormatText", inputs: { a: { from: "sum", output: "result" } } },
+    }, ui: { nodes: { a: { pos: [0, 0] }, b: { pos: [10, 10] }, sum: { pos: [20, 20] }, text: { pos: [30, 30] } } } });
+    const sizes = new Map(["a", "b", "sum", "text"].map((id) => [id, { width: 240, height: 100 }]));
+    expect(hasOverlaps(graph, sizes)).toBe(true);
+    const arranged = arrange(graph, sizes);
+    expect(Object.fromEntries(arranged.nodes.map((n) => [n.id, n.position]))).toEqual({
+      a: { x: 0, y: 0 }, b: { x: 0, y: 130 }, sum: { x: 300, y: 0 }, text: { x: 600, y: 0 } });
+    expect(hasOverlaps(arranged, sizes)).toBe(false);
+    expect(arranged.edges).toBe(graph.edges);
   });
 });

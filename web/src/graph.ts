@@ -228,3 +228,53 @@ export function paste(graph: Graph, snippet: Snippet, offset: { x: number; y: nu
   }
   return { nodes, edges };
 }
+
+export interface Size {
+  width: number;
+  height: number;
+}
+
+/** Whether any two nodes' boxes overlap (sizes as measured on the canvas). */
+export function hasOverlaps(graph: Graph, sizes: Map<string, Size>): boolean {
+  const boxes = graph.nodes.flatMap((node) => {
+    const size = sizes.get(node.id);
+    return size ? [{ ...node.position, ...size }] : [];
+  });
+  return boxes.some((a, i) => boxes.slice(i + 1).some((b) =>
+    a.x < b.x + b.width && b.x < a.x + a.width && a.y < b.y + b.height && b.y < a.y + a.height));
+}
+
+/** Positions for a left-to-right layered layout: a node's column is the longest chain of links
+ *  leading to it; within a column nodes keep their top-to-bottom order and are stacked. */
+export function arrange(graph: Graph, sizes: Map<string, Size>, gap = { x: 60, y: 30 }): Graph {
+  const depth = new Map<string, number>();
+  const inputsOf = new Map<string, string[]>();
+  for (const edge of graph.edges) inputsOf.set(edge.target, [...(inputsOf.get(edge.target) ?? []), edge.source]);
+  const depthOf = (id: string, visiting: Set<string>): number => {
+    const known = depth.get(id);
+    if (known !== undefined) return known;
+    if (visiting.has(id)) return 0;  // a cycle (invalid anyway): stop here
+    visiting.add(id);
+    const sources = inputsOf.get(id) ?? [];
+    const value = sources.length === 0 ? 0 : 1 + Math.max(...sources.map((source) => depthOf(source, visiting)));
+    depth.set(id, value);
+    return value;
+  };
+  const columns: GraphNode[][] = [];
+  for (const node of graph.nodes) (columns[depthOf(node.id, new Set())] ??= []).push(node);
+  const positions = new Map<string, { x: number; y: number }>();
+  let x = 0;
+  for (const column of columns.filter(Boolean)) {
+    column.sort((a, b) => a.position.y - b.position.y || a.position.x - b.position.x);
+    let y = 0;
+    let width = 0;
+    for (const node of column) {
+      const size = sizes.get(node.id) ?? { width: 240, height: 120 };
+      positions.set(node.id, { x, y });
+      y += size.height + gap.y;
+      width = Math.max(width, size.width);
+    }
+    x += width + gap.x;
+  }
+  return { ...graph, nodes: graph.nodes.map((node) => ({ ...node, position: positions.get(node.id) ?? node.position })) };
+}

@@ -7,8 +7,9 @@ import { useSyncExternalStore } from "react";
 import { api, ApiError } from "./api";
 import { type Catalogue, randomSeed, widgetFor } from "./catalogue";
 import {
-  connect, type Connection, connectionProblem, copySelection, createNode, type Graph, type GraphEdge,
-  type GraphNode, graphToWorkflow, newNodeId, paste, removeItems, type Snippet, workflowToGraph,
+  arrange, connect, type Connection, connectionProblem, copySelection, createNode, type Graph, type GraphEdge,
+  type GraphNode, graphToWorkflow, hasOverlaps, newNodeId, paste, removeItems, type Size, type Snippet,
+  workflowToGraph,
 } from "./graph";
 import { type History, record, redo, replace, startHistory, undo } from "./history";
 import { workflowFromPng } from "./pngWorkflow";
@@ -197,6 +198,16 @@ export const actions = {
       const others = (node.data.randomize ?? []).filter((name) => name !== input);
       return { ...node, data: { ...node.data, randomize: on ? [...others, input] : others } };
     }) });
+  },
+
+  /** Lay the graph out in columns; `ifOverlapping` only when nodes overlap, without an undo step
+   *  (a loaded workflow whose saved positions are too tight for the drawn nodes). */
+  arrange(sizes: Map<string, Size>, ifOverlapping = false): void {
+    if (ifOverlapping) {
+      if (hasOverlaps(graph(), sizes)) set({ history: replace(state.history, arrange(graph(), sizes)) });
+      return;
+    }
+    commit(arrange(graph(), sizes));
   },
 
   deleteSelected(): void {

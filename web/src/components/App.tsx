@@ -7,7 +7,7 @@ import {
 import { type DragEvent, useEffect, useRef, useState } from "react";
 
 import { followEvents } from "../api";
-import { graphToWorkflow, type GraphEdge } from "../graph";
+import { graphToWorkflow, type GraphEdge, type Size } from "../graph";
 import { actions, getState, useEditor } from "../store";
 import { GraphNode } from "./GraphNode";
 import { Palette, PALETTE_DRAG_TYPE, QueuePanel } from "./Panels";
@@ -39,6 +39,7 @@ function Toolbar() {
   const canUndo = useEditor((s) => s.history.past.length > 0);
   const canRedo = useEditor((s) => s.history.future.length > 0);
   const fileInput = useRef<HTMLInputElement>(null);
+  const flow = useReactFlow();
   const [draftName, setDraftName] = useState(name);
   useEffect(() => setDraftName(name), [name]);
   return (
@@ -61,6 +62,7 @@ function Toolbar() {
                if (file) void actions.openFile(file);
                event.target.value = "";
              }} />
+      <button onClick={() => actions.arrange(measuredSizes(flow.getNodes()))} title="lay the graph out in columns">Arrange</button>
       <button onClick={actions.undo} disabled={!canUndo} title="Ctrl+Z">Undo</button>
       <button onClick={actions.redo} disabled={!canRedo} title="Ctrl+Shift+Z">Redo</button>
       {message && (
@@ -70,6 +72,10 @@ function Toolbar() {
       )}
     </header>
   );
+}
+
+function measuredSizes(nodes: { id: string; measured?: { width?: number; height?: number } }[]): Map<string, Size> {
+  return new Map(nodes.map((node) => [node.id, { width: node.measured?.width ?? 240, height: node.measured?.height ?? 120 }]));
 }
 
 function Canvas() {
@@ -85,8 +91,12 @@ function Canvas() {
     const fitWhenMeasured = () => {
       const wanted = new Set(getState().history.present.nodes.map((node) => node.id));
       const shown = flow.getNodes().filter((node) => wanted.has(node.id) && node.measured?.width);
-      if (wanted.size > 0 && shown.length === wanted.size) void flow.fitView({ padding: 0.1 });
-      else if (frames++ < 300) handle = requestAnimationFrame(fitWhenMeasured);
+      if (wanted.size > 0 && shown.length === wanted.size) {
+        actions.arrange(measuredSizes(shown), true);
+        handle = requestAnimationFrame(() => void flow.fitView({ padding: 0.1 }));
+      } else if (frames++ < 300) {
+        handle = requestAnimationFrame(fitWhenMeasured);
+      }
     };
     handle = requestAnimationFrame(fitWhenMeasured);
     return () => cancelAnimationFrame(handle);
@@ -154,8 +164,9 @@ function Editor() {
     actions.addNode(type, flow.screenToFlowPosition(centre));
   };
   const ready = useEditor((s) => s.ready);
+  const loads = useEditor((s) => s.loads);
   return (
-    <div className="editor" data-ready={ready}>
+    <div className="editor" data-ready={ready} data-loads={loads}>
       <Toolbar />
       <div className="main">
         <Palette onAdd={addAtCentre} />
