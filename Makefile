@@ -4,12 +4,12 @@ NPM ?= npm
 VENV := .venv
 # torch is pinned to the CPU build on disk; an unpinned torch would pull a multi-GB CUDA build.
 PIP := $(VENV)/bin/pip install --quiet --constraint .ci/constraints.txt
-WORKFLOW ?= workflows/arithmetic.json
+WORKFLOW ?= workflows/txt2img.json
 # The browser editor that `nodegraph serve` serves: built from web/ with the versions in its lockfile.
 EDITOR_SOURCES := web/index.html web/package.json web/vite.config.ts web/tsconfig.json \
 	$(wildcard web/src/*.ts web/src/*.tsx web/src/*.css web/src/components/*.tsx)
 
-.PHONY: run test setup setup-test editor test-web
+.PHONY: run serve test setup setup-run setup-test editor test-web
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,14 +22,20 @@ web/dist/index.html: web/node_modules/.package-lock.json $(EDITOR_SOURCES)
 
 editor: web/dist/index.html
 
-setup: $(VENV)/bin/python editor
+# The command-line job needs no editor build (and so no npm).
+setup-run: $(VENV)/bin/python
 	$(PIP) --editable .
+
+setup: setup-run editor
 
 setup-test: $(VENV)/bin/python editor
 	$(PIP) --editable '.[test]'
 
-run: setup
+run: setup-run
 	$(VENV)/bin/nodegraph run $(WORKFLOW)
+
+serve: setup
+	$(VENV)/bin/nodegraph serve
 
 test-web: web/node_modules/.package-lock.json
 	cd web && $(NPM) test
