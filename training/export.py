@@ -18,7 +18,6 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from nodegraph_diffusion.checkpoint import ModelFamily, Prediction, load_checkpoint, load_controlnet
-from nodegraph_diffusion.controlnet import ControlNet
 from nodegraph_diffusion.text_encoder import CLIPTextEncoder
 from nodegraph_diffusion.unet import UNet
 from nodegraph_diffusion.vae import AutoencoderKL
