@@ -24,6 +24,7 @@ SMALL_VAE = vae.VAEConfig(channels=32, ch_mult=(1, 2), num_res_blocks=1)
 CLIP_L = text_encoder.TextEncoderConfig(vocab_size=VOCAB, width=64, layers=2, heads=1, intermediate_size=128,
                                         max_positions=POSITIONS, eos_token_id=VOCAB - 1)
 CONTROL = controlnet.ControlNetConfig(unet=SD1_UNET, hint_block_channels=(16, 32))
+CONTROL_XL = controlnet.ControlNetConfig(unet=SDXL_UNET, hint_block_channels=(16, 32))
 
 
 def _weights(module: torch.nn.Module, seed: int) -> dict[str, Tensor]:
@@ -83,16 +84,19 @@ def sdxl_weights(seed: int = 10) -> dict[str, Tensor]:
             | prefixed("conditioner.embedders.1.model.", _openclip_weights(seed + 3)))
 
 
-def controlnet_weights(seed: int = 20) -> dict[str, Tensor]:
-    return prefixed("control_model.", _weights(controlnet.ControlNet(CONTROL), seed))
+def controlnet_weights(config: controlnet.ControlNetConfig = CONTROL, seed: int = 20) -> dict[str, Tensor]:
+    return prefixed("control_model.", _weights(controlnet.ControlNet(config), seed))
 
 
 def write_models(root: Path) -> Path:
     """A models folder with checkpoints/tiny-sd1.safetensors, checkpoints/tiny-sdxl.safetensors and
-    controlnet/tiny-sd1-control.safetensors (fp32, so results do not depend on rounding)."""
+    controlnet/tiny-sd1-control.safetensors, controlnet/tiny-sdxl-control.safetensors (fp32, so
+    results do not depend on rounding)."""
     for kind in ("checkpoints", "loras", "controlnet", "vae", "embeddings"):
         (root / kind).mkdir(parents=True, exist_ok=True)
     write_safetensors(root / "checkpoints" / "tiny-sd1.safetensors", sd1_weights(), dtype=None)
     write_safetensors(root / "checkpoints" / "tiny-sdxl.safetensors", sdxl_weights(), dtype=None)
     write_safetensors(root / "controlnet" / "tiny-sd1-control.safetensors", controlnet_weights(), dtype=None)
+    write_safetensors(root / "controlnet" / "tiny-sdxl-control.safetensors", controlnet_weights(CONTROL_XL, 21),
+                      dtype=None)
     return root

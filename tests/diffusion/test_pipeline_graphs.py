@@ -173,14 +173,18 @@ def test_inpaint_keeps_the_unmasked_latent(env):
     assert saved_image(executor.run(graph)).size == (32, 32)
 
 
-def test_controlnet_changes_the_image_and_strength_zero_does_not(env):
+@pytest.mark.parametrize("checkpoint, control", [("tiny-sd1.safetensors", "tiny-sd1-control.safetensors"),
+                                                 ("tiny-sdxl.safetensors", "tiny-sdxl-control.safetensors")])
+def test_controlnet_changes_the_image_and_strength_zero_does_not(env, checkpoint, control):
     executor, inputs = env
     name = write_input(inputs, "hint.png")
 
-    def graph(strength: float) -> dict:
-        g = txt2img()
+    def graph(strength: float | None) -> dict:
+        g = txt2img(checkpoint)
+        if strength is None:
+            return g
         g["nodes"] |= {
-            "cn": {"type": "LoadControlNet", "inputs": {"name": "tiny-sd1-control.safetensors"}},
+            "cn": {"type": "LoadControlNet", "inputs": {"name": control}},
             "hint": {"type": "LoadImage", "inputs": {"image": name}},
             "apply": {"type": "ApplyControlNet", "inputs": {
                 "positive": link("pos", "conditioning"), "negative": link("neg", "conditioning"),
@@ -190,7 +194,7 @@ def test_controlnet_changes_the_image_and_strength_zero_does_not(env):
         g["nodes"]["sample"]["inputs"] |= {"positive": link("apply", "positive"), "negative": link("apply", "negative")}
         return g
 
-    plain = pixels(executor.run(txt2img()))
+    plain = pixels(executor.run(graph(None)))
     assert not np.array_equal(pixels(executor.run(graph(1.0))), plain)
     assert np.array_equal(pixels(executor.run(graph(0.0))), plain)
 
