@@ -117,7 +117,7 @@ def test_held_out_prompts_reach_the_issue_targets(model: TinyModel) -> None:
 
 
 def test_controlnet_follows_the_silhouette(model: TinyModel) -> None:
-    # Model card: mean IoU 0.67 over 48 images (target 0.7); here a floor on a few of them.
+    # Model card: mean IoU 0.68 over 48 images (target 0.7); here a floor on a few of them.
     from training.evaluate import controlnet_cases
 
     prompts, hints, masks = controlnet_cases(8)
