@@ -26,7 +26,7 @@ from .access import (LOOPBACK_NAMES, Handler, error_response, loopback_host_only
 from .folders import (IMAGE_SUFFIXES, MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, NotAFile, PathRefused, ServedFolder,
                       UploadRefused, check_image, safe_file_name, store_upload)
 from .openapi import openapi_document
-from .queue import FINISHED, QUEUE_CHANGED, QUEUE_EVENT_IDS, NotQueued, RunQueue, RunStore, UnknownRun
+from .queue import FINISHED, QUEUE_CHANGED, QUEUE_EVENT_IDS, NotQueued, RunBackend, RunQueue, RunStore, UnknownRun
 
 log = logging.getLogger(__name__)
 
@@ -392,8 +392,11 @@ def create_app(registry: NodeRegistry, db_path: Path | str, output_dir: Path | s
                max_body_bytes: int = MAX_BODY_BYTES, loopback_only: bool = True, token: str | None = None,
                inputs_dir: Path | str = Path("inputs"), workflows_dir: Path | str = Path("workflows"),
                editor_dir: Path | str = EDITOR_DIR, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               max_upload_pixels: int = MAX_UPLOAD_PIXELS) -> web.Application:
+               max_upload_pixels: int = MAX_UPLOAD_PIXELS, backend: RunBackend | None = None) -> web.Application:
     """The API application; its run queue starts with the app and stops (interrupting a run) with it.
+
+    Runs execute in this process, one at a time, unless a `backend` places them elsewhere (see
+    nodegraph.server.ray_backend); the queue starts and stops it.
 
     `loopback_only` accepts only loopback Host names; turn it off only when serving other machines,
     and then give a `token` that every request must carry.
@@ -419,7 +422,7 @@ def create_app(registry: NodeRegistry, db_path: Path | str, output_dir: Path | s
     async def start_queue(app: web.Application) -> None:
         loop = asyncio.get_running_loop()
         store = RunStore(db_path)
-        queue = RunQueue(Executor(registry, cache, device=device, output_dir=output_dir), store)
+        queue = RunQueue(Executor(registry, cache, device=device, output_dir=output_dir), store, backend)
         outbox: asyncio.Queue[str] = asyncio.Queue()
         broadcaster = loop.create_task(_broadcast(app, outbox))
         app[BROADCASTER_KEY] = broadcaster

@@ -65,13 +65,20 @@ SCHEMAS: dict[str, Any] = {
             "files": {"type": "array", "items": {"type": "string"}},
             "file_urls": {"type": "array", "items": {"type": ["string", "null"]}},
             "error": {"type": ["object", "null"], "description": "Why it failed: the node, exception and message."},
+            "worker": {"type": ["string", "null"], "description": "Where it ran: `local`, or a Ray worker (host:pid)."},
+            "attempts": {"type": "array", "items": {"type": "object"},
+                         "description": "Earlier attempts lost with their worker (worker, error, message, started, "
+                                        "ended); the run was retried on another."},
         },
     },
     "Queue": {
-        "type": "object", "required": ["queued", "queued_count", "running", "paused"],
+        "type": "object", "required": ["queued", "queued_count", "running", "running_ids", "paused"],
         "properties": {"queued": {"type": "array", "items": {"type": "string"}, "description": "Run ids, next first."},
                        "queued_count": {"type": "integer", "description": "How many runs wait."},
-                       "running": {"type": ["string", "null"]}, "paused": {"type": "boolean"}},
+                       "running": {"type": ["string", "null"], "description": "The running run that started first."},
+                       "running_ids": {"type": "array", "items": {"type": "string"},
+                                       "description": "Every running run, in the order they started."},
+                       "paused": {"type": "boolean"}},
     },
     "Catalogue": {
         "type": "object", "required": ["nodes", "types"],

@@ -1,4 +1,8 @@
-"""The run queue: one worker thread running submitted workflows in order, persisted in SQLite."""
+"""The run queue: submitted workflows in order, persisted in SQLite, executed by a backend.
+
+The default backend runs one workflow at a time in this process; another (the Ray backend) places
+runs on a pool of workers elsewhere. The queue keeps the order, the history and the events either way.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,13 @@ import sqlite3
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from .. import events as ev
-from ..events import Event
-from ..executor import Executor, RunResult
+from ..events import Event, EventSink
+from ..executor import Executor
 from ..node import CancelToken
 from ..validation import WorkflowInvalid
 
@@ -26,6 +31,8 @@ FINISHED = (SUCCEEDED, FAILED, CANCELLED, INTERRUPTED)
 # Queue-level events, beside the executor's run and node events. A queue event that concerns
 # no single run (pause, say) has an empty run_id.
 RUN_QUEUED = "run_queued"
+RUN_RETRIED = "run_retried"
+"""A run's worker was lost mid-run and the run starts again on another; data: the lost attempt."""
 QUEUE_CHANGED = "queue_changed"
 QUEUE_EVENT_IDS = 20
 """A queue_changed event names only the next this many runs: with hundreds queued, every change
@@ -45,12 +52,16 @@ CREATE TABLE IF NOT EXISTS runs (
     nodes TEXT NOT NULL DEFAULT '{}',
     files TEXT NOT NULL DEFAULT '[]',
     error TEXT,
-    rank REAL
+    rank REAL,
+    worker TEXT,
+    attempts TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-_JSON_COLUMNS = ("workflow", "outputs", "nodes", "files", "error")
+_JSON_COLUMNS = ("workflow", "outputs", "nodes", "files", "error", "attempts")
+# Columns added since the first release, added to older databases when opened.
+_LATER_COLUMNS = {"rank": "REAL", "worker": "TEXT", "attempts": "TEXT NOT NULL DEFAULT '[]'"}
 _INTERNAL_COLUMNS = ("seq", "rank")
 
 
@@ -87,8 +98,10 @@ class RunStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             columns = {row["name"] for row in self._db.execute("PRAGMA table_info(runs)")}
+            for name, declaration in _LATER_COLUMNS.items():
+                if name not in columns:
+                    self._db.execute(f"ALTER TABLE runs ADD COLUMN {name} {declaration}")
             if "rank" not in columns:  # a database from before the queue could be re-ordered
-                self._db.execute("ALTER TABLE runs ADD COLUMN rank REAL")
                 self._db.execute("UPDATE runs SET rank = seq")
 
     def close(self) -> None:
@@ -194,42 +207,160 @@ def _node_state(nodes: dict[str, dict[str, Any]], event: Event) -> None:
         state["status"] = "failed"
 
 
-class RunQueue:
-    """Validates and queues workflows; one worker thread runs them with the executor's shared cache.
+@dataclass
+class RunOutcome:
+    """How a run ended, as its history keeps it."""
 
-    Listeners get every run event on the worker thread; they must hand off to their own thread.
+    status: str
+    """succeeded, failed or cancelled."""
+    seconds: float | None = None
+    files: list[str] = field(default_factory=list)
+    """The files of the requested outputs, in the server's output folder."""
+    error: dict[str, Any] | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    """Earlier attempts, lost with their worker: worker, error, message, started, ended."""
+
+
+def execute_run(executor: Executor, run: dict[str, Any], emit: EventSink, cancel: CancelToken) -> RunOutcome:
+    """Run a queued run (`id`, `workflow`, `outputs`) with an executor. Never raises: a workflow
+    the executor's packs no longer accept, or a fault outside every node, is a failed outcome."""
+    run_id = run["id"]
+    try:
+        result = executor.run(run["workflow"], run["outputs"], on_event=emit, cancel=cancel, run_id=run_id)
+    except WorkflowInvalid as invalid:
+        # Valid when submitted, but the node packs changed since (a restart with other packs).
+        return RunOutcome(FAILED, error={"error": "invalid_workflow", "issues": [i.to_json() for i in invalid.issues]})
+    except Exception as error:  # outside any node (e.g. a fingerprint): fail this run, keep the worker
+        log.exception("run %s failed outside its nodes", run_id)
+        return RunOutcome(FAILED, error=run_error(error))
+    return RunOutcome(result.status, result.seconds, result.files, result.error.to_json() if result.error else None)
+
+
+def run_error(error: BaseException) -> dict[str, Any]:
+    """The stored error of a run that failed outside its nodes."""
+    return {"error": "run_error", "exception": type(error).__name__, "message": str(error)}
+
+
+class Placement(Protocol):
+    """A queued run given a place to execute by a backend."""
+
+    worker: str
+    """Who executes it, as the run's history shows it; may change when the run is retried."""
+    token: CancelToken
+    """Cancelling it stops the run within one step of its current node, wherever it executes."""
+
+    def execute(self, emit: EventSink) -> RunOutcome:
+        """Run to the end, sending the run's events to `emit`; called on a thread of its own."""
+
+    def release(self) -> None:
+        """The outcome is stored: what the run held may take the next run."""
+
+
+class RunBackend(Protocol):
+    """Where the queue's runs execute."""
+
+    def start(self, executor: Executor, wake: Callable[[], None]) -> None:
+        """Begin; `executor` is the one runs were validated with. Call `wake` (never while holding
+        a lock `place` takes) whenever a run that found no place might now find one."""
+
+    def place(self, run: dict[str, Any]) -> Placement | None:
+        """Claim a place for this run now, or None when there is none free. Must not block."""
+
+    def stop(self) -> None:
+        """Release everything; called after every placed run ended."""
+
+
+class LocalBackend:
+    """Runs execute in this process one at a time, with the queue's executor and its cross-run cache."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._busy = False
+        self._executor: Executor | None = None
+        self._wake: Callable[[], None] = lambda: None
+
+    def start(self, executor: Executor, wake: Callable[[], None]) -> None:
+        self._executor, self._wake = executor, wake
+
+    def place(self, run: dict[str, Any]) -> Placement | None:
+        if self._executor is None:
+            raise RuntimeError("the backend was not started")
+        with self._lock:
+            if self._busy:
+                return None
+            self._busy = True
+        return _LocalPlacement(self, self._executor, run)
+
+    def _free(self) -> None:
+        with self._lock:
+            self._busy = False
+        self._wake()
+
+    def stop(self) -> None:
+        """Nothing to release: the executor and its cache belong to the queue."""
+
+
+class _LocalPlacement:
+    worker = "local"
+
+    def __init__(self, backend: LocalBackend, executor: Executor, run: dict[str, Any]) -> None:
+        self._backend = backend
+        self._executor = executor
+        self._run = run
+        self.token = CancelToken()
+
+    def execute(self, emit: EventSink) -> RunOutcome:
+        return execute_run(self._executor, self._run, emit, self.token)
+
+    def release(self) -> None:
+        self._backend._free()
+
+
+class RunQueue:
+    """Validates and queues workflows; a backend executes them, by default one at a time in this
+    process with the executor's shared cache.
+
+    Listeners get every run event on the thread of the run; they must hand off to their own thread.
     """
 
-    def __init__(self, executor: Executor, store: RunStore) -> None:
+    def __init__(self, executor: Executor, store: RunStore, backend: RunBackend | None = None) -> None:
         self.executor = executor
         self.store = store
+        self.backend = backend if backend is not None else LocalBackend()
         self._listeners: list[Callable[[Event], None]] = []
         self._wake = threading.Condition()
         self._paused = store.setting("paused", "0") == "1"
         self._stopping = False
-        self._current: tuple[str, CancelToken] | None = None
-        self._live_nodes: dict[str, dict[str, Any]] = {}
-        self._end_event: Event | None = None
+        self._running: dict[str, Placement] = {}  # in the order the runs started
+        self._run_threads: set[threading.Thread] = set()
+        self._live_nodes: dict[str, dict[str, dict[str, Any]]] = {}
+        self._end_events: dict[str, Event] = {}
         self._nodes_lock = threading.Lock()
         interrupted = store.set_status_where(RUNNING, INTERRUPTED)
         if interrupted:
             log.warning("%d run(s) were running when the server stopped; marked interrupted", interrupted)
-        self._thread = threading.Thread(target=self._work, name="nodegraph-run-queue", daemon=True)
+        self._thread = threading.Thread(target=self._dispatch, name="nodegraph-run-queue", daemon=True)
 
     # -- control, from any thread --
 
     def start(self) -> None:
+        self.backend.start(self.executor, self._placement_freed)
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the worker; a run in progress is cancelled and recorded as interrupted."""
+        """Stop dispatching; runs in progress are cancelled and recorded as interrupted."""
         with self._wake:
             self._stopping = True
-            if self._current is not None:
-                self._current[1].cancel()
+            for placement in self._running.values():
+                placement.token.cancel()
             self._wake.notify_all()
         if self._thread.is_alive():
             self._thread.join()
+        with self._wake:
+            threads = list(self._run_threads)
+        for thread in threads:
+            thread.join()
+        self.backend.stop()
 
     def subscribe(self, listener: Callable[[Event], None]) -> None:
         self._listeners.append(listener)
@@ -238,7 +369,7 @@ class RunQueue:
         """Validate and queue a workflow; returns the run id. Raises WorkflowInvalid."""
         self.executor.compile(workflow, outputs)
         run_id = uuid.uuid4().hex
-        # Under the lock the worker takes runs with, so `run_queued` goes out before `run_started`.
+        # Under the lock runs are placed with, so `run_queued` goes out before `run_started`.
         with self._wake:
             self.store.add(run_id, workflow, outputs)
             self._broadcast(Event(RUN_QUEUED, run_id, data={"outputs": outputs}))
@@ -253,11 +384,11 @@ class RunQueue:
                 self._broadcast(Event(ev.RUN_CANCELLED, run_id, data={"seconds": 0.0, "started": False}))
                 self._queue_changed()
                 return CANCELLED
-            if self._current is not None and self._current[0] == run_id:
-                self._current[1].cancel()
+            placement = self._running.get(run_id)
+            if placement is not None:
+                placement.token.cancel()
                 return RUNNING
         return self.store.get(run_id)["status"]
-
     def clear(self) -> int:
         """Cancel every queued run; returns how many."""
         with self._wake:
@@ -304,14 +435,15 @@ class RunQueue:
 
     def snapshot(self, limit: int | None = None) -> dict[str, Any]:
         """The queue as clients see it: waiting run ids in order (the first `limit`), how many
-        wait, the running one, and whether paused."""
+        wait, the running ones (`running`: the one that started first), and whether paused."""
         with self._wake:
             return self._snapshot(limit)
 
     def _snapshot(self, limit: int | None = None) -> dict[str, Any]:
-        running = self._current[0] if self._current is not None else None
+        running = list(self._running)
         waiting = self.store.queued_ids()
-        return {"queued": waiting[:limit], "queued_count": len(waiting), "running": running, "paused": self._paused}
+        return {"queued": waiting[:limit], "queued_count": len(waiting), "running": running[0] if running else None,
+                "running_ids": running, "paused": self._paused}
 
     def _queue_changed(self) -> None:
         """Tell listeners the queue's new state; the caller holds `_wake`."""
@@ -321,46 +453,50 @@ class RunQueue:
         run = self.store.get(run_id)
         if run["status"] == RUNNING:
             with self._nodes_lock:
-                run["nodes"] = json.loads(json.dumps(self._live_nodes))
+                live = self._live_nodes.get(run_id)
+                if live is not None:
+                    run["nodes"] = json.loads(json.dumps(live))
         return run
 
     def list(self, status: str | None = None) -> list[dict[str, Any]]:
         return self.store.list(status)
 
-    # -- the worker thread --
+    # -- dispatching, and a thread per running run --
 
-    def _take(self) -> tuple[dict[str, Any], CancelToken] | None:
+    def _placement_freed(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def _take(self) -> tuple[dict[str, Any], Placement] | None:
         with self._wake:
             while True:
                 if self._stopping:
                     return None
                 run = None if self._paused else self.store.next_queued()
-                if run is not None:
-                    token = CancelToken()
-                    self._current = (run["id"], token)
+                placement = self.backend.place(run) if run is not None else None
+                if run is not None and placement is not None:
+                    self._running[run["id"]] = placement
                     with self._nodes_lock:
-                        self._live_nodes = {}
-                    self.store.update(run["id"], status=RUNNING, started=time.time())
+                        self._live_nodes[run["id"]] = {}
+                    self.store.update(run["id"], status=RUNNING, started=time.time(), worker=placement.worker)
                     self._queue_changed()
-                    return run, token
+                    return run, placement
                 self._wake.wait()
 
-    def _work(self) -> None:
+    def _dispatch(self) -> None:
         while (taken := self._take()) is not None:
-            run, token = taken
-            try:
-                self._execute(run, token)
-            finally:
-                with self._wake:
-                    self._current = None
-                    self._queue_changed()
+            thread = threading.Thread(target=self._execute, args=taken, name=f"nodegraph-run-{taken[0]['id'][:8]}",
+                                      daemon=True)
+            with self._wake:
+                self._run_threads.add(thread)
+            thread.start()
 
-    def _emit(self, event: Event) -> None:
+    def _emit(self, run_id: str, event: Event) -> None:
         with self._nodes_lock:
-            _node_state(self._live_nodes, event)
+            _node_state(self._live_nodes[run_id], event)
         if event.type in ev.RUN_ENDED:
             # Held back until the result is stored, so a client reacting to it reads the final state.
-            self._end_event = event
+            self._end_events[run_id] = event
             return
         self._broadcast(event)
 
@@ -371,29 +507,31 @@ class RunQueue:
             except Exception:  # a broken listener must not fail the run
                 log.exception("run event listener failed on %s", event.type)
 
-    def _execute(self, run: dict[str, Any], token: CancelToken) -> None:
+    def _execute(self, run: dict[str, Any], placement: Placement) -> None:
         run_id = run["id"]
-        self._end_event = None
         try:
-            result = self.executor.run(run["workflow"], run["outputs"], on_event=self._emit, cancel=token,
-                                       run_id=run_id)
-        except WorkflowInvalid as invalid:
-            # Valid when submitted, but the node packs changed since (a restart with other packs).
-            self.store.update(run_id, status=FAILED, finished=time.time(),
-                              error={"error": "invalid_workflow", "issues": [i.to_json() for i in invalid.issues]})
-            return
-        except Exception as error:  # outside any node (e.g. a fingerprint): fail this run, keep the worker
-            log.exception("run %s failed outside its nodes", run_id)
-            self.store.update(run_id, status=FAILED, finished=time.time(), nodes=self._live_nodes,
-                              error={"error": "run_error", "exception": type(error).__name__, "message": str(error)})
-            return
-        self._record(run_id, result)
-        if self._end_event is not None:
-            self._broadcast(self._end_event)
+            outcome = placement.execute(lambda event: self._emit(run_id, event))
+        except Exception as error:  # a backend fault: fail this run, keep the queue
+            log.exception("run %s failed in its backend", run_id)
+            outcome = RunOutcome(FAILED, error=run_error(error))
+        self._record(run_id, placement, outcome)
+        end_event = self._end_events.pop(run_id, None)
+        if end_event is not None:
+            self._broadcast(end_event)
+        with self._wake:
+            del self._running[run_id]
+            self._run_threads.discard(threading.current_thread())
+            self._queue_changed()
+        with self._nodes_lock:
+            del self._live_nodes[run_id]
+        placement.release()
 
-    def _record(self, run_id: str, result: RunResult) -> None:
-        status = INTERRUPTED if result.status == CANCELLED and self._stopping else result.status
-        self.store.update(run_id, status=status, finished=time.time(), seconds=result.seconds,
-                          nodes=self._live_nodes, files=result.files,
-                          error=result.error.to_json() if result.error else None)
-        log.info("run %s %s in %.2fs", run_id, status, result.seconds)
+    def _record(self, run_id: str, placement: Placement, outcome: RunOutcome) -> None:
+        status = INTERRUPTED if outcome.status == CANCELLED and self._stopping else outcome.status
+        with self._nodes_lock:
+            nodes = self._live_nodes[run_id]
+            self.store.update(run_id, status=status, finished=time.time(), seconds=outcome.seconds, nodes=nodes,
+                              files=outcome.files, error=outcome.error, worker=placement.worker,
+                              attempts=outcome.attempts)
+        log.info("run %s %s on %s%s", run_id, status, placement.worker,
+                 "" if outcome.seconds is None else f" in {outcome.seconds:.2f}s")

@@ -26,7 +26,7 @@ async def test_reorder_the_queue(make_client):
     response = await client.post("/api/queue/order", json={"order": [ids[2], ids[0]]})
     assert (await response.json()) == {"queued": [ids[2], ids[0], ids[1]]}
     assert (await (await client.get("/api/queue")).json()) == {"queued": [ids[2], ids[0], ids[1]], "queued_count": 3,
-                                                               "running": None, "paused": True}
+                                                               "running": None, "running_ids": [], "paused": True}
 
     response = await client.post("/api/queue/order", json={"order": [ids[1], "nope"]})
     assert response.status == 409 and (await response.json())["run_ids"] == ["nope"]
