@@ -250,8 +250,36 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ray_backend(args: argparse.Namespace) -> Any:
+    """The Ray backend `serve --backend ray` asks for, connected to its cluster."""
+    try:
+        from .server.ray_backend import RayBackend, RayPoolConfig  # Ray is an optional extra
+    except ImportError as error:
+        raise UsageError(f"--backend ray needs Ray, which cannot be imported ({error}); install it with "
+                         "pip install 'nodegraph[ray]'") from None
+    given = {name: value for name, value in (("workers_per_node", args.ray_workers_per_node),
+                                             ("cpus_per_worker", args.ray_cpus_per_worker)) if value is not None}
+    try:
+        config = RayPoolConfig(address=args.ray_address, device=args.device,
+                               nodes_dirs=tuple(args.nodes_dir or [DEFAULT_NODES_DIR]), **given)
+    except ValueError as error:
+        raise UsageError(f"--backend ray: {error}") from None
+    backend = RayBackend(config)
+    try:
+        backend.connect()
+    except ConnectionError as error:
+        raise UsageError(f"cannot reach the Ray cluster at {args.ray_address or '$RAY_ADDRESS'}: {error}") from None
+    return backend
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import LOOPBACK_NAMES, new_token, serve  # aiohttp is needed only here
+
+    ray_options = [option for option, value in (("--ray-address", args.ray_address),
+                                                ("--ray-workers-per-node", args.ray_workers_per_node),
+                                                ("--ray-cpus-per-worker", args.ray_cpus_per_worker)) if value is not None]
+    if args.backend != "ray" and ray_options:
+        raise UsageError(f"{', '.join(ray_options)}: only with --backend ray")
 
     # Packs that list input images (LoadImage) read $NODEGRAPH_INPUTS: uploads land where they look.
     inputs_dir = args.inputs_dir or Path(os.environ.get("NODEGRAPH_INPUTS") or "inputs")
@@ -266,9 +294,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         address += f"?token={token}"
         if beyond_loopback:
             print("serving beyond this machine: every request needs the access token", file=sys.stderr)
+    backend = _ray_backend(args) if args.backend == "ray" else None
     print(f"serving on {address}", file=sys.stderr)
     serve(registry, args.db, host=args.listen, port=args.port, output_dir=args.output_dir, device=args.device,
-          token=token, inputs_dir=inputs_dir, workflows_dir=args.workflows_dir,
+          token=token, inputs_dir=inputs_dir, workflows_dir=args.workflows_dir, backend=backend,
           **({"editor_dir": args.editor_dir} if args.editor_dir else {}))
     return EXIT_OK
 
@@ -326,6 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="saved workflows the editor lists (default workflows/)")
     serve.add_argument("--editor-dir", type=Path, help="the built editor to serve (default: web/dist of this checkout)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    serve.add_argument("--backend", choices=["local", "ray"], default="local",
+                       help="where runs execute: local (this process, one at a time; the default) or ray (a pool "
+                            "of Ray workers, one per GPU or --ray-workers-per-node per machine; needs nodegraph[ray])")
+    serve.add_argument("--ray-address", metavar="ADDRESS",
+                       help="the Ray cluster to join (auto, HOST:6379); default $RAY_ADDRESS, else a new one on "
+                            "this machine")
+    serve.add_argument("--ray-workers-per-node", type=int, metavar="N",
+                       help="CPU workers per machine, when the cluster has no GPUs or --device is cpu (default 1)")
+    serve.add_argument("--ray-cpus-per-worker", type=float, metavar="N",
+                       help="CPUs each Ray worker reserves and uses (default 1)")
     serve.set_defaults(handler=cmd_serve)
 
     return parser

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 _SAFE_PREFIX = re.compile(r"[^A-Za-z0-9._-]+")
+_NUMBERED = re.compile(r"(?P<prefix>.+)_\d{5,}(?P<suffix>\.[^./]+)")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -51,3 +52,10 @@ def write_numbered(directory: Path, prefix: str, suffix: str, data: bytes) -> Pa
             number += 1
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+
+def numbered_parts(relative: str) -> tuple[str, str] | None:
+    """The prefix and suffix `write_numbered` made a relative path from (`sub/face_00003.png` ->
+    `("sub/face", ".png")`), so the file can be numbered again in another folder; None for other names."""
+    match = _NUMBERED.fullmatch(relative)
+    return (match["prefix"], match["suffix"]) if match else None
