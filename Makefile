@@ -28,8 +28,9 @@ setup-run: $(VENV)/bin/python
 
 setup: setup-run editor
 
+# With the Ray extra, so the Ray backend's tests run rather than skip.
 setup-test: $(VENV)/bin/python editor
-	$(PIP) --editable '.[test]'
+	$(PIP) --editable '.[test,ray]'
 
 run: setup-run
 	$(VENV)/bin/nodegraph run $(WORKFLOW)
