@@ -38,7 +38,6 @@ from ..executor import Executor
 from ..files import atomic_write, numbered_parts, write_numbered
 from ..node import CancelToken
 from ..plugins import build_registry
-from ..validation import WorkflowInvalid
 from .queue import CANCELLED, FAILED, RUN_RETRIED, RunOutcome, execute_run
 
 log = logging.getLogger(__name__)
@@ -197,7 +196,7 @@ def choose_worker(free: list[Any], keys: set[str]) -> Any:
     return max(free, key=lambda worker: (len(keys.intersection(worker.held)), -worker.runs))
 
 
-class _RunOutputs:
+class RunOutputs:
     """The files one run's workers wrote, stored in the server's output folder once per run.
 
     A node that finished in a lost attempt and again in the retry keeps the files its first attempt
@@ -284,7 +283,7 @@ class _RayPlacement:
 
     def _execute(self, emit: EventSink) -> RunOutcome:
         run_id = self._run["id"]
-        outputs = _RunOutputs(self._backend.output_dir)
+        outputs = RunOutputs(self._backend.output_dir)
         attempts: list[dict[str, Any]] = []
         started = time.perf_counter()
         while True:
@@ -315,7 +314,7 @@ class _RayPlacement:
             emit(Event(ev.RUN_CANCELLED, run_id, data={"seconds": seconds}))
             return RunOutcome(CANCELLED, seconds, attempts=attempts)
 
-    def _attempt(self, attempt: int, emit: EventSink, outputs: _RunOutputs) -> RunOutcome:
+    def _attempt(self, attempt: int, emit: EventSink, outputs: RunOutputs) -> RunOutcome:
         worker = self._worker
         self.token.forward_to(worker.actor)
         outcome: RunOutcome | None = None
@@ -424,10 +423,10 @@ class RayBackend:
         """The run's cache keys by node id, as this server computes them."""
         assert self._executor is not None
         try:
-            plan = self._executor.compile(run["workflow"], run["outputs"])
-        except WorkflowInvalid:  # the worker reports it as the run's failure
+            return self._executor.cache_keys(self._executor.compile(run["workflow"], run["outputs"]), run["id"])
+        except Exception:  # packs changed, a fingerprint failed: the worker meets it too, as the run's failure
+            log.debug("no content keys for run %s", run["id"], exc_info=True)
             return {}
-        return self._executor.cache_keys(plan, run["id"])
 
     def _free_workers(self) -> list[_Worker]:
         return [worker for worker in self._workers if worker.ready and worker.run_id is None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -28,7 +29,8 @@ from nodegraph.events import Event  # noqa: E402
 from nodegraph.executor import Executor  # noqa: E402
 from nodegraph.plugins import build_registry  # noqa: E402
 from nodegraph.server.queue import RUN_RETRIED, RunQueue, RunStore  # noqa: E402
-from nodegraph.server.ray_backend import RayBackend, RayPoolConfig  # noqa: E402
+from nodegraph.server.ray_backend import (RayBackend, RayPoolConfig, RunOutputs, WrittenFile,  # noqa: E402
+                                          choose_worker)
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_PACK_DIR = Path(__file__).resolve().parent / "ray_packs"
@@ -125,6 +127,41 @@ class Pool:
 
     def files_of(self, run_id: str) -> list[Path]:
         return [path for path in sorted(self.outputs.rglob("*.png")) if run_of_file(path) == run_id]
+
+
+def test_the_worker_holding_most_of_a_run_goes_first_then_the_least_used():
+    @dataclass
+    class Worker:
+        held: dict[str, None]
+        runs: int
+
+    fresh, busy_with_it, other = Worker({}, 0), Worker({"ckpt": None, "clip": None}, 9), Worker({"x": None}, 1)
+    assert choose_worker([fresh, busy_with_it, other], {"ckpt", "clip", "sampler"}) is busy_with_it
+    assert choose_worker([fresh, busy_with_it, other], {"another checkpoint"}) is fresh
+
+
+def test_files_of_a_node_are_stored_once_per_run_even_when_it_runs_again(tmp_path):
+    (tmp_path / "txt2img_00001.png").write_bytes(b"another run's")
+    outputs = RunOutputs(tmp_path)
+    first = [WrittenFile("/worker-a/run-1/txt2img_00001.png", "txt2img_00001.png", b"first"),
+             WrittenFile("/worker-a/run-1/previews/3f2a.png", "previews/3f2a.png", b"preview")]
+    event = Event(ev.NODE_FINISHED, "run", "save", {"seconds": 1.0, "files": [f.worker_path for f in first]})
+    stored = outputs.receive(event, first)
+    # A numbered name takes the next free number here; another name is kept.
+    assert stored.data["files"] == [str(tmp_path / "txt2img_00002.png"), str(tmp_path / "previews" / "3f2a.png")]
+    assert stored.data["seconds"] == 1.0
+
+    # The run, retried on another worker, finishes the node again: reported with the stored files.
+    again = [dataclasses.replace(f, worker_path=f.worker_path.replace("worker-a/run-1", "worker-b/run-2"), data=b"x")
+             for f in first]
+    restored = outputs.receive(dataclasses.replace(event, data={"files": [f.worker_path for f in again]}), again)
+    assert restored.data["files"] == stored.data["files"] == outputs.paths([f.worker_path for f in again])
+    assert (tmp_path / "txt2img_00002.png").read_bytes() == b"first"
+    assert sorted(p.name for p in tmp_path.rglob("*.png")) == ["3f2a.png", "txt2img_00001.png", "txt2img_00002.png"]
+
+    escaping = WrittenFile("/worker-a/run-1/../x.png", "../x.png", b"")
+    with pytest.raises(ValueError, match="outside its run's folder"):
+        outputs.receive(Event(ev.NODE_FINISHED, "run", "bad", {"files": [escaping.worker_path]}), [escaping])
 
 
 @pytest.fixture(scope="module")
