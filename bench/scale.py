@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import sys
@@ -56,7 +57,7 @@ def txt2img(seed: int, steps: int) -> dict[str, Any]:
     return workflow
 
 
-def trivial(number: int, steps: int) -> dict[str, Any]:
+def trivial(number: int) -> dict[str, Any]:
     """Three arithmetic nodes; `number` makes every run's cache keys its own."""
     return {"version": 1, "nodes": {
         "n": {"type": "Integer", "inputs": {"value": number}},
@@ -97,8 +98,8 @@ def batch(queue: RunQueue, ends: Ends, workflows: list[dict[str, Any]], timeout:
     return seconds
 
 
-def measure(name: str, backend: RunBackend | None, workers: int, make: Callable[[int, int], dict[str, Any]],
-            runs: int, steps: int, folder: Path, timeout: float) -> dict[str, Any]:
+def measure(name: str, backend: RunBackend | None, workers: int, make: Callable[[int], dict[str, Any]], runs: int,
+            folder: Path, timeout: float) -> dict[str, Any]:
     registry, _ = build_registry([])
     place = folder / name
     queue = RunQueue(Executor(registry, device="cpu", output_dir=place / "outputs"), RunStore(place.with_suffix(".sqlite")),
@@ -113,8 +114,8 @@ def measure(name: str, backend: RunBackend | None, workers: int, make: Callable[
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{workers} Ray worker(s) did not start within {timeout} s")
                 time.sleep(0.1)
-        batch(queue, ends, [make(10_000 + index, steps) for index in range(workers)], timeout)  # one warm-up each
-        seconds = batch(queue, ends, [make(index, steps) for index in range(runs)], timeout)
+        batch(queue, ends, [make(10_000 + index) for index in range(workers)], timeout)  # one warm-up each
+        seconds = batch(queue, ends, [make(index) for index in range(runs)], timeout)
     finally:
         queue.stop()
         queue.store.close()
@@ -142,13 +143,13 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as temporary:
             folder = Path(temporary)
-            for graph, make in (("txt2img", txt2img), ("trivial", trivial)):
-                figures = {"local": measure(f"{graph}-local", None, 1, make, args.runs, args.steps, folder, args.timeout),
-                           "ray_1_worker": measure(f"{graph}-ray1", ray_backend(1), 1, make, args.runs, args.steps,
-                                                   folder, args.timeout)}
+            for graph, make in (("txt2img", functools.partial(txt2img, steps=args.steps)), ("trivial", trivial)):
+                figures = {"local": measure(f"{graph}-local", None, 1, make, args.runs, folder, args.timeout),
+                           "ray_1_worker": measure(f"{graph}-ray1", ray_backend(1), 1, make, args.runs, folder,
+                                                   args.timeout)}
                 if graph == "txt2img":
-                    figures["ray_2_workers"] = measure(f"{graph}-ray2", ray_backend(2), 2, make, args.runs, args.steps,
-                                                       folder, args.timeout)
+                    figures["ray_2_workers"] = measure(f"{graph}-ray2", ray_backend(2), 2, make, args.runs, folder,
+                                                       args.timeout)
                     figures["two_to_one_worker_throughput"] = round(
                         figures["ray_2_workers"]["runs_per_second"] / figures["ray_1_worker"]["runs_per_second"], 3)
                 figures["ray_overhead_seconds_per_run"] = round(

@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Protocol, TypeVar
 
 import ray
 from ray.exceptions import ObjectLostError, RayActorError
@@ -190,7 +190,17 @@ class _Worker:
     """Content keys of the outputs its runs computed or reused, newest last."""
 
 
-def choose_worker(free: list[Any], keys: set[str]) -> Any:
+class Candidate(Protocol):
+    """What placing a run looks at in a worker."""
+
+    held: Mapping[str, None]
+    runs: int
+
+
+CandidateT = TypeVar("CandidateT", bound=Candidate)
+
+
+def choose_worker(free: list[CandidateT], keys: set[str]) -> CandidateT:
     """The free worker holding most of a run's content keys (`held`), so a graph whose checkpoint a
     worker loaded goes back to it; among equals, the one that has run the fewest runs (`runs`)."""
     return max(free, key=lambda worker: (len(keys.intersection(worker.held)), -worker.runs))
