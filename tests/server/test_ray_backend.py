@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +22,7 @@ ray = pytest.importorskip("ray", reason="the Ray backend needs Ray: pip install 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from _ray_fixtures import OBJECT_STORE_BYTES, WAIT, wait_until  # noqa: E402
 from _server_fixtures import PICTURE_PACK_DIR, make_client_factory, submit, wait_status  # noqa: E402
 from nodegraph import events as ev  # noqa: E402
 from nodegraph.events import Event  # noqa: E402
@@ -42,8 +42,6 @@ WORKER_THREADS = 1
 """Ray limits a worker's threads to the CPUs it reserves (at least one). The local reference runs
 with as many: a reduction split over another number of threads rounds differently, which moves a
 few pixels by one level."""
-WAIT = 300.0
-"""Seconds before a wait gives up: a bound against hanging, not a speed requirement."""
 
 
 def txt2img(seed: int, checkpoint: str = CHECKPOINT, gate: Path | None = None) -> dict[str, Any]:
@@ -67,14 +65,6 @@ def run_of_file(path: Path) -> str:
     """The run id a PNG of SaveImage names in its `parameters` text."""
     with Image.open(path) as image:
         return json.loads(image.text["parameters"])["run_id"]
-
-
-def wait_until(condition: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + WAIT
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 class Recorder:
@@ -173,7 +163,7 @@ def cluster(tmp_path_factory):
     previous = os.environ.get("NODEGRAPH_MODELS")
     # Set before Ray starts: the workers it starts inherit this process's environment.
     os.environ["NODEGRAPH_MODELS"] = os.pathsep.join([str(models), str(REPO / "models")])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=OBJECT_STORE_BYTES)
     yield
     ray.shutdown()
     if previous is None:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import threading
-import time
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -12,22 +11,12 @@ ray = pytest.importorskip("ray", reason="the Ray backend needs Ray: pip install 
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from _ray_fixtures import OBJECT_STORE_BYTES, WAIT, wait_until  # noqa: E402
 from nodegraph import events as ev  # noqa: E402
 from nodegraph.executor import Executor  # noqa: E402
 from nodegraph.plugins import build_registry  # noqa: E402
 from nodegraph.server.queue import RunQueue, RunStore  # noqa: E402
 from nodegraph.server.ray_backend import RayBackend, RayPoolConfig  # noqa: E402
-
-WAIT = 300.0
-"""Seconds before a wait gives up: a bound against hanging, not a speed requirement."""
-
-
-def wait_until(condition: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + WAIT
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 def counting(number: int) -> dict[str, Any]:
@@ -40,7 +29,8 @@ def counting(number: int) -> dict[str, Any]:
 @pytest.fixture
 def cluster():
     """Two machines' worth of Ray on this one: a head with one CPU; `add_node` adds another."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                            "object_store_memory": OBJECT_STORE_BYTES})
     ray.init(address=cluster.address, log_to_driver=False)
     yield cluster
     ray.shutdown()
@@ -70,7 +60,7 @@ def test_workers_follow_machines_joining_and_leaving(cluster, tmp_path):
         head = wait_until(lambda: list(ready().values()), "the head's worker")
         assert len(head) == 1
 
-        joined = cluster.add_node(num_cpus=1)
+        joined = cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE_BYTES)
         workers = wait_until(lambda: len(ready()) == 2 and ready(), "a worker on the new machine")
         assert {w["node_id"] for w in workers.values()} == {head[0]["node_id"], joined.node_id}
 
