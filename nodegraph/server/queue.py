@@ -221,6 +221,11 @@ class RunOutcome:
     """Earlier attempts, lost with their worker: worker, error, message, started, ended."""
 
 
+def run_error(error: BaseException) -> dict[str, Any]:
+    """The stored error of a run that failed outside its nodes."""
+    return {"error": "run_error", "exception": type(error).__name__, "message": str(error)}
+
+
 def execute_run(executor: Executor, run: dict[str, Any], emit: EventSink, cancel: CancelToken) -> RunOutcome:
     """Run a queued run (`id`, `workflow`, `outputs`) with an executor. Never raises: a workflow
     the executor's packs no longer accept, or a fault outside every node, is a failed outcome."""
@@ -234,11 +239,6 @@ def execute_run(executor: Executor, run: dict[str, Any], emit: EventSink, cancel
         log.exception("run %s failed outside its nodes", run_id)
         return RunOutcome(FAILED, error=run_error(error))
     return RunOutcome(result.status, result.seconds, result.files, result.error.to_json() if result.error else None)
-
-
-def run_error(error: BaseException) -> dict[str, Any]:
-    """The stored error of a run that failed outside its nodes."""
-    return {"error": "run_error", "exception": type(error).__name__, "message": str(error)}
 
 
 class Placement(Protocol):
