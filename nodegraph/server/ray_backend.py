@@ -112,8 +112,7 @@ class RunWorker:
     def __init__(self, nodes_dirs: list[Path], device: str, cache_bytes: int) -> None:
         registry, problems = build_registry(nodes_dirs)
         self._problems = [str(problem) for problem in problems]
-        self._staging = Path(tempfile.mkdtemp(prefix="nodegraph-worker-"))
-        self._executor = Executor(registry, OutputCache(cache_bytes), device=device, output_dir=self._staging)
+        self._executor = Executor(registry, OutputCache(cache_bytes), device=device)  # output_dir: set per run
         self._lock = threading.Lock()
         self._current: tuple[str, CancelToken] | None = None
         self._cancelled: set[str] = set()
@@ -131,12 +130,12 @@ class RunWorker:
             else:  # a separate call from `run`: it can arrive first
                 self._cancelled.add(run_id)
 
-    def run(self, run: dict[str, Any], attempt: int) -> Iterator[tuple[Any, ...]]:
+    def run(self, run: dict[str, Any]) -> Iterator[tuple[Any, ...]]:
         """Execute a queued run (`id`, `workflow`, `outputs`), as a stream: `("event", Event,
         [WrittenFile])` as the run goes, then `("outcome", RunOutcome)` with this worker's file paths.
 
-        Output files go to a folder of this attempt alone (so output nodes never reuse another
-        run's files from the cache), removed once their bytes are sent.
+        Output files go to a new temporary folder of this run alone (so output nodes never reuse
+        another run's files from the cache), removed once their bytes are sent.
         """
         token = CancelToken()
         with self._lock:
@@ -145,7 +144,7 @@ class RunWorker:
             # The pool gives a worker one run at a time: what is left is for runs that ended.
             self._cancelled.clear()
             self._current = (run["id"], token)
-        folder = self._staging / f"{run['id']}-{attempt}"
+        folder = Path(tempfile.mkdtemp(prefix=f"nodegraph-run-{run['id'][:8]}-"))
         self._executor.output_dir = folder
         messages: queues.SimpleQueue[tuple[Any, ...] | None] = queues.SimpleQueue()
 
@@ -299,7 +298,7 @@ class _RayPlacement:
         while True:
             attempt_started = time.time()
             try:
-                outcome = self._attempt(len(attempts) + 1, emit, outputs)
+                outcome = self._attempt(emit, outputs)
             except _WORKER_LOST as lost:
                 self._backend._lost(self._worker, replace=True)
                 message = str(lost).strip().splitlines()[0]
@@ -324,11 +323,11 @@ class _RayPlacement:
             emit(Event(ev.RUN_CANCELLED, run_id, data={"seconds": seconds}))
             return RunOutcome(CANCELLED, seconds, attempts=attempts)
 
-    def _attempt(self, attempt: int, emit: EventSink, outputs: RunOutputs) -> RunOutcome:
+    def _attempt(self, emit: EventSink, outputs: RunOutputs) -> RunOutcome:
         worker = self._worker
         self.token.forward_to(worker.actor)
         outcome: RunOutcome | None = None
-        stream = worker.actor.run.remote(self._run, attempt)
+        stream = worker.actor.run.remote(self._run)
         try:
             for ref in stream:
                 message = ray.get(ref)
