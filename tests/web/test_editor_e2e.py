@@ -2,11 +2,10 @@
 txt2img workflow, changes the prompt, runs it, sees the generated image appear on the page, and
 restores the workflow from that PNG.
 
-Two workflows: `picture`, a stand-in txt2img made of the test picture pack (always available),
-and `diffusion`, the repository's own workflows/txt2img.json with the demo model (skipped while
-that model is not installed). Needs the system Chromium (apt `chromium`) and the built editor
-(`npm run build` in web/); without them the tests skip, unless NODEGRAPH_E2E=required (CI sets
-it), when they fail instead. Screenshots go to $NODEGRAPH_ARTIFACTS (default: the test's tmp folder).
+Two workflows: `picture`, a stand-in txt2img made of the test picture pack, and `diffusion`, the
+repository's own workflows/txt2img.json with the shipped demo model. Needs the system Chromium
+(apt `chromium`) and the built editor (`npm run build` in web/); without them the tests skip,
+unless NODEGRAPH_E2E=required (CI sets it), when they fail instead. Screenshots go to $NODEGRAPH_ARTIFACTS (default: the test's tmp folder).
 """
 
 from __future__ import annotations
@@ -106,7 +105,10 @@ def serve(tmp_path):
                    "--editor-dir", str(EDITOR_DIR), "--device", "cpu"]
         if nodes_dir is not None:
             command += ["--nodes-dir", str(nodes_dir)]
-        process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # The server runs in a scratch folder; the repository's models (the demo model) are its models root.
+        env = {**os.environ, "NODEGRAPH_MODELS": str(ROOT / "models")}
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True)
         processes.append(process)
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120  # importing every pack (torch) is slow on a busy machine
@@ -156,9 +158,7 @@ async def test_editor_runs_the_txt2img_workflow(case_name, serve, tmp_path):
     base = serve(workflows, case.nodes_dir)
     workflow = json.loads(case.workflow.read_text())
     missing = _unavailable_choices(workflow, _get_json(f"{base}/api/nodes"))
-    if missing:
-        # The demo model comes from training/; until it is installed the diffusion case cannot run.
-        pytest.skip(f"{case.workflow.name} needs what this machine lacks: {', '.join(missing)}")
+    _need(not missing, f"{case.workflow.name} needs what the server does not offer: {', '.join(missing)}")
 
     artifacts = Path(os.environ.get("NODEGRAPH_ARTIFACTS") or tmp_path / "artifacts")
     prompt_box = f"[data-testid=input-{case.prompt_node}-{case.prompt_input}]"
