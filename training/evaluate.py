@@ -1,11 +1,13 @@
 """Measure the shipped tiny-shapes models with the pixel detector; prints JSON.
 
-``python -m training.evaluate [base|controlnet|lora|all]`` loads the files under ``models/``
-through the product's loaders and samples with :mod:`training.sampling` (Euler, 20 steps, CFG 5):
+``python -m training.evaluate [base|controlnet|lora|all] [--quick] [--device auto|cpu|cuda]``
+generates every image by running the ready workflows (workflows/txt2img.json, controlnet.json,
+lora.json) through the engine, as ``nodegraph run`` would, at their default settings; only the
+prompt, the seed and the control image are set per image:
 
 - base: shape-colour / background-colour / shape accuracy on the held-out combinations;
 - controlnet: mean IoU between the control silhouette and the generated shape's (hole-filled)
-  mask, with prompts naming a random shape (often not the silhouette's);
+  mask, with prompts naming a held-out colour pair and a random shape (often not the silhouette's);
 - lora: mean filled fraction of the shape's box with the "outlined" LoRA at strength 1 versus the
   base model on the same prompts and seeds, and whether strength 0 reproduces the base exactly.
 """
@@ -14,41 +16,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import torch
-
-from nodegraph_diffusion.checkpoint import load_checkpoint, load_controlnet
 
 from . import detector, shapes
-from .architecture import CHECKPOINT_PATH, CONTROLNET_PATH, LORA_PATH, PromptEncoder, configure_torch
-from .sampling import DEFAULT_CFG, DEFAULT_STEPS, TinyModel, generate
-
-logger = logging.getLogger(__name__)
+from .workflow_runs import WorkflowRunner
 
 EVAL_SEEDS = (0, 1, 2)
-BATCH = 64
+QUICK_COMBOS = 6
 
 
-def _batched_generate(model: TinyModel, prompts: Sequence[str], seeds: Sequence[int],
-                      hints: torch.Tensor | None = None) -> np.ndarray:
-    encoder = PromptEncoder()
-    out = []
-    for i in range(0, len(prompts), BATCH):
-        out.append(generate(model, list(prompts[i:i + BATCH]), list(seeds[i:i + BATCH]),
-                            hints=None if hints is None else hints[i:i + BATCH], prompt_encoder=encoder))
-    return np.concatenate(out)
+def generate(runner: WorkflowRunner, workflow: str, prompt: str, seed: int, **extra: dict[str, Any]) -> np.ndarray:
+    """One image from a ready workflow with its prompt and seed set (and ``extra`` node overrides)."""
+    return runner.image(workflow, {"prompt": {"text": prompt}, "sampler": {"seed": seed}, **extra})
 
 
-def evaluate_base(model: TinyModel, combos: Sequence[shapes.Combo] | None = None,
+def evaluate_base(runner: WorkflowRunner, combos: Sequence[shapes.Combo] | None = None,
                   seeds: Sequence[int] = EVAL_SEEDS) -> dict[str, float]:
     """Accuracies on ``combos`` (default: the held-out ones), one image per (combo, seed), plain captions."""
     combos = shapes.held_out_combos() if combos is None else list(combos)
     pairs = [(combo, seed) for combo in combos for seed in seeds]
-    images = _batched_generate(model, [shapes.caption_for(c) for c, _ in pairs], [s for _, s in pairs])
-    found = [detector.detect(image) for image in images]
+    found = [detector.detect(generate(runner, "txt2img", shapes.caption_for(c), s)) for c, s in pairs]
     n = len(pairs)
     return {
         "images": n,
@@ -60,76 +50,71 @@ def evaluate_base(model: TinyModel, combos: Sequence[shapes.Combo] | None = None
     }
 
 
-def controlnet_cases(count: int, seed: int = 7) -> tuple[list[str], torch.Tensor, np.ndarray]:
-    """(prompts, hints (N, 3, 64, 64), silhouette masks (N, 64, 64) bool) for the ControlNet check.
-
-    Silhouettes of random shapes at random places; each prompt names a held-out colour pair and a
-    random shape, independent of the silhouette's.
-    """
-    from .train_controlnet import silhouettes_to_hints
-
+def controlnet_cases(count: int, seed: int = 7) -> tuple[list[str], np.ndarray]:
+    """(prompts, silhouettes (N, 64, 64) in [0, 1]) for the ControlNet check: random shapes at random
+    places; each prompt names a held-out colour pair and a random shape, independent of the silhouette's."""
     rng = np.random.default_rng(seed)
     held = shapes.held_out_combos()
     samples = [shapes.random_sample(rng, shapes.all_combos(), position_probability=0.0) for _ in range(count)]
-    sil = np.stack([shapes.silhouette(s) for s in samples])
     prompts = []
     for _ in samples:
         combo = held[int(rng.integers(len(held)))]
         prompts.append(f"a {combo.colour} {shapes.SHAPES[int(rng.integers(3))]} on a {combo.background} background")
-    return prompts, silhouettes_to_hints(sil), sil > 0.5
+    return prompts, np.stack([shapes.silhouette(s) for s in samples])
 
 
-def evaluate_controlnet(model: TinyModel, count: int = 48) -> dict[str, float]:
-    prompts, hints, masks = controlnet_cases(count)
-    images = _batched_generate(model, prompts, list(range(count)), hints)
-    ious = [detector.mask_iou(detector.fill_holes(detector.detect(img).mask), mask) for img, mask in zip(images, masks)]
+def evaluate_controlnet(runner: WorkflowRunner, count: int = 48) -> dict[str, float]:
+    prompts, silhouettes = controlnet_cases(count)
+    ious = []
+    for i, (prompt, silhouette) in enumerate(zip(prompts, silhouettes)):
+        hint = np.repeat(np.rint(silhouette * 255).astype(np.uint8)[..., None], 3, axis=-1)
+        name = runner.add_input(f"silhouette-{i}.png", hint)
+        image = generate(runner, "controlnet", prompt, i, control_image={"image": name})
+        ious.append(detector.mask_iou(detector.fill_holes(detector.detect(image).mask), silhouette > 0.5))
     return {"images": count, "mean_iou": float(np.mean(ious)), "min_iou": float(np.min(ious))}
 
 
-def evaluate_lora(model: TinyModel, seeds: Sequence[int] = (0, 1)) -> dict[str, float]:
-    from .train_lora import generate_with_lora
-
-    combos = shapes.held_out_combos()
-    prompts = [shapes.caption_for(c, outlined=True) for c in combos for _ in seeds]
-    all_seeds = [s for _ in combos for s in seeds]
-    base = np.concatenate([generate(model, prompts[i:i + BATCH], all_seeds[i:i + BATCH])
-                           for i in range(0, len(prompts), BATCH)])
-    styled = np.concatenate([generate_with_lora(LORA_PATH, model, 1.0, prompts[i:i + BATCH], all_seeds[i:i + BATCH])
-                             for i in range(0, len(prompts), BATCH)])
-    # Same batch as the comparison: CPU kernels round differently for different batch sizes.
-    zero = generate_with_lora(LORA_PATH, model, 0.0, prompts[:8], all_seeds[:8])
-    base_same_batch = generate(model, prompts[:8], all_seeds[:8])
-    base_fraction = [detector.detect(img).filled_fraction for img in base]
-    styled_found = [detector.detect(img) for img in styled]
+def evaluate_lora(runner: WorkflowRunner, combos: Sequence[shapes.Combo] | None = None,
+                  seeds: Sequence[int] = (0, 1)) -> dict[str, float]:
+    combos = shapes.held_out_combos() if combos is None else list(combos)
+    pairs = [(combo, seed) for combo in combos for seed in seeds]
+    prompts = [shapes.caption_for(c, outlined=True) for c, _ in pairs]
+    base = [generate(runner, "txt2img", p, s) for p, (_, s) in zip(prompts, pairs)]
+    styled = [detector.detect(generate(runner, "lora", p, s)) for p, (_, s) in zip(prompts, pairs)]
+    off = {"lora": {"strength_model": 0.0, "strength_clip": 0.0}}
+    zero = [generate(runner, "lora", p, s, **off) for p, (_, s) in list(zip(prompts, pairs))[:4]]
     return {
-        "images": len(prompts),
-        "base_filled_fraction": float(np.mean(base_fraction)),
-        "lora_filled_fraction": float(np.mean([d.filled_fraction for d in styled_found])),
-        "lora_colour_accuracy": sum(d.colour == c.colour for d, c in zip(styled_found, [c for c in combos for _ in seeds])) / len(prompts),
-        "strength_0_identical_to_base": bool(np.array_equal(zero, base_same_batch)),
+        "images": len(pairs),
+        "base_filled_fraction": float(np.mean([detector.detect(img).filled_fraction for img in base])),
+        "lora_filled_fraction": float(np.mean([d.filled_fraction for d in styled])),
+        "lora_colour_accuracy": sum(d.colour == c.colour for d, (c, _) in zip(styled, pairs)) / len(pairs),
+        "strength_0_identical_to_base": all(np.array_equal(a, b) for a, b in zip(zero, base)),
     }
 
 
-def shipped_model() -> TinyModel:
-    loaded = load_checkpoint(CHECKPOINT_PATH, device="cpu", dtype=torch.float32)
-    return TinyModel(loaded.unet, loaded.vae, loaded.text_encoders["clip_l"])
+def settings(runner: WorkflowRunner) -> dict[str, Any]:
+    """The txt2img workflow's sampling settings the figures were made with."""
+    inputs = runner.document("txt2img")["nodes"]["sampler"]["inputs"]
+    return {key: inputs[key] for key in ("sampler_name", "scheduler", "steps", "cfg")}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="?", default="all", choices=["base", "controlnet", "lora", "all"])
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_COMBOS} held-out combinations, one seed")
+    parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    configure_torch()
-    model = shipped_model()
-    report: dict[str, object] = {"sampler": "euler", "scheduler": "normal", "steps": DEFAULT_STEPS, "cfg": DEFAULT_CFG}
-    if args.what in ("base", "all"):
-        report["base_held_out"] = evaluate_base(model)
-    if args.what in ("controlnet", "all"):
-        controlnet = load_controlnet(CONTROLNET_PATH, device="cpu", dtype=torch.float32).controlnet
-        report["controlnet"] = evaluate_controlnet(TinyModel(model.unet, model.vae, model.text_encoder, controlnet))
-    if args.what in ("lora", "all"):
-        report["lora"] = evaluate_lora(model)
+    combos = shapes.held_out_combos()[:QUICK_COMBOS] if args.quick else None
+    seeds = (0,) if args.quick else EVAL_SEEDS
+    with WorkflowRunner(args.device) as runner:
+        report: dict[str, object] = {"workflow_settings": settings(runner),
+                                     "held_out_combinations": len(shapes.held_out_combos())}
+        if args.what in ("base", "all"):
+            report["base_held_out"] = evaluate_base(runner, combos, seeds)
+        if args.what in ("controlnet", "all"):
+            report["controlnet"] = evaluate_controlnet(runner, 8 if args.quick else 48)
+        if args.what in ("lora", "all"):
+            report["lora"] = evaluate_lora(runner, combos, seeds if args.quick else seeds[:2])
     print(json.dumps(report, indent=2))
 
 

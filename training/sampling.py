@@ -26,7 +26,6 @@ from .architecture import PromptEncoder
 
 DEFAULT_STEPS = 20
 DEFAULT_CFG = 5.0
-LATENT_SIZE = 8  # 64 px / f8
 
 
 @dataclass
@@ -85,8 +84,9 @@ def generate(
             positive, negative_out = both.chunk(2)
             return negative_out + cfg * (positive - negative_out)
 
+        size = 64 // model.vae.config.downscale_factor
         noise = torch.cat([
-            torch.randn((1, 4, LATENT_SIZE, LATENT_SIZE), generator=torch.Generator().manual_seed(seed))
+            torch.randn((1, model.vae.config.latent_channels, size, size), generator=torch.Generator().manual_seed(seed))
             for seed in seeds
         ]).to(dtype)
         sigmas = sigmas_normal(sampling.schedule, steps)

@@ -17,7 +17,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nodegraph_diffusion.controlnet import ControlNet, ControlNetConfig
@@ -36,7 +35,7 @@ STEPS = 400
 BATCH = 32
 LR = 1e-3
 WARMUP = 30
-HINT_BLOCK_CHANNELS = (16, 32, 64, 64)
+HINT_BLOCK_CHANNELS = (16, 32, 64)
 EMPTY_PROMPT_PROBABILITY = 0.2
 OTHER_SHAPE_PROBABILITY = 0.3
 CONTROLNET_CONFIG = ControlNetConfig(unet=UNET_CONFIG, hint_channels=3, hint_block_channels=HINT_BLOCK_CHANNELS)
@@ -118,7 +117,7 @@ def train(steps: int = STEPS) -> TinyModel:
         noise = torch.randn(x0.shape, generator=generator)
         x_t = loss_fn.noisy(x0, noise, t)
         control = controlnet(x_t, hints[index], t.float(), context)
-        loss = F.mse_loss(base.unet(x_t, t.float(), context, control=control), noise)
+        loss = loss_fn(base.unet(x_t, t.float(), context, control=control), noise, t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)

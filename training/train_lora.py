@@ -162,7 +162,7 @@ def train(steps: int = STEPS) -> tuple[TinyModel, LoraAdapter, LoraAdapter]:
         t = torch.randint(0, 1000, (BATCH,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         context = prompts.encode(base.text_encoder, prompts.ids(captions))
-        loss = F.mse_loss(base.unet(loss_fn.noisy(x0, noise, t), t.float(), context), noise)
+        loss = loss_fn(base.unet(loss_fn.noisy(x0, noise, t), t.float(), context), noise, t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

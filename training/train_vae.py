@@ -1,4 +1,4 @@
-"""Train the tiny-shapes VAE (SD1 AutoencoderKL layout, f=8, 4 latent channels), then rescale its latents.
+"""Train the tiny-shapes VAE (SD1 AutoencoderKL layout, f=4, 4 latent channels), then rescale its latents.
 
 Run from the repository root: ``python -m training.train_vae``. Resumes from
 ``STATE_DIR/vae.pt`` when present. The result, ``STATE_DIR/vae_final.pt``, has its latent space

@@ -1,12 +1,14 @@
 """The shipped tiny-shapes files load through the product's generic loaders and do what their cards say.
 
-The sampling checks are a reduced version of ``python -m training.evaluate``: a few prompts, the
-same detector, the issue's thresholds.
+The sampling checks are a reduced version of ``python -m training.evaluate``: the same ready
+workflows run through the engine at their default settings, the same detector, a few held-out
+prompts, the issue's thresholds.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ from nodegraph_diffusion.checkpoint import (
 )
 from nodegraph_diffusion.lora import load_lora
 
-from training import detector, shapes
+from training import detector, evaluate, shapes
 from training.architecture import (
     CHECKPOINT_PATH,
     CONTROLNET_PATH,
@@ -33,9 +35,16 @@ from training.architecture import (
     VAE_CONFIG,
 )
 from training.export import MAX_CHECKPOINT_BYTES
-from training.sampling import TinyModel, generate
+from training.sampling import TinyModel
+from training.workflow_runs import WorkflowRunner
 
 pytestmark = pytest.mark.skipif(not CHECKPOINT_PATH.exists(), reason="tiny-shapes checkpoint not built yet")
+
+
+@pytest.fixture(scope="module")
+def runner() -> Iterator[WorkflowRunner]:
+    with WorkflowRunner(device="cpu") as workflows:
+        yield workflows
 
 
 @pytest.fixture(scope="module")
@@ -92,68 +101,50 @@ def test_lora_is_a_kohya_file_that_matches_every_weight(model: TinyModel) -> Non
     assert LORA_PATH.stat().st_size <= 5 * 1024 * 1024
 
 
-def _held_out_detections(model: TinyModel) -> tuple[list[shapes.Combo], list[detector.Detection]]:
-    held = shapes.held_out_combos()[::3]
-    images = generate(model, [shapes.caption_for(c) for c in held], list(range(len(held))))
-    return held, [detector.detect(image) for image in images]
+@pytest.fixture(scope="module")
+def held_out_report(runner: WorkflowRunner) -> dict[str, float]:
+    # 12 of the 34 held-out combinations, one seed each (the full run: models/checkpoints/tiny-shapes.md).
+    return evaluate.evaluate_base(runner, shapes.held_out_combos()[::3], seeds=(0,))
 
 
-def test_held_out_prompts_give_the_named_colours(model: TinyModel) -> None:
-    # What the shipped model reaches (model card: 76% / 97% over 102 images), as a regression floor.
-    held, found = _held_out_detections(model)
-    n = len(held)
-    assert sum(d.colour == c.colour for d, c in zip(found, held)) / n >= 0.6
-    assert sum(d.background == c.background for d, c in zip(found, held)) / n >= 0.9
+def test_held_out_prompts_give_the_named_shape(held_out_report: dict[str, float]) -> None:
+    assert held_out_report["images"] == 12
+    assert held_out_report["shape_accuracy"] >= 0.8
 
 
-@pytest.mark.xfail(strict=True, reason="issue 5 targets not reached yet: the shipped model draws blobs, "
-                   "shape accuracy is at chance (see models/checkpoints/tiny-shapes.md)")
-def test_held_out_prompts_reach_the_issue_targets(model: TinyModel) -> None:
-    held, found = _held_out_detections(model)
-    n = len(held)
-    assert sum(d.colour == c.colour for d, c in zip(found, held)) / n >= 0.9
-    assert sum(d.background == c.background for d, c in zip(found, held)) / n >= 0.9
-    assert sum(d.shape == c.shape for d, c in zip(found, held)) / n >= 0.8
+def test_held_out_prompts_give_colours_better_than_chance(held_out_report: dict[str, float]) -> None:
+    # Chance is 1/8 per colour; the full evaluation measured 86% / 83% (model card).
+    assert held_out_report["shape_colour_accuracy"] >= 0.7
+    assert held_out_report["background_accuracy"] >= 0.7
 
 
-def test_controlnet_follows_the_silhouette(model: TinyModel) -> None:
-    # Model card: mean IoU 0.68 over 48 images (target 0.7); here a floor on a few of them.
-    from training.evaluate import controlnet_cases
-
-    prompts, hints, masks = controlnet_cases(8)
-    controlnet = load_controlnet(CONTROLNET_PATH, device="cpu", dtype=torch.float32).controlnet
-    controlled = TinyModel(model.unet, model.vae, model.text_encoder, controlnet)
-    images = generate(controlled, prompts, list(range(8)), hints=hints)
-    ious = [detector.mask_iou(detector.fill_holes(detector.detect(i).mask), m) for i, m in zip(images, masks)]
-    without = generate(model, prompts, list(range(8)))
-    ious_without = [detector.mask_iou(detector.fill_holes(detector.detect(i).mask), m) for i, m in zip(without, masks)]
-    assert float(np.mean(ious)) >= 0.4
-    assert float(np.mean(ious)) > float(np.mean(ious_without)) + 0.2
+@pytest.mark.xfail(strict=True, reason="issue 5 target not reached yet: colours at 86% / 83% of 102 held-out "
+                   "images against 90% (models/checkpoints/tiny-shapes.md)")
+def test_held_out_prompts_reach_the_colour_targets(held_out_report: dict[str, float]) -> None:
+    assert held_out_report["shape_colour_accuracy"] >= 0.9
+    assert held_out_report["background_accuracy"] >= 0.9
 
 
-def _outlined_prompts() -> tuple[list[str], list[int]]:
-    combos = shapes.held_out_combos()[::6]
-    return [shapes.caption_for(c, outlined=True) for c in combos], list(range(len(combos)))
+def test_controlnet_follows_the_silhouette(runner: WorkflowRunner) -> None:
+    prompts, silhouettes = evaluate.controlnet_cases(8)
+    with_control = evaluate.evaluate_controlnet(runner, 8)
+    without = [detector.detect(evaluate.generate(runner, "txt2img", prompt, i)) for i, prompt in enumerate(prompts)]
+    ious_without = [detector.mask_iou(detector.fill_holes(d.mask), s > 0.5) for d, s in zip(without, silhouettes)]
+    assert with_control["mean_iou"] >= 0.7
+    assert with_control["mean_iou"] > float(np.mean(ious_without)) + 0.2
 
 
-def test_lora_at_strength_zero_is_the_base_and_at_one_changes_the_image(model: TinyModel) -> None:
-    from training.train_lora import generate_with_lora
-
-    prompts, seeds = _outlined_prompts()
-    base = generate(model, prompts, seeds)
-    np.testing.assert_array_equal(generate_with_lora(LORA_PATH, model, 0.0, prompts, seeds), base)
-    styled = generate_with_lora(LORA_PATH, model, 1.0, prompts, seeds)
-    assert np.abs(styled.astype(np.float32) - base.astype(np.float32)).mean() > 5.0
+@pytest.fixture(scope="module")
+def lora_report(runner: WorkflowRunner) -> dict[str, float]:
+    return evaluate.evaluate_lora(runner, shapes.held_out_combos()[::6], seeds=(0,))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 5 target not reached yet: the shipped LoRA does not make "
-                   "outlines (filled fraction unchanged, see models/checkpoints/tiny-shapes.md)")
-def test_lora_draws_outlines(model: TinyModel) -> None:
-    from training.train_lora import generate_with_lora
+def test_lora_at_strength_zero_is_the_base_and_thins_the_fill(lora_report: dict[str, float]) -> None:
+    assert lora_report["strength_0_identical_to_base"]
+    assert lora_report["lora_filled_fraction"] < lora_report["base_filled_fraction"]
 
-    prompts, seeds = _outlined_prompts()
-    base = generate(model, prompts, seeds)
-    styled = generate_with_lora(LORA_PATH, model, 1.0, prompts, seeds)
-    base_fill = np.mean([detector.detect(i).filled_fraction for i in base])
-    styled_fill = np.mean([detector.detect(i).filled_fraction for i in styled])
-    assert styled_fill < 0.75 * base_fill
+
+@pytest.mark.xfail(strict=True, reason="issue 5 target not reached yet: filled fraction 0.63 with the LoRA "
+                   "against 0.73 without, not yet 'well below' (models/checkpoints/tiny-shapes.md)")
+def test_lora_draws_outlines(lora_report: dict[str, float]) -> None:
+    assert lora_report["lora_filled_fraction"] < 0.75 * lora_report["base_filled_fraction"]
