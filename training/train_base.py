@@ -31,7 +31,7 @@ from .train_vae import DATASET_SEED, DATASET_SIZE, learning_rate, training_image
 logger = logging.getLogger(__name__)
 
 SEED = 21
-STEPS = 2400
+STEPS = 2000
 BATCH = 32
 LR = 8e-4
 WARMUP = 100

@@ -31,7 +31,7 @@ from .train_vae import DATASET_SEED, DATASET_SIZE, learning_rate
 logger = logging.getLogger(__name__)
 
 SEED = 31
-STEPS = 400
+STEPS = 300
 BATCH = 32
 LR = 1e-3
 WARMUP = 30
