@@ -58,7 +58,9 @@ def _write(state: Mapping[str, Tensor], path: Path, metadata: Mapping[str, str])
     return path.stat().st_size
 
 
-def _compare(reference: np.ndarray, reloaded: np.ndarray, what: str) -> float:
+def compare_samples(reference: np.ndarray, reloaded: np.ndarray, what: str) -> float:
+    """Mean pixel error between images sampled from the trained weights and from the written file
+    ``what``; raises :class:`ExportError` above :data:`FP16_MAX_MEAN_PIXEL_ERROR`."""
     error = float(np.abs(reference.astype(np.float32) - reloaded.astype(np.float32)).mean())
     if error > FP16_MAX_MEAN_PIXEL_ERROR:
         raise ExportError(f"{what}: the fp16 file samples differently from the fp32 weights "
@@ -80,7 +82,7 @@ def export_base(model: TinyModel, path: Path = CHECKPOINT_PATH) -> dict[str, flo
         raise ExportError(f"{path}: expected a VAE and one clip_l text encoder, got {list(loaded.text_encoders)}")
     reloaded = TinyModel(loaded.unet, loaded.vae, loaded.text_encoders["clip_l"])
     seeds = list(range(len(CHECK_PROMPTS)))
-    error = _compare(generate(model, list(CHECK_PROMPTS), seeds), generate(reloaded, list(CHECK_PROMPTS), seeds),
+    error = compare_samples(generate(model, list(CHECK_PROMPTS), seeds), generate(reloaded, list(CHECK_PROMPTS), seeds),
                      str(path))
     logger.info("wrote %s (%.1f MB), reload mean pixel error %.2f", path, size / 2**20, error)
     return {"bytes": float(size), "reload_mean_pixel_error": error}
@@ -101,7 +103,7 @@ def export_controlnet(model: TinyModel, hints: Tensor, path: Path = CONTROLNET_P
         raise ExportError(f"{path}: detected as {loaded.family.value}, expected sd1")
     reloaded = TinyModel(model.unet, model.vae, model.text_encoder, loaded.controlnet, model.control_strength)
     seeds = list(range(len(CHECK_PROMPTS)))
-    error = _compare(generate(model, list(CHECK_PROMPTS), seeds, hints=hints),
+    error = compare_samples(generate(model, list(CHECK_PROMPTS), seeds, hints=hints),
                      generate(reloaded, list(CHECK_PROMPTS), seeds, hints=hints), str(path))
     logger.info("wrote %s (%.1f MB), reload mean pixel error %.2f", path, size / 2**20, error)
     return {"bytes": float(size), "reload_mean_pixel_error": error}

@@ -20,7 +20,11 @@ PICTURE_PACK_DIR = Path(__file__).resolve().parent / "packs"
 SUM = doc(a=("Value", {"value": 2}), b=("Add", {"a": link("a", "value"), "b": 3}),
           out=("Sink", {"value": link("b", "sum")}))
 
-__all__ = ["PICTURE_PACK_DIR", "SUM", "counting_pack", "doc", "link", "make_client_factory", "submit",
+# A two-node picture graph (3 steps with previews, one saved image) from the picture pack.
+PICTURE_WORKFLOW = {"version": 1, "nodes": {
+    "draw": {"type": "PromptPicture", "inputs": {"prompt": "a blue square", "steps": 3, "width": 64, "height": 48}},
+    "save": {"type": "SavePicture", "inputs": {"image": {"from": "draw", "output": "image"}}}}}
+__all__ = ["PICTURE_PACK_DIR", "PICTURE_WORKFLOW", "SUM", "counting_pack", "doc", "link", "make_client_factory", "submit",
            "wait_status"]
 
 

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 from PIL import Image
 
-from _server_fixtures import PICTURE_PACK_DIR, SUM, make_client_factory, submit, wait_status
+from _server_fixtures import PICTURE_PACK_DIR, PICTURE_WORKFLOW, SUM, make_client_factory, submit, wait_status
 from _server_fixtures import make_client, registry  # noqa: F401
 from nodegraph.plugins import build_registry
 from nodegraph.server import RunStore, openapi_document
@@ -101,10 +101,7 @@ async def test_previews_and_images_reach_the_websocket(aiohttp_client, tmp_path)
     assert problems == []
     client = await make_client_factory(aiohttp_client, registry, tmp_path)()
     socket = await client.ws_connect("/api/events")
-    workflow = {"version": 1, "nodes": {
-        "draw": {"type": "PromptPicture", "inputs": {"prompt": "a blue square", "steps": 3, "width": 64, "height": 48}},
-        "save": {"type": "SavePicture", "inputs": {"image": {"from": "draw", "output": "image"}}}}}
-    run_id = await submit(client, workflow)
+    run_id = await submit(client, PICTURE_WORKFLOW)
     events = []
     while not events or events[-1]["type"] != "run_finished":
         events.append(await asyncio.wait_for(socket.receive_json(), 5))

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from _ray_fixtures import OBJECT_STORE_BYTES, WAIT, wait_until  # noqa: E402
-from _server_fixtures import PICTURE_PACK_DIR, make_client_factory, submit, wait_status  # noqa: E402
+from _server_fixtures import PICTURE_PACK_DIR, PICTURE_WORKFLOW, make_client_factory, submit, wait_status  # noqa: E402
 from nodegraph import events as ev  # noqa: E402
 from nodegraph.events import Event  # noqa: E402
 from nodegraph.executor import Executor  # noqa: E402
@@ -302,10 +302,7 @@ async def test_steps_previews_and_files_reach_the_api(cluster, aiohttp_client, t
     backend = RayBackend(RayPoolConfig(device="cpu", cpus_per_worker=0.5, nodes_dirs=(PICTURE_PACK_DIR,)))
     client = await make_client_factory(aiohttp_client, registry, tmp_path)(backend=backend)
     socket = await client.ws_connect("/api/events")
-    workflow = {"version": 1, "nodes": {
-        "draw": {"type": "PromptPicture", "inputs": {"prompt": "a blue square", "steps": 3, "width": 64, "height": 48}},
-        "save": {"type": "SavePicture", "inputs": {"image": {"from": "draw", "output": "image"}}}}}
-    run_id = await submit(client, workflow)
+    run_id = await submit(client, PICTURE_WORKFLOW)
     events = []
     while not events or events[-1]["type"] != "run_finished":
         events.append(await asyncio.wait_for(socket.receive_json(), WAIT))
