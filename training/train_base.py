@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import time
 
 import torch
 from torch import Tensor, nn
@@ -24,9 +23,10 @@ from nodegraph_diffusion.text_encoder import CLIPTextEncoder
 from nodegraph_diffusion.unet import UNet
 from nodegraph_diffusion.vae import AutoencoderKL
 
-from . import shapes
+from . import loop, shapes
 from .architecture import STATE_DIR, TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG, PromptEncoder, configure_torch
-from .train_vae import DATASET_SEED, DATASET_SIZE, learning_rate, training_images
+from .loop import Schedule, save_atomically
+from .train_vae import DATASET_SEED, DATASET_SIZE, training_images
 
 logger = logging.getLogger(__name__)
 
@@ -120,27 +120,11 @@ def train(steps: int = STEPS) -> tuple[UNet, CLIPTextEncoder]:
     unet = UNet(UNET_CONFIG)
     text_encoder = new_text_encoder()
     ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text_encoder)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=LR, weight_decay=0.0)
     generator = torch.Generator().manual_seed(SEED)
     loss_fn = DiffusionLoss()
-    start = 0
-    state_path = STATE_DIR / "base.pt"
-    if state_path.exists():
-        state = torch.load(state_path)
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        ema_unet.load_state_dict(state["ema_unet"])
-        ema_text.load_state_dict(state["ema_text"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        start = state["step"]
-        logger.info("resumed base training at step %d", start)
-    began = time.time()
-    running = None
-    for step in range(start, steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, LR, WARMUP)
+
+    def step_fn(_step: int) -> tuple[Tensor, float, str]:
         index = torch.randint(len(latents), (BATCH,), generator=generator)
         x0 = latents[index]
         batch_ids = ids[index].clone()
@@ -149,29 +133,22 @@ def train(steps: int = STEPS) -> tuple[UNet, CLIPTextEncoder]:
         t = torch.randint(0, 1000, (BATCH,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         context = prompts.encode(text_encoder, batch_ids)
-        prediction = unet(loss_fn.noisy(x0, noise, t), t.float(), context)
-        loss = loss_fn(prediction, noise, t)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        loss = loss_fn(unet(loss_fn.noisy(x0, noise, t), t.float(), context), noise, t)
+        return loss, float(loss.detach()), ""
+
+    def after_step(step: int) -> None:
         # Early EMA averages over fewer steps so the average is not dominated by the random init.
         decay = min(EMA_DECAY, (1 + step) / (10 + step))
         ema_update(ema_unet, unet, decay)
         ema_update(ema_text, text_encoder, decay)
-        value = float(loss.detach())
-        running = value if running is None else 0.98 * running + 0.02 * value
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            logger.info("step %d/%d loss %.4f (avg %.4f) %.1fs", step + 1, steps, value, running, time.time() - began)
-        if (step + 1) % 200 == 0 or step + 1 == steps:
-            torch.save({
-                "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step + 1,
-            }, state_path)
-    torch.save({"unet": ema_unet.state_dict(), "text_encoder": ema_text.state_dict(),
-                "raw_unet": unet.state_dict(), "raw_text_encoder": text_encoder.state_dict(),
-                "loss": running, "seconds": time.time() - began}, STATE_DIR / "base_final.pt")
+
+    outcome = loop.run("base", STATE_DIR / "base.pt",
+                       Schedule(steps, LR, WARMUP, log_every=50, save_every=200, smoothing=0.02), optimizer,
+                       {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text,
+                        "generator": generator}, step_fn, after_step)
+    save_atomically({"unet": ema_unet.state_dict(), "text_encoder": ema_text.state_dict(),
+                     "raw_unet": unet.state_dict(), "raw_text_encoder": text_encoder.state_dict(),
+                     "loss": outcome.running_loss, "seconds": outcome.seconds}, STATE_DIR / "base_final.pt")
     return ema_unet.eval(), ema_text.eval()
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import time
 
 import numpy as np
 import torch
@@ -21,12 +20,13 @@ from torch import Tensor, nn
 
 from nodegraph_diffusion.controlnet import ControlNet, ControlNetConfig
 
-from . import shapes
+from . import loop, shapes
 from .architecture import STATE_DIR, UNET_CONFIG, PromptEncoder, configure_torch
 from .export import export_controlnet, trained_base
 from .sampling import TinyModel
 from .train_base import DiffusionLoss, cached_latents
-from .train_vae import DATASET_SEED, DATASET_SIZE, learning_rate
+from .loop import Schedule, save_atomically
+from .train_vae import DATASET_SEED, DATASET_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -93,21 +93,8 @@ def train(steps: int = STEPS) -> TinyModel:
     generator = torch.Generator().manual_seed(SEED)
     rng = np.random.default_rng(SEED)
     loss_fn = DiffusionLoss()
-    start = 0
-    state_path = STATE_DIR / "controlnet.pt"
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        controlnet.load_state_dict(state["controlnet"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        rng.bit_generator.state = state["rng"]
-        start = state["step"]
-        logger.info("resumed ControlNet training at step %d", start)
-    began = time.time()
-    running = None
-    for step in range(start, steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, LR, WARMUP)
+
+    def step_fn(_step: int) -> tuple[Tensor, float, str]:
         index = torch.randint(len(latents), (BATCH,), generator=generator)
         x0 = latents[index]
         captions = [control_caption(data.samples[int(i)], rng) for i in index]
@@ -118,20 +105,13 @@ def train(steps: int = STEPS) -> TinyModel:
         x_t = loss_fn.noisy(x0, noise, t)
         control = controlnet(x_t, hints[index], t.float(), context)
         loss = loss_fn(base.unet(x_t, t.float(), context, control=control), noise, t)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
-        optimizer.step()
-        value = float(loss.detach())
-        running = value if running is None else 0.95 * running + 0.05 * value
-        if (step + 1) % 25 == 0 or step + 1 == steps:
-            logger.info("step %d/%d loss %.4f (avg %.4f) %.1fs", step + 1, steps, value, running, time.time() - began)
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            torch.save({"controlnet": controlnet.state_dict(), "optimizer": optimizer.state_dict(),
-                        "generator": generator.get_state(), "rng": rng.bit_generator.state, "step": step + 1},
-                       state_path)
-    torch.save({"controlnet": controlnet.state_dict(), "loss": running, "seconds": time.time() - began},
-               STATE_DIR / "controlnet_final.pt")
+        return loss, float(loss.detach()), ""
+
+    outcome = loop.run("ControlNet", STATE_DIR / "controlnet.pt",
+                       Schedule(steps, LR, WARMUP, log_every=25, save_every=100), optimizer,
+                       {"controlnet": controlnet, "generator": generator, "rng": rng}, step_fn)
+    save_atomically({"controlnet": controlnet.state_dict(), "loss": outcome.running_loss,
+                     "seconds": outcome.seconds}, STATE_DIR / "controlnet_final.pt")
     return TinyModel(base.unet, base.vae, base.text_encoder, controlnet.eval())
 
 

@@ -14,7 +14,6 @@ import argparse
 import logging
 import math
 import re
-import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -27,12 +26,13 @@ from nodegraph_diffusion.checkpoint import load_checkpoint
 from nodegraph_diffusion.lora import kohya_state_dict, load_lora
 from nodegraph_diffusion.patching import WeightPatches, patched
 
-from . import shapes
+from . import loop, shapes
 from .architecture import LORA_PATH, STATE_DIR, UNET_CONFIG, PromptEncoder, configure_torch
 from .export import LICENSE, compare_samples, trained_base
 from .sampling import TinyModel, generate
 from .train_base import DiffusionLoss, cached_latents, encode_latents
-from .train_vae import DATASET_SEED, DATASET_SIZE, images_to_tensor, learning_rate
+from .loop import Schedule, save_atomically
+from .train_vae import DATASET_SEED, DATASET_SIZE, images_to_tensor, outlined_renders
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,6 @@ PLAIN_PER_BATCH = 8
 LR = 2e-3
 WARMUP = 20
 RANK = 8
-OUTLINED_COUNT = 3000
-OUTLINED_SEED = 3
 UNET_TARGETS = re.compile(
     r"(attn[12]\.to_(q|k|v|out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out|in_layers\.2|out_layers\.3)\.weight$"
 )
@@ -95,11 +93,11 @@ class LoraAdapter:
             yield down
             yield up
 
-    def state(self) -> dict[str, Tensor]:
+    def state_dict(self) -> dict[str, Tensor]:
         return {f"{name}|{role}": t.detach().clone() for name, pair in self.factors.items()
                 for role, t in zip(("down", "up"), pair)}
 
-    def load(self, state: dict[str, Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
         with torch.no_grad():
             for name, (down, up) in self.factors.items():
                 down.copy_(state[f"{name}|down"])
@@ -114,7 +112,7 @@ class LoraAdapter:
 def outlined_latents(vae: nn.Module) -> tuple[Tensor, list[str]]:
     """Latents and captions of the outlined training renders (cached in ``STATE_DIR``)."""
     path = STATE_DIR / "outlined_latents.pt"
-    data = shapes.render_dataset(OUTLINED_COUNT, OUTLINED_SEED, outlined=True, cache_dir=STATE_DIR)
+    data = outlined_renders()
     if path.exists():
         return torch.load(path), data.captions
     latents = encode_latents(vae, images_to_tensor(data.images))
@@ -140,21 +138,8 @@ def train(steps: int = STEPS) -> tuple[TinyModel, LoraAdapter, LoraAdapter]:
                 len(text_lora.factors), sum(p.numel() for p in params))
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     loss_fn = DiffusionLoss()
-    start = 0
-    state_path = STATE_DIR / "lora.pt"
-    if state_path.exists():
-        state = torch.load(state_path)
-        unet_lora.load(state["unet"])
-        text_lora.load(state["text"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        start = state["step"]
-        logger.info("resumed LoRA training at step %d", start)
-    began = time.time()
-    running = None
-    for step in range(start, steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, LR, WARMUP)
+
+    def step_fn(_step: int) -> tuple[Tensor, float, str]:
         styled_index = torch.randint(len(styled), (BATCH - PLAIN_PER_BATCH,), generator=generator)
         plain_index = torch.randint(len(plain), (PLAIN_PER_BATCH,), generator=generator)
         x0 = torch.cat([styled[styled_index], plain[plain_index]])
@@ -163,19 +148,12 @@ def train(steps: int = STEPS) -> tuple[TinyModel, LoraAdapter, LoraAdapter]:
         noise = torch.randn(x0.shape, generator=generator)
         context = prompts.encode(base.text_encoder, prompts.ids(captions))
         loss = loss_fn(base.unet(loss_fn.noisy(x0, noise, t), t.float(), context), noise, t)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        value = float(loss.detach())
-        running = value if running is None else 0.95 * running + 0.05 * value
-        if (step + 1) % 25 == 0 or step + 1 == steps:
-            logger.info("step %d/%d loss %.4f (avg %.4f) %.1fs", step + 1, steps, value, running, time.time() - began)
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            torch.save({"unet": unet_lora.state(), "text": text_lora.state(), "optimizer": optimizer.state_dict(),
-                        "generator": generator.get_state(), "step": step + 1}, state_path)
-    torch.save({"unet": unet_lora.state(), "text": text_lora.state(), "loss": running,
-                "seconds": time.time() - began}, STATE_DIR / "lora_final.pt")
+        return loss, float(loss.detach()), ""
+
+    outcome = loop.run("LoRA", STATE_DIR / "lora.pt", Schedule(steps, LR, WARMUP, log_every=25, save_every=100),
+                       optimizer, {"unet": unet_lora, "text": text_lora, "generator": generator}, step_fn)
+    save_atomically({"unet": unet_lora.state_dict(), "text": text_lora.state_dict(), "loss": outcome.running_loss,
+                     "seconds": outcome.seconds}, STATE_DIR / "lora_final.pt")
     return base, unet_lora, text_lora
 
 
@@ -213,8 +191,8 @@ def export_trained() -> int:
     generator = torch.Generator().manual_seed(SEED)
     unet_lora = LoraAdapter(base.unet, UNET_TARGETS, RANK, generator)
     text_lora = LoraAdapter(base.text_encoder, TEXT_TARGETS, RANK, generator)
-    unet_lora.load(state["unet"])
-    text_lora.load(state["text"])
+    unet_lora.load_state_dict(state["unet"])
+    text_lora.load_state_dict(state["text"])
     size = export_lora(unet_lora, text_lora)
     # The reload check: the file through the product's LoRA path samples like the hooks did.
     prompts = ["an outlined red circle on a blue background", "an outlined white square on a green background"]

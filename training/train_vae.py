@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import time
 
 import numpy as np
 import torch
@@ -19,8 +18,9 @@ from torch import Tensor
 
 from nodegraph_diffusion.vae import AutoencoderKL, latent_scaling_for
 
-from . import shapes
+from . import loop, shapes
 from .architecture import FAMILY, STATE_DIR, VAE_CONFIG, configure_torch
+from .loop import Schedule, save_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,11 @@ KL_WEIGHT = 1e-6
 INITIAL_LOGVAR = -8.0
 DECODER_STEPS = 600
 DECODER_LR = 5e-4
+# The "outlined" renders (the LoRA's style): the decoder also learns to draw them, since the first
+# stage saw only filled shapes and blurred outlines into fills (it kept their colour 45% of the time).
+OUTLINED_COUNT = 3000
+OUTLINED_SEED = 3
+OUTLINED_PER_BATCH = 4
 
 
 def images_to_tensor(images: np.ndarray) -> Tensor:
@@ -49,12 +54,9 @@ def training_images() -> Tensor:
     return images_to_tensor(data.images)
 
 
-def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def outlined_renders() -> shapes.RenderedSet:
+    """The outlined training renders shared by the decoder fine-tune and the LoRA (cached in ``STATE_DIR``)."""
+    return shapes.render_dataset(OUTLINED_COUNT, OUTLINED_SEED, outlined=True, cache_dir=STATE_DIR)
 
 
 def rescale_latents(vae: AutoencoderKL, images: Tensor, batch: int = 256) -> float:
@@ -91,40 +93,20 @@ def train(steps: int = STEPS) -> AutoencoderKL:
         vae.quant_conv.bias[VAE_CONFIG.latent_channels:] = INITIAL_LOGVAR
     optimizer = torch.optim.AdamW(vae.parameters(), lr=LR, weight_decay=0.0)
     generator = torch.Generator().manual_seed(SEED)
-    start = 0
-    state_path = STATE_DIR / "vae.pt"
-    if state_path.exists():
-        state = torch.load(state_path)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        start = state["step"]
-        logger.info("resumed VAE training at step %d", start)
-    began = time.time()
     vae.train()
-    running = None
-    for step in range(start, steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, LR, WARMUP)
+
+    def step_fn(_step: int) -> tuple[Tensor, float, str]:
         index = torch.randint(len(images), (BATCH,), generator=generator)
         x = images[index].contiguous(memory_format=torch.channels_last)
         posterior = vae.encode(x)
-        z = posterior.sample(generator)
-        recon = vae.decode(z)
+        recon = vae.decode(posterior.sample(generator))
         mse = F.mse_loss(recon, x)
         kl = 0.5 * (posterior.mean**2 + posterior.logvar.exp() - 1 - posterior.logvar).mean()
-        loss = mse + 0.1 * F.l1_loss(recon, x) + KL_WEIGHT * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        value = float(mse.detach())
-        running = value if running is None else 0.95 * running + 0.05 * value
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            logger.info("step %d/%d mse %.4f (avg %.4f) kl %.2f %.1fs", step + 1, steps, value, running,
-                        float(kl.detach()), time.time() - began)
-        if (step + 1) % 200 == 0 or step + 1 == steps:
-            torch.save({"model": vae.state_dict(), "optimizer": optimizer.state_dict(),
-                        "generator": generator.get_state(), "step": step + 1}, state_path)
+        return mse + 0.1 * F.l1_loss(recon, x) + KL_WEIGHT * kl, float(mse.detach()), f"kl {float(kl.detach()):.2f}"
+
+    outcome = loop.run("VAE", STATE_DIR / "vae.pt", Schedule(steps, LR, WARMUP, log_every=50, save_every=200,
+                                                               clip_norm=None),
+                       optimizer, {"model": vae, "generator": generator}, step_fn)
     vae.eval()
     k = rescale_latents(vae, images[:4096])
     with torch.no_grad():
@@ -134,8 +116,8 @@ def train(steps: int = STEPS) -> AutoencoderKL:
         std = float(vae.latents_to_diffusion(vae.encode(images[:1024]).mean).std())
     logger.info("final: reconstruction mse %.4f on 512 images, latent rescale k=%.4f, scaled latent std %.3f",
                 mse, k, std)
-    torch.save({"model": vae.state_dict(), "rescale": k, "mse": mse, "seconds": time.time() - began},
-               STATE_DIR / "vae_final.pt")
+    save_atomically({"model": vae.state_dict(), "rescale": k, "mse": mse, "seconds": outcome.seconds},
+                    STATE_DIR / "vae_final.pt")
     # A new first stage invalidates any decoder fine-tuning of the previous one.
     for stale in ("vae_stage1.pt", "vae_decoder.pt"):
         (STATE_DIR / stale).unlink(missing_ok=True)
@@ -143,7 +125,8 @@ def train(steps: int = STEPS) -> AutoencoderKL:
 
 
 def finetune_decoder(steps: int = DECODER_STEPS) -> AutoencoderKL:
-    """Second stage: train only the decoder (and post_quant_conv) on the frozen encoder's posterior means.
+    """Second stage: train only the decoder (and post_quant_conv) on the frozen encoder's posterior means,
+    of the training images and (:data:`OUTLINED_PER_BATCH` of each batch) of the outlined renders.
 
     The encoder, and so the latent space the U-Net is trained in, stays bit-identical: this stage
     may run before, during or after :mod:`training.train_base`. Overwrites ``vae_final.pt``
@@ -165,6 +148,8 @@ def finetune_decoder(steps: int = DECODER_STEPS) -> AutoencoderKL:
             means = vae.latents_from_diffusion(torch.load(latents_path))
         else:
             means = torch.cat([vae.encode(images[i:i + 256]).mean for i in range(0, len(images), 256)])
+        outlined = images_to_tensor(outlined_renders().images)
+        outlined_means = torch.cat([vae.encode(outlined[i:i + 256]).mean for i in range(0, len(outlined), 256)])
     trainable = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     vae.requires_grad_(False)
     for p in trainable:
@@ -173,39 +158,25 @@ def finetune_decoder(steps: int = DECODER_STEPS) -> AutoencoderKL:
     vae = vae.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(trainable, lr=DECODER_LR, weight_decay=0.0)
     generator = torch.Generator().manual_seed(SEED + 1)
-    start, state_path = 0, STATE_DIR / "vae_decoder.pt"
-    if state_path.exists():
-        state = torch.load(state_path)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        start = state["step"]
-    began, running = time.time(), None
-    for step in range(start, steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, DECODER_LR, WARMUP)
-        index = torch.randint(len(images), (BATCH,), generator=generator)
-        x = images[index].contiguous(memory_format=torch.channels_last)
-        recon = vae.decode(means[index])
+
+    def step_fn(_step: int) -> tuple[Tensor, float, str]:
+        index = torch.randint(len(images), (BATCH - OUTLINED_PER_BATCH,), generator=generator)
+        styled = torch.randint(len(outlined), (OUTLINED_PER_BATCH,), generator=generator)
+        x = torch.cat([images[index], outlined[styled]]).contiguous(memory_format=torch.channels_last)
+        recon = vae.decode(torch.cat([means[index], outlined_means[styled]]))
         mse = F.mse_loss(recon, x)
-        loss = mse + 0.1 * F.l1_loss(recon, x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        value = float(mse.detach())
-        running = value if running is None else 0.95 * running + 0.05 * value
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            logger.info("decoder step %d/%d mse %.4f (avg %.4f) %.1fs", step + 1, steps, value, running,
-                        time.time() - began)
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            torch.save({"model": vae.state_dict(), "optimizer": optimizer.state_dict(),
-                        "generator": generator.get_state(), "step": step + 1}, state_path)
+        return mse + 0.1 * F.l1_loss(recon, x), float(mse.detach()), ""
+
+    outcome = loop.run("VAE decoder", STATE_DIR / "vae_decoder.pt",
+                       Schedule(steps, DECODER_LR, WARMUP, log_every=50, save_every=100, clip_norm=None),
+                       optimizer, {"model": vae, "generator": generator}, step_fn)
     vae.eval()
     with torch.no_grad():
         mse = float(F.mse_loss(vae.decode(means[-512:]), images[-512:]))
-    logger.info("decoder fine-tuned: reconstruction mse %.4f on 512 images", mse)
-    torch.save({"model": vae.state_dict(), "rescale": stage1["rescale"], "mse": mse,
-                "seconds": stage1["seconds"] + time.time() - began}, final_path)
+        outlined_mse = float(F.mse_loss(vae.decode(outlined_means[-512:]), outlined[-512:]))
+    logger.info("decoder fine-tuned: reconstruction mse %.4f on 512 images, %.4f on 512 outlined", mse, outlined_mse)
+    save_atomically({"model": vae.state_dict(), "rescale": stage1["rescale"], "mse": mse,
+                     "seconds": stage1["seconds"] + outcome.seconds}, final_path)
     return vae
 
 
