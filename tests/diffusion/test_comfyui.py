@@ -231,6 +231,58 @@ def test_image_nodes_map():
                                                    ("3", "upscale_method"): "unsupported_value"}
 
 
+def test_sdxl_text_model_only_lora_and_tiled_vae_nodes_map():
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "xl.safetensors"}},
+        "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "style.safetensors",
+                                                              "strength_model": 0.6}},
+        "3": {"class_type": "CLIPTextEncodeSDXL", "inputs": {
+            "clip": ["1", 1], "width": 2048, "height": 1536, "crop_w": 16, "crop_h": 8, "target_width": 1024,
+            "target_height": 768, "text_g": "a castle", "text_l": "oil painting"}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+        "5": {"class_type": "VAEEncodeTiled", "inputs": {"pixels": ["4", 0], "vae": ["1", 2], "tile_size": 512,
+                                                         "overlap": 64, "temporal_size": 64, "temporal_overlap": 8}},
+        "6": {"class_type": "KSampler", "inputs": {
+            "model": ["2", 0], "positive": ["3", 0], "negative": ["3", 0], "latent_image": ["5", 0], "seed": 1,
+            "steps": 3, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 0.5}},
+        "7": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["6", 0], "vae": ["1", 2], "tile_size": 256,
+                                                         "overlap": 32, "temporal_size": 64, "temporal_overlap": 8}},
+    }
+    nodes = API.convert(graph)["nodes"]
+    assert nodes["2"] == {"type": "LoadLora", "inputs": {"model": link("1", "model"), "name": "style.safetensors",
+                                                         "strength_model": 0.6}}
+    assert nodes["3"] == {"type": "TextEncodeSDXL", "inputs": {
+        "clip": link("1", "clip"), "width": 2048, "height": 1536, "crop_left": 16, "crop_top": 8,
+        "target_width": 1024, "target_height": 768, "text_g": "a castle", "text_l": "oil painting"}}
+    assert nodes["5"] == {"type": "VAEEncodeTiled", "inputs": {"image": link("4", "image"), "vae": link("1", "vae"),
+                                                               "tile_size": 512, "overlap": 64}}
+    assert nodes["6"]["inputs"]["model"] == link("2", "model")
+    assert nodes["7"] == {"type": "VAEDecodeTiled", "inputs": {"latent": link("6", "latent"), "vae": link("1", "vae"),
+                                                               "tile_size": 256, "overlap": 32}}
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([256, 32, 64, 8], {"tile_size": 256, "overlap": 32}),  # current ComfyUI
+    ([256, 32], {"tile_size": 256, "overlap": 32}),  # before the temporal tiles
+    ([256], {"tile_size": 256}),  # before the overlap
+])
+def test_ui_tiled_decode_from_each_comfyui_version(ui_graph, values, expected):
+    graph = copy.deepcopy(ui_graph)
+    decode = ui_node(graph, 8)
+    decode["type"], decode["widgets_values"] = "VAEDecodeTiled", values
+    inputs = UI.convert(graph)["nodes"]["8"]["inputs"]
+    assert {key: inputs[key] for key in ("tile_size", "overlap") if key in inputs} == expected
+
+
+def test_ui_tiled_decode_with_too_many_widgets_is_named(ui_graph):
+    graph = copy.deepcopy(ui_graph)
+    decode = ui_node(graph, 8)
+    decode["type"], decode["widgets_values"] = "VAEDecodeTiled", [256, 32, 64, 8, 1]
+    error = import_error(UI, graph)
+    assert issues_at(error) == {("8", None): "invalid_widgets"}
+    assert "tile_size, overlap, temporal_size, temporal_overlap" in str(error)
+
+
 def test_empty_latent_feeding_no_sampler_takes_the_only_loader_or_is_named(api_graph):
     api_graph["3"]["inputs"]["latent_image"] = ["12", 0]
     api_graph["12"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}}
@@ -304,7 +356,8 @@ def test_every_mapping_matches_the_pack_nodes():
         assert set(mapping.outputs) <= set(specs.outputs) and len(set(mapping.outputs)) == len(mapping.outputs)
         if mapping.needs_model:
             assert "model" in specs.inputs and "model" not in mapping.inputs.values()
-        assert set(mapping.widgets) <= set(mapping.inputs) | set(mapping.fixed) | comfyui.UI_ONLY_WIDGETS, comfy_type
+        assert set(mapping.widgets) <= (set(mapping.inputs) | set(mapping.fixed) | mapping.ignored
+                                        | comfyui.UI_ONLY_WIDGETS), comfy_type
 
 
 def test_convert_command_writes_the_ui_graph_in_our_format(tmp_path, capsys, api_graph):

@@ -62,6 +62,8 @@ class NodeMapping:
     fixed: Mapping[str, Any] = field(default_factory=dict)  # no counterpart; only this value (our behaviour) maps
     ignored: frozenset[str] = frozenset()  # no counterpart, and no effect on the models this pack runs
     needs_model: bool = False  # our node takes a model link that ComfyUI's does not have
+    # How many of the last widgets older ComfyUI versions do not have (files saved by them stop early).
+    later_widgets: int = 0
 
 
 def _same(*names: str) -> dict[str, str]:
@@ -75,9 +77,17 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
     "LoraLoader": NodeMapping(
         "LoadLora", {"lora_name": "name", **_same("model", "clip", "strength_model", "strength_clip")},
         ("model", "clip"), ("lora_name", "strength_model", "strength_clip")),
+    "LoraLoaderModelOnly": NodeMapping(
+        "LoadLora", {"lora_name": "name", **_same("model", "strength_model")}, ("model",),
+        ("lora_name", "strength_model")),
     "ControlNetLoader": NodeMapping("LoadControlNet", {"control_net_name": "name"}, ("control_net",),
                                     ("control_net_name",)),
     "CLIPTextEncode": NodeMapping("TextEncode", _same("clip", "text"), ("conditioning",), ("text",)),
+    "CLIPTextEncodeSDXL": NodeMapping(
+        "TextEncodeSDXL",
+        {"crop_w": "crop_left", "crop_h": "crop_top",
+         **_same("clip", "width", "height", "target_width", "target_height", "text_g", "text_l")},
+        ("conditioning",), ("width", "height", "crop_w", "crop_h", "target_width", "target_height", "text_g", "text_l")),
     "CLIPSetLastLayer": NodeMapping("SetClipSkip", {"clip": "clip", "stop_at_clip_layer": "clip_skip"}, ("clip",),
                                     ("stop_at_clip_layer",), {"stop_at_clip_layer": _stop_layer_to_clip_skip}),
     "ConditioningCombine": NodeMapping("ConditioningCombine", {"conditioning_1": "a", "conditioning_2": "b"},
@@ -118,6 +128,15 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
     "SetLatentNoiseMask": NodeMapping("SetLatentNoiseMask", {"samples": "latent", "mask": "mask"}, ("latent",)),
     "VAEDecode": NodeMapping("VAEDecode", {"samples": "latent", "vae": "vae"}, ("image",)),
     "VAEEncode": NodeMapping("VAEEncode", {"pixels": "image", "vae": "vae"}, ("latent",)),
+    # The temporal tile sizes of newer ComfyUI only apply to video VAEs; overlap came after tile_size.
+    "VAEDecodeTiled": NodeMapping(
+        "VAEDecodeTiled", {"samples": "latent", **_same("vae", "tile_size", "overlap")}, ("image",),
+        ("tile_size", "overlap", "temporal_size", "temporal_overlap"),
+        ignored=frozenset({"temporal_size", "temporal_overlap"}), later_widgets=3),
+    "VAEEncodeTiled": NodeMapping(
+        "VAEEncodeTiled", {"pixels": "image", **_same("vae", "tile_size", "overlap")}, ("latent",),
+        ("tile_size", "overlap", "temporal_size", "temporal_overlap"),
+        ignored=frozenset({"temporal_size", "temporal_overlap"}), later_widgets=3),
     "VAEEncodeForInpaint": NodeMapping(
         "VAEEncodeForInpaint", {"pixels": "image", **_same("vae", "mask", "grow_mask_by")}, ("latent",),
         ("grow_mask_by",)),
@@ -299,6 +318,8 @@ def _widget_values(node: dict[str, Any], mapping: NodeMapping, problems: _Proble
     if len(values) != len(names):
         # Files from editors that do not store the UI-only widgets hold just the real ones.
         names = tuple(name for name in names if name not in UI_ONLY_WIDGETS)
+    if len(names) - mapping.later_widgets <= len(values) < len(names):
+        names = names[:len(values)]
     if len(values) != len(names):
         problems.add("invalid_widgets", f"{node['type']} has {len(mapping.widgets)} widget values "
                                         f"({', '.join(mapping.widgets)}), the file has {len(values)}: {values!r}",
