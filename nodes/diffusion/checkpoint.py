@@ -381,7 +381,9 @@ _SCHEDULE_BUFFERS = frozenset({
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "logvar", "lvlb_weights", "v_pred", "ztsnr",
 })
-_IGNORED_PREFIXES = ("model_ema.", "denoiser.", "first_stage_model.loss.", "loss.")
+_IGNORED_PREFIXES = ("model_ema.", "denoiser.",
+                     *(f"{vae_prefix}{training}" for vae_prefix in ("first_stage_model.", "")
+                       for training in vae_module.TRAINING_ONLY_PREFIXES))
 
 V_PRED_MARKER = "v_pred"
 # Adapter files: LoRA / LoCon (lora_up/down, PEFT lora_A/B), LoHa (hada_*), LoKr (lokr_*).
@@ -860,21 +862,8 @@ def _target(device: str | torch.device, dtype: str | torch.dtype | None, compone
     return resolved, resolve_dtype(dtype, resolved, component)
 
 
-def _hf_text_model_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """HF CLIP keys with the ``text_model.`` level that older SD1 files and transformers >= 5.6 omit."""
-    out = {}
-    for key, tensor in state_dict.items():
-        if key.startswith(("embeddings.", "encoder.", "final_layer_norm.")):
-            key = "text_model." + key
-        out[key] = tensor
-    return out
-
-
 def _text_encoder_shapes(shapes: Mapping[str, Sequence[int]], keys: ComponentKeys) -> dict[str, tuple[int, ...]]:
-    meta = _meta_state_dict(shapes, keys.prefix)
-    if keys.layout == "hf":
-        meta = _hf_text_model_keys(meta)
-    return _shapes_of(meta)
+    return _shapes_of(_meta_state_dict(shapes, keys.prefix))
 
 
 def _load_unet(
@@ -922,8 +911,6 @@ def _load_text_encoder(
         )
     target_device, target_dtype = _target(device, dtype, "text_encoder")
     state_dict = _Materializer(source, target_device, target_dtype).state_dict(keys)
-    if keys.layout == "hf":
-        state_dict = _hf_text_model_keys(state_dict)
     with _component_errors(detection.path, slot):
         state_dict = text_encoder_module.text_encoder_state_dict(state_dict)
     module, unexpected = _instantiate(

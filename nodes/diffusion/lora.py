@@ -196,8 +196,8 @@ class _DiffusersModuleNames:
     @classmethod
     def probe(cls, layout: unet_module.DiffusersUNetLayout, levels: int) -> _DiffusersModuleNames:
         # The renaming's own vocabulary: which res-block and top-level layer names exist.
-        resnet_parts = tuple(unet_module._DIFFUSERS_RESNET)
-        top_level = tuple(unet_module._DIFFUSERS_TOP_LEVEL)
+        resnet_parts = tuple(unet_module.DIFFUSERS_RESNET_LAYERS)
+        top_level = tuple(unet_module.DIFFUSERS_TOP_LEVEL_LAYERS)
         blocks: list[tuple[str, str]] = []  # (prefix, kind)
         for level in range(levels):
             for index in range(layout.res_blocks):

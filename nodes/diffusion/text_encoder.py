@@ -31,7 +31,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -149,11 +149,21 @@ def hf_clip_keys_from_openclip(state_dict: Mapping[str, Tensor]) -> dict[str, Te
     return out
 
 
+_V = TypeVar("_V")
+_HF_TEXT_MODEL_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
+def with_text_model_level(entries: Mapping[str, _V]) -> dict[str, _V]:
+    """HF CLIP keys with the ``text_model.`` level that older SD1 files and transformers >= 5.6 omit
+    (other keys, OpenCLIP's included, unchanged)."""
+    return {("text_model." + k if k.startswith(_HF_TEXT_MODEL_PARTS) else k): v for k, v in entries.items()}
+
+
 def text_encoder_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """A text-encoder state dict in either layout (prefix removed) -> keys ready for strict loading."""
     if is_openclip_layout(state_dict):
         return hf_clip_keys_from_openclip(state_dict)
-    return {k: v for k, v in state_dict.items() if k not in _IGNORED_KEYS}
+    return {k: v for k, v in with_text_model_level(state_dict).items() if k not in _IGNORED_KEYS}
 
 
 _HF_LAYER = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.")
@@ -176,6 +186,7 @@ def text_encoder_config_from_shapes(
     - the end-of-text id: the last vocabulary entry, as in CLIP's tokenizer.
     """
     openclip = is_openclip_layout(shapes)
+    shapes = with_text_model_level(shapes)
 
     def shape(key: str) -> tuple[int, ...]:
         try:

@@ -22,6 +22,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -624,7 +625,9 @@ def unet_config_from_shapes(
 
 # --------------------------------------------------------------------------- diffusers key mapping
 
-_DIFFUSERS_TOP_LEVEL = {
+# The renaming's vocabulary, public for modules that map diffusers names themselves (LoRA keys):
+# top-level layers and the layers of one res block, diffusers name -> LDM name.
+DIFFUSERS_TOP_LEVEL_LAYERS: Mapping[str, str] = MappingProxyType({
     "conv_in": "input_blocks.0.0",
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
@@ -632,15 +635,15 @@ _DIFFUSERS_TOP_LEVEL = {
     "add_embedding.linear_2": "label_emb.0.2",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
-}
-_DIFFUSERS_RESNET = {
+})
+DIFFUSERS_RESNET_LAYERS: Mapping[str, str] = MappingProxyType({
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
     "time_emb_proj": "emb_layers.1",
     "norm2": "out_layers.0",
     "conv2": "out_layers.3",
     "conv_shortcut": "skip_connection",
-}
+})
 _DIFFUSERS_BLOCK_KEY = re.compile(
     r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$"
 )
@@ -680,15 +683,15 @@ class DiffusersUNetLayout:
 def ldm_key_from_diffusers(key: str, layout: DiffusersUNetLayout) -> str:
     """The LDM name of one diffusers UNet2DConditionModel / ControlNetModel encoder parameter."""
     module, _, param = key.rpartition(".")
-    if module in _DIFFUSERS_TOP_LEVEL:
-        return f"{_DIFFUSERS_TOP_LEVEL[module]}.{param}"
+    if module in DIFFUSERS_TOP_LEVEL_LAYERS:
+        return f"{DIFFUSERS_TOP_LEVEL_LAYERS[module]}.{param}"
     per_level = layout.res_blocks + 1
 
     def resnet(rest: str) -> str:
         name, _, tail = rest.partition(".")
-        if name not in _DIFFUSERS_RESNET:
+        if name not in DIFFUSERS_RESNET_LAYERS:
             raise UNetConfigError(f"diffusers key {key!r}: unknown resnet part {name!r}")
-        return f"{_DIFFUSERS_RESNET[name]}.{tail}"
+        return f"{DIFFUSERS_RESNET_LAYERS[name]}.{tail}"
 
     match = _DIFFUSERS_BLOCK_KEY.match(key)
     if match:

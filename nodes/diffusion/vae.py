@@ -615,7 +615,7 @@ def _run_tiled(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: in
 
 # Training-only entries found in some standalone VAE files (discriminator, LPIPS, learned loss
 # weight); they play no part in encoding or decoding.
-_TRAINING_ONLY_PREFIXES = ("loss.",)
+TRAINING_ONLY_PREFIXES = ("loss.",)
 
 
 def load_vae(
@@ -632,10 +632,10 @@ def load_vae(
     comes from the shapes unless given; ``family`` picks the latent scaling. The module is built
     on the meta device and takes the given tensors, so no time goes into random initialisation.
     """
-    training_only = [k for k in state_dict if k.startswith(_TRAINING_ONLY_PREFIXES)]
+    training_only = [k for k in state_dict if k.startswith(TRAINING_ONLY_PREFIXES)]
     if training_only:
         logger.info("VAE: ignoring %d training-only keys (%s...)", len(training_only), training_only[0])
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_TRAINING_ONLY_PREFIXES)}
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
     if is_diffusers_vae_layout(state_dict):
         state_dict = ldm_vae_keys_from_diffusers(state_dict)
     if config is None:
