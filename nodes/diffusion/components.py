@@ -80,7 +80,7 @@ class TextEncoders:
     encoders: dict[str, CLIPTextEncoder]
     tokenizer: CLIPTokenizer
     family: ModelFamily
-    embeddings_dir: str | None = None
+    embeddings_dirs: tuple[str, ...] = ()
     clip_skip: int | None = None
     patches: dict[str, WeightPatches] = field(default_factory=dict)
 
@@ -140,8 +140,8 @@ class TextEncoders:
             prompt = text_secondary if (slot == "clip_l" and self.family.latent_family == "sdxl"
                                         and text_secondary is not None) else text
             lookup = None
-            if self.embeddings_dir is not None:
-                lookup = EmbeddingFolder(self.embeddings_dir, encoder=slot, width=encoder.config.width)
+            if self.embeddings_dirs:
+                lookup = EmbeddingFolder(self.embeddings_dirs, encoder=slot, width=encoder.config.width)
             chunks = self.tokenizer.tokenize_prompt(prompt, pad_id=PAD_ID_BY_ENCODER[slot], embeddings=lookup)
             chunk_counts.append(len(chunks))
             hidden, slot_pooled = self._hidden(slot, encoder, chunks)

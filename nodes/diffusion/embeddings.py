@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -121,40 +121,48 @@ def _pick_vectors(tensors: Mapping[str, Tensor], encoder: str | None, path: Path
 
 
 class EmbeddingFolder:
-    """Finds embeddings by name in a folder and loads them (cached until the file changes).
+    """Finds embeddings by name in one or more folders and loads them (cached until the file changes).
 
-    A name is a file name relative to the folder, with or without its suffix (``name``,
+    A name is a file name relative to a folder, with or without its suffix (``name``,
     ``name.pt``, ``sub/name``); without one, ``.safetensors``, ``.pt`` and ``.bin`` are tried in
-    that order, then the same ignoring case. width: the text encoder's width; vectors of another
-    width (an embedding made for another model) are an error.
+    that order, then the same ignoring case. Folders are searched in the order given, each
+    completely before the next. width: the text encoder's width; vectors of another width (an
+    embedding made for another model) are an error.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], encoder: str | None = None, width: int | None = None) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folders: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], encoder: str | None = None,
+                 width: int | None = None) -> None:
+        self.folders = ([Path(folders)] if isinstance(folders, (str, os.PathLike))
+                        else [Path(folder) for folder in folders])
         self.encoder = encoder
         self.width = width
         self._cache: dict[Path, tuple[int, Tensor]] = {}
 
+    def _where(self) -> str:
+        return ", ".join(str(folder) for folder in self.folders)
+
     def find(self, name: str) -> Path:
-        """The file `name` refers to; raises EmbeddingNotFoundError naming the folder and the names tried."""
+        """The file `name` refers to; raises EmbeddingNotFoundError naming the folders and the names tried."""
         relative = PurePosixPath(name.replace("\\", "/"))
         if relative.is_absolute() or ".." in relative.parts or not relative.parts:
-            raise EmbeddingNotFoundError(name, f"{self.folder} (names must be relative paths inside the folder)")
+            raise EmbeddingNotFoundError(name, f"{self._where()} (names must be relative paths inside the folder)")
         has_suffix = relative.suffix.lower() in EMBEDDING_SUFFIXES
         candidates = [relative] if has_suffix else [relative.with_name(relative.name + s) for s in EMBEDDING_SUFFIXES]
-        for candidate in candidates:
-            path = self.folder.joinpath(*candidate.parts)
-            if path.is_file():
-                return path
-        for candidate in candidates:
-            path = self._find_ignoring_case(candidate)
-            if path is not None:
-                return path
+        for folder in self.folders:
+            for candidate in candidates:
+                path = folder.joinpath(*candidate.parts)
+                if path.is_file():
+                    return path
+            for candidate in candidates:
+                path = self._find_ignoring_case(folder, candidate)
+                if path is not None:
+                    return path
         tried = ", ".join(str(c) for c in candidates)
-        raise EmbeddingNotFoundError(name, f"{self.folder} (tried {tried})")
+        raise EmbeddingNotFoundError(name, f"{self._where()} (tried {tried})")
 
-    def _find_ignoring_case(self, candidate: PurePosixPath) -> Path | None:
-        directory = self.folder.joinpath(*candidate.parts[:-1])
+    @staticmethod
+    def _find_ignoring_case(folder: Path, candidate: PurePosixPath) -> Path | None:
+        directory = folder.joinpath(*candidate.parts[:-1])
         if not directory.is_dir():
             return None
         matches = sorted(p for p in directory.iterdir() if p.name.lower() == candidate.name.lower() and p.is_file())

@@ -149,6 +149,19 @@ def test_folder_not_found_names_folder_and_tries(folder: Path) -> None:
             lookup(outside)
 
 
+def test_folders_are_searched_in_order(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    second = tmp_path_factory.mktemp("more-embeddings")
+    save_file({"emb_params": torch.full((1, 8), 8.0)}, second / "only-here.safetensors")
+    save_file({"emb_params": torch.full((1, 8), 9.0)}, second / "style.safetensors")
+    lookup = EmbeddingFolder([folder, second])
+    assert lookup.find("only-here") == second / "only-here.safetensors"
+    assert lookup.find("style") == folder / "style.safetensors"  # the first folder holding the name wins
+    assert lookup.find("ONLY-HERE") == second / "only-here.safetensors"
+    with pytest.raises(EmbeddingNotFoundError) as caught:
+        lookup("missing")
+    assert f"{folder}, {second}" in str(caught.value)
+
+
 def test_folder_encoder_and_width(folder: Path) -> None:
     assert torch.equal(EmbeddingFolder(folder, encoder="clip_g", width=12)("xl"), torch.full((1, 12), 6.0))
     assert torch.equal(EmbeddingFolder(folder, encoder="clip_l", width=8)("xl"), torch.full((1, 8), 5.0))

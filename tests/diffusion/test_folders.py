@@ -54,7 +54,7 @@ def test_a1111_layout_through_the_environment(isolated, tmp_path, monkeypatch):
     assert folders.list_files("vae") == ["ft-mse.ckpt"]
     assert folders.list_files("embeddings") == ["bad-hands.pt"]
     assert folders.resolve("embeddings", "bad-hands.pt").resolve() == (webui / "embeddings" / "bad-hands.pt").resolve()
-    assert folders.first_folder("embeddings").resolve() == (webui / "embeddings").resolve()
+    assert [f.resolve() for f in folders.search_folders("embeddings")] == [(webui / "embeddings").resolve()]
 
 
 def test_comfyui_layout_from_the_working_directory_config_with_relative_paths(isolated, tmp_path):

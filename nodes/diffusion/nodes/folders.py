@@ -154,12 +154,6 @@ def search_folders(kind: str) -> list[Path]:
     return found
 
 
-def first_folder(kind: str) -> Path | None:
-    """The first existing folder for `kind` (where a single folder is wanted), or None."""
-    folders = search_folders(kind)
-    return folders[0] if folders else None
-
-
 def _walk(folder: Path, suffixes: frozenset[str], diffusers_folders: bool) -> list[str]:
     names: list[str] = []
     visited: set[Path] = set()

@@ -67,12 +67,11 @@ class LoadCheckpoint(Node):
             latent_format=loaded.latent_format,
             name=inputs.name,
         )
-        embeddings = folders.first_folder("embeddings")
         clip = TextEncoders(
             encoders=loaded.text_encoders,
             tokenizer=CLIPTokenizer.from_default(),
             family=loaded.family,
-            embeddings_dir=None if embeddings is None else str(embeddings),
+            embeddings_dirs=tuple(str(folder) for folder in folders.search_folders("embeddings")),
         )
         vae = None if loaded.vae is None else VAEModel(loaded.vae, loaded.latent_format, inputs.name)
         return self.Outputs(model=model, clip=clip, vae=vae)
