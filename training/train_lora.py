@@ -37,7 +37,7 @@ from .train_vae import DATASET_SEED, DATASET_SIZE, images_to_tensor, outlined_re
 logger = logging.getLogger(__name__)
 
 SEED = 41
-STEPS = 300
+STEPS = 500
 BATCH = 32
 PLAIN_PER_BATCH = 8
 LR = 2e-3

@@ -26,7 +26,7 @@ from .access import (LOOPBACK_NAMES, Handler, error_response, loopback_host_only
 from .folders import (IMAGE_SUFFIXES, MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, NotAFile, PathRefused, ServedFolder,
                       UploadRefused, check_image, safe_file_name, store_upload)
 from .openapi import openapi_document
-from .queue import FINISHED, QUEUE_CHANGED, QUEUE_EVENT_IDS, NotQueued, RunBackend, RunQueue, RunStore, UnknownRun
+from .queue import FINISHED, QUEUE_CHANGED, QUEUE_EVENT_IDS, NotQueued, RunBackend, RunQueue, RunStore, UnknownRun, WORKER_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,11 @@ async def model_lists(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     queue = request.app[QUEUE_KEY]
     return web.json_response({"ok": True, "paused": queue.paused, "queued": len(queue.store.queued_ids())})
+
+
+async def list_workers(request: web.Request) -> web.Response:
+    workers = request.app[QUEUE_KEY].backend.workers()
+    return web.json_response({"workers": [{field: worker[field] for field in WORKER_FIELDS} for worker in workers]})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -468,6 +473,7 @@ def create_app(registry: NodeRegistry, db_path: Path | str, output_dir: Path | s
     app.router.add_get("/api/workflows/{name}", get_workflow)
     app.router.add_put("/api/workflows/{name}", save_workflow)
     app.router.add_get("/api/health", health)
+    app.router.add_get("/api/workers", list_workers)
     app.router.add_get("/api/openapi.json", openapi)
     app.router.add_get("/api/events", event_stream)
     _editor_routes(app, Path(editor_dir))

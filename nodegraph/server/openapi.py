@@ -219,6 +219,12 @@ PATHS: dict[str, Any] = {
                             "responses": {"200": _json({"type": "object", "properties": {
                                 "ok": {"type": "boolean"}, "paused": {"type": "boolean"},
                                 "queued": {"type": "integer"}}}, "Up.")}}},
+    "/api/workers": {"get": {"summary": "Where runs execute: the local executor, or each worker of the Ray pool",
+                             "responses": {"200": _json({"type": "object", "properties": {"workers": {
+                                 "type": "array", "items": {"type": "object", "properties": {
+                                     "name": {"type": "string"}, "node_id": {"type": ["string", "null"]},
+                                     "ready": {"type": "boolean"}, "run_id": {"type": ["string", "null"]},
+                                     "runs": {"type": "integer"}}}}}}, "The workers now.")}}},
     "/api/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1."}}}},
     "/api/events": {"get": {
         "summary": "WebSocket: every run and queue event as JSON text messages (see docs/api.md)",

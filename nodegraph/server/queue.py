@@ -269,13 +269,23 @@ class RunBackend(Protocol):
     def stop(self) -> None:
         """Release everything; called after every placed run ended."""
 
+    def workers(self) -> list[dict[str, Any]]:
+        """Where runs execute now, one entry per worker with at least :data:`WORKER_FIELDS`."""
+
+
+# What every backend reports per worker: its name (recorded as a run's `worker`), the cluster
+# machine it is on (None on a single machine), whether it takes runs yet, the run it is executing
+# (or None) and how many runs it has finished.
+WORKER_FIELDS = ("name", "node_id", "ready", "run_id", "runs")
+
 
 class LocalBackend:
     """Runs execute in this process one at a time, with the queue's executor and its cross-run cache."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._busy = False
+        self._running: str | None = None
+        self._finished = 0
         self._executor: Executor | None = None
         self._wake: Callable[[], None] = lambda: None
 
@@ -286,18 +296,24 @@ class LocalBackend:
         if self._executor is None:
             raise RuntimeError("the backend was not started")
         with self._lock:
-            if self._busy:
+            if self._running is not None:
                 return None
-            self._busy = True
+            self._running = run["id"]
         return _LocalPlacement(self, self._executor, run)
 
     def _free(self) -> None:
         with self._lock:
-            self._busy = False
+            self._running = None
+            self._finished += 1
         self._wake()
 
     def stop(self) -> None:
         """Nothing to release: the executor and its cache belong to the queue."""
+
+    def workers(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"name": _LocalPlacement.worker, "node_id": None, "ready": self._executor is not None,
+                     "run_id": self._running, "runs": self._finished}]
 
 
 class _LocalPlacement:

@@ -105,6 +105,26 @@ async def test_cancel_queued_and_running(make_client):
 
 
 @pytest.mark.asyncio
+async def test_workers_lists_the_local_executor_and_its_run(make_client):
+    client = await make_client()
+    assert (await (await client.get("/api/workers")).json()) == {"workers": [
+        {"name": "local", "node_id": None, "ready": True, "run_id": None, "runs": 0}]}
+    running = await submit(client, slow(steps=200, delay=0.01))
+    await wait_status(client, running, ("running",))
+    assert (await (await client.get("/api/workers")).json())["workers"][0]["run_id"] == running
+    await client.post(f"/api/runs/{running}/cancel")
+    run = await wait_status(client, running, ("cancelled",))
+    assert run["worker"] == "local"
+    # The outcome is stored just before the worker is freed.
+    for _ in range(100):
+        workers = (await (await client.get("/api/workers")).json())["workers"]
+        if workers[0]["run_id"] is None:
+            break
+        await asyncio.sleep(0.02)
+    assert workers == [{"name": "local", "node_id": None, "ready": True, "run_id": None, "runs": 1}]
+
+
+@pytest.mark.asyncio
 async def test_pause_resume_and_clear(make_client):
     client = await make_client()
     assert (await client.post("/api/queue/pause")).status == 200

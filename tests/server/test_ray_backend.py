@@ -315,4 +315,8 @@ async def test_steps_previews_and_files_reach_the_api(cluster, aiohttp_client, t
     assert image.status == 200 and image.headers["Content-Type"] == "image/png"
     run = await wait_status(client, run_id, ("succeeded",))
     assert run["file_urls"] == finished["file_urls"] and run["worker"] == backend.workers()[0]["name"]
+    listed = (await (await client.get("/api/workers")).json())["workers"]
+    assert [w["name"] for w in listed] == [w["name"] for w in backend.workers()]
+    assert run["worker"] in {w["name"] for w in listed}
+    assert all(set(w) == {"name", "node_id", "ready", "run_id", "runs"} and w["node_id"] for w in listed)
     await socket.close()
