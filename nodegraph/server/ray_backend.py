@@ -103,13 +103,46 @@ def _written_files(event: Event, folder: Path) -> list[WrittenFile]:
     return written
 
 
+SCRATCH_PREFIX = "nodegraph-worker-"
+"""A worker's scratch folder in the machine's temporary directory is this prefix and its process id."""
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def sweep_scratch(temp_dir: Path) -> list[Path]:
+    """Remove the scratch folders of workers that are gone (killed mid-run, their machine's
+    temporary folder kept); returns what was removed."""
+    removed = []
+    for folder in temp_dir.glob(f"{SCRATCH_PREFIX}*"):
+        pid = folder.name[len(SCRATCH_PREFIX):]
+        if folder.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 class RunWorker:
     """One engine on a Ray worker: an executor with its own cross-run cache, one run at a time.
 
     The pool makes it an actor with two threads, so that `cancel` reaches it while `run` runs.
+    Runs write their files under the worker's scratch folder; a starting worker removes those of
+    workers on its machine that died without cleaning up.
     """
 
     def __init__(self, nodes_dirs: list[Path], device: str, cache_bytes: int) -> None:
+        temp_dir = Path(tempfile.gettempdir())
+        for stale in sweep_scratch(temp_dir):
+            log.info("removed %s, left by a worker that is gone", stale)
+        self._scratch = temp_dir / f"{SCRATCH_PREFIX}{os.getpid()}"
+        self._scratch.mkdir(exist_ok=True)
         registry, problems = build_registry(nodes_dirs)
         self._problems = [str(problem) for problem in problems]
         self._executor = Executor(registry, OutputCache(cache_bytes), device=device)  # output_dir: set per run
@@ -144,7 +177,7 @@ class RunWorker:
             # The pool gives a worker one run at a time: what is left is for runs that ended.
             self._cancelled.clear()
             self._current = (run["id"], token)
-        folder = Path(tempfile.mkdtemp(prefix=f"nodegraph-run-{run['id'][:8]}-"))
+        folder = Path(tempfile.mkdtemp(prefix=f"run-{run['id'][:8]}-", dir=self._scratch))
         self._executor.output_dir = folder
         messages: queues.SimpleQueue[tuple[Any, ...] | None] = queues.SimpleQueue()
 

@@ -29,8 +29,8 @@ from nodegraph.events import Event  # noqa: E402
 from nodegraph.executor import Executor  # noqa: E402
 from nodegraph.plugins import build_registry  # noqa: E402
 from nodegraph.server.queue import RUN_RETRIED, RunQueue, RunStore  # noqa: E402
-from nodegraph.server.ray_backend import (RayBackend, RayPoolConfig, RunOutputs, WrittenFile,  # noqa: E402
-                                          choose_worker)
+from nodegraph.server.ray_backend import (SCRATCH_PREFIX, RayBackend, RayPoolConfig, RunOutputs,  # noqa: E402
+                                          WrittenFile, choose_worker, sweep_scratch)
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_PACK_DIR = Path(__file__).resolve().parent / "ray_packs"
@@ -128,6 +128,23 @@ def test_the_worker_holding_most_of_a_run_goes_first_then_the_least_used():
     fresh, busy_with_it, other = Worker({}, 0), Worker({"ckpt": None, "clip": None}, 9), Worker({"x": None}, 1)
     assert choose_worker([fresh, busy_with_it, other], {"ckpt", "clip", "sampler"}) is busy_with_it
     assert choose_worker([fresh, busy_with_it, other], {"another checkpoint"}) is fresh
+
+
+def test_scratch_folders_of_dead_workers_are_swept(tmp_path):
+    import subprocess
+    import sys
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead = tmp_path / f"{SCRATCH_PREFIX}{finished.stdout.strip()}"
+    (dead / "run-1234").mkdir(parents=True)
+    (dead / "run-1234" / "out_00001.png").write_bytes(b"left behind")
+    alive = tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}"
+    (alive / "run-5678").mkdir(parents=True)
+    other = tmp_path / "someone-else"
+    other.mkdir()
+    assert sweep_scratch(tmp_path) == [dead]
+    assert not dead.exists() and alive.is_dir() and other.is_dir()
 
 
 def test_files_of_a_node_are_stored_once_per_run_even_when_it_runs_again(tmp_path):
