@@ -31,7 +31,7 @@ from .train_vae import DATASET_SEED, DATASET_SIZE, training_images
 logger = logging.getLogger(__name__)
 
 SEED = 21
-STEPS = 2000
+STEPS = 4000
 BATCH = 32
 LR = 8e-4
 WARMUP = 100
