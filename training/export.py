@@ -82,8 +82,8 @@ def export_base(model: TinyModel, path: Path = CHECKPOINT_PATH) -> dict[str, flo
         raise ExportError(f"{path}: expected a VAE and one clip_l text encoder, got {list(loaded.text_encoders)}")
     reloaded = TinyModel(loaded.unet, loaded.vae, loaded.text_encoders["clip_l"])
     seeds = list(range(len(CHECK_PROMPTS)))
-    error = compare_samples(generate(model, list(CHECK_PROMPTS), seeds), generate(reloaded, list(CHECK_PROMPTS), seeds),
-                     str(path))
+    error = compare_samples(generate(model, list(CHECK_PROMPTS), seeds),
+                            generate(reloaded, list(CHECK_PROMPTS), seeds), str(path))
     logger.info("wrote %s (%.1f MB), reload mean pixel error %.2f", path, size / 2**20, error)
     return {"bytes": float(size), "reload_mean_pixel_error": error}
 
@@ -104,7 +104,7 @@ def export_controlnet(model: TinyModel, hints: Tensor, path: Path = CONTROLNET_P
     reloaded = TinyModel(model.unet, model.vae, model.text_encoder, loaded.controlnet, model.control_strength)
     seeds = list(range(len(CHECK_PROMPTS)))
     error = compare_samples(generate(model, list(CHECK_PROMPTS), seeds, hints=hints),
-                     generate(reloaded, list(CHECK_PROMPTS), seeds, hints=hints), str(path))
+                            generate(reloaded, list(CHECK_PROMPTS), seeds, hints=hints), str(path))
     logger.info("wrote %s (%.1f MB), reload mean pixel error %.2f", path, size / 2**20, error)
     return {"bytes": float(size), "reload_mean_pixel_error": error}
 

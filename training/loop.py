@@ -2,7 +2,7 @@
 running loss, periodic log and state save.
 
 A script describes one step (``step_fn``: the loss to minimise, the value to log, an optional note)
-and names everything whose state must survive an interruption; :func:`run` does the rest. A run
+and names everything whose state must survive an interruption; :func:`train_steps` does the rest. A run
 stopped at any point and started again continues exactly where its last save left it, with the same
 batches (the random generators are part of the saved state).
 """
@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -86,11 +86,11 @@ def save_atomically(obj: Any, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def _parameters(optimizer: torch.optim.Optimizer) -> Iterable[Tensor]:
+def _parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def run(
+def train_steps(
     name: str,
     state_path: Path,
     schedule: Schedule,

@@ -86,7 +86,8 @@ def generate(
 
         size = 64 // model.vae.config.downscale_factor
         noise = torch.cat([
-            torch.randn((1, model.vae.config.latent_channels, size, size), generator=torch.Generator().manual_seed(seed))
+            torch.randn((1, model.vae.config.latent_channels, size, size),
+                        generator=torch.Generator().manual_seed(seed))
             for seed in seeds
         ]).to(dtype)
         sigmas = sigmas_normal(sampling.schedule, steps)

@@ -23,9 +23,9 @@ from nodegraph_diffusion.text_encoder import CLIPTextEncoder
 from nodegraph_diffusion.unet import UNet
 from nodegraph_diffusion.vae import AutoencoderKL
 
-from . import loop, shapes
+from . import shapes
 from .architecture import STATE_DIR, TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG, PromptEncoder, configure_torch
-from .loop import Schedule, save_atomically
+from .loop import Schedule, save_atomically, train_steps
 from .train_vae import DATASET_SEED, DATASET_SIZE, training_images
 
 logger = logging.getLogger(__name__)
@@ -142,10 +142,10 @@ def train(steps: int = STEPS) -> tuple[UNet, CLIPTextEncoder]:
         ema_update(ema_unet, unet, decay)
         ema_update(ema_text, text_encoder, decay)
 
-    outcome = loop.run("base", STATE_DIR / "base.pt",
-                       Schedule(steps, LR, WARMUP, log_every=50, save_every=200, smoothing=0.02), optimizer,
-                       {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text,
-                        "generator": generator}, step_fn, after_step)
+    outcome = train_steps("base", STATE_DIR / "base.pt",
+                          Schedule(steps, LR, WARMUP, log_every=50, save_every=200, smoothing=0.02), optimizer,
+                          {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text,
+                           "generator": generator}, step_fn, after_step)
     save_atomically({"unet": ema_unet.state_dict(), "text_encoder": ema_text.state_dict(),
                      "raw_unet": unet.state_dict(), "raw_text_encoder": text_encoder.state_dict(),
                      "loss": outcome.running_loss, "seconds": outcome.seconds}, STATE_DIR / "base_final.pt")

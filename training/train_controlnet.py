@@ -20,12 +20,12 @@ from torch import Tensor, nn
 
 from nodegraph_diffusion.controlnet import ControlNet, ControlNetConfig
 
-from . import loop, shapes
+from . import shapes
 from .architecture import STATE_DIR, UNET_CONFIG, PromptEncoder, configure_torch
 from .export import export_controlnet, trained_base
 from .sampling import TinyModel
 from .train_base import DiffusionLoss, cached_latents
-from .loop import Schedule, save_atomically
+from .loop import Schedule, save_atomically, train_steps
 from .train_vae import DATASET_SEED, DATASET_SIZE
 
 logger = logging.getLogger(__name__)
@@ -107,9 +107,9 @@ def train(steps: int = STEPS) -> TinyModel:
         loss = loss_fn(base.unet(x_t, t.float(), context, control=control), noise, t)
         return loss, float(loss.detach()), ""
 
-    outcome = loop.run("ControlNet", STATE_DIR / "controlnet.pt",
-                       Schedule(steps, LR, WARMUP, log_every=25, save_every=100), optimizer,
-                       {"controlnet": controlnet, "generator": generator, "rng": rng}, step_fn)
+    outcome = train_steps("ControlNet", STATE_DIR / "controlnet.pt",
+                          Schedule(steps, LR, WARMUP, log_every=25, save_every=100), optimizer,
+                          {"controlnet": controlnet, "generator": generator, "rng": rng}, step_fn)
     save_atomically({"controlnet": controlnet.state_dict(), "loss": outcome.running_loss,
                      "seconds": outcome.seconds}, STATE_DIR / "controlnet_final.pt")
     return TinyModel(base.unet, base.vae, base.text_encoder, controlnet.eval())

@@ -26,12 +26,12 @@ from nodegraph_diffusion.checkpoint import load_checkpoint
 from nodegraph_diffusion.lora import kohya_state_dict, load_lora
 from nodegraph_diffusion.patching import WeightPatches, patched
 
-from . import loop, shapes
+from . import shapes
 from .architecture import LORA_PATH, STATE_DIR, UNET_CONFIG, PromptEncoder, configure_torch
 from .export import LICENSE, compare_samples, trained_base
 from .sampling import TinyModel, generate
 from .train_base import DiffusionLoss, cached_latents, encode_latents
-from .loop import Schedule, save_atomically
+from .loop import Schedule, save_atomically, train_steps
 from .train_vae import DATASET_SEED, DATASET_SIZE, images_to_tensor, outlined_renders
 
 logger = logging.getLogger(__name__)
@@ -150,8 +150,8 @@ def train(steps: int = STEPS) -> tuple[TinyModel, LoraAdapter, LoraAdapter]:
         loss = loss_fn(base.unet(loss_fn.noisy(x0, noise, t), t.float(), context), noise, t)
         return loss, float(loss.detach()), ""
 
-    outcome = loop.run("LoRA", STATE_DIR / "lora.pt", Schedule(steps, LR, WARMUP, log_every=25, save_every=100),
-                       optimizer, {"unet": unet_lora, "text": text_lora, "generator": generator}, step_fn)
+    outcome = train_steps("LoRA", STATE_DIR / "lora.pt", Schedule(steps, LR, WARMUP, log_every=25, save_every=100),
+                          optimizer, {"unet": unet_lora, "text": text_lora, "generator": generator}, step_fn)
     save_atomically({"unet": unet_lora.state_dict(), "text": text_lora.state_dict(), "loss": outcome.running_loss,
                      "seconds": outcome.seconds}, STATE_DIR / "lora_final.pt")
     return base, unet_lora, text_lora

@@ -18,9 +18,9 @@ from torch import Tensor
 
 from nodegraph_diffusion.vae import AutoencoderKL, latent_scaling_for
 
-from . import loop, shapes
+from . import shapes
 from .architecture import FAMILY, STATE_DIR, VAE_CONFIG, configure_torch
-from .loop import Schedule, save_atomically
+from .loop import Schedule, save_atomically, train_steps
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +104,9 @@ def train(steps: int = STEPS) -> AutoencoderKL:
         kl = 0.5 * (posterior.mean**2 + posterior.logvar.exp() - 1 - posterior.logvar).mean()
         return mse + 0.1 * F.l1_loss(recon, x) + KL_WEIGHT * kl, float(mse.detach()), f"kl {float(kl.detach()):.2f}"
 
-    outcome = loop.run("VAE", STATE_DIR / "vae.pt", Schedule(steps, LR, WARMUP, log_every=50, save_every=200,
-                                                               clip_norm=None),
-                       optimizer, {"model": vae, "generator": generator}, step_fn)
+    outcome = train_steps("VAE", STATE_DIR / "vae.pt",
+                          Schedule(steps, LR, WARMUP, log_every=50, save_every=200, clip_norm=None),
+                          optimizer, {"model": vae, "generator": generator}, step_fn)
     vae.eval()
     k = rescale_latents(vae, images[:4096])
     with torch.no_grad():
@@ -167,7 +167,7 @@ def finetune_decoder(steps: int = DECODER_STEPS) -> AutoencoderKL:
         mse = F.mse_loss(recon, x)
         return mse + 0.1 * F.l1_loss(recon, x), float(mse.detach()), ""
 
-    outcome = loop.run("VAE decoder", STATE_DIR / "vae_decoder.pt",
+    outcome = train_steps("VAE decoder", STATE_DIR / "vae_decoder.pt",
                        Schedule(steps, DECODER_LR, WARMUP, log_every=50, save_every=100, clip_norm=None),
                        optimizer, {"model": vae, "generator": generator}, step_fn)
     vae.eval()

@@ -26,7 +26,8 @@ from .access import (LOOPBACK_NAMES, Handler, error_response, loopback_host_only
 from .folders import (IMAGE_SUFFIXES, MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, NotAFile, PathRefused, ServedFolder,
                       UploadRefused, check_image, safe_file_name, store_upload)
 from .openapi import openapi_document
-from .queue import FINISHED, QUEUE_CHANGED, QUEUE_EVENT_IDS, NotQueued, RunBackend, RunQueue, RunStore, UnknownRun, WORKER_FIELDS
+from .queue import (FINISHED, QUEUE_CHANGED, QUEUE_EVENT_IDS, WORKER_FIELDS, NotQueued, RunBackend, RunQueue, RunStore,
+                    UnknownRun)
 
 log = logging.getLogger(__name__)
 

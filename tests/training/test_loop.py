@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from training import loop
-from training.loop import Schedule, learning_rate
+from training.loop import Outcome, Schedule, learning_rate, train_steps
 
 SCHEDULE = Schedule(steps=8, peak_lr=0.1, warmup=2, log_every=4, save_every=3)
 
@@ -28,8 +27,8 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth() -> None:
     assert all(a >= b for a, b in zip(middle, middle[1:]))
 
 
-def _run(state_path: Path, stop_at: int | None = None) -> tuple[nn.Linear, loop.Outcome]:
-    """A small regression trained through :func:`loop.run`; raises Interrupted at step ``stop_at``."""
+def _run(state_path: Path, stop_at: int | None = None) -> tuple[nn.Linear, Outcome]:
+    """A small regression trained through :func:`train_steps`; raises Interrupted at step ``stop_at``."""
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     generator = torch.Generator().manual_seed(1)
@@ -44,8 +43,8 @@ def _run(state_path: Path, stop_at: int | None = None) -> tuple[nn.Linear, loop.
         loss = (model(x) - x @ target).square().mean()
         return loss, float(loss.detach()), ""
 
-    outcome = loop.run("test", state_path, SCHEDULE, optimizer, {"model": model, "generator": generator, "rng": rng},
-                       step_fn)
+    outcome = train_steps("test", state_path, SCHEDULE, optimizer,
+                          {"model": model, "generator": generator, "rng": rng}, step_fn)
     return model, outcome
 
 
