@@ -5,7 +5,7 @@ Vocabulary (fixed by issue 5): three shapes, eight colours used for the shape an
 
     "a {colour} {shape} on a {colour} background"                 (the main, plain form)
     "a {colour} {shape} on a {colour} background, {position}"     (position in left/right/top/bottom/center)
-    "an outlined {colour} {shape} on a {colour} background"       (the LoRA style; trigger word "outlined")
+    "a {colour} {shape} on a {colour} background[, {position}], outlined"   (the LoRA style; trigger word last)
 
 Everything is a pure function of a seed: the same seed renders the same images and captions.
 A seeded 20% of the (shape colour, shape, background colour) combinations is held out of training
@@ -83,12 +83,12 @@ def all_combos() -> list[Combo]:
 
 def caption_for(combo: Combo, position: str | None = None, outlined: bool = False) -> str:
     """The caption of a combination in the dataset's grammar (see the module docstring)."""
-    if outlined:
-        head = f"an {TRIGGER_WORD} {combo.colour} {combo.shape}"
-    else:
-        head = f"a {combo.colour} {combo.shape}"
-    caption = f"{head} on a {combo.background} background"
-    return caption if position is None else f"{caption}, {position}"
+    caption = f"a {combo.colour} {combo.shape} on a {combo.background} background"
+    if position is not None:
+        caption = f"{caption}, {position}"
+    # The trigger word goes last: CLIP's attention is causal, so every token before it encodes
+    # exactly as in a plain caption, and the LoRA only has to add the style.
+    return f"{caption}, {TRIGGER_WORD}" if outlined else caption
 
 
 def _covers_all_pairs(train: list[Combo]) -> bool:

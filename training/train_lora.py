@@ -2,10 +2,12 @@
 
 Run from the repository root after :mod:`training.train_base`: ``python -m training.train_lora``.
 The style: shapes drawn as outlines instead of filled, which the base model never saw. Trigger:
-captions of the form "an outlined red circle on a blue background". Low-rank deltas sit on the
+the word "outlined" at the end of a caption, "a red circle on a blue background, outlined" (last,
+so the words before it encode as the base model knows them). Low-rank deltas sit on the
 U-Net's attention, feed-forward, projection and ResBlock conv weights and on the text encoder's
-attention and MLP weights; a quarter of each batch is plain (filled, no trigger) data so the
-style stays tied to the word. Written with :func:`nodegraph_diffusion.lora.kohya_state_dict`.
+attention and MLP weights; an eighth of each batch is plain data (filled, no trigger word). The
+style comes with the LoRA rather than the word: loaded, it outlines plain prompts too (measured in
+training/README.md). Written with :func:`nodegraph_diffusion.lora.kohya_state_dict`.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ from .train_vae import DATASET_SEED, DATASET_SIZE, images_to_tensor, outlined_re
 logger = logging.getLogger(__name__)
 
 SEED = 41
-STEPS = 500
+STEPS = 800
 BATCH = 32
-PLAIN_PER_BATCH = 8
-LR = 2e-3
+PLAIN_PER_BATCH = 4
+LR = 4e-3
 WARMUP = 20
 RANK = 8
 UNET_TARGETS = re.compile(
@@ -195,7 +197,7 @@ def export_trained() -> int:
     text_lora.load_state_dict(state["text"])
     size = export_lora(unet_lora, text_lora)
     # The reload check: the file through the product's LoRA path samples like the hooks did.
-    prompts = ["an outlined red circle on a blue background", "an outlined white square on a green background"]
+    prompts = ["a red circle on a blue background, outlined", "a white square on a green background, outlined"]
     seeds = [0, 1]
     hooked = generate(base, prompts, seeds)
     fresh = load_checkpoint(LORA_PATH.parent.parent / "checkpoints" / "tiny-shapes.safetensors", device="cpu",

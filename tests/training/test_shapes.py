@@ -17,7 +17,7 @@ def test_vocabulary_and_caption_grammar() -> None:
     combo = shapes.Combo("red", "circle", "blue")
     assert shapes.caption_for(combo) == "a red circle on a blue background"
     assert shapes.caption_for(combo, "left") == "a red circle on a blue background, left"
-    assert shapes.caption_for(combo, outlined=True) == "an outlined red circle on a blue background"
+    assert shapes.caption_for(combo, outlined=True) == "a red circle on a blue background, outlined"
 
 
 def test_rendering_is_deterministic_per_seed() -> None:

@@ -132,12 +132,8 @@ def lora_report(runner: WorkflowRunner) -> dict[str, float]:
     return evaluate.evaluate_lora(runner, shapes.held_out_combos()[::6], seeds=(0,))
 
 
-def test_lora_at_strength_zero_is_the_base_and_thins_the_fill(lora_report: dict[str, float]) -> None:
+def test_lora_draws_outlines_at_strength_one_and_nothing_at_zero(lora_report: dict[str, float]) -> None:
     assert lora_report["strength_0_identical_to_base"]
-    assert lora_report["lora_filled_fraction"] < lora_report["base_filled_fraction"]
-
-
-@pytest.mark.xfail(strict=True, reason="issue 5 target not reached yet: filled fraction 0.62 with the LoRA "
-                   "against 0.75 without, not yet 'well below' (models/checkpoints/tiny-shapes.md)")
-def test_lora_draws_outlines(lora_report: dict[str, float]) -> None:
+    # "Well below the base": at most three quarters of the base model's filled fraction (filled
+    # shapes measure about 0.8, ground-truth outlines 0.41, their VAE reconstructions 0.48).
     assert lora_report["lora_filled_fraction"] < 0.75 * lora_report["base_filled_fraction"]
