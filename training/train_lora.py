@@ -29,7 +29,7 @@ from nodegraph_diffusion.lora import kohya_state_dict, load_lora
 from nodegraph_diffusion.patching import WeightPatches, patched
 
 from . import shapes
-from .architecture import LORA_PATH, STATE_DIR, UNET_CONFIG, PromptEncoder, configure_torch
+from .architecture import CHECKPOINT_PATH, LORA_PATH, STATE_DIR, UNET_CONFIG, PromptEncoder, configure_torch
 from .export import LICENSE, compare_samples, trained_base
 from .sampling import TinyModel, generate
 from .train_base import DiffusionLoss, cached_latents, encode_latents
@@ -197,11 +197,11 @@ def export_trained() -> int:
     text_lora.load_state_dict(state["text"])
     size = export_lora(unet_lora, text_lora)
     # The reload check: the file through the product's LoRA path samples like the hooks did.
-    prompts = ["a red circle on a blue background, outlined", "a white square on a green background, outlined"]
+    prompts = [shapes.caption_for(shapes.Combo(*combo), outlined=True)
+               for combo in (("red", "circle", "blue"), ("white", "square", "green"))]
     seeds = [0, 1]
     hooked = generate(base, prompts, seeds)
-    fresh = load_checkpoint(LORA_PATH.parent.parent / "checkpoints" / "tiny-shapes.safetensors", device="cpu",
-                            dtype=torch.float32)
+    fresh = load_checkpoint(CHECKPOINT_PATH, device="cpu", dtype=torch.float32)
     product = TinyModel(fresh.unet, fresh.vae, fresh.text_encoders["clip_l"])
     from_file = generate_with_lora(LORA_PATH, product, 1.0, prompts, seeds)
     error = compare_samples(hooked, from_file, str(LORA_PATH))

@@ -168,8 +168,8 @@ def finetune_decoder(steps: int = DECODER_STEPS) -> AutoencoderKL:
         return mse + 0.1 * F.l1_loss(recon, x), float(mse.detach()), ""
 
     outcome = train_steps("VAE decoder", STATE_DIR / "vae_decoder.pt",
-                       Schedule(steps, DECODER_LR, WARMUP, log_every=50, save_every=100, clip_norm=None),
-                       optimizer, {"model": vae, "generator": generator}, step_fn)
+                          Schedule(steps, DECODER_LR, WARMUP, log_every=50, save_every=100, clip_norm=None),
+                          optimizer, {"model": vae, "generator": generator}, step_fn)
     vae.eval()
     with torch.no_grad():
         mse = float(F.mse_loss(vae.decode(means[-512:]), images[-512:]))
