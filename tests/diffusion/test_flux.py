@@ -192,6 +192,24 @@ def diffusers_flux_meta(config: FluxConfig):
     )
 
 
+@pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
+def test_bfl_names_match_diffusers_single_file_converter(guidance: bool) -> None:
+    """diffusers' own BFL -> diffusers converter hardcodes width 3072, so it runs on a full-width
+    model on the meta device (names and shapes only; values are the parity tests' job)."""
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    config = FluxConfig(depth=1, depth_single_blocks=1, guidance_embed=guidance)
+    with torch.device("meta"):
+        bfl = dict(Flux(config).state_dict())
+        expected = {k: tuple(v.shape) for k, v in diffusers_flux_meta(config).state_dict().items()}
+    unconsumed = dict(bfl)
+    converted = convert_flux_transformer_checkpoint_to_diffusers(unconsumed)
+    assert unconsumed == {}  # the converter pops every key it knows: ours are all known
+    assert {k: tuple(v.shape) for k, v in converted.items()} == expected
+    ours = flux_keys_from_diffusers(converted)
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in bfl.items()}
+
+
 def test_final_adaln_halves_are_swapped_to_shift_scale() -> None:
     reference = diffusers_flux(tiny_config(False, depth=1, single=1))
     state = reference.state_dict()

@@ -468,9 +468,16 @@ def flux_config_from_shapes(
     )
     if config.mlp_hidden_dim != mlp_hidden:
         raise FluxConfigError(f"Flux MLP width {mlp_hidden} is not a whole-number multiple of its width {hidden_size}")
-    shape("time_in.in_layer.weight")
+    time_width = shape("time_in.in_layer.weight")[1]
+    if time_width != TIMESTEP_EMBED_DIM:
+        raise FluxConfigError(f"Flux time_in takes {time_width} inputs, expected {TIMESTEP_EMBED_DIM}")
     if config.depth_single_blocks:
-        shape("single_blocks.0.linear1.weight")
+        linear1 = shape("single_blocks.0.linear1.weight")[0]
+        if linear1 != 3 * hidden_size + mlp_hidden:
+            raise FluxConfigError(
+                f"Flux single_blocks.0.linear1 has {linear1} outputs, expected {3 * hidden_size + mlp_hidden} "
+                "(q, k, v and the MLP input)"
+            )
     return config
 
 
