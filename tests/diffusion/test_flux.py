@@ -196,7 +196,9 @@ def diffusers_flux_meta(config: FluxConfig):
 def test_bfl_names_match_diffusers_single_file_converter(guidance: bool) -> None:
     """diffusers' own BFL -> diffusers converter hardcodes width 3072, so it runs on a full-width
     model on the meta device (names and shapes only; values are the parity tests' job)."""
-    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+    from diffusers.loaders.single_file_utils import (
+        convert_flux_transformer_checkpoint_to_diffusers,
+    )
 
     config = FluxConfig(depth=1, depth_single_blocks=1, guidance_embed=guidance)
     with torch.device("meta"):
