@@ -70,7 +70,7 @@ def current_rss_bytes() -> int:
 def child(path: str, dtype: str) -> None:
     import torch
 
-    from nodegraph_diffusion.checkpoint import load_checkpoint
+    from nodegraph_diffusion.architectures.stable_diffusion import load_checkpoint
 
     torch.set_num_threads(2)
     baseline = current_rss_bytes()

@@ -32,7 +32,7 @@ import time
 import torch
 from torch import nn
 
-from nodegraph_diffusion import unet
+from nodegraph_diffusion.networks import unet
 
 CONTEXT_TOKENS = 77
 # Runwayml/stable-diffusion-v1-5's unet/config.json, as far as it differs from diffusers' defaults.

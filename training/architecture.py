@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from nodegraph_diffusion.text_encoder import HIDDEN_STATE_BY_FAMILY, CLIPTextEncoder, TextEncoderConfig
-from nodegraph_diffusion.tokenizer import PAD_ID_BY_ENCODER, CLIPTokenizer
-from nodegraph_diffusion.unet import UNetConfig
-from nodegraph_diffusion.vae import VAEConfig
+from nodegraph_diffusion.text.clip import HIDDEN_STATE_BY_FAMILY, CLIPTextEncoder, TextEncoderConfig
+from nodegraph_diffusion.text.clip_tokenizer import PAD_ID_BY_ENCODER, CLIPTokenizer
+from nodegraph_diffusion.networks.unet import UNetConfig
+from nodegraph_diffusion.vae.autoencoder import VAEConfig
 
 # Where intermediate training state lives (resumable checkpoints, rendered data, latents).
 STATE_DIR = Path(os.environ.get("TINY_SHAPES_STATE", "/work/train_state"))

@@ -17,10 +17,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from nodegraph_diffusion.checkpoint import ModelFamily, Prediction, load_checkpoint, load_controlnet
-from nodegraph_diffusion.text_encoder import CLIPTextEncoder
-from nodegraph_diffusion.unet import UNet
-from nodegraph_diffusion.vae import AutoencoderKL
+from nodegraph_diffusion.architectures.detection import ModelFamily
+from nodegraph_diffusion.architectures.stable_diffusion import load_checkpoint, load_controlnet
+from nodegraph_diffusion.sampling.model_sampling import Prediction
+from nodegraph_diffusion.text.clip import CLIPTextEncoder
+from nodegraph_diffusion.networks.unet import UNet
+from nodegraph_diffusion.vae.autoencoder import AutoencoderKL
 
 from .architecture import CHECKPOINT_PATH, CONTROLNET_PATH, STATE_DIR, configure_torch
 from .sampling import TinyModel, generate

@@ -1,7 +1,7 @@
 """A small library-level txt2img loop for measuring the trained models as the product would run them.
 
 Euler on the "normal" SD schedule with classifier-free guidance, driven through the diffusion
-pack's own denoiser wrapper (:class:`~nodegraph_diffusion.denoising.ModelSampling`: c_in scaling,
+pack's own denoiser wrapper (:class:`~nodegraph_diffusion.sampling.model_sampling.ModelSampling`: c_in scaling,
 sigma -> fractional timestep), then the VAE decoder.
 """
 
@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nodegraph_diffusion.checkpoint import Prediction
-from nodegraph_diffusion.controlnet import ControlNet
-from nodegraph_diffusion.denoising import ModelSampling
-from nodegraph_diffusion.samplers import sample_euler
-from nodegraph_diffusion.schedules import sigmas_normal
-from nodegraph_diffusion.text_encoder import CLIPTextEncoder
-from nodegraph_diffusion.unet import UNet
-from nodegraph_diffusion.vae import AutoencoderKL
+from nodegraph_diffusion.sampling.model_sampling import Prediction
+from nodegraph_diffusion.networks.controlnet import ControlNet
+from nodegraph_diffusion.sampling.model_sampling import ModelSampling
+from nodegraph_diffusion.sampling.samplers import sample_euler
+from nodegraph_diffusion.sampling.schedules import sigmas_normal
+from nodegraph_diffusion.text.clip import CLIPTextEncoder
+from nodegraph_diffusion.networks.unet import UNet
+from nodegraph_diffusion.vae.autoencoder import AutoencoderKL
 
 from .architecture import PromptEncoder
 

@@ -18,10 +18,10 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from nodegraph_diffusion.schedules import sd_discrete_schedule
-from nodegraph_diffusion.text_encoder import CLIPTextEncoder
-from nodegraph_diffusion.unet import UNet
-from nodegraph_diffusion.vae import AutoencoderKL
+from nodegraph_diffusion.sampling.schedules import sd_discrete_schedule
+from nodegraph_diffusion.text.clip import CLIPTextEncoder
+from nodegraph_diffusion.networks.unet import UNet
+from nodegraph_diffusion.vae.autoencoder import AutoencoderKL
 
 from . import shapes
 from .architecture import STATE_DIR, TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG, PromptEncoder, configure_torch

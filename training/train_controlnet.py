@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from nodegraph_diffusion.controlnet import ControlNet, ControlNetConfig
+from nodegraph_diffusion.networks.controlnet import ControlNet, ControlNetConfig
 
 from . import shapes
 from .architecture import STATE_DIR, UNET_CONFIG, PromptEncoder, configure_torch

@@ -7,7 +7,7 @@ so the words before it encode as the base model knows them). Low-rank deltas sit
 U-Net's attention, feed-forward, projection and ResBlock conv weights and on the text encoder's
 attention and MLP weights; an eighth of each batch is plain data (filled, no trigger word). The
 style comes with the LoRA rather than the word: loaded, it outlines plain prompts too (measured in
-training/README.md). Written with :func:`nodegraph_diffusion.lora.kohya_state_dict`.
+training/README.md). Written with :func:`nodegraph_diffusion.architectures.lora.kohya_state_dict`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from nodegraph_diffusion.checkpoint import load_checkpoint
-from nodegraph_diffusion.lora import kohya_state_dict, load_lora
-from nodegraph_diffusion.patching import WeightPatches, patched
+from nodegraph_diffusion.architectures.stable_diffusion import load_checkpoint
+from nodegraph_diffusion.architectures.lora import kohya_state_dict, load_lora
+from nodegraph_diffusion.weights.patching import WeightPatches, patched
 
 from . import shapes
 from .architecture import CHECKPOINT_PATH, LORA_PATH, STATE_DIR, UNET_CONFIG, PromptEncoder, configure_torch

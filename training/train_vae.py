@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nodegraph_diffusion.vae import AutoencoderKL, latent_scaling_for
+from nodegraph_diffusion.vae.autoencoder import AutoencoderKL, latent_scaling_for
 
 from . import shapes
 from .architecture import FAMILY, STATE_DIR, VAE_CONFIG, configure_torch

@@ -15,16 +15,17 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from . import patching
-from .patching import Deltas, WeightPatches
-from .checkpoint import LatentFormat, ModelFamily
-from .denoising import ModelSampling
-from .embeddings import EmbeddingFolder
-from .guidance import CondEntry
-from .text_encoder import HIDDEN_STATE_BY_FAMILY, CLIPTextEncoder
-from .tokenizer import PAD_ID_BY_ENCODER, CLIPTokenizer, TokenChunk
-from .unet import UNet, sdxl_vector_conditioning
-from .vae import AutoencoderKL, LatentScaling
+from .weights import patching
+from .weights.patching import Deltas, WeightPatches
+from .architectures.detection import ModelFamily
+from .architectures.stable_diffusion import LatentFormat
+from .sampling.model_sampling import ModelSampling
+from .text.embeddings import EmbeddingFolder
+from .sampling.guidance import CondEntry
+from .text.clip import HIDDEN_STATE_BY_FAMILY, CLIPTextEncoder
+from .text.clip_tokenizer import PAD_ID_BY_ENCODER, CLIPTokenizer, TokenChunk
+from .networks.unet import UNet, sdxl_vector_conditioning
+from .vae.autoencoder import AutoencoderKL, LatentScaling
 
 
 @contextlib.contextmanager

@@ -10,7 +10,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from nodegraph_diffusion import controlnet, text_encoder, unet, vae
+from nodegraph_diffusion.networks import controlnet
+from nodegraph_diffusion.text import clip as text_encoder
+from nodegraph_diffusion.networks import unet
+from nodegraph_diffusion.vae import autoencoder as vae
 
 MANIFESTS = Path(__file__).parent / "manifests"
 

@@ -9,7 +9,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from nodegraph_diffusion import controlnet, text_encoder, unet, vae
+from nodegraph_diffusion.networks import controlnet
+from nodegraph_diffusion.text import clip as text_encoder
+from nodegraph_diffusion.networks import unet
+from nodegraph_diffusion.vae import autoencoder as vae
 
 from _checkpoint_fixtures import prefixed, write_safetensors
 from _random_weights import randomize_

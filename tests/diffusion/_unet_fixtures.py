@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from nodegraph_diffusion.unet import SDXL_VECTOR_EMBED_DIM, UNetConfig
+from nodegraph_diffusion.networks.unet import SDXL_VECTOR_EMBED_DIM, UNetConfig
 from _random_weights import randomize_
 
 TOL = 1e-4

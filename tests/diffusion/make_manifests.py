@@ -34,10 +34,10 @@ from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from nodegraph_diffusion.controlnet import ldm_controlnet_keys_from_diffusers
-from nodegraph_diffusion.text_encoder import hf_clip_keys_from_openclip
-from nodegraph_diffusion.unet import ldm_unet_keys_from_diffusers
-from nodegraph_diffusion.vae import ldm_vae_keys_from_diffusers
+from nodegraph_diffusion.networks.controlnet import ldm_controlnet_keys_from_diffusers
+from nodegraph_diffusion.text.clip import hf_clip_keys_from_openclip
+from nodegraph_diffusion.networks.unet import ldm_unet_keys_from_diffusers
+from nodegraph_diffusion.vae.autoencoder import ldm_vae_keys_from_diffusers
 
 OUT = Path(__file__).parent / "manifests"
 

@@ -14,18 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from nodegraph_diffusion import checkpoint as ck
-from nodegraph_diffusion import text_encoder, unet, vae
-from nodegraph_diffusion.checkpoint import (
-    CheckpointError,
-    FileKind,
-    ModelFamily,
-    Prediction,
-    StateDictMismatchError,
-    UnsafeCheckpointError,
-    WrongModelKindError,
-)
-from nodegraph_diffusion.safetensors_io import SafetensorsFile, read_safetensors_header
+from nodegraph_diffusion.architectures import stable_diffusion as ck
+from nodegraph_diffusion.architectures.detection import ComponentKeys, FileKind, ModelFamily, detect, detect_from_shapes
+from nodegraph_diffusion.networks import unet
+from nodegraph_diffusion.sampling.model_sampling import Prediction
+from nodegraph_diffusion.text import clip as text_encoder
+from nodegraph_diffusion.vae import autoencoder as vae
+from nodegraph_diffusion.weights.files import ShapeOnlyWeights, UnsafeCheckpointError
+from nodegraph_diffusion.weights.loading import StateDictMismatchError, WrongModelKindError
+from nodegraph_diffusion.weights.safetensors_io import CheckpointError, SafetensorsFile, read_safetensors_header
 
 import _checkpoint_fixtures as fx
 
@@ -43,7 +40,7 @@ REFERENCE_UNET_CONFIGS = {
 def test_manifest_is_detected(name: str) -> None:
     manifest = fx.read_manifest(name)
     expected = manifest["expected"]
-    detection = ck.detect_from_shapes(manifest["shapes"], name)
+    detection = detect_from_shapes(manifest["shapes"], name)
     assert detection.kind.value == expected["kind"]
     assert detection.family is not None and detection.family.value == expected["family"]
     assert detection.inpainting == expected["inpainting"]
@@ -55,8 +52,8 @@ def test_manifest_is_detected(name: str) -> None:
 def test_manifest_components_instantiate_with_no_missing_or_extra_keys(name: str) -> None:
     manifest = fx.read_manifest(name)
     shapes = manifest["shapes"]
-    weights = ck.ShapeOnlyWeights(shapes, path=name)
-    detection = ck.detect_from_shapes(shapes, name)
+    weights = ShapeOnlyWeights(shapes, path=name)
+    detection = detect_from_shapes(shapes, name)
     if detection.kind is FileKind.CONTROLNET:
         loaded = ck.load_controlnet(weights, device="meta", dtype=torch.float16)
         assert len(loaded.controlnet.state_dict()) == len(shapes)
@@ -77,8 +74,8 @@ def test_manifest_components_instantiate_with_no_missing_or_extra_keys(name: str
 
 
 def test_manifest_latent_scaling_and_hidden_state_follow_family() -> None:
-    sd15 = ck.load_checkpoint(ck.ShapeOnlyWeights(fx.read_manifest("sd15")["shapes"]), device="meta")
-    sdxl = ck.load_checkpoint(ck.ShapeOnlyWeights(fx.read_manifest("sdxl_base")["shapes"]), device="meta")
+    sd15 = ck.load_checkpoint(ShapeOnlyWeights(fx.read_manifest("sd15")["shapes"]), device="meta")
+    sdxl = ck.load_checkpoint(ShapeOnlyWeights(fx.read_manifest("sdxl_base")["shapes"]), device="meta")
     assert sd15.latent_format.scaling_factor == vae.latent_scaling_for("sd1").scaling_factor
     assert sdxl.latent_format.scaling_factor == vae.latent_scaling_for("sdxl").scaling_factor
     assert sdxl.hidden_state == text_encoder.HIDDEN_STATE_BY_FAMILY["sdxl"]
@@ -95,15 +92,15 @@ def test_manifest_latent_scaling_and_hidden_state_follow_family() -> None:
 def test_unet_alone_is_classified_from_its_own_layout(name: str, family: ModelFamily) -> None:
     prefix = "model.diffusion_model."
     shapes = {k[len(prefix):]: v for k, v in fx.read_manifest(name)["shapes"].items() if k.startswith(prefix)}
-    detection = ck.detect_from_shapes(shapes)
+    detection = detect_from_shapes(shapes)
     assert (detection.kind, detection.family) == (FileKind.UNET, family)
 
 
 def test_prefixed_original_controlnet_is_detected() -> None:
     shapes = {"control_model." + k: v for k, v in fx.read_manifest("sd15_controlnet")["shapes"].items()}
-    detection = ck.detect_from_shapes(shapes)
+    detection = detect_from_shapes(shapes)
     assert detection.kind is FileKind.CONTROLNET and detection.family is ModelFamily.SD1
-    assert detection.components["controlnet"] == ck.ComponentKeys("control_model.", "ldm")
+    assert detection.components["controlnet"] == ComponentKeys("control_model.", "ldm")
 
 
 # --------------------------------------------------------------------------- tiny files, real data
@@ -237,7 +234,7 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path: Path, zip_format
         path.write_bytes(pickle.dumps(payload))
     # Sanity check of the fixture itself: a plain unpickle would create the marker.
     error = UnsafeCheckpointError if zip_format else CheckpointError
-    for call in (ck.detect, ck.load_checkpoint, ck.load_vae):
+    for call in (detect, ck.load_checkpoint, ck.load_vae):
         with pytest.raises(error) as info:
             call(path)
         assert str(path) in str(info.value)
@@ -257,7 +254,7 @@ def test_vae_files(tmp_path: Path) -> None:
     unknown = ck.load_vae(ldm, device="cpu")
     assert unknown.latent_format is None and unknown.family is None
     prefixed = fx.write_safetensors(tmp_path / "vae2.safetensors", fx.prefixed("first_stage_model.", fx.vae_weights()))
-    assert ck.detect(prefixed).components["vae"] == ck.ComponentKeys("first_stage_model.", "ldm")
+    assert detect(prefixed).components["vae"] == ComponentKeys("first_stage_model.", "ldm")
     assert torch.equal(ck.load_vae(prefixed, device="cpu").vae.decoder.conv_out.weight,
                        loaded.vae.decoder.conv_out.weight.float())
 
@@ -339,7 +336,7 @@ def test_other_kinds_are_reported_as_such(tmp_path: Path) -> None:
         "junk": ({"foo.bar": torch.zeros(1)}, FileKind.UNKNOWN),
     }
     for name, (weights, kind) in cases.items():
-        detection = ck.detect(fx.write_safetensors(tmp_path / f"{name}.safetensors", weights))
+        detection = detect(fx.write_safetensors(tmp_path / f"{name}.safetensors", weights))
         assert detection.kind is kind, name
     with pytest.raises(WrongModelKindError, match="expected a diffusion checkpoint, but this is a LoRA"):
         ck.load_checkpoint(tmp_path / "lora.safetensors")
@@ -408,11 +405,11 @@ def test_truncated_safetensors(tmp_path: Path) -> None:
     with open(path, "r+b") as f:
         f.truncate(20)
     with pytest.raises(CheckpointError, match="header length .* runs past the end of the file"):
-        ck.detect(path)
+        detect(path)
     with open(path, "r+b") as f:
         f.truncate(3)
     with pytest.raises(CheckpointError, match="too short"):
-        ck.detect(path)
+        detect(path)
 
 
 @pytest.mark.parametrize(
@@ -448,16 +445,16 @@ def test_header_is_read_without_touching_data(tmp_path: Path) -> None:
 
 def test_unreadable_inputs(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no such file"):
-        ck.detect(tmp_path / "nope.safetensors")
+        detect(tmp_path / "nope.safetensors")
     (tmp_path / "x.gguf").write_bytes(b"GGUF")
     with pytest.raises(CheckpointError, match="unknown weight file type '.gguf'"):
-        ck.detect(tmp_path / "x.gguf")
+        detect(tmp_path / "x.gguf")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="not in diffusers format"):
-        ck.detect(tmp_path / "empty")
+        detect(tmp_path / "empty")
     corrupt = tmp_path / "c.ckpt"
     torch.save({"a": torch.zeros(3)}, corrupt)
     corrupt.write_bytes(corrupt.read_bytes()[:-200])
     with pytest.raises(CheckpointError, match=f"{corrupt.name}"):
-        ck.detect(corrupt)
+        detect(corrupt)
     assert os.path.exists(corrupt)

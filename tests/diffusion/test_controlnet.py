@@ -1,4 +1,4 @@
-"""Tests for nodegraph_diffusion.controlnet: diffusers parity, residuals applied to the U-Net, config from shapes."""
+"""Tests for nodegraph_diffusion.networks.controlnet: diffusers parity, residuals applied to the U-Net, config from shapes."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from _unet_fixtures import (
     unet_inputs,
 )
 
-from nodegraph_diffusion import controlnet, unet
-from nodegraph_diffusion.controlnet import ControlNet, ControlNetConfig
-from nodegraph_diffusion.unet import ControlResiduals, UNet, UNetConfigError, UNetInputError
+from nodegraph_diffusion.networks import controlnet
+from nodegraph_diffusion.networks import unet
+from nodegraph_diffusion.networks.controlnet import ControlNet, ControlNetConfig
+from nodegraph_diffusion.networks.unet import ControlResiduals, UNet, UNetConfigError, UNetInputError
 
 # Smaller than the real (16, 32, 96, 256) but with the same four stages (hint = 8x the latents).
 HINT_CHANNELS = (8, 16, 24, 32)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from nodegraph_diffusion import devices
-from nodegraph_diffusion.devices import DeviceError, ModelManager, OffloadPolicy
+from nodegraph_diffusion.weights import devices
+from nodegraph_diffusion.weights.devices import DeviceError, ModelManager, OffloadPolicy
 
 
 @pytest.fixture

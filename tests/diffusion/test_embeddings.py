@@ -1,4 +1,4 @@
-"""Tests for textual-inversion file loading and lookup by name (nodegraph_diffusion.embeddings)."""
+"""Tests for textual-inversion file loading and lookup by name (nodegraph_diffusion.text.embeddings)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nodegraph_diffusion.embeddings import (
+from nodegraph_diffusion.text.embeddings import (
     EmbeddingFolder,
     EmbeddingFormatError,
     EmbeddingNotFoundError,

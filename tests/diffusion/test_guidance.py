@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from nodegraph_diffusion import schedules
-from nodegraph_diffusion.checkpoint import Prediction
-from nodegraph_diffusion.denoising import ModelSampling
-from nodegraph_diffusion.guidance import CFGGuider, CondEntry, GuidanceError
-from nodegraph_diffusion.sampling import SamplerChoice, sample
-from nodegraph_diffusion.unet import UNetConfig
+from nodegraph_diffusion.sampling import schedules
+from nodegraph_diffusion.sampling.model_sampling import Prediction
+from nodegraph_diffusion.sampling.model_sampling import ModelSampling
+from nodegraph_diffusion.sampling.guidance import CFGGuider, CondEntry, GuidanceError
+from nodegraph_diffusion.sampling.run import SamplerChoice, sample
+from nodegraph_diffusion.networks.unet import UNetConfig
 
 
 class FakeUNet(nn.Module):

@@ -1,4 +1,4 @@
-"""Tests for nodegraph_diffusion.lora: kohya and diffusers/PEFT files give the same deltas, LoCon math, mismatched architectures, bad files."""
+"""Tests for nodegraph_diffusion.architectures.lora: kohya and diffusers/PEFT files give the same deltas, LoCon math, mismatched architectures, bad files."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 
-from nodegraph_diffusion import lora, patching
-from nodegraph_diffusion.lora import LoraDelta, LoraFile, LoraFormatError, LoraShapeError, kohya_state_dict, load_lora
-from nodegraph_diffusion.text_encoder import CLIPTextEncoder, TextEncoderConfig
-from nodegraph_diffusion.unet import UNet
+from nodegraph_diffusion.weights import patching
+from nodegraph_diffusion.architectures.lora import LoraDelta, LoraFile, LoraFormatError, LoraShapeError, kohya_state_dict, load_lora
+from nodegraph_diffusion.text.clip import CLIPTextEncoder, TextEncoderConfig
+from nodegraph_diffusion.networks.unet import UNet
 
 from _random_weights import randomize_
 from _unet_fixtures import TINY_SD1, TINY_SDXL
@@ -266,7 +266,7 @@ def test_probed_diffusers_names_are_diffusers_module_names():
     """Every weight of a real diffusers UNet2DConditionModel is named back exactly from our LDM name."""
     from _unet_fixtures import diffusers_unet
 
-    from nodegraph_diffusion.unet import ldm_unet_keys_from_diffusers
+    from nodegraph_diffusion.networks.unet import ldm_unet_keys_from_diffusers
 
     for config in (TINY_SD1, TINY_SDXL):
         state_dict = diffusers_unet(config).state_dict()

@@ -1,4 +1,4 @@
-"""Tests for nodegraph_diffusion.patching: weights patched inside the block, restored bit for bit after it (also on errors), strength 0 is no patch."""
+"""Tests for nodegraph_diffusion.weights.patching: weights patched inside the block, restored bit for bit after it (also on errors), strength 0 is no patch."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from nodegraph_diffusion.lora import LoraDelta
-from nodegraph_diffusion.patching import PatchError, WeightPatches, patched
-from nodegraph_diffusion.text_encoder import CLIPTextEncoder, TextEncoderConfig
-from nodegraph_diffusion.unet import UNet
+from nodegraph_diffusion.architectures.lora import LoraDelta
+from nodegraph_diffusion.weights.patching import PatchError, WeightPatches, patched
+from nodegraph_diffusion.text.clip import CLIPTextEncoder, TextEncoderConfig
+from nodegraph_diffusion.networks.unet import UNet
 
 from _random_weights import randomize_
 from _unet_fixtures import TINY_SD1, unet_inputs

@@ -16,7 +16,7 @@ from nodegraph.node import CancelToken
 from nodegraph.plugins import build_registry
 from nodegraph.validation import WorkflowInvalid
 
-from nodegraph_diffusion import lora
+from nodegraph_diffusion.architectures import lora
 from safetensors.torch import save_file
 
 from _pipeline_fixtures import SD1_UNET, SDXL_UNET, write_models
@@ -231,7 +231,7 @@ def test_cancellation_stops_sampling_within_one_step(env):
 def write_lora(models, name: str, family: str, config, seed: int = 5,
                layers: tuple[str, ...] = ("attn1.to_q.weight", "attn2.to_v.weight"), text: bool = True) -> str:
     """A rank-2 kohya LoRA on some attention projections of a tiny U-Net (and the CLIP-L q projection)."""
-    from nodegraph_diffusion.unet import UNet
+    from nodegraph_diffusion.networks.unet import UNet
 
     g = torch.Generator().manual_seed(seed)
     unet = {}

@@ -1,10 +1,10 @@
-"""Tests for the prompt weight syntax parser (nodegraph_diffusion.prompt)."""
+"""Tests for the prompt weight syntax parser (nodegraph_diffusion.text.prompt)."""
 
 from __future__ import annotations
 
 import pytest
 
-from nodegraph_diffusion.prompt import EmbeddingRef, PromptPart, TextSegment, parse_prompt
+from nodegraph_diffusion.text.prompt import EmbeddingRef, PromptPart, TextSegment, parse_prompt
 
 
 def weights(parts: list[PromptPart]) -> list[tuple[str, float]]:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from nodegraph_diffusion import samplers as K
-from nodegraph_diffusion import schedules as S
+from nodegraph_diffusion.sampling import samplers as K
+from nodegraph_diffusion.sampling import schedules as S
 
 SHAPE = (2, 3, 4, 4)
 

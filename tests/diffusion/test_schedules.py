@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nodegraph_diffusion import schedules as S
+from nodegraph_diffusion.sampling import schedules as S
 
 SCHED = S.sd_discrete_schedule()
 

@@ -1,4 +1,4 @@
-"""Tests for nodegraph_diffusion.text_encoder: parity with transformers CLIP, the OpenCLIP mapping, config from shapes, clip skip, embedding override."""
+"""Tests for nodegraph_diffusion.text.clip: parity with transformers CLIP, the OpenCLIP mapping, config from shapes, clip skip, embedding override."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from nodegraph_diffusion import text_encoder as te
-from nodegraph_diffusion.text_encoder import CLIPTextEncoder, TextEncoderConfig, TextEncoderLoadError
+from nodegraph_diffusion.text import clip as te
+from nodegraph_diffusion.text.clip import CLIPTextEncoder, TextEncoderConfig, TextEncoderLoadError
 
 TOL = 1e-4
 VOCAB = 320

@@ -1,4 +1,4 @@
-"""Tests for the CLIP BPE tokenizer and prompt chunking (nodegraph_diffusion.tokenizer)."""
+"""Tests for the CLIP BPE tokenizer and prompt chunking (nodegraph_diffusion.text.clip_tokenizer)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nodegraph_diffusion.embeddings import EmbeddingFolder, EmbeddingNotFoundError
-from nodegraph_diffusion.prompt import EmbeddingRef, TextSegment
-from nodegraph_diffusion.tokenizer import (
+from nodegraph_diffusion.text.embeddings import EmbeddingFolder, EmbeddingNotFoundError
+from nodegraph_diffusion.text.prompt import EmbeddingRef, TextSegment
+from nodegraph_diffusion.text.clip_tokenizer import (
     BOS_ID,
     CHUNK_LENGTH,
     CHUNK_TOKENS,
@@ -203,7 +203,7 @@ def test_long_prompt_keeps_every_token_in_order(tokenizer: CLIPTokenizer) -> Non
 
 
 def test_max_chunks_truncates_and_logs(tokenizer: CLIPTokenizer, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="nodegraph_diffusion.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="nodegraph_diffusion.text.clip_tokenizer"):
         chunks = tokenizer.tokenize_prompt("cat " * 200, pad_id=EOS_ID, max_chunks=2)
     assert len(chunks) == 2
     assert "50 tokens dropped" in caplog.text

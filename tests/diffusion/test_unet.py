@@ -1,4 +1,4 @@
-"""Tests for nodegraph_diffusion.unet: parity with diffusers UNet2DConditionModel, key mapping, config from shapes."""
+"""Tests for nodegraph_diffusion.networks.unet: parity with diffusers UNet2DConditionModel, key mapping, config from shapes."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from _unet_fixtures import (
     unet_inputs,
 )
 
-from nodegraph_diffusion import unet
-from nodegraph_diffusion.unet import (
+from nodegraph_diffusion.networks import unet
+from nodegraph_diffusion.networks.unet import (
     SD1_CONFIG,
     SD2_CONFIG,
     SDXL_CONFIG,

@@ -1,4 +1,4 @@
-"""Tests for nodegraph_diffusion.vae: parity with diffusers AutoencoderKL, layouts, config from shapes, tiling, scaling."""
+"""Tests for nodegraph_diffusion.vae.autoencoder: parity with diffusers AutoencoderKL, layouts, config from shapes, tiling, scaling."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nodegraph_diffusion import vae
-from nodegraph_diffusion.vae import AutoencoderKL, VAEConfig, VAELoadError
+from nodegraph_diffusion.vae import autoencoder as vae
+from nodegraph_diffusion.vae.autoencoder import AutoencoderKL, VAEConfig, VAELoadError
 from _random_weights import randomize_
 
 TOL = 1e-4

@@ -14,16 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from nodegraph_diffusion import checkpoint as checkpoint_module
-from nodegraph_diffusion.checkpoint import (
-    FileKind,
-    ModelFamily,
-    Prediction,
-    detect,
-    load_checkpoint,
-    load_controlnet,
-)
-from nodegraph_diffusion.lora import load_lora
+from nodegraph_diffusion.architectures.detection import FileKind, ModelFamily, detect
+from nodegraph_diffusion.architectures.stable_diffusion import load_checkpoint, load_controlnet
+from nodegraph_diffusion.sampling.model_sampling import Prediction
+from nodegraph_diffusion.weights.files import open_weights
+from nodegraph_diffusion.architectures.lora import load_lora
 
 from training import detector, evaluate, shapes
 from training.architecture import (
@@ -60,7 +55,7 @@ def test_checkpoint_is_a_small_fp16_sd1_file() -> None:
     assert detection.family is ModelFamily.SD1
     assert set(detection.components) == {"unet", "vae", "clip_l"}
     assert not detection.unclaimed_keys
-    header = checkpoint_module.open_weights(CHECKPOINT_PATH)
+    header = open_weights(CHECKPOINT_PATH)
     assert set(header.dtypes().values()) == {torch.float16}
 
 
@@ -76,9 +71,13 @@ def test_checkpoint_loads_through_the_generic_loader_as_sd1_eps() -> None:
 
 
 def test_loader_has_no_special_case_for_the_demo_model() -> None:
-    from nodegraph_diffusion import text_encoder, unet, vae
+    from nodegraph_diffusion.architectures import detection, stable_diffusion
+    from nodegraph_diffusion.networks import unet
+    from nodegraph_diffusion.text import clip as text_encoder
+    from nodegraph_diffusion.vae import autoencoder as vae
+    from nodegraph_diffusion.weights import files, loading
 
-    for module in (checkpoint_module, unet, vae, text_encoder):
+    for module in (detection, stable_diffusion, files, loading, unet, vae, text_encoder):
         source = inspect.getsource(module).lower()
         assert "tiny" not in source and "demo" not in source, module.__name__
 

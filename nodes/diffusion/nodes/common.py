@@ -6,7 +6,7 @@ import torch
 
 from nodegraph.node import RunContext
 
-from ..devices import pick_device
+from ..weights.devices import pick_device
 
 
 class InputError(ValueError):

@@ -8,10 +8,11 @@ from pydantic import Field
 from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
 from nodegraph.types import CLIP, CONDITIONING, CONTROL_NET, IMAGE, MASK
 
-from ..checkpoint import LoadedControlNet, ModelFamily
+from ..architectures.detection import ModelFamily
+from ..architectures.stable_diffusion import LoadedControlNet
 from ..components import TextEncoders
-from ..embeddings import EmbeddingNotFoundError
-from ..guidance import Conditioning, ControlSpec
+from ..text.embeddings import EmbeddingNotFoundError
+from ..sampling.guidance import Conditioning, ControlSpec
 from .common import InputError
 
 def _encode(clip: TextEncoders, text: str, input_name: str, **options: object) -> Conditioning:

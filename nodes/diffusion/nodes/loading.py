@@ -10,10 +10,12 @@ from pydantic import Field
 from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
 from nodegraph.types import CLIP, CONTROL_NET, MODEL, VAE, Choices
 
-from .. import checkpoint, lora
+from ..architectures.detection import ModelFamily
+from ..architectures.stable_diffusion import load_checkpoint, load_controlnet, load_vae
+from ..architectures import lora
 from ..components import DiffusionModel, TextEncoders, VAEModel
-from ..denoising import ModelSampling
-from ..tokenizer import CLIPTokenizer
+from ..sampling.model_sampling import ModelSampling
+from ..text.clip_tokenizer import CLIPTokenizer
 from . import folders
 from .common import InputError, run_device
 
@@ -58,7 +60,7 @@ class LoadCheckpoint(Node):
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         path = _resolve("checkpoints", inputs.name)
-        loaded = checkpoint.load_checkpoint(path, device=run_device(ctx))
+        loaded = load_checkpoint(path, device=run_device(ctx))
         ctx.log.info("%s: %s", inputs.name, loaded.detection.describe())
         model = DiffusionModel(
             unet=loaded.unet,
@@ -85,7 +87,7 @@ class LoadVAE(Node):
 
     class Inputs(NodeInputs):
         name: _model_file("vae")  # type: ignore[valid-type]
-        family: checkpoint.ModelFamily = Field(checkpoint.ModelFamily.SD1, description="Latent space the VAE serves.")
+        family: ModelFamily = Field(ModelFamily.SD1, description="Latent space the VAE serves.")
 
     class Outputs(NodeOutputs):
         vae: VAE.annotation
@@ -95,7 +97,7 @@ class LoadVAE(Node):
         return _file_fingerprint("vae", literals.get("name"))
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        loaded = checkpoint.load_vae(_resolve("vae", inputs.name), family=inputs.family, device=run_device(ctx))
+        loaded = load_vae(_resolve("vae", inputs.name), family=inputs.family, device=run_device(ctx))
         assert loaded.latent_format is not None
         return self.Outputs(vae=VAEModel(loaded.vae, loaded.latent_format, inputs.name))
 
@@ -175,7 +177,7 @@ class LoadControlNet(Node):
         return _file_fingerprint("controlnet", literals.get("name"))
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        loaded = checkpoint.load_controlnet(_resolve("controlnet", inputs.name), device=run_device(ctx))
+        loaded = load_controlnet(_resolve("controlnet", inputs.name), device=run_device(ctx))
         return self.Outputs(control_net=loaded)
 
 

@@ -12,11 +12,11 @@ from pydantic import Field
 from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
 from nodegraph.types import CONDITIONING, GUIDER, LATENT, MODEL, NOISE, SAMPLER, SIGMAS
 
-from .. import schedules
+from ..sampling import schedules
 from ..components import DiffusionModel, Latent, NoiseSource, ZeroNoise
-from ..guidance import CFGGuider, Conditioning, GuidanceError, check_conditioning
-from ..previews import preview_image
-from ..sampling import SamplerChoice, resize_mask, sample
+from ..sampling.guidance import CFGGuider, Conditioning, GuidanceError, check_conditioning
+from ..vae.previews import preview_image
+from ..sampling.run import SamplerChoice, resize_mask, sample
 from .common import InputError
 
 SamplerName = Literal["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2m",

@@ -248,7 +248,7 @@ class CLIPTokenizer:
         """The tokenizer of the vocabulary shipped in ``nodegraph_diffusion/data`` (one shared instance)."""
         global _default_tokenizer
         if _default_tokenizer is None:
-            resource = resources.files(__package__).joinpath("data", DEFAULT_VOCAB_RESOURCE)
+            resource = resources.files("nodegraph_diffusion").joinpath("data", DEFAULT_VOCAB_RESOURCE)
             with resource.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
                 _default_tokenizer = cls(_read_merges(f.read(), DEFAULT_VOCAB_RESOURCE))
         return _default_tokenizer

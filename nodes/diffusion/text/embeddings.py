@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from torch import Tensor
 
-from .safetensors_io import CheckpointError, SafetensorsFile
+from ..weights.safetensors_io import CheckpointError, SafetensorsFile
 
 logger = logging.getLogger(__name__)
 

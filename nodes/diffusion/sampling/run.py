@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .denoising import apply_noise_mask, masked_denoiser
+from .model_sampling import apply_noise_mask, masked_denoiser
 from .samplers import SAMPLERS, Denoiser
 from .schedules import ScheduleError
 

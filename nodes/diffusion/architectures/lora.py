@@ -40,9 +40,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import unet as unet_module
-from .checkpoint import ModelFamily, open_weights
-from .safetensors_io import CheckpointError
+from ..networks import unet as unet_module
+from ..weights.files import open_weights
+from .detection import ModelFamily
+from ..weights.safetensors_io import CheckpointError
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .controlnet import ControlNet
-from .denoising import ModelSampling
-from .unet import ControlResiduals, UNet, UNetConfig
+from ..networks.controlnet import ControlNet
+from .model_sampling import ModelSampling
+from ..networks.unet import ControlResiduals, UNet, UNetConfig
 
 
 class GuidanceError(ValueError):

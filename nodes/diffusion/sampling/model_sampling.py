@@ -9,14 +9,22 @@ noise level is given as the (fractional) training timestep of sigma. Its output 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .checkpoint import Prediction
 from .schedules import DiscreteSchedule, sd_discrete_schedule
 from .samplers import Denoiser
+
+
+class Prediction(str, Enum):
+    """What the network outputs: the noise (eps) or the velocity v = alpha * noise - sigma * x0."""
+
+    EPS = "eps"
+    V = "v"
+
 
 # (x_in: (B, C, H, W), t: (B,)) -> raw model output (B, C, H, W); everything but the scaling.
 RawModel = Callable[[Tensor, Tensor], Tensor]

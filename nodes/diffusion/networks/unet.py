@@ -18,7 +18,6 @@ the last of a level (except the top one) ending in an ``Upsample``. ``out`` is G
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import NORM_GROUPS, SpatialTransformer
+from .timestep import timestep_embedding
 
 logger = logging.getLogger(__name__)
 
@@ -169,21 +169,6 @@ SDXL_REFINER_CONFIG = UNetConfig(
 
 
 # --------------------------------------------------------------------------- embeddings
-
-
-def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding, cosines first: timesteps (N,) -> (N, dim) float32.
-
-    Frequencies ``max_period ** (-i / (dim // 2))``; an odd ``dim`` gets a zero last column.
-    """
-    half = dim // 2
-    # Same operation order as the original, so the float32 rounding (visible at t ~ 1000) agrees.
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
-    angles = timesteps.to(torch.float32)[:, None] * torch.exp(exponent)[None, :]
-    embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
-    if dim % 2:
-        embedding = F.pad(embedding, (0, 1))
-    return embedding
 
 
 def sdxl_vector_conditioning(

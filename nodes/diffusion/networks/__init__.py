@@ -1,0 +1,1 @@
+"""The denoising networks, one module per family, and the blocks they share."""

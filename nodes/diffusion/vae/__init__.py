@@ -1,0 +1,1 @@
+"""Autoencoders between pixels and latents, their latent formats, and cheap latent previews."""
