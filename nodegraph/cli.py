@@ -17,6 +17,7 @@ from .events import Event
 from .executor import Executor, RunResult
 from .files import atomic_write
 from .importers import is_native
+from .json_values import JsonRefused, decode_json, json_problems
 from .node import CancelToken
 from .plugins import DEFAULT_NODES_DIR, PackProblem, build_registry
 from .registry import NodeRegistry
@@ -34,10 +35,12 @@ def _parse_assignment(text: str) -> tuple[str, str, Any]:
     target, sep, raw = text.partition("=")
     node_id, dot, input_name = target.rpartition(".")
     if not sep or not dot or not node_id or not input_name:
-        raise UsageError(f"--set {text!r}: expected NODE.INPUT=VALUE")
+        raise UsageError(f"--set {text[:100]!r}: expected NODE.INPUT=VALUE")
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
+        value = decode_json(raw, f"--set {target}")
+    except JsonRefused as error:
+        if error.code != "invalid_json":  # JSON, but not acceptable (too deep, a number too long, NaN)
+            raise UsageError(str(error)) from None
         value = raw  # plain text needs no JSON quotes
     return node_id, input_name, value
 
@@ -53,9 +56,11 @@ def _import(registry: NodeRegistry, data: bytes) -> tuple[Any, str | None]:
     """The decoded document, converted if it is in a foreign format a pack imports, and the
     importer's name (None: not converted)."""
     try:
-        document = json.loads(data)
-    except ValueError:  # not JSON: parse_document reports where and why
+        document = decode_json(data)
+    except JsonRefused:  # not acceptable JSON: parse_document reports where and why
         return data, None
+    if json_problems(document):  # too deep, NaN, ...: validation reports it, no importer need read it
+        return document, None
     return registry.import_document(document)
 
 

@@ -16,9 +16,10 @@ from pydantic import ValidationError
 from . import events as ev
 from .cache import CacheEntry, OutputCache
 from .events import Event, EventSink
-from .node import CancelToken, Node, NodeOutputs, RunCancelled, RunContext
+from .node import CancelToken, Node, NodeInputs, NodeOutputs, RunCancelled, RunContext
 from .registry import NodeRegistry
-from .validation import CompiledWorkflow, compile_workflow
+from .device_memory import device_memory_bytes
+from .validation import MAX_NODES, CompiledWorkflow, compile_workflow, memory_refusal
 from .workflow import Workflow
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,10 @@ class NodeFailure(Exception):
 
 class NodeInputError(ValueError):
     """A value that arrived by link does not satisfy the input's declaration."""
+
+
+class NodeMemoryError(MemoryError):
+    """A node's inputs ask for more memory than the device holds; refused before it ran."""
 
 
 @dataclass
@@ -78,18 +83,36 @@ def _overrides_fingerprint(node_class: type[Node]) -> bool:
     return node_class.fingerprint.__func__ is not Node.fingerprint.__func__
 
 
+_UNSET: Any = object()
+
+
 class Executor:
-    """Runs workflows with one registry and one cross-run cache. One run at a time."""
+    """Runs workflows with one registry and one cross-run cache. One run at a time.
+
+    `memory_budget` is the bytes the device holds, which nodes' memory estimates are checked
+    against (by default the device's total memory; None checks nothing); `max_nodes` the largest
+    workflow accepted.
+    """
 
     def __init__(self, registry: NodeRegistry, cache: OutputCache | None = None, device: str = "auto",
-                 output_dir: Path | str = Path("outputs")) -> None:
+                 output_dir: Path | str = Path("outputs"), memory_budget: int | None = _UNSET,
+                 max_nodes: int = MAX_NODES) -> None:
         self.registry = registry
         self.cache = cache if cache is not None else OutputCache()
         self.device = device
         self.output_dir = Path(output_dir)
+        self._memory_budget = memory_budget
+        self.max_nodes = max_nodes
+
+    @property
+    def memory_budget(self) -> int | None:
+        if self._memory_budget is _UNSET:  # asked once, when first needed: packs may import torch first
+            self._memory_budget = device_memory_bytes(self.device)
+        return self._memory_budget
 
     def compile(self, workflow: str | bytes | dict[str, Any] | Workflow, outputs: list[str] | None = None) -> CompiledWorkflow:
-        return compile_workflow(workflow, self.registry, outputs)
+        return compile_workflow(workflow, self.registry, outputs, max_nodes=self.max_nodes,
+                                memory_budget=self.memory_budget)
 
     def cache_keys(self, plan: CompiledWorkflow, run_id: str) -> dict[str, str]:
         """Content keys: hash of node type, version, literal inputs, fingerprint and upstream keys."""
@@ -178,6 +201,15 @@ class Executor:
                                                   "executed": len(result.executed), "cached": len(result.cached)}))
         return result
 
+    def _check_memory(self, cls: type[Node], inputs: NodeInputs) -> None:
+        """Validation saw only literal inputs; with the linked ones known, check the estimate again."""
+        budget = self.memory_budget
+        if budget is None:
+            return
+        estimate = cls.estimated_bytes({name: getattr(inputs, name) for name in type(inputs).model_fields})
+        if estimate is not None and estimate > budget:
+            raise NodeMemoryError(memory_refusal(cls, estimate, budget))
+
     def _run_node(self, plan: CompiledWorkflow, node_id: str, key: str, values: dict[str, NodeOutputs],
                   emit: EventSink, cancel: CancelToken, run_id: str, document: dict[str, Any]) -> NodeResult:
         node = plan.nodes[node_id]
@@ -200,6 +232,7 @@ class Executor:
                 detail = error.errors(include_url=False)[0]
                 name = ".".join(str(p) for p in detail["loc"])
                 raise NodeInputError(f"input {name!r}: {detail['msg']}") from None
+            self._check_memory(cls, inputs)
             outputs = cls().run(inputs, ctx)
             if not isinstance(outputs, cls.Outputs):
                 raise TypeError(f"run() returned {type(outputs).__name__}, expected {cls.__name__}.Outputs")

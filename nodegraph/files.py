@@ -26,15 +26,29 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+class OutputPathRefused(ValueError):
+    """An output would be written outside its output folder (through a symlinked subfolder)."""
+
+
+def _check_inside(folder: Path, directory: Path, prefix: str) -> None:
+    resolved = folder.resolve()
+    if not resolved.is_relative_to(directory.resolve()):
+        raise OutputPathRefused(f"output prefix {prefix!r}: {folder} leads through a symlink to {resolved}, outside "
+                                f"the output folder {directory}; outputs are written inside it only")
+
+
 def write_numbered(directory: Path, prefix: str, suffix: str, data: bytes) -> Path:
     """Write to `directory/prefix_00001suffix`, taking the first free number; never overwrites.
 
-    `prefix` may name subfolders (`portraits/face`); it cannot leave `directory`.
+    `prefix` may name subfolders (`portraits/face`); it cannot leave `directory`, neither by its
+    name nor through a subfolder that is a symlink to elsewhere (OutputPathRefused).
     """
     parts = [_SAFE_PREFIX.sub("_", part) for part in Path(prefix).parts if part not in ("", ".", "..", "/")]
     parts = [part for part in parts if part.strip("._")] or ["output"]
     folder = directory.joinpath(*parts[:-1])
+    _check_inside(folder, directory, prefix)  # before creating folders through a link, and after
     folder.mkdir(parents=True, exist_ok=True)
+    _check_inside(folder, directory, prefix)
     stem = parts[-1]
     number = 1 + max((int(m.group(1)) for p in folder.glob(f"{stem}_*{suffix}")
                       if (m := re.fullmatch(re.escape(stem) + r"_(\d+)" + re.escape(suffix), p.name))), default=0)

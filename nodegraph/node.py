@@ -8,7 +8,7 @@ import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal, Mapping
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict, TypeAdapter
@@ -201,6 +201,15 @@ class Node:
         """For nodes that read the outside world: a string that changes when what they read
         changes (a file's size and mtime, say). It sees the node's literal inputs; values that
         arrive by link are covered by their upstream cache keys. None means a pure node."""
+        return None
+
+    @classmethod
+    def estimated_bytes(cls, inputs: Mapping[str, Any]) -> int | None:
+        """For nodes whose memory grows with their inputs (a latent's width x height x batch, say):
+        about how many bytes a run will allocate, or None when it cannot tell. Validation calls it
+        with the literal inputs only (linked ones are absent, so return None if one you need is
+        missing), the executor again with every input before `run`; a node asking for more than
+        the device holds is refused then, not left to fail while allocating."""
         return None
 
     def run(self, inputs: Any, ctx: RunContext) -> NodeOutputs:

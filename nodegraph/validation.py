@@ -11,9 +11,14 @@ from typing import Any, Iterable
 import networkx as nx
 from pydantic import ValidationError
 
+from .json_values import JsonProblem, JsonRefused, decode_json, json_problems
 from .node import InputSpec, Node
 from .registry import NodeRegistry
 from .workflow import Link, UnsupportedVersion, Workflow, as_link, upgrade
+
+MAX_NODES = 10_000
+"""A workflow with more nodes is refused before its nodes are checked one by one (the editor's
+largest graphs have hundreds; the engine's own benchmarks run thousands)."""
 
 _BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of"}
 _CHOICE_ERRORS = {"literal_error", "enum"}
@@ -71,13 +76,10 @@ def parse_document(data: str | bytes | dict[str, Any], source: str = "workflow")
     """Parse JSON text (or an already-decoded dict), upgrade old versions, check the structure."""
     if isinstance(data, (str, bytes)):
         try:
-            data = json.loads(data)
-        except json.JSONDecodeError as error:
-            raise WorkflowInvalid([ValidationIssue(
-                "invalid_json", f"{source}: {error.msg} at line {error.lineno}, column {error.colno}",
-                details={"line": error.lineno, "column": error.colno, "source": source})]) from None
-        except UnicodeDecodeError as error:
-            raise WorkflowInvalid([ValidationIssue("invalid_json", f"{source}: not UTF-8 text ({error.reason})")]) from None
+            data = decode_json(data, source)
+        except JsonRefused as error:
+            raise WorkflowInvalid([ValidationIssue("invalid_json", str(error),
+                                                   details={**error.details, "problem": error.code, "source": source})]) from None
     if not isinstance(data, dict):
         raise WorkflowInvalid([ValidationIssue("invalid_document", f"{source}: a workflow must be a JSON object")])
     try:
@@ -95,6 +97,27 @@ def parse_document(data: str | bytes | dict[str, Any], source: str = "workflow")
             issues.append(ValidationIssue("invalid_document", f"{path}: {detail['msg']}", node_id=node_id,
                                           details={"path": path}))
         raise WorkflowInvalid(issues) from None
+
+
+def _json_issue(problem: JsonProblem) -> ValidationIssue:
+    """A value of the document that is not standard JSON, placed at its node and input when it has them."""
+    path = problem.path
+    node_id = str(path[1]) if len(path) > 1 and path[0] == "nodes" else None
+    input_name = str(path[3]) if node_id is not None and len(path) > 3 and path[2] == "inputs" else None
+    return ValidationIssue(problem.code, f"{problem.where}: {problem.message}", node_id, input_name,
+                           {**problem.details, "path": problem.where})
+
+
+def _raw_document(workflow: Workflow) -> dict[str, Any]:
+    """The parts of a parsed workflow that hold arbitrary JSON values, as they are (no serialization,
+    which a too-deep value would break)."""
+    return {"nodes": {node_id: {"type": entry.type, "inputs": entry.inputs} for node_id, entry in workflow.nodes.items()},
+            "ui": workflow.ui}
+
+
+def _short_repr(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _closest(name: str, candidates: Iterable[str]) -> list[str]:
@@ -119,12 +142,17 @@ def _check_literal(node_id: str, spec: InputSpec, value: Any) -> tuple[Any, Vali
             code = "value_out_of_bounds"
         elif kind in _CHOICE_ERRORS:
             code = "value_not_in_choices"
+        elif kind == "value_error":  # a validator of the input's own said no (a FormatText template, say)
+            code = "invalid_value"
         else:
             code = "wrong_value_type"
-        details: dict[str, Any] = {"value": value, **spec.bounds}
+        shown = _short_repr(value)
+        # The value is echoed only when short: a client sending megabytes need not get them back.
+        details: dict[str, Any] = {} if shown.endswith(" characters)") else {"value": value}
+        details.update(spec.bounds)
         if spec.choices is not None:
             details["choices"] = list(spec.choices)
-        return None, ValidationIssue(code, f"input {spec.name!r}: {detail['msg']} (got {value!r})",
+        return None, ValidationIssue(code, f"input {spec.name!r}: {detail['msg']} (got {shown})",
                                      node_id, spec.name, details)
     if spec.dynamic_choices is not None:
         choices = spec.dynamic_choices.values()
@@ -132,7 +160,7 @@ def _check_literal(node_id: str, spec: InputSpec, value: Any) -> tuple[Any, Vali
             hint = _suggest(_closest(str(checked), choices))
             return None, ValidationIssue(
                 "value_not_in_choices",
-                f"input {spec.name!r}: {checked!r} is not one of the {len(choices)} available choices{hint}",
+                f"input {spec.name!r}: {_short_repr(checked)} is not one of the {len(choices)} available choices{hint}",
                 node_id, spec.name, {"value": value, "choices": choices[:50]})
     return checked, None
 
@@ -149,18 +177,58 @@ def _literal_json(node_class: type[Node], literals: dict[str, Any]) -> str:
     return _CANONICAL_JSON.encode(canonical)
 
 
+def format_bytes(count: float) -> str:
+    """A byte count for people: `1.5 GiB`."""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def memory_refusal(node_class: type[Node], estimate: int, budget: int) -> str:
+    """Why a node's estimated memory is refused; one wording for validation and the executor."""
+    return (f"{node_class.type_name} would need about {format_bytes(estimate)}, more than the "
+            f"{format_bytes(budget)} this device holds; make the inputs that size it smaller")
+
+
+def _memory_issue(node_id: str, node_class: type[Node], literals: dict[str, Any], budget: int) -> ValidationIssue | None:
+    estimate = node_class.estimated_bytes(literals)
+    if estimate is None or estimate <= budget:
+        return None
+    return ValidationIssue("exceeds_memory", memory_refusal(node_class, estimate, budget), node_id, None,
+                           {"estimated_bytes": estimate, "device_bytes": budget})
+
+
 def compile_workflow(
     data: str | bytes | dict[str, Any] | Workflow,
     registry: NodeRegistry,
     outputs: list[str] | None = None,
     source: str = "workflow",
+    max_nodes: int = MAX_NODES,
+    memory_budget: int | None = None,
 ) -> CompiledWorkflow:
     """Validate everything, then select the nodes the outputs need and order them.
 
-    `outputs` names the nodes whose results are wanted; by default every output node.
+    `outputs` names the nodes whose results are wanted; by default every output node. Before
+    the nodes, the document itself: at most `max_nodes` nodes, and only standard JSON values
+    (finite numbers, Unicode text, at most 64 levels deep), so that whatever is accepted can be
+    hashed, stored and sent back. With a `memory_budget` (bytes the device holds), a node whose
+    declared estimate (Node.estimated_bytes) exceeds it is refused here, before anything is allocated.
     Raises WorkflowInvalid listing every issue found.
     """
     workflow = data if isinstance(data, Workflow) else parse_document(data, source)
+    if len(workflow.nodes) > max_nodes:
+        raise WorkflowInvalid([ValidationIssue(
+            "too_many_nodes", f"the workflow has {len(workflow.nodes)} nodes; at most {max_nodes} are accepted",
+            details={"nodes": len(workflow.nodes), "max_nodes": max_nodes})])
+    problems = json_problems(_raw_document(workflow))
+    if problems:  # checked before anything else reads the values: hashing or storing them would fail
+        raise WorkflowInvalid([_json_issue(problem) for problem in problems])
+    if outputs is not None:
+        problems = json_problems(outputs)
+        if problems:
+            raise WorkflowInvalid([ValidationIssue(p.code, f"outputs/{p.where}: {p.message}") for p in problems])
     issues: list[ValidationIssue] = []
     compiled: dict[str, CompiledNode] = {}
     graph = nx.DiGraph()
@@ -230,6 +298,10 @@ def compile_workflow(
                     f"input {name!r} expects {spec.socket_type.name} but {link.source}.{link.output} is {source_type}",
                     node_id, name, {"expected_type": spec.socket_type.name, "got_type": source_type}))
         compiled[node_id] = CompiledNode(node_id, node_class, literals, links, "")
+        if memory_budget is not None:
+            issue = _memory_issue(node_id, node_class, literals, memory_budget)
+            if issue is not None:
+                issues.append(issue)
 
     try:
         topological = list(nx.topological_sort(graph))

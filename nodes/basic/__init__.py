@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+import re
+import string
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from nodegraph.files import write_numbered
 from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
@@ -91,13 +93,40 @@ class Math(Node):
         return self.Outputs(result=result)
 
 
+MAX_FIELD_WIDTH = 10_000
+"""Largest width or precision a FormatText field may ask for (`{a:>10000}`): a template cannot
+make megabytes of padding out of a few characters."""
+
+
+def check_template(template: str) -> str:
+    """A FormatText template with fields `{a}` and `{b}` only: no attribute or index access
+    (`{a.__class__}`, `{a[0]}`), no positional or nested fields, widths at most MAX_FIELD_WIDTH.
+    Conversions (`!r`) and format specs (`{a:>8.3f}`) are allowed. Raises ValueError."""
+    try:
+        fields = [(name, spec) for _, name, spec, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        raise ValueError(f"cannot parse the template: {error}") from None
+    for name, spec in fields:
+        if name not in ("a", "b"):
+            raise ValueError(f"field {{{name}}} is not allowed; use {{a}} or {{b}} (no attributes, indexes or "
+                             "positions)")
+        if "{" in spec or "}" in spec:
+            raise ValueError(f"field {{{name}:{spec}}}: nested fields in a format spec are not allowed")
+        widest = max((int(digits) for digits in re.findall(r"[0-9]+", spec)), default=0)
+        if widest > MAX_FIELD_WIDTH:
+            raise ValueError(f"field {{{name}:{spec}}}: width {widest} is over {MAX_FIELD_WIDTH}")
+    return template
+
+
 class FormatText(Node):
     """Fill a template like `"{a} and {b}"` with two values of any type."""
 
     category = "basic"
 
     class Inputs(NodeInputs):
-        template: str = Field("{a}", description="Python format string using {a} and {b}.")
+        template: Annotated[str, AfterValidator(check_template)] = Field(
+            "{a}", description="Format string using {a} and {b}, with optional conversions and format specs "
+                               "({a!r}, {b:>8.2f}); no attribute or index access.")
         a: ANY.annotation = Field(None, description="Value for {a}.")
         b: ANY.annotation = Field(None, description="Value for {b}.")
 
@@ -107,7 +136,7 @@ class FormatText(Node):
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         try:
             text = inputs.template.format(a=inputs.a, b=inputs.b)
-        except (KeyError, IndexError, ValueError) as error:
+        except (KeyError, IndexError, ValueError, TypeError) as error:
             raise ValueError(f"input 'template': cannot format {inputs.template!r}: {error}") from None
         return self.Outputs(text=text)
 

@@ -104,7 +104,7 @@ class UseModel(Node):
 
 
 class Blob(Node):
-    """Holds `size` bytes, to exercise the cache's byte bound."""
+    """Holds `size` bytes, to exercise the cache's byte bound and memory estimates."""
 
     class Inputs(NodeInputs):
         size: int = Field(1000, ge=0)
@@ -112,6 +112,10 @@ class Blob(Node):
 
     class Outputs(NodeOutputs):
         data: IMAGE.annotation
+
+    @classmethod
+    def estimated_bytes(cls, inputs) -> int | None:
+        return inputs.get("size")
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         RUNS[ctx.node_id] += 1

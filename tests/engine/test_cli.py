@@ -129,3 +129,38 @@ def test_schema_command_prints_json_schema(workdir):
     assert done.returncode == 0
     schema = json.loads(done.stdout)
     assert "node_Math" in schema["$defs"]
+
+
+def run_in_process(workdir: Path, *args: str) -> int:
+    """`nodegraph ARGS` in this process (no interpreter start per case), with the counting pack."""
+    from nodegraph.cli import main
+
+    return main([*args, "--nodes-dir", str(workdir / "custom_nodes")])
+
+
+@pytest.mark.parametrize("value, message", [
+    ("9" * 5000, "--set v.value: a number is too long"),
+    ("[" * 5000, "--set v.value: nested too deeply"),
+    ("[" * 500 + "]" * 500, "nested more than 64 levels deep [too_deep]"),  # decodes; validation refuses it
+    ("NaN", "--set v.value: NaN is not a JSON number"),
+    ("1e999", "out of range; numbers must be finite"),
+])
+def test_hostile_set_values_exit_2_with_a_message(workdir, capsys, value, message):
+    path = write(workdir / "w.json", doc(v=("Value", {}), s=("Sink", {"value": link("v", "value")})))
+    assert run_in_process(workdir, "run", path, "--set", f"v.value={value}", "--output-dir", str(workdir / "out")) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (workdir / "out").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"version": 1, "nodes": {}, "ui": {"a": ' + "[" * 900 + "]" * 900 + "}}", "ui/a/0/0"),
+    ('{"version": 1, "nodes": {"v": {"type": "Value", "inputs": {"value": Infinity}}}}', "Infinity is not a JSON number"),
+])
+def test_hostile_workflow_files_exit_2_with_a_message(workdir, capsys, text, message):
+    path = write(workdir / "hostile.json", text)
+    for command in ("run", "validate"):
+        assert run_in_process(workdir, command, path) == 2
+        captured = capsys.readouterr()
+        assert message in captured.out + captured.err and "Traceback" not in captured.err

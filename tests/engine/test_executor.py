@@ -230,3 +230,22 @@ def test_output_files_are_reported_again_when_cached(registry, tmp_path):
     assert second.executed == []
     assert second.files == first.files
     assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_memory_estimate_from_a_linked_input_is_checked_before_the_node_runs(registry, tmp_path, runs):
+    """Validation sees only literals; a size arriving by link is checked once known, before `run`."""
+    executor = Executor(registry, OutputCache(max_bytes=10**9), device="cpu", output_dir=tmp_path, memory_budget=10**6)
+    workflow = doc(n=("Count", {"value": 10**7}), b=("Blob", {"size": link("n", "value")}),
+                   s=("Sink", {"value": link("b", "data")}))
+    result = executor.run(workflow)
+    assert result.status == "failed" and result.error.node_id == "b"
+    assert type(result.error.error).__name__ == "NodeMemoryError"
+    assert "Blob would need about 9.5 MiB, more than the 976.6 KiB this device holds" in str(result.error)
+    assert runs == {"n": 1}  # the Blob never ran
+
+
+def test_executor_budget_defaults_to_the_device_memory(registry, tmp_path):
+    from nodegraph.device_memory import physical_memory_bytes
+
+    executor = Executor(registry, device="cpu", output_dir=tmp_path)
+    assert executor.memory_budget == physical_memory_bytes() > 0

@@ -96,3 +96,44 @@ def test_pack_listing_a_non_node_is_rejected(tmp_path):
 
 def test_missing_directory_is_fine(tmp_path):
     assert load_packs(NodeRegistry(), [tmp_path / "does-not-exist"], entry_points=False) == []
+
+
+def test_pack_that_exits_or_interrupts_at_import_is_skipped(tmp_path):
+    write_pack(tmp_path, "a_exits", "import sys\nsys.exit(3)\n")
+    write_pack(tmp_path, "b_interrupts", "raise KeyboardInterrupt\n")
+    write_pack(tmp_path, "c_system_exit", "raise SystemExit('bye')\n")
+    write_pack(tmp_path, "d_good", GOOD.format(name="StillHere"))
+    registry = NodeRegistry()
+    problems = load_packs(registry, [tmp_path], entry_points=False)
+    assert {p.pack: p.error for p in problems} == {
+        "a_exits": "the pack raised SystemExit(3) while importing",
+        "b_interrupts": "the pack raised KeyboardInterrupt() while importing",
+        "c_system_exit": "the pack raised SystemExit(bye) while importing"}
+    assert registry.get("StillHere") is not None
+
+
+def test_pack_that_hangs_at_import_is_skipped_after_the_time_limit(tmp_path, monkeypatch):
+    import builtins
+    import threading
+
+    gate = threading.Event()  # the hanging pack waits on it until the test is over
+    monkeypatch.setattr(builtins, "NODEGRAPH_TEST_GATE", gate, raising=False)
+    write_pack(tmp_path, "a_hangs", "import builtins\nbuiltins.NODEGRAPH_TEST_GATE.wait()\n")
+    write_pack(tmp_path, "b_good", GOOD.format(name="AfterTheHang"))
+    registry = NodeRegistry()
+    try:
+        problems = load_packs(registry, [tmp_path], entry_points=False, timeout=5)
+    finally:
+        gate.set()
+    assert [p.pack for p in problems] == ["a_hangs"]
+    assert "did not finish within 5 s" in problems[0].error and "NODEGRAPH_PACK_IMPORT_TIMEOUT" in problems[0].error
+    assert registry.get("AfterTheHang") is not None
+
+
+def test_import_time_limit_comes_from_the_environment(monkeypatch):
+    from nodegraph.plugins import DEFAULT_IMPORT_TIMEOUT, import_timeout
+
+    monkeypatch.setenv("NODEGRAPH_PACK_IMPORT_TIMEOUT", "12.5")
+    assert import_timeout() == 12.5
+    monkeypatch.setenv("NODEGRAPH_PACK_IMPORT_TIMEOUT", "nan")
+    assert import_timeout() == DEFAULT_IMPORT_TIMEOUT

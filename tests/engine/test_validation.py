@@ -187,3 +187,82 @@ def test_issues_serialise_to_json(registry):
     issues = issues_of(doc(v=("Value", {"value": "x"})), registry)
     encoded = json.loads(json.dumps([i.to_json() for i in issues]))
     assert {e["code"] for e in encoded} == {"wrong_value_type", "no_output_node"}
+
+
+# -- what the document may hold: standard JSON only, bounded in depth and size --
+
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("value, code", [
+    (float("nan"), "not_finite"), (float("inf"), "not_finite"), (-float("inf"), "not_finite"),
+    ("a lone \ud800 surrogate", "invalid_text"), (nested(900), "too_deep"), ({1: "int key"}, "not_json"),
+])
+def test_values_that_are_not_standard_json_are_refused_naming_node_and_input(registry, executor, runs, value, code):
+    workflow = doc(v=("Sink", {"value": value}))
+    issue = only(issues_of(workflow, registry), code)
+    assert (issue.node_id, issue.input) == ("v", "value")
+    assert issue.details["path"].startswith("nodes/v/inputs/value")
+    with pytest.raises(WorkflowInvalid):
+        executor.run(workflow)
+    assert runs == {}  # nothing reached a node
+
+
+def test_ui_block_and_node_ids_are_checked_too(registry):
+    deep_ui = {**doc(v=("Sink", {"value": 1})), "ui": {"groups": nested(900)}}
+    issue = only(issues_of(deep_ui, registry), "too_deep")
+    assert issue.node_id is None and issue.details["path"].startswith("ui/groups/0/0")
+    assert "64 levels" in issue.message
+    issue = only(issues_of(doc(**{"v\udc00": ("Sink", {"value": 1})}), registry), "invalid_text")
+    assert issue.details["path"] == "nodes/v\\udc00"
+    issue = only(issues_of({**doc(v=("Sink", {"value": 1})), "ui": {"zoom": float("nan")}}, registry), "not_finite")
+    assert issue.details["path"] == "ui/zoom"
+
+
+def test_nan_and_huge_numbers_in_json_text_are_refused_with_the_reason(registry):
+    for text, problem in (('{"version": 1, "nodes": {"v": {"type": "Sink", "inputs": {"value": NaN}}}}', "not_finite"),
+                          ('{"version": 1, "nodes": {"v": {"type": "Sink", "inputs": {"value": 1e400}}}}', "not_finite"),
+                          ('{"nodes": {"v": {"type": "Sink", "inputs": {"value": ' + "9" * 5000 + '}}}}', "number_too_long"),
+                          ("[" * 100_000 + "]" * 100_000, "too_deep"), (b'{"nodes": "caf\xe9"}', "not_utf8")):
+        issue = only(issues_of(text, registry), "invalid_json")
+        assert issue.details["problem"] == problem, issue
+
+
+def test_deep_but_allowed_values_compile(registry):
+    plan = compile_workflow(doc(v=("Sink", {"value": nested(60)})), registry)
+    assert plan.order == ["v"]
+
+
+def test_too_many_nodes_is_one_issue_before_the_nodes_are_checked(registry):
+    workflow = doc(**{f"n{i}": ("NoSuchType", {}) for i in range(11)})
+    issue = only(issues_of_limited(workflow, registry, max_nodes=10), "too_many_nodes")
+    assert issue.details == {"nodes": 11, "max_nodes": 10}
+
+
+def issues_of_limited(data, registry, **limits):
+    with pytest.raises(WorkflowInvalid) as caught:
+        compile_workflow(data, registry, **limits)
+    return caught.value.issues
+
+
+def test_a_long_value_is_not_echoed_back_whole(registry):
+    issue = only(issues_of(doc(v=("Value", {"value": "x" * 100_000}), s=("Sink", {"value": link("v", "value")})),
+                           registry), "wrong_value_type")
+    assert len(issue.message) < 500 and "100002 characters" in issue.message
+    assert "value" not in issue.details
+
+
+# -- resource bounds: a node's declared memory estimate against what the device holds --
+
+def test_node_estimated_beyond_the_device_is_refused_at_validation(registry):
+    workflow = doc(b=("Blob", {"size": 2 * 1024**3}), s=("Sink", {"value": link("b", "data")}))
+    issue = only(issues_of_limited(workflow, registry, memory_budget=1024**3), "exceeds_memory")
+    assert issue.node_id == "b"
+    assert issue.details == {"estimated_bytes": 2 * 1024**3, "device_bytes": 1024**3}
+    assert "2.0 GiB" in issue.message and "1.0 GiB" in issue.message
+    assert compile_workflow(workflow, registry, memory_budget=4 * 1024**3).order == ["b", "s"]
+    assert compile_workflow(workflow, registry).order == ["b", "s"]  # no budget: nothing to check against

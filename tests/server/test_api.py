@@ -83,12 +83,24 @@ async def test_unknown_run_is_404(make_client):
     assert (await client.post("/api/runs/nope/cancel")).status == 404
 
 
+async def wait_event(socket, kind: str, run_id: str, node_id: str | None = None) -> dict:
+    """The next event of this type (for this run and node) on an event socket; earlier ones are skipped."""
+    while True:
+        event = await asyncio.wait_for(socket.receive_json(), 30)
+        if event["type"] == kind and event["run_id"] == run_id and (node_id is None or event["node_id"] == node_id):
+            return event
+
+
 @pytest.mark.asyncio
 async def test_cancel_queued_and_running(make_client):
     client = await make_client()
-    running = await submit(client, slow(x=1))
+    socket = await client.ws_connect("/api/events")
+    # The running node would take hours: it ends by being cancelled, however slow the machine.
+    running = await submit(client, slow(steps=1_000_000, x=1))
     queued = await submit(client, slow(x=2))
-    await wait_status(client, running, ("running",))
+    # Cancelled once its node has started (not merely once the run has), so it stops part way through it.
+    await wait_event(socket, "node_started", running, "s")
+    await socket.close()
 
     response = await client.post(f"/api/runs/{queued}/cancel")
     assert (await response.json())["status"] == "cancelled"
@@ -98,7 +110,7 @@ async def test_cancel_queued_and_running(make_client):
     run = await wait_status(client, running, ("cancelled", "succeeded"))
     assert run["status"] == "cancelled"
     # It stopped part way through the node, and the sink never started.
-    assert run["nodes"]["s"]["status"] == "cancelled" and run["nodes"]["s"]["progress"][0] < 200
+    assert run["nodes"]["s"]["status"] == "cancelled" and run["nodes"]["s"]["progress"][0] < 1_000_000
     assert run["nodes"]["out"] == {"status": "pending"}
     assert (await wait_status(client, queued, ("cancelled",)))["started"] is None
     assert counting_pack.RUNS["s"] == 1
