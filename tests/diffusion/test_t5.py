@@ -1,11 +1,9 @@
-"""Tests for nodegraph_diffusion.text.t5: parity with transformers' T5EncoderModel, config from shapes, load errors, half precision."""
+"""Tests for nodegraph_diffusion.text.t5: parity with transformers' T5EncoderModel, config from shapes, errors, fp16."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor, nn
-
 from nodegraph_diffusion.text.t5 import (
     EMBEDDING_ALIAS,
     RELATIVE_BIAS_KEY,
@@ -17,6 +15,7 @@ from nodegraph_diffusion.text.t5 import (
     relative_position_buckets,
     t5_config_from_shapes,
 )
+from torch import Tensor, nn
 
 TOL = 1e-4
 EOS, PAD = 1, 0
@@ -26,7 +25,7 @@ TINY = T5Config(vocab_size=160, width=48, heads=4, head_dim=16, ff_width=80, lay
 
 
 def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Random values in every parameter (norm scales around 1, matrices by fan-in, the bias table and embeddings wide)."""
+    """Random values in every parameter: norm scales around 1, matrices by fan-in, bias table and embeddings wide."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in module.named_parameters():
@@ -141,7 +140,8 @@ def test_embed_tokens_alias_and_full_t5_files_load(reference, ours: T5Encoder) -
     state = reference.state_dict()
     alias_only = {(EMBEDDING_ALIAS if k == "shared.weight" else k): v for k, v in state.items() if k != EMBEDDING_ALIAS}
     assert "shared.weight" not in alias_only
-    with_decoder = {**state, "decoder.final_layer_norm.weight": torch.ones(TINY.width), "lm_head.weight": torch.ones(3, 3)}
+    decoder = {"decoder.final_layer_norm.weight": torch.ones(TINY.width), "lm_head.weight": torch.ones(3, 3)}
+    with_decoder = {**state, **decoder}
     ids = token_ids([20], 30, TINY.vocab_size)
     with torch.no_grad():
         want = ours(ids)
@@ -193,7 +193,8 @@ def test_config_from_shapes_names_missing_key(reference, key: str) -> None:
 def test_config_from_shapes_names_odd_keys(reference) -> None:
     shapes = shapes_of(reference)
     bad_q = dict(shapes, **{"encoder.block.0.layer.0.SelfAttention.q.weight": (63, TINY.width)})
-    with pytest.raises(T5LoadError, match=r"'encoder\.block\.0\.layer\.0\.SelfAttention\.q\.weight' has shape \(63, 48\)"):
+    q_message = r"'encoder\.block\.0\.layer\.0\.SelfAttention\.q\.weight' has shape \(63, 48\)"
+    with pytest.raises(T5LoadError, match=q_message):
         t5_config_from_shapes(bad_q)
     original_t5 = {k.replace("wi_0", "wi"): v for k, v in shapes.items() if "wi_1" not in k}
     with pytest.raises(T5LoadError, match="original T5") as info:

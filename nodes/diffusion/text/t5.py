@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +83,9 @@ class T5Config:
 
     def __post_init__(self) -> None:
         if self.relative_buckets < 4 or self.relative_buckets % 4:
-            raise ValueError(f"T5Config: relative_buckets must be a positive multiple of 4, got {self.relative_buckets}")
+            raise ValueError(
+                f"T5Config: relative_buckets must be a positive multiple of 4, got {self.relative_buckets}"
+            )
         if self.relative_max_distance <= self.relative_buckets // 4:
             raise ValueError(
                 f"T5Config: relative_max_distance {self.relative_max_distance} must exceed "
@@ -109,7 +111,9 @@ def t5_config_from_shapes(shapes: Mapping[str, Sequence[int]]) -> T5Config:
 
     def shape(key: str, ndim: int) -> tuple[int, ...]:
         if key not in shapes:
-            raise T5LoadError(f"T5 encoder state dict has no {key!r}; is it a T5 v1.1 encoder (T5EncoderModel keys)?", key)
+            raise T5LoadError(
+                f"T5 encoder state dict has no {key!r}; is it a T5 v1.1 encoder (T5EncoderModel keys)?", key
+            )
         value = tuple(int(n) for n in shapes[key])
         if len(value) != ndim:
             raise T5LoadError(f"T5 encoder key {key!r} has shape {value}, expected {ndim} dimensions", key)
@@ -193,7 +197,9 @@ class T5LayerNorm(nn.Module):
         return F.rms_norm(x.to(wide), (x.shape[-1],), weight=self.weight.to(wide), eps=self.eps)
 
 
-def relative_position_buckets(length: int, buckets: int, max_distance: int, device: torch.device | None = None) -> Tensor:
+def relative_position_buckets(
+    length: int, buckets: int, max_distance: int, device: torch.device | None = None
+) -> Tensor:
     """Bucket index of every (query, key) offset for bidirectional attention -> (T, T) long.
 
     Half of the buckets take keys after the query, half keys at or before it. Within a half,
@@ -355,6 +361,12 @@ class T5Encoder(nn.Module):
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def is_t5_layout(keys: Iterable[str]) -> bool:
+    """True if ``keys`` (prefix removed) are a T5 encoder in transformers' naming."""
+    present = set(keys)
+    return RELATIVE_BIAS_KEY in present and (EMBEDDING_KEY in present or EMBEDDING_ALIAS in present)
 
 
 def t5_encoder_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
