@@ -303,3 +303,17 @@ def test_half_precision_stays_finite_and_close(half: torch.dtype) -> None:
     assert max_err(got, same_weights) <= tolerance * scale, (max_err(got, same_weights), scale)
     # And the rounded weights still give (roughly) the float32 model's output.
     assert torch.nn.functional.cosine_similarity(got.float().flatten(), want.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("storage", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_8bit_storage_computes_like_its_upcast(reference, storage: torch.dtype) -> None:
+    """The seam for 8-bit files: weights stay 8-bit, each layer casts them to the compute dtype."""
+    state = reference.state_dict()
+    stored = load_t5_encoder({k: v.to(storage) for k, v in state.items()})
+    upcast = load_t5_encoder({k: v.to(storage).float() for k, v in state.items()})
+    assert stored.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == storage
+    ids = token_ids([20, 5], 40, TINY.vocab_size)
+    with torch.no_grad():
+        got = stored(ids)  # compute dtype defaults to float32 for 8-bit tables
+        assert got.dtype == torch.float32
+        assert torch.equal(got, upcast(ids))
