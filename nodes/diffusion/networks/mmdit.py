@@ -25,14 +25,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .timestep import timestep_embedding
+from .transformer import (
+    MLP_RATIO,
+    TIMESTEP_FREQUENCY_DIM,
+    EmbedderMLP,
+    FinalLayer,
+    FusedQKVAttention,
+    Mlp,
+    PatchEmbed,
+    layer_norm,
+    modulate,
+    modulated_residual,
+    pad_to_patches,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
 
 # Head counts leave no trace in the weights. The original ties width to depth (64 * depth wide,
 # depth heads), i.e. always 64-wide heads; config-from-shapes assumes that.
 HEAD_DIM = 64
-MLP_RATIO = 4
-TIMESTEP_FREQUENCY_DIM = 256
-# Every LayerNorm / RMSNorm of the network (the original's value; diffusers agrees).
-NORM_EPS = 1e-6
 
 
 class MMDiTConfigError(ValueError):
@@ -70,6 +81,8 @@ class MMDiTConfig:
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise MMDiTConfigError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.hidden_size % 4:
+            raise MMDiTConfigError(f"hidden_size {self.hidden_size} is not a multiple of 4 (2-D sine/cosine positions)")
         outside = [i for i in self.dual_attention_layers if not 0 <= i < self.depth]
         if outside:
             raise MMDiTConfigError(f"dual_attention_layers {outside} are outside the {self.depth} blocks")
@@ -80,75 +93,6 @@ class MMDiTConfig:
 
 
 # --------------------------------------------------------------------------- blocks
-
-
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN: x: (B, L, D) scaled by (1 + scale) and shifted by shift, both (B, D)."""
-    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
-
-
-def layer_norm(x: Tensor) -> Tensor:
-    """The parameter-free LayerNorm in front of every modulation: x: (B, L, D) -> (B, L, D)."""
-    return F.layer_norm(x, x.shape[-1:], eps=NORM_EPS)
-
-
-class EmbedderMLP(nn.Module):
-    """Linear, SiLU, linear: lifts the timestep frequencies or the pooled text vector to the width.
-
-    ``mlp.1`` is the parameter-free SiLU, keeping the original's ``mlp.0`` / ``mlp.2`` keys.
-    """
-
-    def __init__(self, in_dim: int, hidden_size: int) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, in_dim) -> (B, hidden_size)."""
-        return self.mlp(x)
-
-
-class Attention(nn.Module):
-    """Fused q/k/v projection with optional per-head RMS qk-norm, and the output projection.
-
-    The attention itself is computed by the block, over the sequences of both streams.
-    """
-
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, pre_only: bool = False) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.ln_q = nn.RMSNorm(self.head_dim, eps=NORM_EPS) if qk_norm else nn.Identity()
-        self.ln_k = nn.RMSNorm(self.head_dim, eps=NORM_EPS) if qk_norm else nn.Identity()
-        self.proj = None if pre_only else nn.Linear(dim, dim)
-
-    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: (B, L, D) -> q, k, v, each (B, heads, L, head_dim)."""
-        batch, length, _ = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).unbind(2)
-        return self.ln_q(q).transpose(1, 2), self.ln_k(k).transpose(1, 2), v.transpose(1, 2)
-
-    def out(self, attended: Tensor) -> Tensor:
-        """attended: (B, heads, L, head_dim) -> (B, L, D) through the output projection."""
-        batch, _, length, _ = attended.shape
-        return self.proj(attended.transpose(1, 2).reshape(batch, length, -1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Self-attention of one stream alone (the dual-attention layers): x: (B, L, D) -> (B, L, D)."""
-        return self.out(F.scaled_dot_product_attention(*self.heads(x)))
-
-
-class Mlp(nn.Module):
-    """fc1 to MLP_RATIO times the width, tanh-approximated GELU, fc2 back."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, MLP_RATIO * dim)
-        self.fc2 = nn.Linear(MLP_RATIO * dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, L, D) -> (B, L, D)."""
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class StreamBlock(nn.Module):
@@ -165,9 +109,9 @@ class StreamBlock(nn.Module):
         self.num_mods = 2 if pre_only else 9 if dual else 6
         # Index 0 is the parameter-free SiLU, keeping the original's ``adaLN_modulation.1`` key.
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.num_mods * dim))
-        self.attn = Attention(dim, num_heads, qk_norm, pre_only=pre_only)
-        self.attn2 = Attention(dim, num_heads, qk_norm) if dual else None
-        self.mlp = None if pre_only else Mlp(dim)
+        self.attn = FusedQKVAttention(dim, num_heads, qk_norm, pre_only=pre_only)
+        self.attn2 = FusedQKVAttention(dim, num_heads, qk_norm) if dual else None
+        self.mlp = None if pre_only else Mlp(dim, MLP_RATIO * dim, dim)
 
     def modulations(self, c: Tensor) -> tuple[Tensor, ...]:
         """c: (B, D) -> num_mods tensors of (B, D)."""
@@ -185,7 +129,7 @@ class StreamBlock(nn.Module):
             # The second attention reads the same normalised input as the first, not the updated x.
             shift2, scale2, gate2 = mods[6:]
             x = x + gate2[:, None] * self.attn2(modulate(x_norm, shift2, scale2))
-        return x + gate_mlp[:, None] * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        return modulated_residual(x, self.mlp, shift_mlp, scale_mlp, gate_mlp)
 
 
 class JointBlock(nn.Module):
@@ -215,54 +159,6 @@ class JointBlock(nn.Module):
         if last or self.context_block.pre_only:
             return x, None
         return x, self.context_block.update(context, context_norm, context_attended, context_mods)
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping patch_size x patch_size patches projected to the width by one strided conv."""
-
-    def __init__(self, patch_size: int, in_channels: int, hidden_size: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, C, H, W), H and W multiples of the patch size -> (B, H/p * W/p, D), row-major."""
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class FinalLayer(nn.Module):
-    """Modulated LayerNorm and a linear map from each token to its patch of the output."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
-        super().__init__()
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        """x: (B, L, D), c: (B, D) -> (B, L, p * p * out_channels)."""
-        # (shift, scale) here; diffusers stores the same rows as (scale, shift).
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(layer_norm(x), shift, scale))
-
-
-def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
-    """Fixed 2-D sine/cosine positions of a grid_size x grid_size grid: (grid_size**2, dim), row-major.
-
-    The first half of the channels encodes the column, the second the row; each half is
-    [sin, cos] of the position times 10000 ** (-i / (dim / 4)). Loaded files bring their own table;
-    this fills a freshly built model (training from scratch).
-    """
-    if dim % 4:
-        raise MMDiTConfigError(f"a 2-D sine/cosine embedding needs a width divisible by 4, got {dim}")
-    quarter = dim // 4
-    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    positions = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(positions, positions, indexing="ij")
-
-    def encode(pos: Tensor) -> Tensor:
-        angles = pos.reshape(-1, 1) * frequencies
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([encode(cols), encode(rows)], dim=1).float()
 
 
 # --------------------------------------------------------------------------- the model
@@ -315,12 +211,10 @@ class MMDiT(nn.Module):
         ComfyUI does) and the output cropped back.
         """
         self._check_inputs(x, timesteps, context, y)
-        batch, _, height, width = x.shape
+        height, width = x.shape[-2:]
         p = self.config.patch_size
-        pad_h, pad_w = -height % p, -width % p
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode="circular")
-        rows, cols = (height + pad_h) // p, (width + pad_w) // p
+        x = pad_to_patches(x, p)
+        rows, cols = x.shape[-2] // p, x.shape[-1] // p
 
         tokens = self.x_embedder(x) + self.cropped_pos_embed(rows, cols).to(x.dtype)
         c = self.t_embedder(timestep_embedding(timesteps, TIMESTEP_FREQUENCY_DIM).to(tokens.dtype))
@@ -329,11 +223,7 @@ class MMDiT(nn.Module):
         last = len(self.joint_blocks) - 1
         for i, block in enumerate(self.joint_blocks):
             tokens, text = block(tokens, text, c, last=i == last)
-        patches = self.final_layer(tokens, c)
-
-        out = patches.view(batch, rows, cols, p, p, self.config.out_channels)
-        out = out.permute(0, 5, 1, 3, 2, 4).reshape(batch, self.config.out_channels, rows * p, cols * p)
-        return out[:, :, :height, :width]
+        return unpatchify(self.final_layer(tokens, c), rows, cols, p, height, width)
 
     def _check_inputs(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor) -> None:
         cfg = self.config
