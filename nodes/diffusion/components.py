@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .weights import patching
@@ -24,6 +25,7 @@ from .text.embeddings import EmbeddingFolder
 from .sampling.guidance import CondEntry
 from .text.clip import HIDDEN_STATE_BY_FAMILY, CLIPTextEncoder
 from .text.clip_tokenizer import PAD_ID_BY_ENCODER, CLIPTokenizer, TokenChunk
+from .text.t5_tokenizer import T5Tokenizer
 from .networks.unet import UNet, sdxl_vector_conditioning
 from .vae.autoencoder import AutoencoderKL, LatentScaling
 
@@ -47,9 +49,9 @@ def module_device(module: nn.Module) -> torch.device:
 
 @dataclass(frozen=True, eq=False)
 class DiffusionModel:
-    """A U-Net with how to drive it; `patches` are LoRA deltas applied while it runs."""
+    """A denoising network (U-Net, MMDiT, Flux) with how to drive it; `patches` are LoRA deltas applied while it runs."""
 
-    unet: UNet
+    network: nn.Module
     family: ModelFamily
     sampling: ModelSampling
     latent_format: LatentFormat
@@ -60,33 +62,57 @@ class DiffusionModel:
         return replace(self, patches=self.patches.plus(deltas, strength))
 
     @contextlib.contextmanager
-    def patched_unet(self) -> Iterator[UNet]:
-        with _patched(self.unet, self.patches) as unet:
-            yield unet  # type: ignore[misc]
+    def patched_network(self) -> Iterator[nn.Module]:
+        with _patched(self.network, self.patches) as network:
+            yield network
 
     @property
     def inpainting(self) -> bool:
         """A 9-channel inpainting U-Net: latent + mask + masked-image latent."""
-        return self.unet.config.in_channels == 2 * self.latent_format.channels + 1
+        return isinstance(self.network, UNet) and self.network.config.in_channels == 2 * self.latent_format.channels + 1
+
+
+# T5 prompts are padded to this many tokens, as ComfyUI does (diffusers pads to 256 for SD3 and
+# 512 for Flux-dev); T5 attends to the padding in both, so the length changes the result.
+T5_LENGTH_BY_FAMILY = {"sd3": 77, "flux": 256}
+# SD3 zero-pads the CLIP states to T5's width; without a T5 the width is the real T5-XXL's.
+SD3_CONTEXT_WIDTH = 4096
+# Widths of the CLIP states and pooled vectors SD3 zero-fills when an encoder is left out.
+SD3_CLIP_WIDTHS = {"clip_l": 768, "clip_g": 1280}
+
+
+def _emphasize(hidden: Tensor, weights: Tensor) -> Tensor:
+    """Prompt weights: scale each position, then restore the original mean so the overall level stays."""
+    if torch.all(weights == 1.0):
+        return hidden
+    mean = hidden.mean()
+    hidden = hidden * weights[..., None]
+    return hidden * (mean / hidden.mean())
 
 
 @dataclass(frozen=True, eq=False)
 class TextEncoders:
-    """The text encoders of a checkpoint (slot -> encoder, in conditioning order) and how to use them.
+    """The text encoders of a model (slot -> encoder, in conditioning order) and how to use them.
 
+    Slots: ``clip_l``, ``clip_h``, ``clip_g`` (CLIP encoders) and ``t5xxl`` (a T5 encoder).
     clip_skip: None = the family's usual layer; 1 = last layer, 2 = penultimate, ...
-    patches: slot -> LoRA patches for that encoder.
+    patches: slot -> LoRA patches for that encoder. t5_length: T5 pad length (None: the
+    family's, :data:`T5_LENGTH_BY_FAMILY`).
     """
 
-    encoders: dict[str, CLIPTextEncoder]
+    encoders: dict[str, nn.Module]
     tokenizer: CLIPTokenizer
     family: ModelFamily
     embeddings_dirs: tuple[str, ...] = ()
     clip_skip: int | None = None
     patches: dict[str, WeightPatches] = field(default_factory=dict)
+    t5_tokenizer: T5Tokenizer | None = None
+    t5_length: int | None = None
 
     def with_clip_skip(self, clip_skip: int) -> TextEncoders:
         for slot, encoder in self.encoders.items():
+            if not isinstance(encoder, CLIPTextEncoder):
+                continue
             layers = encoder.config.layers
             if not 1 <= clip_skip <= layers:
                 raise ValueError(f"clip skip {clip_skip} is out of range: the {slot} encoder has {layers} layers")
@@ -99,7 +125,14 @@ class TextEncoders:
             merged[slot] = merged.get(slot, WeightPatches()).plus(slot_deltas, strength)
         return replace(self, patches=merged)
 
-    def _hidden(self, slot: str, encoder: CLIPTextEncoder, chunks: list[TokenChunk]) -> tuple[Tensor, Tensor]:
+    def _chunks(self, slot: str, encoder: CLIPTextEncoder, prompt: str) -> list[TokenChunk]:
+        lookup = None
+        if self.embeddings_dirs:
+            lookup = EmbeddingFolder(self.embeddings_dirs, encoder=slot, width=encoder.config.width)
+        return self.tokenizer.tokenize_prompt(prompt, pad_id=PAD_ID_BY_ENCODER[slot], embeddings=lookup)
+
+    def _hidden(self, slot: str, encoder: CLIPTextEncoder, chunks: list[TokenChunk],
+                project_pooled: bool = True) -> tuple[Tensor, Tensor]:
         """Encode chunks with one encoder -> (hidden (1, 77 * chunks, W), pooled (1, P) of the first chunk)."""
         choice = HIDDEN_STATE_BY_FAMILY[self.family.latent_family]
         clip_skip = self.clip_skip if self.clip_skip is not None else choice.clip_skip
@@ -108,15 +141,61 @@ class TextEncoders:
         with _patched(encoder, self.patches.get(slot, WeightPatches())), torch.no_grad():
             embedded = encoder.embed_tokens(ids)
             embedded = torch.stack([chunk.splice_embeddings(e) for chunk, e in zip(chunks, embedded)])
-            out = encoder(ids, token_embeddings=embedded, clip_skip=clip_skip, final_norm=choice.final_norm)
-        hidden = out.hidden_state.float()
+            out = encoder(ids, token_embeddings=embedded, clip_skip=clip_skip, final_norm=choice.final_norm,
+                          project_pooled=project_pooled)
         weights = torch.tensor([chunk.weights for chunk in chunks], device=device, dtype=torch.float32)
-        if not torch.all(weights == 1.0):
-            # Emphasis: scale each position, then restore the original mean so the overall level stays.
-            mean = hidden.mean()
-            hidden = hidden * weights[..., None]
-            hidden = hidden * (mean / hidden.mean())
+        hidden = _emphasize(out.hidden_state.float(), weights)
         return hidden.reshape(1, -1, hidden.shape[-1]).cpu(), out.pooled[:1].float().cpu()
+
+    def _t5_hidden(self, text: str) -> Tensor:
+        """The T5 encoder's states for a prompt -> (1, T, W), padded to the T5 length."""
+        encoder = self.encoders["t5xxl"]
+        tokenizer = self.t5_tokenizer or T5Tokenizer.from_default()
+        length = self.t5_length or T5_LENGTH_BY_FAMILY[self.family.latent_family]
+        tokens = tokenizer.tokenize_prompt(text, length=length)
+        device = module_device(encoder)
+        with _patched(encoder, self.patches.get("t5xxl", WeightPatches())), torch.no_grad():
+            hidden = encoder(torch.tensor([tokens.ids], device=device)).float()
+        return _emphasize(hidden, torch.tensor([tokens.weights], device=device)).cpu()
+
+    def _encode_sd3(self, text: str) -> CondEntry:
+        """SD3: CLIP-L and CLIP-G penultimate states side by side, zero-padded to T5's width, then T5's
+        states after them; the pooled vector is CLIP-L's and CLIP-G's projected pooled outputs. An
+        encoder left out contributes zeros (the states of both CLIPs are left out when neither is there)."""
+        t5 = self._t5_hidden(text) if "t5xxl" in self.encoders else None
+        width = t5.shape[-1] if t5 is not None else SD3_CONTEXT_WIDTH
+        states: dict[str, Tensor] = {}
+        pooled = []
+        for slot, clip_width in SD3_CLIP_WIDTHS.items():
+            encoder = self.encoders.get(slot)
+            if encoder is None:
+                pooled.append(torch.zeros(1, clip_width))
+                continue
+            states[slot], slot_pooled = self._hidden(slot, encoder, self._chunks(slot, encoder, text))  # type: ignore[arg-type]
+            pooled.append(slot_pooled)
+        parts = []
+        if states:
+            length = next(iter(states.values())).shape[1]
+            lg = torch.cat([states.get(slot, torch.zeros(1, length, w)) for slot, w in SD3_CLIP_WIDTHS.items()], dim=-1)
+            parts.append(F.pad(lg, (0, width - lg.shape[-1])))
+        if t5 is not None:
+            parts.append(t5)
+        if not parts:
+            raise ValueError("SD3 conditioning needs at least one text encoder (clip_l, clip_g or t5xxl)")
+        vector = torch.cat(pooled, dim=-1)
+        return CondEntry(context=torch.cat(parts, dim=1), pooled=vector, y=vector)
+
+    def _encode_flux(self, text: str, text_secondary: str | None) -> CondEntry:
+        """Flux: T5's states are the context; CLIP-L's pooled output (unprojected) the vector.
+        `text` goes to T5 and `text_secondary` (default: the same) to CLIP-L (CLIPTextEncodeFlux)."""
+        if "t5xxl" not in self.encoders or "clip_l" not in self.encoders:
+            missing = [slot for slot in ("clip_l", "t5xxl") if slot not in self.encoders]
+            raise ValueError(f"Flux conditioning needs CLIP-L and T5; missing: {', '.join(missing)}")
+        encoder = self.encoders["clip_l"]
+        clip_prompt = text if text_secondary is None else text_secondary
+        _, pooled = self._hidden("clip_l", encoder, self._chunks("clip_l", encoder, clip_prompt)[:1],  # type: ignore[arg-type]
+                                 project_pooled=False)
+        return CondEntry(context=self._t5_hidden(text), pooled=pooled, y=pooled)
 
     def encode(
         self,
@@ -132,18 +211,20 @@ class TextEncoders:
 
         SDXL: `text` goes to CLIP-G and `text_secondary` (default: the same) to CLIP-L; the states
         are concatenated and the pooled CLIP-G embedding with the size conditioning forms `y`.
-        Sizes are (height, width) in pixels; crop is (top, left).
+        Sizes are (height, width) in pixels; crop is (top, left). SD3 and Flux: see
+        :meth:`_encode_sd3` and :meth:`_encode_flux` (Flux: `text` to T5, `text_secondary` to CLIP-L).
         """
+        if self.family.latent_family == "sd3":
+            return self._encode_sd3(text)
+        if self.family.latent_family == "flux":
+            return self._encode_flux(text, text_secondary)
         hidden_parts: list[Tensor] = []
         pooled: Tensor | None = None
         chunk_counts = []
         for slot, encoder in self.encoders.items():
             prompt = text_secondary if (slot == "clip_l" and self.family.latent_family == "sdxl"
                                         and text_secondary is not None) else text
-            lookup = None
-            if self.embeddings_dirs:
-                lookup = EmbeddingFolder(self.embeddings_dirs, encoder=slot, width=encoder.config.width)
-            chunks = self.tokenizer.tokenize_prompt(prompt, pad_id=PAD_ID_BY_ENCODER[slot], embeddings=lookup)
+            chunks = self._chunks(slot, encoder, prompt)  # type: ignore[arg-type]
             chunk_counts.append(len(chunks))
             hidden, slot_pooled = self._hidden(slot, encoder, chunks)
             hidden_parts.append(hidden)

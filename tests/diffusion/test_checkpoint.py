@@ -93,7 +93,7 @@ def test_unet_alone_is_classified_from_its_own_layout(name: str, family: ModelFa
     prefix = "model.diffusion_model."
     shapes = {k[len(prefix):]: v for k, v in fx.read_manifest(name)["shapes"].items() if k.startswith(prefix)}
     detection = detect_from_shapes(shapes)
-    assert (detection.kind, detection.family) == (FileKind.UNET, family)
+    assert (detection.kind, detection.family) == (FileKind.DIFFUSION_MODEL, family)
 
 
 def test_prefixed_original_controlnet_is_detected() -> None:

@@ -260,7 +260,7 @@ def test_lora_changes_the_image_shares_the_checkpoint_and_leaves_it_untouched(en
     executor, _ = env
     name = write_lora(models, "tiny-sd1-lora.safetensors", "sd1", SD1_UNET)
     plain = executor.run(txt2img())
-    base = executor.run(txt2img(), outputs=["ckpt"]).results["ckpt"].outputs.model.unet
+    base = executor.run(txt2img(), outputs=["ckpt"]).results["ckpt"].outputs.model.network
     before = {k: v.clone() for k, v in base.state_dict().items()}
     patched = executor.run(with_lora(name, 1.0))
     assert "ckpt" in patched.cached  # one loaded checkpoint serves both graphs

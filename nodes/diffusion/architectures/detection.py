@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -27,8 +27,11 @@ import torch
 from torch import Tensor
 
 from ..networks import controlnet as controlnet_module
+from ..networks import flux as flux_module
+from ..networks import mmdit as mmdit_module
 from ..networks import unet as unet_module
 from ..text import clip as text_encoder_module
+from ..text import t5 as t5_module
 from ..vae import autoencoder as vae_module
 from ..weights.files import DiffusersFolder, WeightFile, open_weights
 from ..weights.loading import StateDictMismatchError
@@ -40,21 +43,37 @@ class ModelFamily(str, Enum):
     SD2 = "sd2"
     SDXL = "sdxl"
     SDXL_REFINER = "sdxl_refiner"
+    SD3 = "sd3"  # SD3 medium, SD3.5 medium / large / large-turbo (MMDiT)
+    FLUX = "flux"  # Flux.1-dev and its guidance-distilled derivatives
+    FLUX_SCHNELL = "flux_schnell"
 
     @property
     def latent_family(self) -> str:
         """The family name the VAE and text-encoder modules key their tables by."""
-        return "sdxl" if self is ModelFamily.SDXL_REFINER else self.value
+        return {ModelFamily.SDXL_REFINER: "sdxl", ModelFamily.FLUX_SCHNELL: "flux"}.get(self, self.value)
+
+    @property
+    def label(self) -> str:
+        """How people name the family: 'SD1.x', 'Flux.1-schnell'."""
+        return _FAMILY_LABELS[self]
+
+
+_FAMILY_LABELS = {
+    ModelFamily.SD1: "SD1.x", ModelFamily.SD2: "SD2.x", ModelFamily.SDXL: "SDXL",
+    ModelFamily.SDXL_REFINER: "SDXL refiner", ModelFamily.SD3: "SD3", ModelFamily.FLUX: "Flux.1-dev",
+    ModelFamily.FLUX_SCHNELL: "Flux.1-schnell",
+}
 
 
 class FileKind(str, Enum):
-    CHECKPOINT = "checkpoint"  # a diffusion U-Net, usually with VAE and text encoders
-    UNET = "unet"  # a diffusion U-Net alone
+    CHECKPOINT = "checkpoint"  # a denoising network, usually with VAE and text encoders
+    DIFFUSION_MODEL = "diffusion_model"  # a denoising network alone (U-Net, MMDiT, Flux)
     CONTROLNET = "controlnet"
     VAE = "vae"
     TEXT_ENCODER = "text_encoder"
     LORA = "lora"
     EMBEDDING = "embedding"  # textual inversion
+    UNSUPPORTED = "unsupported"  # a known architecture this library cannot build (named in the detection)
     UNKNOWN = "unknown"
 
 
@@ -62,8 +81,9 @@ class FileKind(str, Enum):
 class ComponentKeys:
     """Where one component's weights lie in a file: a key prefix and a naming layout.
 
-    layout: ``ldm`` (U-Net/VAE/ControlNet in the original single-file naming), ``diffusers``,
-    ``hf`` (transformers CLIP naming, with or without ``text_model.``) or ``openclip``.
+    layout: ``ldm`` (U-Net/VAE/ControlNet in the original single-file naming), ``original``
+    (a transformer denoiser in its authors' naming), ``diffusers``, ``hf`` (transformers CLIP
+    naming, with or without ``text_model.``), ``openclip`` or ``t5`` (transformers T5 naming).
     """
 
     prefix: str
@@ -89,6 +109,13 @@ _LORA_KEY = re.compile(r"(^|\.|_)(lora_up|lora_down|lora_A|lora_B|hada_w[12]_[ab
 _EMBEDDING_KEYS = ({"emb_params"}, {"string_to_param.*"}, {"clip_l", "clip_g"}, {"clip_g"}, {"clip_l"})
 
 _TEXT_ENCODER_PREFIX = re.compile(r"^(cond_stage_model\.(transformer|model)\.|conditioner\.embedders\.(\d+)\.(transformer|model)\.)")
+# SD3 and Flux single files keep each encoder under its slot name (CLIP-G in the HF layout there).
+_SLOT_TEXT_ENCODER_PREFIX = re.compile(r"^text_encoders\.(clip_l|clip_g|t5xxl)\.transformer\.")
+# Conditioning order of the text-encoder slots.
+TEXT_ENCODER_SLOTS = ("clip_l", "clip_h", "clip_g", "t5xxl")
+# The prefixes a single file's VAE is found under (Flux files from ComfyUI use ``vae.``).
+_VAE_PREFIXES = ("first_stage_model.", "vae.")
+DIFFUSION_MODEL_PREFIX = "model.diffusion_model."
 
 _SDXL_REFINER_ADM_CHANNELS = 2560  # pooled bigG (1280) + 5 x 256 size/aesthetic embeddings
 
@@ -109,17 +136,24 @@ class Detection:
     components: dict[str, ComponentKeys] = field(default_factory=dict)
     ignored_keys: tuple[str, ...] = ()
     unclaimed_keys: tuple[str, ...] = ()
+    architecture: str = ""  # for UNSUPPORTED files: what they hold ('AuraFlow')
+
+    @property
+    def denoiser(self) -> str | None:
+        """The component name of the denoising network (``unet``, ``mmdit``, ``flux``), if the file has one."""
+        return next((d.component for d in DENOISERS if d.component in self.components), None)
 
     def describe(self) -> str:
         """A short phrase for messages: 'an SDXL refiner checkpoint (unet, vae, clip_g)'."""
-        family = {
-            ModelFamily.SD1: "SD1.x", ModelFamily.SD2: "SD2.x", ModelFamily.SDXL: "SDXL",
-            ModelFamily.SDXL_REFINER: "SDXL refiner",
-        }.get(self.family, "") if self.family else ""
+        if self.kind is FileKind.UNSUPPORTED:
+            return f"a {self.architecture} model, an architecture nodegraph cannot run yet"
+        family = self.family.label if self.family else ""
         what = {
-            FileKind.CHECKPOINT: "checkpoint", FileKind.UNET: "U-Net", FileKind.CONTROLNET: "ControlNet",
-            FileKind.VAE: "VAE", FileKind.TEXT_ENCODER: "text encoder", FileKind.LORA: "LoRA/adapter",
-            FileKind.EMBEDDING: "textual-inversion embedding", FileKind.UNKNOWN: "file of unknown kind",
+            FileKind.CHECKPOINT: "checkpoint",
+            FileKind.DIFFUSION_MODEL: "U-Net" if self.denoiser == "unet" else "diffusion model",
+            FileKind.CONTROLNET: "ControlNet", FileKind.VAE: "VAE", FileKind.TEXT_ENCODER: "text encoder",
+            FileKind.LORA: "LoRA/adapter", FileKind.EMBEDDING: "textual-inversion embedding",
+            FileKind.UNKNOWN: "file of unknown kind",
         }[self.kind]
         words = " ".join(w for w in (family, "inpainting" if self.inpainting else "", what) if w)
         article = "an" if words.startswith("SD") else "a"
@@ -128,7 +162,10 @@ class Detection:
 
 
 # The model modules' own errors for weights that do not fit their layout.
-_LAYOUT_ERRORS = (unet_module.UNetConfigError, vae_module.VAELoadError, text_encoder_module.TextEncoderLoadError)
+_LAYOUT_ERRORS = (
+    unet_module.UNetConfigError, mmdit_module.MMDiTConfigError, flux_module.FluxConfigError,
+    vae_module.VAELoadError, text_encoder_module.TextEncoderLoadError, t5_module.T5LoadError,
+)
 
 
 @contextmanager
@@ -164,28 +201,29 @@ def _has_prefix(keys: Sequence[str] | Mapping[str, object], prefix: str) -> bool
 def _text_encoder_components(keys: Sequence[str], path: str) -> dict[str, ComponentKeys]:
     """Text encoders of a single-file checkpoint, keyed by slot name, in conditioning order."""
     found: dict[str, ComponentKeys] = {}
-    prefixes = sorted({m.group(1) for k in keys if (m := _TEXT_ENCODER_PREFIX.match(k))})
-    for prefix in prefixes:
+
+    def claim(slot: str, keys: ComponentKeys) -> None:
+        if slot in found:
+            raise CheckpointError(path, f"two text encoders claim slot {slot!r} ({found[slot].prefix}, {keys.prefix})")
+        found[slot] = keys
+
+    for prefix in sorted({m.group(1) for k in keys if (m := _TEXT_ENCODER_PREFIX.match(k))}):
         openclip = prefix.endswith(".model.")
         if prefix.startswith("cond_stage_model."):
             slot = "clip_h" if openclip else "clip_l"
         else:
             slot = "clip_g" if openclip else "clip_l"
-        if slot in found:
-            raise CheckpointError(path, f"two text encoders claim slot {slot!r} ({found[slot].prefix}, {prefix})")
-        found[slot] = ComponentKeys(prefix, "openclip" if openclip else "hf")
-    order = {"clip_l": 0, "clip_h": 1, "clip_g": 2}
-    return dict(sorted(found.items(), key=lambda item: order[item[0]]))
+        claim(slot, ComponentKeys(prefix, "openclip" if openclip else "hf"))
+    for match in sorted({m for k in keys if (m := _SLOT_TEXT_ENCODER_PREFIX.match(k))}, key=lambda m: m.group(0)):
+        slot = match.group(1)
+        claim(slot, ComponentKeys(match.group(0), "t5" if slot == "t5xxl" else "hf"))
+    return dict(sorted(found.items(), key=lambda item: TEXT_ENCODER_SLOTS.index(item[0])))
 
 
 def unet_ldm_shapes(
     shapes: Mapping[str, Sequence[int]], keys: ComponentKeys, path: str | os.PathLike[str]
 ) -> dict[str, tuple[int, ...]]:
-    meta = meta_state_dict(shapes, keys.prefix)
-    if keys.layout == "diffusers":
-        with component_errors(path, "unet"):
-            meta = unet_module.ldm_unet_keys_from_diffusers(meta)
-    return shapes_of(meta)
+    return original_shapes(shapes, "unet", keys, path)
 
 
 def controlnet_ldm_shapes(
@@ -225,6 +263,111 @@ def _family_from_unet(
     return (ModelFamily.SD2 if _has_linear_proj_in(ldm_shapes) else ModelFamily.SD1), inpainting
 
 
+def _family_of_mmdit(shapes: Mapping[str, Sequence[int]], text_encoders: Sequence[str], path: str) -> tuple[ModelFamily, bool]:
+    return ModelFamily.SD3, False
+
+
+def _family_of_flux(shapes: Mapping[str, Sequence[int]], text_encoders: Sequence[str], path: str) -> tuple[ModelFamily, bool]:
+    # Guidance distillation (dev) leaves the guidance embedder; schnell (timestep-distilled) has none.
+    return (ModelFamily.FLUX if "guidance_in.in_layer.weight" in shapes else ModelFamily.FLUX_SCHNELL), False
+
+
+def _is_ldm_unet(keys: Collection[str]) -> bool:
+    return "input_blocks.0.0.weight" in keys and "time_embed.0.weight" in keys
+
+
+def _is_diffusers_unet(keys: Collection[str]) -> bool:
+    return "conv_in.weight" in keys and "time_embedding.linear_1.weight" in keys
+
+
+@dataclass(frozen=True)
+class DenoiserLayout:
+    """How one family of denoising networks shows in weight files.
+
+    component: its name in :attr:`Detection.components`; is_original / is_diffusers: tests on a
+    component's key names (prefix removed) in its authors' and in diffusers' naming;
+    to_original: diffusers names -> the authors' (the layout the network modules load);
+    family: (original-layout shapes, text-encoder slots in the file, path) -> (family, inpainting).
+    """
+
+    component: str
+    original_layout: str
+    is_original: Callable[[Collection[str]], bool]
+    is_diffusers: Callable[[Collection[str]], bool]
+    to_original: Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
+    family: Callable[[Mapping[str, Sequence[int]], Sequence[str], str], tuple[ModelFamily, bool]]
+
+
+# The registry of denoiser families: adding an architecture adds one line here (and its loader).
+DENOISERS: tuple[DenoiserLayout, ...] = (
+    DenoiserLayout("unet", "ldm", _is_ldm_unet, _is_diffusers_unet, unet_module.ldm_unet_keys_from_diffusers,
+                   _family_from_unet),
+    DenoiserLayout("mmdit", "original", mmdit_module.is_mmdit_layout, mmdit_module.is_diffusers_mmdit_layout,
+                   mmdit_module.mmdit_keys_from_diffusers, _family_of_mmdit),
+    DenoiserLayout("flux", "original", flux_module.is_flux_layout, flux_module.is_diffusers_flux_layout,
+                   flux_module.flux_keys_from_diffusers, _family_of_flux),
+)
+_DENOISER_BY_COMPONENT = {d.component: d for d in DENOISERS}
+
+# Architectures people run that this library cannot build yet, each told by a key of its own
+# (without the ``model.diffusion_model.`` prefix some files add); named instead of "unknown".
+UNSUPPORTED_ARCHITECTURES: tuple[tuple[str, str], ...] = (
+    ("AuraFlow", "double_layers.0.attn.w1q.weight"),
+    ("Chroma", "distilled_guidance_layer.in_proj.bias"),
+    ("Flux.2", "single_stream_modulation.lin.weight"),
+    ("HiDream", "double_stream_blocks.0.block.adaLN_modulation.1.bias"),
+    ("HunyuanVideo", "txt_in.individual_token_refiner.blocks.0.adaLN_modulation.1.bias"),
+    ("Lumina 2", "cap_embedder.0.weight"),
+    ("LTX-Video", "patchify_proj.weight"),
+    ("Mochi", "blocks.0.attn.qkv_x.weight"),
+    ("Wan", "head.modulation"),
+    ("Qwen-Image", "txt_in.text_norm.weight"),
+    ("Stable Cascade", "clip_txt_mapper.weight"),
+)
+
+
+def _unsupported_architecture(keys: Collection[str]) -> str | None:
+    for name, marker in UNSUPPORTED_ARCHITECTURES:
+        if marker in keys or DIFFUSION_MODEL_PREFIX + marker in keys:
+            return name
+    return None
+
+
+def denoiser_keys(keys: Collection[str]) -> tuple[str, str] | None:
+    """(component, layout) of the denoising network whose key names (prefix removed) these are."""
+    for denoiser in DENOISERS:
+        if denoiser.is_original(keys):
+            return denoiser.component, denoiser.original_layout
+        if denoiser.is_diffusers(keys):
+            return denoiser.component, "diffusers"
+    return None
+
+
+def original_shapes(
+    shapes: Mapping[str, Sequence[int]], component: str, keys: ComponentKeys, path: str | os.PathLike[str]
+) -> dict[str, tuple[int, ...]]:
+    """A denoiser's shapes under the names its network module loads (diffusers names mapped)."""
+    meta = meta_state_dict(shapes, keys.prefix)
+    if keys.layout == "diffusers":
+        with component_errors(path, component):
+            meta = _DENOISER_BY_COMPONENT[component].to_original(meta)
+    return shapes_of(meta)
+
+
+def to_original_keys(component: str, keys: ComponentKeys, state_dict: Mapping[str, Tensor], path: str) -> Mapping[str, Tensor]:
+    """A denoiser's tensors (prefix removed) under the names its network module loads."""
+    if keys.layout != "diffusers":
+        return state_dict
+    with component_errors(path, component):
+        return _DENOISER_BY_COMPONENT[component].to_original(state_dict)
+
+
+def _denoiser_family(
+    shapes: Mapping[str, Sequence[int]], component: str, keys: ComponentKeys, text_encoders: Sequence[str], path: str
+) -> tuple[ModelFamily, bool]:
+    return _DENOISER_BY_COMPONENT[component].family(original_shapes(shapes, component, keys, path), text_encoders, path)
+
+
 def _claim(keys: Sequence[str], components: Mapping[str, ComponentKeys]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     ignored, unclaimed = [], []
     for key in keys:
@@ -244,6 +387,15 @@ def _is_embedding(keys: Sequence[str]) -> bool:
     return any(names == pattern for pattern in _EMBEDDING_KEYS)
 
 
+def _vae_component(keys: Sequence[str], prefixes: Sequence[str]) -> ComponentKeys | None:
+    key_set = set(keys)
+    for prefix in prefixes:
+        if f"{prefix}encoder.conv_in.weight" in key_set and f"{prefix}decoder.conv_in.weight" in key_set:
+            bare = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+            return ComponentKeys(prefix, "diffusers" if vae_module.is_diffusers_vae_layout(bare) else "ldm")
+    return None
+
+
 def _standalone_component(keys: Sequence[str], path: str) -> tuple[FileKind, dict[str, ComponentKeys]] | None:
     """A file holding one bare component (no checkpoint prefix), or one with just its own prefix."""
     key_set = set(keys)
@@ -252,15 +404,13 @@ def _standalone_component(keys: Sequence[str], path: str) -> tuple[FileKind, dic
             return FileKind.CONTROLNET, {"controlnet": ComponentKeys(prefix, "ldm")}
     if "controlnet_cond_embedding.conv_in.weight" in key_set:
         return FileKind.CONTROLNET, {"controlnet": ComponentKeys("", "diffusers")}
-    if "input_blocks.0.0.weight" in key_set and "time_embed.0.weight" in key_set:
-        return FileKind.UNET, {"unet": ComponentKeys("", "ldm")}
-    if "conv_in.weight" in key_set and "time_embedding.linear_1.weight" in key_set:
-        return FileKind.UNET, {"unet": ComponentKeys("", "diffusers")}
-    for prefix in ("first_stage_model.", "vae.", ""):
-        if f"{prefix}encoder.conv_in.weight" in key_set and f"{prefix}decoder.conv_in.weight" in key_set:
-            bare = [k[len(prefix):] for k in keys if k.startswith(prefix)]
-            layout = "diffusers" if vae_module.is_diffusers_vae_layout(bare) else "ldm"
-            return FileKind.VAE, {"vae": ComponentKeys(prefix, layout)}
+    denoiser = denoiser_keys(key_set)
+    if denoiser is not None:
+        component, layout = denoiser
+        return FileKind.DIFFUSION_MODEL, {component: ComponentKeys("", layout)}
+    vae = _vae_component(keys, (*_VAE_PREFIXES, ""))
+    if vae is not None:
+        return FileKind.VAE, {"vae": vae}
     text_encoders = _text_encoder_components(keys, path)
     if text_encoders:
         return FileKind.TEXT_ENCODER, text_encoders
@@ -269,6 +419,8 @@ def _standalone_component(keys: Sequence[str], path: str) -> tuple[FileKind, dic
             return FileKind.TEXT_ENCODER, {"text_encoder": ComponentKeys("", "hf")}
     if "token_embedding.weight" in key_set and "positional_embedding" in key_set:
         return FileKind.TEXT_ENCODER, {"text_encoder": ComponentKeys("", "openclip")}
+    if t5_module.is_t5_layout(key_set):
+        return FileKind.TEXT_ENCODER, {"t5xxl": ComponentKeys("", "t5")}
     return None
 
 
@@ -278,15 +430,22 @@ def detect_from_shapes(
     """Classify a single file's keys (full names, as stored) with their shapes."""
     path = str(path)
     keys = list(shapes)
-    if _has_prefix(keys, "model.diffusion_model."):
-        components: dict[str, ComponentKeys] = {"unet": ComponentKeys("model.diffusion_model.", "ldm")}
-        if _has_prefix(keys, "first_stage_model."):
-            bare = [k[len("first_stage_model."):] for k in keys if k.startswith("first_stage_model.")]
-            layout = "diffusers" if vae_module.is_diffusers_vae_layout(bare) else "ldm"
-            components["vae"] = ComponentKeys("first_stage_model.", layout)
+    unsupported = _unsupported_architecture(shapes)
+    if unsupported is not None:
+        return Detection(path, FileKind.UNSUPPORTED, architecture=unsupported, unclaimed_keys=tuple(keys))
+    if _has_prefix(keys, DIFFUSION_MODEL_PREFIX):
+        prefix = DIFFUSION_MODEL_PREFIX
+        denoiser = denoiser_keys({k[len(prefix):] for k in keys if k.startswith(prefix)})
+        if denoiser is None:
+            return Detection(path, FileKind.UNKNOWN, unclaimed_keys=tuple(keys))
+        component, layout = denoiser
+        components: dict[str, ComponentKeys] = {component: ComponentKeys(prefix, layout)}
+        vae = _vae_component(keys, _VAE_PREFIXES)
+        if vae is not None:
+            components["vae"] = vae
         text_encoders = _text_encoder_components(keys, path)
         components.update(text_encoders)
-        family, inpainting = _family_from_unet(unet_ldm_shapes(shapes, components["unet"], path), list(text_encoders), path)
+        family, inpainting = _denoiser_family(shapes, component, components[component], list(text_encoders), path)
         ignored, unclaimed = _claim(keys, components)
         return Detection(path, FileKind.CHECKPOINT, family, inpainting, components, ignored, unclaimed)
     if _is_lora(keys):
@@ -299,8 +458,9 @@ def detect_from_shapes(
     kind, components = standalone
     family: ModelFamily | None = None
     inpainting = False
-    if kind is FileKind.UNET:
-        family, inpainting = _family_from_unet(unet_ldm_shapes(shapes, components["unet"], path), [], path)
+    if kind is FileKind.DIFFUSION_MODEL:
+        (component, component_keys), = components.items()
+        family, inpainting = _denoiser_family(shapes, component, component_keys, [], path)
     elif kind is FileKind.CONTROLNET:
         family, _ = _family_from_unet(controlnet_ldm_shapes(shapes, components["controlnet"], path), [], path)
     ignored, unclaimed = _claim(keys, components)
@@ -318,27 +478,44 @@ def _detect_folder(folder: DiffusersFolder) -> Detection:
     components: dict[str, ComponentKeys] = {}
     if "unet" in subs:
         components["unet"] = ComponentKeys("unet/", "diffusers")
-    if "controlnet" in subs and "unet" not in subs:
+    if "transformer" in subs:
+        transformer_keys = {k[len("transformer/"):] for k in shapes if k.startswith("transformer/")}
+        denoiser = denoiser_keys(transformer_keys)
+        if denoiser is None:
+            unsupported = _unsupported_architecture(transformer_keys)
+            if unsupported is not None:
+                return Detection(path, FileKind.UNSUPPORTED, architecture=unsupported)
+            raise CheckpointError(path, "transformer/ holds no denoiser layout this library knows")
+        components[denoiser[0]] = ComponentKeys("transformer/", "diffusers")
+    if "controlnet" in subs and not components:
         components["controlnet"] = ComponentKeys("controlnet/", "diffusers")
     if "vae" in subs:
         components["vae"] = ComponentKeys("vae/", "diffusers")
-    unet_ldm = unet_ldm_shapes(shapes, components["unet"], path) if "unet" in components else {}
-    sdxl_type = "label_emb.0.0.weight" in unet_ldm
-    # diffusers names encoders by position; which CLIP each is follows from the pipeline type.
-    if "text_encoder" in subs:
-        slot = "clip_l" if sdxl_type or not _has_linear_proj_in(unet_ldm) else "clip_h"
-        components[slot] = ComponentKeys("text_encoder/", "hf")
-    if "text_encoder_2" in subs:
-        components["clip_g"] = ComponentKeys("text_encoder_2/", "hf")
-    if "unet" in components:
-        text_encoders = [n for n in components if n.startswith("clip_")]
-        family, inpainting = _family_from_unet(unet_ldm, text_encoders, path)
+    # diffusers names encoders by position; which encoder each is follows from the pipeline type.
+    if "mmdit" in components:
+        slots = {"text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5xxl"}
+    elif "flux" in components:
+        slots = {"text_encoder": "clip_l", "text_encoder_2": "t5xxl"}
+    else:
+        unet_ldm = unet_ldm_shapes(shapes, components["unet"], path) if "unet" in components else {}
+        sdxl_type = "label_emb.0.0.weight" in unet_ldm
+        slots = {"text_encoder": "clip_l" if sdxl_type or not _has_linear_proj_in(unet_ldm) else "clip_h",
+                 "text_encoder_2": "clip_g"}
+    for sub, slot in slots.items():
+        if sub in subs:
+            components[slot] = ComponentKeys(f"{sub}/", "t5" if slot == "t5xxl" else "hf")
+    denoiser_name = next((d.component for d in DENOISERS if d.component in components), None)
+    if denoiser_name is not None:
+        text_encoders = [n for n in components if n in TEXT_ENCODER_SLOTS]
+        family, inpainting = _denoiser_family(shapes, denoiser_name, components[denoiser_name], text_encoders, path)
         kind = FileKind.CHECKPOINT
     elif "controlnet" in components:
         family, _ = _family_from_unet(controlnet_ldm_shapes(shapes, components["controlnet"], path), [], path)
         inpainting, kind = False, FileKind.CONTROLNET
     else:
-        raise CheckpointError(path, f"diffusers folder has no unet/ or controlnet/ (found: {', '.join(subs)})")
+        raise CheckpointError(path, f"diffusers folder has no unet/, transformer/ or controlnet/ (found: {', '.join(subs)})")
+    ignored, unclaimed = _claim(list(shapes), components)
+    return Detection(path, kind, family, inpainting, components, ignored, unclaimed)
     ignored, unclaimed = _claim(list(shapes), components)
     return Detection(path, kind, family, inpainting, components, ignored, unclaimed)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -39,11 +38,10 @@ from .detection import (
     component_errors,
     controlnet_ldm_shapes,
     is_ignored,
-    meta_state_dict,
     open_source,
-    shapes_of,
     unet_ldm_shapes,
 )
+from .parts import folder_activation, load_clip_component, load_vae_component
 
 logger = logging.getLogger(__name__)
 
@@ -169,10 +167,6 @@ class LoadedControlNet:
     unexpected_keys: list[str] = field(default_factory=list)
 
 
-def _text_encoder_shapes(shapes: Mapping[str, Sequence[int]], keys: ComponentKeys) -> dict[str, tuple[int, ...]]:
-    return shapes_of(meta_state_dict(shapes, keys.prefix))
-
-
 def _load_unet(
     source: WeightFile, detection: Detection, keys: ComponentKeys, device: str | torch.device,
     dtype: str | torch.dtype | None, strict: bool,
@@ -186,56 +180,6 @@ def _load_unet(
             state_dict = unet_module.ldm_unet_keys_from_diffusers(state_dict)
     module, unexpected = instantiate(lambda: unet_module.UNet(config), state_dict, "unet", detection.path, strict)
     return module, config, unexpected
-
-
-def _load_vae_component(
-    source: WeightFile, detection: Detection, keys: ComponentKeys, family: ModelFamily | None,
-    device: str | torch.device, dtype: str | torch.dtype | None, strict: bool, scaling_override: float | None = None,
-) -> tuple[vae_module.AutoencoderKL, vae_module.VAEConfig, list[str]]:
-    meta = meta_state_dict(source.shapes(), keys.prefix)
-    with component_errors(detection.path, "vae"):
-        if keys.layout == "diffusers":
-            meta = vae_module.ldm_vae_keys_from_diffusers(meta)
-        config = vae_module.vae_config_from_shapes(shapes_of(meta), family=(family or ModelFamily.SD1).latent_family)
-    if scaling_override is not None:
-        config = replace(config, scaling_factor=scaling_override)
-    target_device, target_dtype = target_device_dtype(device, dtype, "vae")
-    state_dict = Materializer(source, target_device, target_dtype).state_dict(keys.prefix, is_ignored)
-    if keys.layout == "diffusers":
-        with component_errors(detection.path, "vae"):
-            state_dict = vae_module.ldm_vae_keys_from_diffusers(state_dict)
-    module, unexpected = instantiate(lambda: vae_module.AutoencoderKL(config), state_dict, "vae", detection.path, strict)
-    return module, config, unexpected  # type: ignore[return-value]
-
-
-def _load_text_encoder(
-    source: WeightFile, detection: Detection, slot: str, keys: ComponentKeys, device: str | torch.device,
-    dtype: str | torch.dtype | None, strict: bool, activation: str | None,
-) -> tuple[text_encoder_module.CLIPTextEncoder, text_encoder_module.TextEncoderConfig, list[str]]:
-    with component_errors(detection.path, slot):
-        config = text_encoder_module.text_encoder_config_from_shapes(
-            _text_encoder_shapes(source.shapes(), keys), activation=activation  # type: ignore[arg-type]
-        )
-    target_device, target_dtype = target_device_dtype(device, dtype, "text_encoder")
-    state_dict = Materializer(source, target_device, target_dtype).state_dict(keys.prefix, is_ignored)
-    with component_errors(detection.path, slot):
-        state_dict = text_encoder_module.text_encoder_state_dict(state_dict)
-    module, unexpected = instantiate(
-        lambda: text_encoder_module.CLIPTextEncoder(config), state_dict, slot, detection.path, strict
-    )
-    return module, config, unexpected  # type: ignore[return-value]
-
-
-def _folder_activation(source: WeightFile, keys: ComponentKeys) -> str | None:
-    """A diffusers text encoder's activation from its config.json (HF layout does not imply CLIP-L there)."""
-    if not isinstance(source, DiffusersFolder):
-        return None
-    act = source.configs.get(keys.prefix.rstrip("/"), {}).get("hidden_act")
-    if act is None:
-        return None
-    if act not in ("quick_gelu", "gelu"):
-        raise CheckpointError(source.path, f"text encoder activation {act!r} is not supported (quick_gelu or gelu)")
-    return act
 
 
 def _expect(detection: Detection, expected: FileKind, what: str) -> None:
@@ -273,7 +217,7 @@ def load_checkpoint(
     ``unexpected_keys``. Missing weights are always an error.
     """
     source, detection = open_source(path)
-    if detection.kind not in (FileKind.CHECKPOINT, FileKind.UNET):
+    if detection.kind not in (FileKind.CHECKPOINT, FileKind.DIFFUSION_MODEL) or detection.denoiser != "unet":
         raise WrongModelKindError(detection.path, f"expected a diffusion checkpoint, but this is {detection.describe()}")
     assert detection.family is not None
     unexpected = _reject_unclaimed(detection, strict)
@@ -286,7 +230,7 @@ def load_checkpoint(
         scaling = None
         if isinstance(source, DiffusersFolder) and "scaling_factor" in source.configs.get("vae", {}):
             scaling = float(source.configs["vae"]["scaling_factor"])
-        vae, vae_config, extra = _load_vae_component(
+        vae, vae_config, extra = load_vae_component(
             source, detection, detection.components["vae"], family, device, dtype, strict, scaling
         )
         unexpected += extra
@@ -297,8 +241,8 @@ def load_checkpoint(
     for slot, keys in detection.components.items():
         if not slot.startswith("clip_"):
             continue
-        encoder, config, extra = _load_text_encoder(
-            source, detection, slot, keys, device, dtype, strict, _folder_activation(source, keys)
+        encoder, config, extra = load_clip_component(
+            source, detection, slot, keys, device, dtype, strict, folder_activation(source, keys)
         )
         text_encoders[slot], text_encoder_configs[slot] = encoder, config
         unexpected += extra
@@ -361,7 +305,7 @@ def load_vae(
     scaling = None
     if isinstance(source, DiffusersFolder) and "scaling_factor" in source.configs.get(".", {}):
         scaling = float(source.configs["."]["scaling_factor"])
-    vae, config, extra = _load_vae_component(
+    vae, config, extra = load_vae_component(
         source, detection, detection.components["vae"], resolved_family, device, dtype, strict, scaling
     )
     known = resolved_family is not None or scaling is not None

@@ -501,6 +501,13 @@ def is_flux_layout(keys: Iterable[str], prefix: str = "") -> bool:
     return all(marker in present for marker in _FLUX_MARKERS)
 
 
+def is_diffusers_flux_layout(keys: Iterable[str]) -> bool:
+    """True if ``keys`` are a diffusers ``FluxTransformer2DModel``."""
+    present = set(keys)
+    return {"x_embedder.weight", "context_embedder.weight", "time_text_embed.timestep_embedder.linear_1.weight",
+            "transformer_blocks.0.attn.add_q_proj.weight"} <= present
+
+
 # --------------------------------------------------------------------------- diffusers layout
 
 # BFL module -> the diffusers modules whose outputs it fuses, concatenated in this order (dim 0).

@@ -63,7 +63,7 @@ class LoadCheckpoint(Node):
         loaded = load_checkpoint(path, device=run_device(ctx))
         ctx.log.info("%s: %s", inputs.name, loaded.detection.describe())
         model = DiffusionModel(
-            unet=loaded.unet,
+            network=loaded.unet,
             family=loaded.family,
             sampling=ModelSampling.for_prediction(loaded.prediction),
             latent_format=loaded.latent_format,
@@ -136,7 +136,7 @@ class LoadLora(Node):
         if lora_file.family is not None and lora_file.family != family:
             raise InputError("name", f"LoRA {inputs.name} was made for {lora_file.family} models, this is a "
                                      f"{family} model ({len(lora_file.module_names)} LoRA modules)")
-        unet_deltas, _ = lora_file.deltas("unet", model.unet.state_dict())
+        unet_deltas, _ = lora_file.deltas("unet", model.network.state_dict())
         used = {delta.source for delta in unet_deltas.values()}
         clip_deltas = {}
         for slot, encoder in (clip.encoders.items() if clip is not None else ()):

@@ -55,7 +55,7 @@ class Guidance:
 def _check_guidance(model: DiffusionModel, positive: Conditioning, negative: Conditioning) -> None:
     for name, conditioning in (("positive", positive), ("negative", negative)):
         try:
-            check_conditioning(model.unet.config, conditioning)
+            check_conditioning(model.network, conditioning)
         except GuidanceError as error:
             raise InputError(name, str(error)) from None
 
@@ -83,10 +83,10 @@ def run_sampling(ctx: RunContext, guidance: Guidance, sampler: SamplerChoice, si
     mask = None
     if latent.noise_mask is not None:
         mask = resize_mask(latent.noise_mask, samples.shape[0], samples.shape[2], samples.shape[3])
-    device = next(model.unet.parameters()).device
+    device = next(model.network.parameters()).device
     last = {"denoised": samples}
-    with model.patched_unet() as unet:
-        guider = CFGGuider(unet, model.sampling, guidance.positive, guidance.negative, guidance.cfg,
+    with model.patched_network() as network:
+        guider = CFGGuider(network, model.sampling, guidance.positive, guidance.negative, guidance.cfg,
                            downscale=model.latent_format.downscale_factor, concat=_inpaint_concat(model, latent))
 
         def on_step(i: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
@@ -242,9 +242,9 @@ class DenoiseStep(Node):
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         guidance: Guidance = inputs.guider
         model = guidance.model
-        device = next(model.unet.parameters()).device
-        with model.patched_unet() as unet, torch.no_grad():
-            guider = CFGGuider(unet, model.sampling, guidance.positive, guidance.negative, guidance.cfg,
+        device = next(model.network.parameters()).device
+        with model.patched_network() as network, torch.no_grad():
+            guider = CFGGuider(network, model.sampling, guidance.positive, guidance.negative, guidance.cfg,
                                downscale=model.latent_format.downscale_factor,
                                concat=_inpaint_concat(model, inputs.latent))
             x = inputs.latent.samples.to(device, torch.float32)

@@ -15,11 +15,11 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..networks.controlnet import ControlNet
 from .model_sampling import ModelSampling
-from ..networks.unet import ControlResiduals, UNet, UNetConfig
+from ..networks.unet import ControlResiduals, UNetConfig
 
 
 class GuidanceError(ValueError):
@@ -60,6 +60,8 @@ class CondEntry:
     mask: (H, W) or (1, H, W) in [0, 1] at any resolution (resized to the latent), or None.
     strength: weight of this entry where several overlap.
     start/end: the fraction of sampling (0 = first step, 1 = last) the entry is active in.
+    guidance: the guidance strength a guidance-distilled model (Flux.1-dev) is told (FluxGuidance);
+    None = :data:`DEFAULT_DISTILLED_GUIDANCE`.
     """
 
     context: Tensor
@@ -72,12 +74,17 @@ class CondEntry:
     start: float = 0.0
     end: float = 1.0
     control: ControlSpec | None = None
+    guidance: float | None = None
 
     def with_(self, **changes: object) -> CondEntry:
         return replace(self, **changes)
 
 
 Conditioning = tuple[CondEntry, ...]
+
+# What a guidance-distilled model is told when the conditioning does not say (ComfyUI's and
+# diffusers' default for Flux.1-dev).
+DEFAULT_DISTILLED_GUIDANCE = 3.5
 
 
 @dataclass
@@ -112,33 +119,44 @@ def _entry_weight(entry: CondEntry, region: tuple[int, int, int, int], height: i
     return weight
 
 
-def check_conditioning(config: UNetConfig, entries: Sequence[CondEntry]) -> None:
-    """Raise GuidanceError if any entry was not encoded for a model of this config."""
+def conditioning_widths(network: nn.Module) -> tuple[int, int | None]:
+    """(text-state width, vector-conditioning width or None) that a denoising network takes."""
+    config = network.config
+    if isinstance(config, UNetConfig):
+        return config.context_dim, config.adm_in_channels
+    return config.context_dim, config.pooled_dim
+
+
+def check_conditioning(network: nn.Module, entries: Sequence[CondEntry]) -> None:
+    """Raise GuidanceError if any entry was not encoded for this network (U-Net, MMDiT, Flux)."""
+    context_dim, vector_dim = conditioning_widths(network)
     for entry in entries:
-        if entry.context.ndim != 3 or entry.context.shape[-1] != config.context_dim:
+        if entry.context.ndim != 3 or entry.context.shape[-1] != context_dim:
             raise GuidanceError(
                 f"conditioning of shape {tuple(entry.context.shape)} does not fit this model, which expects "
-                f"(1, T, {config.context_dim}) text states (a prompt encoded for another model family?)"
+                f"(1, T, {context_dim}) text states (a prompt encoded for another model family?)"
             )
-        if config.adm_in_channels is not None and (entry.y is None or entry.y.shape[-1] != config.adm_in_channels):
+        if vector_dim is not None and (entry.y is None or entry.y.shape[-1] != vector_dim):
             got = None if entry.y is None else tuple(entry.y.shape)
             raise GuidanceError(
-                f"this model needs vector conditioning of width {config.adm_in_channels} (SDXL size "
-                f"conditioning), got {got}: encode the prompt with this model's text encoders"
+                f"this model needs vector conditioning (pooled text, SDXL sizes) of width {vector_dim}, got {got}: "
+                "encode the prompt with this model's text encoders"
             )
+        if entry.control is not None and not isinstance(network.config, UNetConfig):
+            raise GuidanceError("ControlNets apply to U-Net models (SD1.x, SD2.x, SDXL) only")
 
 
 class CFGGuider:
     """Classifier-free guidance of one model by a positive and a negative conditioning.
 
-    unet: the (already patched) U-Net; model_sampling: its schedule and prediction type;
+    network: the (already patched) denoiser (U-Net, MMDiT, Flux); model_sampling: how it is driven;
     downscale: image pixels per latent cell (areas and control images are given in pixels).
     concat: optional (B, K, H, W) extra input channels (inpainting models' mask + masked latent).
     """
 
     def __init__(
         self,
-        unet: UNet,
+        network: nn.Module,
         model_sampling: ModelSampling,
         positive: Sequence[CondEntry],
         negative: Sequence[CondEntry],
@@ -150,15 +168,15 @@ class CFGGuider:
             raise GuidanceError("the positive conditioning is empty")
         if cfg != 1.0 and not negative:
             raise GuidanceError("the negative conditioning is empty (needed when cfg is not 1)")
-        self.unet = unet
+        self.network = network
         self.model_sampling = model_sampling
         self.positive = tuple(positive)
         self.negative = tuple(negative)
         self.cfg = float(cfg)
         self.downscale = downscale
         self.concat = concat
-        self.model_calls = 0  # U-Net forward passes so far (each batched over entries)
-        check_conditioning(unet.config, self.positive + self.negative)
+        self.model_calls = 0  # network forward passes so far (each batched over entries)
+        check_conditioning(network, self.positive + self.negative)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         """x: (B, C, H, W) noisy latents, sigma: (B,) -> guided denoised estimate (B, C, H, W)."""
@@ -197,7 +215,7 @@ class CFGGuider:
         sigmas = sigma.repeat(n)
         context = torch.cat([item.entry.context.to(x.device, x.dtype).expand(batch, -1, -1) for item in group])
         y = None
-        if self.unet.config.adm_in_channels is not None:
+        if conditioning_widths(self.network)[1] is not None:
             y = torch.cat([item.entry.y.to(x.device, x.dtype).expand(batch, -1) for item in group])  # type: ignore[union-attr]
         c_in = ModelSampling.input_scale(sigmas).to(x.dtype).reshape(-1, 1, 1, 1)
         model_in = xs * c_in
@@ -205,16 +223,27 @@ class CFGGuider:
             extra = self.concat[:, :, top: top + h, left: left + w].to(x.device, x.dtype).repeat(n, 1, 1, 1)
             model_in = torch.cat([model_in, extra], dim=1)
         timesteps = self.model_sampling.timestep(sigmas).to(x.device)
-        # The U-Net may run in half precision; the sampler's arithmetic stays in x's dtype.
-        dtype = next(self.unet.parameters()).dtype
+        # The network may run in half precision; the sampler's arithmetic stays in x's dtype.
+        dtype = next(self.network.parameters()).dtype
         context = context.to(dtype)
         y = None if y is None else y.to(dtype)
         control = self._control(group, (xs * c_in).to(dtype), timesteps, context, y, float(sigma.reshape(-1)[0]),
                                 (top, left, h, w))
-        output = self.unet(model_in.to(dtype), timesteps, context, y, control)
+        if isinstance(self.network.config, UNetConfig):
+            output = self.network(model_in.to(dtype), timesteps, context, y, control)
+        else:
+            output = self.network(model_in.to(dtype), timesteps, context, y, **self._guidance_input(group, batch, x))
         self.model_calls += 1
         denoised = self.model_sampling.denoised(xs, sigmas, output.to(x.dtype))
         return list(denoised.chunk(n))
+
+    def _guidance_input(self, group: list[_Work], batch: int, x: Tensor) -> dict[str, Tensor]:
+        """The guidance strength guidance-distilled networks (Flux.1-dev) take, per row of the batched call."""
+        if not getattr(self.network.config, "guidance_embed", False):
+            return {}
+        values = [DEFAULT_DISTILLED_GUIDANCE if item.entry.guidance is None else item.entry.guidance
+                  for item in group for _ in range(batch)]
+        return {"guidance": torch.tensor(values, device=x.device, dtype=torch.float32)}
 
     def _in_range(self, start: float, end: float, level: float) -> bool:
         return self.model_sampling.percent_to_sigma(end) <= level <= self.model_sampling.percent_to_sigma(start)

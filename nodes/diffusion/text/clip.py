@@ -61,6 +61,9 @@ HIDDEN_STATE_BY_FAMILY: Mapping[str, HiddenStateChoice] = MappingProxyType(
         "sd1": HiddenStateChoice(clip_skip=1, final_norm=True),
         "sd2": HiddenStateChoice(clip_skip=2, final_norm=True),
         "sdxl": HiddenStateChoice(clip_skip=2, final_norm=False),
+        "sd3": HiddenStateChoice(clip_skip=2, final_norm=False),
+        # Flux reads only CLIP-L's pooled output; its hidden states are not used.
+        "flux": HiddenStateChoice(clip_skip=1, final_norm=True),
     }
 )
 
@@ -352,6 +355,7 @@ class CLIPTextEncoder(nn.Module):
         token_embeddings: Tensor | None = None,
         clip_skip: int = 1,
         final_norm: bool = True,
+        project_pooled: bool = True,
     ) -> TextEncoderOutput:
         """Encode token ids.
 
@@ -359,6 +363,8 @@ class CLIPTextEncoder(nn.Module):
         token_embeddings: optional (B, T, W) replacing ``embed_tokens(input_ids)`` (textual inversion).
         clip_skip: 1 = last layer, 2 = penultimate, ... (see :data:`HIDDEN_STATE_BY_FAMILY`).
         final_norm: apply the final LayerNorm to ``hidden_state``.
+        project_pooled: pass ``pooled`` through ``text_projection`` when the model has one (Flux
+            reads CLIP-L's pooled state unprojected).
         """
         layers = self.text_model.encoder.layers
         if not 1 <= clip_skip <= len(layers):
@@ -387,10 +393,11 @@ class CLIPTextEncoder(nn.Module):
             hidden = last if final_norm else x
         else:
             hidden = norm(skipped) if final_norm else skipped
-        return TextEncoderOutput(last_hidden_state=last, hidden_state=hidden, pooled=self.pool(last, input_ids))
+        pooled = self.pool(last, input_ids, project=project_pooled)
+        return TextEncoderOutput(last_hidden_state=last, hidden_state=hidden, pooled=pooled)
 
-    def pool(self, last_hidden_state: Tensor, input_ids: Tensor) -> Tensor:
-        """The state at each row's first end-of-text token, projected when the model has a projection.
+    def pool(self, last_hidden_state: Tensor, input_ids: Tensor, project: bool = True) -> Tensor:
+        """The state at each row's first end-of-text token, projected when the model has a projection (and `project`).
 
         last_hidden_state: (B, T, W); input_ids: (B, T) -> (B, P) or (B, W). A row without the
         end-of-text id reads position 0.
@@ -398,7 +405,7 @@ class CLIPTextEncoder(nn.Module):
         eos_position = (input_ids == self.config.eos_token_id).int().argmax(dim=-1)
         pooled = last_hidden_state[torch.arange(last_hidden_state.shape[0], device=last_hidden_state.device),
                                    eos_position.to(last_hidden_state.device)]
-        return pooled if self.text_projection is None else self.text_projection(pooled)
+        return pooled if self.text_projection is None or not project else self.text_projection(pooled)
 
 
 def load_text_encoder(

@@ -162,7 +162,9 @@ def open_weights(path: str | os.PathLike[str]) -> WeightFile:
     )
 
 
-DIFFUSERS_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet")
+DIFFUSERS_SUBFOLDERS = (
+    "unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "controlnet",
+)
 _DIFFUSERS_WEIGHT_NAMES = (
     "diffusion_pytorch_model.safetensors",
     "model.safetensors",
