@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from nodegraph_diffusion.architectures.lora import LoraDelta
 from nodegraph_diffusion.weights.patching import PatchError, WeightPatches, patched
+from nodegraph_diffusion.weights.storage import compute_in
 from nodegraph_diffusion.text.clip import CLIPTextEncoder, TextEncoderConfig
 from nodegraph_diffusion.networks.unet import UNet
 
@@ -162,3 +163,82 @@ def test_fp16_text_encoder_unpatch_is_bit_identical():
     with patched(encoder, [(deltas, 0.3)]):
         assert sum(not torch.equal(encoder.get_parameter(n), before[n]) for n in deltas) == len(deltas)
     assert_bit_identical(encoder, before)
+
+
+def fp8_tiny(seed: int = 0) -> Tiny:
+    """Tiny with every parameter stored in float8_e4m3fn (as an fp8 file holds it), run in float32."""
+    module = Tiny()
+    with torch.no_grad():
+        for param in module.parameters():
+            param.data = param.data.to(torch.float8_e4m3fn)
+    return compute_in(module, torch.float32)
+
+
+def stored_bits(module: nn.Module) -> dict[str, Tensor]:
+    return {name: p.detach().view(torch.uint8).clone() for name, p in module.named_parameters()}
+
+
+def test_patch_on_fp8_weight_applies_at_compute_and_restores_bit_for_bit():
+    module = fp8_tiny()
+    bits = stored_bits(module)
+    params_before = dict(module.named_parameters())
+    x, image = torch.randn(2, 6), torch.randn(1, 3, 5, 5)
+    deltas = tiny_deltas()
+    # The reference: the upcast fp32 weights with the patch added in fp32.
+    reference = Tiny()
+    state = {name: p.float() for name, p in module.state_dict().items()}
+    for name, delta in deltas.items():
+        state[name] = state[name] + 0.8 * delta.tensor(state[name].shape, torch.float32, "cpu")
+    reference.load_state_dict(state)
+    with torch.no_grad():
+        base = module(x, image)
+        with patched(module, [(deltas, 0.8)]) as same:
+            assert same is module
+            inside = module(x, image)
+            # fp8 cannot hold W + delta: the stored bits never change, not even inside the block.
+            assert all(torch.equal(p.detach().view(torch.uint8), bits[n]) for n, p in module.named_parameters())
+        after = module(x, image)
+        want = reference(x, image)
+    for got, expected in zip(inside, want):
+        assert (got - expected).abs().max() <= 1e-6
+    assert not torch.equal(inside[0], base[0]) and not torch.equal(inside[1], base[1])
+    assert all(torch.equal(a, b) for a, b in zip(after, base))
+    assert all(p is params_before[n] and p.dtype == torch.float8_e4m3fn for n, p in module.named_parameters())
+    assert all(torch.equal(p.detach().view(torch.uint8), bits[n]) for n, p in module.named_parameters())
+
+
+def test_fp8_patches_nest_and_unwind_also_on_errors():
+    module = fp8_tiny()
+    x, image = torch.randn(2, 6), torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        base = module(x, image)
+        with patched(module, [(tiny_deltas(0), 1.0)]):
+            once = module(x, image)
+            with pytest.raises(RuntimeError, match="sampling failed"):
+                with patched(module, [(tiny_deltas(5), 1.0)]):
+                    assert not torch.equal(module(x, image)[0], once[0])
+                    raise RuntimeError("sampling failed")
+            assert all(torch.equal(a, b) for a, b in zip(module(x, image), once))
+        assert all(torch.equal(a, b) for a, b in zip(module(x, image), base))
+
+
+def test_bad_patch_on_fp8_fails_before_sampling_and_leaves_no_patch():
+    module = fp8_tiny()
+    x, image = torch.randn(2, 6), torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        base = module(x, image)
+        wrong_shape = {"proj.weight": random_delta("ok", (5, 6)), "conv.weight": random_delta("too_small", (4, 2, 3, 3))}
+        with pytest.raises(ValueError, match="too_small"):
+            with patched(module, [(wrong_shape, 1.0)]):
+                pass
+        assert all(torch.equal(a, b) for a, b in zip(module(x, image), base))
+
+
+def test_fp8_weight_that_is_not_upcast_at_compute_is_refused():
+    module = Tiny()
+    module.proj.weight.data = module.proj.weight.data.to(torch.float8_e4m3fn)
+    before = module.proj.weight.detach().view(torch.uint8).clone()
+    with pytest.raises(PatchError, match="'proj.weight' is stored in torch.float8_e4m3fn.*compute_in"):
+        with patched(module, [(tiny_deltas(), 1.0)]):
+            pass
+    assert torch.equal(module.proj.weight.detach().view(torch.uint8), before)

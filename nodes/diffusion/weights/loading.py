@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .devices import Component, pick_device, resolve_dtype
 from .files import WeightFile
 from .safetensors_io import CheckpointError
+from .storage import is_scale_key
 
 
 class WrongModelKindError(CheckpointError):
@@ -22,16 +23,32 @@ class StateDictMismatchError(CheckpointError):
 
 
 class Materializer:
-    """Reads a component's tensors from the source, in the target device/dtype, freeing mapped pages it copied."""
+    """Reads a component's tensors from the source, in the target device/dtype, freeing mapped pages it copied.
 
-    def __init__(self, source: WeightFile, device: torch.device, dtype: torch.dtype) -> None:
+    keep_dtypes: file dtypes that stay as they are (moved to the device, not converted), e.g.
+    :data:`.storage.FLOAT8_DTYPES` so an fp8 file takes its own size in memory; the module built
+    from them then runs through :func:`.storage.compute_in`. The per-layer entries of scaled-fp8
+    files (:func:`.storage.is_scale_key`) are kept as stored too whenever ``keep_dtypes`` is given:
+    rounding a float32 scale to the target dtype would change every weight it multiplies.
+    """
+
+    def __init__(
+        self,
+        source: WeightFile,
+        device: torch.device,
+        dtype: torch.dtype,
+        keep_dtypes: Collection[torch.dtype] = (),
+    ) -> None:
         self.source = source
         self.device = device
         self.dtype = dtype
+        self.keep_dtypes = frozenset(keep_dtypes)
 
     def tensor(self, name: str) -> Tensor:
         original = self.source.tensor(name)
         dtype = self.dtype if original.is_floating_point() else original.dtype
+        if original.dtype in self.keep_dtypes or (self.keep_dtypes and is_scale_key(name)):
+            dtype = original.dtype
         converted = original.to(device=self.device, dtype=dtype)
         if converted is not original:
             release = getattr(self.source, "release", None)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+
+from .storage import FLOAT8_DTYPES, add_weight_patches, upcasts
 
 
 class WeightDelta(Protocol):
@@ -90,14 +92,32 @@ def patched(
     The sum is formed in float32 (or the parameter's wider dtype) and the result cast to the
     parameter's dtype. backup_device: where the copies of the original weights wait (default: the
     parameter's own device; "cpu" saves accelerator memory at the price of two transfers).
+
+    A parameter kept in a storage dtype by :func:`.storage.compute_in` (fp8 above all, which
+    cannot hold ``W + delta``) is not written: its patches are added to the upcast copy each
+    layer computes with, in the compute dtype, and it needs no backup. An fp8 parameter that is
+    not upcast that way is refused (:class:`PatchError`) rather than rounded.
     """
     params = dict(module.named_parameters())
     contributions = _contributions(module, params, patches)
     backups: dict[str, Tensor] = {}
+    undo: list[Callable[[], None]] = []
     try:
         with torch.no_grad():
             for name, parts in contributions.items():
                 param = params[name]
+                owner_name, _, leaf = name.rpartition(".")
+                owner = module.get_submodule(owner_name)
+                if upcasts(owner, leaf):
+                    for delta, _ in parts:  # a delta that does not fit fails here, not mid-sampling
+                        delta.tensor(param.shape, torch.float32, param.device)
+                    undo.append(add_weight_patches(owner, leaf, parts))
+                    continue
+                if param.dtype in FLOAT8_DTYPES:
+                    raise PatchError(
+                        f"parameter {name!r} is stored in {param.dtype}, which cannot hold a patched weight; "
+                        "run the model through weights.storage.compute_in so patches apply at compute"
+                    )
                 compute = torch.promote_types(param.dtype, torch.float32)
                 total = torch.zeros(param.shape, dtype=compute, device=param.device)
                 for delta, strength in parts:
@@ -109,3 +129,5 @@ def patched(
         with torch.no_grad():
             for name, backup in backups.items():
                 params[name].copy_(backup)
+        for remove in reversed(undo):
+            remove()
