@@ -217,7 +217,7 @@ class CFGGuider:
         y = None
         if conditioning_widths(self.network)[1] is not None:
             y = torch.cat([item.entry.y.to(x.device, x.dtype).expand(batch, -1) for item in group])  # type: ignore[union-attr]
-        c_in = ModelSampling.input_scale(sigmas).to(x.dtype).reshape(-1, 1, 1, 1)
+        c_in = self.model_sampling.input_scale(sigmas).to(x.dtype).reshape(-1, 1, 1, 1)
         model_in = xs * c_in
         if self.concat is not None:
             extra = self.concat[:, :, top: top + h, left: left + w].to(x.device, x.dtype).repeat(n, 1, 1, 1)

@@ -1,13 +1,19 @@
-"""From a noise-predicting U-Net to the samplers' denoiser: scaling, prediction types, inpainting masks.
+"""From a network's raw output to the samplers' denoiser: prediction types, input scaling, timesteps,
+noise mixing, inpainting masks.
 
-The samplers work in the variance-exploding form x = x0 + sigma * noise. An SD U-Net was trained
-on the variance-preserving form, so its input is scaled by c_in = 1 / sqrt(sigma^2 + 1) and the
-noise level is given as the (fractional) training timestep of sigma. Its output is an epsilon
-(noise) or a v prediction, turned into the denoised estimate here.
+Discrete-time models (SD1/SD2/SDXL) were trained on the variance-preserving form; the samplers
+see them in the variance-exploding form x = x0 + sigma * noise, so their input is scaled by
+c_in = 1 / sqrt(sigma^2 + 1), the noise level is given as the (fractional) training timestep of
+sigma, and their output is an epsilon (noise) or a v prediction. Rectified-flow models (SD3,
+Flux) see x = (1 - sigma) * x0 + sigma * noise unscaled, get timestep sigma * multiplier and
+predict the velocity v = noise - x0, so the denoised estimate is x - sigma * v. Both are one
+:class:`ModelSampling`; what differs lives in its schedule and its prediction type, and nothing
+downstream asks which it is.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
@@ -15,32 +21,85 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .schedules import DiscreteSchedule, sd_discrete_schedule
-from .samplers import Denoiser
+from .samplers import Denoiser, NoiseForm
+from .schedules import DiscreteSchedule, FlowSchedule, sd_discrete_schedule
+
+# ComfyUI's ModelSamplingFlux keeps a 10,000-entry table (ModelSamplingDiscreteFlow: 1,000); the
+# "simple", "ddim_uniform" and "beta" schedulers pick from it, so its length is part of their result.
+FLUX_TIMESTEPS = 10000
+
+
+class ModelSamplingError(ValueError):
+    """A model sampling that cannot exist (a flow prediction on a discrete schedule, a bad shift)."""
 
 
 class Prediction(str, Enum):
-    """What the network outputs: the noise (eps) or the velocity v = alpha * noise - sigma * x0."""
+    """What the network outputs: the noise (eps), v = alpha * noise - sigma * x0, or the flow velocity noise - x0."""
 
     EPS = "eps"
     V = "v"
+    FLOW = "flow"
 
 
 # (x_in: (B, C, H, W), t: (B,)) -> raw model output (B, C, H, W); everything but the scaling.
 RawModel = Callable[[Tensor, Tensor], Tensor]
 
 
+def _per_sample(sigma: Tensor | float, like: Tensor) -> Tensor:
+    """sigma as a scalar or (B,) -> broadcastable against like (B, ...)."""
+    s = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+    return s.reshape(-1, *([1] * (like.ndim - 1))) if s.ndim else s
+
+
 @dataclass(frozen=True)
 class ModelSampling:
-    """How a discrete-time model is driven at a noise level sigma."""
+    """How a model is driven at a noise level sigma: its training schedule and its prediction type.
 
-    schedule: DiscreteSchedule
+    schedule: a :class:`DiscreteSchedule` with an EPS or V prediction, or a :class:`FlowSchedule`
+    with the FLOW prediction. Build them with :meth:`for_prediction`, :meth:`flow` or :meth:`flux`.
+    """
+
+    schedule: DiscreteSchedule | FlowSchedule
     prediction: Prediction = Prediction.EPS
+
+    def __post_init__(self) -> None:
+        flow_schedule = isinstance(self.schedule, FlowSchedule)
+        if flow_schedule != (self.prediction is Prediction.FLOW):
+            raise ModelSamplingError(
+                f"prediction {self.prediction.value!r} does not fit a {type(self.schedule).__name__}: "
+                "a flow prediction needs a FlowSchedule and eps/v a DiscreteSchedule"
+            )
 
     @classmethod
     def for_prediction(cls, prediction: Prediction | str) -> ModelSampling:
-        """The SD1/SD2/SDXL training schedule with the given prediction type."""
-        return cls(sd_discrete_schedule(), Prediction(prediction))
+        """The SD1/SD2/SDXL training schedule with the given prediction type (eps or v)."""
+        prediction = Prediction(prediction)
+        if prediction is Prediction.FLOW:
+            raise ModelSamplingError("a flow model has no SD training schedule: use ModelSampling.flow() or .flux()")
+        return cls(sd_discrete_schedule(), prediction)
+
+    @classmethod
+    def flow(cls, shift: float = 1.0, multiplier: float = 1000.0, num_timesteps: int = 1000) -> ModelSampling:
+        """A rectified-flow model with a constant shift (ComfyUI's ModelSamplingDiscreteFlow / ModelSamplingSD3).
+
+        SD3/SD3.5: shift 3.0, multiplier 1000 (the MMDiT takes sigma * 1000); Flux-schnell: shift 1.0,
+        multiplier 1 (the Flux network takes sigma itself); AuraFlow: shift 1.73, multiplier 1.
+        """
+        return cls(_flow_schedule(shift, multiplier, num_timesteps), Prediction.FLOW)
+
+    @classmethod
+    def flux(cls, mu: float = 1.15, multiplier: float = 1.0) -> ModelSampling:
+        """Flux's resolution-dependent shift (ComfyUI's ModelSamplingFlux): shift e^mu on a 10,000-entry table.
+
+        mu: see :func:`.schedules.flux_mu` (1.15 at 1024x1024, Flux-dev's default). multiplier 1:
+        the Flux network takes sigma itself and scales it by 1000 inside.
+        """
+        return cls(_flow_schedule(math.exp(mu), multiplier, FLUX_TIMESTEPS), Prediction.FLOW)
+
+    @property
+    def noise_form(self) -> NoiseForm:
+        """How the samplers see this model's noisy samples (VE, or FLOW for a flow prediction)."""
+        return NoiseForm.FLOW if self.prediction is Prediction.FLOW else NoiseForm.VE
 
     @property
     def sigma_min(self) -> float:
@@ -51,33 +110,40 @@ class ModelSampling:
         return self.schedule.sigma_max
 
     def timestep(self, sigma: Tensor) -> Tensor:
-        """sigma: (B,) -> fractional training timesteps (B,) in float32."""
+        """sigma: (B,) -> the network's timesteps (B,) in float32."""
         return self.schedule.sigma_to_t(sigma.detach().cpu()).to(torch.float32)
 
     def percent_to_sigma(self, percent: float) -> float:
         """Sampling progress (0 = start, 1 = end) -> the sigma of that point of the training schedule."""
-        if percent <= 0.0:
-            return float("inf")
-        if percent >= 1.0:
-            return 0.0
-        return float(self.schedule.t_to_sigma(torch.tensor((1.0 - percent) * (self.schedule.sigmas.numel() - 1))))
+        return self.schedule.percent_to_sigma(percent)
 
-    @staticmethod
-    def input_scale(sigma: Tensor) -> Tensor:
-        """c_in: (B,) -> (B,)."""
+    def input_scale(self, sigma: Tensor) -> Tensor:
+        """c_in, the factor on x before the network: (B,) -> (B,). Flow models take x unscaled."""
+        if self.prediction is Prediction.FLOW:
+            return torch.ones_like(sigma)
         return 1.0 / (sigma**2 + 1.0).sqrt()
 
     def denoised(self, x: Tensor, sigma: Tensor, output: Tensor) -> Tensor:
         """x, output: (B, C, H, W); sigma: (B,) -> the denoised estimate (B, C, H, W)."""
-        s = sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        s = _per_sample(sigma, x)
         if self.prediction is Prediction.EPS:
+            return x - s * output
+        if self.prediction is Prediction.FLOW:
+            # x = (1 - s) x0 + s noise and v = noise - x0 give x0 = x - s v
             return x - s * output
         # v prediction: c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1) (sigma_data = 1).
         return x / (s**2 + 1.0) - output * s / (s**2 + 1.0).sqrt()
 
     def noise_latent(self, latent: Tensor, noise: Tensor, sigma: float | Tensor) -> Tensor:
-        """The noisy input at sigma for a clean latent: latent + noise * sigma (same shape)."""
-        return latent + noise * sigma
+        """The noisy sample at sigma for a latent (same shape): latent + sigma * noise, or for a flow
+        model (1 - sigma) * latent + sigma * noise. sigma: a scalar or (B,)."""
+        return self.noise_form.noisy(latent, noise, sigma)
+
+    def latent_from_noisy(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        """The inverse scaling of :meth:`noise_latent` for a sample that keeps its noise (same shape):
+        x itself, or for a flow model x / (1 - sigma), so that noise_latent(result, 0, sigma) == x.
+        A sampling run that stops at sigma > 0 hands its result on in this form."""
+        return latent_from_noisy(self.noise_form, x, sigma)
 
     def denoiser(self, raw: RawModel) -> Denoiser:
         """Wrap a raw model (scaled input, timesteps) into `model(x, sigma) -> denoised`."""
@@ -90,18 +156,32 @@ class ModelSampling:
         return model
 
 
-def masked_denoiser(model: Denoiser, latent: Tensor, noise: Tensor, mask: Tensor) -> Denoiser:
+def _flow_schedule(shift: float, multiplier: float, num_timesteps: int) -> FlowSchedule:
+    try:
+        return FlowSchedule(shift, multiplier, num_timesteps)
+    except ValueError as error:
+        raise ModelSamplingError(str(error)) from None
+
+
+def latent_from_noisy(noise_form: NoiseForm, x: Tensor, sigma: float | Tensor) -> Tensor:
+    """x / alpha(sigma): a noisy sample in the form latents are handed on in (see ModelSampling.latent_from_noisy)."""
+    s = _per_sample(sigma, x)
+    return x / noise_form.alpha(s)
+
+
+def masked_denoiser(model: Denoiser, latent: Tensor, noise: Tensor, mask: Tensor,
+                    noise_form: NoiseForm = NoiseForm.VE) -> Denoiser:
     """Keep the unmasked part of `latent` fixed while sampling (inpainting with a noise mask).
 
     latent, noise: (B, C, H, W); mask: (B, 1, H, W) in [0, 1], 1 = repaint. Before each model call
-    the unmasked region of x is replaced by the original latent noised to the current sigma, and
-    the denoised estimate there is the original latent itself, so every step's estimate (and the
-    final sample, see :func:`apply_noise_mask`) equals the input outside the mask.
+    the unmasked region of x is replaced by the original latent noised to the current sigma (in the
+    model's noise form), and the denoised estimate there is the original latent itself, so every
+    step's estimate (and the final sample, see :func:`apply_noise_mask`) equals the input outside
+    the mask.
     """
 
     def wrapped(x: Tensor, sigma: Tensor) -> Tensor:
-        s = sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        x = x * mask + (latent + noise * s) * (1.0 - mask)
+        x = x * mask + noise_form.noisy(latent, noise, sigma) * (1.0 - mask)
         return model(x, sigma) * mask + latent * (1.0 - mask)
 
     return wrapped

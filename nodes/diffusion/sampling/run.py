@@ -9,11 +9,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .model_sampling import apply_noise_mask, masked_denoiser
-from .samplers import SAMPLERS, Denoiser
+from .model_sampling import apply_noise_mask, latent_from_noisy, masked_denoiser
+from .samplers import SAMPLERS, Denoiser, NoiseForm
 from .schedules import ScheduleError
 
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
+# Sampler parameters that the run sets from the model, never from a user's options.
+_RUN_PARAMETERS = frozenset({"callback", "noise_sampler", "generator", "noise_form"})
 
 # (step index, number of steps, current x (B, C, h, w), denoised estimate (B, C, h, w))
 ProgressCallback = Callable[[int, int, Tensor, Tensor], None]
@@ -33,8 +35,8 @@ class SamplerChoice:
     def __post_init__(self) -> None:
         if self.name not in SAMPLERS:
             raise SamplingError(f"unknown sampler {self.name!r}; known: {', '.join(SAMPLER_NAMES)}")
-        accepted = inspect.signature(SAMPLERS[self.name]).parameters
-        unknown = sorted(set(self.options) - set(accepted))
+        accepted = set(inspect.signature(SAMPLERS[self.name]).parameters) - _RUN_PARAMETERS
+        unknown = sorted(set(self.options) - accepted)
         if unknown:
             raise SamplingError(f"sampler {self.name!r} takes no option(s) {unknown}")
 
@@ -43,7 +45,7 @@ class SamplerChoice:
         """A choice keeping only the options the sampler takes (eta means nothing to euler, say)."""
         if name not in SAMPLERS:
             raise SamplingError(f"unknown sampler {name!r}; known: {', '.join(SAMPLER_NAMES)}")
-        accepted = inspect.signature(SAMPLERS[name]).parameters
+        accepted = set(inspect.signature(SAMPLERS[name]).parameters) - _RUN_PARAMETERS
         return cls(name, {key: value for key, value in options.items() if key in accepted})
 
     @property
@@ -81,13 +83,17 @@ def sample(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     callback: ProgressCallback | None = None,
+    noise_form: NoiseForm = NoiseForm.VE,
 ) -> Tensor:
     """Sample from `latent` (zeros for text-to-image) along `sigmas`.
 
-    latent, noise: (B, C, h, w) on any device; the start is latent + noise * sigmas[0] (img2img
-    starts at the sigma that its denoise strength implies). noise_mask: (B, 1, h, w) with
-    1 = repaint; outside it the result equals `latent`. generator: CPU generator for stochastic
-    samplers' per-step noise. Returns (B, C, h, w) float32 on the CPU.
+    latent, noise: (B, C, h, w) on any device; the start is the latent noised to sigmas[0] in the
+    model's noise form (`ModelSampling.noise_form`): latent + sigmas[0] * noise (VE), or
+    (1 - sigmas[0]) * latent + sigmas[0] * noise (FLOW); img2img starts at the sigma that its
+    denoise strength implies. A schedule that ends above 0 returns the sample in the form the next
+    run starts from (`ModelSampling.latent_from_noisy`), so a split schedule continues exactly.
+    noise_mask: (B, 1, h, w) with 1 = repaint; outside it the result equals `latent`. generator:
+    CPU generator for stochastic samplers' per-step noise. Returns (B, C, h, w) float32 on the CPU.
     """
     if latent.shape != noise.shape:
         raise SamplingError(f"noise shape {tuple(noise.shape)} does not match the latent {tuple(latent.shape)}")
@@ -104,18 +110,20 @@ def sample(
     model = denoiser
     if noise_mask is not None:
         noise_mask = noise_mask.to(device, torch.float32)
-        model = masked_denoiser(denoiser, latent, noise, noise_mask)
-    x = latent + noise * sigmas[0]
+        model = masked_denoiser(denoiser, latent, noise, noise_mask, noise_form)
+    x = noise_form.noisy(latent, noise, sigmas[0])
     steps = sigmas.numel() - 1
 
     def on_step(i: int, x_i: Tensor, denoised: Tensor) -> None:
         if callback is not None:
             callback(i, steps, x_i, denoised)
 
-    kwargs: dict[str, object] = dict(sampler.options)
+    kwargs: dict[str, object] = dict(sampler.options, noise_form=noise_form)
     if sampler.stochastic:
         kwargs["noise_sampler"] = _cpu_noise_sampler(x, generator or torch.Generator("cpu").manual_seed(0))
     result = SAMPLERS[sampler.name](model, x, sigmas, callback=on_step, **kwargs)
+    if sigmas[-1] > 0:
+        result = latent_from_noisy(noise_form, result, sigmas[-1])
     if noise_mask is not None:
         result = apply_noise_mask(result, latent, noise_mask)
     return result.float().cpu()

@@ -1,16 +1,27 @@
-"""Noise schedules (sigma sequences) for sampling the SD discrete-time model, as pure functions."""
+"""Noise schedules (sigma sequences) as pure functions over a model's training noise levels.
+
+Two kinds of model carry a table of training noise levels the schedulers read: discrete-time
+(DDPM-style) models such as SD1/SD2/SDXL (:class:`DiscreteSchedule`, sigma in the VE sense) and
+rectified-flow models such as SD3 and Flux (:class:`FlowSchedule`, sigma in (0, 1] with
+x = (1 - sigma) * x0 + sigma * noise). Both expose the same table and sigma <-> timestep maps, so
+every scheduler below works on either.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 __all__ = [
     "ScheduleError",
+    "NoiseSchedule",
     "DiscreteSchedule",
     "sd_discrete_schedule",
+    "FlowSchedule",
+    "flow_time_shift",
+    "flux_mu",
     "sigmas_normal",
     "sigmas_karras",
     "sigmas_exponential",
@@ -26,6 +37,25 @@ __all__ = [
 
 class ScheduleError(ValueError):
     """A schedule was asked for with arguments it cannot honour (e.g. zero steps)."""
+
+
+class NoiseSchedule(Protocol):
+    """What the schedulers read from a model: its training sigmas (increasing) and the maps between
+    sigma and the model's timestep (whatever unit the network is trained on)."""
+
+    sigmas: torch.Tensor
+
+    @property
+    def sigma_min(self) -> float: ...
+
+    @property
+    def sigma_max(self) -> float: ...
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor: ...
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def percent_to_sigma(self, percent: float) -> float: ...
 
 
 class DiscreteSchedule:
@@ -67,6 +97,14 @@ class DiscreteSchedule:
         w = t - t.floor()
         return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
 
+    def percent_to_sigma(self, percent: float) -> float:
+        """Sampling progress (0 = start, 1 = end) -> the sigma of that point of the training schedule."""
+        if percent <= 0.0:
+            return float("inf")
+        if percent >= 1.0:
+            return 0.0
+        return float(self.t_to_sigma(torch.tensor((1.0 - percent) * (self.sigmas.numel() - 1))))
+
 
 def sd_discrete_schedule(
     num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
@@ -74,6 +112,79 @@ def sd_discrete_schedule(
     """The Stable Diffusion 1.x/2.x/XL "scaled_linear" beta schedule (betas linear in sqrt-space)."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
     return DiscreteSchedule(torch.cumprod(1 - betas, dim=0))
+
+
+def flow_time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Rectified-flow timestep shift: sigma = shift * t / (1 + (shift - 1) * t), t in [0, 1], any shape.
+
+    shift > 1 spends more of the schedule at high noise (SD3 trains and samples with 3.0). Flux's
+    resolution-dependent shift e^mu / (e^mu + 1/t - 1) is the same curve with shift = e^mu.
+    """
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+class FlowSchedule:
+    """The training noise levels of a rectified-flow model (SD3, Flux, AuraFlow).
+
+    sigmas: (T,) = flow_time_shift(i / T, shift) for i = 1..T, increasing to 1. The network's
+    timestep is sigma * multiplier (SD3: 1000; Flux takes sigma itself, multiplier 1), and a
+    timestep maps back through the shift: t_to_sigma(t) = flow_time_shift(t / multiplier). The two
+    maps are not inverses when shift != 1; the "normal" scheduler applies both, which is what
+    ComfyUI's ModelSamplingDiscreteFlow/ModelSamplingFlux and diffusers' FlowMatchEulerDiscreteScheduler
+    do as well.
+    """
+
+    def __init__(self, shift: float = 1.0, multiplier: float = 1000.0, num_timesteps: int = 1000) -> None:
+        if not shift > 0:
+            raise ScheduleError(f"a flow schedule needs shift > 0, got {shift}")
+        if not multiplier > 0:
+            raise ScheduleError(f"a flow schedule needs multiplier > 0, got {multiplier}")
+        if num_timesteps < 2:
+            raise ScheduleError(f"a flow schedule needs at least 2 timesteps, got {num_timesteps}")
+        self.shift = float(shift)
+        self.multiplier = float(multiplier)
+        self.sigmas = flow_time_shift(torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps, shift)
+
+    def __repr__(self) -> str:
+        return f"FlowSchedule(shift={self.shift}, multiplier={self.multiplier}, num_timesteps={self.sigmas.numel()})"
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The network's timestep at each sigma: sigma * multiplier. sigma: any shape."""
+        return torch.as_tensor(sigma, dtype=torch.float64) * self.multiplier
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Sigma at timestep t: the shifted t / multiplier. t: any shape."""
+        return flow_time_shift(torch.as_tensor(t, dtype=torch.float64) / self.multiplier, self.shift)
+
+    def percent_to_sigma(self, percent: float) -> float:
+        """Sampling progress (0 = start, 1 = end) -> sigma: 1 at the start, the shifted 1 - percent between."""
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        return float(flow_time_shift(torch.tensor(1.0 - percent), self.shift))
+
+
+def flux_mu(width: float, height: float, base_shift: float = 0.5, max_shift: float = 1.15,
+            base_tokens: float = 256.0, max_tokens: float = 4096.0) -> float:
+    """Flux's resolution-dependent shift exponent for an image of width x height pixels.
+
+    The image has width * height / 256 tokens (8x VAE, 2x2 patches); mu is linear in the token
+    count, base_shift at base_tokens and max_shift at max_tokens (and extrapolated beyond). The
+    schedule's shift is e^mu.
+    """
+    tokens = width * height / 256.0
+    slope = (max_shift - base_shift) / (max_tokens - base_tokens)
+    return base_shift + slope * (tokens - base_tokens)
 
 
 def _check_steps(n: int) -> None:
@@ -85,7 +196,7 @@ def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float32)
 
 
-def sigmas_normal(schedule: DiscreteSchedule, n: int) -> torch.Tensor:
+def sigmas_normal(schedule: NoiseSchedule, n: int) -> torch.Tensor:
     """n sigmas uniform in timestep from sigma_max to sigma_min, then 0. Returns (n+1,)."""
     _check_steps(n)
     t_max = schedule.sigma_to_t(torch.tensor(schedule.sigma_max))
@@ -93,7 +204,7 @@ def sigmas_normal(schedule: DiscreteSchedule, n: int) -> torch.Tensor:
     return _append_zero(schedule.t_to_sigma(torch.linspace(float(t_max), float(t_min), n, dtype=torch.float64)))
 
 
-def sigmas_sgm_uniform(schedule: DiscreteSchedule, n: int) -> torch.Tensor:
+def sigmas_sgm_uniform(schedule: NoiseSchedule, n: int) -> torch.Tensor:
     """Like normal, but n+1 points uniform in timestep with the last (sigma_min) dropped. Returns (n+1,)."""
     _check_steps(n)
     t_max = float(schedule.sigma_to_t(torch.tensor(schedule.sigma_max)))
@@ -116,7 +227,7 @@ def sigmas_exponential(n: int, sigma_min: float, sigma_max: float) -> torch.Tens
     return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp())
 
 
-def sigmas_simple(schedule: DiscreteSchedule, n: int) -> torch.Tensor:
+def sigmas_simple(schedule: NoiseSchedule, n: int) -> torch.Tensor:
     """n training sigmas taken at an even stride from the top of the table. Returns (n+1,)."""
     _check_steps(n)
     stride = schedule.sigmas.numel() / n
@@ -124,7 +235,7 @@ def sigmas_simple(schedule: DiscreteSchedule, n: int) -> torch.Tensor:
     return _append_zero(schedule.sigmas[idx])
 
 
-def sigmas_ddim_uniform(schedule: DiscreteSchedule, n: int) -> torch.Tensor:
+def sigmas_ddim_uniform(schedule: NoiseSchedule, n: int) -> torch.Tensor:
     """DDIM's uniform timesteps t = 1 + k*(T//n), k = n-1..0 (steps_offset 1). Returns (n+1,)."""
     _check_steps(n)
     stride = schedule.sigmas.numel() // n
@@ -190,7 +301,7 @@ def beta_ppf(q: float, a: float, b: float) -> float:
     return 0.5 * (lo + hi)
 
 
-def sigmas_beta(schedule: DiscreteSchedule, n: int, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+def sigmas_beta(schedule: NoiseSchedule, n: int, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
     """Timesteps at Beta(alpha, beta) quantiles 1, 1-1/n, ..., 1/n (rounded), their training sigmas. (n+1,)."""
     _check_steps(n)
     t_last = schedule.sigmas.numel() - 1
