@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor, nn
-
-from nodegraph_diffusion.architectures.lora import LoraDelta
-from nodegraph_diffusion.weights.patching import PatchError, WeightPatches, patched
-from nodegraph_diffusion.weights.storage import compute_in
-from nodegraph_diffusion.text.clip import CLIPTextEncoder, TextEncoderConfig
-from nodegraph_diffusion.networks.unet import UNet
-
 from _random_weights import randomize_
 from _unet_fixtures import TINY_SD1, unet_inputs
+from nodegraph_diffusion.architectures.lora import LoraDelta
+from nodegraph_diffusion.networks.unet import UNet
+from nodegraph_diffusion.text.clip import CLIPTextEncoder, TextEncoderConfig
+from nodegraph_diffusion.weights.patching import PatchError, WeightPatches, patched
+from nodegraph_diffusion.weights.storage import compute_in
+from torch import Tensor, nn
 
 
 class Tiny(nn.Module):

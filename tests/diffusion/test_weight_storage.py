@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from torch import Tensor, nn
-
+from _random_weights import randomize_
+from _unet_fixtures import TINY_SD1, unet_inputs
 from nodegraph_diffusion.networks.flux import Flux, FluxConfig, flux_config_from_shapes
 from nodegraph_diffusion.networks.mmdit import MMDiT, MMDiTConfig
 from nodegraph_diffusion.networks.unet import UNet
@@ -26,9 +25,8 @@ from nodegraph_diffusion.weights.storage import (
     split_weight_scales,
     storage_bytes,
 )
-
-from _random_weights import randomize_
-from _unet_fixtures import TINY_SD1, unet_inputs
+from safetensors.torch import save_file
+from torch import Tensor, nn
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 FLUX_AXES = (4, 4, 8)

@@ -3,11 +3,12 @@
 Most Flux and T5 files are distributed in ``float8_e4m3fn`` (some ``float8_e5m2``), which torch
 cannot multiply with on most devices. Converting the whole model to the compute dtype costs two
 (bf16) to four (fp32) times the file size. :func:`compute_in` instead leaves every parameter in
-its storage dtype and makes each module that owns one hand out an upcast copy when its own code
-reads it (``self.weight`` inside ``nn.Linear.forward``, ``self.scale`` inside a custom norm): the
-copy exists for one layer's computation only. ``state_dict()``, ``named_parameters()`` and
-``load_state_dict`` still see the stored tensors under their usual names, and the networks need
-no change: any module works, whatever it does with its parameters in its forward.
+its storage dtype and makes each module that owns one hand out an upcast copy whenever the
+tensor is read as an attribute (``self.weight`` inside ``nn.Linear.forward``, ``self.scale``
+inside a custom norm, ``self.shared.weight`` in a parent's forward): the copy lives for that one
+computation. ``state_dict()``, ``parameters()`` and ``load_state_dict`` still see the stored
+tensors under their usual names, and the networks need no change. Reading a whole vocabulary
+table as an attribute upcasts all of it; ``nn.Embedding``'s own forward gathers the rows first.
 
 "Scaled fp8" files store ``W / s`` in fp8 with a per-layer scale ``s`` next to the weight:
 ComfyUI's ``<layer>.scale_weight`` (with a ``scaled_fp8`` marker entry and an ignorable
