@@ -126,7 +126,9 @@ class PixArtConfig:
         if self.hidden_size % self.num_heads:
             raise PixArtConfigError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
         if self.hidden_size % 4:
-            raise PixArtConfigError(f"hidden_size {self.hidden_size} is not a multiple of 4 (2-D sine/cosine positions)")
+            raise PixArtConfigError(
+                f"hidden_size {self.hidden_size} is not a multiple of 4 (2-D sine/cosine positions)"
+            )
         if self.micro_conditions and self.hidden_size % 3:
             raise PixArtConfigError(
                 f"hidden_size {self.hidden_size} is not a multiple of 3: micro-conditions embed height, width and "
@@ -330,11 +332,14 @@ class PixArt(nn.Module):
         if timesteps.shape != (batch,):
             raise PixArtInputError(f"timesteps: expected ({batch},), got {tuple(timesteps.shape)}")
         if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != cfg.caption_dim:
-            raise PixArtInputError(f"context: expected ({batch}, L, {cfg.caption_dim}) T5 states, got {tuple(context.shape)}")
+            raise PixArtInputError(
+                f"context: expected ({batch}, L, {cfg.caption_dim}) T5 states, got {tuple(context.shape)}"
+            )
         if context_mask is not None:
             if context_mask.shape != context.shape[:2]:
                 raise PixArtInputError(
-                    f"context_mask: expected {tuple(context.shape[:2])} like the context, got {tuple(context_mask.shape)}"
+                    f"context_mask: expected {tuple(context.shape[:2])} like the context, "
+                    f"got {tuple(context_mask.shape)}"
                 )
             # A row with no token to attend has no defined attention (NaN); the original never makes one.
             if not bool(context_mask.bool().any(dim=1).all()):
@@ -344,7 +349,9 @@ class PixArt(nn.Module):
                 raise PixArtInputError("resolution/aspect_ratio given, but this PixArt has no micro-conditions")
             return
         if resolution is not None and resolution.shape != (batch, 2):
-            raise PixArtInputError(f"resolution: expected ({batch}, 2) (height, width) in pixels, got {tuple(resolution.shape)}")
+            raise PixArtInputError(
+                f"resolution: expected ({batch}, 2) (height, width) in pixels, got {tuple(resolution.shape)}"
+            )
         if aspect_ratio is not None and aspect_ratio.reshape(-1).shape != (batch,):
             raise PixArtInputError(f"aspect_ratio: expected ({batch},) height / width, got {tuple(aspect_ratio.shape)}")
 
@@ -399,7 +406,9 @@ def pixart_config_from_shapes(
             f"t_embedder.mlp.0.weight reads {frequency_dim} frequencies, expected {TIMESTEP_FREQUENCY_DIM}"
         )
     if _shape(shapes, "t_block.1.weight") != (6 * hidden_size, hidden_size):
-        raise PixArtConfigError(f"t_block.1.weight is {shapes['t_block.1.weight']}, expected {(6 * hidden_size, hidden_size)}")
+        raise PixArtConfigError(
+            f"t_block.1.weight is {tuple(shapes['t_block.1.weight'])}, expected {(6 * hidden_size, hidden_size)}"
+        )
     caption_dim = _shape(shapes, "y_embedder.y_proj.fc1.weight")[1]
     _shape(shapes, "final_layer.scale_shift_table")
 
@@ -420,7 +429,8 @@ def pixart_config_from_shapes(
         stored_tokens = _shape(shapes, "y_embedder.y_embedding")[0]
         if max_token_length is not None and max_token_length != stored_tokens:
             raise PixArtConfigError(
-                f"max_token_length {max_token_length} was given, but y_embedder.y_embedding holds {stored_tokens} tokens"
+                f"max_token_length {max_token_length} was given, "
+                f"but y_embedder.y_embedding holds {stored_tokens} tokens"
             )
         max_token_length = stored_tokens
     elif max_token_length is None:
