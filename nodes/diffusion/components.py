@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .weights import patching
 from .weights.patching import Deltas, WeightPatches
+from .weights.storage import compute_dtype
 from .architectures.detection import ModelFamily
 from .architectures.stable_diffusion import LatentFormat
 from .sampling.model_sampling import ModelSampling
@@ -40,7 +41,8 @@ def _patched(module: nn.Module, patches: WeightPatches) -> Iterator[nn.Module]:
 
 
 def module_dtype(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
+    """The dtype a module computes in (not its storage dtype: fp8 weights compute upcast)."""
+    return compute_dtype(module)
 
 
 def module_device(module: nn.Module) -> torch.device:

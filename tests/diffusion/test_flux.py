@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from _random_weights import randomize_
 from nodegraph_diffusion.networks.flux import (
     FLUX_AXES_DIM,
+    FLUX_HEAD_DIM,
     Flux,
     FluxConfig,
     FluxConfigError,
     FluxInputError,
     FluxMissingKeyError,
+    default_axes_dim,
     flux_config_from_shapes,
     flux_diffusers_sources,
     flux_keys_from_diffusers,
@@ -261,10 +263,12 @@ def test_released_head_size_gets_flux_rope_axes() -> None:
     assert derived.axes_dim == FLUX_AXES_DIM and derived.num_heads == 2 and derived.guidance_embed
 
 
-def test_other_head_sizes_need_explicit_rope_axes() -> None:
+def test_other_head_sizes_get_proportional_rope_axes_unless_given() -> None:
     shapes = shapes_of(tiny_config(True))
-    with pytest.raises(FluxConfigError, match="axes_dim"):
-        flux_config_from_shapes(shapes)
+    assert flux_config_from_shapes(shapes).axes_dim == (4, 6, 6)
+    assert default_axes_dim(FLUX_HEAD_DIM) == FLUX_AXES_DIM and default_axes_dim(64) == (8, 28, 28)
+    with pytest.raises(FluxConfigError, match="cannot be split"):
+        default_axes_dim(4)
     with pytest.raises(FluxConfigError, match="summing to the head size 16"):
         flux_config_from_shapes(shapes, axes_dim=(4, 4, 4))
 

@@ -214,9 +214,8 @@ def _text_encoder_components(keys: Sequence[str], path: str) -> dict[str, Compon
         else:
             slot = "clip_g" if openclip else "clip_l"
         claim(slot, ComponentKeys(prefix, "openclip" if openclip else "hf"))
-    for match in sorted({m for k in keys if (m := _SLOT_TEXT_ENCODER_PREFIX.match(k))}, key=lambda m: m.group(0)):
-        slot = match.group(1)
-        claim(slot, ComponentKeys(match.group(0), "t5" if slot == "t5xxl" else "hf"))
+    for prefix, slot in sorted({(m.group(0), m.group(1)) for k in keys if (m := _SLOT_TEXT_ENCODER_PREFIX.match(k))}):
+        claim(slot, ComponentKeys(prefix, "t5" if slot == "t5xxl" else "hf"))
     return dict(sorted(found.items(), key=lambda item: TEXT_ENCODER_SLOTS.index(item[0])))
 
 

@@ -6,12 +6,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import torch
+from torch import Tensor, nn
 
 from ..text import clip as text_encoder_module
 from ..text import t5 as t5_module
 from ..vae import autoencoder as vae_module
 from ..weights.files import DiffusersFolder, WeightFile
 from ..weights.loading import Materializer, instantiate, target_device_dtype
+from ..weights.storage import FLOAT8_DTYPES, compute_in, split_weight_scales
 from ..weights.safetensors_io import CheckpointError
 from .detection import ComponentKeys, Detection, ModelFamily, component_errors, is_ignored, meta_state_dict, shapes_of
 
@@ -70,6 +72,23 @@ def folder_activation(source: WeightFile, keys: ComponentKeys) -> str | None:
     return act
 
 
+def stored_component(
+    source: WeightFile, keys: ComponentKeys, device: torch.device, dtype: torch.dtype, path: str,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A component's tensors (prefix removed) with fp8 ones kept in their storage dtype, and the
+    per-layer scales of scaled-fp8 files split off -> (weights, scales) for :func:`finish_stored`."""
+    state_dict = Materializer(source, device, dtype, keep_dtypes=FLOAT8_DTYPES).state_dict(keys.prefix, is_ignored)
+    return split_weight_scales(state_dict, path)
+
+
+def finish_stored(module: nn.Module, dtype: torch.dtype, scales: Mapping[str, Tensor]) -> nn.Module:
+    """Make a module built from :func:`stored_component` tensors compute in `dtype`, upcasting fp8
+    weights layer by layer (nothing to do when every weight is already in `dtype`)."""
+    if scales or any(p.dtype in FLOAT8_DTYPES for p in module.parameters()):
+        compute_in(module, dtype, scales)
+    return module
+
+
 def load_t5_component(
     source: WeightFile, detection: Detection, slot: str, keys: ComponentKeys, device: str | torch.device,
     dtype: str | torch.dtype | None, strict: bool,
@@ -80,8 +99,8 @@ def load_t5_component(
         config = t5_module.t5_config_from_shapes(shapes_of(t5_module.t5_encoder_state_dict(
             {k: torch.empty(v, device="meta") for k, v in state_shapes.items()})))
     target_device, target_dtype = target_device_dtype(device, dtype, "text_encoder")
-    state_dict = Materializer(source, target_device, target_dtype).state_dict(keys.prefix, is_ignored)
+    state_dict, scales = stored_component(source, keys, target_device, target_dtype, detection.path)
     with component_errors(detection.path, slot):
         state_dict = t5_module.t5_encoder_state_dict(state_dict)
     module, unexpected = instantiate(lambda: t5_module.T5Encoder(config), state_dict, slot, detection.path, strict)
-    return module, config, unexpected  # type: ignore[return-value]
+    return finish_stored(module, target_dtype, scales), config, unexpected  # type: ignore[return-value]

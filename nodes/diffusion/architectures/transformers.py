@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -21,9 +21,8 @@ from torch import nn
 from ..networks import flux as flux_module
 from ..networks import mmdit as mmdit_module
 from ..vae import autoencoder as vae_module
-from ..weights.files import WeightFile
-from ..weights.loading import Materializer, WrongModelKindError, instantiate, key_list, target_device_dtype
-from ..weights.loading import StateDictMismatchError
+from ..weights.files import DiffusersFolder, WeightFile
+from ..weights.loading import StateDictMismatchError, WrongModelKindError, instantiate, key_list, target_device_dtype
 from .detection import (
     TEXT_ENCODER_SLOTS,
     ComponentKeys,
@@ -31,12 +30,18 @@ from .detection import (
     FileKind,
     ModelFamily,
     component_errors,
-    is_ignored,
     open_source,
     original_shapes,
     to_original_keys,
 )
-from .parts import folder_activation, load_clip_component, load_t5_component, load_vae_component
+from .parts import (
+    finish_stored,
+    folder_activation,
+    load_clip_component,
+    load_t5_component,
+    load_vae_component,
+    stored_component,
+)
 from .stable_diffusion import LatentFormat
 
 logger = logging.getLogger(__name__)
@@ -47,15 +52,25 @@ _DOWNSCALE = 8
 
 @dataclass(frozen=True)
 class TransformerFamily:
-    """How to build one transformer denoiser from its original-layout shapes."""
+    """How to build one transformer denoiser from its original-layout shapes.
 
-    config_from_shapes: Callable[[Mapping[str, Sequence[int]]], object]
+    from_diffusers_config: what a diffusers folder's ``transformer/config.json`` says that the
+    shapes cannot (keyword arguments for `config_from_shapes`).
+    """
+
+    config_from_shapes: Callable[..., object]
     build: Callable[[object], nn.Module]
+    from_diffusers_config: Callable[[Mapping[str, object]], dict[str, object]] = lambda config: {}
+
+
+def _flux_rope_axes(config: Mapping[str, object]) -> dict[str, object]:
+    axes = config.get("axes_dims_rope")
+    return {"axes_dim": tuple(axes)} if isinstance(axes, (list, tuple)) else {}  # type: ignore[arg-type]
 
 
 TRANSFORMER_FAMILIES: Mapping[str, TransformerFamily] = {
     "mmdit": TransformerFamily(mmdit_module.mmdit_config_from_shapes, mmdit_module.MMDiT),  # type: ignore[arg-type]
-    "flux": TransformerFamily(flux_module.flux_config_from_shapes, flux_module.Flux),  # type: ignore[arg-type]
+    "flux": TransformerFamily(flux_module.flux_config_from_shapes, flux_module.Flux, _flux_rope_axes),  # type: ignore[arg-type]
 }
 
 
@@ -136,12 +151,18 @@ def load_transformer(
     unexpected = list(detection.unclaimed_keys)
     keys = detection.components[component]
     family_spec = TRANSFORMER_FAMILIES[component]
+    extra_config = {}
+    if isinstance(source, DiffusersFolder):
+        extra_config = family_spec.from_diffusers_config(source.configs.get(keys.prefix.rstrip("/"), {}))
     with component_errors(detection.path, component):
-        config = family_spec.config_from_shapes(original_shapes(source.shapes(), component, keys, detection.path))
+        config = family_spec.config_from_shapes(original_shapes(source.shapes(), component, keys, detection.path),
+                                                **extra_config)
     target_device, target_dtype = target_device_dtype(device, dtype, "unet")
-    state_dict = Materializer(source, target_device, target_dtype).state_dict(keys.prefix, is_ignored)
+    # fp8 files (most Flux downloads) stay fp8 in memory; layers upcast one at a time when they run.
+    state_dict, scales = stored_component(source, keys, target_device, target_dtype, detection.path)
     state_dict = to_original_keys(component, keys, state_dict, detection.path)
     network, extra = instantiate(lambda: family_spec.build(config), state_dict, component, detection.path, strict)
+    finish_stored(network, target_dtype, scales)
     unexpected += extra
 
     vae = vae_config = None

@@ -416,6 +416,18 @@ def _block_count(keys: Iterable[str], pattern: re.Pattern[str], what: str) -> in
     return len(indices)
 
 
+def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
+    """The rotary split of a head when nothing says otherwise: Flux's (16, 56, 56) for 128-wide heads;
+    for other widths the same proportions, rounded down to even numbers (the two spatial axes equal)."""
+    if head_dim == FLUX_HEAD_DIM:
+        return FLUX_AXES_DIM  # type: ignore[return-value]
+    spatial = int(head_dim * FLUX_AXES_DIM[1] / FLUX_HEAD_DIM / 2) * 2
+    index = head_dim - 2 * spatial
+    if head_dim % 2 or spatial < 2 or index < 2:
+        raise FluxConfigError(f"Flux heads {head_dim} wide cannot be split among 3 rotary axes; pass axes_dim")
+    return index, spatial, spatial
+
+
 def flux_config_from_shapes(
     shapes: Mapping[str, Sequence[int]],
     *,
@@ -425,8 +437,8 @@ def flux_config_from_shapes(
 
     ``shapes`` maps keys without the ``model.diffusion_model.`` prefix to tensor shapes. The head
     size is the length of ``query_norm.scale`` and the head count the width divided by it. The split
-    of a head among the rotary axes leaves no trace in the weights: for the released models' 128-wide
-    heads it is (16, 56, 56); other head sizes need ``axes_dim`` (summing to the head size).
+    of a head among the rotary axes leaves no trace in the weights: unless ``axes_dim`` is given it is
+    :func:`default_axes_dim` ((16, 56, 56) for the released models' 128-wide heads).
     The latent is assumed packed 2x2, as in every released model.
     """
 
@@ -441,12 +453,7 @@ def flux_config_from_shapes(
     if hidden_size % head_dim:
         raise FluxConfigError(f"Flux width {hidden_size} is not a multiple of its head size {head_dim}")
     if axes_dim is None:
-        if head_dim != FLUX_HEAD_DIM:
-            raise FluxConfigError(
-                f"Flux heads are {head_dim} wide, not {FLUX_HEAD_DIM}: the split of a head among the rotary "
-                f"position axes cannot be read from the weights; pass axes_dim (3 even numbers summing to {head_dim})"
-            )
-        axes_dim = FLUX_AXES_DIM
+        axes_dim = default_axes_dim(head_dim)
     mlp_hidden = shape("double_blocks.0.img_mlp.0.weight")[0]
     packed_out = shape("final_layer.linear.weight")[0]
     for packed, key in ((packed_in, "img_in.weight"), (packed_out, "final_layer.linear.weight")):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..networks.controlnet import ControlNet
+from ..weights.storage import compute_dtype
 from .model_sampling import ModelSampling
 from ..networks.unet import ControlResiduals, UNetConfig
 
@@ -224,7 +225,7 @@ class CFGGuider:
             model_in = torch.cat([model_in, extra], dim=1)
         timesteps = self.model_sampling.timestep(sigmas).to(x.device)
         # The network may run in half precision; the sampler's arithmetic stays in x's dtype.
-        dtype = next(self.network.parameters()).dtype
+        dtype = compute_dtype(self.network)
         context = context.to(dtype)
         y = None if y is None else y.to(dtype)
         control = self._control(group, (xs * c_in).to(dtype), timesteps, context, y, float(sigma.reshape(-1)[0]),

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..weights.storage import compute_dtype as storage_compute_dtype
+
 logger = logging.getLogger(__name__)
 
 NORM_EPS = 1e-6  # T5's layer_norm_epsilon
@@ -341,13 +343,17 @@ class T5Encoder(nn.Module):
                 f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
-        table = self.shared.weight
         if compute_dtype is None:
-            compute_dtype = table.dtype if table.dtype in _COMPUTE_DTYPES else torch.float32
+            # The dtype weights.storage.compute_in chose, else the storage dtype (never reading the
+            # table itself, which under compute_in would upcast all of it).
+            compute_dtype = storage_compute_dtype(self)
+            if compute_dtype not in _COMPUTE_DTYPES:
+                compute_dtype = torch.float32
         elif compute_dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {_COMPUTE_DTYPES}, got {compute_dtype}")
         residual_dtype = torch.float32 if compute_dtype in _HALF_DTYPES else compute_dtype
-        x = table[input_ids.to(table.device)].to(residual_dtype)
+        # Gathers the prompt's rows first and converts only those.
+        x = self.shared(input_ids.to(next(self.parameters()).device)).to(residual_dtype)
         bias = self.position_bias(input_ids.shape[1], device=x.device)
         if attention_mask is not None:
             blocked = ~attention_mask.to(device=x.device, dtype=torch.bool)
