@@ -158,3 +158,70 @@ def test_ddim_uniform_matches_diffusers_ddim_timesteps() -> None:
     ac = sch.alphas_cumprod[sch.timesteps]
     ref = torch.cat([((1 - ac) / ac).sqrt(), torch.zeros(1)])
     np.testing.assert_allclose(S.sigmas_ddim_uniform(SCHED, 8).numpy(), ref.numpy(), atol=1e-4)
+
+
+# ---------------------------------------------------------------- rectified-flow tables (SD3, Flux)
+# ComfyUI's semantics: the table is shift(i / T) for i = 1..T, "normal" goes linearly in timestep from
+# timestep(sigma_max) to timestep(sigma_min) and maps back through the shift, the table pickers index
+# the table. SD3: shift 3 on 1,000 entries; Flux (ModelSamplingFlux): shift e^mu on 10,000 entries.
+FLOW_TABLES = [(3.0, 1000.0, 1000), (math.exp(1.15), 1.0, 10000), (1.0, 1.0, 1000)]
+
+
+def _shift(u: np.ndarray | float, s: float) -> np.ndarray:
+    u = np.asarray(u, dtype=np.float64)
+    return s * u / (1 + (s - 1) * u)
+
+
+@pytest.mark.parametrize("shift,multiplier,length", FLOW_TABLES)
+def test_flow_table_and_timestep_maps(shift: float, multiplier: float, length: int) -> None:
+    table = S.FlowSchedule(shift, multiplier, length)
+    np.testing.assert_allclose(table.sigmas.numpy(), _shift(np.arange(1, length + 1) / length, shift), rtol=1e-12)
+    assert table.sigma_max == 1.0 and table.sigma_min == pytest.approx(float(_shift(1 / length, shift)))
+    sig = torch.tensor([0.02, 0.5, 0.93], dtype=torch.float64)
+    torch.testing.assert_close(table.sigma_to_t(sig), sig * multiplier)
+    torch.testing.assert_close(table.t_to_sigma(sig * multiplier), torch.from_numpy(_shift(sig.numpy(), shift)))
+    assert table.percent_to_sigma(0.0) == 1.0 and table.percent_to_sigma(1.0) == 0.0
+    assert table.percent_to_sigma(0.3) == pytest.approx(float(_shift(0.7, shift)))
+
+
+@pytest.mark.parametrize("shift,multiplier,length", FLOW_TABLES)
+def test_every_scheduler_on_a_flow_table_matches_comfyui_formulas(shift: float, multiplier: float, length: int) -> None:
+    table = S.FlowSchedule(shift, multiplier, length)
+    ref_table = _shift(np.arange(1, length + 1) / length, shift)
+    lo = float(ref_table[0])
+    for n in (1, 4, 7, 8):
+        ref = list(_shift(np.linspace(1.0, lo, n), shift)) + [0.0]
+        np.testing.assert_allclose(S.sigmas_normal(table, n).numpy(), ref, rtol=1e-6, atol=1e-7)
+        ref = list(_shift(np.linspace(1.0, lo, n + 1)[:-1], shift)) + [0.0]
+        np.testing.assert_allclose(S.sigmas_sgm_uniform(table, n).numpy(), ref, rtol=1e-6, atol=1e-7)
+        ref = [ref_table[length - 1 - math.floor(x * length / n)] for x in range(n)] + [0.0]
+        np.testing.assert_allclose(S.sigmas_simple(table, n).numpy(), ref, rtol=1e-6)
+        ref = [ref_table[1 + k * (length // n)] for k in reversed(range(n))] + [0.0]
+        np.testing.assert_allclose(S.sigmas_ddim_uniform(table, n).numpy(), ref, rtol=1e-6)
+        if n % 2:  # Beta(1/2, 1/2) has the quantile sin^2(pi q / 2); even n would put q = 1/2 on a rounding tie
+            ref = [ref_table[round(math.sin(math.pi * (1 - i / n) / 2) ** 2 * (length - 1))] for i in range(n)]
+            np.testing.assert_allclose(S.sigmas_beta(table, n, 0.5, 0.5).numpy(), ref + [0.0], rtol=1e-6)
+        ref = [(1.0 + i / max(n - 1, 1) * (lo ** (1 / 7) - 1.0)) ** 7 for i in range(n)] + [0.0]
+        np.testing.assert_allclose(S.sigmas_karras(n, table.sigma_min, table.sigma_max).numpy(), ref, rtol=1e-5)
+        ref = [lo ** (i / max(n - 1, 1)) for i in range(n)] + [0.0]
+        np.testing.assert_allclose(S.sigmas_exponential(n, table.sigma_min, table.sigma_max).numpy(), ref, rtol=1e-5)
+    # the timestep unit (SD3 sigma * 1000, Flux sigma) does not move any scheduler's sigmas
+    other = S.FlowSchedule(shift, 1000.0 if multiplier == 1.0 else 1.0, length)
+    torch.testing.assert_close(S.sigmas_normal(other, 9), S.sigmas_normal(table, 9))
+
+
+def test_flow_schedule_rejects_bad_parameters() -> None:
+    with pytest.raises(S.ScheduleError, match="shift > 0"):
+        S.FlowSchedule(shift=-1.0)
+    with pytest.raises(S.ScheduleError, match="multiplier > 0"):
+        S.FlowSchedule(multiplier=0.0)
+    with pytest.raises(S.ScheduleError, match="at least 2 timesteps"):
+        S.FlowSchedule(num_timesteps=1)
+
+
+def test_flux_shift_is_the_constant_shift_with_e_to_the_mu() -> None:
+    # ComfyUI/diffusers write Flux's shift as e^mu / (e^mu + 1/t - 1)
+    t = torch.linspace(0.01, 1.0, 50, dtype=torch.float64)
+    mu = 0.83
+    torch.testing.assert_close(S.flow_time_shift(t, math.exp(mu)), math.exp(mu) / (math.exp(mu) + 1 / t - 1))
+    assert S.flux_mu(1024, 1024) == pytest.approx(1.15) and S.flux_mu(256, 256) == pytest.approx(0.5)
