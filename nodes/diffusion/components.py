@@ -63,6 +63,10 @@ class DiffusionModel:
     def with_patch(self, deltas: Deltas, strength: float) -> DiffusionModel:
         return replace(self, patches=self.patches.plus(deltas, strength))
 
+    def with_sampling(self, sampling: ModelSampling) -> DiffusionModel:
+        """The same network driven another way (a flow model's shift: ModelSamplingSD3/Flux)."""
+        return replace(self, sampling=sampling)
+
     @contextlib.contextmanager
     def patched_network(self) -> Iterator[nn.Module]:
         with _patched(self.network, self.patches) as network:
@@ -81,6 +85,10 @@ T5_LENGTH_BY_FAMILY = {"sd3": 77, "flux": 256}
 SD3_CONTEXT_WIDTH = 4096
 # Widths of the CLIP states and pooled vectors SD3 zero-fills when an encoder is left out.
 SD3_CLIP_WIDTHS = {"clip_l": 768, "clip_g": 1280}
+
+
+class MissingTextEncoderError(ValueError):
+    """The text encoders cannot condition their family: one it needs is missing (names which)."""
 
 
 def _emphasize(hidden: Tensor, weights: Tensor) -> Tensor:
@@ -149,50 +157,68 @@ class TextEncoders:
         hidden = _emphasize(out.hidden_state.float(), weights)
         return hidden.reshape(1, -1, hidden.shape[-1]).cpu(), out.pooled[:1].float().cpu()
 
-    def _t5_hidden(self, text: str) -> Tensor:
-        """The T5 encoder's states for a prompt -> (1, T, W), padded to the T5 length."""
+    def _t5_hidden(self, text: str, padded: bool = True) -> Tensor:
+        """The T5 encoder's states for a prompt -> (1, T, W), padded to the T5 length (`padded`) or not."""
         encoder = self.encoders["t5xxl"]
         tokenizer = self.t5_tokenizer or T5Tokenizer.from_default()
-        length = self.t5_length or T5_LENGTH_BY_FAMILY[self.family.latent_family]
+        length = (self.t5_length or T5_LENGTH_BY_FAMILY[self.family.latent_family]) if padded else None
         tokens = tokenizer.tokenize_prompt(text, length=length)
         device = module_device(encoder)
         with _patched(encoder, self.patches.get("t5xxl", WeightPatches())), torch.no_grad():
             hidden = encoder(torch.tensor([tokens.ids], device=device)).float()
         return _emphasize(hidden, torch.tensor([tokens.weights], device=device)).cpu()
 
-    def _encode_sd3(self, text: str) -> CondEntry:
-        """SD3: CLIP-L and CLIP-G penultimate states side by side, zero-padded to T5's width, then T5's
+    def encode_sd3(self, clip_l: str, clip_g: str, t5xxl: str, *, empty_padding: bool = True) -> CondEntry:
+        """SD3 conditioning from one prompt per encoder (ComfyUI's CLIPTextEncodeSD3).
+
+        CLIP-L's and CLIP-G's penultimate states side by side, zero-padded to T5's width, then T5's
         states after them; the pooled vector is CLIP-L's and CLIP-G's projected pooled outputs. An
-        encoder left out contributes zeros (the states of both CLIPs are left out when neither is there)."""
-        t5 = self._t5_hidden(text) if "t5xxl" in self.encoders else None
+        encoder the model lacks contributes zeros (the states of both CLIPs are left out when
+        neither is there). When the two CLIP prompts need different numbers of 77-token chunks, the
+        shorter is continued with chunks of the empty prompt.
+
+        empty_padding False (ComfyUI's "none"): an empty prompt is left out rather than encoded as
+        padding: with both CLIP prompts empty the CLIP states are left out and the pooled vector is
+        zero; an empty T5 prompt gives T5's states of the end token alone (one position). With
+        nothing left at all the context is zeros (1, 77, width).
+        """
+        skip = {slot: not empty_padding and text == "" for slot, text in
+                (("clip_l", clip_l), ("clip_g", clip_g), ("t5xxl", t5xxl))}
+        t5 = self._t5_hidden(t5xxl, padded=not skip["t5xxl"]) if "t5xxl" in self.encoders else None
         width = t5.shape[-1] if t5 is not None else SD3_CONTEXT_WIDTH
-        states: dict[str, Tensor] = {}
-        pooled = []
-        for slot, clip_width in SD3_CLIP_WIDTHS.items():
-            encoder = self.encoders.get(slot)
-            if encoder is None:
-                pooled.append(torch.zeros(1, clip_width))
-                continue
-            states[slot], slot_pooled = self._hidden(slot, encoder, self._chunks(slot, encoder, text))  # type: ignore[arg-type]
-            pooled.append(slot_pooled)
+        pooled = [torch.zeros(1, clip_width) for clip_width in SD3_CLIP_WIDTHS.values()]
         parts = []
-        if states:
+        present = [slot for slot in SD3_CLIP_WIDTHS if slot in self.encoders]
+        if present and not (skip["clip_l"] and skip["clip_g"]):
+            prompts = {"clip_l": clip_l, "clip_g": clip_g}
+            chunks = {slot: [] if skip[slot] else self._chunks(slot, self.encoders[slot], prompts[slot])  # type: ignore[arg-type]
+                      for slot in present}
+            count = max(len(slot_chunks) for slot_chunks in chunks.values())
+            states: dict[str, Tensor] = {}
+            for index, slot in enumerate(SD3_CLIP_WIDTHS):
+                if slot not in chunks:
+                    continue
+                encoder = self.encoders[slot]
+                empty = self._chunks(slot, encoder, "")  # type: ignore[arg-type]
+                slot_chunks = chunks[slot] + empty * (count - len(chunks[slot]))
+                states[slot], pooled[index] = self._hidden(slot, encoder, slot_chunks)  # type: ignore[arg-type]
             length = next(iter(states.values())).shape[1]
             lg = torch.cat([states.get(slot, torch.zeros(1, length, w)) for slot, w in SD3_CLIP_WIDTHS.items()], dim=-1)
             parts.append(F.pad(lg, (0, width - lg.shape[-1])))
         if t5 is not None:
             parts.append(t5)
-        if not parts:
-            raise ValueError("SD3 conditioning needs at least one text encoder (clip_l, clip_g or t5xxl)")
+        if not present and t5 is None:
+            raise MissingTextEncoderError("SD3 conditioning needs at least one text encoder (clip_l, clip_g or t5xxl)")
+        context = torch.cat(parts, dim=1) if parts else torch.zeros(1, 77, width)
         vector = torch.cat(pooled, dim=-1)
-        return CondEntry(context=torch.cat(parts, dim=1), pooled=vector, y=vector)
+        return CondEntry(context=context, pooled=vector, y=vector)
 
     def _encode_flux(self, text: str, text_secondary: str | None) -> CondEntry:
         """Flux: T5's states are the context; CLIP-L's pooled output (unprojected) the vector.
         `text` goes to T5 and `text_secondary` (default: the same) to CLIP-L (CLIPTextEncodeFlux)."""
         if "t5xxl" not in self.encoders or "clip_l" not in self.encoders:
             missing = [slot for slot in ("clip_l", "t5xxl") if slot not in self.encoders]
-            raise ValueError(f"Flux conditioning needs CLIP-L and T5; missing: {', '.join(missing)}")
+            raise MissingTextEncoderError(f"Flux conditioning needs CLIP-L and T5; missing: {', '.join(missing)}")
         encoder = self.encoders["clip_l"]
         clip_prompt = text if text_secondary is None else text_secondary
         _, pooled = self._hidden("clip_l", encoder, self._chunks("clip_l", encoder, clip_prompt)[:1],  # type: ignore[arg-type]
@@ -214,10 +240,10 @@ class TextEncoders:
         SDXL: `text` goes to CLIP-G and `text_secondary` (default: the same) to CLIP-L; the states
         are concatenated and the pooled CLIP-G embedding with the size conditioning forms `y`.
         Sizes are (height, width) in pixels; crop is (top, left). SD3 and Flux: see
-        :meth:`_encode_sd3` and :meth:`_encode_flux` (Flux: `text` to T5, `text_secondary` to CLIP-L).
+        :meth:`encode_sd3` and :meth:`_encode_flux` (Flux: `text` to T5, `text_secondary` to CLIP-L).
         """
         if self.family.latent_family == "sd3":
-            return self._encode_sd3(text)
+            return self.encode_sd3(text, text, text)
         if self.family.latent_family == "flux":
             return self._encode_flux(text, text_secondary)
         hidden_parts: list[Tensor] = []

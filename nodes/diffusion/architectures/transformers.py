@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -20,9 +20,12 @@ from torch import nn
 
 from ..networks import flux as flux_module
 from ..networks import mmdit as mmdit_module
+from ..sampling.model_sampling import ModelSampling
+from ..text import clip as clip_module
 from ..vae import autoencoder as vae_module
 from ..weights.files import DiffusersFolder, WeightFile
 from ..weights.loading import StateDictMismatchError, WrongModelKindError, instantiate, key_list, target_device_dtype
+from ..weights.storage import compute_in
 from .detection import (
     TEXT_ENCODER_SLOTS,
     ComponentKeys,
@@ -41,6 +44,7 @@ from .parts import (
     load_t5_component,
     load_vae_component,
     stored_component,
+    text_encoder_shapes,
 )
 from .stable_diffusion import LatentFormat
 
@@ -74,6 +78,20 @@ TRANSFORMER_FAMILIES: Mapping[str, TransformerFamily] = {
 }
 
 
+def model_sampling_for(family: ModelFamily) -> ModelSampling:
+    """How a transformer family is driven unless a graph says otherwise (ComfyUI's defaults, which
+    ModelSamplingSD3 / ModelSamplingFlux change): SD3 a constant shift of 3 with timesteps sigma * 1000;
+    Flux.1-dev Flux's resolution shift at 1024x1024 (mu 1.15); Flux.1-schnell no shift. Flux takes
+    sigma itself (multiplier 1)."""
+    if family is ModelFamily.SD3:
+        return ModelSampling.flow(shift=3.0, multiplier=1000.0)
+    if family is ModelFamily.FLUX:
+        return ModelSampling.flux(mu=1.15, multiplier=1.0)
+    if family is ModelFamily.FLUX_SCHNELL:
+        return ModelSampling.flow(shift=1.0, multiplier=1.0)
+    raise ValueError(f"{family.label} is not a transformer family")
+
+
 @dataclass
 class LoadedTransformer:
     """A loaded transformer diffusion model and what its file carried besides.
@@ -93,6 +111,11 @@ class LoadedTransformer:
     text_encoders: dict[str, nn.Module] = field(default_factory=dict)
     unexpected_keys: list[str] = field(default_factory=list)
 
+    @property
+    def sampling(self) -> ModelSampling:
+        """The family's default model sampling (:func:`model_sampling_for`)."""
+        return model_sampling_for(self.family)
+
 
 def _latent_format(family: ModelFamily, channels: int, vae_config: vae_module.VAEConfig | None) -> LatentFormat:
     if vae_config is not None:
@@ -104,6 +127,8 @@ def _latent_format(family: ModelFamily, channels: int, vae_config: vae_module.VA
 
 # OpenAI's CLIP-L is 768 wide; OpenCLIP ViT-H (1024) and bigG (1280) are wider.
 _OPENAI_CLIP_WIDTH = 768
+_OPENCLIP_H_WIDTH = 1024
+_OPENCLIP_SLOTS = ("clip_h", "clip_g")
 
 
 def _is_openclip_in_hf_names(source: WeightFile, slot: str, keys: ComponentKeys) -> bool:
@@ -112,7 +137,7 @@ def _is_openclip_in_hf_names(source: WeightFile, slot: str, keys: ComponentKeys)
     if keys.layout != "hf":
         return False
     if slot != "text_encoder":
-        return slot == "clip_g"
+        return slot in _OPENCLIP_SLOTS
     widths = [shape[1] for key, shape in source.shapes().items()
               if key.startswith(keys.prefix) and key.endswith("embeddings.token_embedding.weight")]
     return bool(widths) and widths[0] > _OPENAI_CLIP_WIDTH
@@ -137,8 +162,14 @@ def load_transformer(
     dtype: str | torch.dtype | None = None,
     *,
     strict: bool = True,
+    storage_dtype: torch.dtype | None = None,
 ) -> LoadedTransformer:
-    """Load an SD3 or Flux model file or diffusers folder: the network, and the VAE and text encoders it carries."""
+    """Load an SD3 or Flux model file or diffusers folder: the network, and the VAE and text encoders it carries.
+
+    storage_dtype: keep the network's weights in this dtype (``torch.float8_e4m3fn``: a quarter of
+    float32's memory), each layer upcast to the compute dtype when it runs; None keeps fp8 files as
+    stored and converts the rest to the compute dtype.
+    """
     source, detection = open_source(path)
     component = detection.denoiser
     if detection.kind not in (FileKind.CHECKPOINT, FileKind.DIFFUSION_MODEL) or component not in TRANSFORMER_FAMILIES:
@@ -159,10 +190,13 @@ def load_transformer(
                                                 **extra_config)
     target_device, target_dtype = target_device_dtype(device, dtype, "unet")
     # fp8 files (most Flux downloads) stay fp8 in memory; layers upcast one at a time when they run.
-    state_dict, scales = stored_component(source, keys, target_device, target_dtype, detection.path)
+    state_dict, scales = stored_component(source, keys, target_device, storage_dtype or target_dtype, detection.path)
     state_dict = to_original_keys(component, keys, state_dict, detection.path)
     network, extra = instantiate(lambda: family_spec.build(config), state_dict, component, detection.path, strict)
-    finish_stored(network, target_dtype, scales)
+    if storage_dtype is not None and storage_dtype != target_dtype:
+        compute_in(network, target_dtype, scales)
+    else:
+        finish_stored(network, target_dtype, scales)
     unexpected += extra
 
     vae = vae_config = None
@@ -182,20 +216,100 @@ def load_transformer(
                              text_encoders, unexpected)
 
 
+class TextEncoderSetError(ValueError):
+    """Text-encoder files that cannot be used together (two of one kind, CLIP towers that cannot be told apart)."""
+
+
+@dataclass(frozen=True)
+class TextEncoderFile:
+    """What a text-encoder file holds, read from its header.
+
+    components: component name -> where its keys are: the slot a file names itself (``t5xxl``, or
+    ``clip_l``/``clip_g`` in a checkpoint's ``text_encoders.*``), ``text_encoder`` for a lone CLIP
+    tower. clip_size: (width, layers) of the lone CLIP tower, None when there is none.
+    """
+
+    path: str
+    detection: Detection
+    components: dict[str, ComponentKeys]
+    clip_size: tuple[int, int] | None = None
+
+
+def read_text_encoder_file(path: str | os.PathLike[str] | WeightFile) -> TextEncoderFile:
+    """What the text-encoder file (or checkpoint) at `path` holds; raises WrongModelKindError when it holds none."""
+    source, detection = open_source(path)
+    components = {name: keys for name, keys in detection.components.items()
+                  if name in TEXT_ENCODER_SLOTS or name == "text_encoder"}
+    if not components:
+        raise WrongModelKindError(detection.path, f"expected a text encoder, but this is {detection.describe()}")
+    size = None
+    if "text_encoder" in components:
+        with component_errors(detection.path, "text_encoder"):
+            config = clip_module.text_encoder_config_from_shapes(
+                text_encoder_shapes(source.shapes(), components["text_encoder"]))
+        size = (config.width, config.layers)
+    return TextEncoderFile(detection.path, detection, components, size)
+
+
+def _lone_clip_slot(width: int) -> str:
+    """Which CLIP a lone tower is by its width: OpenAI ViT-L (768 or less), OpenCLIP ViT-H, else bigG."""
+    if width <= _OPENAI_CLIP_WIDTH:
+        return "clip_l"
+    return "clip_h" if width == _OPENCLIP_H_WIDTH else "clip_g"
+
+
+def assign_text_encoder_slots(files: Sequence[TextEncoderFile]) -> list[dict[str, str]]:
+    """The slot each component of each file fills when the files are used together (ComfyUI's
+    DualCLIPLoader / TripleCLIPLoader): -> per file, component name -> slot.
+
+    T5 files fill ``t5xxl`` and slots a file names itself are kept. Lone CLIP towers are told
+    apart by size: of two, the wider (then the deeper) is CLIP-G and the other CLIP-L, as bigG is
+    to ViT-L; a single one is CLIP-L up to 768 wide, CLIP-H at 1024, else CLIP-G. Raises
+    TextEncoderSetError naming the files when two fill one slot, two CLIPs have the same size or
+    more than two are lone CLIPs.
+    """
+    slots = [{name: name for name in file.components} for file in files]
+    lone = [index for index, file in enumerate(files) if file.clip_size is not None]
+    if len(lone) > 2:
+        raise TextEncoderSetError(f"{len(lone)} CLIP text encoders ({', '.join(files[i].path for i in lone)}); "
+                                  "at most two (CLIP-L and CLIP-G) condition one model")
+    if len(lone) == 1:
+        slots[lone[0]]["text_encoder"] = _lone_clip_slot(files[lone[0]].clip_size[0])  # type: ignore[index]
+    elif len(lone) == 2:
+        first, second = (files[i] for i in lone)
+        if first.clip_size == second.clip_size:
+            raise TextEncoderSetError(
+                f"{first.path} and {second.path} are CLIP towers of the same size {first.clip_size} (width, layers): "
+                "CLIP-L and CLIP-G cannot be told apart")
+        larger = max(lone, key=lambda i: files[i].clip_size)  # type: ignore[arg-type, return-value]
+        for index in lone:
+            slots[index]["text_encoder"] = "clip_g" if index == larger else "clip_l"
+    holder: dict[str, str] = {}
+    for file, file_slots in zip(files, slots):
+        for slot in file_slots.values():
+            if slot in holder:
+                raise TextEncoderSetError(f"{holder[slot]} and {file.path} are both a {slot} text encoder")
+            holder[slot] = file.path
+    return slots
+
+
 def load_text_encoder_file(
     path: str | os.PathLike[str] | WeightFile,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = None,
     *,
     strict: bool = True,
+    slots: Mapping[str, str] | None = None,
 ) -> dict[str, nn.Module]:
     """The text encoders of a text-encoder file (``models/text_encoders``, ``models/clip``) or of a
     checkpoint's ``text_encoders.*`` part, keyed by slot. A lone CLIP file's slot is ``text_encoder``
-    (which CLIP it is, the caller knows from where it goes); a T5 file's is ``t5xxl``."""
+    unless `slots` (component name -> slot, from :func:`assign_text_encoder_slots`) says which CLIP
+    it is, which also decides its activation (CLIP-G and CLIP-H: exact GELU); a T5 file's is ``t5xxl``."""
     source, detection = open_source(path)
-    slots = {slot: keys for slot, keys in detection.components.items()
-             if slot in TEXT_ENCODER_SLOTS or slot == "text_encoder"}
-    if not slots:
+    components = {name: keys for name, keys in detection.components.items()
+                  if name in TEXT_ENCODER_SLOTS or name == "text_encoder"}
+    if not components:
         raise WrongModelKindError(detection.path, f"expected a text encoder, but this is {detection.describe()}")
-    return {slot: load_text_encoder_component(source, detection, slot, keys, device, dtype, strict)[0]
-            for slot, keys in slots.items()}
+    targets = {name: (slots or {}).get(name, name) for name in components}
+    return {targets[name]: load_text_encoder_component(source, detection, targets[name], keys, device, dtype, strict)[0]
+            for name, keys in components.items()}

@@ -73,6 +73,17 @@ def _same(*names: str) -> dict[str, str]:
 MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
     "CheckpointLoaderSimple": NodeMapping("LoadCheckpoint", {"ckpt_name": "name"}, ("model", "clip", "vae"),
                                           ("ckpt_name",)),
+    # Newer ComfyUI versions added the encoder type, then the (advanced) load device, to the text-encoder loaders.
+    "UNETLoader": NodeMapping("LoadDiffusionModel", {"unet_name": "name", "weight_dtype": "weight_dtype"}, ("model",),
+                              ("unet_name", "weight_dtype")),
+    "CLIPLoader": NodeMapping("LoadTextEncoder", {"clip_name": "name", **_same("type", "device")}, ("clip",),
+                              ("clip_name", "type", "device"), later_widgets=2),
+    "DualCLIPLoader": NodeMapping(
+        "LoadTextEncoders", {"clip_name1": "name1", "clip_name2": "name2", **_same("type", "device")}, ("clip",),
+        ("clip_name1", "clip_name2", "type", "device"), later_widgets=1),
+    "TripleCLIPLoader": NodeMapping(
+        "LoadTextEncoders", {"clip_name1": "name1", "clip_name2": "name2", "clip_name3": "name3"}, ("clip",),
+        ("clip_name1", "clip_name2", "clip_name3")),
     "VAELoader": NodeMapping("LoadVAE", {"vae_name": "name"}, ("vae",), ("vae_name",)),
     "LoraLoader": NodeMapping(
         "LoadLora", {"lora_name": "name", **_same("model", "clip", "strength_model", "strength_clip")},
@@ -89,6 +100,12 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
          **_same("clip", "width", "height", "target_width", "target_height", "text_g", "text_l")},
         ("conditioning",),
         ("width", "height", "crop_w", "crop_h", "target_width", "target_height", "text_g", "text_l")),
+    "CLIPTextEncodeSD3": NodeMapping(
+        "TextEncodeSD3", _same("clip", "clip_l", "clip_g", "t5xxl", "empty_padding"), ("conditioning",),
+        ("clip_l", "clip_g", "t5xxl", "empty_padding")),
+    "CLIPTextEncodeFlux": NodeMapping("TextEncodeFlux", _same("clip", "clip_l", "t5xxl", "guidance"), ("conditioning",),
+                                      ("clip_l", "t5xxl", "guidance")),
+    "FluxGuidance": NodeMapping("FluxGuidance", _same("conditioning", "guidance"), ("conditioning",), ("guidance",)),
     "CLIPSetLastLayer": NodeMapping("SetClipSkip", {"clip": "clip", "stop_at_clip_layer": "clip_skip"}, ("clip",),
                                     ("stop_at_clip_layer",), {"stop_at_clip_layer": _stop_layer_to_clip_skip}),
     "ConditioningCombine": NodeMapping("ConditioningCombine", {"conditioning_1": "a", "conditioning_2": "b"},
@@ -113,6 +130,9 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
         ignored=frozenset({"vae"})),
     "EmptyLatentImage": NodeMapping("EmptyLatent", _same("width", "height", "batch_size"), ("latent",),
                                     ("width", "height", "batch_size"), needs_model=True),
+    # Our EmptyLatent shapes the latent for its model (16 channels for SD3 and Flux).
+    "EmptySD3LatentImage": NodeMapping("EmptyLatent", _same("width", "height", "batch_size"), ("latent",),
+                                       ("width", "height", "batch_size"), needs_model=True),
     "LatentUpscale": NodeMapping(
         "LatentUpscale", {"samples": "latent", "upscale_method": "method", **_same("width", "height", "crop")},
         ("latent",), ("upscale_method", "width", "height", "crop")),
@@ -164,6 +184,11 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
     "SplitSigmas": NodeMapping("SplitSigmas", _same("sigmas", "step"), ("high", "low"), ("step",)),
     "KSamplerSelect": NodeMapping("SelectSampler", _same("sampler_name"), ("sampler",), ("sampler_name",)),
     "CFGGuider": NodeMapping("Guider", _same("model", "positive", "negative", "cfg"), ("guider",), ("cfg",)),
+    "BasicGuider": NodeMapping("BasicGuider", _same("model", "conditioning"), ("guider",)),
+    "ModelSamplingSD3": NodeMapping("ModelSamplingSD3", _same("model", "shift"), ("model",), ("shift",)),
+    "ModelSamplingFlux": NodeMapping(
+        "ModelSamplingFlux", _same("model", "max_shift", "base_shift", "width", "height"), ("model",),
+        ("max_shift", "base_shift", "width", "height")),
     "SamplerCustomAdvanced": NodeMapping(
         "Sample", {"latent_image": "latent", **_same("noise", "guider", "sampler", "sigmas")}, ("latent", "denoised")),
     "SaveImage": NodeMapping("SaveImage", _same("images", "filename_prefix"), (), ("filename_prefix",)),
@@ -419,10 +444,24 @@ def _check_choice(node_class: type[Node], our_input: str, value: Any) -> str | N
     return f"{value!r} is not supported here (supported: {', '.join(map(str, spec.choices))})"
 
 
+# Our node types that load a diffusion model (a latent-making node with no sampler takes the only one).
+MODEL_LOADERS = frozenset({MAPPINGS["CheckpointLoaderSimple"].type, MAPPINGS["UNETLoader"].type})
+
+
+def _linked_model(entry: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> Any:
+    """The model link of a node: its own model input, or its guider's (SamplerCustomAdvanced)."""
+    model = entry["inputs"].get("model")
+    guider = entry["inputs"].get("guider")
+    if model is None and isinstance(guider, dict) and "from" in guider:
+        model = nodes.get(guider["from"], {}).get("inputs", {}).get("model")
+    return model
+
+
 def _model_source(node_id: str, nodes: dict[str, dict[str, Any]]) -> dict[str, str] | None:
     """The model a latent-making node is for: found at the first node downstream of it that takes a
-    model, then traced upstream through model-to-model nodes (LoRAs) to the loader. A node that feeds
-    no such node (it would not run in ComfyUI) takes the workflow's only model loader, if it has one."""
+    model (directly or through its guider), then traced upstream through model-to-model nodes
+    (LoRAs, model sampling) to the loader. A node that feeds no such node (it would not run in
+    ComfyUI) takes the workflow's only model loader, if it has one."""
     consumers: dict[str, list[str]] = defaultdict(list)
     for target, entry in nodes.items():
         for value in entry["inputs"].values():
@@ -431,7 +470,7 @@ def _model_source(node_id: str, nodes: dict[str, dict[str, Any]]) -> dict[str, s
     queue, seen = deque([node_id]), {node_id}
     while queue:
         current = queue.popleft()
-        model = nodes[current]["inputs"].get("model") if current != node_id else None
+        model = _linked_model(nodes[current], nodes) if current != node_id else None
         if isinstance(model, dict) and "from" in model:
             while True:
                 upstream = nodes.get(model["from"], {}).get("inputs", {}).get("model")
@@ -442,8 +481,7 @@ def _model_source(node_id: str, nodes: dict[str, dict[str, Any]]) -> dict[str, s
             if target not in seen:
                 seen.add(target)
                 queue.append(target)
-    loaders = [loader_id for loader_id, entry in nodes.items()
-               if entry["type"] == MAPPINGS["CheckpointLoaderSimple"].type]
+    loaders = [loader_id for loader_id, entry in nodes.items() if entry["type"] in MODEL_LOADERS]
     return {"from": loaders[0], "output": "model"} if len(loaders) == 1 else None
 
 
@@ -505,7 +543,7 @@ def convert_nodes(comfy_nodes: list[ComfyNode], importer: str, problems: _Proble
             model = _model_source(node.id, nodes)
             if model is None:
                 problems.add("needs_model", f"{node.type} feeds no sampler and the workflow has no single "
-                                            "checkpoint loader, so its model is unknown; connect it to a sampler",
+                                            "model loader, so its model is unknown; connect it to a sampler",
                              node.id)
             else:
                 nodes[node.id]["inputs"]["model"] = model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
@@ -10,22 +12,35 @@ from nodegraph.types import CLIP, CONDITIONING, CONTROL_NET, IMAGE, MASK
 
 from ..architectures.detection import ModelFamily
 from ..architectures.stable_diffusion import LoadedControlNet
-from ..components import TextEncoders
+from ..components import MissingTextEncoderError, TextEncoders
 from ..text.embeddings import EmbeddingNotFoundError
-from ..sampling.guidance import Conditioning, ControlSpec
+from ..sampling.guidance import DEFAULT_DISTILLED_GUIDANCE, Conditioning, ControlSpec
 from .common import InputError
 
-def _encode(clip: TextEncoders, text: str, input_name: str, **options: object) -> Conditioning:
+
+def _text_encoders(clip: TextEncoders | None) -> TextEncoders:
+    if clip is None:
+        raise InputError("clip", "this checkpoint has no text encoders; load them with LoadTextEncoders "
+                                 "(DualCLIPLoader / TripleCLIPLoader) or LoadTextEncoder")
+    return clip
+
+
+def _encode(clip: TextEncoders | None, text: str, input_name: str, **options: object) -> Conditioning:
+    clip = _text_encoders(clip)
     try:
         return (clip.encode(text, **options),)  # type: ignore[arg-type]
     except EmbeddingNotFoundError as error:
         raise InputError(input_name, str(error)) from None
+    except MissingTextEncoderError as error:
+        raise InputError("clip", str(error)) from None
 
 
 class TextEncode(Node):
-    """Encode a prompt with the model's text encoder(s). Supports (word:1.2) emphasis, long prompts
-    (in 75-token chunks) and embedding:name for textual-inversion embeddings in the embeddings folder.
-    For SDXL the size conditioning is for a 1024x1024 image; use TextEncodeSDXL to set it."""
+    """Encode a prompt with the model's text encoder(s): SD1.x/SD2.x/SDXL CLIPs, SD3's CLIP-L, CLIP-G
+    and T5-XXL, or Flux's CLIP-L and T5-XXL (every encoder gets the same prompt). Supports
+    (word:1.2) emphasis, long prompts (in 75-token chunks) and embedding:name for textual-inversion
+    embeddings in the embeddings folder. For SDXL the size conditioning is for a 1024x1024 image;
+    use TextEncodeSDXL to set it."""
 
     category = "conditioning"
 
@@ -38,6 +53,86 @@ class TextEncode(Node):
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         return self.Outputs(conditioning=_encode(inputs.clip, inputs.text, "text"))
+
+
+def _check_family(clip: TextEncoders, node: str, families: str, latent_family: str) -> None:
+    if clip.family.latent_family != latent_family:
+        raise InputError("clip", f"{node} needs {families} text encoders, got {clip.family.label}'s")
+
+
+_GUIDANCE = Field(DEFAULT_DISTILLED_GUIDANCE, ge=0.0, le=100.0,
+                  description="Guidance strength a guidance-distilled model (Flux.1-dev) is told; it "
+                              "replaces classifier-free guidance (keep cfg at 1).")
+
+
+class TextEncodeSD3(Node):
+    """Encode a prompt for SD3 with one text per encoder: CLIP-L, CLIP-G and T5-XXL. empty_padding
+    none leaves an empty prompt out instead of encoding it as padding (both CLIP prompts empty: no
+    CLIP states; empty T5 prompt: T5's end token alone), as ComfyUI's CLIPTextEncodeSD3 does."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        clip: CLIP.annotation
+        clip_l: str = Field("", description="Prompt for CLIP-L.", json_schema_extra={"multiline": True})
+        clip_g: str = Field("", description="Prompt for CLIP-G.", json_schema_extra={"multiline": True})
+        t5xxl: str = Field("", description="Prompt for T5-XXL.", json_schema_extra={"multiline": True})
+        empty_padding: Literal["none", "empty_prompt"] = Field(
+            "none", description="none: leave empty prompts out; empty_prompt: encode them as the empty prompt.")
+
+    class Outputs(NodeOutputs):
+        conditioning: CONDITIONING.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        clip = _text_encoders(inputs.clip)
+        _check_family(clip, "TextEncodeSD3", "SD3", "sd3")
+        try:
+            entry = clip.encode_sd3(inputs.clip_l, inputs.clip_g, inputs.t5xxl,
+                                    empty_padding=inputs.empty_padding == "empty_prompt")
+        except EmbeddingNotFoundError as error:
+            raise InputError("clip_l", str(error)) from None
+        except MissingTextEncoderError as error:
+            raise InputError("clip", str(error)) from None
+        return self.Outputs(conditioning=(entry,))
+
+
+class TextEncodeFlux(Node):
+    """Encode a prompt for Flux.1 with one text per encoder (CLIP-L gives the pooled vector, T5-XXL
+    the text states) and the guidance strength a guidance-distilled model (dev) is told."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        clip: CLIP.annotation
+        clip_l: str = Field("", description="Prompt for CLIP-L.", json_schema_extra={"multiline": True})
+        t5xxl: str = Field("", description="Prompt for T5-XXL.", json_schema_extra={"multiline": True})
+        guidance: float = _GUIDANCE
+
+    class Outputs(NodeOutputs):
+        conditioning: CONDITIONING.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        clip = _text_encoders(inputs.clip)
+        _check_family(clip, "TextEncodeFlux", "Flux.1", "flux")
+        (entry,) = _encode(clip, inputs.t5xxl, "t5xxl", text_secondary=inputs.clip_l)
+        return self.Outputs(conditioning=(entry.with_(guidance=inputs.guidance),))
+
+
+class FluxGuidance(Node):
+    """Set the guidance strength a guidance-distilled model (Flux.1-dev) is told, on every entry of a
+    conditioning. It takes the place of classifier-free guidance: sample with cfg 1 (BasicGuider)."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        conditioning: CONDITIONING.annotation
+        guidance: float = _GUIDANCE
+
+    class Outputs(NodeOutputs):
+        conditioning: CONDITIONING.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        return self.Outputs(conditioning=tuple(e.with_(guidance=inputs.guidance) for e in inputs.conditioning))
 
 
 class TextEncodeSDXL(Node):
@@ -61,7 +156,7 @@ class TextEncodeSDXL(Node):
         conditioning: CONDITIONING.annotation
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        clip: TextEncoders = inputs.clip
+        clip = _text_encoders(inputs.clip)
         if clip.family not in (ModelFamily.SDXL, ModelFamily.SDXL_REFINER):
             raise InputError("clip", f"TextEncodeSDXL needs SDXL text encoders, got {clip.family.value}'s")
         return self.Outputs(conditioning=_encode(
@@ -85,7 +180,7 @@ class SetClipSkip(Node):
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         try:
-            return self.Outputs(clip=inputs.clip.with_clip_skip(inputs.clip_skip))
+            return self.Outputs(clip=_text_encoders(inputs.clip).with_clip_skip(inputs.clip_skip))
         except ValueError as error:
             raise InputError("clip_skip", str(error)) from None
 
@@ -261,5 +356,6 @@ class ApplyControlNet(Node):
         return self.Outputs(positive=apply(inputs.positive), negative=apply(inputs.negative))
 
 
-NODES = [TextEncode, TextEncodeSDXL, SetClipSkip, ConditioningCombine, ConditioningConcat, ConditioningSetArea,
-         ConditioningSetMask, ConditioningSetTimestepRange, ConditioningZeroOut, ApplyControlNet]
+NODES = [TextEncode, TextEncodeSDXL, TextEncodeSD3, TextEncodeFlux, FluxGuidance, SetClipSkip, ConditioningCombine,
+         ConditioningConcat, ConditioningSetArea, ConditioningSetMask, ConditioningSetTimestepRange,
+         ConditioningZeroOut, ApplyControlNet]

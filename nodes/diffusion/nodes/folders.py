@@ -25,14 +25,21 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".
 
 # Subfolder names each kind goes by inside a models root: ours/ComfyUI's first, then A1111's.
 # A1111 keeps embeddings beside `models/`, hence the `../embeddings`.
+# Diffusion models without VAE or text encoders (SD3/Flux transformers, U-Nets) and text encoders
+# on their own go where ComfyUI keeps them, under its current names first and its older ones
+# (`unet`, `clip`) after; Forge's `text_encoder` too.
 KIND_SUBFOLDERS: dict[str, tuple[str, ...]] = {
     "checkpoints": ("checkpoints", "Stable-diffusion"),
+    "diffusion_models": ("diffusion_models", "unet"),
+    "text_encoders": ("text_encoders", "clip", "text_encoder"),
     "vae": ("vae", "VAE"),
     "loras": ("loras", "Lora", "LyCORIS"),
     "controlnet": ("controlnet", "ControlNet"),
     "embeddings": ("embeddings", "../embeddings"),
 }
 MODEL_KINDS = tuple(KIND_SUBFOLDERS)
+# ComfyUI's older kind names, accepted in the config file's [models.folders] table.
+KIND_ALIASES = {"unet": "diffusion_models", "clip": "text_encoders"}
 
 # A diffusers pipeline folder is one checkpoint, listed by its folder name.
 _DIFFUSERS_MARKER = "model_index.json"
@@ -103,11 +110,12 @@ def read_config(path: Path) -> FolderConfig:
     if not isinstance(folders, dict):
         raise FolderConfigError(f"{path}: 'models.folders' must be a table of kind = path(s)")
     extra: dict[str, tuple[Path, ...]] = {}
-    for kind, value in folders.items():
+    for name, value in folders.items():
+        kind = KIND_ALIASES.get(name, name)
         if kind not in KIND_SUBFOLDERS:
-            raise FolderConfigError(f"{path}: models.folders.{kind}: unknown kind; "
+            raise FolderConfigError(f"{path}: models.folders.{name}: unknown kind; "
                                     f"expected one of {', '.join(MODEL_KINDS)}")
-        extra[kind] = _paths(value, f"{path}: models.folders.{kind}", base)
+        extra[kind] = extra.get(kind, ()) + _paths(value, f"{path}: models.folders.{name}", base)
     inputs_table = data.get("inputs", {})
     if not isinstance(inputs_table, dict) or set(inputs_table) - {"dir"}:
         raise FolderConfigError(f"{path}: [inputs] takes one key, dir")

@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
+import torch
 from pydantic import Field
 
 from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
 from nodegraph.types import CLIP, CONTROL_NET, MODEL, VAE, Choices
 
-from ..architectures.detection import ModelFamily
-from ..architectures.stable_diffusion import load_checkpoint, load_controlnet, load_vae
 from ..architectures import lora
+from ..architectures.detection import Detection, FileKind, ModelFamily, detect
+from ..architectures.stable_diffusion import LatentFormat, load_checkpoint, load_controlnet, load_vae
+from ..architectures.transformers import (
+    TRANSFORMER_FAMILIES,
+    TextEncoderSetError,
+    assign_text_encoder_slots,
+    load_text_encoder_file,
+    load_transformer,
+    read_text_encoder_file,
+)
 from ..components import DiffusionModel, TextEncoders, VAEModel
 from ..sampling.model_sampling import ModelSampling
 from ..text.clip_tokenizer import CLIPTokenizer
+from ..vae.autoencoder import latent_scaling_for
+from ..weights.safetensors_io import CheckpointError
 from . import folders
 from .common import InputError, run_device
+
+logger = logging.getLogger(__name__)
 
 
 def _file_fingerprint(kind: str, name: Any) -> str | None:
@@ -40,11 +54,57 @@ def _resolve(kind: str, name: str, input_name: str = "name") -> Path:
         raise InputError(input_name, str(error)) from None
 
 
+def _detect(path: Path, name: str, input_name: str) -> Detection:
+    """What a model file holds; an architecture this library cannot build is refused by name."""
+    try:
+        detection = detect(path)
+    except CheckpointError as error:
+        raise InputError(input_name, str(error)) from None
+    if detection.kind is FileKind.UNSUPPORTED:
+        raise InputError(input_name, f"{name} is {detection.describe()}")
+    return detection
+
+
+def _text_encoders(encoders: dict[str, torch.nn.Module], family: ModelFamily) -> TextEncoders:
+    return TextEncoders(
+        encoders=encoders,
+        tokenizer=CLIPTokenizer.from_default(),
+        family=family,
+        embeddings_dirs=tuple(str(folder) for folder in folders.search_folders("embeddings")),
+    )
+
+
+def _load_model_file(
+    path: Path, name: str, input_name: str, ctx: RunContext, storage_dtype: torch.dtype | None = None,
+) -> tuple[DiffusionModel, TextEncoders | None, VAEModel | None]:
+    """A U-Net checkpoint, an SD3/Flux single file or a diffusion model alone -> (model, its text
+    encoders or None when the file has none, its VAE or None)."""
+    detection = _detect(path, name, input_name)
+    if detection.denoiser in TRANSFORMER_FAMILIES:
+        loaded = load_transformer(path, device=run_device(ctx), storage_dtype=storage_dtype)
+        network, sampling, encoders = loaded.network, loaded.sampling, loaded.text_encoders
+    else:
+        if storage_dtype is not None:
+            ctx.log.warning("%s: weights are kept in %s for SD3/Flux models only; this U-Net loads in its "
+                            "default dtype", name, storage_dtype)
+        loaded = load_checkpoint(path, device=run_device(ctx))  # type: ignore[assignment]
+        network, sampling, encoders = loaded.unet, ModelSampling.for_prediction(loaded.prediction), loaded.text_encoders
+    ctx.log.info("%s: %s", name, loaded.detection.describe())
+    model = DiffusionModel(network=network, family=loaded.family, sampling=sampling,
+                           latent_format=loaded.latent_format, name=name)
+    clip = _text_encoders(encoders, loaded.family) if encoders else None
+    vae = None if loaded.vae is None else VAEModel(loaded.vae, loaded.latent_format, name)
+    return model, clip, vae
+
+
 class LoadCheckpoint(Node):
-    """Load a Stable Diffusion checkpoint (SD1.x, SD2.x, SDXL; single file or diffusers folder): the
-    diffusion model, its text encoders and its VAE. The architecture is detected from the weights."""
+    """Load a checkpoint: SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux.1, as a single file or a diffusers
+    folder. The architecture is detected from the weights. Outputs the diffusion model and, when the
+    file holds them, its text encoders and VAE (SD3.5 and most Flux files have none: load them with
+    LoadTextEncoders and LoadVAE)."""
 
     category = "loaders"
+    version = 2
 
     class Inputs(NodeInputs):
         name: _model_file("checkpoints")  # type: ignore[valid-type]
@@ -59,35 +119,161 @@ class LoadCheckpoint(Node):
         return _file_fingerprint("checkpoints", literals.get("name"))
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        path = _resolve("checkpoints", inputs.name)
-        loaded = load_checkpoint(path, device=run_device(ctx))
-        ctx.log.info("%s: %s", inputs.name, loaded.detection.describe())
-        model = DiffusionModel(
-            network=loaded.unet,
-            family=loaded.family,
-            sampling=ModelSampling.for_prediction(loaded.prediction),
-            latent_format=loaded.latent_format,
-            name=inputs.name,
-        )
-        clip = TextEncoders(
-            encoders=loaded.text_encoders,
-            tokenizer=CLIPTokenizer.from_default(),
-            family=loaded.family,
-            embeddings_dirs=tuple(str(folder) for folder in folders.search_folders("embeddings")),
-        )
-        vae = None if loaded.vae is None else VAEModel(loaded.vae, loaded.latent_format, inputs.name)
+        model, clip, vae = _load_model_file(_resolve("checkpoints", inputs.name), inputs.name, "name", ctx)
         return self.Outputs(model=model, clip=clip, vae=vae)
 
 
-class LoadVAE(Node):
-    """Load a standalone VAE (to replace a checkpoint's own). Its latent space is taken as SD1/SD2's
-    unless the file says otherwise; pair SDXL VAEs with `family` = sdxl."""
+# ComfyUI's UNETLoader choices. Weights are then stored in the 8-bit format and each layer is
+# upcast when it runs; "fast" (fp8 matrix products on recent GPUs in ComfyUI) computes the same way here.
+WEIGHT_DTYPES: dict[str, torch.dtype | None] = {
+    "default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+WeightDtype = Literal["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
+
+
+class LoadDiffusionModel(Node):
+    """Load a diffusion model alone (no VAE, no text encoders): a Flux.1 or SD3 transformer or an SD
+    U-Net from the diffusion_models (or unet) folder. weight_dtype fp8 keeps an SD3/Flux model's
+    weights in 8 bits (a quarter of float32's memory), each layer upcast when it runs; "default"
+    keeps the file's own storage (fp8 files stay fp8)."""
 
     category = "loaders"
 
     class Inputs(NodeInputs):
+        name: _model_file("diffusion_models")  # type: ignore[valid-type]
+        weight_dtype: WeightDtype = Field("default", description="How the weights are stored in memory.")
+
+    class Outputs(NodeOutputs):
+        model: MODEL.annotation
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
+        return _file_fingerprint("diffusion_models", literals.get("name"))
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        path = _resolve("diffusion_models", inputs.name)
+        model, _, _ = _load_model_file(path, inputs.name, "name", ctx, WEIGHT_DTYPES[inputs.weight_dtype])
+        return self.Outputs(model=model)
+
+
+# What each ComfyUI text-encoder type takes (slots that must / may be filled) and the model family
+# it conditions. A single CLIP under "stable_diffusion" conditions the family its size tells.
+_SINGLE_CLIP_FAMILY = {"clip_l": ModelFamily.SD1, "clip_h": ModelFamily.SD2, "clip_g": ModelFamily.SDXL_REFINER}
+_TEXT_ENCODER_TYPES: dict[str, tuple[frozenset[str], ModelFamily | None]] = {
+    "stable_diffusion": (frozenset({"clip_l", "clip_h", "clip_g"}), None),
+    "sd3": (frozenset({"clip_l", "clip_g", "t5xxl"}), ModelFamily.SD3),
+    "sdxl": (frozenset({"clip_l", "clip_g"}), ModelFamily.SDXL),
+    "flux": (frozenset({"clip_l", "t5xxl"}), ModelFamily.FLUX),
+}
+# Families whose conditioning needs every slot of its type (SD3 fills a missing encoder with zeros).
+_ALL_SLOTS_NEEDED = {ModelFamily.SDXL, ModelFamily.FLUX}
+SingleTextEncoderType = Literal["stable_diffusion", "sd3"]
+DualTextEncoderType = Literal["sdxl", "sd3", "flux"]
+LoadDevice = Literal["default", "cpu"]
+
+
+def _load_text_encoders(names: list[tuple[str, str]], encoder_type: str, device: str,
+                        ctx: RunContext) -> TextEncoders:
+    """(input name, file name) pairs -> one CLIP value of the family `encoder_type` conditions."""
+    files = []
+    for input_name, name in names:
+        try:
+            files.append(read_text_encoder_file(_resolve("text_encoders", name, input_name)))
+        except CheckpointError as error:
+            raise InputError(input_name, str(error)) from None
+    try:
+        slots = assign_text_encoder_slots(files)
+    except TextEncoderSetError as error:
+        raise InputError(names[0][0], str(error)) from None
+    allowed, family = _TEXT_ENCODER_TYPES[encoder_type]
+    for (input_name, name), file_slots in zip(names, slots):
+        wrong = [slot for slot in file_slots.values() if slot not in allowed]
+        if wrong:
+            raise InputError(input_name, f"{name} is a {wrong[0]} text encoder, which type {encoder_type!r} does "
+                                         f"not take (it takes {', '.join(sorted(allowed))})")
+    filled = {slot for file_slots in slots for slot in file_slots.values()}
+    if family is None:
+        (slot,) = filled  # a single-file type
+        family = _SINGLE_CLIP_FAMILY[slot]
+    missing = sorted(allowed - filled)
+    if family in _ALL_SLOTS_NEEDED and missing:
+        raise InputError(names[0][0], f"type {encoder_type!r} needs {', '.join(sorted(allowed))}; "
+                                      f"missing: {', '.join(missing)}")
+    target = "cpu" if device == "cpu" else run_device(ctx)
+    encoders: dict[str, torch.nn.Module] = {}
+    for (input_name, name), file, file_slots in zip(names, files, slots):
+        encoders.update(load_text_encoder_file(file.path, device=target, slots=file_slots))
+        ctx.log.info("%s: %s", name, ", ".join(sorted(set(file_slots.values()))))
+    return _text_encoders(encoders, family)
+
+
+class LoadTextEncoder(Node):
+    """Load one text encoder from the text_encoders (or clip) folder. type: what it conditions:
+    stable_diffusion (a CLIP for SD1.x/SD2.x) or sd3 (one of SD3's CLIP-L, CLIP-G or T5-XXL; the
+    others count as empty)."""
+
+    category = "loaders"
+
+    class Inputs(NodeInputs):
+        name: _model_file("text_encoders")  # type: ignore[valid-type]
+        type: SingleTextEncoderType = Field("stable_diffusion", description="The model family it conditions.")
+        device: LoadDevice = Field("default", description="cpu: keep the encoder on the CPU (saves GPU memory).")
+
+    class Outputs(NodeOutputs):
+        clip: CLIP.annotation
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
+        return _file_fingerprint("text_encoders", literals.get("name"))
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        return self.Outputs(clip=_load_text_encoders([("name", inputs.name)], inputs.type, inputs.device, ctx))
+
+
+class LoadTextEncoders(Node):
+    """Load two or three text encoders into one: SDXL (CLIP-L + CLIP-G), SD3 (any of CLIP-L, CLIP-G,
+    T5-XXL; all three for TripleCLIPLoader) or Flux.1 (CLIP-L + T5-XXL). Which file is which is
+    read from the weights (T5 vs CLIP; of two CLIPs the larger is CLIP-G), so the order does not matter."""
+
+    category = "loaders"
+
+    class Inputs(NodeInputs):
+        name1: _model_file("text_encoders")  # type: ignore[valid-type]
+        name2: _model_file("text_encoders")  # type: ignore[valid-type]
+        name3: Optional[_model_file("text_encoders")] = None  # type: ignore[valid-type]
+        type: DualTextEncoderType = Field("sd3", description="The model family they condition.")
+        device: LoadDevice = Field("default", description="cpu: keep the encoders on the CPU (saves GPU memory).")
+
+    class Outputs(NodeOutputs):
+        clip: CLIP.annotation
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
+        parts = [_file_fingerprint("text_encoders", literals.get(name)) for name in ("name1", "name2", "name3")]
+        return "|".join(str(part) for part in parts)
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        names = [(key, value) for key, value in (("name1", inputs.name1), ("name2", inputs.name2),
+                                                  ("name3", inputs.name3)) if value is not None]
+        return self.Outputs(clip=_load_text_encoders(names, inputs.type, inputs.device, ctx))
+
+
+VAEFamily = Literal["auto", "sd1", "sd2", "sdxl", "sdxl_refiner", "sd3", "flux", "flux_schnell"]
+
+
+class LoadVAE(Node):
+    """Load a standalone VAE (to replace a checkpoint's own, or for models that come without one).
+    family: the latent space it serves, which sets its latent scaling. auto: from the latent
+    channels, 4 = SD1/SD2 and 16 = Flux.1 (ae.safetensors); pair SDXL VAEs with sdxl and SD3's
+    16-channel VAE with sd3."""
+
+    category = "loaders"
+    version = 2
+
+    class Inputs(NodeInputs):
         name: _model_file("vae")  # type: ignore[valid-type]
-        family: ModelFamily = Field(ModelFamily.SD1, description="Latent space the VAE serves.")
+        family: VAEFamily = Field("auto", description="Latent space the VAE serves.")
 
     class Outputs(NodeOutputs):
         vae: VAE.annotation
@@ -97,9 +283,21 @@ class LoadVAE(Node):
         return _file_fingerprint("vae", literals.get("name"))
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        loaded = load_vae(_resolve("vae", inputs.name), family=inputs.family, device=run_device(ctx))
-        assert loaded.latent_format is not None
-        return self.Outputs(vae=VAEModel(loaded.vae, loaded.latent_format, inputs.name))
+        path = _resolve("vae", inputs.name)
+        try:
+            loaded = load_vae(path, family=None if inputs.family == "auto" else inputs.family,
+                              device=run_device(ctx))
+        except CheckpointError as error:
+            raise InputError("name", str(error)) from None
+        latent_format = loaded.latent_format
+        if latent_format is None:
+            family = ModelFamily.FLUX if loaded.config.latent_channels == 16 else ModelFamily.SD1
+            ctx.log.info("%s: %d latent channels, taken as a %s VAE", inputs.name, loaded.config.latent_channels,
+                         family.label)
+            scaling = latent_scaling_for(family.latent_family)
+            latent_format = LatentFormat(loaded.config.latent_channels, scaling.scaling_factor,
+                                         scaling.shift_factor, loaded.config.downscale_factor)
+        return self.Outputs(vae=VAEModel(loaded.vae, latent_format, inputs.name))
 
 
 class LoadLora(Node):
@@ -181,4 +379,5 @@ class LoadControlNet(Node):
         return self.Outputs(control_net=loaded)
 
 
-NODES = [LoadCheckpoint, LoadVAE, LoadLora, LoadControlNet]
+NODES = [LoadCheckpoint, LoadDiffusionModel, LoadTextEncoder, LoadTextEncoders, LoadVAE, LoadLora,
+         LoadControlNet]

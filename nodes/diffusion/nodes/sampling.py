@@ -15,6 +15,7 @@ from nodegraph.types import CONDITIONING, GUIDER, LATENT, MODEL, NOISE, SAMPLER,
 from ..sampling import schedules
 from ..components import DiffusionModel, Latent, NoiseSource, ZeroNoise
 from ..sampling.guidance import CFGGuider, Conditioning, GuidanceError, check_conditioning
+from ..sampling.model_sampling import ModelSampling, ModelSamplingError
 from ..vae.previews import preview_image
 from ..sampling.run import SamplerChoice, resize_mask, sample
 from .common import InputError
@@ -94,7 +95,8 @@ def run_sampling(ctx: RunContext, guidance: Guidance, sampler: SamplerChoice, si
             ctx.progress(i + 1, total, preview_image(denoised, model.family.latent_family))
 
         result = sample(guider, sampler, sigmas, samples, start_noise, noise_mask=mask,
-                        generator=noise.sampler_generator(), device=device, callback=on_step)
+                        generator=noise.sampler_generator(), device=device, callback=on_step,
+                        noise_form=model.sampling.noise_form)
     denoised = last["denoised"].float().cpu()
     return latent.with_(samples=result), latent.with_(samples=denoised)
 
@@ -202,6 +204,84 @@ class Guider(Node):
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         _check_guidance(inputs.model, inputs.positive, inputs.negative)
         return self.Outputs(guider=Guidance(inputs.model, tuple(inputs.positive), tuple(inputs.negative), inputs.cfg))
+
+
+class BasicGuider(Node):
+    """Guide by the positive conditioning alone (cfg 1, no negative prompt): for guidance-distilled
+    models such as Flux.1 (dev takes its guidance strength from FluxGuidance) and for other models
+    sampled without classifier-free guidance. Half the work of Guider."""
+
+    category = "sampling"
+
+    class Inputs(NodeInputs):
+        model: MODEL.annotation
+        conditioning: CONDITIONING.annotation
+
+    class Outputs(NodeOutputs):
+        guider: GUIDER.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        _check_guidance(inputs.model, inputs.conditioning, ())
+        return self.Outputs(guider=Guidance(inputs.model, tuple(inputs.conditioning), (), 1.0))
+
+
+def _flow_multiplier(model: DiffusionModel, node: str) -> float:
+    """The timestep multiplier of a rectified-flow model (SD3 1000, Flux 1), kept when its shift changes."""
+    schedule = model.sampling.schedule
+    if not isinstance(schedule, schedules.FlowSchedule):
+        raise InputError("model", f"{node} applies to rectified-flow models (SD3, Flux.1); this is a "
+                                  f"{model.family.label} model")
+    return schedule.multiplier
+
+
+def _flow_sampling(make: Callable[[], ModelSampling], input_name: str) -> ModelSampling:
+    try:
+        return make()
+    except ModelSamplingError as error:
+        raise InputError(input_name, str(error)) from None
+
+
+class ModelSamplingSD3(Node):
+    """Sample a rectified-flow model (SD3, SD3.5) with a constant timestep shift: larger values spend
+    more steps at high noise (3.0 is SD3's default; some use 6 or more at high resolutions)."""
+
+    category = "model"
+
+    class Inputs(NodeInputs):
+        model: MODEL.annotation
+        shift: float = Field(3.0, gt=0.0, le=100.0, description="sigma' = shift*sigma / (1 + (shift-1)*sigma).")
+
+    class Outputs(NodeOutputs):
+        model: MODEL.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        multiplier = _flow_multiplier(inputs.model, "ModelSamplingSD3")
+        sampling = _flow_sampling(lambda: ModelSampling.flow(shift=inputs.shift, multiplier=multiplier), "shift")
+        return self.Outputs(model=inputs.model.with_sampling(sampling))
+
+
+class ModelSamplingFlux(Node):
+    """Sample Flux.1 with its resolution-dependent timestep shift, set for an image of width x
+    height: the shift exponent grows linearly with the image's token count, from base_shift at
+    256 tokens (256x256 pixels) to max_shift at 4096 (1024x1024)."""
+
+    category = "model"
+
+    class Inputs(NodeInputs):
+        model: MODEL.annotation
+        max_shift: float = Field(1.15, ge=0.0, le=100.0, description="Shift exponent at 4096 image tokens.")
+        base_shift: float = Field(0.5, ge=0.0, le=100.0, description="Shift exponent at 256 image tokens.")
+        width: int = Field(1024, ge=16, le=16384, multiple_of=8, description="Image width in pixels.")
+        height: int = Field(1024, ge=16, le=16384, multiple_of=8, description="Image height in pixels.")
+
+    class Outputs(NodeOutputs):
+        model: MODEL.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        multiplier = _flow_multiplier(inputs.model, "ModelSamplingFlux")
+        mu = schedules.flux_mu(inputs.width, inputs.height, base_shift=inputs.base_shift, max_shift=inputs.max_shift)
+        sampling = _flow_sampling(lambda: ModelSampling.flux(mu=mu, multiplier=multiplier), "max_shift")
+        return self.Outputs(model=inputs.model.with_sampling(sampling))
 
 
 class Sample(Node):
@@ -322,5 +402,5 @@ class KSamplerAdvanced(Node):
         return self.Outputs(latent=result)
 
 
-NODES = [RandomNoise, DisableNoise, Scheduler, SplitSigmas, SelectSampler, Guider, Sample, DenoiseStep, KSampler,
-         KSamplerAdvanced]
+NODES = [RandomNoise, DisableNoise, Scheduler, SplitSigmas, SelectSampler, Guider, BasicGuider, Sample, DenoiseStep,
+         KSampler, KSamplerAdvanced, ModelSamplingSD3, ModelSamplingFlux]
