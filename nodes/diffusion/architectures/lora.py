@@ -25,11 +25,24 @@ text encoders):
 
 The diffusers <-> LDM U-Net renaming is :func:`unet.ldm_key_from_diffusers`; the tables here are
 derived from it, never written out a second time.
+
+Files for the transformer denoisers (SD3 MMDiT, Flux) are parsed here too (``transformer.``,
+``lora_transformer_``, ``lycoris_``, ``base_model.model.`` diffusers names, XLabs' processor names,
+``lora_te3_`` / ``text_encoder_3.`` for T5, ComfyUI's ``text_encoders.<slot>.transformer.``) and
+matched by :mod:`.lora_transformers`, which places a module trained on one of diffusers' separate
+q/k/v layers on its rows of this library's fused weight (:class:`FusedLoraDelta`).
+
+Scale: ``alpha / rank`` with the file's ``.alpha`` entry; a diffusers file without one may carry
+PEFT's adapter config in its ``lora_adapter_metadata`` header entry (``lora_alpha``,
+``alpha_pattern``, ``use_rslora``, per component); with neither the scale is 1, diffusers'
+convention for PEFT files (``W + lora_B @ lora_A``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -42,27 +55,43 @@ from torch import Tensor
 
 from ..networks import unet as unet_module
 from ..weights.files import open_weights
-from .detection import ModelFamily
 from ..weights.safetensors_io import CheckpointError
+from .detection import ModelFamily
 
 logger = logging.getLogger(__name__)
 
 TARGETS = ("unet", "clip_l", "clip_h", "clip_g")
 
 # Which file sections feed each target. ``te`` is the only encoder of an SD1 (CLIP-L) or SD2
-# (OpenCLIP-H) LoRA; SDXL files split into ``te1`` (CLIP-L) and ``te2`` (bigG).
+# (OpenCLIP-H) LoRA; SDXL files split into ``te1`` (CLIP-L) and ``te2`` (bigG). ComfyUI names the
+# slot itself (``text_encoders.clip_l.transformer.``).
 _SECTIONS_BY_TARGET: dict[str, tuple[str, ...]] = {
     "unet": ("unet",),
-    "clip_l": ("te", "te1"),
-    "clip_h": ("te",),
-    "clip_g": ("te2",),
+    "clip_l": ("te", "te1", "clip_l"),
+    "clip_h": ("te", "clip_h"),
+    "clip_g": ("te2", "clip_g"),
 }
 
-_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te_": "te"}
-# diffusers/PEFT names, and the plain LDM names some tools write (``diffusion_model.input_blocks...``).
-_DOTTED_PREFIXES = {"unet.": "unet", "text_encoder_2.": "te2", "text_encoder.": "te", "diffusion_model.": "unet"}
-# A diffusers U-Net LoRA saved without the ``unet.`` prefix (older pytorch_lora_weights files).
-_BARE_UNET_STARTS = ("down_blocks.", "mid_block.", "up_blocks.")
+# Sections: "unet" = the denoiser in the library's own (original) module names, "transformer" =
+# a transformer denoiser in diffusers' module names, "te"/"te1"/"te2"/"te3" = a text encoder by
+# its position in the training tool, "clip_l"/"clip_g"/"clip_h"/"t5xxl" = a text encoder by slot.
+_KOHYA_PREFIXES = {
+    "lora_unet_": "unet", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te3_": "te3", "lora_te_": "te",
+    # OneTrainer and SimpleTuner's LyCORIS files: diffusers transformer names, dots as underscores.
+    "lora_transformer_": "transformer", "lycoris_": "transformer",
+}
+# diffusers/PEFT names, and the plain original names some tools write (``diffusion_model.input_blocks...``).
+_DOTTED_PREFIXES = {
+    "unet.": "unet", "text_encoder_3.": "te3", "text_encoder_2.": "te2", "text_encoder.": "te",
+    "diffusion_model.": "unet", "transformer.": "transformer", "base_model.model.": "transformer",
+    "text_encoders.clip_l.transformer.": "clip_l", "text_encoders.clip_g.transformer.": "clip_g",
+    "text_encoders.clip_h.transformer.": "clip_h", "text_encoders.t5xxl.transformer.": "t5xxl",
+}
+# A diffusers U-Net LoRA saved without the ``unet.`` prefix (older pytorch_lora_weights files), and
+# XLabs' Flux files (``double_blocks.0.processor.qkv_lora1.down.weight``).
+_BARE_UNET_STARTS = ("down_blocks.", "mid_block.", "up_blocks.", "double_blocks.", "single_blocks.")
+# A diffusers transformer LoRA saved by ``save_lora_adapter`` (no ``transformer.`` prefix).
+_BARE_TRANSFORMER_STARTS = ("transformer_blocks.", "single_transformer_blocks.")
 
 # Key ending -> what the tensor is, for every LoRA flavour read here.
 _ROLE_SUFFIXES = (
@@ -71,6 +100,8 @@ _ROLE_SUFFIXES = (
     (".lora_mid.weight", "mid"),
     (".lora_A.weight", "down"),
     (".lora_B.weight", "up"),
+    (".lora_A.default.weight", "down"),  # PEFT's adapter name left in by some exporters
+    (".lora_B.default.weight", "up"),
     (".lora.down.weight", "down"),
     (".lora.up.weight", "up"),
     (".lora_linear_layer.down.weight", "down"),
@@ -82,17 +113,32 @@ _ROLE_SUFFIXES = (
 _PROCESSOR_KEY = re.compile(r"^(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _TEXT_PROCESSOR_KEY = re.compile(r"^(.+\.self_attn)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _CLIP_ATTENTION_LAYERS = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
-# Other LyCORIS algorithms: recognised so a file using them is refused by name, not half-applied.
+# XLabs' Flux LoRA processors: ``<block>.processor.qkv_lora1.down.weight`` (see lora_transformers).
+_XLABS_KEY = re.compile(r"^(.+\.processor\.(?:qkv|proj)_lora\d?)\.(down|up)\.weight$")
+# Other LyCORIS algorithms, DoRA and LoRA biases: recognised so a file using them is refused by
+# name, not half-applied.
 _UNSUPPORTED = re.compile(
-    r"\.(hada_w[12]_[ab]|hada_t[12]|lokr_w[12](_[ab])?|lokr_t2|dora_scale|diff|diff_b|w_norm|b_norm)$"
+    r"\.(hada_w[12]_[ab]|hada_t[12]|lokr_w[12](_[ab])?|lokr_t2|dora_scale|diff|diff_b|w_norm|b_norm"
+    r"|lora_magnitude_vector(\.weight)?|lora_B\.bias)$"
 )
+# diffusers' safetensors header entry holding PEFT's LoraConfig as JSON.
+PEFT_METADATA_KEY = "lora_adapter_metadata"
 
 
-# Prefixes of metadata values naming the base model (ModelSpec architecture ids, kohya's version names).
+# Prefixes of metadata values naming the base model (ModelSpec architecture ids, kohya's version
+# names), first match wins: Flux.2 is another architecture than Flux.1.
 _FAMILY_MARKERS = (
     ("stable-diffusion-xl", "sdxl"), ("sdxl", "sdxl"),
     ("stable-diffusion-v2", "sd2"), ("sd_v2", "sd2"),
     ("stable-diffusion-v1", "sd1"), ("sd_v1", "sd1"),
+    ("stable-diffusion-3", "sd3"), ("sd3", "sd3"),
+    ("flux-2", "flux2"), ("flux.2", "flux2"), ("flux2", "flux2"),
+    ("flux-1", "flux"), ("flux1", "flux"), ("flux", "flux"),
+)
+# Module names (below their section) that only one transformer family has.
+_FAMILY_MODULE_STARTS = (
+    ("unet", "double_blocks_", "flux"), ("unet", "single_blocks_", "flux"), ("unet", "joint_blocks_", "sd3"),
+    ("transformer", "single_transformer_blocks_", "flux"),
 )
 
 
@@ -124,6 +170,11 @@ class LoraDelta:
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The file's modules this delta is made of (one)."""
+        return (self.source,)
 
     @property
     def scale(self) -> float:
@@ -169,10 +220,75 @@ def _without_unit_kernel(shape: Sequence[int]) -> tuple[int, ...]:
     return shape[:2] if all(size == 1 for size in shape[2:]) else shape
 
 
+@dataclass(frozen=True, eq=False)
+class FusedLoraDelta:
+    """LoRA modules trained on layers that this library keeps fused into one weight (diffusers'
+    separate ``to_q``/``to_k``/``to_v`` in a ``qkv`` weight), each adding to its own rows.
+
+    parts: (first row, delta) pairs, sorted and not overlapping; rows no part covers get nothing.
+    """
+
+    parts: tuple[tuple[int, LoraDelta], ...]
+
+    @property
+    def source(self) -> str:
+        return " + ".join(self.sources)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(delta.source for _, delta in self.parts)
+
+    def fits(self, shape: Sequence[int]) -> bool:
+        """Whether every part fits its rows of a weight of ``shape``."""
+        return all(
+            start + delta.natural_shape()[0] <= shape[0] and delta.fits((delta.natural_shape()[0], *shape[1:]))
+            for start, delta in self.parts
+        )
+
+    def tensor(
+        self, shape: Sequence[int], dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> Tensor:
+        """The full delta for a weight of ``shape`` (zeros outside the parts' rows), like :meth:`LoraDelta.tensor`."""
+        if not self.fits(shape):
+            raise LoraShapeError(
+                f"LoRA modules {self.source!r} make rows "
+                f"{[(start, start + delta.natural_shape()[0]) for start, delta in self.parts]}; "
+                f"they cannot be added to a weight of shape {tuple(shape)}"
+            )
+        total = torch.zeros(tuple(shape), dtype=torch.float32, device=device)
+        for start, delta in self.parts:
+            rows = delta.natural_shape()[0]
+            total[start:start + rows] = delta.tensor((rows, *shape[1:]), torch.float32, device)
+        return total.to(dtype)
+
+
+WeightLoraDelta = LoraDelta | FusedLoraDelta
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one LoRA module's product goes.
+
+    param: the weight parameter; rows: (start, stop) of the rows it fills when the library fuses the
+    module's layer with others, None for the whole weight; swap_halves: the layer's two output halves
+    are stored the other way round here (diffusers' (scale, shift) adaLN vs the original (shift, scale)).
+    """
+
+    param: str
+    rows: tuple[int, int] | None = None
+    swap_halves: bool = False
+
+
+def halves_swapped(delta: LoraDelta) -> LoraDelta:
+    """``delta`` with the two halves of its output rows exchanged (the rows of ``up`` carry them)."""
+    first, second = delta.up.chunk(2, dim=0)
+    return LoraDelta(delta.source, delta.down, torch.cat((second, first), dim=0), delta.mid, delta.alpha)
+
+
 # --------------------------------------------------------------------------- U-Net module names
 
 
-def _underscored(name: str) -> str:
+def underscored(name: str) -> str:
     return name.replace(".", "_")
 
 
@@ -237,8 +353,8 @@ class _DiffusersModuleNames:
 
     def underscored_to_ldm(self) -> dict[str, str]:
         """Underscored diffusers module or attention-block prefix -> dotted LDM module or prefix."""
-        table = {_underscored(k): v for k, v in self.modules.items()}
-        table.update({_underscored(k): v for k, v in self.block_prefixes.items()})
+        table = {underscored(k): v for k, v in self.modules.items()}
+        table.update({underscored(k): v for k, v in self.block_prefixes.items()})
         return table
 
 
@@ -332,16 +448,16 @@ def kohya_state_dict(
                     raise ValueError(
                         f"U-Net parameter {param!r} has no diffusers counterpart, so no kohya {family.value} name"
                     )
-                _put(result, "lora_unet_" + _underscored(diffusers), factors, param)
+                _put(result, "lora_unet_" + underscored(diffusers), factors, param)
         else:
             for param, factors in unet.items():
-                _put(result, "lora_unet_" + _underscored(_module_of(param)), factors, param)
+                _put(result, "lora_unet_" + underscored(_module_of(param)), factors, param)
     prefixes = _TEXT_PREFIX_BY_FAMILY[family]
     for slot, params in text.items():
         if slot not in prefixes:
             raise ValueError(f"a {family.value} model has no text encoder {slot!r}; expected one of {sorted(prefixes)}")
         for param, factors in params.items():
-            _put(result, prefixes[slot] + _underscored(_module_of(param)), factors, param)
+            _put(result, prefixes[slot] + underscored(_module_of(param)), factors, param)
     return result
 
 
@@ -414,19 +530,25 @@ class LoraFile:
             if role in factors.setdefault(module, {}):
                 raise LoraFormatError(path, f"module {module!r} has its {role} factor twice (key {key!r})")
             factors[module][role] = tensor
+        peft_alpha = _peft_alphas(path, metadata or {})
         modules: dict[str, _LoraModule] = {}
         for source, parts in factors.items():
             section = _section(source)
             if section is None:
                 ignored.extend(f"{source} ({role})" for role in parts)
                 continue
-            modules[source] = _LoraModule(section[0], section[1], _delta(path, source, parts))
+            delta = _delta(path, source, parts)
+            if delta.alpha is None:
+                alpha = peft_alpha(source, delta.rank)
+                if alpha is not None:
+                    delta = LoraDelta(delta.source, delta.down, delta.up, delta.mid, alpha)
+            modules[source] = _LoraModule(section[0], section[1], delta)
         if not modules:
             shown = ", ".join(repr(k) for k in list(state_dict)[:5]) + (", ..." if len(state_dict) > 5 else "")
             raise LoraFormatError(
                 path, f"no LoRA modules found among its {len(state_dict)} keys ({shown}); "
                 "expected kohya (lora_unet_*/lora_te*_* with lora_down/lora_up) or diffusers/PEFT "
-                "(unet.*/text_encoder*.* with lora_A/lora_B) keys"
+                "(unet.*/transformer.*/text_encoder*.* with lora_A/lora_B) keys"
             )
         if ignored:
             logger.warning("%s: %d keys are not LoRA factors and are ignored (first: %s)",
@@ -435,19 +557,35 @@ class LoraFile:
 
     @property
     def family(self) -> str | None:
-        """The model family the LoRA was made for ("sd1", "sd2", "sdxl"), None when the file does not say.
+        """The model family the LoRA was made for ("sd1", "sd2", "sdxl", "sd3", "flux"; "flux2" for
+        Flux.2, which this library does not run), None when the file does not say.
 
         From the training tools' metadata (``modelspec.architecture``, kohya's ``ss_base_model_version``),
-        else from its sections: only SDXL LoRAs have two text encoders. Name matching cannot always
-        tell: SD1 and SDXL share many layer names and some shapes (their CLIP-L is the same model).
+        else from module names only one family has (Flux's ``double_blocks``/``single_blocks``/
+        ``single_transformer_blocks``, SD3's ``joint_blocks``), else from its sections: of the U-Net
+        families only SDXL LoRAs have two text encoders. Name matching cannot always tell: SD1 and SDXL
+        share many layer names and some shapes (their CLIP-L is the same model), SD3 and Flux share
+        diffusers' ``transformer_blocks`` names.
         """
         for key in ("modelspec.architecture", "ss_base_model_version"):
             value = self.metadata.get(key, "").lower()
             for marker, family in _FAMILY_MARKERS:
                 if value.startswith(marker):
                     return family
-        sections = {module.section for module in self.modules.values()}
-        return "sdxl" if sections & {"te1", "te2"} else None
+        modules = self.modules.values()
+        for section, start, family in _FAMILY_MODULE_STARTS:
+            if any(module.section == section and module.name.startswith(start) for module in modules):
+                return family
+        sections = {module.section for module in modules}
+        if sections & {"transformer", "te3", "t5xxl"}:
+            return None  # SD3 or Flux
+        # CLIP text encoders by position: two of them (or one beside a U-Net) is SDXL; Flux's kohya
+        # files also call CLIP-L te1, and older ones call T5 (``encoder_block_...``) te2.
+        clip_sections = {module.section for module in modules
+                         if module.section in ("te1", "te2") and module.name.startswith("text_model_")}
+        if "te2" in clip_sections or ("te1" in clip_sections and "unet" in sections):
+            return "sdxl"
+        return None
 
     @property
     def module_names(self) -> list[str]:
@@ -457,39 +595,85 @@ class LoraFile:
     def deltas(
         self, target: str, params: Mapping[str, Tensor | Sequence[int]] | Collection[str]
     ) -> tuple[dict[str, LoraDelta], list[str]]:
-        """Match the file's modules for ``target`` to a model's parameters.
+        """Match the file's modules for ``target`` of a U-Net model (SD1, SD2, SDXL) to its parameters.
 
         target: ``unet`` or a text-encoder slot (``clip_l``, ``clip_h``, ``clip_g``).
         params: the model's parameter names, or better its state dict / name -> shape mapping, so
         that a module whose product has another shape (a LoRA for another architecture with the
         same layer names) counts as unmatched instead of failing when applied.
         Returns (parameter name -> delta, names of the file's modules for ``target`` that match nothing).
+        SD3 and Flux models: :func:`.lora_transformers.match_lora`.
         """
         if target not in _SECTIONS_BY_TARGET:
             raise ValueError(f"unknown LoRA target {target!r}; expected one of {', '.join(TARGETS)}")
-        sections = _SECTIONS_BY_TARGET[target]
-        shapes = _shapes_of(params) if isinstance(params, Mapping) else None
         names = list(params)
-        resolve = _unet_resolver(names) if target == "unet" else _text_resolver(names)
-        matched: dict[str, LoraDelta] = {}
+        by_name = _unet_resolver(names) if target == "unet" else weight_index(names).get
+
+        def resolve(section: str, name: str) -> Placement | None:
+            param = by_name(name)
+            return None if param is None else Placement(param)
+
+        shapes = _shapes_of(params) if isinstance(params, Mapping) else None
+        matched, unmatched = self.match_modules(target, _SECTIONS_BY_TARGET[target], resolve, shapes)
+        return matched, unmatched  # type: ignore[return-value]  # no rows: every delta is a LoraDelta
+
+    def match_modules(
+        self,
+        target: str,
+        sections: Collection[str],
+        resolve: Callable[[str, str], Placement | None],
+        shapes: Mapping[str, tuple[int, ...]] | None,
+    ) -> tuple[dict[str, WeightLoraDelta], list[str]]:
+        """Place the file's modules of ``sections`` on a model's parameters.
+
+        resolve: (section, module name below it, dots as underscores) -> where its product goes,
+        None when the model has no such layer. shapes: parameter name -> shape; a module whose
+        product does not fit its place counts as unmatched (required for placements with rows).
+        Modules placed on rows of one weight become one :class:`FusedLoraDelta`.
+        Returns (parameter name -> delta, names of the file's modules of ``sections`` that match nothing).
+        Raises :class:`LoraFormatError` when two modules patch the same weight (rows).
+        """
+        pieces: dict[str, list[tuple[tuple[int, int] | None, LoraDelta]]] = {}
         unmatched: list[str] = []
         for source, module in self.modules.items():
             if module.section not in sections:
                 continue
-            param = resolve(module.name)
-            if param is None or (shapes is not None and not module.delta.fits(shapes[param])):
+            place = resolve(module.section, module.name)
+            delta = module.delta
+            if place is not None and place.swap_halves:
+                delta = halves_swapped(delta)
+            if place is None or (shapes is not None and not _fits_place(delta, place, shapes[place.param])):
                 unmatched.append(source)
                 continue
-            if param in matched:
-                raise LoraFormatError(
-                    self.path,
-                    f"modules {matched[param].source!r} and {source!r} both patch {target} parameter {param!r}",
-                )
-            matched[param] = module.delta
+            if place.rows is not None and shapes is None:
+                raise ValueError(f"placing {source!r} on rows of {place.param!r} needs the parameters' shapes")
+            placed = pieces.setdefault(place.param, [])
+            for rows, other in placed:
+                if rows is None or place.rows is None or (rows[0] < place.rows[1] and place.rows[0] < rows[1]):
+                    raise LoraFormatError(
+                        self.path, f"modules {other.source!r} and {source!r} both patch {target} parameter "
+                        f"{place.param!r}" + ("" if rows is None or place.rows is None else
+                                              f" (rows {rows[0]}:{rows[1]} and {place.rows[0]}:{place.rows[1]})"),
+                    )
+            placed.append((place.rows, delta))
+        matched: dict[str, WeightLoraDelta] = {}
+        for param, placed in pieces.items():
+            if len(placed) == 1 and placed[0][0] is None:
+                matched[param] = placed[0][1]
+            else:
+                matched[param] = FusedLoraDelta(tuple(sorted(
+                    ((rows[0], delta) for rows, delta in placed if rows is not None), key=lambda part: part[0])))
         if unmatched:
             logger.info("%s: %d of %d %s modules match no parameter (first: %s)", self.path, len(unmatched),
-                        len(unmatched) + len(matched), target, unmatched[0])
+                        len(unmatched) + sum(len(placed) for placed in pieces.values()), target, unmatched[0])
         return matched, unmatched
+
+
+def _fits_place(delta: LoraDelta, place: Placement, shape: tuple[int, ...]) -> bool:
+    if place.rows is None:
+        return delta.fits(shape)
+    start, stop = place.rows
+    return 0 <= start < stop <= shape[0] and delta.fits((stop - start, *shape[1:]))
 
 
 def load_lora(path: str | os.PathLike[str]) -> LoraFile:
@@ -518,6 +702,9 @@ def _split_key(key: str) -> tuple[str, str] | None:
     if match:
         owner, layer, role = match.groups()
         return f"{owner}.{_CLIP_ATTENTION_LAYERS[layer]}", role
+    match = _XLABS_KEY.match(key)
+    if match:
+        return match.group(1), match.group(2)
     for suffix, role in _ROLE_SUFFIXES:
         if key.endswith(suffix):
             return key[: -len(suffix)], role
@@ -531,9 +718,11 @@ def _section(source: str) -> tuple[str, str] | None:
             return section, source[len(prefix):]
     for prefix, section in _DOTTED_PREFIXES.items():
         if source.startswith(prefix):
-            return section, _underscored(source[len(prefix):])
+            return section, underscored(source[len(prefix):])
     if source.startswith(_BARE_UNET_STARTS):
-        return "unet", _underscored(source)
+        return "unet", underscored(source)
+    if source.startswith(_BARE_TRANSFORMER_STARTS):
+        return "transformer", underscored(source)
     return None
 
 
@@ -576,13 +765,57 @@ def _shapes_of(params: Mapping[str, Tensor | Sequence[int]]) -> dict[str, tuple[
     return {name: tuple(value.shape) if isinstance(value, Tensor) else tuple(value) for name, value in params.items()}
 
 
-def _weight_index(names: Collection[str]) -> dict[str, str]:
-    """underscored module path -> its ``.weight`` parameter name."""
-    return {_underscored(name[: -len(".weight")]): name for name in names if name.endswith(".weight")}
+def weight_index(names: Collection[str]) -> dict[str, str]:
+    """underscored module path (``double_blocks_0_img_attn_qkv``) -> its ``.weight`` parameter name."""
+    return {underscored(name[: -len(".weight")]): name for name in names if name.endswith(".weight")}
 
 
-def _text_resolver(names: Collection[str]) -> Callable[[str], str | None]:
-    return _weight_index(names).get
+def _peft_alphas(path: str, metadata: Mapping[str, str]) -> Callable[[str, int], float | None]:
+    """source module name, rank -> alpha from PEFT's LoraConfig in diffusers' header entry, None without one.
+
+    The config is per component (``transformer.lora_alpha``, ``text_encoder.alpha_pattern``, ...) in
+    pipeline-saved files, unprefixed in files saved from one model (whose keys have no prefix).
+    ``alpha_pattern`` keys name modules below the component, exactly or as a regular expression
+    matching the end of the name (PEFT's rule); ``use_rslora`` scales by alpha / sqrt(rank).
+    """
+    raw = metadata.get(PEFT_METADATA_KEY)
+    if not raw:
+        return lambda source, rank: None
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise LoraFormatError(path, f"header entry {PEFT_METADATA_KEY!r} is not JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise LoraFormatError(path, f"header entry {PEFT_METADATA_KEY!r} is not a JSON object")
+
+    def alpha(source: str, rank: int) -> float | None:
+        component, _, below = source.partition(".")
+        if f"{component}.lora_alpha" in config:
+            settings = {key[len(component) + 1:]: value for key, value in config.items()
+                        if key.startswith(component + ".")}
+            module = below
+        elif "lora_alpha" in config:
+            settings, module = config, source
+        else:
+            return None
+        patterns = settings.get("alpha_pattern") or {}
+        value = patterns.get(module)
+        if value is None:
+            for pattern, pattern_alpha in patterns.items():
+                try:
+                    if re.fullmatch(rf"(.*\.)?(?:{pattern})", module):
+                        value = pattern_alpha
+                        break
+                except re.error as error:
+                    raise LoraFormatError(path, f"{PEFT_METADATA_KEY}: alpha_pattern {pattern!r}: {error}") from None
+        try:
+            value = float(settings["lora_alpha"] if value is None else value)
+        except (TypeError, ValueError):
+            raise LoraFormatError(path, f"{PEFT_METADATA_KEY}: alpha of {source!r} is not a number") from None
+        # LoraDelta scales by alpha / rank; rsLoRA by alpha / sqrt(rank).
+        return value * math.sqrt(rank) if settings.get("use_rslora") else value
+
+    return alpha
 
 
 @lru_cache(maxsize=16)
@@ -592,7 +825,7 @@ def _underscored_table(layout: unet_module.DiffusersUNetLayout, levels: int) -> 
 
 def _unet_resolver(names: Collection[str]) -> Callable[[str], str | None]:
     """A function from an underscored module path (LDM or diffusers naming) to our U-Net parameter name."""
-    index = _weight_index(names)
+    index = weight_index(names)
     found = _layout_of_names(names)
     table = _underscored_table(*found) if found else {}
 
@@ -600,11 +833,11 @@ def _unet_resolver(names: Collection[str]) -> Callable[[str], str | None]:
         if name in index:
             return index[name]
         if name in table:
-            return index.get(_underscored(table[name]))
+            return index.get(underscored(table[name]))
         # An attention-block prefix ends at an underscore; what follows keeps its name in LDM.
         for position, char in enumerate(name):
             if char == "_" and name[: position + 1] in table:
-                return index.get(_underscored(table[name[: position + 1]]) + name[position + 1:])
+                return index.get(underscored(table[name[: position + 1]]) + name[position + 1:])
         return None
 
     return resolve
