@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import secrets
 from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit
@@ -20,9 +21,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
-def error_response(status: int, code: str, message: str, **extra: Any) -> web.Response:
-    """The JSON body every API error has: a machine-readable `error` code and a `message` for people."""
-    return web.json_response({"error": code, "message": message, **extra}, status=status)
+def error_response(http_status: int, code: str, message: str, **extra: Any) -> web.Response:
+    """The JSON body every API error has: a machine-readable `error` code and a `message` for people
+    (`extra` fields may include one named `status`: the HTTP status is `http_status`)."""
+    return web.json_response({"error": code, "message": message, **extra}, status=http_status)
 
 
 def new_token() -> str:
@@ -30,14 +32,46 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def _origin_netloc(origin: str) -> str | None:
+    try:
+        return urlsplit(origin).netloc.lower()
+    except ValueError:  # not a URL at all (an unbalanced '[', say): no origin it could match
+        return None
+
+
 @web.middleware
 async def same_origin_only(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse browser requests from other sites: a page elsewhere must not drive a local server."""
     origin = request.headers.get("Origin")
-    if origin is not None and urlsplit(origin).netloc.lower() != request.host.lower():
-        log.warning("refused %s %s from origin %s", request.method, request.path, origin)
-        return error_response(403, "forbidden_origin", f"requests from origin {origin!r} are not allowed; "
+    if origin is not None and _origin_netloc(origin) != request.host.lower():
+        log.warning("refused %s %s from origin %s", request.method, request.path, origin[:100])
+        return error_response(403, "forbidden_origin", f"requests from origin {origin[:100]!r} are not allowed; "
                                                        f"only pages served by {request.host} may use this API")
+    return await handler(request)
+
+
+# A Host header is a name or IPv4 address, or an IPv6 address in brackets, and an optional port:
+# nothing else (no userinfo such as `evil.example@127.0.0.1`, no path, no spaces).
+_HOST_HEADER = re.compile(r"(?P<name>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def host_name(header: str | None) -> str | None:
+    """The host name of a Host header (`localhost:8188` -> `localhost`, `[::1]:80` -> `::1`), or
+    None when the header is missing or is not a plain host[:port]."""
+    match = _HOST_HEADER.fullmatch(header) if header else None
+    return match["name"].strip("[]").lower() if match else None
+
+
+@web.middleware
+async def host_required(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse requests without a plain `Host: name[:port]` header: every check of where a request
+    is meant for (loopback names, same origin) reads it, and HTTP/1.1 requires it."""
+    if host_name(request.headers.get("Host")) is None:
+        shown = request.headers.get("Host")
+        log.warning("refused %s %s with Host %r", request.method, request.path, shown)
+        if shown is None:
+            return error_response(400, "missing_host", "the request has no Host header")
+        return error_response(400, "bad_host", f"Host header {shown[:100]!r} is not a host name with an optional port")
     return await handler(request)
 
 
@@ -45,10 +79,11 @@ async def same_origin_only(request: web.Request, handler: Handler) -> web.Stream
 async def loopback_host_only(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse Host names other than loopback ones: defeats DNS rebinding, where a foreign site's
     own name resolves to 127.0.0.1 and its pages would then pass the same-origin check."""
-    hostname = urlsplit(f"//{request.host}").hostname or ""
+    hostname = host_name(request.headers.get("Host"))
     if hostname not in LOOPBACK_NAMES:
         log.warning("refused %s %s for host %s", request.method, request.path, request.host)
-        return error_response(403, "forbidden_host", f"host {request.host!r} is not served; use localhost or 127.0.0.1")
+        return error_response(403, "forbidden_host", f"host {request.host[:100]!r} is not served; "
+                              "use localhost or 127.0.0.1")
     return await handler(request)
 
 

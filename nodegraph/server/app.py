@@ -6,25 +6,27 @@ import asyncio
 import json
 import logging
 import mimetypes
-import weakref
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..cache import OutputCache
 from ..event_json import event_json
-from ..events import Event
+from ..events import NODE_PREVIEW, Event
 from ..executor import Executor
 from ..files import atomic_write
 from ..importers import is_native
+from ..json_values import JsonRefused, decode_json, json_problems
 from ..registry import NodeRegistry
 from ..validation import WorkflowInvalid
-from .access import (LOOPBACK_NAMES, Handler, error_response, loopback_host_only, same_origin_only,
+from .access import (LOOPBACK_NAMES, Handler, error_response, host_required, loopback_host_only, same_origin_only,
                      token_required)
-from .folders import (IMAGE_SUFFIXES, MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, NotAFile, PathRefused, ServedFolder,
-                      UploadRefused, check_image, safe_file_name, store_upload)
+from .event_stream import EventHub, StreamLimits
+from .folders import (IMAGE_SUFFIXES, MAX_NAME_LENGTH, MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, NotAFile, PathRefused,
+                      ServedFolder, UploadRefused, check_image, safe_file_name, store_upload)
 from .openapi import openapi_document
 from .queue import (FINISHED, QUEUE_CHANGED, QUEUE_EVENT_IDS, WORKER_FIELDS, NotQueued, RunBackend, RunQueue, RunStore,
                     UnknownRun)
@@ -44,9 +46,8 @@ _EDITOR_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'
                "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 QUEUE_KEY = web.AppKey("queue", RunQueue)
-SOCKETS_KEY = web.AppKey("sockets", weakref.WeakSet)
+EVENTS_KEY = web.AppKey("events", EventHub)
 REGISTRY_KEY = web.AppKey("registry", NodeRegistry)
-BROADCASTER_KEY = web.AppKey("broadcaster", asyncio.Task)
 FOLDERS_KEY = web.AppKey("folders", dict)
 LIMITS_KEY = web.AppKey("limits", dict)
 
@@ -54,15 +55,37 @@ LIMITS_KEY = web.AppKey("limits", dict)
 class BadRequest(Exception):
     """A request the client must change: turned into a 400 response with this message."""
 
+    code = "bad_request"
+
+
+class BadJson(BadRequest):
+    """A request body that is not acceptable JSON (JsonRefused says why)."""
+
+    code = "bad_json"
+
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error as the API's JSON error body, aiohttp's own 4xx included; an unexpected fault
+    is logged with its traceback and answered as a JSON 500, never as a plain-text page."""
     try:
         return await handler(request)
     except web.HTTPRequestEntityTooLarge as error:
         return error_response(413, "body_too_large", error.text or "request body too large")
     except BadRequest as error:
-        return error_response(400, "bad_request", str(error))
+        return error_response(400, error.code, str(error))
+    except web.HTTPException as error:
+        if error.status < 400 or error.content_type == "application/json":
+            raise
+        code = error.reason.lower().replace(" ", "_").replace("-", "_")
+        return error_response(error.status, code, error.text if error.text and error.text != f"{error.status}: "
+                              f"{error.reason}" else error.reason, **({"allow": error.headers["Allow"]}
+                                                                    if "Allow" in error.headers else {}))
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:  # a fault of ours: the client gets a JSON error, the log gets the traceback
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(500, "internal_error", "the server failed on this request; its log has the details")
 
 
 @web.middleware
@@ -74,12 +97,25 @@ async def no_sniffing(request: web.Request, handler: Handler) -> web.StreamRespo
     return response
 
 
+_DECODE_ON_LOOP_BYTES = 256 * 1024
+"""Larger bodies are decoded on a thread, so one big request does not hold up the others."""
+
+
 async def _read_json(request: web.Request) -> Any:
+    body = await request.read()
     try:
-        return json.loads(await request.read())
-    except json.JSONDecodeError as error:
-        raise web.HTTPBadRequest(text=json.dumps({"error": "bad_json", "message": f"request body is not JSON: {error}"}),
-                                 content_type="application/json") from None
+        if len(body) > _DECODE_ON_LOOP_BYTES:
+            return await asyncio.to_thread(decode_json, body, "request body")
+        return decode_json(body, "request body")
+    except JsonRefused as error:
+        raise BadJson(str(error)) from None
+
+
+def _refuse_non_json(document: Any, what: str) -> None:
+    """400 for values a JSON client could not read back (NaN, lone surrogates, too deep)."""
+    problems = json_problems(document)
+    if problems:
+        raise BadJson(f"{what}: " + "; ".join(f"{p.where}: {p.message}" for p in problems[:5]))
 
 
 # -- runs and the queue --
@@ -121,8 +157,8 @@ async def list_runs(request: web.Request) -> web.Response:
     limit_text = request.query.get("limit")
     runs = await asyncio.to_thread(queue.list, status)
     if limit_text is not None:
-        if not limit_text.isdigit():
-            raise BadRequest(f"limit must be a whole number, got {limit_text!r}")
+        if not (limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 9):
+            raise BadRequest(f"limit must be a whole number (0 to 999999999), got {limit_text[:40]!r}")
         runs = runs[-int(limit_text):] if int(limit_text) else []
     summaries = [_with_file_urls(request, {k: v for k, v in run.items() if k != "workflow"}) for run in runs]
     return web.json_response({"runs": summaries, **queue.snapshot()})
@@ -258,6 +294,32 @@ async def upload_input(request: web.Request) -> web.Response:
                               f"at most {max_bytes} bytes are accepted")
     if not request.content_type.startswith("multipart/"):
         raise BadRequest("expected a multipart/form-data body with the image in a field named 'file'")
+    try:
+        found = await _multipart_file(request, max_bytes)
+    except (ValueError, AssertionError, KeyError, HttpProcessingError) as error:  # aiohttp's multipart reader on a bad body
+        raise BadRequest(f"the multipart body cannot be read ({type(error).__name__}: {str(error)[:200]}); expected "
+                         "multipart/form-data with a boundary and the image in a field named 'file'") from None
+    if found is None:
+        raise BadRequest("the multipart body has no field named 'file'")
+    if isinstance(found, web.Response):
+        return found
+    filename, data = found
+    try:
+        image_format, width, height = await asyncio.to_thread(check_image, data, limits["upload_pixels"])
+    except UploadRefused as error:
+        return error_response(415, "unsupported_image", str(error))
+    inputs = request.app[FOLDERS_KEY]["inputs"]
+    # Some clients percent-encode the name in Content-Disposition; it is only a hint anyway.
+    client_name = unquote(filename or "upload")
+    name = await asyncio.to_thread(store_upload, inputs, client_name, data, image_format)
+    log.info("stored upload %s (%s, %dx%d)", name, image_format, width, height)
+    return web.json_response({"name": name, "folder": "inputs", "format": image_format, "width": width,
+                              "height": height, "url": f"/api/files/inputs/{quote(name)}"}, status=201)
+
+
+async def _multipart_file(request: web.Request, max_bytes: int) -> tuple[str | None, bytes] | web.Response | None:
+    """The file name and bytes of the multipart field `file`; a 413 response when it is too big;
+    None when there is no such field."""
     reader = await request.multipart()
     while (part := await reader.next()) is not None:
         if getattr(part, "name", None) != "file":
@@ -268,19 +330,8 @@ async def upload_input(request: web.Request) -> web.Response:
             if size > max_bytes:
                 return error_response(413, "upload_too_large", f"upload is over {max_bytes} bytes")
             chunks.append(chunk)
-        data = b"".join(chunks)
-        try:
-            image_format, width, height = await asyncio.to_thread(check_image, data, limits["upload_pixels"])
-        except UploadRefused as error:
-            return error_response(415, "unsupported_image", str(error))
-        inputs = request.app[FOLDERS_KEY]["inputs"]
-        # Some clients percent-encode the name in Content-Disposition; it is only a hint anyway.
-        client_name = unquote(part.filename or "upload")
-        name = await asyncio.to_thread(store_upload, inputs, client_name, data, image_format)
-        log.info("stored upload %s (%s, %dx%d)", name, image_format, width, height)
-        return web.json_response({"name": name, "folder": "inputs", "format": image_format, "width": width,
-                                  "height": height, "url": f"/api/files/inputs/{quote(name)}"}, status=201)
-    raise BadRequest("the multipart body has no field named 'file'")
+        return part.filename, b"".join(chunks)
+    return None
 
 
 # -- saved workflows --
@@ -289,8 +340,8 @@ def _workflow_name(request: web.Request) -> str:
     name = request.match_info["name"]
     cleaned = safe_file_name(name, default_stem="")
     if cleaned != name or not name.endswith(".json"):
-        raise BadRequest(f"workflow name {name!r} must be a plain file name ending in .json "
-                         "(letters, digits, '.', '_', '-')")
+        raise BadRequest(f"workflow name {name[:100]!r} must be a plain file name ending in .json "
+                         f"(letters, digits, '.', '_', '-'; at most {MAX_NAME_LENGTH} characters)")
     return name
 
 
@@ -309,9 +360,13 @@ async def get_workflow(request: web.Request) -> web.Response:
     except NotAFile as error:
         return error_response(404, "no_such_workflow", str(error))
     try:
-        document = json.loads(path.read_bytes())
-    except json.JSONDecodeError as error:
-        return error_response(422, "bad_workflow_file", f"workflows/{path.name} is not JSON: {error}")
+        document = await asyncio.to_thread(decode_json, path.read_bytes(), f"workflows/{path.name}")
+    except JsonRefused as error:
+        return error_response(422, "bad_workflow_file", str(error))
+    problems = json_problems(document)
+    if problems:
+        return error_response(422, "bad_workflow_file", f"workflows/{path.name}: {problems[0].where}: "
+                              f"{problems[0].message}")
     return web.json_response(document)
 
 
@@ -321,6 +376,7 @@ async def save_workflow(request: web.Request) -> web.Response:
     document = await _read_json(request)
     if not isinstance(document, dict) or not isinstance(document.get("nodes"), dict):
         raise BadRequest('expected a workflow document: {"version": 1, "nodes": {...}}')
+    _refuse_non_json(document, "the workflow document")
     await asyncio.to_thread(atomic_write, folder.root / name, json.dumps(document, indent=2).encode() + b"\n")
     return web.json_response({"name": name}, status=201)
 
@@ -328,6 +384,7 @@ async def save_workflow(request: web.Request) -> web.Response:
 async def convert_workflow(request: web.Request) -> web.Response:
     """A document of another tool (ComfyUI's, say) converted by a pack's importer; ours unchanged."""
     document = await _read_json(request)
+    _refuse_non_json(document, "the document")
     try:
         converted, importer = await asyncio.to_thread(request.app[REGISTRY_KEY].import_document, document)
     except WorkflowInvalid as invalid:  # WorkflowImportError: every node and input it cannot map
@@ -345,35 +402,23 @@ async def convert_workflow(request: web.Request) -> web.Response:
 async def event_stream(request: web.Request) -> web.WebSocketResponse:
     """Every run and queue event, as JSON text messages, to every client; client messages are ignored.
 
-    The first message is the queue's current state, so a client needs no separate request.
+    The first message is the queue's current state, so a client needs no separate request. Each
+    client has its own outbox and sender (see event_stream.py): one that stops reading loses
+    previews, then its connection, and holds up no other.
     """
     socket = web.WebSocketResponse(heartbeat=30)
     await socket.prepare(request)
     queue = request.app[QUEUE_KEY]
-    await socket.send_str(json.dumps({"type": QUEUE_CHANGED, "run_id": "", "node_id": None,
-                                      **queue.snapshot(QUEUE_EVENT_IDS)}))
-    sockets = request.app[SOCKETS_KEY]
-    sockets.add(socket)
+    first = json.dumps({"type": QUEUE_CHANGED, "run_id": "", "node_id": None, **queue.snapshot(QUEUE_EVENT_IDS)})
+    hub = request.app[EVENTS_KEY]
+    client = hub.connect(socket, request, first)
     try:
         async for message in socket:
             if message.type == WSMsgType.ERROR:
                 log.warning("event socket closed with %s", socket.exception())
     finally:
-        sockets.discard(socket)
+        hub.disconnect(client)
     return socket
-
-
-async def _broadcast(app: web.Application, outbox: asyncio.Queue[str]) -> None:
-    """Send queued event messages to every client, one at a time so each client sees them in order."""
-    while True:
-        text = await outbox.get()
-        for socket in list(app[SOCKETS_KEY]):
-            if socket.closed:
-                continue
-            try:
-                await socket.send_str(text)
-            except ConnectionError:
-                log.info("dropped an event for a client that went away")
 
 
 # -- the editor --
@@ -398,16 +443,18 @@ def create_app(registry: NodeRegistry, db_path: Path | str, output_dir: Path | s
                max_body_bytes: int = MAX_BODY_BYTES, loopback_only: bool = True, token: str | None = None,
                inputs_dir: Path | str = Path("inputs"), workflows_dir: Path | str = Path("workflows"),
                editor_dir: Path | str = EDITOR_DIR, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               max_upload_pixels: int = MAX_UPLOAD_PIXELS, backend: RunBackend | None = None) -> web.Application:
+               max_upload_pixels: int = MAX_UPLOAD_PIXELS, backend: RunBackend | None = None,
+               event_limits: StreamLimits | None = None, memory_budget: int | None = None) -> web.Application:
     """The API application; its run queue starts with the app and stops (interrupting a run) with it.
 
     Runs execute in this process, one at a time, unless a `backend` places them elsewhere (see
     nodegraph.server.ray_backend); the queue starts and stops it.
 
     `loopback_only` accepts only loopback Host names; turn it off only when serving other machines,
-    and then give a `token` that every request must carry.
+    and then give a `token` that every request must carry. `event_limits` bounds what waits for
+    each event client; `memory_budget` overrides the device memory that workflows are checked against.
     """
-    middlewares: list[Any] = [json_errors, no_sniffing]
+    middlewares: list[Any] = [json_errors, no_sniffing, host_required]
     if loopback_only:
         middlewares.append(loopback_host_only)
     middlewares.append(same_origin_only)
@@ -415,7 +462,7 @@ def create_app(registry: NodeRegistry, db_path: Path | str, output_dir: Path | s
         middlewares.append(token_required(token))
     app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app[REGISTRY_KEY] = registry
-    app[SOCKETS_KEY] = weakref.WeakSet()
+    hub = app[EVENTS_KEY] = EventHub(event_limits)
     app[FOLDERS_KEY] = {"inputs": ServedFolder("inputs", Path(inputs_dir)),
                         "outputs": ServedFolder("outputs", Path(output_dir)),
                         "workflows": ServedFolder("workflows", Path(workflows_dir))}
@@ -428,14 +475,13 @@ def create_app(registry: NodeRegistry, db_path: Path | str, output_dir: Path | s
     async def start_queue(app: web.Application) -> None:
         loop = asyncio.get_running_loop()
         store = RunStore(db_path)
-        queue = RunQueue(Executor(registry, cache, device=device, output_dir=output_dir), store, backend)
-        outbox: asyncio.Queue[str] = asyncio.Queue()
-        broadcaster = loop.create_task(_broadcast(app, outbox))
-        app[BROADCASTER_KEY] = broadcaster
+        budget: dict[str, Any] = {} if memory_budget is None else {"memory_budget": memory_budget}
+        queue = RunQueue(Executor(registry, cache, device=device, output_dir=output_dir, **budget), store, backend)
 
         def hand_off(event: Event) -> None:
-            # Called on the worker thread (or a request's); the sockets and the outbox belong to the loop.
-            loop.call_soon_threadsafe(outbox.put_nowait, message(event))
+            # Called on the worker thread (or a request's): encoded here, once for every client;
+            # the clients and their outboxes belong to the loop.
+            loop.call_soon_threadsafe(hub.publish, message(event), event.type == NODE_PREVIEW)
 
         queue.subscribe(hand_off)
         queue.start()
@@ -443,14 +489,12 @@ def create_app(registry: NodeRegistry, db_path: Path | str, output_dir: Path | s
 
     async def close_sockets(app: web.Application) -> None:
         # Before the server waits for open requests to end: an event stream never ends by itself.
-        for socket in list(app[SOCKETS_KEY]):
-            await socket.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        await hub.close_all()
 
     async def stop_queue(app: web.Application) -> None:
         queue = app[QUEUE_KEY]
         await asyncio.to_thread(queue.stop)
         queue.store.close()
-        app[BROADCASTER_KEY].cancel()
 
     app.on_startup.append(start_queue)
     app.on_shutdown.append(close_sockets)

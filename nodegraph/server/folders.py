@@ -17,6 +17,11 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 64 * 1024 * 1024  # 8192 x 8192; larger headers are refused before decoding
 
+MAX_NAME_LENGTH = 120
+"""Longest stored file name: well under every file system's limit (255 bytes), with room for `_12`."""
+MAX_PATH_LENGTH = 1024
+"""Longest relative path a download may name."""
+
 _UNSAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -44,10 +49,13 @@ class ServedFolder:
 
         Only plain relative paths are accepted: no `..` or `.` parts, no absolute or drive paths,
         no backslashes, no hidden names; and after following symlinks the file must still lie
-        inside the folder, so a link pointing elsewhere cannot be used to read other files.
+        inside the folder under a name that is not hidden either, so a link cannot be used to
+        read other files, nor hidden ones beside it.
         """
         if not relative or "\\" in relative or "\x00" in relative or ":" in relative:
-            raise PathRefused(f"{self.name}: path {relative!r} is not a plain relative path")
+            raise PathRefused(f"{self.name}: path {relative[:200]!r} is not a plain relative path")
+        if len(relative) > MAX_PATH_LENGTH:
+            raise PathRefused(f"{self.name}: path is {len(relative)} characters; at most {MAX_PATH_LENGTH} are served")
         parts = relative.split("/")
         if any(part in ("", ".", "..") or part.startswith(".") for part in parts):
             raise PathRefused(f"{self.name}: path {relative!r} leaves the folder or names a hidden file")
@@ -56,8 +64,10 @@ class ServedFolder:
             target = root.joinpath(*parts).resolve(strict=True)
         except (FileNotFoundError, NotADirectoryError):
             raise NotAFile(f"{self.name}: no file {relative!r}") from None
-        if not target.is_relative_to(root):
-            raise PathRefused(f"{self.name}: path {relative!r} points outside the folder")
+        except (OSError, RuntimeError) as error:  # a name too long for the file system, a symlink loop
+            raise NotAFile(f"{self.name}: no file {relative!r} ({error.__class__.__name__})") from None
+        if not _inside_and_visible(target, root):
+            raise PathRefused(f"{self.name}: path {relative!r} points outside the folder or at a hidden file")
         if not target.is_file():
             raise NotAFile(f"{self.name}: {relative!r} is not a file")
         return target
@@ -70,27 +80,48 @@ class ServedFolder:
             return None
 
     def list(self, suffixes: frozenset[str] | None = None) -> list[dict[str, object]]:
-        """Every non-hidden file (with one of `suffixes`, if given), newest first."""
+        """Every non-hidden file (with one of `suffixes`, if given), newest first: the files
+        `resolve` serves, so a symlink to a place outside the folder or to a hidden file is not listed."""
         root = self.root.resolve()
         if not root.is_dir():
             return []
         found = []
-        for path in root.rglob("*"):
-            relative = path.relative_to(root)
-            if any(part.startswith(".") for part in relative.parts) or not path.is_file():
-                continue
-            if suffixes is not None and path.suffix.lower() not in suffixes:
-                continue
-            stat = path.stat()
-            found.append({"name": relative.as_posix(), "size": stat.st_size, "modified": stat.st_mtime})
+        # os.walk does not follow symlinked folders: a link to a folder elsewhere is not walked into.
+        for folder, subfolders, names in os.walk(root):
+            subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+            for name in names:
+                path = Path(folder, name)
+                relative = path.relative_to(root)
+                if name.startswith("."):
+                    continue
+                if suffixes is not None and path.suffix.lower() not in suffixes:
+                    continue
+                try:
+                    target = path.resolve(strict=True)
+                    if not (_inside_and_visible(target, root) and target.is_file()):
+                        continue
+                    stat = target.stat()
+                except (OSError, RuntimeError):  # a broken link, a loop, a file removed meanwhile
+                    continue
+                found.append({"name": relative.as_posix(), "size": stat.st_size, "modified": stat.st_mtime})
         found.sort(key=lambda item: (-float(item["modified"]), str(item["name"])))
         return found
 
 
+def _inside_and_visible(target: Path, root: Path) -> bool:
+    """Whether a resolved path lies inside the resolved `root` with no hidden part below it."""
+    return target.is_relative_to(root) and not any(part.startswith(".") for part in target.relative_to(root).parts)
+
+
 def safe_file_name(name: str, default_stem: str = "upload") -> str:
-    """A file name made of letters, digits, `.`, `_` and `-` only, from a client-supplied name."""
+    """A file name made of letters, digits, `.`, `_` and `-` only, from a client-supplied name,
+    at most MAX_NAME_LENGTH characters (the suffix kept when it is short)."""
     base = PurePosixPath(name.replace("\\", "/")).name
     cleaned = _UNSAFE_NAME_CHARACTERS.sub("_", base).lstrip("._-")
+    if len(cleaned) > MAX_NAME_LENGTH:
+        stem, dot, suffix = cleaned.rpartition(".")
+        suffix = f".{suffix}" if dot and stem and len(suffix) <= 10 else ""
+        cleaned = cleaned[:MAX_NAME_LENGTH - len(suffix)] + suffix
     return cleaned or default_stem
 
 
