@@ -72,26 +72,28 @@ _SECTIONS_BY_TARGET: dict[str, tuple[str, ...]] = {
     "clip_g": ("te2", "clip_g"),
 }
 
-# Sections: "unet" = the denoiser in the library's own (original) module names, "transformer" =
-# a transformer denoiser in diffusers' module names, "te"/"te1"/"te2"/"te3" = a text encoder by
-# its position in the training tool, "clip_l"/"clip_g"/"clip_h"/"t5xxl" = a text encoder by slot.
+# Sections: "unet" = the denoiser (U-Net or transformer), in the library's own (original) module
+# names or diffusers' (the resolvers take both); "te"/"te1"/"te2"/"te3" = a text encoder by its
+# position in the training tool; "clip_l"/"clip_g"/"clip_h"/"t5xxl" = a text encoder by slot.
 _KOHYA_PREFIXES = {
     "lora_unet_": "unet", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te3_": "te3", "lora_te_": "te",
-    # OneTrainer and SimpleTuner's LyCORIS files: diffusers transformer names, dots as underscores.
-    "lora_transformer_": "transformer", "lycoris_": "transformer",
+    # OneTrainer and SimpleTuner's LyCORIS files: diffusers names, dots as underscores.
+    "lora_transformer_": "unet", "lycoris_": "unet",
 }
 # diffusers/PEFT names, and the plain original names some tools write (``diffusion_model.input_blocks...``).
 _DOTTED_PREFIXES = {
     "unet.": "unet", "text_encoder_3.": "te3", "text_encoder_2.": "te2", "text_encoder.": "te",
-    "diffusion_model.": "unet", "transformer.": "transformer", "base_model.model.": "transformer",
+    "diffusion_model.": "unet", "transformer.": "unet", "base_model.model.": "unet",
     "text_encoders.clip_l.transformer.": "clip_l", "text_encoders.clip_g.transformer.": "clip_g",
     "text_encoders.clip_h.transformer.": "clip_h", "text_encoders.t5xxl.transformer.": "t5xxl",
 }
-# A diffusers U-Net LoRA saved without the ``unet.`` prefix (older pytorch_lora_weights files), and
-# XLabs' Flux files (``double_blocks.0.processor.qkv_lora1.down.weight``).
-_BARE_UNET_STARTS = ("down_blocks.", "mid_block.", "up_blocks.", "double_blocks.", "single_blocks.")
-# A diffusers transformer LoRA saved by ``save_lora_adapter`` (no ``transformer.`` prefix).
-_BARE_TRANSFORMER_STARTS = ("transformer_blocks.", "single_transformer_blocks.")
+# Denoiser modules saved without a prefix: a diffusers U-Net LoRA (older pytorch_lora_weights files),
+# XLabs' Flux files (``double_blocks.0.processor.qkv_lora1.down.weight``), a diffusers transformer
+# LoRA saved by ``save_lora_adapter``.
+_BARE_UNET_STARTS = (
+    "down_blocks.", "mid_block.", "up_blocks.", "double_blocks.", "single_blocks.", "transformer_blocks.",
+    "single_transformer_blocks.",
+)
 
 # Key ending -> what the tensor is, for every LoRA flavour read here.
 _ROLE_SUFFIXES = (
@@ -135,11 +137,12 @@ _FAMILY_MARKERS = (
     ("flux-2", "flux2"), ("flux.2", "flux2"), ("flux2", "flux2"),
     ("flux-1", "flux"), ("flux1", "flux"), ("flux", "flux"),
 )
-# Module names (below their section) that only one transformer family has.
+# Denoiser module names only one transformer family has, and ones SD3 and Flux share (diffusers').
 _FAMILY_MODULE_STARTS = (
-    ("unet", "double_blocks_", "flux"), ("unet", "single_blocks_", "flux"), ("unet", "joint_blocks_", "sd3"),
-    ("transformer", "single_transformer_blocks_", "flux"),
+    ("double_blocks_", "flux"), ("single_blocks_", "flux"), ("single_transformer_blocks_", "flux"),
+    ("joint_blocks_", "sd3"),
 )
+_TRANSFORMER_MODULE_START = "transformer_blocks_"
 
 
 class LoraFormatError(CheckpointError):
@@ -279,7 +282,7 @@ class Placement:
     swap_halves: bool = False
 
 
-def halves_swapped(delta: LoraDelta) -> LoraDelta:
+def _halves_swapped(delta: LoraDelta) -> LoraDelta:
     """``delta`` with the two halves of its output rows exchanged (the rows of ``up`` carry them)."""
     first, second = delta.up.chunk(2, dim=0)
     return LoraDelta(delta.source, delta.down, torch.cat((second, first), dim=0), delta.mid, delta.alpha)
@@ -573,11 +576,12 @@ class LoraFile:
                 if value.startswith(marker):
                     return family
         modules = self.modules.values()
-        for section, start, family in _FAMILY_MODULE_STARTS:
-            if any(module.section == section and module.name.startswith(start) for module in modules):
+        denoiser = [module.name for module in modules if module.section == "unet"]
+        for start, family in _FAMILY_MODULE_STARTS:
+            if any(name.startswith(start) for name in denoiser):
                 return family
         sections = {module.section for module in modules}
-        if sections & {"transformer", "te3", "t5xxl"}:
+        if sections & {"te3", "t5xxl"} or any(name.startswith(_TRANSFORMER_MODULE_START) for name in denoiser):
             return None  # SD3 or Flux
         # CLIP text encoders by position: two of them (or one beside a U-Net) is SDXL; Flux's kohya
         # files also call CLIP-L te1, and older ones call T5 (``encoder_block_...``) te2.
@@ -609,7 +613,7 @@ class LoraFile:
         names = list(params)
         by_name = _unet_resolver(names) if target == "unet" else weight_index(names).get
 
-        def resolve(section: str, name: str) -> Placement | None:
+        def resolve(name: str) -> Placement | None:
             param = by_name(name)
             return None if param is None else Placement(param)
 
@@ -621,12 +625,12 @@ class LoraFile:
         self,
         target: str,
         sections: Collection[str],
-        resolve: Callable[[str, str], Placement | None],
+        resolve: Callable[[str], Placement | None],
         shapes: Mapping[str, tuple[int, ...]] | None,
     ) -> tuple[dict[str, WeightLoraDelta], list[str]]:
         """Place the file's modules of ``sections`` on a model's parameters.
 
-        resolve: (section, module name below it, dots as underscores) -> where its product goes,
+        resolve: module name below its section, dots as underscores -> where its product goes,
         None when the model has no such layer. shapes: parameter name -> shape; a module whose
         product does not fit its place counts as unmatched (required for placements with rows).
         Modules placed on rows of one weight become one :class:`FusedLoraDelta`.
@@ -638,10 +642,10 @@ class LoraFile:
         for source, module in self.modules.items():
             if module.section not in sections:
                 continue
-            place = resolve(module.section, module.name)
+            place = resolve(module.name)
             delta = module.delta
             if place is not None and place.swap_halves:
-                delta = halves_swapped(delta)
+                delta = _halves_swapped(delta)
             if place is None or (shapes is not None and not _fits_place(delta, place, shapes[place.param])):
                 unmatched.append(source)
                 continue
@@ -721,8 +725,6 @@ def _section(source: str) -> tuple[str, str] | None:
             return section, underscored(source[len(prefix):])
     if source.startswith(_BARE_UNET_STARTS):
         return "unet", underscored(source)
-    if source.startswith(_BARE_TRANSFORMER_STARTS):
-        return "transformer", underscored(source)
     return None
 
 

@@ -49,17 +49,17 @@ logger = logging.getLogger(__name__)
 
 DIFFUSION_MODEL = "diffusion_model"
 
-# target -> the file sections that feed it (sections as lora.py names them: "unet" = original
-# module names, "transformer" = diffusers module names, "te*" = text encoder by the trainer's count).
+# target -> the file sections that feed it (as lora.py names them: "unet" = the denoiser in any
+# naming, "te*" = a text encoder by the training tool's count, or by its slot).
 _SECTIONS_BY_FAMILY: Mapping[str, Mapping[str, tuple[str, ...]]] = {
     "sd3": {
-        DIFFUSION_MODEL: ("unet", "transformer"),
+        DIFFUSION_MODEL: ("unet",),
         "clip_l": ("te", "te1", "clip_l"),
         "clip_g": ("te2", "clip_g"),
         "t5xxl": ("te3", "t5xxl"),
     },
     "flux": {
-        DIFFUSION_MODEL: ("unet", "transformer"),
+        DIFFUSION_MODEL: ("unet",),
         "clip_l": ("te", "te1", "clip_l"),
         "t5xxl": ("te2", "te3", "t5xxl"),
     },
@@ -131,7 +131,7 @@ def transformer_deltas(
     else:
         index = weight_index(shapes)
 
-        def resolve(section: str, name: str) -> Placement | None:
+        def resolve(name: str) -> Placement | None:
             param = index.get(name)
             return None if param is None else Placement(param)
 
@@ -154,25 +154,24 @@ def _sections(family: ModelFamily | str) -> Mapping[str, tuple[str, ...]]:
 # --------------------------------------------------------------------------- the denoisers
 
 
-def _denoiser_resolver(family: str, shapes: Shapes) -> Callable[[str, str], Placement | None]:
-    """(section, underscored module name) -> placement on an MMDiT or Flux network's parameters.
+def _denoiser_resolver(family: str, shapes: Shapes) -> Callable[[str], Placement | None]:
+    """underscored module name -> placement on an MMDiT or Flux network's parameters.
 
-    Original names first (kohya, ComfyUI, XLabs), then diffusers' names (in the ``transformer``
-    section, and in ``lora_unet_`` files that use them).
+    Original names (kohya, ComfyUI), XLabs' (Flux), then diffusers'; the namings share no module
+    name but ``context_embedder``, which is the same layer in both.
     """
     index = weight_index(shapes)
     plan, swapped = _mmdit_plan(shapes) if family == "sd3" else _flux_plan(shapes)
     diffusers = _diffusers_placements(plan, swapped, shapes)
 
-    def resolve(section: str, name: str) -> Placement | None:
-        if section == "unet":
-            param = index.get(name)
-            if param is not None:
-                return Placement(param)
-            if family == "flux":
-                xlabs = _xlabs_placement(name, shapes)
-                if xlabs is not None:
-                    return xlabs
+    def resolve(name: str) -> Placement | None:
+        param = index.get(name)
+        if param is not None:
+            return Placement(param)
+        if family == "flux":
+            xlabs = _xlabs_placement(name, shapes)
+            if xlabs is not None:
+                return xlabs
         return diffusers.get(name)
 
     return resolve
