@@ -1,20 +1,31 @@
-"""Tests for nodegraph_diffusion.vae.autoencoder: parity with diffusers AutoencoderKL, layouts, config from shapes, tiling, scaling."""
+"""Tests for nodegraph_diffusion.vae: parity with diffusers AutoencoderKL (4-channel SD and 16-channel SD3/Flux
+layouts), config from shapes, tiling, latent scaling, latent previews."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 from nodegraph_diffusion.vae import autoencoder as vae
-from nodegraph_diffusion.vae.autoencoder import AutoencoderKL, VAEConfig, VAELoadError
+from nodegraph_diffusion.vae import previews
+from nodegraph_diffusion.vae.autoencoder import AutoencoderKL, LatentScaling, VAEConfig, VAELoadError
 from _random_weights import randomize_
 
 TOL = 1e-4
 
 # Three levels (f = 4), one ResNet per level: every layer kind occurs and it runs in milliseconds.
 TINY = VAEConfig(channels=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8)
+# The SD3/Flux layout: 16 latent channels, no quant_conv / post_quant_conv.
+TINY16 = VAEConfig(channels=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8, z_channels=16,
+                   latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                   scaling_factor=0.3611, shift_factor=0.1159)
 
 
 def diffusers_vae(config: VAEConfig):
@@ -30,6 +41,10 @@ def diffusers_vae(config: VAEConfig):
         layers_per_block=config.num_res_blocks,
         latent_channels=config.latent_channels,
         norm_num_groups=config.norm_groups,
+        use_quant_conv=config.use_quant_conv,
+        use_post_quant_conv=config.use_post_quant_conv,
+        scaling_factor=config.scaling_factor,
+        shift_factor=config.shift_factor,
     )
     return randomize_(reference, scale=0.3)
 
@@ -38,23 +53,25 @@ def max_err(a: Tensor, b: Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-@pytest.fixture(scope="module")
-def reference_and_ours():
-    reference = diffusers_vae(TINY)
+# Every test taking this fixture runs on the 4-channel SD layout and on the 16-channel SD3/Flux layout.
+@pytest.fixture(scope="module", params=[TINY, TINY16], ids=["4ch", "16ch"])
+def reference_and_ours(request):
+    reference = diffusers_vae(request.param)
     state_dict = vae.ldm_vae_keys_from_diffusers(reference.state_dict())
-    ours = AutoencoderKL(TINY).eval()
+    ours = AutoencoderKL(request.param).eval()
     ours.load_state_dict(state_dict, strict=True)
     return reference, ours, state_dict
 
 
 def assert_same_vae(reference, ours: AutoencoderKL) -> None:
+    channels = ours.config.latent_channels
     generator = torch.Generator().manual_seed(1)
     image = torch.rand(2, 3, 24, 32, generator=generator) * 2 - 1
-    latent = torch.randn(2, 4, 6, 8, generator=generator)
+    latent = torch.randn(2, channels, 6, 8, generator=generator)
     with torch.no_grad():
         expected = reference.encode(image).latent_dist
         got = ours.encode(image)
-        assert got.mean.shape == (2, 4, 6, 8)
+        assert got.mean.shape == (2, channels, 6, 8)
         assert max_err(got.mean, expected.mean) <= TOL
         assert max_err(got.logvar, expected.logvar) <= TOL
         decoded = ours.decode(latent)
@@ -79,7 +96,7 @@ def test_matches_diffusers_with_conv_attention_weights(reference_and_ours) -> No
     assert len(attention_weights) == 8
     for key in attention_weights:
         conv_state[key] = conv_state[key][:, :, None, None].clone()
-    ours = AutoencoderKL(TINY).eval()
+    ours = AutoencoderKL(reference_and_ours[1].config).eval()
     ours.load_state_dict(conv_state, strict=True)
     assert ours.encoder.mid.attn_1.q.weight.ndim == 2
     assert_same_vae(reference, ours)
@@ -87,10 +104,43 @@ def test_matches_diffusers_with_conv_attention_weights(reference_and_ours) -> No
 
 @pytest.mark.parity
 def test_load_vae_accepts_diffusers_layout_directly(reference_and_ours) -> None:
-    reference, _, _ = reference_and_ours
+    reference, ours, _ = reference_and_ours
     # Shapes cannot reveal norm_groups=8 (SD VAEs all use 32), so pass the config.
-    ours = vae.load_vae(reference.state_dict(), config=TINY)
-    assert_same_vae(reference, ours)
+    assert_same_vae(reference, vae.load_vae(reference.state_dict(), config=ours.config))
+
+
+@pytest.mark.parity
+def test_16_channel_layout_has_no_quant_convs_and_is_recognised_from_shapes() -> None:
+    reference = diffusers_vae(TINY16)
+    assert not any("quant_conv" in k for k in reference.state_dict())
+    state_dict = vae.ldm_vae_keys_from_diffusers(reference.state_dict())
+    assert set(state_dict) == set(AutoencoderKL(TINY16).state_dict())
+    shapes = {k: v.shape for k, v in state_dict.items()}
+    assert vae.vae_config_from_shapes(shapes, family="flux", norm_groups=8) == TINY16
+    sd3 = vae.vae_config_from_shapes(shapes, family="sd3", norm_groups=8)
+    assert (sd3.latent_channels, sd3.use_quant_conv, sd3.use_post_quant_conv) == (16, False, False)
+    assert (sd3.scaling_factor, sd3.shift_factor) == (1.5305, 0.0609)
+    with pytest.raises(VAELoadError, match="16 latent channels, but the 'sdxl' latent space has 4.*'flux', 'sd3'"):
+        vae.vae_config_from_shapes(shapes, family="sdxl", norm_groups=8)
+    four = {k: v.shape for k, v in AutoencoderKL(TINY).state_dict().items()}
+    with pytest.raises(VAELoadError, match="4 latent channels, but the 'flux' latent space has 16"):
+        vae.vae_config_from_shapes(four, family="flux", norm_groups=8)
+
+
+@pytest.mark.parity
+def test_16_channel_latent_scaling_matches_the_flux_pipeline() -> None:
+    # FluxPipeline / FluxImg2ImgPipeline: (z - shift_factor) * scaling_factor in, z / scaling_factor + shift_factor out
+    reference = diffusers_vae(TINY16)
+    ours = AutoencoderKL(TINY16).eval()
+    ours.load_state_dict(vae.ldm_vae_keys_from_diffusers(reference.state_dict()))
+    image = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        z = reference.encode(image).latent_dist.mean
+        expected = (z - reference.config.shift_factor) * reference.config.scaling_factor
+        latents = ours.latents_to_diffusion(ours.encode(image).mean)
+        assert max_err(latents, expected) <= TOL
+        expected_image = reference.decode(expected / reference.config.scaling_factor + reference.config.shift_factor).sample
+        assert max_err(ours.decode(ours.latents_from_diffusion(latents)), expected_image) <= TOL
 
 
 def test_module_names_are_the_ldm_single_file_layout() -> None:
@@ -130,8 +180,10 @@ def test_diffusers_mapping_rejects_unknown_key() -> None:
     [
         TINY,
         VAEConfig(channels=8, ch_mult=(1, 2, 4, 4), num_res_blocks=2, norm_groups=4, mid_attention=False),
+        # family unknown: the placeholder scaling of the first family of that width (sd3 for 16 channels)
         VAEConfig(channels=8, ch_mult=(2, 3), num_res_blocks=1, z_channels=16, latent_channels=16,
-                  norm_groups=4, use_quant_conv=False, use_post_quant_conv=False, in_channels=4, out_channels=1),
+                  norm_groups=4, use_quant_conv=False, use_post_quant_conv=False, in_channels=4, out_channels=1,
+                  scaling_factor=1.5305, shift_factor=0.0609),
     ],
 )
 def test_config_from_shapes_round_trip(config: VAEConfig) -> None:
@@ -267,7 +319,7 @@ def test_tiled_encode_and_decode_are_close_to_untiled(reference_and_ours) -> Non
     _, ours, _ = reference_and_ours
     generator = torch.Generator().manual_seed(0)
     image = torch.rand(1, 3, 128, 128, generator=generator) * 2 - 1
-    latent = torch.randn(1, 4, 32, 32, generator=generator)
+    latent = torch.randn(1, ours.config.latent_channels, 32, 32, generator=generator)
     with torch.no_grad():
         full, decoded = ours.encode(image).mean, ours.decode(latent)
         errors = []
@@ -299,7 +351,7 @@ def test_tile_size_bounds_peak_activation(reference_and_ours) -> None:
     one_tile = peak_of(lambda: ours.encode(image[..., :tile, :tile]), ours)
     assert tiled == one_tile
     assert tiled * 8 <= untiled
-    latent = torch.randn(1, 4, 32, 32)
+    latent = torch.randn(1, ours.config.latent_channels, 32, 32)
     untiled_dec = peak_of(lambda: ours.decode(latent), ours)
     tiled_dec = peak_of(lambda: ours.decode_tiled(latent, tile_size=tile, overlap=8), ours)
     assert tiled_dec == peak_of(lambda: ours.decode(latent[..., : tile // 4, : tile // 4]), ours)
@@ -312,3 +364,128 @@ def test_tiling_rejects_misaligned_tiles(reference_and_ours) -> None:
         ours.encode_tiled(torch.zeros(1, 3, 32, 32), tile_size=30, overlap=8)
     with pytest.raises(ValueError, match="overlap < tile_size"):
         ours.decode_tiled(torch.zeros(1, 4, 8, 8), tile_size=16, overlap=16)
+
+
+# --------------------------------------------------------------------------- latent previews
+
+TINY_SHAPES = Path(__file__).resolve().parents[2] / "models" / "checkpoints" / "tiny-shapes.safetensors"
+# The fixed table previews used before they were fitted per VAE: published for SD1's latent space.
+SD1_TABLE = previews.LatentColours(
+    torch.tensor(((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721),
+                  (-0.2120, -0.2616, -0.7177))), torch.zeros(3))
+
+
+def shape_picture(foreground: tuple[int, int, int], background: tuple[int, int, int], shape: str) -> Tensor:
+    """A 64x64 tiny-shapes-like render (one filled shape on a plain background): (64, 64, 3) in [0, 1]."""
+    image = Image.new("RGB", (64, 64), background)
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse((14, 18, 46, 50), fill=foreground)
+    else:
+        draw.rectangle((20, 12, 50, 42), fill=foreground)
+    return torch.tensor(np.array(image), dtype=torch.float32) / 255.0
+
+
+PICTURES = torch.stack([
+    shape_picture((220, 30, 30), (30, 60, 200), "circle"), shape_picture((240, 220, 40), (120, 40, 160), "square"),
+    shape_picture((255, 255, 255), (20, 140, 40), "circle"), shape_picture((0, 0, 0), (255, 140, 0), "square"),
+    shape_picture((128, 128, 128), (200, 200, 255), "circle"),
+])
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes_vae():
+    from nodegraph_diffusion.architectures.stable_diffusion import load_checkpoint
+
+    loaded = load_checkpoint(TINY_SHAPES, device="cpu", dtype=torch.float32)
+    scaling = LatentScaling(loaded.latent_format.scaling_factor, loaded.latent_format.shift_factor)
+    return loaded.vae, scaling
+
+
+def preview_error(colours: previews.LatentColours | None, model: AutoencoderKL, scaling: LatentScaling) -> float:
+    """Mean abs RGB error in [0, 1] between previews of the encoded PICTURES and the pictures at latent size."""
+    with torch.no_grad():
+        latents = scaling.to_diffusion(model.encode(PICTURES.permute(0, 3, 1, 2) * 2 - 1).mean)
+    target = F.avg_pool2d(PICTURES.permute(0, 3, 1, 2), model.config.downscale_factor).permute(0, 2, 3, 1)
+    rgb = [colours.to_rgb(lat) if colours is not None else previews.neutral_rgb(lat) for lat in latents]
+    return (torch.stack(rgb) - target).abs().mean().item()
+
+
+def test_tiny_shapes_preview_shows_the_image_colours(tiny_shapes_vae) -> None:
+    model, scaling = tiny_shapes_vae
+    fitted = preview_error(previews.latent_colours(model, scaling), model, scaling)
+    table = preview_error(SD1_TABLE, model, scaling)
+    # measured: fitted 0.178, SD1 table 0.344 (the tiny VAE's latent space is its own, not SD1's)
+    assert fitted < 0.22 and fitted < 0.65 * table, (fitted, table)
+
+
+def fold_into_16_channels(model: AutoencoderKL, seed: int = 0) -> AutoencoderKL:
+    """The same autoencoder in the SD3/Flux layout: 16 latent channels (a random mix of the 4 after
+    post_quant_conv), no quant convs. Folding 1x1 convs into 3x3 ones is exact, so it decodes the
+    images the 4-channel one does, from latents whose channels are not the old ones."""
+    config = model.config
+    mix = torch.linalg.qr(torch.randn(16, 4, generator=torch.Generator().manual_seed(seed)))[0]  # (16, 4), mix^T mix = I
+    q = model.quant_conv.weight[:4, :, 0, 0]  # the mean rows: (4, 8)
+    p = model.post_quant_conv.weight[:, :, 0, 0]  # (4, 4)
+    conv_out = model.encoder.conv_out
+    # z16 = mix (p (q conv_out(h) + q_bias) + p_bias)
+    linear = mix @ p @ q
+    folded = AutoencoderKL(replace(config, z_channels=16, latent_channels=16, use_quant_conv=False,
+                                   use_post_quant_conv=False)).eval()
+    state = {k: v for k, v in model.state_dict().items() if "quant_conv" not in k}
+    state["encoder.conv_out.weight"] = torch.cat([
+        torch.einsum("oi,ichw->ochw", linear, conv_out.weight), torch.zeros(16, *conv_out.weight.shape[1:])])
+    state["encoder.conv_out.bias"] = torch.cat([
+        linear @ conv_out.bias + mix @ (p @ model.quant_conv.bias[:4] + model.post_quant_conv.bias),
+        torch.full((16,), -10.0)])
+    # decoder: conv_in(mix^T z16) = conv_in(post_quant(z4))
+    state["decoder.conv_in.weight"] = torch.einsum("oihw,ij->ojhw", model.decoder.conv_in.weight, mix.T)
+    folded.load_state_dict(state, strict=True)
+    return folded
+
+
+def test_16_channel_preview_shows_the_image_colours(tiny_shapes_vae) -> None:
+    model, _ = tiny_shapes_vae
+    folded = fold_into_16_channels(model)
+    pixels = PICTURES.permute(0, 3, 1, 2)[:2] * 2 - 1
+    with torch.no_grad():
+        assert max_err(folded.decode(folded.encode(pixels).mean), model.decode(model.encode(pixels).mean)) <= 1e-4
+    flux = LatentScaling(0.3611, 0.1159)
+    colours = previews.latent_colours(folded, flux)
+    assert colours.weight.shape == (16, 3)
+    fitted = preview_error(colours, folded, flux)
+    neutral = preview_error(None, folded, flux)  # the first three channels, as previews showed other widths
+    # measured: fitted 0.183, first three channels 0.402
+    assert fitted < 0.22 and fitted < 0.65 * neutral, (fitted, neutral)
+
+
+def test_preview_map_follows_the_latent_scaling() -> None:
+    raw = previews.LatentColours(torch.randn(16, 3, generator=torch.Generator().manual_seed(4)), torch.randn(3))
+    scaling = LatentScaling(0.3611, 0.1159)
+    z = torch.randn(16, 5, 7) * 0.3
+    assert torch.allclose(raw.for_scaling(scaling).to_rgb(scaling.to_diffusion(z)), raw.to_rgb(z), atol=1e-5)
+
+
+def test_preview_fit_is_cached_per_vae(monkeypatch) -> None:
+    calls = []
+    fit = previews.fit_latent_colours
+    monkeypatch.setattr(previews, "fit_latent_colours", lambda model: calls.append(model) or fit(model))
+    model = randomize_(AutoencoderKL(TINY16), seed=5, scale=0.3).eval()
+    first = previews.latent_colours(model)
+    second = previews.latent_colours(model, LatentScaling(1.0))
+    assert len(calls) == 1
+    assert torch.allclose(first.weight * TINY16.scaling_factor, second.weight)
+    other = randomize_(AutoencoderKL(TINY16), seed=6, scale=0.3).eval()
+    previews.latent_colours(other)
+    assert len(calls) == 2
+
+
+def test_preview_image_sizes_and_neutral_fallback() -> None:
+    latent = torch.randn(2, 16, 12, 20)
+    colours = previews.LatentColours(torch.randn(16, 3), torch.zeros(3))
+    image = previews.preview_image(latent, colours, max_size=256)
+    assert image.size == (20 * 8, 12 * 8) and image.mode == "RGB"
+    # a caller that knows only the model family (no VAE at hand) gets the neutral preview
+    assert np.array_equal(np.array(previews.preview_image(latent, "flux")), np.array(previews.preview_image(latent)))
+    with pytest.raises(ValueError, match="4 latent channels cannot show a 16-channel latent"):
+        previews.preview_image(latent, SD1_TABLE)

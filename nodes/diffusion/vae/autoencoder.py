@@ -8,7 +8,8 @@ renaming. Files in the diffusers layout go through :func:`ldm_vae_keys_from_diff
 Images are ``(B, 3, H, W)`` in ``[-1, 1]``. The encoder halves the resolution once per level
 except the last (4 levels: factor 8). Diffusion models do not see raw VAE latents but
 ``(z - shift_factor) * scaling_factor`` (:class:`LatentScaling`), with factors per model family in
-:data:`LATENT_SCALING`.
+:data:`LATENT_SCALING`. SD1/SD2/SDXL VAEs have 4 latent channels and quant/post-quant 1x1 convs;
+the SD3 and Flux VAEs are the same network with 16 latent channels and neither conv.
 """
 
 from __future__ import annotations
@@ -69,11 +70,15 @@ LATENT_SCALING: Mapping[str, LatentScaling] = MappingProxyType(
         "sd1": LatentScaling(0.18215),
         "sd2": LatentScaling(0.18215),
         "sdxl": LatentScaling(0.13025),
-        # 16-channel VAEs; listed so a config for them carries the right factors.
+        # The 16-channel VAEs: the scaling_factor/shift_factor of their diffusers configs
+        # (stable-diffusion-3-medium-diffusers/vae, FLUX.1-dev/vae) and ComfyUI's latent_formats.SD3/Flux.
         "sd3": LatentScaling(1.5305, 0.0609),
         "flux": LatentScaling(0.3611, 0.1159),
     }
 )
+
+# Latent channels of each family's VAE.
+LATENT_CHANNELS: Mapping[str, int] = MappingProxyType({"sd1": 4, "sd2": 4, "sdxl": 4, "sd3": 16, "flux": 16})
 
 
 def latent_scaling_for(family: str) -> LatentScaling:
@@ -152,14 +157,18 @@ def _indices(keys: Sequence[str], pattern: re.Pattern[str]) -> set[int]:
 
 def vae_config_from_shapes(
     shapes: Mapping[str, Sequence[int]],
-    family: str = "sd1",
+    family: str | None = None,
     norm_groups: int = 32,
 ) -> VAEConfig:
     """Derive a :class:`VAEConfig` from LDM-layout key names and tensor shapes alone.
 
-    ``shapes`` maps keys without the ``first_stage_model.`` prefix to shapes. The latent scaling
-    cannot be seen in the weights (SD1 and SDXL VAEs have identical shapes), so it comes from
-    ``family``; nor can the GroupNorm group count, which is 32 in every SD VAE.
+    ``shapes`` maps keys without the ``first_stage_model.`` prefix to shapes. The 4-channel SD
+    VAEs and the 16-channel SD3/Flux VAEs (no quant_conv/post_quant_conv) are told apart by their
+    shapes. The latent scaling cannot be seen in the weights (SD1 and SDXL VAEs, SD3 and Flux VAEs
+    have identical shapes), so it comes from ``family``, which must have this VAE's latent width;
+    None: the scaling is a placeholder (the first family of that width, sd1 or sd3; neutral for
+    other widths) that callers must not rely on. Nor can the GroupNorm group count be seen, which
+    is 32 in every SD VAE.
     """
     keys = list(shapes)
 
@@ -187,7 +196,7 @@ def vae_config_from_shapes(
     z_channels = shape("encoder.conv_out.weight")[0] // 2
     use_quant_conv = "quant_conv.weight" in shapes
     latent_channels = shape("quant_conv.weight")[0] // 2 if use_quant_conv else z_channels
-    scaling = latent_scaling_for(family)
+    scaling = _scaling_for_width(family, latent_channels)
     return VAEConfig(
         in_channels=in_channels,
         out_channels=shape("decoder.conv_out.weight")[0],
@@ -203,6 +212,20 @@ def vae_config_from_shapes(
         scaling_factor=scaling.scaling_factor,
         shift_factor=scaling.shift_factor,
     )
+
+
+def _scaling_for_width(family: str | None, latent_channels: int) -> LatentScaling:
+    if family is None:
+        placeholder = next((name for name, width in LATENT_CHANNELS.items() if width == latent_channels), None)
+        return LATENT_SCALING[placeholder] if placeholder is not None else LatentScaling(1.0)
+    scaling = latent_scaling_for(family)
+    if LATENT_CHANNELS[family] != latent_channels:
+        fitting = sorted(name for name, width in LATENT_CHANNELS.items() if width == latent_channels)
+        raise VAELoadError(
+            f"this VAE has {latent_channels} latent channels, but the {family!r} latent space has "
+            f"{LATENT_CHANNELS[family]}; families with {latent_channels}-channel VAEs: {fitting or 'none known'}"
+        )
+    return scaling
 
 
 # --------------------------------------------------------------------------- diffusers layout
@@ -620,7 +643,7 @@ TRAINING_ONLY_PREFIXES = ("loss.",)
 
 def load_vae(
     state_dict: Mapping[str, Tensor],
-    family: str = "sd1",
+    family: str | None = None,
     *,
     config: VAEConfig | None = None,
     device: torch.device | str | None = None,
@@ -629,7 +652,8 @@ def load_vae(
     """Build an :class:`AutoencoderKL` from a state dict (prefix already removed).
 
     Accepts the LDM layout (1x1-conv or linear attention) and the diffusers layout. The config
-    comes from the shapes unless given; ``family`` picks the latent scaling. The module is built
+    comes from the shapes unless given; ``family`` picks the latent scaling (see
+    :func:`vae_config_from_shapes`; None leaves a placeholder). The module is built
     on the meta device and takes the given tensors, so no time goes into random initialisation.
     """
     training_only = [k for k in state_dict if k.startswith(TRAINING_ONLY_PREFIXES)]
