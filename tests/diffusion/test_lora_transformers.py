@@ -32,6 +32,7 @@ from nodegraph_diffusion.architectures.lora import (
 )
 from nodegraph_diffusion.architectures.lora_transformers import (
     DIFFUSION_MODEL,
+    TRANSFORMER_FAMILIES,
     match_lora,
     transformer_deltas,
 )
@@ -556,6 +557,7 @@ def test_two_modules_on_the_same_rows_are_refused_by_name() -> None:
 
 
 def test_unknown_family_or_target_is_refused() -> None:
+    assert TRANSFORMER_FAMILIES == {ModelFamily.SD3, ModelFamily.FLUX, ModelFamily.FLUX_SCHNELL}
     lora = LoraFile.from_state_dict(flux_files()["kohya sd-scripts"].tensors)
     with pytest.raises(ValueError, match="not a transformer family"):
         transformer_deltas(lora, ModelFamily.SDXL, "unet", {})

@@ -33,7 +33,6 @@ a second time.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,8 +43,6 @@ from ..networks import flux as flux_module
 from ..networks import mmdit as mmdit_module
 from .detection import ModelFamily
 from .lora import LoraFile, Placement, WeightLoraDelta, underscored, weight_index
-
-logger = logging.getLogger(__name__)
 
 DIFFUSION_MODEL = "diffusion_model"
 
@@ -64,6 +61,7 @@ _SECTIONS_BY_FAMILY: Mapping[str, Mapping[str, tuple[str, ...]]] = {
         "t5xxl": ("te2", "te3", "t5xxl"),
     },
 }
+# The model families whose LoRAs match here (the others' through LoraFile.deltas).
 TRANSFORMER_FAMILIES = frozenset(family for family in ModelFamily if family.latent_family in _SECTIONS_BY_FAMILY)
 
 Shapes = Mapping[str, tuple[int, ...]]
