@@ -134,7 +134,8 @@ def test_flux_mu_matches_flux_pipeline(width: int, height: int) -> None:
 # -------------------------------------------------------------------------------- diffusers: txt2img
 
 
-def _drive_flow_scheduler(sched, x: torch.Tensor, raw: Callable, model_t: Callable) -> list[torch.Tensor]:  # noqa: ANN001
+def _drive_flow_scheduler(sched, x: torch.Tensor, raw: Callable,  # noqa: ANN001
+                          model_t: Callable) -> list[torch.Tensor]:
     """Run a diffusers flow scheduler with the toy network; returns x before each step and the result."""
     steps = [x.clone()]
     for t in sched.timesteps:
@@ -478,7 +479,8 @@ def test_ddpm_flow_matches_written_out_posterior() -> None:
         s, s_next = sigmas[i], sigmas[i + 1]
         x0 = flow_denoiser(x, s.reshape(1))
         a, a_next = 1 - s, 1 - s_next
-        # q(x_t | x_next) = N((a/a_next) x_next, s^2 - (a/a_next)^2 s_next^2); Bayes with x_next ~ N(a_next x0, s_next^2)
+        # q(x_t | x_next) = N((a/a_next) x_next, s^2 - (a/a_next)^2 s_next^2);
+        # Bayes with x_next ~ N(a_next x0, s_next^2)
         prec = 1 / s_next**2 + (a / a_next) ** 2 / (s**2 - (a / a_next) ** 2 * s_next**2) if s_next > 0 else None
         if prec is None:
             x = x0

@@ -424,7 +424,8 @@ def fold_into_16_channels(model: AutoencoderKL, seed: int = 0) -> AutoencoderKL:
     post_quant_conv), no quant convs. Folding 1x1 convs into 3x3 ones is exact, so it decodes the
     images the 4-channel one does, from latents whose channels are not the old ones."""
     config = model.config
-    mix = torch.linalg.qr(torch.randn(16, 4, generator=torch.Generator().manual_seed(seed)))[0]  # (16, 4), mix^T mix = I
+    # (16, 4) with orthonormal columns: mix^T mix = I
+    mix = torch.linalg.qr(torch.randn(16, 4, generator=torch.Generator().manual_seed(seed)))[0]
     q = model.quant_conv.weight[:4, :, 0, 0]  # the mean rows: (4, 8)
     p = model.post_quant_conv.weight[:, :, 0, 0]  # (4, 4)
     conv_out = model.encoder.conv_out

@@ -126,13 +126,11 @@ class ModelSampling:
     def denoised(self, x: Tensor, sigma: Tensor, output: Tensor) -> Tensor:
         """x, output: (B, C, H, W); sigma: (B,) -> the denoised estimate (B, C, H, W)."""
         s = _per_sample(sigma, x)
-        if self.prediction is Prediction.EPS:
-            return x - s * output
-        if self.prediction is Prediction.FLOW:
-            # x = (1 - s) x0 + s noise and v = noise - x0 give x0 = x - s v
-            return x - s * output
-        # v prediction: c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1) (sigma_data = 1).
-        return x / (s**2 + 1.0) - output * s / (s**2 + 1.0).sqrt()
+        if self.prediction is Prediction.V:
+            # c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1) (sigma_data = 1).
+            return x / (s**2 + 1.0) - output * s / (s**2 + 1.0).sqrt()
+        # eps: x = x0 + s * eps; flow: x = (1 - s) * x0 + s * noise with v = noise - x0. Both: x0 = x - s * output.
+        return x - s * output
 
     def noise_latent(self, latent: Tensor, noise: Tensor, sigma: float | Tensor) -> Tensor:
         """The noisy sample at sigma for a latent (same shape): latent + sigma * noise, or for a flow

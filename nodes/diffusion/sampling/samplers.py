@@ -179,7 +179,9 @@ def sample_euler_ancestral(
     generator: Optional[torch.Generator] = None,
     noise_form: NoiseForm = NoiseForm.VE,
 ) -> torch.Tensor:
-    """Euler to sigma_down, then fresh noise up to sigma_next (:meth:`NoiseForm.ancestral`). x: (B, ...), sigmas: (n+1,)."""
+    """Euler to sigma_down, then fresh noise up to sigma_next (:meth:`NoiseForm.ancestral`).
+
+    x: (B, ...), sigmas: (n+1,)."""
     noise = _noise_or_default(x, noise_sampler, generator)
     for i in range(len(sigmas) - 1):
         denoised = model(x, _batch_sigma(x, sigmas[i]))
