@@ -144,7 +144,7 @@ def write_transformer_models(root: Path) -> Path:
       transformers names) and clip/clip_l_legacy.safetensors (the older folder name);
     - vae/ae.safetensors: the 16-channel VAE alone.
     """
-    for kind in ("checkpoints", "diffusion_models", "unet", "text_encoders", "clip", "vae"):
+    for kind in ("checkpoints", "diffusion_models", "unet", "text_encoders", "clip", "vae", "loras"):
         (root / kind).mkdir(parents=True, exist_ok=True)
     write = lambda path, weights: write_safetensors(root / path, weights, dtype=None)  # noqa: E731
     write(f"checkpoints/{SD35_CHECKPOINT}", sd3_checkpoint(SD35, text_encoders=(), seed=31))

@@ -393,3 +393,175 @@ def test_default_api_graph_runs_unchanged_from_the_command_line(tmp_path, monkey
     assert files[0].name.startswith("ComfyUI")
     with Image.open(files[0]) as image:
         assert image.size == (32, 32)
+
+
+# --- SD3 / Flux nodes ---------------------------------------------------------------------------
+
+LINK = {"link": True}
+STRING = {"string": True}
+# The inputs of ComfyUI's SD3/Flux nodes as its node definitions declare them (nodes.py,
+# comfy_extras/nodes_sd3.py, nodes_flux.py, nodes_model_advanced.py, nodes_custom_sampler.py):
+# choices in ComfyUI's order (the first is the default), numeric defaults and ranges, file folders.
+COMFYUI_INPUTS: dict[str, dict[str, dict]] = {
+    "UNETLoader": {"unet_name": {"files": "diffusion_models"},
+                   "weight_dtype": {"choices": ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]}},
+    "CLIPLoader": {"clip_name": {"files": "text_encoders"},
+                   "type": {"choices": ["stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv",
+                                        "pixart", "cosmos", "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2",
+                                        "qwen_image", "hunyuan_image", "flux2", "ovis"]},
+                   "device": {"choices": ["default", "cpu"]}},
+    "DualCLIPLoader": {"clip_name1": {"files": "text_encoders"}, "clip_name2": {"files": "text_encoders"},
+                       "type": {"choices": ["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image",
+                                            "hunyuan_video_15", "kandinsky5", "kandinsky5_image", "newbie"]},
+                       "device": {"choices": ["default", "cpu"]}},
+    "TripleCLIPLoader": {"clip_name1": {"files": "text_encoders"}, "clip_name2": {"files": "text_encoders"},
+                         "clip_name3": {"files": "text_encoders"}},
+    "CLIPTextEncodeSD3": {"clip": LINK, "clip_l": STRING, "clip_g": STRING, "t5xxl": STRING,
+                          "empty_padding": {"choices": ["none", "empty_prompt"]}},
+    "CLIPTextEncodeFlux": {"clip": LINK, "clip_l": STRING, "t5xxl": STRING,
+                           "guidance": {"default": 3.5, "min": 0.0, "max": 100.0}},
+    "FluxGuidance": {"conditioning": LINK, "guidance": {"default": 3.5, "min": 0.0, "max": 100.0}},
+    "ModelSamplingSD3": {"model": LINK, "shift": {"default": 3.0, "min": 0.0, "max": 100.0}},
+    "ModelSamplingFlux": {"model": LINK, "max_shift": {"default": 1.15, "min": 0.0, "max": 100.0},
+                          "base_shift": {"default": 0.5, "min": 0.0, "max": 100.0},
+                          "width": {"default": 1024, "min": 16, "max": 16384, "step": 8},
+                          "height": {"default": 1024, "min": 16, "max": 16384, "step": 8}},
+    "EmptySD3LatentImage": {"width": {"default": 1024, "min": 16, "max": 16384, "step": 16},
+                            "height": {"default": 1024, "min": 16, "max": 16384, "step": 16},
+                            "batch_size": {"default": 1, "min": 1, "max": 4096}},
+    "BasicGuider": {"model": LINK, "conditioning": LINK},
+}
+# Where ours knowingly differ: EmptyLatent serves every family, so its default size is SD1's (an
+# imported graph always carries the size); a shift of 0 would put every noise level at 0.
+DEFAULT_DIFFERS = {("EmptySD3LatentImage", "width"), ("EmptySD3LatentImage", "height")}
+VALUE_REFUSED = {("ModelSamplingSD3", "shift"): 0.0}
+
+
+def test_sd3_and_flux_nodes_take_comfyuis_inputs_names_defaults_and_choices():
+    classes = {node_class.type_name: node_class for node_class in NODES}
+    for comfy_type, inputs in COMFYUI_INPUTS.items():
+        mapping = comfyui.MAPPINGS[comfy_type]
+        assert set(mapping.inputs) == set(inputs), comfy_type  # every ComfyUI input has its counterpart
+        specs = classes[mapping.type].specs().inputs
+        for name, documented in inputs.items():
+            spec = specs[mapping.inputs[name]]
+            where = f"{comfy_type}.{name}"
+            if "link" in documented:
+                assert spec.link_only, where
+            elif "string" in documented:
+                assert spec.socket_type.name == "STRING" and spec.default == "", where
+            elif "files" in documented:
+                assert spec.dynamic_choices is not None and spec.dynamic_choices.kind == documented["files"], where
+            elif "choices" in documented:
+                assert spec.default == documented["choices"][0], where
+                assert set(spec.choices) <= set(documented["choices"]), where  # ComfyUI's names, none of our own
+            else:
+                if (comfy_type, name) not in DEFAULT_DIFFERS:
+                    assert spec.default == documented["default"], where
+                refused = VALUE_REFUSED.get((comfy_type, name))
+                for value in (documented["default"], documented["min"], documented["max"]):
+                    if value == refused:
+                        with pytest.raises(Exception):
+                            spec.validator.validate_python(value, strict=True)
+                    else:
+                        assert spec.validator.validate_python(value, strict=True) == value, (where, value)
+
+
+def test_defaults_of_mappings_are_inputs_comfyui_leaves_implicit():
+    classes = {node_class.type_name: node_class for node_class in NODES}
+    for comfy_type, mapping in comfyui.MAPPINGS.items():
+        specs = classes[mapping.type].specs()
+        assert set(mapping.defaults) <= set(specs.inputs) - set(mapping.inputs.values()), comfy_type
+
+
+FLUX_API = {
+    "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a fox", "clip": ["11", 0]}},
+    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["13", 0], "vae": ["10", 0]}},
+    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+    "10": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+    "11": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "t5xxl_fp16.safetensors",
+                                                      "clip_name2": "clip_l.safetensors", "type": "flux",
+                                                      "device": "default"}},
+    "12": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "fp8_e4m3fn"}},
+    "13": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["25", 0], "guider": ["22", 0],
+                                                             "sampler": ["16", 0], "sigmas": ["17", 0],
+                                                             "latent_image": ["27", 0]}},
+    "16": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+    "17": {"class_type": "BasicScheduler", "inputs": {"scheduler": "simple", "steps": 20, "denoise": 1,
+                                                      "model": ["30", 0]}},
+    "22": {"class_type": "BasicGuider", "inputs": {"model": ["30", 0], "conditioning": ["26", 0]}},
+    "25": {"class_type": "RandomNoise", "inputs": {"noise_seed": 219}},
+    "26": {"class_type": "FluxGuidance", "inputs": {"guidance": 3.5, "conditioning": ["6", 0]}},
+    "27": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 768, "batch_size": 1}},
+    "30": {"class_type": "ModelSamplingFlux", "inputs": {"max_shift": 1.15, "base_shift": 0.5, "width": 1024,
+                                                         "height": 768, "model": ["12", 0]}},
+}
+
+
+def test_flux_api_graph_maps_to_our_nodes():
+    nodes = API.convert(FLUX_API)["nodes"]
+    assert {node_id: node["type"] for node_id, node in nodes.items()} == {
+        "6": "TextEncode", "8": "VAEDecode", "9": "SaveImage", "10": "LoadVAE", "11": "LoadTextEncoders",
+        "12": "LoadDiffusionModel", "13": "Sample", "16": "SelectSampler", "17": "Scheduler", "22": "BasicGuider",
+        "25": "RandomNoise", "26": "FluxGuidance", "27": "EmptyLatent", "30": "ModelSamplingFlux"}
+    assert nodes["11"]["inputs"] == {"name1": "t5xxl_fp16.safetensors", "name2": "clip_l.safetensors", "type": "flux",
+                                     "device": "default"}
+    assert nodes["12"]["inputs"] == {"name": "flux1-dev.safetensors", "weight_dtype": "fp8_e4m3fn"}
+    assert nodes["22"]["inputs"] == {"model": link("30", "model"), "conditioning": link("26", "conditioning")}
+    assert nodes["26"]["inputs"] == {"guidance": 3.5, "conditioning": link("6", "conditioning")}
+    assert nodes["30"]["inputs"] == {"max_shift": 1.15, "base_shift": 0.5, "width": 1024, "height": 768,
+                                     "model": link("12", "model")}
+    # The empty latent feeds only SamplerCustomAdvanced: its model is traced through the guider and
+    # ModelSamplingFlux to the diffusion model loader.
+    assert nodes["27"]["inputs"] == {"width": 1024, "height": 768, "batch_size": 1, "model": link("12", "model")}
+
+    unsupported = copy.deepcopy(FLUX_API)
+    unsupported["11"]["inputs"]["type"] = "hunyuan_video"
+    unsupported["12"]["inputs"]["weight_dtype"] = "int4"
+    error = import_error(API, unsupported)
+    assert issues_at(error) == {("11", "type"): "unsupported_value", ("12", "weight_dtype"): "unsupported_value"}
+    assert "'hunyuan_video' is not supported here (supported: sdxl, sd3, flux)" in str(error)
+
+
+def ui_widget_node(node_id: int, node_type: str, widgets: list, links: dict[str, int] | None = None) -> dict:
+    return {"id": node_id, "type": node_type, "pos": [0, 10 * node_id], "mode": 0, "widgets_values": widgets,
+            "inputs": [{"name": name, "link": link_id} for name, link_id in (links or {}).items()]}
+
+
+def test_sd3_and_flux_ui_widgets_map_from_each_comfyui_version():
+    document = {"nodes": [
+        ui_widget_node(1, "CheckpointLoaderSimple", ["sd3.5_large.safetensors"]),
+        ui_widget_node(2, "TripleCLIPLoader", ["clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"]),
+        ui_widget_node(3, "ModelSamplingSD3", [3.0], {"model": 1}),
+        ui_widget_node(4, "CLIPTextEncodeSD3", ["a", "b", "c", "empty_prompt"], {"clip": 2}),
+        ui_widget_node(5, "EmptySD3LatentImage", [1024, 768, 2]),
+        ui_widget_node(6, "KSampler", [1, "fixed", 28, 4.5, "euler", "sgm_uniform", 1.0],
+                       {"model": 3, "positive": 4, "negative": 5, "latent_image": 6}),
+        ui_widget_node(7, "UNETLoader", ["flux1-schnell.safetensors", "default"]),
+        ui_widget_node(8, "DualCLIPLoader", ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux"]),  # no device yet
+        ui_widget_node(9, "CLIPLoader", ["t5xxl_fp16.safetensors"]),  # before the type widget
+        ui_widget_node(10, "CLIPTextEncodeFlux", ["x", "y", 2.5], {"clip": 7}),
+        ui_widget_node(11, "ModelSamplingFlux", [1.15, 0.5, 1024, 768], {"model": 8}),
+        ui_widget_node(12, "FluxGuidance", [4.0], {"conditioning": 9}),
+        ui_widget_node(13, "BasicGuider", [], {"model": 10, "conditioning": 11}),
+    ], "links": [[1, 1, 0, 3, 0, "MODEL"], [2, 2, 0, 4, 0, "CLIP"], [3, 3, 0, 6, 0, "MODEL"],
+                 [4, 4, 0, 6, 1, "CONDITIONING"], [5, 4, 0, 6, 2, "CONDITIONING"], [6, 5, 0, 6, 3, "LATENT"],
+                 [7, 8, 0, 10, 0, "CLIP"], [8, 7, 0, 11, 0, "MODEL"], [9, 10, 0, 12, 0, "CONDITIONING"],
+                 [10, 11, 0, 13, 0, "MODEL"], [11, 12, 0, 13, 1, "CONDITIONING"]]}
+    nodes = UI.convert(document)["nodes"]
+    assert nodes["2"]["inputs"] == {"name1": "clip_l.safetensors", "name2": "clip_g.safetensors",
+                                    "name3": "t5xxl_fp16.safetensors", "type": "sd3"}
+    assert nodes["3"]["inputs"] == {"shift": 3.0, "model": link("1", "model")}
+    assert nodes["4"]["inputs"] == {"clip_l": "a", "clip_g": "b", "t5xxl": "c", "empty_padding": "empty_prompt",
+                                    "clip": link("2", "clip")}
+    assert nodes["5"] == {"type": "EmptyLatent", "inputs": {"width": 1024, "height": 768, "batch_size": 2,
+                                                            "model": link("1", "model")}}
+    assert nodes["7"]["inputs"] == {"name": "flux1-schnell.safetensors", "weight_dtype": "default"}
+    assert nodes["8"]["inputs"] == {"name1": "clip_l.safetensors", "name2": "t5xxl_fp16.safetensors", "type": "flux"}
+    assert nodes["9"] == {"type": "LoadTextEncoder", "inputs": {"name": "t5xxl_fp16.safetensors"}}
+    assert nodes["10"]["inputs"] == {"clip_l": "x", "t5xxl": "y", "guidance": 2.5, "clip": link("8", "clip")}
+    assert nodes["11"]["inputs"] == {"max_shift": 1.15, "base_shift": 0.5, "width": 1024, "height": 768,
+                                     "model": link("7", "model")}
+    assert nodes["12"]["inputs"] == {"guidance": 4.0, "conditioning": link("10", "conditioning")}
+    assert nodes["13"] == {"type": "BasicGuider", "inputs": {"model": link("11", "model"),
+                                                             "conditioning": link("12", "conditioning")}}

@@ -30,7 +30,7 @@ def load_vae_component(
     with component_errors(detection.path, "vae"):
         if keys.layout == "diffusers":
             meta = vae_module.ldm_vae_keys_from_diffusers(meta)
-        config = vae_module.vae_config_from_shapes(shapes_of(meta), family=(family or ModelFamily.SD1).latent_family)
+        config = vae_module.vae_config_from_shapes(shapes_of(meta), family=family.latent_family if family else None)
     if scaling_override is not None:
         config = replace(config, scaling_factor=scaling_override)
     target_device, target_dtype = target_device_dtype(device, dtype, "vae")

@@ -62,6 +62,8 @@ class NodeMapping:
     fixed: Mapping[str, Any] = field(default_factory=dict)  # no counterpart; only this value (our behaviour) maps
     ignored: frozenset[str] = frozenset()  # no counterpart, and no effect on the models this pack runs
     needs_model: bool = False  # our node takes a model link that ComfyUI's does not have
+    # Literal inputs of our node that ComfyUI's node has no input for (what it does implicitly).
+    defaults: Mapping[str, Any] = field(default_factory=dict)
     # How many of the last widgets older ComfyUI versions do not have (files saved by them stop early).
     later_widgets: int = 0
 
@@ -83,7 +85,7 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
         ("clip_name1", "clip_name2", "type", "device"), later_widgets=1),
     "TripleCLIPLoader": NodeMapping(
         "LoadTextEncoders", {"clip_name1": "name1", "clip_name2": "name2", "clip_name3": "name3"}, ("clip",),
-        ("clip_name1", "clip_name2", "clip_name3")),
+        ("clip_name1", "clip_name2", "clip_name3"), defaults={"type": "sd3"}),
     "VAELoader": NodeMapping("LoadVAE", {"vae_name": "name"}, ("vae",), ("vae_name",)),
     "LoraLoader": NodeMapping(
         "LoadLora", {"lora_name": "name", **_same("model", "clip", "strength_model", "strength_clip")},
@@ -536,7 +538,7 @@ def convert_nodes(comfy_nodes: list[ComfyNode], importer: str, problems: _Proble
                 problems.add("unsupported_value", f"{node.type} input {name!r}: {reason}", node.id, name)
                 continue
             inputs[ours] = value
-        nodes[node.id] = {"type": mapping.type, "inputs": inputs}
+        nodes[node.id] = {"type": mapping.type, "inputs": {**mapping.defaults, **inputs}}
     for node in comfy_nodes:
         mapping = MAPPINGS.get(node.type)
         if mapping is not None and mapping.needs_model and node.id in nodes:

@@ -13,7 +13,8 @@ from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
 from nodegraph.types import CLIP, CONTROL_NET, MODEL, VAE, Choices
 
 from ..architectures import lora
-from ..architectures.detection import Detection, FileKind, ModelFamily, detect
+from ..architectures.lora_transformers import match_lora
+from ..architectures.detection import TEXT_ENCODER_SLOTS, Detection, FileKind, ModelFamily, detect
 from ..architectures.stable_diffusion import LatentFormat, load_checkpoint, load_controlnet, load_vae
 from ..architectures.transformers import (
     TRANSFORMER_FAMILIES,
@@ -45,6 +46,12 @@ def _file_fingerprint(kind: str, name: Any) -> str | None:
 def _model_file(kind: str) -> Any:
     return Annotated[str, Choices(lambda: folders.list_files(kind), kind=kind),
                      Field(description=f"A file under the {kind} model folder(s).")]
+
+
+def _optional_model_file(kind: str) -> Any:
+    # Choices outside Optional, so that a name given is checked against the folder like a required one.
+    return Annotated[Optional[str], Choices(lambda: folders.list_files(kind), kind=kind),
+                     Field(description=f"A file under the {kind} model folder(s), or none.")]
 
 
 def _resolve(kind: str, name: str, input_name: str = "name") -> Path:
@@ -205,7 +212,8 @@ def _load_text_encoders(names: list[tuple[str, str]], encoder_type: str, device:
     for (input_name, name), file, file_slots in zip(names, files, slots):
         encoders.update(load_text_encoder_file(file.path, device=target, slots=file_slots))
         ctx.log.info("%s: %s", name, ", ".join(sorted(set(file_slots.values()))))
-    return _text_encoders(encoders, family)
+    # Conditioning order (SDXL concatenates CLIP-L's states before CLIP-G's), whatever the file order.
+    return _text_encoders(dict(sorted(encoders.items(), key=lambda item: TEXT_ENCODER_SLOTS.index(item[0]))), family)
 
 
 class LoadTextEncoder(Node):
@@ -241,8 +249,8 @@ class LoadTextEncoders(Node):
     class Inputs(NodeInputs):
         name1: _model_file("text_encoders")  # type: ignore[valid-type]
         name2: _model_file("text_encoders")  # type: ignore[valid-type]
-        name3: Optional[_model_file("text_encoders")] = None  # type: ignore[valid-type]
-        type: DualTextEncoderType = Field("sd3", description="The model family they condition.")
+        name3: _optional_model_file("text_encoders") = None  # type: ignore[valid-type]
+        type: DualTextEncoderType = Field("sdxl", description="The model family they condition.")
         device: LoadDevice = Field("default", description="cpu: keep the encoders on the CPU (saves GPU memory).")
 
     class Outputs(NodeOutputs):
@@ -300,9 +308,13 @@ class LoadVAE(Node):
         return self.Outputs(vae=VAEModel(loaded.vae, latent_format, inputs.name))
 
 
+# Families whose LoRA names are matched to the original transformer layouts (MMDiT, Flux).
+TRANSFORMER_LORA_FAMILIES = frozenset({ModelFamily.SD3, ModelFamily.FLUX, ModelFamily.FLUX_SCHNELL})
+
+
 class LoadLora(Node):
-    """Apply a LoRA (kohya, diffusers/PEFT or LoCon format) to a model and its text encoders, with
-    separate strengths. The base weights are not changed: the LoRA is applied while the model runs.
+    """Apply a LoRA (kohya, diffusers/PEFT or LoCon format; for SD3 and Flux also ComfyUI/BFL,
+    ai-toolkit and XLabs names) to a model and its text encoders, with separate strengths. The base weights are not changed: the LoRA is applied while the model runs.
     Chain several to stack them; leave `clip` unconnected to patch the diffusion model only."""
 
     category = "loaders"
@@ -334,14 +346,27 @@ class LoadLora(Node):
         if lora_file.family is not None and lora_file.family != family:
             raise InputError("name", f"LoRA {inputs.name} was made for {lora_file.family} models, this is a "
                                      f"{family} model ({len(lora_file.module_names)} LoRA modules)")
-        unet_deltas, _ = lora_file.deltas("unet", model.network.state_dict())
-        used = {delta.source for delta in unet_deltas.values()}
-        clip_deltas = {}
-        for slot, encoder in (clip.encoders.items() if clip is not None else ()):
-            deltas, _ = lora_file.deltas(slot, encoder.state_dict())
-            used |= {delta.source for delta in deltas.values()}
-            if deltas:
-                clip_deltas[slot] = deltas
+        encoders = dict(clip.encoders) if clip is not None else {}
+        if model.family in TRANSFORMER_LORA_FAMILIES:
+            try:
+                match = match_lora(lora_file, model.family, {"diffusion_model": model.network.state_dict(),
+                                                             **{slot: e.state_dict() for slot, e in encoders.items()}})
+            except lora.LoraFormatError as error:
+                raise InputError("name", str(error)) from None
+            except ValueError as error:  # text encoders of another family
+                raise InputError("clip", str(error)) from None
+            unet_deltas = match.deltas.pop("diffusion_model")
+            clip_deltas = {slot: deltas for slot, deltas in match.deltas.items() if deltas}
+            used = set(match.used)
+        else:
+            unet_deltas, _ = lora_file.deltas("unet", model.network.state_dict())
+            used = {delta.source for delta in unet_deltas.values()}
+            clip_deltas = {}
+            for slot, encoder in encoders.items():
+                deltas, _ = lora_file.deltas(slot, encoder.state_dict())
+                used |= {delta.source for delta in deltas.values()}
+                if deltas:
+                    clip_deltas[slot] = deltas
         total = len(lora_file.module_names)
         if not used:
             raise InputError(

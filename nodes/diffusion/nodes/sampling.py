@@ -229,8 +229,8 @@ def _flow_multiplier(model: DiffusionModel, node: str) -> float:
     """The timestep multiplier of a rectified-flow model (SD3 1000, Flux 1), kept when its shift changes."""
     schedule = model.sampling.schedule
     if not isinstance(schedule, schedules.FlowSchedule):
-        raise InputError("model", f"{node} applies to rectified-flow models (SD3, Flux.1); this is a "
-                                  f"{model.family.label} model")
+        raise InputError("model", f"{node} applies to rectified-flow models (SD3, Flux.1); this model is "
+                                  f"{model.family.label}")
     return schedule.multiplier
 
 
