@@ -69,8 +69,10 @@ def as_link(value: Any) -> Link | None:
 
 def _upgrade_from_0(document: dict[str, Any]) -> dict[str, Any]:
     """Version 0, the pre-release draft: no version key, links as `[node_id, output]` pairs."""
+    if not isinstance(document.get("nodes"), dict):
+        return {**document, "version": 1}  # nothing to upgrade; validation says what `nodes` should be
     nodes = {}
-    for node_id, node in document.get("nodes", {}).items():
+    for node_id, node in document["nodes"].items():
         if isinstance(node, dict) and isinstance(node.get("inputs"), dict):
             inputs = {
                 name: {"from": value[0], "output": value[1]}

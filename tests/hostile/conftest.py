@@ -16,9 +16,25 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 
-from _server_fixtures import counting_registry, make_client_factory  # noqa: E402
+from _server_fixtures import counting_pack, counting_registry, make_client_factory  # noqa: E402
 from nodegraph.cache import OutputCache  # noqa: E402
+from nodegraph.registry import NodeRegistry  # noqa: E402
 from nodegraph.server import create_app  # noqa: E402
+
+
+UNSAFE_TO_FUZZ = {"Steps", "Blob", "ReadFile"}
+"""Test nodes that would sleep, allocate or read what a fuzzed input says, however much: the fuzz
+is about the engine and the server, not about nodes written to obey their tests."""
+
+
+def fuzz_registry() -> NodeRegistry:
+    """The counting pack without the nodes above, and the basic pack (text formatting, saving files)."""
+    import nodegraph_basic
+
+    registry = NodeRegistry()
+    registry.add_pack("counting", [cls for cls in counting_pack.NODES if cls.type_name not in UNSAFE_TO_FUZZ])
+    registry.add_pack("basic", nodegraph_basic.NODES)
+    return registry
 
 
 @pytest.fixture
@@ -103,7 +119,7 @@ class HealthProbe:
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("live")
-    app = create_app(counting_registry(), folder / "runs.sqlite", output_dir=folder / "out", device="cpu",
+    app = create_app(fuzz_registry(), folder / "runs.sqlite", output_dir=folder / "out", device="cpu",
                      cache=OutputCache(max_bytes=10**8), inputs_dir=folder / "inputs",
                      workflows_dir=folder / "workflows", editor_dir=folder / "editor")
     server = LiveServer(app)
