@@ -191,7 +191,8 @@ class TextEncoders:
         present = [slot for slot in SD3_CLIP_WIDTHS if slot in self.encoders]
         if present and not (skip["clip_l"] and skip["clip_g"]):
             prompts = {"clip_l": clip_l, "clip_g": clip_g}
-            chunks = {slot: [] if skip[slot] else self._chunks(slot, self.encoders[slot], prompts[slot])  # type: ignore[arg-type]
+            chunks = {slot: [] if skip[slot] else self._chunks(slot, self.encoders[slot],  # type: ignore[arg-type]
+                                                                   prompts[slot])
                       for slot in present}
             count = max(len(slot_chunks) for slot_chunks in chunks.values())
             states: dict[str, Tensor] = {}

@@ -146,7 +146,9 @@ def write_transformer_models(root: Path) -> Path:
     """
     for kind in ("checkpoints", "diffusion_models", "unet", "text_encoders", "clip", "vae", "loras"):
         (root / kind).mkdir(parents=True, exist_ok=True)
-    write = lambda path, weights: write_safetensors(root / path, weights, dtype=None)  # noqa: E731
+    def write(path: str, weights: dict[str, Tensor]) -> None:
+        write_safetensors(root / path, weights, dtype=None)
+
     write(f"checkpoints/{SD35_CHECKPOINT}", sd3_checkpoint(SD35, text_encoders=(), seed=31))
     write(f"checkpoints/{SD35_MEDIUM_CHECKPOINT}", sd3_checkpoint(SD3, text_encoders=()))
     write("checkpoints/sd3_medium_incl_clips_t5.safetensors", sd3_checkpoint(SD3))

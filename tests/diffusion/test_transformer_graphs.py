@@ -277,7 +277,8 @@ def test_flow_schedules_follow_the_shift_formulas(executor):
 
     graph = {
         "sd3": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd3.5_medium.safetensors"}},
-        "dev": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}},
+        "dev": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors",
+                                                       "weight_dtype": "default"}},
         "schnell": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-schnell.safetensors",
                                                            "weight_dtype": "default"}},
         "shift6": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["sd3", 0], "shift": 6.0}},
@@ -297,7 +298,7 @@ def test_flow_schedules_follow_the_shift_formulas(executor):
         mu = 0.5 + (1.15 - 0.5) * (width * height / 256 - 256) / (4096 - 256)
         return math.exp(mu)
 
-    tolerance = dict(rtol=0, atol=1e-6)
+    tolerance = {"rtol": 0, "atol": 1e-6}
     torch.testing.assert_close(got["s_sd3"], expect(_shifted(t, 3.0)), **tolerance)  # SD3's default shift 3
     torch.testing.assert_close(got["s_shift6"], expect(_shifted(t, 6.0)), **tolerance)
     torch.testing.assert_close(got["s_dev"], expect(_shifted(t, math.exp(1.15))), **tolerance)  # mu 1.15
@@ -312,7 +313,8 @@ def test_model_sampling_nodes_refuse_a_u_net_model(executor, models):
     write_safetensors(models / "checkpoints" / "tiny-sd1.safetensors", sd1_weights(), dtype=None)
     graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd1.safetensors"}},
              "2": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}}}
-    assert "ModelSamplingSD3 applies to rectified-flow models (SD3, Flux.1); this model is SD1.x" in failure(executor, graph, "2")
+    message = failure(executor, graph, "2")
+    assert "ModelSamplingSD3 applies to rectified-flow models (SD3, Flux.1); this model is SD1.x" in message
 
 
 @pytest.mark.parametrize("loader, inputs", [
@@ -343,8 +345,9 @@ def test_text_encoder_loaders_check_what_the_files_are(executor):
               "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": "t5xxl_fp16.safetensors", "type": "sd3",
                                                            "device": "cpu"}}}
     result = run(executor, single, "1", "2")
-    assert list(output(result, "1", "clip").encoders) == ["clip_l"] and output(result, "1", "clip").family.value == "sd1"
-    assert list(output(result, "2", "clip").encoders) == ["t5xxl"] and output(result, "2", "clip").family.value == "sd3"
+    sd1_clip, t5_clip = output(result, "1", "clip"), output(result, "2", "clip")
+    assert list(sd1_clip.encoders) == ["clip_l"] and sd1_clip.family.value == "sd1"
+    assert list(t5_clip.encoders) == ["t5xxl"] and t5_clip.family.value == "sd3"
     # Types ComfyUI has for models nodegraph cannot build are refused when the graph is imported.
     with pytest.raises(WorkflowImportError) as caught:
         API.convert({"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": "umt5.safetensors", "type": "wan"}}})

@@ -314,8 +314,9 @@ TRANSFORMER_LORA_FAMILIES = frozenset({ModelFamily.SD3, ModelFamily.FLUX, ModelF
 
 class LoadLora(Node):
     """Apply a LoRA (kohya, diffusers/PEFT or LoCon format; for SD3 and Flux also ComfyUI/BFL,
-    ai-toolkit and XLabs names) to a model and its text encoders, with separate strengths. The base weights are not changed: the LoRA is applied while the model runs.
-    Chain several to stack them; leave `clip` unconnected to patch the diffusion model only."""
+    ai-toolkit and XLabs names) to a model and its text encoders, with separate strengths. The base
+    weights are not changed: the LoRA is applied while the model runs. Chain several to stack them;
+    leave `clip` unconnected to patch the diffusion model only."""
 
     category = "loaders"
 
