@@ -545,6 +545,7 @@ def test_sd3_and_flux_ui_widgets_map_from_each_comfyui_version():
         ui_widget_node(11, "ModelSamplingFlux", [1.15, 0.5, 1024, 768], {"model": 8}),
         ui_widget_node(12, "FluxGuidance", [4.0], {"conditioning": 9}),
         ui_widget_node(13, "BasicGuider", [], {"model": 10, "conditioning": 11}),
+        ui_widget_node(14, "UNETLoader", ["sdxl_lightning_4step_unet.safetensors"]),  # before weight_dtype
     ], "links": [[1, 1, 0, 3, 0, "MODEL"], [2, 2, 0, 4, 0, "CLIP"], [3, 3, 0, 6, 0, "MODEL"],
                  [4, 4, 0, 6, 1, "CONDITIONING"], [5, 4, 0, 6, 2, "CONDITIONING"], [6, 5, 0, 6, 3, "LATENT"],
                  [7, 8, 0, 10, 0, "CLIP"], [8, 7, 0, 11, 0, "MODEL"], [9, 10, 0, 12, 0, "CONDITIONING"],
@@ -566,3 +567,4 @@ def test_sd3_and_flux_ui_widgets_map_from_each_comfyui_version():
     assert nodes["12"]["inputs"] == {"guidance": 4.0, "conditioning": link("10", "conditioning")}
     assert nodes["13"] == {"type": "BasicGuider", "inputs": {"model": link("11", "model"),
                                                              "conditioning": link("12", "conditioning")}}
+    assert nodes["14"] == {"type": "LoadDiffusionModel", "inputs": {"name": "sdxl_lightning_4step_unet.safetensors"}}

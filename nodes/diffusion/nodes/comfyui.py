@@ -77,7 +77,7 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
                                           ("ckpt_name",)),
     # Newer ComfyUI versions added the encoder type, then the (advanced) load device, to the text-encoder loaders.
     "UNETLoader": NodeMapping("LoadDiffusionModel", {"unet_name": "name", "weight_dtype": "weight_dtype"}, ("model",),
-                              ("unet_name", "weight_dtype")),
+                              ("unet_name", "weight_dtype"), later_widgets=1),
     "CLIPLoader": NodeMapping("LoadTextEncoder", {"clip_name": "name", **_same("type", "device")}, ("clip",),
                               ("clip_name", "type", "device"), later_widgets=2),
     "DualCLIPLoader": NodeMapping(
