@@ -13,7 +13,7 @@ from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
 from nodegraph.types import CLIP, CONTROL_NET, MODEL, VAE, Choices
 
 from ..architectures import lora
-from ..architectures.lora_transformers import match_lora
+from ..architectures import lora_transformers
 from ..architectures.detection import TEXT_ENCODER_SLOTS, Detection, FileKind, ModelFamily, detect
 from ..architectures.stable_diffusion import LatentFormat, load_checkpoint, load_controlnet, load_vae
 from ..architectures.transformers import (
@@ -308,10 +308,6 @@ class LoadVAE(Node):
         return self.Outputs(vae=VAEModel(loaded.vae, latent_format, inputs.name))
 
 
-# Families whose LoRA names are matched to the original transformer layouts (MMDiT, Flux).
-TRANSFORMER_LORA_FAMILIES = frozenset({ModelFamily.SD3, ModelFamily.FLUX, ModelFamily.FLUX_SCHNELL})
-
-
 class LoadLora(Node):
     """Apply a LoRA (kohya, diffusers/PEFT or LoCon format; for SD3 and Flux also ComfyUI/BFL,
     ai-toolkit and XLabs names) to a model and its text encoders, with separate strengths. The base
@@ -348,10 +344,11 @@ class LoadLora(Node):
             raise InputError("name", f"LoRA {inputs.name} was made for {lora_file.family} models, this is a "
                                      f"{family} model ({len(lora_file.module_names)} LoRA modules)")
         encoders = dict(clip.encoders) if clip is not None else {}
-        if model.family in TRANSFORMER_LORA_FAMILIES:
+        if model.family in lora_transformers.TRANSFORMER_FAMILIES:
             try:
-                match = match_lora(lora_file, model.family, {"diffusion_model": model.network.state_dict(),
-                                                             **{slot: e.state_dict() for slot, e in encoders.items()}})
+                targets = {"diffusion_model": model.network.state_dict(),
+                           **{slot: encoder.state_dict() for slot, encoder in encoders.items()}}
+                match = lora_transformers.match_lora(lora_file, model.family, targets)
             except lora.LoraFormatError as error:
                 raise InputError("name", str(error)) from None
             except ValueError as error:  # text encoders of another family
