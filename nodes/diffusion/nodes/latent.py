@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,16 @@ class EmptyLatent(Node):
 
     class Outputs(NodeOutputs):
         latent: LATENT.annotation
+
+    @classmethod
+    def estimated_bytes(cls, inputs: Mapping[str, Any]) -> int | None:
+        """The latent's float32 bytes: exact once the model (its latent format) is known; before,
+        at validation, at least SD's 4 channels per 8 x 8 pixels, which no known format goes below."""
+        if not all(isinstance(inputs.get(name), int) for name in ("width", "height", "batch_size")):
+            return None  # a size arrives by link: checked when it is known
+        fmt = getattr(inputs.get("model"), "latent_format", None)
+        values_per_pixel = 4 / 64 if fmt is None else fmt.channels / fmt.downscale_factor**2
+        return int(inputs["batch_size"] * inputs["height"] * inputs["width"] * values_per_pixel * 4)
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         model: DiffusionModel = inputs.model

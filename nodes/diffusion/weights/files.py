@@ -237,8 +237,10 @@ class DiffusersFolder:
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON, or an integer too long to convert
         raise CheckpointError(path, f"unreadable JSON: {exc}") from exc
+    except RecursionError:
+        raise CheckpointError(path, "unreadable JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise CheckpointError(path, "expected a JSON object")
     return data

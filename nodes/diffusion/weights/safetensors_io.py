@@ -7,6 +7,7 @@ import logging
 import math
 import mmap
 import os
+import reprlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,8 +98,10 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
 
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: bad JSON, or an integer too long to convert
         raise CheckpointError(path, f"header is not valid UTF-8 JSON: {exc}") from exc
+    except RecursionError:
+        raise CheckpointError(path, "header is not a safetensors header: JSON nested too deeply to read") from None
     if not isinstance(header, dict):
         raise CheckpointError(path, f"header is a JSON {type(header).__name__}, expected an object")
 
@@ -118,7 +121,8 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
 
 def _parse_entry(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        raise CheckpointError(path, f"tensor {name!r}: header entry needs dtype, shape and data_offsets, got {entry!r}")
+        raise CheckpointError(
+            path, f"tensor {name!r}: header entry needs dtype, shape and data_offsets, got {reprlib.repr(entry)}")
     dtype_name = entry["dtype"]
     if dtype_name not in SAFETENSORS_DTYPES:
         raise CheckpointError(
@@ -128,9 +132,10 @@ def _parse_entry(path: Path, name: str, entry: object, data_size: int) -> Tensor
     shape = entry["shape"]
     offsets = entry["data_offsets"]
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise CheckpointError(path, f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+        raise CheckpointError(path, f"tensor {name!r}: shape {reprlib.repr(shape)} is not a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)):
-        raise CheckpointError(path, f"tensor {name!r}: data_offsets {offsets!r} is not a pair of non-negative integers")
+        raise CheckpointError(
+            path, f"tensor {name!r}: data_offsets {reprlib.repr(offsets)} is not a pair of non-negative integers")
     begin, end = offsets
     expected_bytes = math.prod(shape) * dtype.itemsize
     if end - begin != expected_bytes:

@@ -125,8 +125,8 @@ def _check_quant_config(path: str, key: str, tensor: Tensor) -> None:
         return  # shapes-only loading: nothing to read
     try:
         config = json.loads(bytes(tensor.to(torch.uint8).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightScaleError(path, f"{key!r} is not a JSON quantisation config: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, a too-long integer, too deep
+        raise WeightScaleError(path, f"{key!r} is not a JSON quantisation config: {type(exc).__name__}: {exc}") from None
     found = config.get("format") if isinstance(config, dict) else None
     if found not in _FP8_QUANT_FORMATS:
         raise WeightScaleError(
