@@ -259,6 +259,8 @@ CASES = [
     # ComfyUI's "lcm" sampler is the flow-matching Euler step with fresh noise (FlowMatchEulerDiscreteScheduler's
     # stochastic_sampling); both draw one latent-shaped noise per step.
     Case("sd3", 48, 80, sampler="lcm", steps=6),
+    # No stochastic Flux case: FluxPipeline's scheduler draws its step noise in the packed token layout
+    # (1, tokens, 64), the graph's samplers in the latent layout (1, 16, h, w), so the draws cannot agree.
     Case("flux_dev", 64, 64),
     Case("flux_dev", 48, 80),
     Case("flux_dev", 80, 112, steps=8),
@@ -442,6 +444,8 @@ def test_comfyui_graph_matches_diffusers_pipeline(case: Case, models, executor, 
     for stage in ("context", "pooled", "negative_context", "negative_pooled"):
         assert errors.get(stage, 0.0) <= TEXT_TOL, figures
     assert errors["sigmas"] <= 1e-6, figures
+    # Same float32 maths step by step: the sampled latents differ by rounding alone (seen: <= 3.3e-4).
+    assert errors["latent"] <= 2e-3, figures
     assert ours.image.std() > 0.05, figures  # a picture with content, not a flat image that would match anyway
     assert difference.max().item() <= MAX_ERROR, figures
     assert difference.mean().item() <= MEAN_ERROR, figures
