@@ -29,6 +29,7 @@ from .text.clip_tokenizer import PAD_ID_BY_ENCODER, CLIPTokenizer, TokenChunk
 from .text.t5_tokenizer import T5Tokenizer
 from .networks.unet import UNet, sdxl_vector_conditioning
 from .vae.autoencoder import AutoencoderKL, LatentScaling
+from .vae.previews import LatentColours, latent_colours
 
 
 @contextlib.contextmanager
@@ -59,6 +60,7 @@ class DiffusionModel:
     latent_format: LatentFormat
     name: str = ""
     patches: WeightPatches = WeightPatches()
+    preview_vae: VAEModel | None = None  # the VAE the model's file came with: step previews' colours
 
     def with_patch(self, deltas: Deltas, strength: float) -> DiffusionModel:
         return replace(self, patches=self.patches.plus(deltas, strength))
@@ -66,6 +68,12 @@ class DiffusionModel:
     def with_sampling(self, sampling: ModelSampling) -> DiffusionModel:
         """The same network driven another way (a flow model's shift: ModelSamplingSD3/Flux)."""
         return replace(self, sampling=sampling)
+
+    def preview_colours(self) -> LatentColours | None:
+        """The latent -> RGB map of step previews, fitted once on the VAE the model came with (None: no VAE)."""
+        if self.preview_vae is None:
+            return None
+        return latent_colours(self.preview_vae.vae, self.preview_vae.scaling)
 
     @contextlib.contextmanager
     def patched_network(self) -> Iterator[nn.Module]:

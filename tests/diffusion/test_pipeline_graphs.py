@@ -3,6 +3,7 @@ txt2img, img2img, inpainting, ControlNet and LoRA run from workflow JSON through
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -361,3 +362,17 @@ def test_textual_inversion_embedding_from_the_embeddings_folder(env, models):
         "pos": {"type": "TextEncode", "inputs": {"clip": link("ckpt", "clip"), "text": "embedding:missing"}}}},
         outputs=["pos"]))
     assert error.node_id == "pos" and "'text'" in str(error) and "missing" in str(error)
+
+
+def test_step_previews_use_the_checkpoints_vae_colours(env) -> None:
+    """The sampler's previews map latents to colour with the map fitted on the checkpoint's own VAE
+    (so no model previews in another model's colours); a model file without a VAE has none."""
+    from nodegraph_diffusion.vae.previews import latent_colours
+
+    executor, _ = env
+    outputs = executor.run(txt2img(), outputs=["ckpt"]).results["ckpt"].outputs
+    colours = outputs.model.preview_colours()
+    expected = latent_colours(outputs.vae.vae, outputs.vae.scaling)
+    assert outputs.model.preview_vae is outputs.vae
+    assert torch.equal(colours.weight, expected.weight) and torch.equal(colours.bias, expected.bias)
+    assert dataclasses.replace(outputs.model, preview_vae=None).preview_colours() is None

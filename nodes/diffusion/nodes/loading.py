@@ -97,10 +97,10 @@ def _load_model_file(
         loaded = load_checkpoint(path, device=run_device(ctx))  # type: ignore[assignment]
         network, sampling, encoders = loaded.unet, ModelSampling.for_prediction(loaded.prediction), loaded.text_encoders
     ctx.log.info("%s: %s", name, loaded.detection.describe())
-    model = DiffusionModel(network=network, family=loaded.family, sampling=sampling,
-                           latent_format=loaded.latent_format, name=name)
-    clip = _text_encoders(encoders, loaded.family) if encoders else None
     vae = None if loaded.vae is None else VAEModel(loaded.vae, loaded.latent_format, name)
+    model = DiffusionModel(network=network, family=loaded.family, sampling=sampling,
+                           latent_format=loaded.latent_format, name=name, preview_vae=vae)
+    clip = _text_encoders(encoders, loaded.family) if encoders else None
     return model, clip, vae
 
 

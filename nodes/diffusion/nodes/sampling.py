@@ -86,13 +86,14 @@ def run_sampling(ctx: RunContext, guidance: Guidance, sampler: SamplerChoice, si
         mask = resize_mask(latent.noise_mask, samples.shape[0], samples.shape[2], samples.shape[3])
     device = next(model.network.parameters()).device
     last = {"denoised": samples}
+    colours = model.preview_colours()
     with model.patched_network() as network:
         guider = CFGGuider(network, model.sampling, guidance.positive, guidance.negative, guidance.cfg,
                            downscale=model.latent_format.downscale_factor, concat=_inpaint_concat(model, latent))
 
         def on_step(i: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
             last["denoised"] = denoised
-            ctx.progress(i + 1, total, preview_image(denoised, model.family.latent_family))
+            ctx.progress(i + 1, total, preview_image(denoised, colours))
 
         result = sample(guider, sampler, sigmas, samples, start_noise, noise_mask=mask,
                         generator=noise.sampler_generator(), device=device, callback=on_step,

@@ -125,14 +125,14 @@ def neutral_rgb(latent: Tensor) -> Tensor:
     return ((channels - mean) / (4.0 * std) + 0.5).clamp(0.0, 1.0).permute(1, 2, 0)
 
 
-def preview_image(latent: Tensor, colours: LatentColours | str | None = None, max_size: int = 256) -> Image.Image:
+def preview_image(latent: Tensor, colours: LatentColours | None = None, max_size: int = 256) -> Image.Image:
     """The first latent of a batch (B, C, h, w) as a small PIL RGB image (upscaled to at most max_size).
 
-    colours: the map of the VAE that will decode these latents (:func:`latent_colours`). None, or
-    a model family name from a caller with no VAE at hand, gives :func:`neutral_rgb`.
+    colours: the map of the VAE that will decode these latents (:func:`latent_colours`); None (no
+    VAE at hand) gives :func:`neutral_rgb`.
     """
     first = latent[0].detach().cpu()
-    rgb = colours.to_rgb(first) if isinstance(colours, LatentColours) else neutral_rgb(first)
+    rgb = neutral_rgb(first) if colours is None else colours.to_rgb(first)
     image = Image.fromarray((rgb.numpy() * 255.0).round().astype("uint8"), "RGB")
     scale = max(1, min(8, max_size // max(image.size)))
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
