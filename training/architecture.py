@@ -14,6 +14,8 @@ from torch import Tensor
 
 from nodegraph_diffusion.text.clip import HIDDEN_STATE_BY_FAMILY, CLIPTextEncoder, TextEncoderConfig
 from nodegraph_diffusion.text.clip_tokenizer import PAD_ID_BY_ENCODER, CLIPTokenizer
+from nodegraph_diffusion.components import SD3_CLIP_WIDTHS, SD3_CONTEXT_WIDTH
+from nodegraph_diffusion.networks.mmdit import HEAD_DIM, MMDiTConfig
 from nodegraph_diffusion.networks.unet import UNetConfig
 from nodegraph_diffusion.vae.autoencoder import VAEConfig
 
@@ -23,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_PATH = REPO_ROOT / "models" / "checkpoints" / "tiny-shapes.safetensors"
 CONTROLNET_PATH = REPO_ROOT / "models" / "controlnet" / "tiny-shapes-silhouette.safetensors"
 LORA_PATH = REPO_ROOT / "models" / "loras" / "tiny-shapes-outlined.safetensors"
+MMDIT_CHECKPOINT_PATH = REPO_ROOT / "models" / "checkpoints" / "tiny-shapes-mmdit.safetensors"
 
 # 64 -> 32 -> 16: the SD1 AutoencoderKL layout with three levels (f=4) at the smallest widths
 # GroupNorm(32) allows. At f=8 the shapes (18-40 px) cover only 2-5 latent cells and even the
@@ -46,6 +49,23 @@ UNET_CONFIG = UNetConfig(
 )
 
 FAMILY = "sd1"
+
+# The product's SD3 conditioning of one CLIP-L without CLIP-G or T5: states padded to T5-XXL's
+# width; pooled = CLIP-L's pooled output + CLIP-G's zeros.
+SD3_POOLED_DIM = TEXT_ENCODER_CONFIG.width + SD3_CLIP_WIDTHS["clip_g"]
+# Positions for latents up to this many cells a side (128 px images).
+MMDIT_MAX_LATENT_SIDE = 32
+
+
+def mmdit_config(depth: int, width: int, patch_size: int) -> MMDiTConfig:
+    """The tiny-shapes MMDiT at a depth, width and patch size: 64-wide heads (what the loader assumes),
+    4 latent channels in and out, the SD3 conditioning widths of the shipped CLIP alone."""
+    return MMDiTConfig(patch_size=patch_size, in_channels=4, out_channels=4, depth=depth, hidden_size=width,
+                       num_heads=width // HEAD_DIM, pos_embed_max_size=MMDIT_MAX_LATENT_SIDE // patch_size,
+                       context_dim=SD3_CONTEXT_WIDTH, pooled_dim=SD3_POOLED_DIM)
+
+
+MMDIT_CONFIG = mmdit_config(depth=6, width=192, patch_size=2)
 
 
 def configure_torch(threads: int | None = None) -> None:
