@@ -21,6 +21,7 @@ from .weights.patching import Deltas, WeightPatches
 from .weights.storage import compute_dtype
 from .architectures.detection import ModelFamily
 from .architectures.stable_diffusion import LatentFormat
+from .architectures.transformers import PIXART_T5_TOKENS
 from .sampling.model_sampling import ModelSampling
 from .text.embeddings import EmbeddingFolder
 from .sampling.guidance import CondEntry
@@ -52,7 +53,8 @@ def module_device(module: nn.Module) -> torch.device:
 
 @dataclass(frozen=True, eq=False)
 class DiffusionModel:
-    """A denoising network (U-Net, MMDiT, Flux) with how to drive it; `patches` are LoRA deltas applied while it runs."""
+    """A denoising network (U-Net, MMDiT, Flux, DiT, PixArt) with how to drive it; `patches` are LoRA deltas
+    applied while it runs."""
 
     network: nn.Module
     family: ModelFamily
@@ -87,7 +89,9 @@ class DiffusionModel:
 
 
 # T5 prompts are padded to this many tokens, as ComfyUI does (diffusers pads to 256 for SD3 and
-# 512 for Flux-dev); T5 attends to the padding in both, so the length changes the result.
+# 512 for Flux-dev); T5 attends to the padding in both, so the length changes the result. PixArt
+# masks the padding (so its length changes nothing) and pads to its training length, α 120 and Σ 300
+# tokens (:data:`PIXART_T5_TOKENS`), truncating longer prompts there as its pipelines do.
 T5_LENGTH_BY_FAMILY = {"sd3": 77, "flux": 256}
 # SD3 zero-pads the CLIP states to T5's width; without a T5 the width is the real T5-XXL's.
 SD3_CONTEXT_WIDTH = 4096
@@ -115,7 +119,7 @@ class TextEncoders:
     Slots: ``clip_l``, ``clip_h``, ``clip_g`` (CLIP encoders) and ``t5xxl`` (a T5 encoder).
     clip_skip: None = the family's usual layer; 1 = last layer, 2 = penultimate, ...
     patches: slot -> LoRA patches for that encoder. t5_length: T5 pad length (None: the
-    family's, :data:`T5_LENGTH_BY_FAMILY`).
+    family's, :data:`T5_LENGTH_BY_FAMILY` or :data:`PIXART_T5_TOKENS`).
     """
 
     encoders: dict[str, nn.Module]
@@ -167,14 +171,38 @@ class TextEncoders:
 
     def _t5_hidden(self, text: str, padded: bool = True) -> Tensor:
         """The T5 encoder's states for a prompt -> (1, T, W), padded to the T5 length (`padded`) or not."""
+        length = (self.t5_length or T5_LENGTH_BY_FAMILY[self.family.latent_family]) if padded else None
+        return self._t5_states(text, length, masked=False)[0]
+
+    def _t5_states(self, text: str, length: int | None, masked: bool) -> tuple[Tensor, Tensor]:
+        """T5's states for a prompt padded to `length` -> (hidden (1, T, W), mask (1, T): 1 for the
+        prompt and EOS). masked: the encoder attends to the prompt and EOS only, and prompt weights
+        keep the mean of those positions (the padding is inert to a model that masks it too)."""
         encoder = self.encoders["t5xxl"]
         tokenizer = self.t5_tokenizer or T5Tokenizer.from_default()
-        length = (self.t5_length or T5_LENGTH_BY_FAMILY[self.family.latent_family]) if padded else None
         tokens = tokenizer.tokenize_prompt(text, length=length)
         device = module_device(encoder)
+        ids = torch.tensor([tokens.ids], device=device)
+        mask = torch.tensor([tokens.attention_mask])
         with _patched(encoder, self.patches.get("t5xxl", WeightPatches())), torch.no_grad():
-            hidden = encoder(torch.tensor([tokens.ids], device=device)).float()
-        return _emphasize(hidden, torch.tensor([tokens.weights], device=device)).cpu()
+            hidden = encoder(ids, attention_mask=mask.to(device) if masked else None).float()
+        weights = torch.tensor([tokens.weights], device=device)
+        if not masked:
+            return _emphasize(hidden, weights).cpu(), mask
+        used = tokens.length
+        emphasized = _emphasize(hidden[:, :used], weights[:, :used])
+        return torch.cat([emphasized, hidden[:, used:]], dim=1).cpu(), mask
+
+    def _encode_pixart(self, text: str) -> CondEntry:
+        """PixArt: T5's states of the prompt padded to the family's length, T5 and the model masked
+        to the prompt and EOS (the original's and diffusers' pipelines; ComfyUI leaves the padding
+        out, which gives the same result). The original's negative is the model's learned null
+        caption (:func:`~.sampling.guidance.learned_unconditional`), not an encoded prompt."""
+        if "t5xxl" not in self.encoders:
+            raise MissingTextEncoderError(f"{self.family.label} conditioning needs a T5 text encoder (t5xxl); "
+                                          f"these are {', '.join(self.encoders) or 'none'}")
+        context, mask = self._t5_states(text, self.t5_length or PIXART_T5_TOKENS[self.family], masked=True)
+        return CondEntry(context=context, context_mask=mask)
 
     def encode_sd3(self, clip_l: str, clip_g: str, t5xxl: str, *, empty_padding: bool = True) -> CondEntry:
         """SD3 conditioning from one prompt per encoder (ComfyUI's CLIPTextEncodeSD3).
@@ -248,9 +276,12 @@ class TextEncoders:
 
         SDXL: `text` goes to CLIP-G and `text_secondary` (default: the same) to CLIP-L; the states
         are concatenated and the pooled CLIP-G embedding with the size conditioning forms `y`.
-        Sizes are (height, width) in pixels; crop is (top, left). SD3 and Flux: see
-        :meth:`encode_sd3` and :meth:`_encode_flux` (Flux: `text` to T5, `text_secondary` to CLIP-L).
+        Sizes are (height, width) in pixels; crop is (top, left). SD3, Flux and PixArt: see
+        :meth:`encode_sd3`, :meth:`_encode_flux` (Flux: `text` to T5, `text_secondary` to CLIP-L)
+        and :meth:`_encode_pixart`.
         """
+        if self.family in PIXART_T5_TOKENS:
+            return self._encode_pixart(text)
         if self.family.latent_family == "sd3":
             return self.encode_sd3(text, text, text)
         if self.family.latent_family == "flux":

@@ -11,10 +11,16 @@ scaled-down models of a layout are detected and loaded like the full ones:
 - SD2 vs SD1: the text encoder is OpenCLIP (``cond_stage_model.model.``) vs HF CLIP
   (``cond_stage_model.transformer.``); a U-Net alone by its transformer ``proj_in`` being linear
   (SD2) or a 1x1 conv (SD1).
+
+Transformer denoisers (SD3 MMDiT, Flux, DiT, PixArt) register their layout tests in
+:data:`DENOISERS`. PixArt-α vs Σ: the learned null caption ``y_embedder.y_embedding`` has α's 120
+or Σ's 300 T5 tokens, and only α 1024-MS has micro-conditions (``csize_embedder``); diffusers
+folders drop the null caption, so there the pipeline class in ``model_index.json`` says which.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -27,8 +33,10 @@ import torch
 from torch import Tensor
 
 from ..networks import controlnet as controlnet_module
+from ..networks import dit as dit_module
 from ..networks import flux as flux_module
 from ..networks import mmdit as mmdit_module
+from ..networks import pixart as pixart_module
 from ..networks import unet as unet_module
 from ..text import clip as text_encoder_module
 from ..text import t5 as t5_module
@@ -46,11 +54,15 @@ class ModelFamily(str, Enum):
     SD3 = "sd3"  # SD3 medium, SD3.5 medium / large / large-turbo (MMDiT)
     FLUX = "flux"  # Flux.1-dev and its guidance-distilled derivatives
     FLUX_SCHNELL = "flux_schnell"
+    DIT = "dit"  # class-conditional DiT (facebookresearch/DiT): ImageNet labels, SD's VAE
+    PIXART_ALPHA = "pixart_alpha"  # T5-conditioned DiT, SD's VAE, 120 T5 tokens
+    PIXART_SIGMA = "pixart_sigma"  # T5-conditioned DiT, SDXL's VAE, 300 T5 tokens
 
     @property
     def latent_family(self) -> str:
-        """The family name the VAE and text-encoder modules key their tables by."""
-        return {ModelFamily.SDXL_REFINER: "sdxl", ModelFamily.FLUX_SCHNELL: "flux"}.get(self, self.value)
+        """The family name the VAE and text-encoder modules key their tables by: families that share
+        another's latent space (DiT and PixArt-α SD1's, PixArt-Σ SDXL's) go by that family's name."""
+        return _LATENT_FAMILIES.get(self, self.value)
 
     @property
     def label(self) -> str:
@@ -61,13 +73,18 @@ class ModelFamily(str, Enum):
 _FAMILY_LABELS = {
     ModelFamily.SD1: "SD1.x", ModelFamily.SD2: "SD2.x", ModelFamily.SDXL: "SDXL",
     ModelFamily.SDXL_REFINER: "SDXL refiner", ModelFamily.SD3: "SD3", ModelFamily.FLUX: "Flux.1-dev",
-    ModelFamily.FLUX_SCHNELL: "Flux.1-schnell",
+    ModelFamily.FLUX_SCHNELL: "Flux.1-schnell", ModelFamily.DIT: "DiT", ModelFamily.PIXART_ALPHA: "PixArt-α",
+    ModelFamily.PIXART_SIGMA: "PixArt-Σ",
+}
+_LATENT_FAMILIES = {
+    ModelFamily.SDXL_REFINER: "sdxl", ModelFamily.FLUX_SCHNELL: "flux", ModelFamily.DIT: "sd1",
+    ModelFamily.PIXART_ALPHA: "sd1", ModelFamily.PIXART_SIGMA: "sdxl",
 }
 
 
 class FileKind(str, Enum):
     CHECKPOINT = "checkpoint"  # a denoising network, usually with VAE and text encoders
-    DIFFUSION_MODEL = "diffusion_model"  # a denoising network alone (U-Net, MMDiT, Flux)
+    DIFFUSION_MODEL = "diffusion_model"  # a denoising network alone (U-Net, MMDiT, Flux, DiT, PixArt)
     CONTROLNET = "controlnet"
     VAE = "vae"
     TEXT_ENCODER = "text_encoder"
@@ -140,7 +157,7 @@ class Detection:
 
     @property
     def denoiser(self) -> str | None:
-        """The component name of the denoising network (``unet``, ``mmdit``, ``flux``), if the file has one."""
+        """The component name of the denoising network (``unet``, ``mmdit``, ``flux``, ``dit``, ``pixart``), if any."""
         return next((d.component for d in DENOISERS if d.component in self.components), None)
 
     def describe(self) -> str:
@@ -164,7 +181,7 @@ class Detection:
 # The model modules' own errors for weights that do not fit their layout.
 _LAYOUT_ERRORS = (
     unet_module.UNetConfigError, mmdit_module.MMDiTConfigError, flux_module.FluxConfigError,
-    vae_module.VAELoadError, text_encoder_module.TextEncoderLoadError, t5_module.T5LoadError,
+    dit_module.DiTConfigError, pixart_module.PixArtConfigError, vae_module.VAELoadError, text_encoder_module.TextEncoderLoadError, t5_module.T5LoadError,
 )
 
 
@@ -271,6 +288,37 @@ def _family_of_flux(shapes: Mapping[str, Sequence[int]], text_encoders: Sequence
     return (ModelFamily.FLUX if "guidance_in.in_layer.weight" in shapes else ModelFamily.FLUX_SCHNELL), False
 
 
+def _family_of_dit(
+    shapes: Mapping[str, Sequence[int]], text_encoders: Sequence[str], path: str
+) -> tuple[ModelFamily, bool]:
+    return ModelFamily.DIT, False
+
+
+# The pipeline classes of diffusers' PixArt folders (model_index.json), which keep no null caption.
+_PIXART_PIPELINES = {"PixArtAlphaPipeline": ModelFamily.PIXART_ALPHA, "PixArtSigmaPipeline": ModelFamily.PIXART_SIGMA}
+
+
+def _family_of_pixart(
+    shapes: Mapping[str, Sequence[int]], text_encoders: Sequence[str], path: str
+) -> tuple[ModelFamily, bool]:
+    if "csize_embedder.mlp.0.weight" in shapes:
+        return ModelFamily.PIXART_ALPHA, False  # micro-conditions: α 1024-MS only
+    null_caption = shapes.get("y_embedder.y_embedding")
+    if null_caption is not None:
+        alpha = null_caption[0] == pixart_module.ALPHA_TOKENS
+        return (ModelFamily.PIXART_ALPHA if alpha else ModelFamily.PIXART_SIGMA), False
+    index = Path(path) / "model_index.json"
+    if index.is_file():
+        try:
+            pipeline = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+        except (OSError, ValueError, AttributeError) as error:
+            raise CheckpointError(path, f"model_index.json cannot be read: {error}") from error
+        if pipeline in _PIXART_PIPELINES:
+            return _PIXART_PIPELINES[pipeline], False
+    # Nothing tells: Σ, the PixArt people run today (α 256/512 folders look the same).
+    return ModelFamily.PIXART_SIGMA, False
+
+
 def _is_ldm_unet(keys: Collection[str]) -> bool:
     return "input_blocks.0.0.weight" in keys and "time_embed.0.weight" in keys
 
@@ -286,7 +334,9 @@ class DenoiserLayout:
     component: its name in :attr:`Detection.components`; is_original / is_diffusers: tests on a
     component's key names (prefix removed) in its authors' and in diffusers' naming;
     to_original: diffusers names -> the authors' (the layout the network modules load);
-    family: (original-layout shapes, text-encoder slots in the file, path) -> (family, inpainting).
+    family: (original-layout shapes, text-encoder slots in the file, path) -> (family, inpainting);
+    folder_slots: a diffusers folder's text-encoder subfolders -> slots (diffusers names encoders by
+    position; the pipeline type says which is which); None: the U-Net's rule (SD1/SD2/SDXL).
     """
 
     component: str
@@ -295,6 +345,7 @@ class DenoiserLayout:
     is_diffusers: Callable[[Collection[str]], bool]
     to_original: Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
     family: Callable[[Mapping[str, Sequence[int]], Sequence[str], str], tuple[ModelFamily, bool]]
+    folder_slots: Mapping[str, str] | None = None
 
 
 # The registry of denoiser families: adding an architecture adds one line here (and its loader).
@@ -302,9 +353,15 @@ DENOISERS: tuple[DenoiserLayout, ...] = (
     DenoiserLayout("unet", "ldm", _is_ldm_unet, _is_diffusers_unet, unet_module.ldm_unet_keys_from_diffusers,
                    _family_from_unet),
     DenoiserLayout("mmdit", "original", mmdit_module.is_mmdit_layout, mmdit_module.is_diffusers_mmdit_layout,
-                   mmdit_module.mmdit_keys_from_diffusers, _family_of_mmdit),
+                   mmdit_module.mmdit_keys_from_diffusers, _family_of_mmdit,
+                   {"text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5xxl"}),
     DenoiserLayout("flux", "original", flux_module.is_flux_layout, flux_module.is_diffusers_flux_layout,
-                   flux_module.flux_keys_from_diffusers, _family_of_flux),
+                   flux_module.flux_keys_from_diffusers, _family_of_flux,
+                   {"text_encoder": "clip_l", "text_encoder_2": "t5xxl"}),
+    DenoiserLayout("dit", "original", dit_module.is_dit_layout, dit_module.is_diffusers_dit_layout,
+                   dit_module.dit_keys_from_diffusers, _family_of_dit, {}),
+    DenoiserLayout("pixart", "original", pixart_module.is_pixart_layout, pixart_module.is_diffusers_pixart_layout,
+                   pixart_module.pixart_keys_from_diffusers, _family_of_pixart, {"text_encoder": "t5xxl"}),
 )
 _DENOISER_BY_COMPONENT = {d.component: d for d in DENOISERS}
 
@@ -491,10 +548,9 @@ def _detect_folder(folder: DiffusersFolder) -> Detection:
     if "vae" in subs:
         components["vae"] = ComponentKeys("vae/", "diffusers")
     # diffusers names encoders by position; which encoder each is follows from the pipeline type.
-    if "mmdit" in components:
-        slots = {"text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5xxl"}
-    elif "flux" in components:
-        slots = {"text_encoder": "clip_l", "text_encoder_2": "t5xxl"}
+    layout = next((d for d in DENOISERS if d.component in components), None)
+    if layout is not None and layout.folder_slots is not None:
+        slots = dict(layout.folder_slots)
     else:
         unet_ldm = unet_ldm_shapes(shapes, components["unet"], path) if "unet" in components else {}
         sdxl_type = "label_emb.0.0.weight" in unet_ldm
@@ -513,8 +569,6 @@ def _detect_folder(folder: DiffusersFolder) -> Detection:
         inpainting, kind = False, FileKind.CONTROLNET
     else:
         raise CheckpointError(path, f"diffusers folder has no unet/, transformer/ or controlnet/ (found: {', '.join(subs)})")
-    ignored, unclaimed = _claim(list(shapes), components)
-    return Detection(path, kind, family, inpainting, components, ignored, unclaimed)
     ignored, unclaimed = _claim(list(shapes), components)
     return Detection(path, kind, family, inpainting, components, ignored, unclaimed)
 

@@ -1,11 +1,14 @@
-"""Transformer diffusion checkpoints (SD3/SD3.5 MMDiT, Flux.1): the network with whatever VAE and text encoders the file carries.
+"""Transformer diffusion checkpoints (SD3/SD3.5 MMDiT, Flux.1, DiT, PixArt-α/Σ): the network with whatever VAE
+and text encoders the file carries.
 
 Files come as the whole model (``model.diffusion_model.`` + ``first_stage_model.``/``vae.`` +
 ``text_encoders.<slot>.transformer.``), as the diffusion model alone (bare keys or the same
 prefix; ComfyUI's ``models/diffusion_models``), or as a diffusers folder (``transformer/``,
 ``vae/``, ``text_encoder*/``). Text encoders may also come from their own files
-(:func:`load_text_encoder_file`). The network runs in the flow-matching parameterisation: it
-predicts the velocity ``noise - x0`` at noise level sigma in [0, 1].
+(:func:`load_text_encoder_file`). SD3 and Flux run in the flow-matching parameterisation: they
+predict the velocity ``noise - x0`` at noise level sigma in [0, 1]. DiT and PixArt are discrete-time
+eps models on the linear beta schedule (1e-4 to 0.02, 1000 steps) with a learned variance beside the
+eps; their released files hold the network alone (DiT's ``.pt``, PixArt's ``.pth``).
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..networks import dit as dit_module
 from ..networks import flux as flux_module
 from ..networks import mmdit as mmdit_module
-from ..sampling.model_sampling import ModelSampling
+from ..networks import pixart as pixart_module
+from ..sampling.model_sampling import ModelSampling, Prediction
+from ..sampling.schedules import linear_discrete_schedule
 from ..text import clip as clip_module
 from ..vae import autoencoder as vae_module
 from ..weights.files import DiffusersFolder, WeightFile
@@ -58,23 +64,56 @@ _DOWNSCALE = 8
 class TransformerFamily:
     """How to build one transformer denoiser from its original-layout shapes.
 
-    from_diffusers_config: what a diffusers folder's ``transformer/config.json`` says that the
-    shapes cannot (keyword arguments for `config_from_shapes`).
+    from_diffusers_config: (a diffusers folder's ``transformer/config.json``, the detected family)
+    -> what they say that the shapes cannot (keyword arguments for `config_from_shapes`).
     """
 
     config_from_shapes: Callable[..., object]
     build: Callable[[object], nn.Module]
-    from_diffusers_config: Callable[[Mapping[str, object]], dict[str, object]] = lambda config: {}
+    from_diffusers_config: Callable[[Mapping[str, object], ModelFamily], dict[str, object]] = (
+        lambda config, family: {})
 
 
-def _flux_rope_axes(config: Mapping[str, object]) -> dict[str, object]:
+def _flux_rope_axes(config: Mapping[str, object], family: ModelFamily) -> dict[str, object]:
     axes = config.get("axes_dims_rope")
     return {"axes_dim": tuple(axes)} if isinstance(axes, (list, tuple)) else {}  # type: ignore[arg-type]
+
+
+def _config_int(config: Mapping[str, object], key: str) -> dict[str, object]:
+    value = config.get(key)
+    return {} if value is None else {key: int(value)}  # type: ignore[call-overload]
+
+
+def _dit_diffusers_config(config: Mapping[str, object], family: ModelFamily) -> dict[str, object]:
+    # diffusers keeps no positional table, whose grid gives the trained size in original files.
+    extra = _config_int(config, "sample_size")
+    if config.get("num_attention_heads") is not None:
+        extra["num_heads"] = int(config["num_attention_heads"])  # type: ignore[call-overload]
+    return extra
+
+
+# T5 tokens a PixArt prompt is padded to in training (diffusers' pipelines: max_sequence_length).
+PIXART_T5_TOKENS = {ModelFamily.PIXART_ALPHA: pixart_module.ALPHA_TOKENS,
+                    ModelFamily.PIXART_SIGMA: pixart_module.SIGMA_TOKENS}
+
+
+def _pixart_diffusers_config(config: Mapping[str, object], family: ModelFamily) -> dict[str, object]:
+    extra = _dit_diffusers_config(config, family)
+    extra["max_token_length"] = PIXART_T5_TOKENS[family]
+    sample_size = extra.get("sample_size")
+    if isinstance(sample_size, int):
+        # What diffusers' PixArtTransformer2DModel takes when config.json leaves the scale out.
+        scale = config.get("interpolation_scale")
+        extra["interpolation_scale"] = float(scale) if scale is not None else max(sample_size // 64, 1)  # type: ignore[arg-type]
+    return extra
 
 
 TRANSFORMER_FAMILIES: Mapping[str, TransformerFamily] = {
     "mmdit": TransformerFamily(mmdit_module.mmdit_config_from_shapes, mmdit_module.MMDiT),  # type: ignore[arg-type]
     "flux": TransformerFamily(flux_module.flux_config_from_shapes, flux_module.Flux, _flux_rope_axes),  # type: ignore[arg-type]
+    "dit": TransformerFamily(dit_module.dit_config_from_shapes, dit_module.DiT, _dit_diffusers_config),  # type: ignore[arg-type]
+    "pixart": TransformerFamily(pixart_module.pixart_config_from_shapes, pixart_module.PixArt,  # type: ignore[arg-type]
+                                _pixart_diffusers_config),
 }
 
 
@@ -82,7 +121,10 @@ def model_sampling_for(family: ModelFamily) -> ModelSampling:
     """How a transformer family is driven unless a graph says otherwise (ComfyUI's defaults, which
     ModelSamplingSD3 / ModelSamplingFlux change): SD3 a constant shift of 3 with timesteps sigma * 1000;
     Flux.1-dev Flux's resolution shift at 1024x1024 (mu 1.15); Flux.1-schnell no shift. Flux takes
-    sigma itself (multiplier 1)."""
+    sigma itself (multiplier 1). DiT and PixArt: eps on the linear beta schedule (ComfyUI's
+    "sqrt_linear" 1e-4..0.02), timesteps 0..999 as trained."""
+    if family in (ModelFamily.DIT, ModelFamily.PIXART_ALPHA, ModelFamily.PIXART_SIGMA):
+        return ModelSampling(linear_discrete_schedule(), Prediction.EPS)
     if family is ModelFamily.SD3:
         return ModelSampling.flow(shift=3.0, multiplier=1000.0)
     if family is ModelFamily.FLUX:
@@ -96,8 +138,9 @@ def model_sampling_for(family: ModelFamily) -> ModelSampling:
 class LoadedTransformer:
     """A loaded transformer diffusion model and what its file carried besides.
 
-    network: the denoiser (:class:`~nodegraph_diffusion.networks.mmdit.MMDiT` or
-    :class:`~nodegraph_diffusion.networks.flux.Flux`); text_encoders: slot (``clip_l``,
+    network: the denoiser (:class:`~nodegraph_diffusion.networks.mmdit.MMDiT`,
+    :class:`~nodegraph_diffusion.networks.flux.Flux`, :class:`~nodegraph_diffusion.networks.dit.DiT`
+    or :class:`~nodegraph_diffusion.networks.pixart.PixArt`); text_encoders: slot (``clip_l``,
     ``clip_g``, ``t5xxl``) -> encoder, in conditioning order; vae: None when the file has none.
     """
 
@@ -115,6 +158,13 @@ class LoadedTransformer:
     def sampling(self) -> ModelSampling:
         """The family's default model sampling (:func:`model_sampling_for`)."""
         return model_sampling_for(self.family)
+
+
+def _latent_channels(config: object) -> int:
+    """The latent width a network samples: its output's, but a learned-sigma output (DiT, PixArt) is twice it."""
+    if getattr(config, "learn_sigma", False):
+        return config.in_channels  # type: ignore[attr-defined]
+    return config.out_channels  # type: ignore[attr-defined]
 
 
 def _latent_format(family: ModelFamily, channels: int, vae_config: vae_module.VAEConfig | None) -> LatentFormat:
@@ -164,7 +214,8 @@ def load_transformer(
     strict: bool = True,
     storage_dtype: torch.dtype | None = None,
 ) -> LoadedTransformer:
-    """Load an SD3 or Flux model file or diffusers folder: the network, and the VAE and text encoders it carries.
+    """Load an SD3, Flux, DiT or PixArt model file or diffusers folder: the network, and the VAE and
+    text encoders it carries.
 
     storage_dtype: keep the network's weights in this dtype (``torch.float8_e4m3fn``: a quarter of
     float32's memory), each layer upcast to the compute dtype when it runs; None keeps fp8 files as
@@ -173,7 +224,8 @@ def load_transformer(
     source, detection = open_source(path)
     component = detection.denoiser
     if detection.kind not in (FileKind.CHECKPOINT, FileKind.DIFFUSION_MODEL) or component not in TRANSFORMER_FAMILIES:
-        raise WrongModelKindError(detection.path, f"expected an SD3 or Flux model, but this is {detection.describe()}")
+        raise WrongModelKindError(detection.path, "expected a transformer model (SD3, Flux, DiT, PixArt), but this is "
+                                                  f"{detection.describe()}")
     assert detection.family is not None
     if detection.unclaimed_keys and strict:
         raise StateDictMismatchError(
@@ -184,7 +236,8 @@ def load_transformer(
     family_spec = TRANSFORMER_FAMILIES[component]
     extra_config = {}
     if isinstance(source, DiffusersFolder):
-        extra_config = family_spec.from_diffusers_config(source.configs.get(keys.prefix.rstrip("/"), {}))
+        extra_config = family_spec.from_diffusers_config(source.configs.get(keys.prefix.rstrip("/"), {}),
+                                                         detection.family)
     with component_errors(detection.path, component):
         config = family_spec.config_from_shapes(original_shapes(source.shapes(), component, keys, detection.path),
                                                 **extra_config)
@@ -210,7 +263,7 @@ def load_transformer(
             text_encoders[slot], extra = load_text_encoder_component(
                 source, detection, slot, slot_keys, device, dtype, strict)
             unexpected += extra
-    latent_format = _latent_format(detection.family, config.out_channels, vae_config)  # type: ignore[attr-defined]
+    latent_format = _latent_format(detection.family, _latent_channels(config), vae_config)
     logger.info("%s: %s", detection.path, detection.describe())
     return LoadedTransformer(detection.path, detection, detection.family, network, config, latent_format, vae,
                              text_encoders, unexpected)

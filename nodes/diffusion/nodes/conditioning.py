@@ -1,4 +1,4 @@
-"""Conditioning nodes: prompts to conditioning, and where, when and how strongly it applies."""
+"""Conditioning nodes: prompts (and DiT's class labels) to conditioning, and where, when and how strongly it applies."""
 
 from __future__ import annotations
 
@@ -6,15 +6,24 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+from torch import Tensor
 
 from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
-from nodegraph.types import CLIP, CONDITIONING, CONTROL_NET, IMAGE, MASK
+from nodegraph.types import CLIP, CONDITIONING, CONTROL_NET, IMAGE, MASK, MODEL
 
 from ..architectures.detection import ModelFamily
 from ..architectures.stable_diffusion import LoadedControlNet
-from ..components import MissingTextEncoderError, TextEncoders
+from ..components import DiffusionModel, MissingTextEncoderError, TextEncoders
+from ..networks.dit import DiTConfig
 from ..text.embeddings import EmbeddingNotFoundError
-from ..sampling.guidance import DEFAULT_DISTILLED_GUIDANCE, Conditioning, ControlSpec
+from ..sampling.guidance import (
+    DEFAULT_DISTILLED_GUIDANCE,
+    CondEntry,
+    Conditioning,
+    ControlSpec,
+    GuidanceError,
+    learned_unconditional,
+)
 from .common import InputError
 
 
@@ -37,7 +46,7 @@ def _encode(clip: TextEncoders | None, text: str, input_name: str, **options: ob
 
 class TextEncode(Node):
     """Encode a prompt with the model's text encoder(s): SD1.x/SD2.x/SDXL CLIPs, SD3's CLIP-L, CLIP-G
-    and T5-XXL, or Flux's CLIP-L and T5-XXL (every encoder gets the same prompt). Supports
+    and T5-XXL, Flux's CLIP-L and T5-XXL (every encoder gets the same prompt) or PixArt's T5-XXL. Supports
     (word:1.2) emphasis, long prompts (in 75-token chunks) and embedding:name for textual-inversion
     embeddings in the embeddings folder. For SDXL the size conditioning is for a 1024x1024 image;
     use TextEncodeSDXL to set it."""
@@ -185,6 +194,65 @@ class SetClipSkip(Node):
             raise InputError("clip_skip", str(error)) from None
 
 
+def _unconditional(model: DiffusionModel) -> Conditioning:
+    try:
+        return (learned_unconditional(model.network),)
+    except GuidanceError as error:
+        raise InputError("model", f"{model.family.label} model: {error}") from None
+
+
+class ClassLabel(Node):
+    """Condition a class-conditional DiT on one class (ImageNet's 0..999 for the released models).
+    `unconditional` is the model's null class, the negative for classifier-free guidance."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        model: MODEL.annotation
+        class_index: int = Field(0, ge=0, le=1_000_000, description="The class, 0 .. the model's classes - 1.")
+
+    class Outputs(NodeOutputs):
+        conditioning: CONDITIONING.annotation
+        unconditional: CONDITIONING.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        model: DiffusionModel = inputs.model
+        config = model.network.config
+        if not isinstance(config, DiTConfig):
+            raise InputError("model", f"class labels condition class-conditional DiT models; this is a "
+                                      f"{model.family.label} model (encode a prompt with TextEncode)")
+        if inputs.class_index >= config.num_classes:
+            raise InputError("class_index", f"{inputs.class_index} is not a class of this DiT model, which has "
+                                            f"classes 0..{config.num_classes - 1}")
+        return self.Outputs(conditioning=(CondEntry(class_label=inputs.class_index),),
+                            unconditional=_unconditional(model))
+
+
+class UnconditionalConditioning(Node):
+    """The unconditional input a model learned for classifier-free guidance: DiT's null class or
+    PixArt's null caption (the original PixArt's negative; ComfyUI and diffusers encode an empty
+    prompt instead). PixArt weights converted from diffusers have no null caption."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        model: MODEL.annotation
+
+    class Outputs(NodeOutputs):
+        conditioning: CONDITIONING.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        return self.Outputs(conditioning=_unconditional(inputs.model))
+
+
+def _text_entry(entry: CondEntry, input_name: str, node: str) -> Tensor:
+    """An entry's text states; a class label (DiT) has none."""
+    if entry.context is None:
+        raise InputError(input_name, f"{node} works on text conditioning; class {entry.class_label} is a "
+                                     "class label (DiT)")
+    return entry.context
+
+
 class ConditioningCombine(Node):
     """Both conditionings apply: their predictions are averaged (by area, mask and strength)."""
 
@@ -214,13 +282,21 @@ class ConditioningConcat(Node):
         conditioning: CONDITIONING.annotation
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        extra = inputs.source[0].context
+        source = inputs.source[0]
+        extra = _text_entry(source, "source", "ConditioningConcat")
         out = []
         for entry in inputs.target:
-            if entry.context.shape[-1] != extra.shape[-1]:
+            context = _text_entry(entry, "target", "ConditioningConcat")
+            if context.shape[-1] != extra.shape[-1]:
                 raise InputError("source", f"text states of width {extra.shape[-1]} cannot be appended to width "
-                                           f"{entry.context.shape[-1]} (different models)")
-            out.append(entry.with_(context=torch.cat([entry.context, extra], dim=1)))
+                                           f"{context.shape[-1]} (different models)")
+            changes: dict[str, object] = {"context": torch.cat([context, extra], dim=1)}
+            if entry.context_mask is not None or source.context_mask is not None:
+                # Masked states (PixArt) keep their masks, the appended part after the target's.
+                masks = [e.context_mask if e.context_mask is not None else torch.ones(e.context.shape[:2])
+                         for e in (entry, source)]  # type: ignore[union-attr]
+                changes["context_mask"] = torch.cat(masks, dim=1)
+            out.append(entry.with_(**changes))
         return self.Outputs(conditioning=tuple(out))
 
 
@@ -299,12 +375,13 @@ class ConditioningZeroOut(Node):
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         out = []
         for e in inputs.conditioning:
+            context = _text_entry(e, "conditioning", "ConditioningZeroOut")
             pooled = None if e.pooled is None else torch.zeros_like(e.pooled)
             y = e.y
             if y is not None and e.pooled is not None:
                 # Only the pooled-text part of SDXL's vector conditioning is zeroed; sizes stay.
                 y = torch.cat([torch.zeros_like(e.pooled), y[:, e.pooled.shape[-1]:]], dim=-1)
-            out.append(e.with_(context=torch.zeros_like(e.context), pooled=pooled, y=y))
+            out.append(e.with_(context=torch.zeros_like(context), pooled=pooled, y=y))
         return self.Outputs(conditioning=tuple(out))
 
 
@@ -335,7 +412,7 @@ class ApplyControlNet(Node):
         context_dim = control.config.unet.context_dim
         for name in ("positive", "negative"):
             for entry in getattr(inputs, name):
-                if entry.context.shape[-1] != context_dim:
+                if _text_entry(entry, name, "ApplyControlNet").shape[-1] != context_dim:
                     raise InputError(name, f"conditioning of width {entry.context.shape[-1]} does not fit this "
                                            f"{control.family.value} ControlNet (width {context_dim})")
         if inputs.strength == 0.0:
@@ -356,6 +433,6 @@ class ApplyControlNet(Node):
         return self.Outputs(positive=apply(inputs.positive), negative=apply(inputs.negative))
 
 
-NODES = [TextEncode, TextEncodeSDXL, TextEncodeSD3, TextEncodeFlux, FluxGuidance, SetClipSkip, ConditioningCombine,
-         ConditioningConcat, ConditioningSetArea, ConditioningSetMask, ConditioningSetTimestepRange,
-         ConditioningZeroOut, ApplyControlNet]
+NODES = [TextEncode, TextEncodeSDXL, TextEncodeSD3, TextEncodeFlux, FluxGuidance, ClassLabel,
+         UnconditionalConditioning, SetClipSkip, ConditioningCombine, ConditioningConcat, ConditioningSetArea,
+         ConditioningSetMask, ConditioningSetTimestepRange, ConditioningZeroOut, ApplyControlNet]

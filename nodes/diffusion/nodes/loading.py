@@ -84,16 +84,16 @@ def _text_encoders(encoders: dict[str, torch.nn.Module], family: ModelFamily) ->
 def _load_model_file(
     path: Path, name: str, input_name: str, ctx: RunContext, storage_dtype: torch.dtype | None = None,
 ) -> tuple[DiffusionModel, TextEncoders | None, VAEModel | None]:
-    """A U-Net checkpoint, an SD3/Flux single file or a diffusion model alone -> (model, its text
-    encoders or None when the file has none, its VAE or None)."""
+    """A U-Net checkpoint, an SD3/Flux/DiT/PixArt single file or a diffusion model alone -> (model, its
+    text encoders or None when the file has none, its VAE or None)."""
     detection = _detect(path, name, input_name)
     if detection.denoiser in TRANSFORMER_FAMILIES:
         loaded = load_transformer(path, device=run_device(ctx), storage_dtype=storage_dtype)
         network, sampling, encoders = loaded.network, loaded.sampling, loaded.text_encoders
     else:
         if storage_dtype is not None:
-            ctx.log.warning("%s: weights are kept in %s for SD3/Flux models only; this U-Net loads in its "
-                            "default dtype", name, storage_dtype)
+            ctx.log.warning("%s: weights are kept in %s for transformer models (SD3, Flux, DiT, PixArt) only; "
+                            "this U-Net loads in its default dtype", name, storage_dtype)
         loaded = load_checkpoint(path, device=run_device(ctx))  # type: ignore[assignment]
         network, sampling, encoders = loaded.unet, ModelSampling.for_prediction(loaded.prediction), loaded.text_encoders
     ctx.log.info("%s: %s", name, loaded.detection.describe())
@@ -105,10 +105,10 @@ def _load_model_file(
 
 
 class LoadCheckpoint(Node):
-    """Load a checkpoint: SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux.1, as a single file or a diffusers
-    folder. The architecture is detected from the weights. Outputs the diffusion model and, when the
-    file holds them, its text encoders and VAE (SD3.5 and most Flux files have none: load them with
-    LoadTextEncoders and LoadVAE)."""
+    """Load a checkpoint: SD1.x, SD2.x, SDXL, SD3/SD3.5, Flux.1, DiT or PixArt-α/Σ, as a single file
+    or a diffusers folder. The architecture is detected from the weights. Outputs the diffusion model
+    and, when the file holds them, its text encoders and VAE (SD3.5, most Flux files and the released
+    DiT and PixArt files have none: load them with LoadTextEncoder(s) and LoadVAE)."""
 
     category = "loaders"
     version = 2
@@ -140,10 +140,10 @@ WeightDtype = Literal["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
 
 
 class LoadDiffusionModel(Node):
-    """Load a diffusion model alone (no VAE, no text encoders): a Flux.1 or SD3 transformer or an SD
-    U-Net from the diffusion_models (or unet) folder. weight_dtype fp8 keeps an SD3/Flux model's
-    weights in 8 bits (a quarter of float32's memory), each layer upcast when it runs; "default"
-    keeps the file's own storage (fp8 files stay fp8)."""
+    """Load a diffusion model alone (no VAE, no text encoders): a Flux.1, SD3, DiT or PixArt
+    transformer or an SD U-Net from the diffusion_models (or unet) folder. weight_dtype fp8 keeps a
+    transformer's weights in 8 bits (a quarter of float32's memory), each layer upcast when it runs;
+    "default" keeps the file's own storage (fp8 files stay fp8)."""
 
     category = "loaders"
 
@@ -165,17 +165,20 @@ class LoadDiffusionModel(Node):
 
 
 # What each ComfyUI text-encoder type takes (slots that must / may be filled) and the model family
-# it conditions. A single CLIP under "stable_diffusion" conditions the family its size tells.
+# it conditions. A single CLIP under "stable_diffusion" conditions the family its size tells. A T5
+# under "pixart" conditions either PixArt: Σ's 300-token padding holds α's 120 tokens, and the
+# padding is masked, so the result is the same (only prompts over 119 tokens keep more for α).
 _SINGLE_CLIP_FAMILY = {"clip_l": ModelFamily.SD1, "clip_h": ModelFamily.SD2, "clip_g": ModelFamily.SDXL_REFINER}
 _TEXT_ENCODER_TYPES: dict[str, tuple[frozenset[str], ModelFamily | None]] = {
     "stable_diffusion": (frozenset({"clip_l", "clip_h", "clip_g"}), None),
     "sd3": (frozenset({"clip_l", "clip_g", "t5xxl"}), ModelFamily.SD3),
     "sdxl": (frozenset({"clip_l", "clip_g"}), ModelFamily.SDXL),
     "flux": (frozenset({"clip_l", "t5xxl"}), ModelFamily.FLUX),
+    "pixart": (frozenset({"t5xxl"}), ModelFamily.PIXART_SIGMA),
 }
 # Families whose conditioning needs every slot of its type (SD3 fills a missing encoder with zeros).
 _ALL_SLOTS_NEEDED = {ModelFamily.SDXL, ModelFamily.FLUX}
-SingleTextEncoderType = Literal["stable_diffusion", "sd3"]
+SingleTextEncoderType = Literal["stable_diffusion", "sd3", "pixart"]
 DualTextEncoderType = Literal["sdxl", "sd3", "flux"]
 LoadDevice = Literal["default", "cpu"]
 
@@ -218,8 +221,8 @@ def _load_text_encoders(names: list[tuple[str, str]], encoder_type: str, device:
 
 class LoadTextEncoder(Node):
     """Load one text encoder from the text_encoders (or clip) folder. type: what it conditions:
-    stable_diffusion (a CLIP for SD1.x/SD2.x) or sd3 (one of SD3's CLIP-L, CLIP-G or T5-XXL; the
-    others count as empty)."""
+    stable_diffusion (a CLIP for SD1.x/SD2.x), sd3 (one of SD3's CLIP-L, CLIP-G or T5-XXL; the
+    others count as empty) or pixart (T5-XXL for PixArt-α and Σ)."""
 
     category = "loaders"
 

@@ -1,11 +1,18 @@
-"""Conditioning and classifier-free guidance: prompts, areas, masks, timestep ranges and ControlNets
-turned into one denoiser `model(x, sigma) -> denoised` for the samplers.
+"""Conditioning and classifier-free guidance: prompts, class labels, areas, masks, timestep ranges and
+ControlNets turned into one denoiser `model(x, sigma) -> denoised` for the samplers.
 
-A conditioning is a tuple of :class:`CondEntry`; each entry is one encoded prompt with where and
-when it applies. At every step the entries active at that sigma are evaluated, batched into as few
-U-Net calls as their shapes allow (the positive and negative prompt of a plain graph share one
-call), and their predictions are averaged with their area/mask weights. Guidance then combines
-the two sides: uncond + cfg * (cond - uncond); at cfg 1 the negative side is not evaluated.
+A conditioning is a tuple of :class:`CondEntry`; each entry is one encoded prompt (or, for DiT, one
+class label) with where and when it applies. At every step the entries active at that sigma are
+evaluated, batched into as few network calls as their shapes allow (the positive and negative prompt
+of a plain graph share one call), and their predictions are averaged with their area/mask weights.
+Guidance then combines the two sides: uncond + cfg * (cond - uncond); at cfg 1 the negative side is
+not evaluated.
+
+The network's config says how it is called: a U-Net (text states, SDXL's vector, ControlNets), an
+MMDiT or Flux (text states and pooled vector, Flux-dev's distilled guidance), a DiT (class labels;
+its unconditional input is the null class) or a PixArt (masked T5 states; its unconditional input
+is the learned null caption, :func:`learned_unconditional`). DiT and PixArt output a learned
+variance beside the eps, which the guider drops.
 """
 
 from __future__ import annotations
@@ -18,9 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..networks.controlnet import ControlNet
-from ..weights.storage import compute_dtype
-from .model_sampling import ModelSampling
+from ..networks.dit import DiTConfig
+from ..networks.pixart import PixArtConfig, PixArtInputError
 from ..networks.unet import ControlResiduals, UNetConfig
+from ..weights.storage import compute_dtype
+from .model_sampling import ModelSampling, learned_sigma_prediction
 
 
 class GuidanceError(ValueError):
@@ -52,9 +61,13 @@ class ControlSpec:
 
 @dataclass(frozen=True)
 class CondEntry:
-    """One encoded prompt and where/when it applies.
+    """One encoded prompt (or class label) and where/when it applies.
 
-    context: (1, T, D) text-encoder hidden states (T a multiple of 77 for long prompts).
+    context: (1, T, D) text-encoder hidden states (T a multiple of 77 for long CLIP prompts), None
+    for a class label. context_mask: (1, T), nonzero for the positions the model attends to (PixArt's
+    T5 prompt and EOS; the padding after them is inert), None = every position.
+    class_label: the class a class-conditional model (DiT) is told, its null class for the
+    unconditional side; None for text conditioning.
     pooled: (1, P) pooled text embedding or None; y: (1, adm) the vector conditioning of models
     that take one (SDXL: pooled + size embeddings), else None.
     area: (height, width, top, left) in image pixels, or None for the whole image.
@@ -65,9 +78,11 @@ class CondEntry:
     None = :data:`DEFAULT_DISTILLED_GUIDANCE`.
     """
 
-    context: Tensor
+    context: Tensor | None = None
     pooled: Tensor | None = None
     y: Tensor | None = None
+    context_mask: Tensor | None = None
+    class_label: int | None = None
     area: tuple[int, int, int, int] | None = None
     mask: Tensor | None = None
     mask_strength: float = 1.0
@@ -120,18 +135,39 @@ def _entry_weight(entry: CondEntry, region: tuple[int, int, int, int], height: i
     return weight
 
 
-def conditioning_widths(network: nn.Module) -> tuple[int, int | None]:
-    """(text-state width, vector-conditioning width or None) that a denoising network takes."""
+def conditioning_widths(network: nn.Module) -> tuple[int | None, int | None]:
+    """(text-state width, vector-conditioning width) that a denoising network takes; None for what
+    it does not take (DiT takes class labels, neither text states nor a vector)."""
     config = network.config
     if isinstance(config, UNetConfig):
         return config.context_dim, config.adm_in_channels
+    if isinstance(config, DiTConfig):
+        return None, None
+    if isinstance(config, PixArtConfig):
+        return config.caption_dim, None
     return config.context_dim, config.pooled_dim
 
 
+def _check_class_labels(config: DiTConfig, entries: Sequence[CondEntry]) -> None:
+    for entry in entries:
+        if entry.class_label is None:
+            raise GuidanceError("this DiT model is conditioned on class labels, not text: use ClassLabel "
+                                "(its unconditional output, the null class, for the negative side)")
+        if not 0 <= entry.class_label <= config.null_class:
+            raise GuidanceError(f"class label {entry.class_label} does not fit this DiT model: classes are "
+                                f"0..{config.num_classes - 1}, its null class is {config.null_class}")
+
+
 def check_conditioning(network: nn.Module, entries: Sequence[CondEntry]) -> None:
-    """Raise GuidanceError if any entry was not encoded for this network (U-Net, MMDiT, Flux)."""
+    """Raise GuidanceError if any entry was not made for this network (U-Net, MMDiT, Flux, DiT, PixArt)."""
+    if isinstance(network.config, DiTConfig):
+        _check_class_labels(network.config, entries)
+        return
     context_dim, vector_dim = conditioning_widths(network)
     for entry in entries:
+        if entry.context is None:
+            raise GuidanceError(f"class-label conditioning (class {entry.class_label}) is for class-conditional "
+                                "DiT models; this model is conditioned on text: encode a prompt for it")
         if entry.context.ndim != 3 or entry.context.shape[-1] != context_dim:
             raise GuidanceError(
                 f"conditioning of shape {tuple(entry.context.shape)} does not fit this model, which expects "
@@ -143,14 +179,53 @@ def check_conditioning(network: nn.Module, entries: Sequence[CondEntry]) -> None
                 f"this model needs vector conditioning (pooled text, SDXL sizes) of width {vector_dim}, got {got}: "
                 "encode the prompt with this model's text encoders"
             )
+        if entry.context_mask is not None and entry.context_mask.shape != entry.context.shape[:2]:
+            raise GuidanceError(f"conditioning mask of shape {tuple(entry.context_mask.shape)} does not fit its "
+                                f"text states {tuple(entry.context.shape)}: expected (1, T)")
         if entry.control is not None and not isinstance(network.config, UNetConfig):
             raise GuidanceError("ControlNets apply to U-Net models (SD1.x, SD2.x, SDXL) only")
+
+
+def learned_unconditional(network: nn.Module) -> CondEntry:
+    """The unconditional input a model learned for classifier-free guidance, as a conditioning entry:
+    DiT's null class, PixArt's null caption (``y_embedder.y_embedding``, all positions attended).
+    Raises GuidanceError for models without one (U-Nets, MMDiT, Flux, and PixArt weights converted
+    from diffusers, which drop the null caption)."""
+    config = network.config
+    if isinstance(config, DiTConfig):
+        return CondEntry(class_label=config.null_class)
+    if isinstance(config, PixArtConfig):
+        try:
+            caption = network.null_context(1)
+        except PixArtInputError as error:
+            raise GuidanceError(str(error)) from None
+        return CondEntry(context=caption.detach().float().cpu().clone())
+    raise GuidanceError("only DiT (null class) and PixArt (null caption) models carry a learned unconditional "
+                        "input; encode an empty prompt as the negative instead")
+
+
+def fit_caption(entry: CondEntry, length: int) -> CondEntry:
+    """A masked text entry padded or trimmed to `length` positions where only masked (inert)
+    positions change, so the model's result is the same and entries of one length batch together
+    (a prompt padded to Σ's 300 T5 tokens beside α's 120-token null caption). An entry whose
+    attended positions do not fit in `length` is returned as it is (the model takes any length)."""
+    context = entry.context
+    if context is None or context.shape[1] == length:
+        return entry
+    tokens = context.shape[1]
+    mask = entry.context_mask if entry.context_mask is not None else torch.ones(1, tokens)
+    if tokens > length:
+        if bool(mask[:, length:].any()):
+            return entry
+        return entry.with_(context=context[:, :length], context_mask=mask[:, :length])
+    pad = length - tokens
+    return entry.with_(context=F.pad(context, (0, 0, 0, pad)), context_mask=F.pad(mask, (0, pad)))
 
 
 class CFGGuider:
     """Classifier-free guidance of one model by a positive and a negative conditioning.
 
-    network: the (already patched) denoiser (U-Net, MMDiT, Flux); model_sampling: how it is driven;
+    network: the (already patched) denoiser (U-Net, MMDiT, Flux, DiT, PixArt); model_sampling: how it is driven;
     downscale: image pixels per latent cell (areas and control images are given in pixels).
     concat: optional (B, K, H, W) extra input channels (inpainting models' mask + masked latent).
     """
@@ -171,6 +246,9 @@ class CFGGuider:
             raise GuidanceError("the negative conditioning is empty (needed when cfg is not 1)")
         self.network = network
         self.model_sampling = model_sampling
+        if isinstance(network.config, PixArtConfig):
+            positive = [fit_caption(entry, network.config.max_token_length) for entry in positive]
+            negative = [fit_caption(entry, network.config.max_token_length) for entry in negative]
         self.positive = tuple(positive)
         self.negative = tuple(negative)
         self.cfg = float(cfg)
@@ -207,17 +285,13 @@ class CFGGuider:
         return preds[1] + self.cfg * (preds[0] - preds[1])
 
     def _run_group(self, group: list[_Work], x: Tensor, sigma: Tensor) -> list[Tensor]:
-        """One batched U-Net call for entries sharing region and shapes; returns each entry's denoised (B, C, h, w)."""
+        """One batched network call for entries sharing region and shapes -> each entry's denoised (B, C, h, w)."""
         top, left, h, w = group[0].region
         batch = x.shape[0]
         x_in = x[:, :, top: top + h, left: left + w]
         n = len(group)
         xs = x_in.repeat(n, 1, 1, 1)
         sigmas = sigma.repeat(n)
-        context = torch.cat([item.entry.context.to(x.device, x.dtype).expand(batch, -1, -1) for item in group])
-        y = None
-        if conditioning_widths(self.network)[1] is not None:
-            y = torch.cat([item.entry.y.to(x.device, x.dtype).expand(batch, -1) for item in group])  # type: ignore[union-attr]
         c_in = self.model_sampling.input_scale(sigmas).to(x.dtype).reshape(-1, 1, 1, 1)
         model_in = xs * c_in
         if self.concat is not None:
@@ -226,17 +300,48 @@ class CFGGuider:
         timesteps = self.model_sampling.timestep(sigmas).to(x.device)
         # The network may run in half precision; the sampler's arithmetic stays in x's dtype.
         dtype = compute_dtype(self.network)
-        context = context.to(dtype)
-        y = None if y is None else y.to(dtype)
-        control = self._control(group, (xs * c_in).to(dtype), timesteps, context, y, float(sigma.reshape(-1)[0]),
-                                (top, left, h, w))
-        if isinstance(self.network.config, UNetConfig):
-            output = self.network(model_in.to(dtype), timesteps, context, y, control)
+        config = self.network.config
+        if isinstance(config, DiTConfig):
+            labels = [item.entry.class_label for item in group for _ in range(batch)]
+            output = self.network(model_in.to(dtype), timesteps, torch.tensor(labels, device=x.device))
+        elif isinstance(config, PixArtConfig):
+            context, mask = self._masked_context(group, batch, x.device)
+            output = self.network(model_in.to(dtype), timesteps, context.to(dtype), mask)
         else:
-            output = self.network(model_in.to(dtype), timesteps, context, y, **self._guidance_input(group, batch, x))
+            context = torch.cat([item.entry.context.to(x.device, x.dtype).expand(batch, -1, -1)  # type: ignore[union-attr]
+                                 for item in group]).to(dtype)
+            y = None
+            if conditioning_widths(self.network)[1] is not None:
+                y = torch.cat([item.entry.y.to(x.device, x.dtype).expand(batch, -1)  # type: ignore[union-attr]
+                               for item in group]).to(dtype)
+            if isinstance(config, UNetConfig):
+                control = self._control(group, (xs * c_in).to(dtype), timesteps, context, y,
+                                        float(sigma.reshape(-1)[0]), (top, left, h, w))
+                output = self.network(model_in.to(dtype), timesteps, context, y, control)
+            else:
+                output = self.network(model_in.to(dtype), timesteps, context, y,
+                                      **self._guidance_input(group, batch, x))
         self.model_calls += 1
-        denoised = self.model_sampling.denoised(xs, sigmas, output.to(x.dtype))
+        output = output.to(x.dtype)
+        if getattr(config, "learn_sigma", False):
+            output = learned_sigma_prediction(output, xs.shape[1])
+        denoised = self.model_sampling.denoised(xs, sigmas, output)
         return list(denoised.chunk(n))
+
+    @staticmethod
+    def _masked_context(group: list[_Work], batch: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """The group's text states (n * B, T, D) and their mask (n * B, T) bool, None when every position counts."""
+        context = torch.cat([item.entry.context.to(device).expand(batch, -1, -1)  # type: ignore[union-attr]
+                             for item in group])
+        if all(item.entry.context_mask is None for item in group):
+            return context, None
+        rows = []
+        for item in group:
+            mask = item.entry.context_mask
+            if mask is None:
+                mask = torch.ones(item.entry.context.shape[:2])  # type: ignore[union-attr]
+            rows.append(mask.to(device).bool().expand(batch, -1))
+        return context, torch.cat(rows)
 
     def _guidance_input(self, group: list[_Work], batch: int, x: Tensor) -> dict[str, Tensor]:
         """The guidance strength guidance-distilled networks (Flux.1-dev) take, per row of the batched call."""
@@ -295,10 +400,10 @@ def _scatter_rows(residuals: ControlResiduals, rows: Tensor, total_rows: int) ->
 
 
 def _groups(work: list[_Work]) -> list[list[_Work]]:
-    """Entries that can share one U-Net call: same region and same context/vector shapes."""
+    """Entries that can share one network call: same region and same context/vector shapes."""
     groups: dict[tuple, list[_Work]] = {}
     for item in work:
-        key = (item.region, tuple(item.entry.context.shape),
+        key = (item.region, None if item.entry.context is None else tuple(item.entry.context.shape),
                None if item.entry.y is None else tuple(item.entry.y.shape))
         groups.setdefault(key, []).append(item)
     return list(groups.values())

@@ -8,7 +8,8 @@ sigma, and their output is an epsilon (noise) or a v prediction. Rectified-flow 
 Flux) see x = (1 - sigma) * x0 + sigma * noise unscaled, get timestep sigma * multiplier and
 predict the velocity v = noise - x0, so the denoised estimate is x - sigma * v. Both are one
 :class:`ModelSampling`; what differs lives in its schedule and its prediction type, and nothing
-downstream asks which it is.
+downstream asks which it is. DiT and PixArt are discrete-time eps models on the linear beta schedule
+whose output also carries a learned variance (:func:`learned_sigma_prediction` takes the eps part).
 """
 
 from __future__ import annotations
@@ -152,6 +153,17 @@ class ModelSampling:
             return self.denoised(x, sigma, output.to(x.dtype))
 
         return model
+
+
+def learned_sigma_prediction(output: Tensor, channels: int) -> Tensor:
+    """The prediction of a learned-sigma network (DiT, PixArt-α/Σ): output (B, 2 * channels, H, W),
+    the eps first, then the interpolation between improved DDPM's posterior-variance bounds, which
+    only an ancestral sampler with learned variances reads -> (B, channels, H, W)."""
+    if output.ndim != 4 or output.shape[1] != 2 * channels:
+        raise ModelSamplingError(
+            f"a learned-sigma output has 2 x {channels} channels (eps, then the variance), got {tuple(output.shape)}"
+        )
+    return output[:, :channels]
 
 
 def _flow_schedule(shift: float, multiplier: float, num_timesteps: int) -> FlowSchedule:

@@ -1,8 +1,8 @@
 """Noise schedules (sigma sequences) as pure functions over a model's training noise levels.
 
 Two kinds of model carry a table of training noise levels the schedulers read: discrete-time
-(DDPM-style) models such as SD1/SD2/SDXL (:class:`DiscreteSchedule`, sigma in the VE sense) and
-rectified-flow models such as SD3 and Flux (:class:`FlowSchedule`, sigma in (0, 1] with
+(DDPM-style) models such as SD1/SD2/SDXL, DiT and PixArt (:class:`DiscreteSchedule`, sigma in the
+VE sense) and rectified-flow models such as SD3 and Flux (:class:`FlowSchedule`, sigma in (0, 1] with
 x = (1 - sigma) * x0 + sigma * noise). Both expose the same table and sigma <-> timestep maps, so
 every scheduler below works on either.
 """
@@ -19,6 +19,7 @@ __all__ = [
     "NoiseSchedule",
     "DiscreteSchedule",
     "sd_discrete_schedule",
+    "linear_discrete_schedule",
     "FlowSchedule",
     "flow_time_shift",
     "flux_mu",
@@ -111,6 +112,15 @@ def sd_discrete_schedule(
 ) -> DiscreteSchedule:
     """The Stable Diffusion 1.x/2.x/XL "scaled_linear" beta schedule (betas linear in sqrt-space)."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+    return DiscreteSchedule(torch.cumprod(1 - betas, dim=0))
+
+
+def linear_discrete_schedule(
+    num_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02
+) -> DiscreteSchedule:
+    """The DDPM/ADM "linear" beta schedule (betas linear from beta_start to beta_end), which DiT and
+    PixArt-α/Σ were trained on; LDM code calls it "sqrt_linear". Not SD's scaled-linear."""
+    betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
     return DiscreteSchedule(torch.cumprod(1 - betas, dim=0))
 
 
