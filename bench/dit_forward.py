@@ -1,0 +1,160 @@
+"""Diffusion transformers: our MMDiT (SD3) and Flux transformers against diffusers' SD3Transformer2DModel and FluxTransformer2DModel: forward time on the same weights, CPU fp32.
+
+Prints JSON. The layers are full size (SD3-medium: width 1536, 24 heads of 64, context 4096,
+pooled 2048; Flux.1: width 3072, 24 heads of 128, context 4096, pooled 768), the depth is cut
+(``--depth``; default 4 joint blocks for SD3, 2 double + 4 single for Flux) so two copies fit in
+memory; time per block is what the depth scales. Both models carry the same random weights
+(diffusers' moved through our key mapping), so the run also reports how far apart the outputs are.
+
+Time: one warm-up forward each, then ``--repeats`` forwards alternating between the two models
+(so drifting machine load hits both alike), median per model and the ratio of the fastest runs,
+under ``torch.inference_mode``.
+
+    python bench/dit_forward.py                           # both families, 512x512 images
+    python bench/dit_forward.py --family flux --repeats 1 # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from nodegraph_diffusion.networks import flux, mmdit
+
+TEXT_TOKENS = {"sd3": 77 + 77, "flux": 256}  # ComfyUI's T5 pad lengths (SD3 adds CLIP's 77)
+
+
+def fill_random_(module: nn.Module, seed: int) -> nn.Module:
+    """Random weights of sane scale (activations stay O(1): no inf/NaN or denormal slow paths)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.ndim > 1:
+                param.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
+            elif "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    return module.eval()
+
+
+def sd3_pair(depth: int, latent: int, seed: int) -> tuple[nn.Module, nn.Module, Callable, Callable, tuple]:
+    from diffusers import SD3Transformer2DModel
+
+    reference = fill_random_(SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=depth, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=192), seed)
+    with torch.device("meta"):
+        ours = mmdit.MMDiT(mmdit.MMDiTConfig(depth=depth))
+    ours.load_state_dict(mmdit.mmdit_keys_from_diffusers(reference.state_dict()), strict=True, assign=True)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, latent, latent, generator=generator)
+    t = torch.tensor([500.0])
+    context = torch.randn(1, TEXT_TOKENS["sd3"], 4096, generator=generator)
+    pooled = torch.randn(1, 2048, generator=generator)
+
+    def run_reference() -> torch.Tensor:
+        return reference(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t).sample
+
+    def run_ours() -> torch.Tensor:
+        return ours(x, t, context, pooled)
+
+    return reference, ours.eval(), run_reference, run_ours, (1, 16, latent, latent)
+
+
+def flux_pair(depth: int, latent: int, seed: int) -> tuple[nn.Module, nn.Module, Callable, Callable, tuple]:
+    from diffusers import FluxTransformer2DModel
+
+    double, single = depth // 2, depth
+    reference = fill_random_(FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=flux.FLUX_AXES_DIM), seed)
+    with torch.device("meta"):
+        ours = flux.Flux(flux.FluxConfig(depth=double, depth_single_blocks=single))
+    ours.load_state_dict(flux.flux_keys_from_diffusers(reference.state_dict()), strict=True, assign=True)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, latent, latent, generator=generator)
+    sigma, guidance = torch.tensor([0.5]), torch.tensor([3.5])
+    context = torch.randn(1, TEXT_TOKENS["flux"], 4096, generator=generator)
+    pooled = torch.randn(1, 768, generator=generator)
+    rows, cols = latent // 2, latent // 2
+    packed = x.reshape(1, 16, rows, 2, cols, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, rows * cols, 64)
+    image_ids = flux.image_position_ids(rows, cols)
+    text_ids = torch.zeros(TEXT_TOKENS["flux"], 3)
+
+    def run_reference() -> torch.Tensor:
+        tokens = reference(hidden_states=packed, encoder_hidden_states=context, pooled_projections=pooled,
+                           timestep=sigma, img_ids=image_ids, txt_ids=text_ids, guidance=guidance).sample
+        return tokens.reshape(1, rows, cols, 16, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(1, 16, latent, latent)
+
+    def run_ours() -> torch.Tensor:
+        return ours(x, sigma, context, pooled, guidance)
+
+    return reference, ours.eval(), run_reference, run_ours, (1, 16, latent, latent)
+
+
+PAIRS = {"sd3": sd3_pair, "flux": flux_pair}
+
+
+def measure(family: str, depth: int, latent: int, repeats: int) -> dict:
+    reference, ours, run_reference, run_ours, shape = PAIRS[family](depth, latent, seed=0)
+    runners = {"ours": run_ours, "diffusers": run_reference}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    with torch.inference_mode():
+        outputs = {name: run() for name, run in runners.items()}
+        for _ in range(repeats):
+            for name, run in runners.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "family": family,
+        "depth": depth if family == "sd3" else {"double": depth // 2, "single": depth},
+        "parameters_ours": sum(p.numel() for p in ours.parameters()),
+        "latent": list(shape),
+        "text_tokens": TEXT_TOKENS[family],
+        "ours_s": times["ours"],
+        "diffusers_s": times["diffusers"],
+        "time_ratio_ours_over_diffusers": median["ours"] / median["diffusers"],
+        "time_ratio_of_fastest_runs": min(times["ours"]) / min(times["diffusers"]),
+        "max_abs_diff_vs_diffusers": (outputs["ours"] - outputs["diffusers"]).abs().max().item(),
+        "output_abs_max": outputs["diffusers"].abs().max().item(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=["sd3", "flux", "both"], default="both")
+    parser.add_argument("--depth", type=int, default=4, help="SD3 joint blocks; Flux single blocks (double = half)")
+    parser.add_argument("--latent", type=int, default=64, help="latent height and width (64 = 512x512 pixels)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    families = ["sd3", "flux"] if args.family == "both" else [args.family]
+    report = {
+        "benchmark": "transformer_forward",
+        "device": "cpu",
+        "dtype": "float32",
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "repeats": args.repeats,
+        "results": [measure(family, args.depth, args.latent, args.repeats) for family in families],
+        "load_average_1min_after": os.getloadavg()[0],
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
