@@ -25,12 +25,24 @@ def text_encoder_shapes(shapes: Mapping[str, Sequence[int]], keys: ComponentKeys
 def load_vae_component(
     source: WeightFile, detection: Detection, keys: ComponentKeys, family: ModelFamily | None,
     device: str | torch.device, dtype: str | torch.dtype | None, strict: bool, scaling_override: float | None = None,
+    network_channels: int | None = None,
 ) -> tuple[vae_module.AutoencoderKL, vae_module.VAEConfig, list[str]]:
+    """network_channels: the latent width of the network the file carries this VAE with. A VAE of that
+    width is that model's own latent space even where the family's usual width differs (the 4-channel
+    tiny-shapes MMDiT in the SD3 layout), and gets the family's scaling, as ComfyUI applies a model's
+    latent format to whatever VAE it has; any other width must be the family's."""
     meta = meta_state_dict(source.shapes(), keys.prefix)
     with component_errors(detection.path, "vae"):
         if keys.layout == "diffusers":
             meta = vae_module.ldm_vae_keys_from_diffusers(meta)
-        config = vae_module.vae_config_from_shapes(shapes_of(meta), family=family.latent_family if family else None)
+        family_name = family.latent_family if family else None
+        config = vae_module.vae_config_from_shapes(shapes_of(meta), family=None)
+        if (family_name is None or network_channels is None or config.latent_channels != network_channels
+                or network_channels == vae_module.LATENT_CHANNELS[family_name]):
+            config = vae_module.vae_config_from_shapes(shapes_of(meta), family=family_name)
+        else:
+            scaling = vae_module.latent_scaling_for(family_name)
+            config = replace(config, scaling_factor=scaling.scaling_factor, shift_factor=scaling.shift_factor)
     if scaling_override is not None:
         config = replace(config, scaling_factor=scaling_override)
     target_device, target_dtype = target_device_dtype(device, dtype, "vae")

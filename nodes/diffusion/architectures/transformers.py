@@ -255,7 +255,8 @@ def load_transformer(
     vae = vae_config = None
     if "vae" in detection.components:
         vae, vae_config, extra = load_vae_component(
-            source, detection, detection.components["vae"], detection.family, device, dtype, strict)
+            source, detection, detection.components["vae"], detection.family, device, dtype, strict,
+            network_channels=config.out_channels)  # type: ignore[attr-defined]
         unexpected += extra
     text_encoders: dict[str, nn.Module] = {}
     for slot, slot_keys in detection.components.items():
