@@ -56,7 +56,7 @@ def decode_json(data: str | bytes | bytearray, source: str = "JSON") -> Any:
         raise JsonRefused("invalid_json", f"{source}: {error.msg} at line {error.lineno}, column {error.colno}",
                           {"line": error.lineno, "column": error.colno}) from None
     except RecursionError:
-        raise JsonRefused("too_deep", f"{source}: nested too deeply (at most {MAX_DEPTH} levels are accepted)") from None
+        raise JsonRefused("too_deep", f"{source}: nested too deeply to decode (documents may nest {MAX_DEPTH} levels)") from None
     except ValueError as error:  # an integer literal longer than int() converts (sys.get_int_max_str_digits)
         raise JsonRefused("number_too_long", f"{source}: a number is too long: {error}") from None
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import HealthProbe, fuzz_registry
-from hostile_strategies import any_values, as_json_text, documents, json_values, raw_bodies, texts
+from hostile_strategies import any_values, as_json_text, documents, raw_bodies, texts
 
 BUDGETS = [pytest.param(dict(max_examples=150, derandomize=True), id="brief"),
            pytest.param(dict(max_examples=2000), id="long", marks=pytest.mark.slow)]

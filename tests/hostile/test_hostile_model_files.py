@@ -3,7 +3,6 @@ limit included); a latent too large for the device is refused at validation, bef
 
 from __future__ import annotations
 
-import json
 import struct
 from types import SimpleNamespace
 
