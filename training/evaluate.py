@@ -1,11 +1,12 @@
 """Measure the shipped tiny-shapes models with the pixel detector; prints JSON.
 
-``python -m training.evaluate [base|controlnet|lora|all] [--quick] [--device auto|cpu|cuda]``
+``python -m training.evaluate [base|controlnet|lora|mmdit|all] [--quick] [--device auto|cpu|cuda]``
 generates every image by running the ready workflows (workflows/txt2img.json, controlnet.json,
-lora.json) through the engine, as ``nodegraph run`` would, at their default settings; only the
-prompt, the seed and the control image are set per image:
+lora.json, txt2img_mmdit.json) through the engine, as ``nodegraph run`` would, at their default
+settings; only the prompt, the seed and the control image are set per image:
 
 - base: shape-colour / background-colour / shape accuracy on the held-out combinations;
+- mmdit: the same accuracies for the SD3-layout MMDiT through txt2img_mmdit.json;
 - controlnet: mean IoU between the control silhouette and the generated shape's (hole-filled)
   mask, with prompts naming a held-out colour pair and a random shape (often not the silhouette's);
 - lora: mean filled fraction of the shape's box with the "outlined" LoRA at strength 1 versus the
@@ -25,6 +26,7 @@ from . import detector, shapes
 from .workflow_runs import WorkflowRunner
 
 EVAL_SEEDS = (0, 1, 2)
+MMDIT_WORKFLOW = "txt2img_mmdit"
 QUICK_COMBOS = 6
 
 
@@ -34,11 +36,12 @@ def generate(runner: WorkflowRunner, workflow: str, prompt: str, seed: int, **ex
 
 
 def evaluate_base(runner: WorkflowRunner, combos: Sequence[shapes.Combo] | None = None,
-                  seeds: Sequence[int] = EVAL_SEEDS) -> dict[str, float]:
-    """Accuracies on ``combos`` (default: the held-out ones), one image per (combo, seed), plain captions."""
+                  seeds: Sequence[int] = EVAL_SEEDS, workflow: str = "txt2img") -> dict[str, float]:
+    """Accuracies on ``combos`` (default: the held-out ones), one image per (combo, seed), plain captions,
+    from a text-to-image ``workflow`` (txt2img, or txt2img_mmdit for the MMDiT)."""
     combos = shapes.held_out_combos() if combos is None else list(combos)
     pairs = [(combo, seed) for combo in combos for seed in seeds]
-    found = [detector.detect(generate(runner, "txt2img", shapes.caption_for(c), s)) for c, s in pairs]
+    found = [detector.detect(generate(runner, workflow, shapes.caption_for(c), s)) for c, s in pairs]
     n = len(pairs)
     return {
         "images": n,
@@ -92,15 +95,18 @@ def evaluate_lora(runner: WorkflowRunner, combos: Sequence[shapes.Combo] | None 
     }
 
 
-def settings(runner: WorkflowRunner) -> dict[str, Any]:
-    """The txt2img workflow's sampling settings the figures were made with."""
-    inputs = runner.document("txt2img")["nodes"]["sampler"]["inputs"]
-    return {key: inputs[key] for key in ("sampler_name", "scheduler", "steps", "cfg")}
+def settings(runner: WorkflowRunner, workflow: str = "txt2img") -> dict[str, Any]:
+    """A text-to-image workflow's sampling settings the figures were made with (and its shift, if it sets one)."""
+    nodes = runner.document(workflow)["nodes"]
+    inputs = nodes["sampler"]["inputs"]
+    found = {key: inputs[key] for key in ("sampler_name", "scheduler", "steps", "cfg")}
+    found.update({"shift": node["inputs"]["shift"] for node in nodes.values() if node["type"] == "ModelSamplingSD3"})
+    return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="?", default="all", choices=["base", "controlnet", "lora", "all"])
+    parser.add_argument("what", nargs="?", default="all", choices=["base", "controlnet", "lora", "mmdit", "all"])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_COMBOS} held-out combinations, one seed")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -115,6 +121,9 @@ def main() -> None:
             report["controlnet"] = evaluate_controlnet(runner, 8 if args.quick else 48)
         if args.what in ("lora", "all"):
             report["lora"] = evaluate_lora(runner, combos, seeds if args.quick else seeds[:2])
+        if args.what in ("mmdit", "all"):
+            report["mmdit_workflow_settings"] = settings(runner, MMDIT_WORKFLOW)
+            report["mmdit_held_out"] = evaluate_base(runner, combos, seeds, MMDIT_WORKFLOW)
     print(json.dumps(report, indent=2))
 
 

@@ -1,6 +1,7 @@
-"""Write the trained tiny-shapes models as the files users get: SD1 single-file checkpoint, ControlNet, LoRA.
+"""Write the trained tiny-shapes models as the files users get: SD1 single-file checkpoint, ControlNet, LoRA,
+and the SD3-layout MMDiT single file.
 
-``python -m training.export base|controlnet|lora`` reads the final training state from
+``python -m training.export base|controlnet|lora|mmdit`` reads the final training state from
 ``STATE_DIR``, writes fp16 safetensors under ``models/``, loads the file back through the
 product's generic loaders and checks that it samples like the fp32 training copy.
 """
@@ -24,7 +25,7 @@ from nodegraph_diffusion.text.clip import CLIPTextEncoder
 from nodegraph_diffusion.networks.unet import UNet
 from nodegraph_diffusion.vae.autoencoder import AutoencoderKL
 
-from .architecture import CHECKPOINT_PATH, CONTROLNET_PATH, STATE_DIR, configure_torch
+from .architecture import CHECKPOINT_PATH, CONTROLNET_PATH, MMDIT_CHECKPOINT_PATH, STATE_DIR, configure_torch
 from .sampling import TinyModel, generate
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
 CONTROLNET_PREFIX = "control_model."
+# SD3's single-file prefix for its text encoders (the VAE and network share the SD1 prefixes).
+SD3_TEXT_ENCODER_PREFIX = "text_encoders.{slot}.transformer."
 LICENSE = "Apache-2.0"
 # fp16 rounding through 20 sampling steps: pixels may move by a few levels out of 255.
 FP16_MAX_MEAN_PIXEL_ERROR = 4.0
@@ -111,6 +114,42 @@ def export_controlnet(model: TinyModel, hints: Tensor, path: Path = CONTROLNET_P
     return {"bytes": float(size), "reload_mean_pixel_error": error}
 
 
+def export_mmdit(network: torch.nn.Module, vae: AutoencoderKL, text_encoder: CLIPTextEncoder,
+                 path: Path = MMDIT_CHECKPOINT_PATH) -> dict[str, float]:
+    """Write the SD3-layout single file (MMDiT + VAE + CLIP-L) in fp16 and verify it through the
+    generic :func:`load_transformer`: family, the network's config read back from the file, and
+    samples equal to those of the fp32 weights trained (``network``, at its training input widths)."""
+    from nodegraph_diffusion.architectures.transformers import load_transformer
+
+    from .architecture import MMDIT_CONFIG
+    from .train_mmdit import Conditioning, sample, shipped_state_dict
+
+    state = {UNET_PREFIX + key: value for key, value in shipped_state_dict(network, MMDIT_CONFIG).items()}
+    for prefix, module in ((VAE_PREFIX, vae), (SD3_TEXT_ENCODER_PREFIX.format(slot="clip_l"), text_encoder)):
+        state.update({prefix + key: value.detach() for key, value in module.state_dict().items()})
+    size = _write({key: value.to(torch.float16).contiguous() for key, value in state.items()}, path,
+                  {"format": "pt", "license": LICENSE,
+                   "description": "tiny-shapes MMDiT: a tiny SD3-layout rectified-flow model trained by nodegraph "
+                                  "on procedural shapes (CLIP-L slot only)"})
+    if size > MAX_CHECKPOINT_BYTES:
+        raise ExportError(f"{path}: {size} bytes is over the {MAX_CHECKPOINT_BYTES} byte budget")
+    loaded = load_transformer(path, device="cpu", dtype=torch.float32)
+    if loaded.family is not ModelFamily.SD3 or loaded.network_config != MMDIT_CONFIG:
+        raise ExportError(f"{path}: read back as {loaded.family.value} {loaded.network_config}, "
+                          f"expected sd3 {MMDIT_CONFIG}")
+    if loaded.vae is None or list(loaded.text_encoders) != ["clip_l"] or loaded.unexpected_keys:
+        raise ExportError(f"{path}: expected a VAE and one clip_l text encoder and nothing else, got "
+                          f"{list(loaded.text_encoders)}, unexpected {loaded.unexpected_keys}")
+    seeds = list(range(len(CHECK_PROMPTS)))
+    conditioning = Conditioning(text_encoder)
+    reloaded = sample(loaded.network, loaded.vae, Conditioning(loaded.text_encoders["clip_l"]),  # type: ignore[arg-type]
+                      list(CHECK_PROMPTS), seeds)
+    error = compare_samples(sample(network, vae, conditioning, list(CHECK_PROMPTS), seeds), reloaded,  # type: ignore[arg-type]
+                            str(path))
+    logger.info("wrote %s (%.1f MB), reload mean pixel error %.2f", path, size / 2**20, error)
+    return {"bytes": float(size), "reload_mean_pixel_error": error}
+
+
 def load_base_state(final: Mapping[str, Mapping[str, Tensor]]) -> TinyModel:
     """The fp32 model from training states (``vae_final.pt`` + ``base_final.pt``)."""
     from .architecture import TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG
@@ -130,12 +169,15 @@ def trained_base() -> TinyModel:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["base", "controlnet", "lora"])
+    parser.add_argument("what", choices=["base", "controlnet", "lora", "mmdit"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     configure_torch()
     if args.what == "base":
         export_base(trained_base())
+    elif args.what == "mmdit":
+        from .train_mmdit import export_trained as export_trained_mmdit
+        export_trained_mmdit()
     elif args.what == "controlnet":
         from .train_controlnet import export_trained
         export_trained()

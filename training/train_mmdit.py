@@ -59,7 +59,7 @@ from .train_vae import DATASET_SEED, DATASET_SIZE, training_images
 logger = logging.getLogger(__name__)
 
 SEED = 51
-STEPS = 4000
+STEPS = 2800
 BATCH = 32
 LR = 6e-4
 WARMUP = 200
@@ -332,6 +332,15 @@ def load_state(state_name: str = "mmdit", raw: bool = False) -> tuple[MMDiT, MMD
     net = MMDiT(config)
     net.load_state_dict(weights)
     return net.eval(), config
+
+
+def export_trained(state_name: str = "mmdit") -> dict[str, float]:
+    """Write ``models/checkpoints/tiny-shapes-mmdit.safetensors`` from the EMA weights of a run."""
+    from .export import export_mmdit
+
+    net, _ = load_state(state_name)
+    parts = FrozenParts.from_shipped()
+    return export_mmdit(net, parts.vae, parts.text_encoder)
 
 
 def main() -> None:
