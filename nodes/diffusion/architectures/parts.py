@@ -28,9 +28,9 @@ def load_vae_component(
     network_channels: int | None = None,
 ) -> tuple[vae_module.AutoencoderKL, vae_module.VAEConfig, list[str]]:
     """network_channels: the latent width of the network the file carries this VAE with. A VAE of that
-    width is that model's own latent space even where the family's usual width differs (the 4-channel
-    tiny-shapes MMDiT in the SD3 layout), and gets the family's scaling, as ComfyUI applies a model's
-    latent format to whatever VAE it has; any other width must be the family's."""
+    width is that model's own latent space even where the family's usual width differs (a 4-channel
+    network in the SD3 layout), and gets the family's scaling, as ComfyUI applies a model's latent
+    format to whatever VAE it has; any other width must be the family's."""
     meta = meta_state_dict(source.shapes(), keys.prefix)
     with component_errors(detection.path, "vae"):
         if keys.layout == "diffusers":
