@@ -259,8 +259,22 @@ class CFGGuider:
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         """x: (B, C, H, W) noisy latents, sigma: (B,) -> guided denoised estimate (B, C, H, W)."""
+        if self.cfg == 1.0:
+            return self._predictions(x, sigma, [self.positive])[0]
+        cond, uncond = self._predictions(x, sigma, [self.positive, self.negative])
+        return uncond + self.cfg * (cond - uncond)
+
+    def denoise_with_uncond(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """(guided, unconditional) denoised estimates, each (B, C, H, W), for samplers that re-noise
+        with the unconditional prediction (CFG++); the negative side is evaluated at cfg 1 too."""
+        if not self.negative:
+            raise GuidanceError("this sampler needs the unconditional prediction: give a negative conditioning")
+        cond, uncond = self._predictions(x, sigma, [self.positive, self.negative])
+        return uncond + self.cfg * (cond - uncond), uncond
+
+    def _predictions(self, x: Tensor, sigma: Tensor, sides: list[tuple[CondEntry, ...]]) -> list[Tensor]:
+        """Each side's (positive, negative) area/mask-weighted denoised estimate (B, C, H, W)."""
         level = float(sigma.reshape(-1)[0])
-        sides = [self.positive] if self.cfg == 1.0 else [self.positive, self.negative]
         height, width = x.shape[-2:]
         work: list[_Work] = []
         for side, entries in enumerate(sides):
@@ -279,10 +293,7 @@ class CFGGuider:
                 totals[item.side][:, :, top: top + h, left: left + w] += output * item.weight
                 weights[item.side][:, :, top: top + h, left: left + w] += item.weight
         # Where no entry covers a cell (areas/masks that leave gaps) the cell keeps x as its estimate.
-        preds = [torch.where(wt > 0, tot / wt.clamp_min(1e-8), x) for tot, wt in zip(totals, weights)]
-        if self.cfg == 1.0:
-            return preds[0]
-        return preds[1] + self.cfg * (preds[0] - preds[1])
+        return [torch.where(wt > 0, tot / wt.clamp_min(1e-8), x) for tot, wt in zip(totals, weights)]
 
     def _run_group(self, group: list[_Work], x: Tensor, sigma: Tensor) -> list[Tensor]:
         """One batched network call for entries sharing region and shapes -> each entry's denoised (B, C, h, w)."""
