@@ -1,26 +1,25 @@
-"""CLIP byte-level BPE tokenizer (pure Python) and prompt chunking into 77-token windows with per-token weights.
+"""CLIP's byte-level BPE tokenizer (`tokenizers`, built from the shipped merges list) and prompt chunking into 77-token windows with per-token weights.
 
-Ids equal Hugging Face ``transformers.CLIPTokenizer`` (5.x, the ``tokenizers``-backed class that
-every Stable Diffusion tokenizer folder loads as) on the same vocabulary:
+Ids equal Hugging Face ``transformers.CLIPTokenizer`` (5.x, the class every Stable Diffusion
+tokenizer folder loads as): the :class:`tokenizers.Tokenizer` below is assembled in code with that
+class's pipeline from OpenAI's ``bpe_simple_vocab_16e6.txt`` merges list, which stays the one
+source of the vocabulary (no ``tokenizer.json`` to keep in step with it):
 
-- Text cleanup is that tokenizer's normalizer: Unicode NFC, then lowercase *character by
-  character* (so a word-final capital sigma becomes "σ", not Python's context-aware "ς"). There is
-  no ftfy repair and no HTML unescaping: transformers 5.x never calls ftfy, with or without it
-  installed, so "&amp;" stays five characters. OpenAI's and OpenCLIP's own tokenizers do run
-  ``ftfy.fix_text`` and a double ``html.unescape`` first; prompts with HTML entities or mojibake
-  tokenize differently there (LDM's SD2 / SGM's SDXL-bigG code paths), the same everywhere else.
-- Exact ``<|startoftext|>`` / ``<|endoftext|>`` in the raw text become their special ids (as
-  transformers' added-token matching does); other spellings are ordinary text.
-- Pre-tokenization follows CLIP's split pattern (``'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+``)
-  with a hand-written scanner instead of the ``regex`` package: letters are ``str.isalpha()``
-  (general categories Lu Ll Lt Lm Lo = ``\\p{L}``), numbers are general category N*, and
-  whitespace is the Unicode White_Space set the regex engines use (so U+001C..U+001F, which
-  Python's ``str.isspace`` counts, are symbols here). Character tables come from this Python's
-  ``unicodedata`` (Unicode 14.0 on Python 3.11); characters assigned in later Unicode versions
-  count as symbols here while ``tokenizers`` may know them as letters or digits (8,356 code
-  points below U+32000 with tokenizers 0.23, all unassigned in 14.0: CJK Extension H, Kawi, ...).
-- Each piece is mapped byte-wise to printable characters (GPT-2's byte-to-unicode table), its
-  last symbol gets ``</w>``, and merges are applied lowest rank first.
+- Normalizer: Unicode NFC, whitespace runs to one space, lowercase *character by character* (a
+  word-final capital sigma becomes "σ", not Python's context-aware "ς"). No ftfy repair and no
+  HTML unescaping: transformers 5.x does neither, so "&amp;" stays five characters. OpenAI's and
+  OpenCLIP's own tokenizers run ``ftfy.fix_text`` and a double ``html.unescape`` first; prompts
+  with HTML entities or mojibake tokenize differently there (LDM's SD2 / SGM's SDXL-bigG code
+  paths), the same everywhere else.
+- Exact ``<|startoftext|>`` / ``<|endoftext|>`` in the raw text are special tokens and become
+  their ids; any other spelling is text (``<|ENDOFTEXT|>`` gives the words ``<|``, ``endoftext``,
+  ``|>``, since the byte-level step splits again with GPT-2's pattern).
+- Pre-tokenizer: CLIP's split pattern (letter runs, single digits, runs of other non-space
+  characters, English contractions), whitespace dropped, then GPT-2's map from bytes to
+  printable characters. Letters and digits come from the Unicode tables built into
+  ``tokenizers``, not from Python's ``unicodedata`` (Unicode 14.0 on Python 3.11), so characters
+  assigned later (CJK Extension H, Kawi, ...) tokenize as the reference does.
+- Model: BPE with ``</w>`` on the last symbol of each word; merges applied lowest rank first.
 """
 
 from __future__ import annotations
@@ -28,14 +27,16 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-import sys
-import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from types import MappingProxyType
 
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
 from torch import Tensor
 
 from .embeddings import EmbeddingLookup, EmbeddingNotFoundError
@@ -70,109 +71,12 @@ PAD_ID_BY_ENCODER: Mapping[str, int] = MappingProxyType({"clip_l": EOS_ID, "clip
 # not EOS (the encoders pool at the first EOS) - the vector replaces its embedding anyway.
 EMBEDDING_SLOT_ID = 0
 
-_WORD_CACHE_LIMIT = 65536
-
-# Unicode White_Space, which both Oniguruma (tokenizers) and Rust's regex use for \s.
-_WHITESPACE = frozenset(
-    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
-    "\u2028\u2029\u202f\u205f\u3000"
-)
-_CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
-_SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN)
-
-_SPACE, _LETTER, _NUMBER, _SYMBOL = range(4)
+# CLIP's pre-tokenizer pattern (the specials' lowercase spellings first, as transformers has it).
+_SPLIT_PATTERN = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+"
 
 
 class TokenizerError(ValueError):
     """A vocabulary file that is not a CLIP BPE merges file, or ids outside the vocabulary."""
-
-
-def _char_class(c: str) -> int:
-    if c in _WHITESPACE:
-        return _SPACE
-    if c.isalpha():
-        return _LETTER
-    if unicodedata.category(c)[0] == "N":
-        return _NUMBER
-    return _SYMBOL
-
-
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable characters, in vocabulary order.
-
-    Printable Latin-1 bytes map to themselves; the 68 others to U+0100 upwards in byte order.
-    The dict's iteration order is the order of the first 256 vocabulary entries.
-    """
-    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in kept}
-    shifted = (b for b in range(256) if b not in table)
-    for offset, b in enumerate(shifted):
-        table[b] = chr(256 + offset)
-    return table
-
-
-def normalize(text: str) -> str:
-    """NFC, then per-character lowercase (no ftfy, no HTML unescaping: see the module docstring)."""
-    text = unicodedata.normalize("NFC", text)
-    if text.isascii():
-        return text.lower()
-    return "".join(c.lower() for c in text)
-
-
-def pretokenize(text: str) -> Iterator[str]:
-    """Split normalized text into the pieces BPE runs on, dropping whitespace.
-
-    A special-token spelling met at the start of a piece (only possible when it was not exactly
-    the special token before lowercasing) comes out as ``<|``, the word and ``|>``: transformers'
-    byte-level step splits the matched special again with GPT-2's pattern.
-    """
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        kind = _char_class(c)
-        if kind == _SPACE:
-            i += 1
-            continue
-        if c == "<":
-            special = next((s for s in _SPECIAL_TOKENS if text.startswith(s, i)), None)
-            if special is not None:
-                yield "<|"
-                yield special[2:-2]
-                yield "|>"
-                i += len(special)
-                continue
-        if c == "'":
-            contraction = next((s for s in _CONTRACTIONS if text.startswith(s, i)), None)
-            if contraction is not None:
-                yield contraction
-                i += len(contraction)
-                continue
-        j = i + 1
-        if kind == _LETTER:
-            while j < n and text[j].isalpha():
-                j += 1
-        elif kind == _SYMBOL:
-            while j < n and _char_class(text[j]) == _SYMBOL:
-                j += 1
-        yield text[i:j]  # a number is always a single character
-        i = j
-
-
-def _split_specials(text: str) -> Iterator[str | int]:
-    """Raw text cut at exact special-token spellings: text runs and special ids, in order."""
-    start = 0
-    while True:
-        hits = [(text.find(s, start), s) for s in _SPECIAL_TOKENS]
-        hits = [(pos, s) for pos, s in hits if pos >= 0]
-        if not hits:
-            break
-        pos, special = min(hits)
-        if pos > start:
-            yield text[start:pos]
-        yield BOS_ID if special == BOS_TOKEN else EOS_ID
-        start = pos + len(special)
-    if start < len(text):
-        yield text[start:]
 
 
 @dataclass
@@ -224,16 +128,26 @@ class CLIPTokenizer:
     def __init__(self, merges: Sequence[tuple[str, str]]) -> None:
         if len(merges) != MERGE_COUNT:
             raise TokenizerError(f"expected {MERGE_COUNT} merges, got {len(merges)}")
-        self._byte_chars = byte_to_unicode()
-        self._char_bytes = {ch: b for b, ch in self._byte_chars.items()}
-        symbols = list(self._byte_chars.values())
-        vocab = symbols + [s + END_OF_WORD for s in symbols] + [a + b for a, b in merges] + [BOS_TOKEN, EOS_TOKEN]
-        self._id_of = {token: i for i, token in enumerate(vocab)}
-        if len(self._id_of) != VOCAB_SIZE:
-            raise TokenizerError(f"merges produce {len(self._id_of)} distinct tokens, expected {VOCAB_SIZE}")
-        self._token_of = vocab
-        self._rank = {pair: rank for rank, pair in enumerate(merges)}
-        self._word_cache: dict[str, tuple[int, ...]] = {}
+        # Sorted by code point, the byte-level alphabet is in GPT-2's byte-table order, which is
+        # the vocabulary's: printable Latin-1 bytes stand for themselves, the 68 others for U+0100 up.
+        symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+        vocab = [*symbols, *(s + END_OF_WORD for s in symbols), *(a + b for a, b in merges), BOS_TOKEN, EOS_TOKEN]
+        id_of = {token: i for i, token in enumerate(vocab)}
+        if len(id_of) != VOCAB_SIZE:
+            raise TokenizerError(f"merges produce {len(id_of)} distinct tokens, expected {VOCAB_SIZE}")
+        tokenizer = Tokenizer(BPE(id_of, list(merges), end_of_word_suffix=END_OF_WORD))
+        tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
+        tokenizer.decoder = decoders.ByteLevel()
+        tokenizer.add_special_tokens([BOS_TOKEN, EOS_TOKEN])  # matched in the raw text, before normalizing
+        self._tokenizer = tokenizer
 
     @classmethod
     def from_bpe_file(cls, path: str | os.PathLike[str]) -> CLIPTokenizer:
@@ -253,48 +167,35 @@ class CLIPTokenizer:
                 _default_tokenizer = cls(_read_merges(f.read(), DEFAULT_VOCAB_RESOURCE))
         return _default_tokenizer
 
-    def __sizeof__(self) -> int:
-        # Memory walkers (the executor's cache accounting) take this instead of visiting every
-        # table entry: the tables hold ~100k small strings, shared by every user of the instance.
-        return sum(sys.getsizeof(table) for table in vars(self).values())
-
     @property
     def vocab_size(self) -> int:
-        return len(self._token_of)
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
     def token_id(self, token: str) -> int:
         """The id of a vocabulary entry such as ``"cat</w>"``."""
-        try:
-            return self._id_of[token]
-        except KeyError:
-            raise TokenizerError(f"{token!r} is not in the CLIP vocabulary") from None
+        token_id = self._tokenizer.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"{token!r} is not in the CLIP vocabulary")
+        return token_id
 
     def token(self, token_id: int) -> str:
         """The vocabulary entry of an id (byte-mapped characters, ``</w>`` at word ends)."""
-        if not 0 <= token_id < len(self._token_of):
-            raise TokenizerError(f"token id {token_id} is outside the vocabulary (0..{len(self._token_of) - 1})")
-        return self._token_of[token_id]
+        if not 0 <= token_id < self.vocab_size:
+            raise TokenizerError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return self._tokenizer.id_to_token(token_id)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS/EOS and without any length limit."""
-        return [token_id for word in self._encode_words(text) for token_id in word]
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Text of `ids`: word ends become spaces, invalid UTF-8 is replaced, ends are stripped.
 
         With `skip_special`, BOS and EOS ids are left out (padding with id 0 decodes as "!").
         """
-        data = bytearray()
         for token_id in ids:
-            if skip_special and token_id in (BOS_ID, EOS_ID):
-                continue
-            token = self.token(token_id)
-            word_end = token.endswith(END_OF_WORD)
-            # Special tokens are plain ASCII, which the byte table maps to itself.
-            data += bytes(self._char_bytes[c] for c in (token[: -len(END_OF_WORD)] if word_end else token))
-            if word_end:
-                data += b" "
-        return data.decode("utf-8", errors="replace").strip()
+            self.token(token_id)  # raises for an id outside the vocabulary, which tokenizers would skip
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special).replace(END_OF_WORD, " ").strip()
 
     def tokenize_prompt(
         self,
@@ -341,42 +242,11 @@ class CLIPTokenizer:
             else:
                 raise TypeError(f"expected TextSegment or EmbeddingRef parts, got {type(part).__name__}")
 
-    def _encode_words(self, text: str) -> Iterator[tuple[int, ...]]:
+    def _encode_words(self, text: str) -> list[tuple[int, ...]]:
         """One id tuple per BPE word (a special token is a word of its own)."""
-        for run in _split_specials(text):
-            if isinstance(run, int):
-                yield (run,)
-                continue
-            for piece in pretokenize(normalize(run)):
-                yield self._bpe(piece)
-
-    def _bpe(self, piece: str) -> tuple[int, ...]:
-        cached = self._word_cache.get(piece)
-        if cached is not None:
-            return cached
-        word = [self._byte_chars[b] for b in piece.encode("utf-8")]
-        word[-1] += END_OF_WORD
-        rank = self._rank
-        while len(word) > 1:
-            best = min(zip(word, word[1:]), key=lambda pair: rank.get(pair, MERGE_COUNT))
-            if best not in rank:
-                break
-            first, second = best
-            merged: list[str] = []
-            i = 0
-            while i < len(word):
-                if i + 1 < len(word) and word[i] == first and word[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = merged
-        ids = tuple(self._id_of[symbol] for symbol in word)
-        if len(self._word_cache) >= _WORD_CACHE_LIMIT:
-            self._word_cache.clear()
-        self._word_cache[piece] = ids
-        return ids
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        pairs = zip(encoding.word_ids, encoding.ids)
+        return [tuple(token_id for _, token_id in word) for _, word in groupby(pairs, key=itemgetter(0))]
 
 
 _default_tokenizer: CLIPTokenizer | None = None
