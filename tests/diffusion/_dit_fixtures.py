@@ -105,13 +105,19 @@ def t5_weights(seed: int = 70) -> dict[str, Tensor]:
 
 
 def vae_reference(seed: int = 60) -> AutoencoderKL:
-    """An SD-like AutoencoderKL (scaling 0.18215, 4 latent channels, downscale 8)."""
+    """An SD-like AutoencoderKL (scaling 0.18215, 4 latent channels, downscale 8). Its last layer is
+    scaled down so that decoded images mostly lie inside [-1, 1]: compared images then differ where
+    they are not clamped."""
     model = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=VAE_BLOCKS, layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * len(VAE_BLOCKS),
         up_block_types=("UpDecoderBlock2D",) * len(VAE_BLOCKS), norm_num_groups=32,
     )
-    return randomize_(model, seed=seed)
+    randomize_(model, seed=seed)
+    with torch.no_grad():
+        model.decoder.conv_out.weight.mul_(0.3)
+        model.decoder.conv_out.bias.mul_(0.3)
+    return model
 
 
 def write_dit_models(root: Path) -> Path:
