@@ -351,7 +351,7 @@ def test_text_encoder_loaders_check_what_the_files_are(executor):
     # Types ComfyUI has for models nodegraph cannot build are refused when the graph is imported.
     with pytest.raises(WorkflowImportError) as caught:
         API.convert({"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": "umt5.safetensors", "type": "wan"}}})
-    assert "'wan' is not supported here (supported: stable_diffusion, sd3)" in str(caught.value)
+    assert "'wan' is not supported here (supported: stable_diffusion, sd3, pixart)" in str(caught.value)
 
 
 def test_a_model_from_the_older_unet_folder_and_a_checkpoint_without_text_encoders(executor):
