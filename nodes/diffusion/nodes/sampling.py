@@ -17,13 +17,14 @@ from ..components import DiffusionModel, Latent, NoiseSource, ZeroNoise
 from ..sampling.guidance import CFGGuider, Conditioning, GuidanceError, check_conditioning
 from ..sampling.model_sampling import ModelSampling, ModelSamplingError
 from ..vae.previews import preview_image
-from ..sampling.run import SamplerChoice, resize_mask, sample
+from ..sampling.run import KSAMPLER_EXTRA_STEP_SAMPLERS, SAMPLER_NAMES, SamplerChoice, resize_mask, sample
 from .common import InputError
 
-SamplerName = Literal["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2m",
-                      "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "ddpm",
-                      "uni_pc", "lcm"]
-SchedulerName = Literal["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"]
+# ComfyUI's KSampler.SAMPLERS and KSampler.SCHEDULERS, every one implemented under its name.
+SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]
+SCHEDULER_NAMES = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta",
+                   "linear_quadratic", "kl_optimal")
+SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
 _SEED = Field(0, ge=0, le=2**63 - 1, description="Random seed; the same seed gives the same noise on every device.")
 
 
@@ -39,8 +40,18 @@ def schedule_sigmas(model: DiffusionModel, scheduler: str, steps: int) -> torch.
         "simple": lambda n: schedules.sigmas_simple(schedule, n),
         "ddim_uniform": lambda n: schedules.sigmas_ddim_uniform(schedule, n),
         "beta": lambda n: schedules.sigmas_beta(schedule, n),
+        "linear_quadratic": lambda n: schedules.sigmas_linear_quadratic(n, hi),
+        "kl_optimal": lambda n: schedules.sigmas_kl_optimal(n, lo, hi),
     }
     return makers[scheduler](steps).to(torch.float32)
+
+
+def ksampler_sigmas(model: DiffusionModel, scheduler: str, sampler: str, steps: int) -> torch.Tensor:
+    """(steps + 1,) sigmas as ComfyUI's KSampler makes them: for the samplers of
+    KSAMPLER_EXTRA_STEP_SAMPLERS one step more with the second-to-last sigma dropped."""
+    if sampler in KSAMPLER_EXTRA_STEP_SAMPLERS:
+        return schedules.without_penultimate_sigma(schedule_sigmas(model, scheduler, steps + 1))
+    return schedule_sigmas(model, scheduler, steps)
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,6 +88,10 @@ def run_sampling(ctx: RunContext, guidance: Guidance, sampler: SamplerChoice, si
     """Sample a latent with guidance; reports progress with previews. Returns (result, last denoised)."""
     model = guidance.model
     samples = latent.samples
+    if sampler.uses_uncond and not guidance.negative:
+        raise InputError("guider", f"sampler {sampler.name!r} re-noises with the unconditional prediction, which "
+                                   "a guider without negative conditioning (BasicGuider) does not make: use "
+                                   "CFGGuider with a negative prompt (cfg 1 works)")
     if samples.shape[1] != model.latent_format.channels:
         raise InputError("latent", f"{samples.shape[1]} latent channels; this model works on "
                                    f"{model.latent_format.channels}")
@@ -97,7 +112,7 @@ def run_sampling(ctx: RunContext, guidance: Guidance, sampler: SamplerChoice, si
 
         result = sample(guider, sampler, sigmas, samples, start_noise, noise_mask=mask,
                         generator=noise.sampler_generator(), device=device, callback=on_step,
-                        noise_form=model.sampling.noise_form)
+                        noise_form=model.sampling.noise_form, percent_to_sigma=model.sampling.percent_to_sigma)
     denoised = last["denoised"].float().cpu()
     return latent.with_(samples=result), latent.with_(samples=denoised)
 
@@ -356,8 +371,9 @@ class KSampler(Node):
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         _check_guidance(inputs.model, inputs.positive, inputs.negative)
-        sigmas = schedules.sigmas_for_denoise(lambda n: schedule_sigmas(inputs.model, inputs.scheduler, n),
-                                              inputs.steps, inputs.denoise)
+        sigmas = schedules.sigmas_for_denoise(
+            lambda n: ksampler_sigmas(inputs.model, inputs.scheduler, inputs.sampler_name, n), inputs.steps,
+            inputs.denoise)
         guidance = Guidance(inputs.model, tuple(inputs.positive), tuple(inputs.negative), inputs.cfg)
         result, _ = run_sampling(ctx, guidance, SamplerChoice(inputs.sampler_name), sigmas, inputs.latent,
                                  NoiseSource(inputs.seed))
@@ -390,7 +406,7 @@ class KSamplerAdvanced(Node):
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         _check_guidance(inputs.model, inputs.positive, inputs.negative)
-        sigmas = schedule_sigmas(inputs.model, inputs.scheduler, inputs.steps)
+        sigmas = ksampler_sigmas(inputs.model, inputs.scheduler, inputs.sampler_name, inputs.steps)
         end = min(inputs.end_at_step, inputs.steps)
         if inputs.start_at_step >= end:
             raise InputError("start_at_step", f"{inputs.start_at_step} leaves no steps before end_at_step {end}")

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
 
 from .model_sampling import apply_noise_mask, latent_from_noisy, masked_denoiser
-from .samplers import SAMPLERS, Denoiser, NoiseForm
+from .samplers import CFG_PP_SAMPLERS, SAMPLERS, Denoiser, GuidedDenoiser, NoiseForm
 from .schedules import ScheduleError
 
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
 # Sampler parameters that the run sets from the model, never from a user's options.
-_RUN_PARAMETERS = frozenset({"callback", "noise_sampler", "generator", "noise_form"})
+_RUN_PARAMETERS = frozenset({"callback", "noise_sampler", "generator", "noise_form", "percent_to_sigma"})
+# ComfyUI's KSampler computes one step more for these samplers and drops the second-to-last sigma
+# (so that they do not end on a tiny step); its BasicScheduler node does not.
+KSAMPLER_EXTRA_STEP_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
 
 # (step index, number of steps, current x (B, C, h, w), denoised estimate (B, C, h, w))
 ProgressCallback = Callable[[int, int, Tensor, Tensor], None]
@@ -52,6 +55,20 @@ class SamplerChoice:
     def stochastic(self) -> bool:
         return "noise_sampler" in inspect.signature(SAMPLERS[self.name]).parameters
 
+    @property
+    def uses_uncond(self) -> bool:
+        """Whether the sampler re-noises with the unconditional prediction (CFG++), so that it needs a
+        guider with a negative conditioning."""
+        return self.name in CFG_PP_SAMPLERS
+
+
+class UncondDenoiser(Protocol):
+    """A denoiser that can also return its unconditional prediction (the CFG guider)."""
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor: ...
+
+    def denoise_with_uncond(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]: ...
+
 
 def resize_mask(mask: Tensor, batch: int, height: int, width: int) -> Tensor:
     """mask: (B or 1, 1, H, W) or (B, H, W) -> (batch, 1, height, width), bilinear, values in [0, 1]."""
@@ -73,7 +90,7 @@ def _cpu_noise_sampler(x: Tensor, generator: torch.Generator) -> Callable[[Tenso
 
 
 def sample(
-    denoiser: Denoiser,
+    denoiser: Denoiser | UncondDenoiser,
     sampler: SamplerChoice,
     sigmas: Tensor,
     latent: Tensor,
@@ -84,6 +101,7 @@ def sample(
     device: torch.device | str = "cpu",
     callback: ProgressCallback | None = None,
     noise_form: NoiseForm = NoiseForm.VE,
+    percent_to_sigma: Callable[[float], float] | None = None,
 ) -> Tensor:
     """Sample from `latent` (zeros for text-to-image) along `sigmas`.
 
@@ -93,7 +111,11 @@ def sample(
     denoise strength implies. A schedule that ends above 0 returns the sample in the form the next
     run starts from (`ModelSampling.latent_from_noisy`), so a split schedule continues exactly.
     noise_mask: (B, 1, h, w) with 1 = repaint; outside it the result equals `latent`. generator:
-    CPU generator for stochastic samplers' per-step noise. Returns (B, C, h, w) float32 on the CPU.
+    CPU generator for stochastic samplers' per-step noise. CFG++ samplers (`sampler.uses_uncond`)
+    take the unconditional prediction from `denoiser.denoise_with_uncond`. percent_to_sigma: the
+    model's map from sampling progress to sigma (`ModelSampling.percent_to_sigma`), for samplers
+    that act on a part of the model's schedule (SA-Solver's noise). Returns (B, C, h, w) float32 on
+    the CPU.
     """
     if latent.shape != noise.shape:
         raise SamplingError(f"noise shape {tuple(noise.shape)} does not match the latent {tuple(latent.shape)}")
@@ -107,10 +129,13 @@ def sample(
     latent = latent.to(device, torch.float32)
     noise = noise.to(device, torch.float32)
     sigmas = sigmas.to(device, torch.float32)
-    model = denoiser
+    accepted = inspect.signature(SAMPLERS[sampler.name]).parameters
+    if "percent_to_sigma" in accepted and percent_to_sigma is None:
+        raise SamplingError(f"sampler {sampler.name!r} needs the model's schedule (percent_to_sigma)")
     if noise_mask is not None:
         noise_mask = noise_mask.to(device, torch.float32)
-        model = masked_denoiser(denoiser, latent, noise, noise_mask, noise_form)
+    model = _uncond_model(denoiser, sampler, latent, noise, noise_mask, noise_form) if sampler.uses_uncond else (
+        denoiser if noise_mask is None else masked_denoiser(denoiser, latent, noise, noise_mask, noise_form))
     x = noise_form.noisy(latent, noise, sigmas[0])
     steps = sigmas.numel() - 1
 
@@ -119,6 +144,8 @@ def sample(
             callback(i, steps, x_i, denoised)
 
     kwargs: dict[str, object] = dict(sampler.options, noise_form=noise_form)
+    if "percent_to_sigma" in accepted:
+        kwargs["percent_to_sigma"] = percent_to_sigma
     if sampler.stochastic:
         kwargs["noise_sampler"] = _cpu_noise_sampler(x, generator or torch.Generator("cpu").manual_seed(0))
     result = SAMPLERS[sampler.name](model, x, sigmas, callback=on_step, **kwargs)
@@ -127,3 +154,27 @@ def sample(
     if noise_mask is not None:
         result = apply_noise_mask(result, latent, noise_mask)
     return result.float().cpu()
+
+
+def _uncond_model(denoiser: Denoiser | UncondDenoiser, sampler: SamplerChoice, latent: Tensor, noise: Tensor,
+                  noise_mask: Tensor | None, noise_form: NoiseForm) -> GuidedDenoiser:
+    """The guided and the unconditional prediction for a CFG++ sampler, both masked like the guided one."""
+    both = getattr(denoiser, "denoise_with_uncond", None)
+    if both is None:
+        raise SamplingError(f"sampler {sampler.name!r} re-noises with the unconditional prediction: it needs a "
+                            "guider with a negative conditioning (CFGGuider)")
+    if noise_mask is None:
+        return both
+    uncond: dict[str, Tensor] = {}
+
+    def guided(x: Tensor, sigma: Tensor) -> Tensor:
+        out, uncond["last"] = both(x, sigma)
+        return out
+
+    masked = masked_denoiser(guided, latent, noise, noise_mask, noise_form)
+
+    def pair(x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        out = masked(x, sigma)
+        return out, apply_noise_mask(uncond["last"], latent, noise_mask)
+
+    return pair

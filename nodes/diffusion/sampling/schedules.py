@@ -30,6 +30,9 @@ __all__ = [
     "sigmas_simple",
     "sigmas_ddim_uniform",
     "sigmas_beta",
+    "sigmas_linear_quadratic",
+    "sigmas_kl_optimal",
+    "without_penultimate_sigma",
     "beta_ppf",
     "sigmas_for_denoise",
     "split_sigmas",
@@ -317,6 +320,43 @@ def sigmas_beta(schedule: NoiseSchedule, n: int, alpha: float = 0.6, beta: float
     t_last = schedule.sigmas.numel() - 1
     ts = [round(beta_ppf(1.0 - i / n, alpha, beta) * t_last) for i in range(n)]
     return _append_zero(schedule.sigmas[torch.tensor(ts)])
+
+
+def sigmas_linear_quadratic(n: int, sigma_max: float, threshold_noise: float = 0.025,
+                            linear_steps: int | None = None) -> torch.Tensor:
+    """Mochi's linear-quadratic schedule as a fraction t of sigma_max, t = 1 - u with u rising from 0:
+    linearly to threshold_noise over the first linear_steps (n // 2) steps, then on the quadratic
+    through (linear_steps, threshold_noise) with the same slope there that reaches 1 at step n.
+    One step is [sigma_max, 0]. Returns (n+1,)."""
+    _check_steps(n)
+    if n == 1:
+        return torch.tensor([sigma_max, 0.0], dtype=torch.float32)
+    k = n // 2 if linear_steps is None else linear_steps
+    if not 1 <= k < n:
+        raise ScheduleError(f"linear_quadratic needs 1 <= linear_steps < steps, got {k} of {n}")
+    quadratic_steps = n - k
+    # u(i) = a i^2 + b i + c for i >= k: u(k) = threshold_noise, u'(k) = threshold_noise / k, u(n) = 1
+    a = (k - threshold_noise * n) / (k * quadratic_steps**2)
+    b = threshold_noise / k - 2 * (k - threshold_noise * n) / quadratic_steps**2
+    c = a * k**2
+    u = [i * threshold_noise / k for i in range(k)] + [a * i**2 + b * i + c for i in range(k, n)] + [1.0]
+    return (1.0 - torch.tensor(u, dtype=torch.float64)).mul(sigma_max).to(torch.float32)
+
+
+def sigmas_kl_optimal(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """The KL-optimal schedule (Sabour et al. 2024, "Align Your Steps"): uniform in arctan(sigma) from
+    sigma_max to sigma_min, then 0. Returns (n+1,)."""
+    _check_steps(n)
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    return _append_zero((ramp * math.atan(sigma_min) + (1 - ramp) * math.atan(sigma_max)).tan())
+
+
+def without_penultimate_sigma(sigmas: torch.Tensor) -> torch.Tensor:
+    """sigmas: (n+2,) -> (n+1,) without the second-to-last entry (ComfyUI's KSampler does this for
+    samplers whose last step would otherwise be a tiny one, see run.KSAMPLER_EXTRA_STEP_SAMPLERS)."""
+    if sigmas.numel() < 3:
+        raise ScheduleError(f"dropping the second-to-last sigma needs at least 3 sigmas, got {sigmas.numel()}")
+    return torch.cat([sigmas[:-2], sigmas[-1:]])
 
 
 def sigmas_for_denoise(make_sigmas: Callable[[int], torch.Tensor], steps: int, denoise: float) -> torch.Tensor:
