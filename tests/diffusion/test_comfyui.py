@@ -79,7 +79,7 @@ def test_each_importer_detects_only_its_format(api_graph, ui_graph):
 
 
 def test_unsupported_types_and_values_are_all_named(api_graph):
-    api_graph["3"]["inputs"] |= {"sampler_name": "dpmpp_2m_sde_gpu", "scheduler": "kl_optimal"}
+    api_graph["3"]["inputs"] |= {"sampler_name": "euler_dy", "scheduler": "AYS SDXL"}  # custom nodes' names
     api_graph["10"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "x.pth"}}
     api_graph["11"] = {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["10", 0],
                                                                          "image": ["8", 0]}}
@@ -93,7 +93,7 @@ def test_unsupported_types_and_values_are_all_named(api_graph):
     assert issues_at(error) == {("3", "sampler_name"): "unsupported_value", ("3", "scheduler"): "unsupported_value",
                                 ("8", "tiling"): "unknown_input"}
     sampler_issue = next(i for i in error.issues if i.input == "sampler_name")
-    assert "'dpmpp_2m_sde_gpu' is not supported here" in sampler_issue.message
+    assert "'euler_dy' is not supported here" in sampler_issue.message
     assert "dpmpp_2m_sde," in sampler_issue.message  # the supported names are listed
 
 
