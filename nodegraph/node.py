@@ -84,6 +84,18 @@ CachePolicy = Literal["auto", "never"]
 
 
 @dataclass(frozen=True)
+class InputProblem:
+    """What `Node.validate_inputs` finds wrong with a literal input before anything runs (a file
+    that holds something the node cannot use, say). `input` None: the node as a whole; `code` is
+    reported as the validation issue's code."""
+
+    input: str | None
+    message: str
+    code: str = "invalid_value"
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class InputSpec:
     """One declared input, derived from the Inputs field."""
 
@@ -202,6 +214,14 @@ class Node:
         changes (a file's size and mtime, say). It sees the node's literal inputs; values that
         arrive by link are covered by their upstream cache keys. None means a pure node."""
         return None
+
+    @classmethod
+    def validate_inputs(cls, literals: Mapping[str, Any]) -> list[InputProblem]:
+        """For nodes whose literal inputs name something outside the workflow that can be checked
+        cheaply (a file's header, not its contents): what the node will not be able to use, found
+        at validation instead of at run time. Called only when the node's inputs passed their own
+        checks, with its literal values (defaults filled in; linked inputs are absent)."""
+        return []
 
     @classmethod
     def estimated_bytes(cls, inputs: Mapping[str, Any]) -> int | None:

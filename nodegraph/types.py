@@ -146,6 +146,9 @@ class Choices:
 
     provider: typing.Callable[[], typing.Sequence[str]]
     kind: str = field(default="", compare=False)
+    # Why a value is not among the choices, for the validation message (the folders searched for
+    # a file, say); without it the message counts the choices.
+    explain_missing: typing.Callable[[str], str] | None = field(default=None, compare=False)
 
     def values(self) -> list[str]:
         return list(self.provider())

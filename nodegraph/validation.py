@@ -158,10 +158,11 @@ def _check_literal(node_id: str, spec: InputSpec, value: Any) -> tuple[Any, Vali
         choices = spec.dynamic_choices.values()
         if checked not in choices:
             hint = _suggest(_closest(str(checked), choices))
-            return None, ValidationIssue(
-                "value_not_in_choices",
-                f"input {spec.name!r}: {_short_repr(checked)} is not one of the {len(choices)} available choices{hint}",
-                node_id, spec.name, {"value": value, "choices": choices[:50]})
+            explain = spec.dynamic_choices.explain_missing
+            why = (explain(checked) if explain is not None
+                   else f"{_short_repr(checked)} is not one of the {len(choices)} available choices")
+            return None, ValidationIssue("value_not_in_choices", f"input {spec.name!r}: {why}{hint}",
+                                         node_id, spec.name, {"value": value, "choices": choices[:50]})
     return checked, None
 
 
@@ -198,6 +199,18 @@ def _memory_issue(node_id: str, node_class: type[Node], literals: dict[str, Any]
         return None
     return ValidationIssue("exceeds_memory", memory_refusal(node_class, estimate, budget), node_id, None,
                            {"estimated_bytes": estimate, "device_bytes": budget})
+
+
+def _input_check_issues(node_id: str, node_class: type[Node], literals: dict[str, Any]) -> list[ValidationIssue]:
+    """The node's own checks of its literal inputs (Node.validate_inputs) as validation issues."""
+    try:
+        problems = node_class.validate_inputs(literals)
+    except Exception as error:  # a pack's check that breaks must not take validation down with it
+        return [ValidationIssue("input_check_failed", f"{node_class.type_name} could not check its inputs: "
+                                                      f"{type(error).__name__}: {error}", node_id)]
+    return [ValidationIssue(problem.code, f"input {problem.input!r}: {problem.message}" if problem.input
+                            else problem.message, node_id, problem.input, dict(problem.details))
+            for problem in problems]
 
 
 def compile_workflow(
@@ -247,6 +260,7 @@ def compile_workflow(
     for node_id, node_class in classes.items():
         entry = workflow.nodes[node_id]
         specs = node_class.specs().inputs
+        issues_before = len(issues)
         for name in entry.inputs:
             if name not in specs:
                 options = _closest(name, specs)
@@ -297,6 +311,8 @@ def compile_workflow(
                     "type_mismatch",
                     f"input {name!r} expects {spec.socket_type.name} but {link.source}.{link.output} is {source_type}",
                     node_id, name, {"expected_type": spec.socket_type.name, "got_type": source_type}))
+        if len(issues) == issues_before:
+            issues.extend(_input_check_issues(node_id, node_class, literals))
         compiled[node_id] = CompiledNode(node_id, node_class, literals, links, "")
         if memory_budget is not None:
             issue = _memory_issue(node_id, node_class, literals, memory_budget)
