@@ -146,6 +146,16 @@ def test_pixart_sigma_comfyui_graph_with_a_lone_t5(executor):
     assert (output(second, "8", "image") - output(first, "8", "image")).abs().max() > 1e-3
 
 
+def test_a_vae_for_pixart_sigma_takes_sdxls_latent_scaling(executor):
+    graph = {"version": 1, "nodes": {
+        "sigma": {"type": "LoadVAE", "inputs": {"name": VAE_FILE, "family": "pixart_sigma"}},
+        "alpha": {"type": "LoadVAE", "inputs": {"name": VAE_FILE, "family": "pixart_alpha"}},
+    }}
+    result = run(executor, graph, "sigma", "alpha")
+    assert output(result, "sigma", "vae").latent_format.scaling_factor == pytest.approx(0.13025)
+    assert output(result, "alpha", "vae").latent_format.scaling_factor == pytest.approx(0.18215)
+
+
 def test_pixart_alpha_whole_file_with_the_null_caption_as_negative(executor):
     graph = {"version": 1, "nodes": {
         "ckpt": {"type": "LoadCheckpoint", "inputs": {"name": PIXART_ALPHA_ALL_IN_ONE}},

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Mapping, Optional
 
 import torch
 from pydantic import Field
 
-from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
+from nodegraph.node import InputProblem, Node, NodeInputs, NodeOutputs, RunContext
 from nodegraph.types import CLIP, CONTROL_NET, MODEL, VAE, Choices
 
 from ..architectures import lora
@@ -43,14 +44,19 @@ def _file_fingerprint(kind: str, name: Any) -> str | None:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def _model_files(kind: str) -> Choices:
+    """The files of `kind`; a name not among them is explained by the folders searched."""
+    return Choices(lambda: folders.list_files(kind), kind=kind,
+                   explain_missing=lambda name: folders.missing_file_message(kind, name))
+
+
 def _model_file(kind: str) -> Any:
-    return Annotated[str, Choices(lambda: folders.list_files(kind), kind=kind),
-                     Field(description=f"A file under the {kind} model folder(s).")]
+    return Annotated[str, _model_files(kind), Field(description=f"A file under the {kind} model folder(s).")]
 
 
 def _optional_model_file(kind: str) -> Any:
     # Choices outside Optional, so that a name given is checked against the folder like a required one.
-    return Annotated[Optional[str], Choices(lambda: folders.list_files(kind), kind=kind),
+    return Annotated[Optional[str], _model_files(kind),
                      Field(description=f"A file under the {kind} model folder(s), or none.")]
 
 
@@ -70,6 +76,34 @@ def _detect(path: Path, name: str, input_name: str) -> Detection:
     if detection.kind is FileKind.UNSUPPORTED:
         raise InputError(input_name, f"{name} is {detection.describe()}")
     return detection
+
+
+@functools.lru_cache(maxsize=64)
+def _detect_header(path: str, size: int, mtime_ns: int) -> Detection:
+    """detect() of a safetensors file, once per version of the file (size and mtime are the key):
+    validation asks on every run."""
+    return detect(path)
+
+
+def _architecture_problems(kind: str, name: Any, input_name: str = "name") -> list[InputProblem]:
+    """A model file whose safetensors header shows an architecture this library cannot build (or
+    that is no readable weight file), refused at validation. Pickles and diffusers folders are
+    checked when they load: reading what they hold costs as much as loading them."""
+    try:
+        path = folders.resolve(kind, str(name))
+    except folders.ModelFolderError:
+        return []  # a name not in the folders is reported by the input's choices
+    if not path.is_file() or path.suffix.lower() != ".safetensors":
+        return []
+    stat = path.stat()
+    try:
+        detection = _detect_header(str(path), stat.st_size, stat.st_mtime_ns)
+    except CheckpointError as error:
+        return [InputProblem(input_name, str(error), "invalid_model_file", {"kind": kind})]
+    if detection.kind is FileKind.UNSUPPORTED:
+        return [InputProblem(input_name, f"{name} is {detection.describe()}", "unsupported_architecture",
+                             {"kind": kind, "architecture": detection.architecture})]
+    return []
 
 
 def _text_encoders(encoders: dict[str, torch.nn.Module], family: ModelFamily) -> TextEncoders:
@@ -125,6 +159,10 @@ class LoadCheckpoint(Node):
     def fingerprint(cls, literals: dict[str, Any]) -> str | None:
         return _file_fingerprint("checkpoints", literals.get("name"))
 
+    @classmethod
+    def validate_inputs(cls, literals: Mapping[str, Any]) -> list[InputProblem]:
+        return _architecture_problems("checkpoints", literals["name"])
+
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         model, clip, vae = _load_model_file(_resolve("checkpoints", inputs.name), inputs.name, "name", ctx)
         return self.Outputs(model=model, clip=clip, vae=vae)
@@ -157,6 +195,10 @@ class LoadDiffusionModel(Node):
     @classmethod
     def fingerprint(cls, literals: dict[str, Any]) -> str | None:
         return _file_fingerprint("diffusion_models", literals.get("name"))
+
+    @classmethod
+    def validate_inputs(cls, literals: Mapping[str, Any]) -> list[InputProblem]:
+        return _architecture_problems("diffusion_models", literals["name"])
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         path = _resolve("diffusion_models", inputs.name)
@@ -270,14 +312,16 @@ class LoadTextEncoders(Node):
         return self.Outputs(clip=_load_text_encoders(names, inputs.type, inputs.device, ctx))
 
 
-VAEFamily = Literal["auto", "sd1", "sd2", "sdxl", "sdxl_refiner", "sd3", "flux", "flux_schnell"]
+VAEFamily = Literal["auto", "sd1", "sd2", "sdxl", "sdxl_refiner", "sd3", "flux", "flux_schnell", "dit",
+                    "pixart_alpha", "pixart_sigma"]
 
 
 class LoadVAE(Node):
     """Load a standalone VAE (to replace a checkpoint's own, or for models that come without one).
     family: the latent space it serves, which sets its latent scaling. auto: from the latent
-    channels, 4 = SD1/SD2 and 16 = Flux.1 (ae.safetensors); pair SDXL VAEs with sdxl and SD3's
-    16-channel VAE with sd3."""
+    channels, 4 = SD1/SD2 and 16 = Flux.1 (ae.safetensors); pair SDXL VAEs with sdxl (or
+    pixart_sigma, which samples in SDXL's latent space) and SD3's 16-channel VAE with sd3. DiT and
+    PixArt-α use SD1's."""
 
     category = "loaders"
     version = 2
