@@ -221,3 +221,26 @@ def test_dit_sampling_matches_diffusers_dit_pipeline(executor, monkeypatch):
     difference = np.abs(ours - theirs) * 255
     assert theirs.std() > 0.05 and ((theirs > 0) & (theirs < 1)).mean() > 0.9  # a picture, hardly clamped
     assert difference.max() <= 3.0 and difference.mean() <= 1.0, (difference.max(), difference.mean())
+
+
+def test_conditioning_nodes_keep_masks_and_refuse_class_labels_by_name(executor):
+    graph = {"version": 1, "nodes": {
+        "t5": {"type": "LoadTextEncoder", "inputs": {"name": T5_FILE, "type": "pixart"}},
+        "a": {"type": "TextEncode", "inputs": {"clip": link("t5", "clip"), "text": "a red cube"}},
+        "b": {"type": "TextEncode", "inputs": {"clip": link("t5", "clip"), "text": "on a table"}},
+        "concat": {"type": "ConditioningConcat", "inputs": {"target": link("a", "conditioning"),
+                                                            "source": link("b", "conditioning")}},
+        "zero": {"type": "ConditioningZeroOut", "inputs": {"conditioning": link("a", "conditioning")}},
+    }}
+    result = run(executor, graph, "concat", "zero")
+    (a,), (b,) = output(result, "a", "conditioning"), output(result, "b", "conditioning")
+    (joined,) = output(result, "concat", "conditioning")
+    assert joined.context.shape == (1, 600, 32)
+    assert torch.equal(joined.context_mask, torch.cat([a.context_mask, b.context_mask], dim=1))
+    (zeroed,) = output(result, "zero", "conditioning")
+    assert not zeroed.context.any() and torch.equal(zeroed.context_mask, a.context_mask)
+
+    labels = dit_graph()
+    labels["nodes"]["zero"] = {"type": "ConditioningZeroOut", "inputs": {"conditioning": link("label", "conditioning")}}
+    failed = executor.run(labels, outputs=["zero"])
+    assert failed.status == "failed" and "ConditioningZeroOut works on text conditioning" in str(failed.error)
