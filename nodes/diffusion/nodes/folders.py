@@ -214,17 +214,22 @@ def resolve(kind: str, name: str) -> Path:
     followed, as model collections often link to other disks.
     """
     parts = _relative_parts(name, f"{kind} file")
-    folders = search_folders(kind)
-    for folder in folders:
+    for folder in search_folders(kind):
         path = folder.joinpath(*parts)
         if path.is_file() or (kind == "checkpoints" and (path / _DIFFUSERS_MARKER).is_file()):
             return path
+    raise ModelFolderError(missing_file_message(kind, name))
+
+
+def missing_file_message(kind: str, name: str) -> str:
+    """Why there is no `kind` file called `name`: the kind and every folder searched, or, when none
+    of its folders exists, where they were looked for and how to point at a collection."""
+    folders = search_folders(kind)
     if folders:
-        searched = ", ".join(str(f.absolute()) for f in folders)
-        raise ModelFolderError(f"no {kind} file {name!r}; searched {searched}")
+        return f"no {kind} file {name!r}; searched {', '.join(str(f.absolute()) for f in folders)}"
     candidates = ", ".join(str(f.absolute()) for f in candidate_folders(kind))
-    raise ModelFolderError(f"no {kind} file {name!r}: no {kind} folder exists (looked for {candidates}); "
-                           f"set {MODELS_ENV} or a config file, see docs/models.md")
+    return (f"no {kind} file {name!r}: no {kind} folder exists (looked for {candidates}); "
+            f"set {MODELS_ENV} or a config file, see docs/models.md")
 
 
 def inputs_dir() -> Path:
