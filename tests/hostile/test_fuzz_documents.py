@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import fuzz_registry
+from hostile_fixtures import fuzz_registry
 from counting_pack import doc, link
 from hostile_strategies import any_values, documents, json_values, texts
 from nodegraph.cache import OutputCache

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import HealthProbe, fuzz_registry
+from hostile_fixtures import HealthProbe, fuzz_registry
 from hostile_strategies import any_values, as_json_text, documents, raw_bodies, texts
 
 BUDGETS = [pytest.param(dict(max_examples=150, derandomize=True), id="brief"),

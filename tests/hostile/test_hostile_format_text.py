@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import fuzz_registry
+from hostile_fixtures import fuzz_registry
 from counting_pack import doc, link
 from nodegraph.executor import Executor
 from nodegraph.validation import WorkflowInvalid
