@@ -3,6 +3,7 @@ and every sampler's flow form against written-out formulas."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import re
@@ -296,9 +297,9 @@ def _flow_solver_run(sched, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
          dict(algorithm_type="dpmsolver++", solver_order=3, solver_type="heun")),
         ("DPMSolverMultistepScheduler", K.sample_dpmpp_2m_sde, {},
          dict(algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="midpoint")),
-        ("UniPCMultistepScheduler", K.sample_uni_pc, {"order": 2},
+        ("UniPCMultistepScheduler", K.sample_uni_pc_bh2, {"order": 2},
          dict(predict_x0=True, solver_type="bh2", solver_order=2)),
-        ("UniPCMultistepScheduler", K.sample_uni_pc, {"order": 3},
+        ("UniPCMultistepScheduler", K.sample_uni_pc_bh2, {"order": 3},
          dict(predict_x0=True, solver_type="bh2", solver_order=3)),
     ],
 )
@@ -548,7 +549,7 @@ def _marginal_var(s: float) -> float:
     "sampler,order",
     [
         (K.sample_euler, 1), (K.sample_ddim, 1), (K.sample_heun, 2), (K.sample_dpm_2, 2), (K.sample_lms, 2),
-        (K.sample_dpmpp_2m, 2), (K.sample_uni_pc, 2),
+        (K.sample_dpmpp_2m, 2), (lambda m, x, s, **kw: K.sample_uni_pc_bh2(m, x, s, order=2, **kw), 2),
         (lambda m, x, s, **kw: K.sample_euler_ancestral(m, x, s, eta=0.0, **kw), 1),
         (lambda m, x, s, **kw: K.sample_dpmpp_2s_ancestral(m, x, s, eta=0.0, **kw), 2),
         (lambda m, x, s, **kw: K.sample_dpmpp_2m_sde(m, x, s, eta=0.0, **kw), 2),
@@ -589,12 +590,27 @@ def test_stochastic_flow_samplers_from_pure_noise_produce_the_data_distribution(
     assert out.var().item() == pytest.approx(VAR, rel=0.1)
 
 
+class _WithUncond:
+    """The toy and, for the CFG++ samplers, an unconditional prediction guided by cfg 2."""
+
+    def __init__(self, ms: ModelSampling) -> None:
+        self.cond, self.uncond = ms.denoiser(sd3_raw), ms.denoiser(lambda x, t: 0.9 * sd3_raw(x, t))
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.cond(x, sigma)
+
+    def denoise_with_uncond(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        uncond = self.uncond(x, sigma)
+        return uncond + 2.0 * (self.cond(x, sigma) - uncond), uncond
+
+
 @pytest.mark.parametrize("name", sorted(K.SAMPLERS))
 def test_every_sampler_runs_a_flow_model_through_run_sample(name: str) -> None:
     ms = ModelSampling.flow(shift=3.0)
     sigmas = S.sigmas_normal(ms.schedule, 6)
-    out = sample(ms.denoiser(sd3_raw), SamplerChoice(name), sigmas, torch.zeros(SHAPE), _noise(18),
-                 noise_form=ms.noise_form, generator=torch.Generator().manual_seed(0))
+    out = sample(_WithUncond(ms), SamplerChoice(name), sigmas, torch.zeros(SHAPE), _noise(18),
+                 noise_form=ms.noise_form, generator=torch.Generator().manual_seed(0),
+                 percent_to_sigma=ms.percent_to_sigma)
     assert out.shape == SHAPE and torch.isfinite(out).all()
 
 
@@ -635,9 +651,13 @@ def test_inpainting_mask_noises_the_kept_region_in_flow_form() -> None:
 def test_every_sampler_has_a_flow_reference_test() -> None:
     # a flow reference test is a parity test or one named "..._written_out_..."; the samplers it runs
     # are read from its source (body and parametrize decorator)
+    # (test_comfyui_samplers holds the flow tests of the samplers added from ComfyUI's list: its "flow" tests)
     by_function = {fn.__name__: name for name, fn in K.SAMPLERS.items()}
     covered: set[str] = set()
-    for test_name, test in vars(sys.modules[__name__]).items():
+    tests = [(name, test) for name, test in vars(sys.modules[__name__]).items()]
+    tests += [(name, test) for name, test in vars(importlib.import_module("test_comfyui_samplers")).items()
+              if "flow" in name]
+    for test_name, test in tests:
         if not (test_name.startswith("test_") and callable(test)):
             continue
         marks = {m.name for m in getattr(test, "pytestmark", [])}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import re
@@ -160,17 +161,35 @@ def test_dpmpp_3m_sde_without_noise_matches_diffusers_3rd_order_multistep() -> N
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("order,steps", [(2, 8), (3, 16)])
-def test_uni_pc_matches_diffusers(order: int, steps: int) -> None:
+@pytest.mark.parametrize(
+    "solver_type,sampler", [("bh1", K.sample_uni_pc), ("bh2", K.sample_uni_pc_bh2)], ids=["uni_pc", "uni_pc_bh2"]
+)
+@pytest.mark.parametrize("order,steps", [(2, 8), (3, 16), (3, 5)])
+def test_uni_pc_matches_diffusers(solver_type: str, sampler: Callable, order: int, steps: int) -> None:
+    # diffusers' bh1 step to sigma 0 is B(h) * 0 with B(h) = -inf (NaN): bh1 is compared ending at sigma_min
+    final = "zero" if solver_type == "bh2" else "sigma_min"
     sched = _diffusers_scheduler(
-        "UniPCMultistepScheduler", predict_x0=True, solver_type="bh2", solver_order=order,
-        timestep_spacing="linspace", final_sigmas_type="zero", lower_order_final=True,
+        "UniPCMultistepScheduler", predict_x0=True, solver_type=solver_type, solver_order=order,
+        timestep_spacing="linspace", final_sigmas_type=final, lower_order_final=True,
     )
     sched.set_timesteps(steps)
     sigmas = sched.sigmas
+    assert (sigmas[-1] == 0) == (final == "zero")
     x0 = _start(sigmas[0])
-    ours = K.sample_uni_pc(fake_denoiser, x0.clone(), sigmas, order=order)
-    _assert_close(ours, _run_diffusers(sched, x0.clone() / (1 + sigmas[0] ** 2) ** 0.5))
+    ours = sampler(fake_denoiser, x0.clone(), sigmas, order=order)
+    # diffusers steps the variance-preserving variable: back to VE at the last sigma
+    ref = _run_diffusers(sched, x0.clone() / (1 + sigmas[0] ** 2) ** 0.5) * (1 + sigmas[-1] ** 2) ** 0.5
+    _assert_close(ours, ref)
+
+
+def test_uni_pc_variants_differ_and_default_to_comfyui_order_3() -> None:
+    # bh1 and bh2 are different correctors (B(h) = h vs e^h - 1); ComfyUI runs both at order 3
+    sigmas = S.sigmas_karras(10, 0.03, 14.6)
+    x0 = _start(sigmas[0])
+    bh1, bh2 = K.sample_uni_pc(fake_denoiser, x0.clone(), sigmas), K.sample_uni_pc_bh2(fake_denoiser, x0.clone(), sigmas)
+    assert (bh1 - bh2).abs().max() > 1e-4
+    _assert_close(bh1, K.sample_uni_pc(fake_denoiser, x0.clone(), sigmas, order=3))
+    assert (bh1 - K.sample_uni_pc(fake_denoiser, x0.clone(), sigmas, order=2)).abs().max() > 1e-4
 
 
 @pytest.mark.parity
@@ -346,7 +365,8 @@ def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         (lambda m, x, s: K.sample_euler_ancestral(m, x, s, eta=0.0), 1),
         (lambda m, x, s: K.sample_dpmpp_2m_sde(m, x, s, eta=0.0), 2),
         (lambda m, x, s: K.sample_dpmpp_sde(m, x, s, eta=0.0), 2),
-        (K.sample_uni_pc, 2),
+        (lambda m, x, s: K.sample_uni_pc(m, x, s, order=2), 2),
+        (lambda m, x, s: K.sample_uni_pc_bh2(m, x, s, order=2), 2),
         # a 1st-order first step (local error h^2) caps the observed global order of 3M at 2
         (lambda m, x, s: K.sample_dpmpp_3m_sde(m, x, s, eta=0.0), 2),
     ],
@@ -403,9 +423,11 @@ def test_callback_sees_every_step_and_noise_sampler_is_used() -> None:
 def test_every_sampler_has_a_reference_test() -> None:
     # a reference test is a parity test or one named "..._written_out_..."; the samplers it runs are
     # read from its source (body and parametrize decorator), so a new sampler without one fails here
+    # (the samplers added from ComfyUI's list have theirs in test_comfyui_samplers)
     by_function = {fn.__name__: name for name, fn in K.SAMPLERS.items()}
     covered: set[str] = set()
-    for test_name, test in vars(sys.modules[__name__]).items():
+    tests = [*vars(sys.modules[__name__]).items(), *vars(importlib.import_module("test_comfyui_samplers")).items()]
+    for test_name, test in tests:
         if not (test_name.startswith("test_") and callable(test)):
             continue
         marks = {m.name for m in getattr(test, "pytestmark", [])}

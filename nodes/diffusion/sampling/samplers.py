@@ -855,7 +855,8 @@ def sample_dpmpp_2m_sde_gpu(
     noise_form: NoiseForm = NoiseForm.VE,
 ) -> torch.Tensor:
     """ComfyUI's `dpmpp_2m_sde_gpu`: :func:`sample_dpmpp_2m_sde` itself; the names differ only in
-    where ComfyUI draws the noise (see :func:`sample_dpmpp_sde_gpu`), here always on the CPU."""
+    where ComfyUI draws the noise, on the GPU instead of the CPU; here it is always drawn on the CPU
+    (see :func:`sample_dpmpp_sde_gpu`)."""
     return sample_dpmpp_2m_sde(model, x, sigmas, callback, eta, noise_sampler, generator, noise_form)
 
 
@@ -871,7 +872,8 @@ def sample_dpmpp_2m_sde_heun_gpu(
     noise_form: NoiseForm = NoiseForm.VE,
 ) -> torch.Tensor:
     """ComfyUI's `dpmpp_2m_sde_heun_gpu`: :func:`sample_dpmpp_2m_sde_heun` itself; the names differ
-    only in where ComfyUI draws the noise (see :func:`sample_dpmpp_sde_gpu`), here always on the CPU."""
+    only in where ComfyUI draws the noise, on the GPU instead of the CPU; here it is always drawn on the
+    CPU (see :func:`sample_dpmpp_sde_gpu`)."""
     return sample_dpmpp_2m_sde_heun(model, x, sigmas, callback, eta, noise_sampler, generator, noise_form)
 
 
@@ -887,7 +889,8 @@ def sample_dpmpp_3m_sde_gpu(
     noise_form: NoiseForm = NoiseForm.VE,
 ) -> torch.Tensor:
     """ComfyUI's `dpmpp_3m_sde_gpu`: :func:`sample_dpmpp_3m_sde` itself; the names differ only in
-    where ComfyUI draws the noise (see :func:`sample_dpmpp_sde_gpu`), here always on the CPU."""
+    where ComfyUI draws the noise, on the GPU instead of the CPU; here it is always drawn on the CPU
+    (see :func:`sample_dpmpp_sde_gpu`)."""
     return sample_dpmpp_3m_sde(model, x, sigmas, callback, eta, noise_sampler, generator, noise_form)
 
 
@@ -1170,8 +1173,10 @@ def sample_ipndm(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callbac
 
 def ipndm_v_weights(sigmas: torch.Tensor, i: int, order: int) -> list[torch.Tensor]:
     """iPNDM-v's weights on d at sigmas[i], i-1, ... (order of them) for the step to sigmas[i+1]
-    (Zhou et al. 2024, diff-solvers' variable-step iPNDM, as ComfyUI has it; orders 3 and 4 are not
-    the exact variable-step Adams-Bashforth weights). h0 is this step, h1..h3 the previous ones."""
+    (Zhou et al. 2024, diff-solvers' variable-step iPNDM, as ComfyUI has it, kept for ComfyUI's images:
+    order 2 is the variable-step Adams-Bashforth rule, order 3 is not but reduces to AB3 on equal
+    steps, and order 4's weights are neither AB4 on equal steps nor sum to 1 where the step ratios
+    change). h0 is this step, h1..h3 the previous ones."""
     h0 = sigmas[i + 1] - sigmas[i]
     if order == 1:
         return [torch.ones_like(h0)]
