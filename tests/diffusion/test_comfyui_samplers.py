@@ -1046,6 +1046,11 @@ def test_ksampler_takes_one_more_step_and_drops_the_penultimate_sigma_for_dpm_2_
     for sampler in ("euler", "heun", "dpmpp_2m"):
         assert torch.equal(ksampler_sigmas(model, "karras", sampler, 10), schedule_sigmas(model, "karras", 10))
     assert ksampler_sigmas(model, "kl_optimal", "uni_pc", 1).shape == (2,)
+    # the new schedulers read the model's own range: a flow model's runs from 1 to its sigma_min
+    flow = SimpleNamespace(sampling=ModelSampling.flow(3.0))
+    assert float(schedule_sigmas(flow, "linear_quadratic", 6)[0]) == 1.0
+    kl = schedule_sigmas(flow, "kl_optimal", 6)
+    assert float(kl[0]) == 1.0 and float(kl[-2]) == pytest.approx(flow.sampling.sigma_min, rel=1e-5)
 
 
 def test_every_comfyui_sampler_and_scheduler_name_is_accepted_by_the_nodes() -> None:

@@ -225,3 +225,61 @@ def test_flux_shift_is_the_constant_shift_with_e_to_the_mu() -> None:
     mu = 0.83
     torch.testing.assert_close(S.flow_time_shift(t, math.exp(mu)), math.exp(mu) / (math.exp(mu) + 1 / t - 1))
     assert S.flux_mu(1024, 1024) == pytest.approx(1.15) and S.flux_mu(256, 256) == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------ linear_quadratic, kl_optimal
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("n", [2, 3, 5, 10, 30, 50])
+@pytest.mark.parametrize("sigma_max", [1.0, 14.6])
+def test_linear_quadratic_matches_diffusers_mochi_schedule(n: int, sigma_max: float) -> None:
+    pytest.importorskip("diffusers")
+    from diffusers.pipelines.mochi.pipeline_mochi import linear_quadratic_schedule
+
+    # diffusers' Mochi fractions without the final 0; ComfyUI scales them by the model's sigma_max
+    ref = np.array(linear_quadratic_schedule(n, 0.025) + [0.0]) * sigma_max
+    np.testing.assert_allclose(S.sigmas_linear_quadratic(n, sigma_max).numpy(), ref, rtol=1e-6, atol=1e-7)
+
+
+def test_linear_quadratic_formula() -> None:
+    # 1 - u: u linear to threshold_noise over n // 2 steps, then the quadratic through that point with
+    # the same slope that reaches 1 at step n (second differences constant); one step is [max, 0]
+    n, tau = 12, 0.025
+    u = 1 - S.sigmas_linear_quadratic(n, 1.0).to(torch.float64).numpy()
+    k = n // 2
+    np.testing.assert_allclose(u[:k], np.arange(k) * tau / k, atol=1e-7)
+    quad = u[k:]
+    assert quad[0] == pytest.approx(tau, abs=1e-7) and quad[-1] == pytest.approx(1.0, abs=1e-7)
+    second = np.diff(quad, 2)
+    np.testing.assert_allclose(second, second[0], atol=2e-6)
+    a = second[0] / 2  # u(i) = a i^2 + b i + c around i = k: u'(k) = 2 a k + b = tau / k
+    b = quad[1] - quad[0] - a * (2 * k + 1)
+    assert 2 * a * k + b == pytest.approx(tau / k, abs=1e-5)
+    torch.testing.assert_close(S.sigmas_linear_quadratic(1, 14.6), torch.tensor([14.6, 0.0]))
+    torch.testing.assert_close(S.sigmas_linear_quadratic(8, 2.0, linear_steps=3)[:3],
+                               2.0 * (1 - torch.arange(3) * 0.025 / 3))
+    with pytest.raises(S.ScheduleError, match="linear_steps"):
+        S.sigmas_linear_quadratic(8, 1.0, linear_steps=8)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 20])
+def test_kl_optimal_is_uniform_in_arctan_sigma(n: int) -> None:
+    lo, hi = SCHED.sigma_min, SCHED.sigma_max
+    sigmas = S.sigmas_kl_optimal(n, lo, hi)
+    assert sigmas.shape == (n + 1,) and sigmas[-1] == 0
+    ref = [math.tan(math.atan(hi) + i / max(n - 1, 1) * (math.atan(lo) - math.atan(hi))) for i in range(n)]
+    np.testing.assert_allclose(sigmas[:-1].numpy(), ref, rtol=1e-6)
+    assert float(sigmas[0]) == pytest.approx(hi, rel=1e-6)
+    if n > 1:
+        assert float(sigmas[-2]) == pytest.approx(lo, rel=1e-5)
+        np.testing.assert_allclose(np.diff(np.arctan(sigmas[:-1].double().numpy())),
+                                   (math.atan(lo) - math.atan(hi)) / (n - 1), rtol=1e-5)
+
+
+def test_without_penultimate_sigma() -> None:
+    sigmas = S.sigmas_karras(6, 0.03, 14.6)
+    out = S.without_penultimate_sigma(sigmas)
+    assert out.shape == (6,) and torch.equal(out[:-1], sigmas[:-2]) and out[-1] == sigmas[-1]
+    with pytest.raises(S.ScheduleError, match="at least 3"):
+        S.without_penultimate_sigma(torch.tensor([1.0, 0.0]))
