@@ -40,9 +40,12 @@ class WorkflowImportError(WorkflowInvalid):
         if self.unsupported_types:
             listed = ", ".join(f"{name} ({'node' if len(ids) == 1 else 'nodes'} {', '.join(ids)})"
                                for name, ids in self.unsupported_types.items())
+            # Every node is named in the details, so a client can mark each; a single one is the issue's node.
+            node_ids = [node_id for ids in self.unsupported_types.values() for node_id in ids]
             all_issues.insert(0, ValidationIssue(
                 UNSUPPORTED_NODE_TYPES, f"{importer}: node types with no counterpart here: {listed}",
-                details={"importer": importer, "types": self.unsupported_types}))
+                node_ids[0] if len(node_ids) == 1 else None,
+                details={"importer": importer, "types": self.unsupported_types, "node_ids": node_ids}))
         if not all_issues:
             raise ValueError("WorkflowImportError needs at least one unsupported type or issue")
         super().__init__(all_issues)

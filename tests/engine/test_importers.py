@@ -127,7 +127,15 @@ def test_unsupported_types_are_listed_by_name_all_at_once(registry):
     first, second = error.issues
     assert first.code == UNSUPPORTED_NODE_TYPES
     assert "cube (node c)" in first.message and "square (nodes b, d)" in first.message
+    # The nodes are named in the details too (a client marks each); no one node is the issue's.
+    assert first.details["node_ids"] == ["c", "b", "d"] and first.node_id is None
     assert (second.node_id, second.input, second.code) == ("out", "argument", "cannot_import")
+
+
+def test_a_single_unsupported_node_is_the_issues_node():
+    (issue,) = WorkflowImportError("toy format", {"cube": ["c"]}).issues
+    assert (issue.code, issue.node_id, issue.details["node_ids"]) == (UNSUPPORTED_NODE_TYPES, "c", ["c"])
+    assert issue.to_json()["node_id"] == "c"
 
 
 def test_a_pack_with_a_broken_importer_is_skipped_with_the_reason(tmp_path):
