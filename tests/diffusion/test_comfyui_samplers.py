@@ -1093,3 +1093,74 @@ def test_sa_solver_stochastic_interval_is_on_the_model_schedule(eta: float) -> N
     calls.clear()
     K.sample_sa_solver(ve_model, _x(29, 14.6), sigmas, eta=eta, noise_sampler=noise, percent_to_sigma=outside)
     assert calls == []
+
+
+# ------------------------------------------------------------------------- the nodes, end to end
+
+
+@pytest.fixture(scope="module")
+def executor(tmp_path_factory):  # noqa: ANN001, ANN201
+    from nodegraph.cache import OutputCache
+    from nodegraph.executor import Executor
+    from nodegraph.plugins import build_registry
+
+    from _pipeline_fixtures import write_models
+
+    models = write_models(tmp_path_factory.mktemp("models"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NODEGRAPH_MODELS", str(models))
+        patch.setenv("NODEGRAPH_INPUTS", str(tmp_path_factory.mktemp("inputs")))
+        registry, problems = build_registry()
+        assert not problems, problems
+        yield Executor(registry, OutputCache(max_bytes=1 << 30), device="cpu",
+                       output_dir=tmp_path_factory.mktemp("out"))
+
+
+def _link(node: str, output: str) -> dict:
+    return {"from": node, "output": output}
+
+
+def _graph(sampler: str, scheduler: str, *, custom: bool = False) -> dict:
+    nodes: dict = {
+        "ckpt": {"type": "LoadCheckpoint", "inputs": {"name": "tiny-sd1.safetensors"}},
+        "pos": {"type": "TextEncode", "inputs": {"clip": _link("ckpt", "clip"), "text": "a red circle"}},
+        "neg": {"type": "TextEncode", "inputs": {"clip": _link("ckpt", "clip"), "text": ""}},
+        "empty": {"type": "EmptyLatent", "inputs": {"model": _link("ckpt", "model"), "width": 32, "height": 32}},
+    }
+    if custom:  # SamplerCustomAdvanced with BasicGuider: no negative conditioning
+        nodes |= {
+            "guider": {"type": "BasicGuider", "inputs": {"model": _link("ckpt", "model"),
+                                                         "conditioning": _link("pos", "conditioning")}},
+            "noise": {"type": "RandomNoise", "inputs": {"seed": 3}},
+            "select": {"type": "SelectSampler", "inputs": {"sampler_name": sampler}},
+            "sigmas": {"type": "Scheduler", "inputs": {"model": _link("ckpt", "model"), "scheduler": scheduler,
+                                                       "steps": 4}},
+            "sample": {"type": "Sample", "inputs": {
+                "noise": _link("noise", "noise"), "guider": _link("guider", "guider"),
+                "sampler": _link("select", "sampler"), "sigmas": _link("sigmas", "sigmas"),
+                "latent": _link("empty", "latent")}},
+        }
+    else:
+        nodes["sample"] = {"type": "KSampler", "inputs": {
+            "model": _link("ckpt", "model"), "positive": _link("pos", "conditioning"),
+            "negative": _link("neg", "conditioning"), "latent": _link("empty", "latent"), "seed": 3, "steps": 4,
+            "cfg": 1.5, "sampler_name": sampler, "scheduler": scheduler}}
+    return {"version": 1, "nodes": nodes}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler,scheduler", [("euler_cfg_pp", "kl_optimal"), ("uni_pc_bh2", "linear_quadratic"),
+                                               ("sa_solver", "karras"), ("dpmpp_2m_sde_gpu", "normal")])
+def test_ksampler_runs_the_new_names_on_a_checkpoint(executor, sampler: str, scheduler: str) -> None:  # noqa: ANN001
+    result = executor.run(_graph(sampler, scheduler), outputs=["sample"])
+    assert result.status == "succeeded", result.error
+    latent = result.results["sample"].outputs.latent.samples
+    assert latent.shape[:2] == (1, 4) and torch.isfinite(latent).all() and latent.std() > 0.1
+
+
+@pytest.mark.slow
+def test_a_cfg_pp_sampler_without_negative_conditioning_is_refused_naming_the_guider(executor) -> None:  # noqa: ANN001
+    result = executor.run(_graph("euler_cfg_pp", "normal", custom=True), outputs=["sample"])
+    assert result.status == "failed"
+    assert result.error.node_id == "sample" and "guider" in str(result.error) and "negative" in str(result.error)
+    assert executor.run(_graph("euler", "normal", custom=True), outputs=["sample"]).status == "succeeded"
