@@ -342,9 +342,10 @@ def test_ui_problems_are_named(ui_graph):
     graph["nodes"].append({"id": 33, "type": "6f1d2c3e-0000-4000-8000-000000000001", "mode": 0})
     graph["definitions"] = {"subgraphs": [{"id": "6f1d2c3e-0000-4000-8000-000000000001", "name": "Upscale"}]}
     error = import_error(UI, graph)
-    assert error.unsupported_types == {"CR Prompt Text": ["32"], "subgraph 'Upscale'": ["33"]}
+    assert error.unsupported_types == {"CR Prompt Text": ["32"]}
+    # A subgraph instance is expanded into its nodes; this definition has none to expand.
     assert issues_at(error) == {("5", None): "invalid_widgets", ("8", "vae"): "invalid_link",
-                                ("30", "images"): "muted_source"}
+                                ("30", "images"): "muted_source", ("33", None): "invalid_subgraph"}
     assert "width, height, batch_size" in str(error)
 
 

@@ -1,10 +1,13 @@
 """Import ComfyUI workflows built from its core nodes: the API format (`{"3": {"class_type":
 "KSampler", "inputs": {..., "model": ["4", 0]}}}`) and the editor's UI format (`{"nodes": [...],
-"links": [[id, from_node, from_slot, to_node, to_slot, type], ...]}`) become workflows of this
-pack's nodes. ComfyUI node ids are kept; UI positions go to the `ui` block."""
+"links": [[id, from_node, from_slot, to_node, to_slot, type], ...]}`, its subgraphs and group nodes
+expanded into their nodes, see comfyui_subgraphs) become workflows of this pack's nodes, also when
+a request carries them (the body of ComfyUI's POST /prompt, a hosted worker's {"input": {"workflow":
+...}}). ComfyUI node ids are kept; UI positions go to the `ui` block."""
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -14,18 +17,29 @@ from nodegraph.importers import WorkflowImportError
 from nodegraph.node import Node
 from nodegraph.validation import ValidationIssue
 
+from .comfyui_subgraphs import (
+    MODE_BYPASSED,
+    MODE_MUTED,
+    NOTE_TYPES,
+    PRIMITIVE,
+    REROUTE,
+    expand_reusable_nodes,
+    input_name,
+    node_position,
+    read_link,
+)
+
+logger = logging.getLogger(__name__)
+
 API_FORMAT = "ComfyUI API format"
 UI_FORMAT = "ComfyUI UI format"
 
 # Widgets of the ComfyUI editor that are no inputs of the node (some API exports carry them too):
-# what to do with a seed after each run, and the image upload button.
-UI_ONLY_WIDGETS = frozenset({"control_after_generate", "upload"})
-
-# UI node modes: 2 = muted (never runs), 4 = bypassed (inputs passed through to outputs).
-MODE_MUTED, MODE_BYPASSED = 2, 4
-# UI-only node types: comments and wire routing, which never reach ComfyUI's API format.
-NOTE_TYPES = frozenset({"Note", "MarkdownNote"})
-REROUTE, PRIMITIVE = "Reroute", "PrimitiveNode"
+# what to do with a seed after each run, and the image upload button (which older API exports
+# carry as "choose file to upload").
+UI_ONLY_WIDGETS = frozenset({"control_after_generate", "upload", "choose file to upload"})
+# Nodes that show an image: newer editors save their image preview's (empty) value after their widgets.
+IMAGE_PREVIEW_NODES = frozenset({"LoadImage", "LoadImageMask", "SaveImage", "PreviewImage"})
 
 
 class UnmappableValue(ValueError):
@@ -266,10 +280,57 @@ def _as_source(value: Any) -> SourceRef | None:
 
 # --- API format -------------------------------------------------------------------------------
 
+# Requests that carry a workflow rather than being one: the body of ComfyUI's POST /prompt
+# ({"prompt": <graph>, "client_id": ...}) and what hosted ComfyUI workers are sent ({"input":
+# {"workflow": <graph>, "images": [{"name": ..., "image": <base64>}]}}).
+PROMPT_REQUEST = '{"prompt": <API-format graph>}'
+WORKER_REQUEST = '{"input": {"workflow": <API- or UI-format graph>}}'
+
+
+@dataclass(frozen=True)
+class _Request:
+    shape: str  # what such a request looks like, for messages
+    workflow: Any  # what it holds where the workflow belongs
+    images: int  # input images uploaded with it
+
+
+def _is_api_node(value: Any) -> bool:
+    return isinstance(value, dict) and "class_type" in value
+
+
+def _request(document: Any) -> _Request | None:
+    """The request `document` is (an API graph may have a node called "prompt" or "input": those
+    are nodes), or None."""
+    if not isinstance(document, dict) or "nodes" in document:
+        return None
+    if "prompt" in document and not _is_api_node(document["prompt"]):
+        return _Request(PROMPT_REQUEST, document["prompt"], 0)
+    if "input" in document and not _is_api_node(document["input"]):
+        body = document["input"]
+        images = body.get("images") if isinstance(body, dict) else None
+        return _Request(WORKER_REQUEST, body.get("workflow") if isinstance(body, dict) else None,
+                        len(images) if isinstance(images, list) else 0)
+    return None
+
+
+def _carried(document: Any) -> Any:
+    """The workflow a request carries, or the document itself when it is no request."""
+    request = _request(document)
+    return document if request is None else request.workflow
+
+
+def _found(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, dict):
+        keys = ", ".join(map(str, list(value)[:8])) + (", ..." if len(value) > 8 else "")
+        return f"an object with keys {keys}" if value else "an empty object"
+    return f"a JSON {type(value).__name__ if not isinstance(value, list) else 'array'}"
+
+
 def _api_graph(document: Any) -> dict[str, Any] | None:
-    """The node table of an API-format document (bare, or as the body of a POST /prompt)."""
-    if isinstance(document, dict) and isinstance(document.get("prompt"), dict) and "class_type" not in document:
-        document = document["prompt"]
+    """The node table of an API-format document (bare, or carried by a request)."""
+    document = _carried(document)
     if not isinstance(document, dict) or not document:
         return None
     if all(isinstance(node, dict) and isinstance(node.get("class_type"), str) for node in document.values()):
@@ -312,24 +373,13 @@ class _UILink:
 def _ui_links(document: dict[str, Any], problems: _Problems) -> dict[int, _UILink]:
     links = {}
     for entry in document.get("links") or []:
-        if isinstance(entry, list) and len(entry) >= 5:  # [id, from_node, from_slot, to_node, to_slot, type]
-            link_id, source, slot, link_type = entry[0], entry[1], entry[2], entry[5] if len(entry) > 5 else None
-        elif isinstance(entry, dict) and {"id", "origin_id", "origin_slot"} <= set(entry):
-            link_id, source, slot, link_type = entry["id"], entry["origin_id"], entry["origin_slot"], entry.get("type")
-        else:
+        read = read_link(entry)
+        if read is None:
             problems.add("invalid_link", f"cannot read link {entry!r}")
             continue
-        links[link_id] = _UILink(str(source), slot, link_type)
+        link_id, link = read
+        links[link_id] = _UILink(link.origin, link.origin_slot, link.type)
     return links
-
-
-def _position(node: dict[str, Any]) -> list[float] | None:
-    pos = node.get("pos")
-    if isinstance(pos, dict):  # older editors saved {"0": x, "1": y}
-        pos = [pos.get("0"), pos.get("1")]
-    if isinstance(pos, list) and len(pos) == 2 and all(isinstance(v, (int, float)) for v in pos):
-        return [float(pos[0]), float(pos[1])]
-    return None
 
 
 def _widget_values(node: dict[str, Any], mapping: NodeMapping, problems: _Problems) -> dict[str, Any]:
@@ -343,6 +393,9 @@ def _widget_values(node: dict[str, Any], mapping: NodeMapping, problems: _Proble
         problems.add("invalid_widgets", f"widgets_values must be a list, got {values!r}", node_id)
         return {}
     names = mapping.widgets
+    real = [name for name in names if name not in UI_ONLY_WIDGETS]
+    if node["type"] in IMAGE_PREVIEW_NODES and len(values) > len(real) and values[-1] == "":
+        values = values[:-1]  # the image preview's placeholder
     if len(values) != len(names):
         # Files from editors that do not store the UI-only widgets hold just the real ones.
         names = tuple(name for name in names if name not in UI_ONLY_WIDGETS)
@@ -363,21 +416,14 @@ def read_ui_nodes(document: Any, problems: _Problems | None = None) -> list[Comf
     problems = problems or _Problems(UI_FORMAT)
     if not _is_ui_document(document):
         raise ValueError("not a ComfyUI UI-format document")
+    document = expand_reusable_nodes(document, problems.add)
     links = _ui_links(document, problems)
     by_id = {str(node["id"]): node for node in document["nodes"]}
-    # Nodes that stand for a subgraph have its id as their type; users know it by its name.
-    subgraphs = {sub.get("id"): sub.get("name") for sub in (document.get("definitions") or {}).get("subgraphs") or []
-                 if isinstance(sub, dict)}
 
     def linked_inputs(node: dict[str, Any]) -> list[tuple[str, Any, int]]:
         """(input name, input type, link id) for each connected input."""
-        found = []
-        for entry in node.get("inputs") or []:
-            if isinstance(entry, dict) and entry.get("link") is not None:
-                widget = entry.get("widget")
-                name = widget.get("name") if isinstance(widget, dict) and widget.get("name") else entry.get("name")
-                found.append((name, entry.get("type"), entry["link"]))
-        return found
+        return [(input_name(entry), entry.get("type"), entry["link"]) for entry in node.get("inputs") or []
+                if isinstance(entry, dict) and entry.get("link") is not None]
 
     def resolve(link_id: Any, target: str, input_name: str, seen: frozenset[str] = frozenset()) -> Any:
         """What feeds an input: a SourceRef to a node that runs, or a literal from a primitive node."""
@@ -424,13 +470,11 @@ def read_ui_nodes(document: Any, problems: _Problems | None = None) -> list[Comf
             continue
         if node.get("mode", 0) in (MODE_MUTED, MODE_BYPASSED):
             continue
-        if node_type in subgraphs:
-            node_type = f"subgraph {subgraphs[node_type]!r}"
         mapping = MAPPINGS.get(node_type)
         inputs = _widget_values(node, mapping, problems) if mapping is not None else {}
         for name, _, link_id in linked_inputs(node):
             inputs[name] = resolve(link_id, node_id, name)
-        nodes.append(ComfyNode(node_id, node_type, inputs, _position(node)))
+        nodes.append(ComfyNode(node_id, node_type, inputs, node_position(node)))
     if own_problems:
         problems.raise_any()
     return nodes
@@ -485,6 +529,38 @@ def _model_source(node_id: str, nodes: dict[str, dict[str, Any]]) -> dict[str, s
                 queue.append(target)
     loaders = [loader_id for loader_id, entry in nodes.items() if entry["type"] in MODEL_LOADERS]
     return {"from": loaders[0], "output": "model"} if len(loaders) == 1 else None
+
+
+def _model_lost_to_unconverted(node_id: str, comfy_nodes: list[ComfyNode], converted: set[str]) -> bool:
+    """Whether a latent-making node's model is unknown only because of nodes that were not
+    converted (reported already, by type or by link): one downstream of it (an unsupported
+    sampler), or one on the model links of a node downstream of it (its sampler's loader). A
+    message about this node would then blame it for their problem."""
+    by_id = {node.id: node for node in comfy_nodes}
+    consumers: dict[str, list[str]] = defaultdict(list)
+    for node in comfy_nodes:
+        for value in node.inputs.values():
+            if isinstance(value, SourceRef):
+                consumers[value.node].append(node.id)
+    downstream, queue = set(), deque([node_id])
+    while queue:
+        for target in consumers[queue.popleft()]:
+            if target not in downstream:
+                downstream.add(target)
+                queue.append(target)
+    if downstream - converted:
+        return True
+    model_links = deque(by_id[target].inputs.get(name) for target in downstream for name in ("model", "guider"))
+    seen: set[str] = set()
+    while model_links:
+        link = model_links.popleft()
+        if not isinstance(link, SourceRef) or link.node in seen:
+            continue
+        if link.node not in converted:
+            return True
+        seen.add(link.node)
+        model_links.extend(by_id[link.node].inputs.get(name) for name in ("model", "guider"))
+    return False
 
 
 def convert_nodes(comfy_nodes: list[ComfyNode], importer: str, problems: _Problems | None = None) -> dict[str, Any]:
@@ -543,7 +619,7 @@ def convert_nodes(comfy_nodes: list[ComfyNode], importer: str, problems: _Proble
         mapping = MAPPINGS.get(node.type)
         if mapping is not None and mapping.needs_model and node.id in nodes:
             model = _model_source(node.id, nodes)
-            if model is None:
+            if model is None and not _model_lost_to_unconverted(node.id, comfy_nodes, set(nodes)):
                 problems.add("needs_model", f"{node.type} feeds no sampler and the workflow has no single "
                                             "model loader, so its model is unknown; connect it to a sampler",
                              node.id)
@@ -563,10 +639,26 @@ class ComfyAPIImporter:
     name = API_FORMAT
 
     def detect(self, document: Any) -> bool:
-        return _api_graph(document) is not None
+        # A request carrying anything but a UI-format workflow is this importer's to read or refuse.
+        request = _request(document)
+        return _api_graph(document) is not None or (request is not None and not _is_ui_document(request.workflow))
 
     def convert(self, document: Any) -> dict[str, Any]:
+        request = _request(document)
+        if request is not None and _api_graph(document) is None:
+            raise WorkflowImportError(API_FORMAT, issues=[ValidationIssue(
+                "invalid_request",
+                f"a ComfyUI request is expected as {request.shape}, carrying a workflow in ComfyUI's API format "
+                '({"<node id>": {"class_type": ..., "inputs": {...}}}) or its editor\'s UI format; '
+                f"found {_found(request.workflow)} there", details={"expected": request.shape})])
+        _note_images(request)
         return convert_nodes(read_api_nodes(document), API_FORMAT)
+
+
+def _note_images(request: _Request | None) -> None:
+    if request is not None and request.images:
+        logger.warning("the request uploads %d input image(s) with its workflow; they are not imported: put "
+                       "them in the inputs folder under the names its LoadImage nodes use", request.images)
 
 
 class ComfyUIImporter:
@@ -575,11 +667,12 @@ class ComfyUIImporter:
     name = UI_FORMAT
 
     def detect(self, document: Any) -> bool:
-        return _is_ui_document(document)
+        return _is_ui_document(_carried(document))
 
     def convert(self, document: Any) -> dict[str, Any]:
         problems = _Problems(UI_FORMAT)
-        return convert_nodes(read_ui_nodes(document, problems), UI_FORMAT, problems)
+        _note_images(_request(document))
+        return convert_nodes(read_ui_nodes(_carried(document), problems), UI_FORMAT, problems)
 
 
 IMPORTERS = [ComfyAPIImporter(), ComfyUIImporter()]
