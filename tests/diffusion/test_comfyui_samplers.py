@@ -11,7 +11,6 @@ import math
 from types import SimpleNamespace
 from typing import Callable
 
-import numpy as np
 import pytest
 import torch
 
@@ -566,7 +565,8 @@ def test_dpm_adaptive_written_out_with_its_step_size_controller() -> None:
         s1, s2 = s + step / 3, s + 2 * step / 3
         e1 = eps(x - sig(s1) * torch.expm1(step / 3) * e, s1)
         x_low = x - sig(t) * torch.expm1(step) * e - sig(t) * 1.5 * torch.expm1(step) * (e1 - e)
-        u2 = x - sig(s2) * torch.expm1(2 * step / 3) * e - sig(s2) * 2 * (torch.expm1(2 * step / 3) / (2 * step / 3) - 1) * (e1 - e)
+        u2 = (x - sig(s2) * torch.expm1(2 * step / 3) * e
+              - sig(s2) * 2 * (torch.expm1(2 * step / 3) / (2 * step / 3) - 1) * (e1 - e))
         x_high = x - sig(t) * torch.expm1(step) * e - sig(t) * 1.5 * (torch.expm1(step) / step - 1) * (eps(u2, s2) - e)
         scale = torch.maximum(torch.tensor(0.0078, dtype=torch.float64),
                               0.05 * torch.maximum(x_low.abs(), x_prev.abs()))
@@ -718,7 +718,8 @@ def test_er_sde_written_out_ve_and_flow(form: str) -> None:
             x = x + a_next * ((l_next - l) + s1 * fn(l_next)) * slope
             if i >= 2:
                 s2 = sum(width * (p - l) / fn(p) for p in pts)
-                x = x + a_next * ((l_next - l) ** 2 / 2 + s2 * fn(l_next)) * (slope - old_slope) / ((l - lams[i - 2]) / 2)
+                curvature = (slope - old_slope) / ((l - lams[i - 2]) / 2)
+                x = x + a_next * ((l_next - l) ** 2 / 2 + s2 * fn(l_next)) * curvature
             old_slope = slope
         x = x + a_next * torch.sqrt(torch.clamp(l_next**2 - l**2 * r**2, min=0)) * draws[i]
         old_d = d
@@ -959,12 +960,13 @@ def test_stochastic_samplers_produce_the_data_distribution(sampler: Callable, cf
     # 80 (VE) and 120 (flow, from pure noise) Karras steps bring each within ~8% (seen: 0.46-0.50)
     g = torch.Generator().manual_seed(3)
     if form == "ve":
-        sigmas, model, ms = S.sigmas_karras(80, 0.03, 14.6).to(torch.float64), gaussian_ve, ModelSampling.for_prediction("eps")
+        sigmas, model = S.sigmas_karras(80, 0.03, 14.6).to(torch.float64), gaussian_ve
+        ms = ModelSampling.for_prediction("eps")
         x = torch.randn(64, 1, 32, 32, generator=g, dtype=torch.float64) * sigmas[0]
     else:
         table = S.FlowSchedule(shift=3.0)
-        sigmas, model, ms = S.sigmas_karras(120, table.sigma_min, table.sigma_max).to(torch.float64), gaussian_flow, \
-            ModelSampling.flow(3.0)
+        sigmas, model = S.sigmas_karras(120, table.sigma_min, table.sigma_max).to(torch.float64), gaussian_flow
+        ms = ModelSampling.flow(3.0)
         x = torch.randn(64, 1, 32, 32, generator=g, dtype=torch.float64)
     kw: dict = {"generator": g, "noise_form": FLOW if form == "flow" else K.NoiseForm.VE}
     if "percent_to_sigma" in inspect.signature(sampler).parameters:

@@ -815,7 +815,8 @@ def _any_noise_form(ve_sampler: Callable[..., torch.Tensor]) -> Callable[..., to
 
     signature = inspect.signature(ve_sampler)
     form = inspect.Parameter("noise_form", inspect.Parameter.KEYWORD_ONLY, default=NoiseForm.VE, annotation=NoiseForm)
-    sampler.__signature__ = signature.replace(parameters=[*signature.parameters.values(), form])  # type: ignore[attr-defined]
+    parameters = [*signature.parameters.values(), form]
+    sampler.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
     return sampler
 
 
@@ -1309,7 +1310,8 @@ class _DPMSolver:
         if eps_1 is None:
             s1 = t + r1 * h
             eps_1 = self.eps(x - self.sigma(s1) * torch.expm1(r1 * h) * eps, s1)
-        x_next = x - self.sigma(t_next) * torch.expm1(h) * eps - self.sigma(t_next) / (2 * r1) * torch.expm1(h) * (eps_1 - eps)
+        x_next = (x - self.sigma(t_next) * torch.expm1(h) * eps
+                  - self.sigma(t_next) / (2 * r1) * torch.expm1(h) * (eps_1 - eps))
         return x_next, eps_1
 
     def step_3(self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, eps: torch.Tensor,
