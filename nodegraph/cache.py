@@ -34,7 +34,12 @@ def memory_parts(value: Any) -> dict[Hashable, int]:
         if id(obj) in seen or obj is None:
             continue
         seen.add(id(obj))
-        if hasattr(obj, "untyped_storage") and hasattr(obj, "element_size"):  # a torch tensor
+        # Plain values and node outputs first: most values are, and the probes below are slow on them.
+        if isinstance(obj, (str, int, float, bool)):
+            misc += sys.getsizeof(obj)
+        elif isinstance(obj, BaseModel):
+            stack.extend((getattr(obj, name), depth + 1) for name in type(obj).model_fields)
+        elif hasattr(obj, "untyped_storage") and hasattr(obj, "element_size"):  # a torch tensor
             storage = obj.untyped_storage()
             if obj.device.type != "meta":
                 parts[("storage", obj.device.type, storage.data_ptr())] = storage.nbytes()
@@ -54,8 +59,6 @@ def memory_parts(value: Any) -> dict[Hashable, int]:
             stack.extend((v, depth + 1) for v in obj.values())
         elif isinstance(obj, (list, tuple, set, frozenset)):
             stack.extend((v, depth + 1) for v in obj)
-        elif isinstance(obj, BaseModel):
-            stack.extend((getattr(obj, name), depth + 1) for name in type(obj).model_fields)
         elif dataclasses.is_dataclass(obj):
             stack.extend((getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj))
         elif hasattr(obj, "__dict__") and type(obj).__sizeof__ is object.__sizeof__:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import marshal
+import threading
 import time
 import traceback
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +22,8 @@ from .events import Event, EventSink
 from .node import CancelToken, Node, NodeInputs, NodeOutputs, RunCancelled, RunContext
 from .registry import NodeRegistry
 from .device_memory import device_memory_bytes
-from .validation import MAX_NODES, CompiledWorkflow, compile_workflow, memory_refusal
+from .validation import (MAX_NODES, CompiledNode, CompiledWorkflow, compile_workflow, memory_refusal, outside_issues,
+                         overrides_hook)
 from .workflow import Workflow
 
 log = logging.getLogger(__name__)
@@ -79,8 +83,42 @@ class RunResult:
         return [f for node_id in self.outputs if node_id in self.results for f in self.results[node_id].files]
 
 
-def _overrides_fingerprint(node_class: type[Node]) -> bool:
-    return node_class.fingerprint.__func__ is not Node.fingerprint.__func__
+PLAN_CACHE_SIZE = 16
+"""Compiled plans an executor keeps, so that running an identical document again skips validation."""
+
+
+def _document_identity(workflow: str | bytes | dict[str, Any] | Workflow) -> tuple[bytes, Any] | None:
+    """(digest of the document's exact content, a private copy of it to compile), or None when the
+    document has no cheap exact form (a dict holding values of other types): then it is compiled
+    every time. The copy keeps a cached plan safe from later changes to the caller's objects."""
+    if isinstance(workflow, str):
+        content, private = b"s" + workflow.encode("utf-8", "surrogatepass"), workflow
+    elif isinstance(workflow, (bytes, bytearray)):
+        content = b"b" + bytes(workflow)
+        private = content[1:]
+    else:
+        data = workflow.model_dump() if isinstance(workflow, Workflow) else workflow
+        try:
+            # marshal writes exact built-in types (a tuple is not a list, 1 is neither 1.0 nor True)
+            # and refuses any other; version 2 has no back-references, so equal values give equal bytes.
+            content = b"d" + marshal.dumps(data, 2)
+        except ValueError:
+            return None
+        private = marshal.loads(content[1:])
+    return hashlib.sha256(content).digest(), private
+
+
+@dataclass
+class _CachedPlan:
+    plan: CompiledWorkflow
+    registry: NodeRegistry
+    generation: int
+    fingerprints: dict[str, str | None]
+
+
+def _fingerprints(nodes: tuple[CompiledNode, ...]) -> dict[str, str | None]:
+    return {node.id: node.node_class.fingerprint(node.literals) for node in nodes
+            if overrides_hook(node.node_class, "fingerprint")}
 
 
 _UNSET: Any = object()
@@ -103,6 +141,8 @@ class Executor:
         self.output_dir = Path(output_dir)
         self._memory_budget = memory_budget
         self.max_nodes = max_nodes
+        self._plans: OrderedDict[tuple[Any, ...], _CachedPlan] = OrderedDict()
+        self._plans_lock = threading.Lock()  # the server compiles submissions while a run executes
 
     @property
     def memory_budget(self) -> int | None:
@@ -111,13 +151,86 @@ class Executor:
         return self._memory_budget
 
     def compile(self, workflow: str | bytes | dict[str, Any] | Workflow, outputs: list[str] | None = None) -> CompiledWorkflow:
-        return compile_workflow(workflow, self.registry, outputs, max_nodes=self.max_nodes,
-                                memory_budget=self.memory_budget)
+        """Validate a document into a plan (raises WorkflowInvalid).
+
+        The plan of an identical document (same content, outputs, node packs and memory budget)
+        is reused while what its validation read outside the document still holds: the same
+        fingerprints, files still among their choices, nodes' own input checks still passing.
+        """
+        identity = _document_identity(workflow)
+        outputs_key = None
+        if identity is not None and outputs is not None:
+            try:
+                outputs_key = marshal.dumps(outputs, 2)
+            except ValueError:
+                identity = None
+        if identity is None:
+            return compile_workflow(workflow, self.registry, outputs, max_nodes=self.max_nodes,
+                                    memory_budget=self.memory_budget)
+        digest, private = identity
+        key = (digest, outputs_key, self.max_nodes, self.memory_budget)
+        with self._plans_lock:
+            cached = self._plans.get(key)
+            if cached is not None:
+                self._plans.move_to_end(key)
+        if cached is not None and self._still_valid(cached):
+            return cached.plan
+        generation = self.registry.generation
+        plan = compile_workflow(private, self.registry, None if outputs is None else list(outputs),
+                                max_nodes=self.max_nodes, memory_budget=self.memory_budget)
+        try:
+            fingerprints = _fingerprints(plan.outside)
+        except Exception as error:  # reported when the run computes cache keys; here it only rules out reuse
+            log.debug("plan not kept: a fingerprint failed (%s: %s)", type(error).__name__, error)
+            return plan
+        with self._plans_lock:
+            self._plans[key] = _CachedPlan(plan, self.registry, generation, fingerprints)
+            self._plans.move_to_end(key)
+            while len(self._plans) > PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+        return plan
+
+    def _still_valid(self, cached: _CachedPlan) -> bool:
+        """Whether a cached plan may be reused: the same node packs, and nothing it read outside the
+        document has changed."""
+        if cached.registry is not self.registry or cached.generation != self.registry.generation:
+            return False
+        try:
+            if _fingerprints(cached.plan.outside) != cached.fingerprints:
+                return False
+        except Exception as error:  # compiling afresh, then running, reports it
+            log.debug("plan not reused: a fingerprint failed (%s: %s)", type(error).__name__, error)
+            return False
+        return not outside_issues(cached.plan)
 
     def cache_keys(self, plan: CompiledWorkflow, run_id: str) -> dict[str, str]:
-        """Content keys: hash of node type, version, literal inputs, fingerprint and upstream keys."""
-        keys: dict[str, str] = {}
+        """Content keys: hash of node type, version, literal inputs, fingerprint and upstream keys.
+
+        A plan without never-cached nodes has the same keys for the same output folder and
+        fingerprints, so they are kept with the plan and computed again only when those change.
+        """
         output_dir = str(self.output_dir.resolve())
+        shape = plan.memo.get("key_shape")
+        if shape is None:
+            shape = (tuple(n for n in plan.order if overrides_hook(plan.nodes[n].node_class, "fingerprint")),
+                     any(plan.nodes[n].node_class.cache == "never" for n in plan.order))
+            plan.memo["key_shape"] = shape
+        fingerprinted, has_never = shape
+        fingerprints = {n: plan.nodes[n].node_class.fingerprint(plan.nodes[n].literals) for n in fingerprinted}
+        memo_key = (output_dir, tuple(fingerprints.values()))
+        if not has_never:
+            memo = plan.memo.get("keys")
+            if memo is not None and memo[0] == memo_key:
+                return dict(memo[1])
+        keys = self._compute_keys(plan, run_id, output_dir, fingerprints)
+        if not has_never:
+            plan.memo["keys"] = (memo_key, keys)
+            return dict(keys)
+        return keys
+
+    def _compute_keys(self, plan: CompiledWorkflow, run_id: str, output_dir: str,
+                      fingerprints: dict[str, str | None]) -> dict[str, str]:
+        keys: dict[str, str] = {}
         for node_id in plan.order:
             node = plan.nodes[node_id]
             cls = node.node_class
@@ -126,8 +239,8 @@ class Executor:
             parts.extend(f"{name}\x1e{keys[link.source]}\x1e{link.output}" for name, link in sorted(node.links.items()))
             if cls.cache == "never":
                 parts.append(f"never\x1e{run_id}")
-            if _overrides_fingerprint(cls):
-                parts.append(f"fingerprint\x1e{cls.fingerprint(node.literals)}")
+            if node_id in fingerprints:
+                parts.append(f"fingerprint\x1e{fingerprints[node_id]}")
             if cls.output_node:
                 parts.append(f"output_dir\x1e{output_dir}")
             keys[node_id] = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
@@ -151,7 +264,7 @@ class Executor:
         cancel = cancel or CancelToken()
         emit = on_event or (lambda event: None)
         started = time.perf_counter()
-        result = RunResult(run_id, "succeeded", plan.outputs)
+        result = RunResult(run_id, "succeeded", list(plan.outputs))
 
         keys = self.cache_keys(plan, run_id)
         hits: dict[str, CacheEntry] = {}
@@ -168,7 +281,9 @@ class Executor:
         emit(Event(ev.RUN_STARTED, run_id, data={"nodes": [n for n in plan.order if n in needed],
                                                  "outputs": plan.outputs}))
         values: dict[str, NodeOutputs] = {}
-        document = plan.workflow.to_json()
+        document = plan.memo.get("document")
+        if document is None:  # the same for every run of the plan; nodes only read it
+            document = plan.memo["document"] = plan.workflow.to_json()
         try:
             for node_id in plan.order:
                 if node_id not in needed:
@@ -204,7 +319,7 @@ class Executor:
     def _check_memory(self, cls: type[Node], inputs: NodeInputs) -> None:
         """Validation saw only literal inputs; with the linked ones known, check the estimate again."""
         budget = self.memory_budget
-        if budget is None:
+        if budget is None or not overrides_hook(cls, "estimated_bytes"):
             return
         estimate = cls.estimated_bytes({name: getattr(inputs, name) for name in type(inputs).model_fields})
         if estimate is not None and estimate > budget:

@@ -31,6 +31,8 @@ class NodeRegistry:
         self._nodes: dict[str, type[Node]] = {}
         self._pack_of: dict[str, str] = {}
         self._importers: list[Importer] = []
+        # Counts the packs added: a plan compiled against an older generation is not reused.
+        self.generation = 0
 
     def add_pack(self, pack: str, nodes: Iterable[type[Node]], socket_types: Iterable[SocketType] = (),
                  importers: Iterable[Importer] = ()) -> None:
@@ -68,6 +70,7 @@ class NodeRegistry:
             self._nodes[name] = node_class
             self._pack_of[name] = pack
         self._importers.extend(importers)
+        self.generation += 1
 
     @property
     def importers(self) -> list[Importer]:

@@ -64,12 +64,20 @@ class CompiledNode:
 
 @dataclass
 class CompiledWorkflow:
-    """A validated workflow, restricted to what the requested outputs need, in run order."""
+    """A validated workflow, restricted to what the requested outputs need, in run order.
+
+    `outside` holds the nodes of the whole document (needed or not) whose validity depended on
+    more than the document: dynamic choices (the files in a folder), the node's own input checks,
+    a fingerprint of what it reads. A plan is reused only while `outside_issues` finds nothing.
+    `memo` is for what the executor derives once per plan (cache keys, the document as JSON).
+    """
 
     workflow: Workflow
     nodes: dict[str, CompiledNode]
     outputs: list[str]
     order: list[str]
+    outside: tuple[CompiledNode, ...] = ()
+    memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 def parse_document(data: str | bytes | dict[str, Any], source: str = "workflow") -> Workflow:
@@ -213,6 +221,37 @@ def _input_check_issues(node_id: str, node_class: type[Node], literals: dict[str
             for problem in problems]
 
 
+def overrides_hook(node_class: type[Node], name: str) -> bool:
+    """Whether a node type overrides one of Node's class-method hooks (fingerprint, validate_inputs)."""
+    return getattr(node_class, name).__func__ is not getattr(Node, name).__func__
+
+
+def reads_outside(node_class: type[Node]) -> bool:
+    """Whether a node type's validity or cache key depends on more than the document: it lists
+    dynamic choices, checks its inputs itself (Node.validate_inputs) or fingerprints what it reads."""
+    return (overrides_hook(node_class, "fingerprint") or overrides_hook(node_class, "validate_inputs")
+            or any(spec.dynamic_choices is not None for spec in node_class.specs().inputs.values()))
+
+
+def outside_issues(plan: CompiledWorkflow) -> list[ValidationIssue]:
+    """The checks of a compiled plan that read outside the document, made again: dynamic choices
+    (a file still in its folder) and nodes' own input checks. Empty while the plan still holds;
+    any issue means the document must be validated again as a whole."""
+    issues: list[ValidationIssue] = []
+    for node in plan.outside:
+        specs = node.node_class.specs().inputs
+        before = len(issues)
+        for name in plan.workflow.nodes[node.id].inputs:  # as compiling did: given values, not defaults
+            choices = specs[name].dynamic_choices
+            if choices is not None and name in node.literals and node.literals[name] not in choices.values():
+                issues.append(ValidationIssue("value_not_in_choices", f"input {name!r}: "
+                                              f"{_short_repr(node.literals[name])} is no longer among the choices",
+                                              node.id, name))
+        if len(issues) == before:
+            issues.extend(_input_check_issues(node.id, node.node_class, node.literals))
+    return issues
+
+
 def compile_workflow(
     data: str | bytes | dict[str, Any] | Workflow,
     registry: NodeRegistry,
@@ -352,4 +391,6 @@ def compile_workflow(
     for node_id in order:
         node = compiled[node_id]
         node.literal_json = _literal_json(node.node_class, node.literals)
-    return CompiledWorkflow(workflow, {n: compiled[n] for n in order}, list(outputs), order)
+    outside_classes = {cls for cls in classes.values() if reads_outside(cls)}
+    outside = tuple(node for node in compiled.values() if node.node_class in outside_classes)
+    return CompiledWorkflow(workflow, {n: compiled[n] for n in order}, list(outputs), order, outside)
