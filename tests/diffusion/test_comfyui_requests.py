@@ -12,12 +12,12 @@ import logging
 from pathlib import Path
 
 import pytest
+from nodegraph_diffusion.nodes import comfyui
 
 from nodegraph.cli import main
 from nodegraph.importers import UNSUPPORTED_NODE_TYPES, WorkflowImportError
 from nodegraph.plugins import build_registry
 from nodegraph.server.app import create_app
-from nodegraph_diffusion.nodes import comfyui
 
 API, UI = comfyui.IMPORTERS
 DATA = Path(__file__).with_name("data")

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nodegraph_diffusion.nodes import comfyui
 
 from nodegraph.importers import UNSUPPORTED_NODE_TYPES, WorkflowImportError
-from nodegraph_diffusion.nodes import comfyui
 
 API, UI = comfyui.IMPORTERS
 DATA = Path(__file__).with_name("data")

@@ -4,17 +4,18 @@ the folders searched (issue 15, better errors)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-
 from _checkpoint_fixtures import sd1_checkpoint, write_safetensors
+from nodegraph_diffusion.nodes import comfyui, folders, loading
+
 from nodegraph.cli import main
 from nodegraph.executor import Executor
 from nodegraph.plugins import build_registry
 from nodegraph.validation import WorkflowInvalid
-from nodegraph_diffusion.nodes import comfyui, folders, loading
 
 API = comfyui.IMPORTERS[0]
 AURA = {"double_layers.0.attn.w1q.weight": torch.zeros(8, 8), "final_linear.weight": torch.zeros(4, 8)}
@@ -129,8 +130,6 @@ def test_a_missing_model_with_no_folder_of_its_kind_says_where_it_looked(models,
 
 
 def test_validate_command_refuses_the_unsupported_checkpoint(models, tmp_path, capsys):
-    import json
-
     path = tmp_path / "aura.json"
     path.write_text(json.dumps(txt2img({"class_type": "CheckpointLoaderSimple",
                                         "inputs": {"ckpt_name": "aura_flow_0.3.safetensors"}})))

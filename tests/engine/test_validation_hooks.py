@@ -4,7 +4,8 @@ validation issue: all at once, naming the node and input, before anything runs."
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Mapping
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import pytest
 

@@ -13,8 +13,9 @@ A muted or bypassed instance stays one node, which the import then skips or pass
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 # UI node modes: 2 = muted (never runs), 4 = bypassed (inputs passed through to outputs).
 MODE_MUTED, MODE_BYPASSED = 2, 4
@@ -351,7 +352,7 @@ class _Expander:
                                        f"{expected}: {values!r}", instance.flat_id, None)
 
     def emit(self, graph: _Graph, parent: _Instance | None) -> None:
-        for node_id, node in graph.nodes.items():
+        for node in graph.nodes.values():
             if self.expands(node):
                 child = self.instance(node, graph, parent)
                 if child is not None:
