@@ -325,3 +325,43 @@ def test_the_official_flux_template_imports_with_its_prompt_and_models():
     assert nodes["56:51"]["inputs"]["text"].startswith("Beautiful photography of a gorgeous-haired female artist")
     assert nodes["56:52"]["inputs"]["model"] == {"from": "56:48", "output": "model"}
     assert sorted(nodes) == ["56:47", "56:48", "56:49", "56:50", "56:51", "56:52", "56:53", "56:54", "9"]
+
+
+def _paths(value: Any, prefix: tuple = ()):
+    yield prefix
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _paths(item, (*prefix, index))
+
+
+def test_damaged_documents_are_refused_with_issues_never_a_crash():
+    """Files from outside may hold anything anywhere: each of these documents, with one to three
+    values replaced by something of another shape, converts or raises WorkflowImportError."""
+    import random
+
+    rng = random.Random(15)
+    odd = [None, [], {}, "x", -1, 10**30, 1.5, True, [1, 2], {"a": 1}, "-10", -10, -20, 0]
+    bases = [template(instance(56, ["a", 48, 40, 7]), instance(57, [])), group_node_document("workflow>"),
+             template(instance(56, []), subgraphs=(prompt_subgraph(),))]
+    outcomes = {"converted": 0, "refused": 0}
+    for _ in range(600):
+        document = copy.deepcopy(rng.choice(bases))
+        for path in rng.sample([p for p in _paths(document) if p], rng.randint(1, 3)):
+            holder = document
+            try:
+                for key in path[:-1]:
+                    holder = holder[key]
+                holder[path[-1]] = copy.deepcopy(rng.choice(odd))
+            except (KeyError, IndexError, TypeError):  # an earlier replacement removed this path
+                continue
+        if not UI.detect(document):
+            continue
+        try:
+            UI.convert(document)
+            outcomes["converted"] += 1
+        except WorkflowImportError:
+            outcomes["refused"] += 1
+    assert outcomes["converted"] > 50 and outcomes["refused"] > 200, outcomes

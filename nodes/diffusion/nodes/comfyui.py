@@ -360,7 +360,8 @@ def read_api_nodes(document: Any) -> list[ComfyNode]:
 def _is_ui_document(document: Any) -> bool:
     return (isinstance(document, dict) and isinstance(document.get("nodes"), list)
             and isinstance(document.get("links", []), list)
-            and all(isinstance(node, dict) and "id" in node and "type" in node for node in document["nodes"]))
+            and all(isinstance(node, dict) and "id" in node and isinstance(node.get("type"), str)
+                    for node in document["nodes"]))
 
 
 @dataclass(frozen=True)
@@ -427,7 +428,7 @@ def read_ui_nodes(document: Any, problems: _Problems | None = None) -> list[Comf
 
     def resolve(link_id: Any, target: str, input_name: str, seen: frozenset[str] = frozenset()) -> Any:
         """What feeds an input: a SourceRef to a node that runs, or a literal from a primitive node."""
-        link = links.get(link_id)
+        link = links.get(link_id) if isinstance(link_id, (int, str)) else None
         if link is None:
             problems.add("invalid_link", f"link {link_id!r} is not in the file's links", target, input_name)
             return None

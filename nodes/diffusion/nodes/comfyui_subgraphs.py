@@ -42,10 +42,11 @@ def node_position(node: dict[str, Any]) -> list[float] | None:
     return None
 
 
-def input_name(entry: dict[str, Any]) -> Any:
+def input_name(entry: dict[str, Any]) -> str | None:
     """The input a UI node's input slot feeds: a widget turned into an input goes by the widget's name."""
     widget = entry.get("widget")
-    return widget.get("name") if isinstance(widget, dict) and widget.get("name") else entry.get("name")
+    name = widget.get("name") if isinstance(widget, dict) and widget.get("name") else entry.get("name")
+    return name if isinstance(name, str) or name is None else str(name)
 
 
 @dataclass(frozen=True)
@@ -57,15 +58,25 @@ class _Link:
     type: Any
 
 
+def _is_key(value: Any) -> bool:
+    """Whether a link id or slot can be looked up (files from outside may hold anything there)."""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
 def read_link(entry: Any) -> tuple[Any, _Link] | None:
     """(id, link) of a link in either of the UI format's forms: `[id, origin, origin slot, target,
-    target slot, type]` or `{"id", "origin_id", "origin_slot", "target_id", "target_slot", "type"}`."""
+    target slot, type]` or `{"id", "origin_id", "origin_slot", "target_id", "target_slot", "type"}`;
+    None when it is neither."""
     if isinstance(entry, list) and len(entry) >= 5:
-        return entry[0], _Link(str(entry[1]), entry[2], str(entry[3]), entry[4], entry[5] if len(entry) > 5 else None)
-    if isinstance(entry, dict) and {"id", "origin_id", "origin_slot"} <= set(entry):
-        return entry["id"], _Link(str(entry["origin_id"]), entry["origin_slot"], str(entry.get("target_id")),
-                                  entry.get("target_slot"), entry.get("type"))
-    return None
+        link_id, link = entry[0], _Link(str(entry[1]), entry[2], str(entry[3]), entry[4],
+                                        entry[5] if len(entry) > 5 else None)
+    elif isinstance(entry, dict) and {"id", "origin_id", "origin_slot"} <= set(entry):
+        link_id, link = entry["id"], _Link(str(entry["origin_id"]), entry["origin_slot"], str(entry.get("target_id")),
+                                           entry.get("target_slot"), entry.get("type"))
+    else:
+        return None
+    valid = _is_key(link_id) and isinstance(link.origin_slot, int) and not isinstance(link.origin_slot, bool)
+    return (link_id, link) if valid else None
 
 
 @dataclass
@@ -100,8 +111,8 @@ class _Definition:
             for link in self.graph.links.values():
                 if link.origin != INPUT_NODE or link.origin_slot != slot:
                     continue
-                target = self.graph.nodes.get(link.target)
-                entries = (target or {}).get("inputs") or []
+                entries = (self.graph.nodes.get(link.target) or {}).get("inputs")
+                entries = entries if isinstance(entries, list) else []
                 entry = entries[link.target_slot] if isinstance(link.target_slot, int) and \
                     0 <= link.target_slot < len(entries) else None
                 if isinstance(entry, dict) and entry.get("widget"):
@@ -137,7 +148,8 @@ class _Instance:
 
     def input_link(self, slot: int) -> Any:
         """The link feeding input slot `slot` of the instance, or None."""
-        entries = [e for e in self.node.get("inputs") or [] if isinstance(e, dict)]
+        entries = [e for e in self.node.get("inputs") or [] if isinstance(e, dict)] \
+            if isinstance(self.node.get("inputs") or [], list) else []
         if self.definition.kind == "group node":
             # A group node's inputs are its inner nodes' free link inputs, in order.
             entries = [e for e in entries if not e.get("widget")]
@@ -170,12 +182,18 @@ def _subgraph(raw: dict[str, Any]) -> _Definition | None:
     graph = _graph(nodes, links) if isinstance(nodes, list) and isinstance(links, list) else None
     if graph is None:
         return None
-    inputs = [(entry.get("name"), entry.get("type")) for entry in raw.get("inputs") or [] if isinstance(entry, dict)]
+    declared = raw.get("inputs") if isinstance(raw.get("inputs"), list) else []
+    inputs = [(entry.get("name"), entry.get("type")) for entry in declared if isinstance(entry, dict)]
     outputs: dict[int, Any] = {}
     for link_id, link in graph.links.items():
         if link.target == OUTPUT_NODE and isinstance(link.target_slot, int):
             outputs.setdefault(link.target_slot, link_id)
     return _Definition("subgraph", str(raw.get("name") or raw.get("id")), graph, inputs, outputs)
+
+
+def _table(value: Any) -> dict[str, Any]:
+    """A JSON object of the file, or an empty one where it holds something else."""
+    return value if isinstance(value, dict) else {}
 
 
 def _group_node(name: str, raw: Any) -> _Definition | None:
@@ -186,17 +204,22 @@ def _group_node(name: str, raw: Any) -> _Definition | None:
     if not isinstance(raw, dict) or not isinstance(raw.get("nodes"), list) or not isinstance(raw.get("links", []), list):
         return None
     inner = raw["nodes"]
-    if not all(isinstance(node, dict) and isinstance(node.get("type"), str) for node in inner):
+    if not all(isinstance(node, dict) and isinstance(node.get("type"), str)
+               and isinstance(node.get("inputs") or [], list) and isinstance(node.get("outputs") or [], list)
+               for node in inner):
         return None
-    config = raw.get("config") if isinstance(raw.get("config"), dict) else {}
+    config = _table(raw.get("config"))
     external = set()
-    for entry in raw.get("external") or []:
+    for entry in raw.get("external") if isinstance(raw.get("external"), list) else []:
         if isinstance(entry, list) and len(entry) >= 2:
             # Editors of one era stored the node itself instead of its index.
             index = entry[0].get("index") if isinstance(entry[0], dict) else entry[0]
-            external.add((index, entry[1]))
+            if _is_key(index) and _is_key(entry[1]):
+                external.add((index, entry[1]))
     internal = [entry for entry in raw.get("links") or []
                 if isinstance(entry, list) and len(entry) >= 4 and entry[0] is not None]
+    if not all(isinstance(value, int) for entry in internal for value in entry[:4]):
+        return None
     linked_in = {(entry[2], entry[3]) for entry in internal}
     linked_out = {(entry[0], entry[1]) for entry in internal}
 
@@ -214,7 +237,7 @@ def _group_node(name: str, raw: Any) -> _Definition | None:
         nodes[str(index)] = node
     graph = _Graph(nodes, {})
     for number, entry in enumerate(internal):
-        graph.links[("link", number)] = _Link(str(entry[0]), entry[1], str(entry[2]), entry[3],
+        graph.links[f"link {number}"] = _Link(str(entry[0]), entry[1], str(entry[2]), entry[3],
                                               entry[5] if len(entry) > 5 else None)
 
     inputs: list[tuple[Any, Any]] = []
@@ -222,19 +245,19 @@ def _group_node(name: str, raw: Any) -> _Definition | None:
     for index, node in enumerate(inner):
         if node["type"] in NOTE_TYPES or node["type"] == PRIMITIVE or passes_through(index):
             continue
-        custom_inputs = (config.get(str(index)) or {}).get("input") or {}
+        custom_inputs = _table(_table(config.get(str(index))).get("input"))
         for slot, entry in enumerate(node.get("inputs") or []):
             if not isinstance(entry, dict) or entry.get("widget") or (index, slot) in linked_in:
                 continue
             # A reroute's input goes by its type in the config.
-            custom = custom_inputs.get(entry.get("name")) or (
-                next(iter(custom_inputs.values()), {}) if node["type"] == REROUTE else {})
+            custom = _table(custom_inputs.get(entry.get("name")) if _is_key(entry.get("name")) else None) or (
+                _table(next(iter(custom_inputs.values()), None)) if node["type"] == REROUTE else {})
             if custom.get("visible") is False:
                 continue
             inputs.append((custom.get("name") or entry.get("name"), entry.get("type")))
             targets.append((index, slot))
     for slot, (index, target_slot) in enumerate(targets):
-        graph.links[("input", slot)] = _Link(INPUT_NODE, slot, str(index), target_slot, inputs[slot][1])
+        graph.links[f"input {slot}"] = _Link(INPUT_NODE, slot, str(index), target_slot, inputs[slot][1])
 
     outputs: dict[int, Any] = {}
     for index, node in enumerate(inner):
@@ -242,14 +265,14 @@ def _group_node(name: str, raw: Any) -> _Definition | None:
             continue
         if node["type"] == PRIMITIVE and (index, 0) not in linked_out:
             continue
-        custom_outputs = (config.get(str(index)) or {}).get("output") or {}
+        custom_outputs = _table(_table(config.get(str(index))).get("output"))
         for slot, entry in enumerate(node.get("outputs") or []):
-            visible = (custom_outputs.get(str(slot)) or {}).get(
+            visible = _table(custom_outputs.get(str(slot))).get(
                 "visible", (index, slot) not in linked_out or (index, slot) in external)
             if visible:
                 number = len(outputs)
-                outputs[number] = ("output", number)
-                graph.links[("output", number)] = _Link(str(index), slot, OUTPUT_NODE, number,
+                outputs[number] = f"output {number}"
+                graph.links[f"output {number}"] = _Link(str(index), slot, OUTPUT_NODE, number,
                                                         entry.get("type") if isinstance(entry, dict) else None)
     for link in graph.links.values():
         if link.target != OUTPUT_NODE:
@@ -273,8 +296,9 @@ def _definitions(document: dict[str, Any]) -> dict[str, _Definition | None]:
     pending = [document]
     while pending:  # definitions may carry definitions of their own
         holder = pending.pop()
-        for raw in (holder.get("definitions") or {}).get("subgraphs") or [] \
-                if isinstance(holder.get("definitions"), dict) else []:
+        definitions = holder.get("definitions")
+        subgraphs = definitions.get("subgraphs") if isinstance(definitions, dict) else None
+        for raw in subgraphs if isinstance(subgraphs, list) else []:
             if isinstance(raw, dict) and isinstance(raw.get("id"), str) and raw["id"] not in found:
                 found[raw["id"]] = _subgraph(raw)
                 pending.append(raw)
@@ -361,7 +385,8 @@ class _Expander:
             self.nodes.append(self.copy(node, graph, parent))
 
     def copy(self, node: dict[str, Any], graph: _Graph, parent: _Instance | None) -> dict[str, Any]:
-        flat = {**node, "inputs": [dict(e) if isinstance(e, dict) else e for e in node.get("inputs") or []]}
+        entries = node.get("inputs") if isinstance(node.get("inputs"), list) else []
+        flat = {**node, "inputs": [dict(e) if isinstance(e, dict) else e for e in entries]}
         node_id = str(node["id"])
         if parent is not None:
             flat["id"] = f"{parent.flat_id}:{node_id}"
@@ -373,7 +398,7 @@ class _Expander:
         for slot, entry in enumerate(flat["inputs"]):
             if not isinstance(entry, dict) or entry.get("link") is None:
                 continue
-            link = graph.links.get(entry["link"])
+            link = graph.links.get(entry["link"]) if _is_key(entry["link"]) else None
             source = self.resolve(graph, parent, entry["link"], str(flat["id"]), input_name(entry))
             entry["link"] = self.connect(source, str(flat["id"]), slot, input_name(entry),
                                          link.type if link is not None else entry.get("type"))
@@ -397,7 +422,7 @@ class _Expander:
         """What feeds a link of `graph` (the document's or a definition's, inside `parent`): a node
         of the expanded document, a value set on an instance, or nothing."""
         where = parent.definition.describe() if parent else "file"
-        link = graph.links.get(link_id)
+        link = graph.links.get(link_id) if _is_key(link_id) else None
         if link is None:
             self.report("invalid_link", f"link {link_id!r} is not in the {where}'s links", target, name)
             return None
@@ -438,6 +463,8 @@ def expand_reusable_nodes(document: dict[str, Any], report: Report) -> dict[str,
     if not definitions:
         return document
     root = _graph(document["nodes"], [])
+    if root is None:  # a node without a type name: the import names it
+        return document
     links = {}
     for entry in document.get("links") or []:
         read = read_link(entry)
@@ -445,7 +472,6 @@ def expand_reusable_nodes(document: dict[str, Any], report: Report) -> dict[str,
             report("invalid_link", f"cannot read link {entry!r}", None, None)
         else:
             links[read[0]] = read[1]
-    assert root is not None  # the caller checked the nodes
     root.links = links
     expander = _Expander(definitions, report)
     expander.emit(root, None)
