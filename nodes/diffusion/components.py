@@ -24,7 +24,7 @@ from .architectures.stable_diffusion import LatentFormat
 from .architectures.transformers import PIXART_T5_TOKENS
 from .sampling.model_sampling import ModelSampling
 from .text.embeddings import EmbeddingFolder
-from .sampling.guidance import CondEntry
+from .sampling.guidance import REFINER_AESTHETIC_SCORE, CondEntry, SizeFromLatent
 from .text.clip import HIDDEN_STATE_BY_FAMILY, CLIPTextEncoder
 from .text.clip_tokenizer import PAD_ID_BY_ENCODER, CLIPTokenizer, TokenChunk
 from .text.t5_tokenizer import T5Tokenizer
@@ -267,16 +267,20 @@ class TextEncoders:
         text: str,
         *,
         text_secondary: str | None = None,
-        size: tuple[int, int] = (1024, 1024),
+        size: tuple[int, int] | None = None,
         crop: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
-        aesthetic_score: float = 6.0,
+        aesthetic_score: float | None = None,
     ) -> CondEntry:
         """A prompt -> one conditioning entry.
 
         SDXL: `text` goes to CLIP-G and `text_secondary` (default: the same) to CLIP-L; the states
         are concatenated and the pooled CLIP-G embedding with the size conditioning forms `y`.
-        Sizes are (height, width) in pixels; crop is (top, left). SD3, Flux and PixArt: see
+        Sizes are (height, width) in pixels; crop is (top, left); target_size defaults to size, the
+        refiner's aesthetic_score to 6. Without a size, the sizes are the sampled latent's, crop
+        (0, 0), and the refiner's score 6 on the positive side and 2.5 on the negative (ComfyUI's and
+        diffusers' rule): `y` is left to the guider (:class:`~.sampling.guidance.SizeFromLatent`).
+        SD3, Flux and PixArt: see
         :meth:`encode_sd3`, :meth:`_encode_flux` (Flux: `text` to T5, `text_secondary` to CLIP-L)
         and :meth:`_encode_pixart`.
         """
@@ -302,11 +306,19 @@ class TextEncoders:
             longest = max(part.shape[1] for part in hidden_parts)
             hidden_parts = [torch.cat([p] + [p[:, -77:]] * ((longest - p.shape[1]) // 77), dim=1) for p in hidden_parts]
         context = torch.cat(hidden_parts, dim=-1)
-        y = None
-        if self.family is ModelFamily.SDXL:
+        refiner = self.family is ModelFamily.SDXL_REFINER
+        if self.family is not ModelFamily.SDXL and not refiner:
+            return CondEntry(context=context, pooled=pooled)
+        if size is None:
+            if crop != (0, 0) or target_size is not None or aesthetic_score is not None:
+                raise ValueError("SDXL crop, target_size and aesthetic_score apply with an explicit size; "
+                                 "without one all sizes are the sampled image's")
+            return CondEntry(context=context, pooled=pooled, size_from_latent=SizeFromLatent(refiner=refiner))
+        if refiner:
+            score = REFINER_AESTHETIC_SCORE["positive"] if aesthetic_score is None else aesthetic_score
+            y = sdxl_vector_conditioning(pooled, size, crop, aesthetic_score=score)  # type: ignore[arg-type]
+        else:
             y = sdxl_vector_conditioning(pooled, size, crop, target_size or size)  # type: ignore[arg-type]
-        elif self.family is ModelFamily.SDXL_REFINER:
-            y = sdxl_vector_conditioning(pooled, size, crop, aesthetic_score=aesthetic_score)  # type: ignore[arg-type]
         return CondEntry(context=context, pooled=pooled, y=y)
 
 

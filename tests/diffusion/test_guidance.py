@@ -9,9 +9,9 @@ from torch import nn
 from nodegraph_diffusion.sampling import schedules
 from nodegraph_diffusion.sampling.model_sampling import Prediction
 from nodegraph_diffusion.sampling.model_sampling import ModelSampling
-from nodegraph_diffusion.sampling.guidance import CFGGuider, CondEntry, GuidanceError
+from nodegraph_diffusion.sampling.guidance import CFGGuider, CondEntry, GuidanceError, SizeFromLatent
 from nodegraph_diffusion.sampling.run import SamplerChoice, sample
-from nodegraph_diffusion.networks.unet import UNetConfig
+from nodegraph_diffusion.networks.unet import UNetConfig, sdxl_vector_conditioning
 
 
 class FakeUNet(nn.Module):
@@ -149,3 +149,49 @@ def test_img2img_starts_at_the_sigma_its_denoise_implies():
     sample(denoiser, SamplerChoice("euler"), sigmas, latent, noise)
     assert first["sigma"] == pytest.approx(float(sigmas[0]), rel=1e-6)
     torch.testing.assert_close(first["x"], latent + noise * sigmas[0])
+
+
+class VectorUNet(FakeUNet):
+    """A FakeUNet that takes SDXL's vector conditioning and records each call's y."""
+
+    def __init__(self, pooled: int = 8, values: int = 6) -> None:
+        super().__init__()
+        self.config = UNetConfig(model_channels=32, channel_mult=(1,), transformer_depth=(0,), context_dim=8,
+                                 adm_in_channels=pooled + values * 256)
+        self.vectors: list[torch.Tensor] = []
+
+    def forward(self, x, timesteps, context, y=None, control=None):
+        self.vectors.append(y.clone())
+        return super().forward(x, timesteps, context)
+
+
+def test_sdxl_sizes_left_open_are_the_sampled_latents_pixel_size():
+    # ComfyUI and diffusers: a prompt without sizes is told original = target = the image's (height,
+    # width), crop (0, 0); an explicit y (TextEncodeSDXL) is passed as it is.
+    pooled = torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
+    open_sizes = entry(1.0, pooled=pooled, size_from_latent=SizeFromLatent())
+    explicit = entry(-1.0, pooled=pooled, y=sdxl_vector_conditioning(pooled, (1024, 1024), (0, 0), (1024, 1024)))
+    unet = VectorUNet()
+    CFGGuider(unet, SAMPLING, [open_sizes], [explicit], cfg=7.0, downscale=8)(torch.randn(1, 4, 12, 7),
+                                                                              torch.full((1,), 2.0))
+    (y,) = unet.vectors  # one batched call: positive row, then negative row
+    torch.testing.assert_close(y[0:1], sdxl_vector_conditioning(pooled, (96, 56), (0, 0), (96, 56)))
+    torch.testing.assert_close(y[1:2], explicit.y)
+    assert not torch.allclose(y[0:1], y[1:2])
+
+
+def test_sdxl_refiner_sizes_left_open_take_the_latent_size_and_the_scores_by_side():
+    pooled = torch.randn(1, 8, generator=torch.Generator().manual_seed(1))
+    open_sizes = entry(1.0, pooled=pooled, size_from_latent=SizeFromLatent(refiner=True))
+    unet = VectorUNet(values=5)
+    CFGGuider(unet, SAMPLING, [open_sizes], [open_sizes], cfg=3.0, downscale=8)(torch.randn(1, 4, 6, 10),
+                                                                               torch.full((1,), 2.0))
+    (y,) = unet.vectors
+    for row, score in ((0, 6.0), (1, 2.5)):
+        torch.testing.assert_close(y[row:row + 1], sdxl_vector_conditioning(pooled, (48, 80), (0, 0), aesthetic_score=score))
+
+
+def test_sdxl_sizes_left_open_need_a_pooled_vector_of_the_models_width():
+    pooled = torch.randn(1, 16)  # 16 + 6 * 256 does not fit a model taking 8 + 6 * 256
+    with pytest.raises(GuidanceError, match="vector conditioning"):
+        CFGGuider(VectorUNet(), SAMPLING, [entry(1.0, pooled=pooled, size_from_latent=SizeFromLatent())], [], 1.0)

@@ -48,8 +48,8 @@ class TextEncode(Node):
     """Encode a prompt with the model's text encoder(s): SD1.x/SD2.x/SDXL CLIPs, SD3's CLIP-L, CLIP-G
     and T5-XXL, Flux's CLIP-L and T5-XXL (every encoder gets the same prompt) or PixArt's T5-XXL. Supports
     (word:1.2) emphasis, long prompts (in 75-token chunks) and embedding:name for textual-inversion
-    embeddings in the embeddings folder. For SDXL the size conditioning is for a 1024x1024 image;
-    use TextEncodeSDXL to set it."""
+    embeddings in the embeddings folder. For SDXL the size conditioning is the sampled image's size
+    (crop 0), as in ComfyUI and diffusers; TextEncodeSDXL sets it explicitly."""
 
     category = "conditioning"
 

@@ -13,6 +13,9 @@ MMDiT or Flux (text states and pooled vector, Flux-dev's distilled guidance), a 
 its unconditional input is the null class) or a PixArt (masked T5 states; its unconditional input
 is the learned null caption, :func:`learned_unconditional`). DiT and PixArt output a learned
 variance beside the eps, which the guider drops.
+
+SDXL's vector conditioning of a prompt encoded without sizes (a plain TextEncode) is completed here,
+from the latent being sampled: :class:`SizeFromLatent`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch import Tensor, nn
 from ..networks.controlnet import ControlNet
 from ..networks.dit import DiTConfig
 from ..networks.pixart import PixArtConfig, PixArtInputError
-from ..networks.unet import ControlResiduals, UNetConfig
+from ..networks.unet import ControlResiduals, UNetConfig, sdxl_vector_conditioning
 from ..weights.storage import compute_dtype
 from .model_sampling import ModelSampling, learned_sigma_prediction
 
@@ -59,6 +62,31 @@ class ControlSpec:
         return specs[::-1]
 
 
+# The aesthetic score the SDXL refiner is told on each side when the prompt does not say (ComfyUI's and
+# diffusers' defaults: a good image wanted, a poor one guided away from).
+REFINER_AESTHETIC_SCORE = {"positive": 6.0, "negative": 2.5}
+
+
+@dataclass(frozen=True)
+class SizeFromLatent:
+    """SDXL's size conditioning of a prompt that gave no sizes, completed at sampling time.
+
+    The original and target size are the pixel size of the latent being sampled and the crop is
+    (0, 0), as ComfyUI (a conditioning without width/height takes the noise's size x 8) and
+    diffusers (original_size = target_size = (height, width)) do. refiner: the refiner's form,
+    original size, crop and an aesthetic score (:data:`REFINER_AESTHETIC_SCORE` by side).
+    """
+
+    refiner: bool = False
+
+    def vector(self, pooled: Tensor, pixel_size: tuple[int, int], negative: bool) -> Tensor:
+        """pooled: (1, P), pixel_size: (height, width) -> y (1, P + 256 * 6) (refiner: 5 values)."""
+        if self.refiner:
+            score = REFINER_AESTHETIC_SCORE["negative" if negative else "positive"]
+            return sdxl_vector_conditioning(pooled, pixel_size, (0, 0), aesthetic_score=score)
+        return sdxl_vector_conditioning(pooled, pixel_size, (0, 0), target_size=pixel_size)
+
+
 @dataclass(frozen=True)
 class CondEntry:
     """One encoded prompt (or class label) and where/when it applies.
@@ -70,10 +98,14 @@ class CondEntry:
     unconditional side; None for text conditioning.
     pooled: (1, P) pooled text embedding or None; y: (1, adm) the vector conditioning of models
     that take one (SDXL: pooled + size embeddings), else None.
+    size_from_latent: set (with y None) when SDXL's sizes are the sampled latent's; the guider builds
+    y from `pooled` (:class:`SizeFromLatent`).
     area: (height, width, top, left) in image pixels, or None for the whole image.
     mask: (H, W) or (1, H, W) in [0, 1] at any resolution (resized to the latent), or None.
     strength: weight of this entry where several overlap.
     start/end: the fraction of sampling (0 = first step, 1 = last) the entry is active in.
+    control_to_negative: the entry's ControlNet also applies to the negative side when that has
+    none of its own (ComfyUI's one-conditioning ControlNetApply), see :func:`controls_for_negative`.
     guidance: the guidance strength a guidance-distilled model (Flux.1-dev) is told (FluxGuidance);
     None = :data:`DEFAULT_DISTILLED_GUIDANCE`.
     """
@@ -90,10 +122,19 @@ class CondEntry:
     start: float = 0.0
     end: float = 1.0
     control: ControlSpec | None = None
+    control_to_negative: bool = False
     guidance: float | None = None
+    size_from_latent: SizeFromLatent | None = None
 
     def with_(self, **changes: object) -> CondEntry:
         return replace(self, **changes)
+
+    def sized(self, pixel_size: tuple[int, int], negative: bool) -> CondEntry:
+        """The entry with its vector conditioning for an image of pixel_size (height, width); an
+        entry whose y does not depend on the image is returned as it is."""
+        if self.size_from_latent is None or self.pooled is None:
+            return self
+        return replace(self, y=self.size_from_latent.vector(self.pooled, pixel_size, negative), size_from_latent=None)
 
 
 Conditioning = tuple[CondEntry, ...]
@@ -173,8 +214,10 @@ def check_conditioning(network: nn.Module, entries: Sequence[CondEntry]) -> None
                 f"conditioning of shape {tuple(entry.context.shape)} does not fit this model, which expects "
                 f"(1, T, {context_dim}) text states (a prompt encoded for another model family?)"
             )
-        if vector_dim is not None and (entry.y is None or entry.y.shape[-1] != vector_dim):
-            got = None if entry.y is None else tuple(entry.y.shape)
+        # The width a vector completed at sampling time will have does not depend on the image size.
+        y = entry.sized((1024, 1024), negative=False).y
+        if vector_dim is not None and (y is None or y.shape[-1] != vector_dim):
+            got = None if y is None else tuple(y.shape)
             raise GuidanceError(
                 f"this model needs vector conditioning (pooled text, SDXL sizes) of width {vector_dim}, got {got}: "
                 "encode the prompt with this model's text encoders"
@@ -202,6 +245,24 @@ def learned_unconditional(network: nn.Module) -> CondEntry:
         return CondEntry(context=caption.detach().float().cpu().clone())
     raise GuidanceError("only DiT (null class) and PixArt (null caption) models carry a learned unconditional "
                         "input; encode an empty prompt as the negative instead")
+
+
+def controls_for_negative(positive: Sequence[CondEntry], negative: Sequence[CondEntry]) -> tuple[CondEntry, ...]:
+    """The negative side with the positive side's ControlNets that also apply to it (ComfyUI's rule
+    for ControlNetApply, which conditions one prompt): only when no negative entry for the whole
+    image has a ControlNet of its own, the ControlNet of the k-th positive whole-image entry marked
+    `control_to_negative` goes onto whole-image negative entry k (cycling; a later one replaces an
+    earlier one on the same entry). Entries restricted to an area take no part."""
+    targets = [i for i, entry in enumerate(negative) if entry.area is None]
+    if any(negative[i].control is not None for i in targets):
+        return tuple(negative)
+    controls = [entry.control for entry in positive
+                if entry.area is None and entry.control is not None and entry.control_to_negative]
+    out = list(negative)
+    for k, control in enumerate(controls if targets else []):
+        i = targets[k % len(targets)]
+        out[i] = negative[i].with_(control=control)
+    return tuple(out)
 
 
 def fit_caption(entry: CondEntry, length: int) -> CondEntry:
@@ -250,12 +311,15 @@ class CFGGuider:
             positive = [fit_caption(entry, network.config.max_token_length) for entry in positive]
             negative = [fit_caption(entry, network.config.max_token_length) for entry in negative]
         self.positive = tuple(positive)
-        self.negative = tuple(negative)
+        self.negative = controls_for_negative(self.positive, negative)
         self.cfg = float(cfg)
         self.downscale = downscale
         self.concat = concat
         self.model_calls = 0  # network forward passes so far (each batched over entries)
         check_conditioning(network, self.positive + self.negative)
+        # Entries completed for the latent's size, once per (entry, side, pixel size); the entries are
+        # held by self.positive / self.negative, so their ids stay theirs.
+        self._sized: dict[tuple[int, int, tuple[int, int]], CondEntry] = {}
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         """x: (B, C, H, W) noisy latents, sigma: (B,) -> guided denoised estimate (B, C, H, W)."""
@@ -276,11 +340,13 @@ class CFGGuider:
         """Each side's (positive, negative) area/mask-weighted denoised estimate (B, C, H, W)."""
         level = float(sigma.reshape(-1)[0])
         height, width = x.shape[-2:]
+        pixel_size = (height * self.downscale, width * self.downscale)
         work: list[_Work] = []
         for side, entries in enumerate(sides):
             # A side whose entries' timestep ranges all exclude this step falls back to all of them.
             active = [e for e in entries if self._in_range(e.start, e.end, level)] or list(entries)
             for entry in active:
+                entry = self._sized_entry(entry, side, pixel_size)
                 region = _latent_region(entry, height, width, self.downscale)
                 work.append(_Work(entry, side, region, _entry_weight(entry, region, height, width, x.device, x.dtype)))
 
@@ -294,6 +360,15 @@ class CFGGuider:
                 weights[item.side][:, :, top: top + h, left: left + w] += item.weight
         # Where no entry covers a cell (areas/masks that leave gaps) the cell keeps x as its estimate.
         return [torch.where(wt > 0, tot / wt.clamp_min(1e-8), x) for tot, wt in zip(totals, weights)]
+
+    def _sized_entry(self, entry: CondEntry, side: int, pixel_size: tuple[int, int]) -> CondEntry:
+        """The entry with SDXL's sizes taken from the latent where its prompt left them open."""
+        if entry.size_from_latent is None:
+            return entry
+        key = (id(entry), side, pixel_size)
+        if key not in self._sized:
+            self._sized[key] = entry.sized(pixel_size, negative=side == 1)
+        return self._sized[key]
 
     def _run_group(self, group: list[_Work], x: Tensor, sigma: Tensor) -> list[Tensor]:
         """One batched network call for entries sharing region and shapes -> each entry's denoised (B, C, h, w)."""
