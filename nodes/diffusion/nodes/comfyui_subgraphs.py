@@ -42,6 +42,12 @@ def node_position(node: dict[str, Any]) -> list[float] | None:
     return None
 
 
+def _input_entries(node: dict[str, Any]) -> list[Any]:
+    """A UI node's input slots (files from outside may hold anything there)."""
+    entries = node.get("inputs")
+    return entries if isinstance(entries, list) else []
+
+
 def input_name(entry: dict[str, Any]) -> str | None:
     """The input a UI node's input slot feeds: a widget turned into an input goes by the widget's name."""
     widget = entry.get("widget")
@@ -111,8 +117,7 @@ class _Definition:
             for link in self.graph.links.values():
                 if link.origin != INPUT_NODE or link.origin_slot != slot:
                     continue
-                entries = (self.graph.nodes.get(link.target) or {}).get("inputs")
-                entries = entries if isinstance(entries, list) else []
+                entries = _input_entries(self.graph.nodes.get(link.target) or {})
                 entry = entries[link.target_slot] if isinstance(link.target_slot, int) and \
                     0 <= link.target_slot < len(entries) else None
                 if isinstance(entry, dict) and entry.get("widget"):
@@ -148,8 +153,7 @@ class _Instance:
 
     def input_link(self, slot: int) -> Any:
         """The link feeding input slot `slot` of the instance, or None."""
-        entries = [e for e in self.node.get("inputs") or [] if isinstance(e, dict)] \
-            if isinstance(self.node.get("inputs") or [], list) else []
+        entries = [entry for entry in _input_entries(self.node) if isinstance(entry, dict)]
         if self.definition.kind == "group node":
             # A group node's inputs are its inner nodes' free link inputs, in order.
             entries = [e for e in entries if not e.get("widget")]
@@ -385,8 +389,7 @@ class _Expander:
             self.nodes.append(self.copy(node, graph, parent))
 
     def copy(self, node: dict[str, Any], graph: _Graph, parent: _Instance | None) -> dict[str, Any]:
-        entries = node.get("inputs") if isinstance(node.get("inputs"), list) else []
-        flat = {**node, "inputs": [dict(e) if isinstance(e, dict) else e for e in entries]}
+        flat = {**node, "inputs": [dict(e) if isinstance(e, dict) else e for e in _input_entries(node)]}
         node_id = str(node["id"])
         if parent is not None:
             flat["id"] = f"{parent.flat_id}:{node_id}"
