@@ -105,6 +105,7 @@ class Listener:
         self.events: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
         self.finished: set[str] = set()
         self.end_delays: list[float] = []
+        self.closed = False
         self.changed = asyncio.Event()
 
     async def listen(self, session: aiohttp.ClientSession, base: str, ready: asyncio.Event) -> None:
@@ -119,6 +120,8 @@ class Listener:
                     self.end_delays.append(time.time() - event["time"])
                     self.finished.add(event["run_id"])
                     self.changed.set()
+        self.closed = True
+        self.changed.set()
 
 
 class StalledClient:
@@ -144,6 +147,7 @@ class StalledClient:
         A server that gave up on it longer ago than its close grace dropped the connection: the
         reason was never read, and the stream simply ends after what the kernel still held."""
         self.raw.settimeout(idle)
+        self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # reading now: as fast as it can
         buffer, frames = b"", 0
         try:
             while True:
@@ -244,7 +248,7 @@ async def measure(runs: int, clients: int, listeners: int, stalled_count: int, f
                 submitted += flooded
 
                 deadline = time.monotonic() + timeout
-                while not all(w.finished >= set(submitted) for w in watchers):
+                while not all(w.finished >= set(submitted) or w.closed for w in watchers):
                     if time.monotonic() > deadline:
                         break
                     for w in watchers:
@@ -307,6 +311,7 @@ async def measure(runs: int, clients: int, listeners: int, stalled_count: int, f
         "every_listener_saw_every_event": not any("listener" in p for p in problems),
         "run_events_per_listener": events_per_listener,
         "events_missed_per_listener": missed,
+        "listeners_disconnected": [index for index, watcher in enumerate(watchers) if watcher.closed],
         # From a run's end (the end event's time) to its arrival at a healthy listener.
         "run_end_delay_s": {"p50": round(statistics.median(end_delays), 3) if end_delays else None,
                             "max": round(max(end_delays), 3) if end_delays else None},

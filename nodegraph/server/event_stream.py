@@ -24,9 +24,9 @@ LAGGING_REASON = "too far behind the event stream; reconnect and resync from GET
 class StreamLimits:
     """How far a client may fall behind before it loses previews, and then its connection."""
 
-    backlog_messages: int = 10_000
+    backlog_messages: int = 50_000
     """Messages waiting for one client beyond which it is disconnected."""
-    backlog_bytes: int = 8 * 1024 * 1024
+    backlog_bytes: int = 16 * 1024 * 1024
     """Bytes waiting for one client beyond which it is disconnected."""
     preview_backlog: int = 64
     """A preview is queued only for a client with fewer messages than this waiting: a client that
