@@ -4,7 +4,8 @@ noise mixing, inpainting masks.
 Discrete-time models (SD1/SD2/SDXL) were trained on the variance-preserving form; the samplers
 see them in the variance-exploding form x = x0 + sigma * noise, so their input is scaled by
 c_in = 1 / sqrt(sigma^2 + 1), the noise level is given as the (fractional) training timestep of
-sigma, and their output is an epsilon (noise) or a v prediction. Rectified-flow models (SD3,
+sigma, and their output is an epsilon (noise) or a v prediction, the denoised image itself (x0),
+or an epsilon under LCM's consistency boundary condition. Rectified-flow models (SD3,
 Flux) see x = (1 - sigma) * x0 + sigma * noise unscaled, get timestep sigma * multiplier and
 predict the velocity v = noise - x0, so the denoised estimate is x - sigma * v. Both are one
 :class:`ModelSampling`; what differs lives in its schedule and its prediction type, and nothing
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .samplers import Denoiser, NoiseForm
-from .schedules import DiscreteSchedule, FlowSchedule, sd_discrete_schedule
+from .schedules import DiscreteSchedule, DistilledSchedule, FlowSchedule, sd_discrete_schedule, zero_terminal_snr
 
 # ComfyUI's ModelSamplingFlux keeps a 10,000-entry table (ModelSamplingDiscreteFlow: 1,000); the
 # "simple", "ddim_uniform" and "beta" schedulers pick from it, so its length is part of their result.
@@ -34,12 +35,25 @@ class ModelSamplingError(ValueError):
     """A model sampling that cannot exist (a flow prediction on a discrete schedule, a bad shift)."""
 
 
+# LCM's consistency boundary condition (Luo et al. 2023; diffusers' LCMScheduler): the denoised
+# estimate is c_skip(t) * x + c_out(t) * x0 with t the timestep times this scaling and sigma_data 0.5,
+# so that it is x itself at t = 0.
+LCM_SIGMA_DATA = 0.5
+LCM_TIMESTEP_SCALING = 10.0
+# LCM models were distilled on this many of the 1,000 training timesteps (LCM's skipping-step schedule).
+LCM_ORIGINAL_STEPS = 50
+
+
 class Prediction(str, Enum):
-    """What the network outputs: the noise (eps), v = alpha * noise - sigma * x0, or the flow velocity noise - x0."""
+    """What the network outputs: the noise (eps), v = alpha * noise - sigma * x0, the flow velocity
+    noise - x0, the denoised image itself (x0), or the noise of a latent-consistency model (lcm: eps
+    under LCM's boundary condition, on its distilled timesteps)."""
 
     EPS = "eps"
     V = "v"
     FLOW = "flow"
+    X0 = "x0"
+    LCM = "lcm"
 
 
 # (x_in: (B, C, H, W), t: (B,)) -> raw model output (B, C, H, W); everything but the scaling.
@@ -78,6 +92,23 @@ class ModelSampling:
         if prediction is Prediction.FLOW:
             raise ModelSamplingError("a flow model has no SD training schedule: use ModelSampling.flow() or .flux()")
         return cls(sd_discrete_schedule(), prediction)
+
+    @classmethod
+    def discrete(cls, schedule: DiscreteSchedule, prediction: Prediction | str,
+                 zero_terminal: bool = False) -> ModelSampling:
+        """A discrete-time model sampled as `prediction` (ComfyUI's ModelSamplingDiscrete): on the
+        training schedule `schedule` came from (so repeated changes do not pile up); LCM on its 50
+        distilled timesteps (:class:`.schedules.DistilledSchedule`); zero_terminal: rescaled to zero
+        terminal SNR (:func:`.schedules.zero_terminal_snr`), after the distillation."""
+        prediction = Prediction(prediction)
+        if prediction is Prediction.FLOW:
+            raise ModelSamplingError("a flow prediction has no discrete schedule: use ModelSampling.flow() or .flux()")
+        base: DiscreteSchedule = schedule.training
+        if prediction is Prediction.LCM:
+            base = DistilledSchedule.from_training(base, LCM_ORIGINAL_STEPS)
+        if zero_terminal:
+            base = zero_terminal_snr(base)
+        return cls(base, prediction)
 
     @classmethod
     def flow(cls, shift: float = 1.0, multiplier: float = 1000.0, num_timesteps: int = 1000) -> ModelSampling:
@@ -130,8 +161,15 @@ class ModelSampling:
         if self.prediction is Prediction.V:
             # c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1) (sigma_data = 1).
             return x / (s**2 + 1.0) - output * s / (s**2 + 1.0).sqrt()
+        if self.prediction is Prediction.X0:
+            return output
         # eps: x = x0 + s * eps; flow: x = (1 - s) * x0 + s * noise with v = noise - x0. Both: x0 = x - s * output.
-        return x - s * output
+        x0 = x - s * output
+        if self.prediction is Prediction.LCM:
+            c_skip, c_out = lcm_boundary_scalings(self.timestep(torch.as_tensor(sigma).reshape(-1)))
+            # x here is the VE-form sample, as ComfyUI applies the condition (diffusers: the VP-form one).
+            return _per_sample(c_out, x) * x0 + _per_sample(c_skip, x) * x
+        return x0
 
     def noise_latent(self, latent: Tensor, noise: Tensor, sigma: float | Tensor) -> Tensor:
         """The noisy sample at sigma for a latent (same shape): latent + sigma * noise, or for a flow
@@ -153,6 +191,15 @@ class ModelSampling:
             return self.denoised(x, sigma, output.to(x.dtype))
 
         return model
+
+
+def lcm_boundary_scalings(timestep: Tensor) -> tuple[Tensor, Tensor]:
+    """LCM's (c_skip, c_out) at timesteps t (any shape): with u = t * LCM_TIMESTEP_SCALING and
+    sigma_data = LCM_SIGMA_DATA, c_skip = sigma_data^2 / (u^2 + sigma_data^2) and
+    c_out = u / sqrt(u^2 + sigma_data^2), so c_skip(0) = 1 and c_out(0) = 0."""
+    u = timestep * LCM_TIMESTEP_SCALING
+    denominator = u**2 + LCM_SIGMA_DATA**2
+    return LCM_SIGMA_DATA**2 / denominator, u / denominator.sqrt()
 
 
 def learned_sigma_prediction(output: Tensor, channels: int) -> Tensor:

@@ -18,7 +18,11 @@ __all__ = [
     "ScheduleError",
     "NoiseSchedule",
     "DiscreteSchedule",
+    "DistilledSchedule",
     "sd_discrete_schedule",
+    "ZERO_TERMINAL_ALPHA_CUMPROD",
+    "rescale_zero_terminal_snr",
+    "zero_terminal_snr",
     "linear_discrete_schedule",
     "FlowSchedule",
     "flow_time_shift",
@@ -32,6 +36,7 @@ __all__ = [
     "sigmas_beta",
     "sigmas_linear_quadratic",
     "sigmas_kl_optimal",
+    "sigmas_sd_turbo",
     "without_penultimate_sigma",
     "beta_ppf",
     "sigmas_for_denoise",
@@ -66,12 +71,20 @@ class DiscreteSchedule:
     """The training noise levels of a discrete-time (DDPM-style) model and sigma<->timestep maps.
 
     sigmas: (T,) increasing, sigmas[t] = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t]).
+    training: the schedule the model was trained on, when this one is derived from it (rescaled to
+    zero terminal SNR, LCM's distilled steps); itself otherwise. Changing how a model is sampled
+    starts from it, so that such changes do not pile up.
     """
 
-    def __init__(self, alphas_cumprod: torch.Tensor) -> None:
+    def __init__(self, alphas_cumprod: torch.Tensor, training: DiscreteSchedule | None = None) -> None:
         self.alphas_cumprod = alphas_cumprod.to(torch.float64)
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
         self.log_sigmas = self.sigmas.log()
+        self.training: DiscreteSchedule = self if training is None else training
+
+    def with_alphas_cumprod(self, alphas_cumprod: torch.Tensor) -> DiscreteSchedule:
+        """The same kind of schedule (same timestep map) over other noise levels, from the same training schedule."""
+        return DiscreteSchedule(alphas_cumprod, self.training)
 
     @property
     def sigma_min(self) -> float:
@@ -108,6 +121,77 @@ class DiscreteSchedule:
         if percent >= 1.0:
             return 0.0
         return float(self.t_to_sigma(torch.tensor((1.0 - percent) * (self.sigmas.numel() - 1))))
+
+
+class DistilledSchedule(DiscreteSchedule):
+    """The few timesteps a consistency-distilled model (LCM) was trained on, taken from its training
+    schedule at an even stride: with T training steps and n kept, timesteps skip-1, 2*skip-1, ..., T-1
+    (skip = T // n; 19, 39, ..., 999 for LCM's 50 of 1000). A sigma is given to the network as the
+    timestep of the nearest kept one (no interpolation), as LCM was trained; timestep -> sigma
+    interpolates between kept ones in log-sigma. ComfyUI's ModelSamplingDiscreteDistilled.
+
+    sigmas: (n,) increasing.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor, skip_steps: int, training: DiscreteSchedule) -> None:
+        super().__init__(alphas_cumprod, training)
+        self.skip_steps = skip_steps
+
+    @classmethod
+    def from_training(cls, training: DiscreteSchedule, steps: int = 50) -> DistilledSchedule:
+        """Keep `steps` of a training schedule's timesteps (LCM: 50 of SD's 1000)."""
+        total = training.alphas_cumprod.numel()
+        if not 1 <= steps <= total:
+            raise ScheduleError(f"a distilled schedule keeps 1..{total} of its {total} timesteps, got {steps}")
+        skip = total // steps
+        kept = torch.arange(steps, dtype=torch.long) * skip + (total - 1 - (steps - 1) * skip)
+        return cls(training.alphas_cumprod[kept], skip, training.training)
+
+    def with_alphas_cumprod(self, alphas_cumprod: torch.Tensor) -> DistilledSchedule:
+        return DistilledSchedule(alphas_cumprod, self.skip_steps, self.training)
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The timestep of the kept noise level nearest in log-sigma to each sigma. sigma: any shape."""
+        log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
+        nearest = (log_sigma.reshape(-1, 1) - self.log_sigmas[None]).abs().argmin(dim=1).reshape(log_sigma.shape)
+        return (nearest * self.skip_steps + self.skip_steps - 1).to(torch.float64)
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Sigma at timestep t: interpolated in log-sigma between the kept timesteps. t: any shape."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        index = ((t - (self.skip_steps - 1)) / self.skip_steps).clamp(0, self.log_sigmas.numel() - 1)
+        return super().t_to_sigma(index)
+
+    def percent_to_sigma(self, percent: float) -> float:
+        """Sampling progress -> sigma, progress measured on the training schedule's timesteps."""
+        if percent <= 0.0:
+            return float("inf")
+        if percent >= 1.0:
+            return 0.0
+        return float(self.t_to_sigma(torch.tensor((1.0 - percent) * (self.training.sigmas.numel() - 1))))
+
+
+# The last cumulative alpha of a schedule rescaled to zero terminal SNR: exactly 0 would make its
+# sigma infinite, so (as ComfyUI does) it is this tiny value, sigma ~ 4519.
+ZERO_TERMINAL_ALPHA_CUMPROD = 4.8973451890853435e-08
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. (2024), "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1:
+    sqrt(alphas_cumprod) shifted so that the last is 0 and scaled so that the first is unchanged; the
+    last is then set to :data:`ZERO_TERMINAL_ALPHA_CUMPROD`. alphas_cumprod: (T,) decreasing -> (T,)."""
+    root = alphas_cumprod.to(torch.float64).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    rescaled = ((root - last) * (first / (first - last))) ** 2
+    rescaled[-1] = ZERO_TERMINAL_ALPHA_CUMPROD
+    return rescaled
+
+
+def zero_terminal_snr(schedule: DiscreteSchedule) -> DiscreteSchedule:
+    """The schedule rescaled to zero terminal SNR (:func:`rescale_zero_terminal_snr`): pure noise at
+    its last timestep, so a model fine-tuned on it (with v prediction) can make very dark or bright
+    images. Same kind of schedule, same timesteps."""
+    return schedule.with_alphas_cumprod(rescale_zero_terminal_snr(schedule.alphas_cumprod))
 
 
 def sd_discrete_schedule(
@@ -349,6 +433,19 @@ def sigmas_kl_optimal(n: int, sigma_min: float, sigma_max: float) -> torch.Tenso
     _check_steps(n)
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     return _append_zero((ramp * math.atan(sigma_min) + (1 - ramp) * math.atan(sigma_max)).tan())
+
+
+def sigmas_sd_turbo(schedule: NoiseSchedule, steps: int, denoise: float = 1.0) -> torch.Tensor:
+    """SD-Turbo / SDXL-Turbo's schedule (ComfyUI's SDTurboScheduler): timesteps 999, 899, ..., 99,
+    starting 10 - int(10 * denoise) of them in (so denoise 0.5 starts at 499), `steps` of them at
+    most; their training sigmas, then 0. Returns (k + 1,), k <= steps (0 when denoise is 0)."""
+    if not 1 <= steps <= 10:
+        raise ScheduleError(f"the turbo schedule has 1 to 10 steps, got {steps}")
+    if not 0.0 <= denoise <= 1.0:
+        raise ScheduleError(f"denoise must be in [0, 1], got {denoise}")
+    start = 10 - int(10 * denoise)  # int() truncates like ComfyUI's, so 0.7 gives 7 and 0.29 gives 2
+    timesteps = torch.arange(999, 0, -100, dtype=torch.float64)[start: start + steps]
+    return _append_zero(schedule.t_to_sigma(timesteps).reshape(-1))
 
 
 def without_penultimate_sigma(sigmas: torch.Tensor) -> torch.Tensor:
