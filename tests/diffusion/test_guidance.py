@@ -188,7 +188,8 @@ def test_sdxl_refiner_sizes_left_open_take_the_latent_size_and_the_scores_by_sid
                                                                                torch.full((1,), 2.0))
     (y,) = unet.vectors
     for row, score in ((0, 6.0), (1, 2.5)):
-        torch.testing.assert_close(y[row:row + 1], sdxl_vector_conditioning(pooled, (48, 80), (0, 0), aesthetic_score=score))
+        expected = sdxl_vector_conditioning(pooled, (48, 80), (0, 0), aesthetic_score=score)
+        torch.testing.assert_close(y[row:row + 1], expected)
 
 
 def test_sdxl_sizes_left_open_need_a_pooled_vector_of_the_models_width():
