@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from pydantic import Field
@@ -407,32 +407,61 @@ class ApplyControlNet(Node):
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         if inputs.end < inputs.start:
             raise InputError("end", f"end ({inputs.end}) is before start ({inputs.start})")
-        control: LoadedControlNet = inputs.control_net
-        hint = inputs.image.permute(0, 3, 1, 2).contiguous()
-        context_dim = control.config.unet.context_dim
-        for name in ("positive", "negative"):
-            for entry in getattr(inputs, name):
-                if _text_entry(entry, name, "ApplyControlNet").shape[-1] != context_dim:
-                    raise InputError(name, f"conditioning of width {entry.context.shape[-1]} does not fit this "
-                                           f"{control.family.value} ControlNet (width {context_dim})")
-        if inputs.strength == 0.0:
-            return self.Outputs(positive=inputs.positive, negative=inputs.negative)
+        apply = _control_applier(inputs.control_net, inputs.image, inputs.strength, inputs.start, inputs.end,
+                                 to_negative=False)
+        positive = apply(inputs.positive, "positive", "ApplyControlNet")
+        negative = apply(inputs.negative, "negative", "ApplyControlNet")
+        return self.Outputs(positive=positive, negative=negative)
 
-        # One spec per earlier stack, so positive and negative share one ControlNet call per step.
-        specs: dict[int, ControlSpec] = {}
 
-        def spec_after(previous: ControlSpec | None) -> ControlSpec:
-            if id(previous) not in specs:
-                specs[id(previous)] = ControlSpec(control.controlnet, hint, inputs.strength, inputs.start,
-                                                  inputs.end, previous=previous)
-            return specs[id(previous)]
+def _control_applier(control: LoadedControlNet, image: Tensor, strength: float, start: float, end: float,
+                     to_negative: bool) -> Callable[[Conditioning, str, str], Conditioning]:
+    """A function adding one ControlNet (image: (B, H, W, 3)) to conditionings, after those already
+    on their entries. At strength 0 it checks and returns them unchanged."""
+    hint = image.permute(0, 3, 1, 2).contiguous()
+    context_dim = control.config.unet.context_dim
+    # One spec per earlier stack, so conditionings that share one share one ControlNet call per step.
+    specs: dict[int, ControlSpec] = {}
 
-        def apply(conditioning: Conditioning) -> Conditioning:
-            return tuple(e.with_(control=spec_after(e.control)) for e in conditioning)
+    def spec_after(previous: ControlSpec | None) -> ControlSpec:
+        if id(previous) not in specs:
+            specs[id(previous)] = ControlSpec(control.controlnet, hint, strength, start, end, previous=previous)
+        return specs[id(previous)]
 
-        return self.Outputs(positive=apply(inputs.positive), negative=apply(inputs.negative))
+    def apply(conditioning: Conditioning, input_name: str, node: str) -> Conditioning:
+        for entry in conditioning:
+            if _text_entry(entry, input_name, node).shape[-1] != context_dim:
+                raise InputError(input_name, f"conditioning of width {entry.context.shape[-1]} does not fit this "
+                                             f"{control.family.value} ControlNet (width {context_dim})")
+        if strength == 0.0:
+            return conditioning
+        return tuple(e.with_(control=spec_after(e.control), control_to_negative=to_negative) for e in conditioning)
+
+    return apply
+
+
+class ApplyControlNetSimple(Node):
+    """Guide sampling with a ControlNet and a control image on one conditioning (ComfyUI's older
+    ControlNetApply), for all of sampling. Its ControlNet also guides the negative side where that
+    has none of its own, as in ComfyUI. Chain to stack several."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        conditioning: CONDITIONING.annotation
+        control_net: CONTROL_NET.annotation
+        image: IMAGE.annotation
+        strength: float = Field(1.0, ge=0.0, le=10.0)
+
+    class Outputs(NodeOutputs):
+        conditioning: CONDITIONING.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        apply = _control_applier(inputs.control_net, inputs.image, inputs.strength, 0.0, 1.0, to_negative=True)
+        return self.Outputs(conditioning=apply(inputs.conditioning, "conditioning", "ApplyControlNetSimple"))
 
 
 NODES = [TextEncode, TextEncodeSDXL, TextEncodeSD3, TextEncodeFlux, FluxGuidance, ClassLabel,
          UnconditionalConditioning, SetClipSkip, ConditioningCombine, ConditioningConcat, ConditioningSetArea,
-         ConditioningSetMask, ConditioningSetTimestepRange, ConditioningZeroOut, ApplyControlNet]
+         ConditioningSetMask, ConditioningSetTimestepRange, ConditioningZeroOut, ApplyControlNet,
+         ApplyControlNetSimple]

@@ -15,7 +15,7 @@ from nodegraph.types import CONDITIONING, GUIDER, LATENT, MODEL, NOISE, SAMPLER,
 from ..sampling import schedules
 from ..components import DiffusionModel, Latent, NoiseSource, ZeroNoise
 from ..sampling.guidance import CFGGuider, Conditioning, GuidanceError, check_conditioning
-from ..sampling.model_sampling import ModelSampling, ModelSamplingError
+from ..sampling.model_sampling import ModelSampling, ModelSamplingError, Prediction
 from ..vae.previews import preview_image
 from ..sampling.run import KSAMPLER_EXTRA_STEP_SAMPLERS, SAMPLER_NAMES, SamplerChoice, resize_mask, sample
 from .common import InputError
@@ -169,6 +169,25 @@ class SplitSigmas(Node):
     """Split a schedule at a step: the high-noise part and the low-noise rest (they share the boundary)."""
 
     category = "sampling"
+class SDTurboScheduler(Node):
+    """The noise levels SD-Turbo and SDXL-Turbo were distilled for: timesteps 999, 899, ... 99, one
+    per step (1 to 10 steps). denoise < 1 starts further down (0.5: at timestep 499) for img2img."""
+
+    category = "sampling"
+
+    class Inputs(NodeInputs):
+        model: MODEL.annotation
+        steps: int = Field(1, ge=1, le=10)
+        denoise: float = Field(1.0, ge=0.0, le=1.0)
+
+    class Outputs(NodeOutputs):
+        sigmas: SIGMAS.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        sigmas = schedules.sigmas_sd_turbo(inputs.model.sampling.schedule, inputs.steps, inputs.denoise)
+        return self.Outputs(sigmas=sigmas)
+
+
 
     class Inputs(NodeInputs):
         sigmas: SIGMAS.annotation
@@ -304,6 +323,39 @@ class Sample(Node):
     """Run a sampler: noise + guider + sampler + sigmas on a latent. Outputs the result and the
     model's last denoised estimate."""
 
+# ComfyUI's names for the predictions ModelSamplingDiscrete sets.
+DISCRETE_PREDICTIONS = {"eps": Prediction.EPS, "v_prediction": Prediction.V, "lcm": Prediction.LCM,
+                        "x0": Prediction.X0}
+
+
+class ModelSamplingDiscrete(Node):
+    """Sample a discrete-time model (SD1.x, SD2.x, SDXL, DiT, PixArt) as another prediction type than
+    its file says: eps, v_prediction, lcm (a latent-consistency model or LoRA: its boundary condition
+    on its 50 distilled timesteps; sample with the lcm sampler) or x0 (the network outputs the
+    denoised image). zsnr rescales the noise schedule to zero terminal SNR, for models fine-tuned on
+    it (usually with v_prediction)."""
+
+    category = "model"
+
+    class Inputs(NodeInputs):
+        model: MODEL.annotation
+        sampling: Literal[tuple(DISCRETE_PREDICTIONS)] = "eps"  # type: ignore[valid-type]
+        zsnr: bool = Field(False, description="Rescale the schedule to zero terminal SNR (Lin et al. 2024).")
+
+    class Outputs(NodeOutputs):
+        model: MODEL.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        model: DiffusionModel = inputs.model
+        schedule = model.sampling.schedule
+        if not isinstance(schedule, schedules.DiscreteSchedule):
+            raise InputError("model", f"ModelSamplingDiscrete applies to discrete-time models (SD1.x, SD2.x, SDXL, "
+                                      f"DiT, PixArt); {model.family.label} is a rectified-flow model "
+                                      "(ModelSamplingSD3 / ModelSamplingFlux set its shift)")
+        sampling = ModelSampling.discrete(schedule, DISCRETE_PREDICTIONS[inputs.sampling], inputs.zsnr)
+        return self.Outputs(model=model.with_sampling(sampling))
+
+
     category = "sampling"
 
     class Inputs(NodeInputs):
@@ -351,6 +403,37 @@ class DenoiseStep(Node):
 class KSampler(Node):
     """Sample in one node: seed, steps, cfg, sampler, scheduler and denoise strength (1 = text-to-image,
     less = img2img from the given latent)."""
+
+class SamplerCustom(Node):
+    """Sample with a chosen sampler and schedule (SelectSampler, Scheduler or SDTurboScheduler) and
+    classifier-free guidance in one node. add_noise off continues a latent that still holds its noise
+    (the seed then only drives the sampler's own noise). Outputs the result and the model's last
+    denoised estimate."""
+
+    category = "sampling"
+
+    class Inputs(NodeInputs):
+        model: MODEL.annotation
+        add_noise: bool = True
+        noise_seed: int = _SEED
+        cfg: float = Field(8.0, ge=0.0, le=100.0)
+        positive: CONDITIONING.annotation
+        negative: CONDITIONING.annotation
+        sampler: SAMPLER.annotation
+        sigmas: SIGMAS.annotation
+        latent: LATENT.annotation
+
+    class Outputs(NodeOutputs):
+        latent: LATENT.annotation
+        denoised: LATENT.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        _check_guidance(inputs.model, inputs.positive, inputs.negative)
+        guidance = Guidance(inputs.model, tuple(inputs.positive), tuple(inputs.negative), inputs.cfg)
+        noise = NoiseSource(inputs.noise_seed) if inputs.add_noise else ZeroNoise(inputs.noise_seed)
+        result, denoised = run_sampling(ctx, guidance, inputs.sampler, inputs.sigmas, inputs.latent, noise)
+        return self.Outputs(latent=result, denoised=denoised)
+
 
     category = "sampling"
 
@@ -419,5 +502,6 @@ class KSamplerAdvanced(Node):
         return self.Outputs(latent=result)
 
 
-NODES = [RandomNoise, DisableNoise, Scheduler, SplitSigmas, SelectSampler, Guider, BasicGuider, Sample, DenoiseStep,
-         KSampler, KSamplerAdvanced, ModelSamplingSD3, ModelSamplingFlux]
+NODES = [RandomNoise, DisableNoise, Scheduler, SDTurboScheduler, SplitSigmas, SelectSampler, Guider, BasicGuider,
+         Sample, SamplerCustom, DenoiseStep, KSampler, KSamplerAdvanced, ModelSamplingSD3, ModelSamplingFlux,
+         ModelSamplingDiscrete]
