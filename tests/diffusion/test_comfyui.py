@@ -175,6 +175,8 @@ def test_inpaint_controlnet_and_latent_nodes_map():
     assert nodes["11"]["inputs"]["negative"] == link("8", "negative")
 
     graph["9"]["inputs"]["upscale_method"] = "bislerp"
+    assert API.convert(graph)["nodes"]["9"]["inputs"]["method"] == "bislerp"
+    graph["9"]["inputs"]["upscale_method"] = "lanczos"  # ComfyUI's image nodes have it, its latent nodes not
     assert issues_at(import_error(API, graph)) == {("9", "upscale_method"): "unsupported_value"}
 
 
@@ -204,6 +206,94 @@ def test_custom_sampler_stages_map(api_graph):
     assert nodes["8"]["inputs"]["latent"] == link("15", "denoised")
     assert nodes["5"]["inputs"]["model"] == link("4", "model")
     assert nodes["16"] == {"type": "DisableNoise", "inputs": {}}
+
+
+# As ComfyUI declares them (nodes.py, comfy_extras/nodes_custom_sampler.py, nodes_model_advanced.py).
+CORE_SAMPLING_INPUTS: dict[str, dict[str, dict]] = {
+    "ControlNetApply": {"conditioning": {"link": True}, "control_net": {"link": True}, "image": {"link": True},
+                        "strength": {"default": 1.0, "min": 0.0, "max": 10.0}},
+    "ModelSamplingDiscrete": {"model": {"link": True},
+                              "sampling": {"choices": ["eps", "v_prediction", "lcm", "x0", "img_to_img"]},
+                              "zsnr": {"boolean": False}},
+    "SDTurboScheduler": {"model": {"link": True}, "steps": {"default": 1, "min": 1, "max": 10},
+                         "denoise": {"default": 1.0, "min": 0.0, "max": 1.0}},
+    "SamplerCustom": {"model": {"link": True}, "add_noise": {"boolean": True},
+                      "noise_seed": {"default": 0, "min": 0, "max": 0xffffffffffffffff},
+                      "cfg": {"default": 8.0, "min": 0.0, "max": 100.0}, "positive": {"link": True},
+                      "negative": {"link": True}, "sampler": {"link": True}, "sigmas": {"link": True},
+                      "latent_image": {"link": True}},
+}
+
+
+def test_core_sampling_nodes_take_comfyuis_inputs_names_defaults_and_choices():
+    # Seeds go up to 2^63 - 1 here, as KSampler's (ComfyUI: 2^64 - 1); Lotus' img_to_img is not supported.
+    check_comfyui_inputs(CORE_SAMPLING_INPUTS, set(), {("SamplerCustom", "noise_seed"): 0xffffffffffffffff})
+
+
+def test_sampler_custom_turbo_scheduler_model_sampling_and_old_controlnet_map():
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "m.safetensors"}},
+        "2": {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "lcm", "zsnr": True}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
+        "4": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "scribble.safetensors"}},
+        "5": {"class_type": "LoadImage", "inputs": {"image": "hint.png", "upload": "image"}},
+        "6": {"class_type": "ControlNetApply", "inputs": {"conditioning": ["3", 0], "control_net": ["4", 0],
+                                                          "image": ["5", 0], "strength": 0.9}},
+        "7": {"class_type": "SDTurboScheduler", "inputs": {"model": ["2", 0], "steps": 2, "denoise": 0.5}},
+        "8": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler_ancestral"}},
+        "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "10": {"class_type": "SamplerCustom", "inputs": {
+            "add_noise": False, "noise_seed": 5, "cfg": 1, "model": ["2", 0], "positive": ["6", 0],
+            "negative": ["3", 0], "sampler": ["8", 0], "sigmas": ["7", 0], "latent_image": ["9", 0]}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 1], "vae": ["1", 2]}},
+    }
+    nodes = API.convert(graph)["nodes"]
+    assert nodes["2"] == {"type": "ModelSamplingDiscrete", "inputs": {"model": link("1", "model"), "sampling": "lcm",
+                                                                      "zsnr": True}}
+    assert nodes["6"] == {"type": "ApplyControlNetSimple", "inputs": {
+        "conditioning": link("3", "conditioning"), "control_net": link("4", "control_net"),
+        "image": link("5", "image"), "strength": 0.9}}
+    assert nodes["7"] == {"type": "SDTurboScheduler", "inputs": {"model": link("2", "model"), "steps": 2,
+                                                                 "denoise": 0.5}}
+    assert nodes["10"] == {"type": "SamplerCustom", "inputs": {
+        "add_noise": False, "noise_seed": 5, "cfg": 1, "model": link("2", "model"),
+        "positive": link("6", "conditioning"), "negative": link("3", "conditioning"),
+        "sampler": link("8", "sampler"), "sigmas": link("7", "sigmas"), "latent": link("9", "latent")}}
+    assert nodes["11"]["inputs"]["latent"] == link("10", "denoised")
+    # The empty latent feeds SamplerCustom only: its model is traced through ModelSamplingDiscrete.
+    assert nodes["9"]["inputs"]["model"] == link("1", "model")
+
+    graph["2"]["inputs"]["sampling"] = "img_to_img"  # Lotus' image-to-image prediction: not here
+    error = import_error(API, graph)
+    assert issues_at(error) == {("2", "sampling"): "unsupported_value"}
+    assert "supported: eps, v_prediction, lcm, x0" in str(error)
+
+    document = {"nodes": [
+        ui_widget_node(1, "CheckpointLoaderSimple", ["sd_xl_turbo_1.0_fp16.safetensors"]),
+        ui_widget_node(2, "ModelSamplingDiscrete", ["v_prediction", False], {"model": 1}),
+        ui_widget_node(3, "SDTurboScheduler", [1, 1], {"model": 2}),
+        ui_widget_node(4, "SamplerCustom", [True, 0, "fixed", 1],
+                       {"model": 3, "positive": 4, "negative": 5, "sampler": 6, "sigmas": 7, "latent_image": 8}),
+        ui_widget_node(5, "CLIPTextEncode", ["a fox"], {"clip": 9}),
+        ui_widget_node(6, "KSamplerSelect", ["euler_ancestral"]),
+        ui_widget_node(7, "EmptyLatentImage", [512, 512, 1]),
+        ui_widget_node(8, "ControlNetLoader", ["scribble.safetensors"]),
+        ui_widget_node(9, "LoadImage", ["hint.png", "image"]),
+        ui_widget_node(10, "ControlNetApply", [0.8999999999999999],
+                       {"conditioning": 10, "control_net": 11, "image": 12}),
+    ], "links": [[1, 1, 0, 2, 0, "MODEL"], [2, 2, 0, 3, 0, "MODEL"], [3, 2, 0, 4, 0, "MODEL"],
+                 [4, 10, 0, 4, 1, "CONDITIONING"], [5, 5, 0, 4, 2, "CONDITIONING"], [6, 6, 0, 4, 3, "SAMPLER"],
+                 [7, 3, 0, 4, 4, "SIGMAS"], [8, 7, 0, 4, 5, "LATENT"], [9, 1, 1, 5, 0, "CLIP"],
+                 [10, 5, 0, 10, 0, "CONDITIONING"], [11, 8, 0, 10, 1, "CONTROL_NET"], [12, 9, 0, 10, 2, "IMAGE"]]}
+    nodes = UI.convert(document)["nodes"]
+    assert nodes["2"]["inputs"] == {"sampling": "v_prediction", "zsnr": False, "model": link("1", "model")}
+    assert nodes["3"]["inputs"] == {"steps": 1, "denoise": 1, "model": link("2", "model")}
+    assert nodes["4"]["inputs"] == {
+        "add_noise": True, "noise_seed": 0, "cfg": 1, "model": link("2", "model"),
+        "positive": link("10", "conditioning"), "negative": link("5", "conditioning"),
+        "sampler": link("6", "sampler"), "sigmas": link("3", "sigmas"), "latent": link("7", "latent")}
+    assert nodes["10"]["inputs"] == {"strength": 0.8999999999999999, "conditioning": link("5", "conditioning"),
+                                     "control_net": link("8", "control_net"), "image": link("9", "image")}
 
 
 def test_image_nodes_map():
@@ -400,7 +490,7 @@ def test_default_api_graph_runs_unchanged_from_the_command_line(tmp_path, monkey
 # --- SD3 / Flux nodes ---------------------------------------------------------------------------
 
 LINK = {"link": True}
-STRING = {"string": True}
+STRING = {"string": ""}  # a text input, with its default
 # The inputs of ComfyUI's SD3/Flux nodes as its node definitions declare them (nodes.py,
 # comfy_extras/nodes_sd3.py, nodes_flux.py, nodes_model_advanced.py, nodes_custom_sampler.py):
 # choices in ComfyUI's order (the first is the default), numeric defaults and ranges, file folders.
@@ -439,34 +529,47 @@ DEFAULT_DIFFERS = {("EmptySD3LatentImage", "width"), ("EmptySD3LatentImage", "he
 VALUE_REFUSED = {("ModelSamplingSD3", "shift"): 0.0}
 
 
-def test_sd3_and_flux_nodes_take_comfyuis_inputs_names_defaults_and_choices():
+def check_comfyui_inputs(documented_inputs: dict[str, dict[str, dict]], default_differs: set[tuple[str, str]],
+                         value_refused: dict[tuple[str, str], object]) -> None:
+    """Each ComfyUI node's mapped node takes its inputs as ComfyUI declares them: every input has a
+    counterpart, links are links, text is text, choices are ComfyUI's (after the mapping's value
+    conversion; the first is the default), numbers take ComfyUI's default, minimum and maximum."""
     classes = {node_class.type_name: node_class for node_class in NODES}
-    for comfy_type, inputs in COMFYUI_INPUTS.items():
+    for comfy_type, inputs in documented_inputs.items():
         mapping = comfyui.MAPPINGS[comfy_type]
         assert set(mapping.inputs) == set(inputs), comfy_type  # every ComfyUI input has its counterpart
         specs = classes[mapping.type].specs().inputs
         for name, documented in inputs.items():
             spec = specs[mapping.inputs[name]]
             where = f"{comfy_type}.{name}"
+            converted = mapping.values.get(name, lambda value: value)
             if "link" in documented:
                 assert spec.link_only, where
             elif "string" in documented:
-                assert spec.socket_type.name == "STRING" and spec.default == "", where
+                assert spec.socket_type.name == "STRING", where
+                assert spec.default == documented["string"] or (comfy_type, name) in default_differs, where
+            elif "boolean" in documented:
+                assert spec.socket_type.name == "BOOLEAN" and spec.default is documented["boolean"], where
             elif "files" in documented:
                 assert spec.dynamic_choices is not None and spec.dynamic_choices.kind == documented["files"], where
             elif "choices" in documented:
-                assert spec.default == documented["choices"][0], where
-                assert set(spec.choices) <= set(documented["choices"]), where  # ComfyUI's names, none of our own
+                choices = [converted(choice) for choice in documented["choices"]]
+                assert spec.default == choices[0], where
+                assert set(spec.choices) <= set(choices), where  # ComfyUI's names, none of our own
             else:
-                if (comfy_type, name) not in DEFAULT_DIFFERS:
+                if (comfy_type, name) not in default_differs:
                     assert spec.default == documented["default"], where
-                refused = VALUE_REFUSED.get((comfy_type, name))
+                refused = value_refused.get((comfy_type, name))
                 for value in (documented["default"], documented["min"], documented["max"]):
                     if value == refused:
                         with pytest.raises(pydantic.ValidationError):
                             spec.validator.validate_python(value, strict=True)
                     else:
                         assert spec.validator.validate_python(value, strict=True) == value, (where, value)
+
+
+def test_sd3_and_flux_nodes_take_comfyuis_inputs_names_defaults_and_choices():
+    check_comfyui_inputs(COMFYUI_INPUTS, DEFAULT_DIFFERS, VALUE_REFUSED)
 
 
 def test_defaults_of_mappings_are_inputs_comfyui_leaves_implicit():
@@ -569,3 +672,93 @@ def test_sd3_and_flux_ui_widgets_map_from_each_comfyui_version():
     assert nodes["13"] == {"type": "BasicGuider", "inputs": {"model": link("11", "model"),
                                                              "conditioning": link("12", "conditioning")}}
     assert nodes["14"] == {"type": "LoadDiffusionModel", "inputs": {"name": "sdxl_lightning_4step_unet.safetensors"}}
+
+
+# --- image nodes: edges, total pixels, animated saves, bislerp ------------------------------------
+
+# As ComfyUI declares them (comfy_extras/nodes_canny.py, nodes_post_processing.py, nodes_images.py,
+# nodes.py): the first choice is the default.
+IMAGE_NODE_INPUTS: dict[str, dict[str, dict]] = {
+    "Canny": {"image": LINK, "low_threshold": {"default": 0.4, "min": 0.01, "max": 0.99},
+              "high_threshold": {"default": 0.8, "min": 0.01, "max": 0.99}},
+    "ImageScaleToTotalPixels": {"image": LINK,
+                                "upscale_method": {"choices": ["nearest-exact", "bilinear", "area", "bicubic",
+                                                               "lanczos"]},
+                                "megapixels": {"default": 1.0, "min": 0.01, "max": 16.0},
+                                "resolution_steps": {"default": 1, "min": 1, "max": 256}},
+    "SaveAnimatedWEBP": {"images": LINK, "filename_prefix": {"string": "ComfyUI"},
+                         "fps": {"default": 6.0, "min": 0.01, "max": 1000.0}, "lossless": {"boolean": True},
+                         "quality": {"default": 80, "min": 0, "max": 100},
+                         "method": {"choices": ["default", "fastest", "slowest"]}},
+    "SaveAnimatedPNG": {"images": LINK, "filename_prefix": {"string": "ComfyUI"},
+                        "fps": {"default": 6.0, "min": 0.01, "max": 1000.0},
+                        "compress_level": {"default": 4, "min": 0, "max": 9}},
+    "LatentUpscaleBy": {"samples": LINK,
+                        "upscale_method": {"choices": ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]},
+                        "scale_by": {"default": 1.5, "min": 0.01, "max": 8.0}},
+}
+# Our save nodes name their files after the project, as SaveImage does.
+IMAGE_DEFAULT_DIFFERS = {("SaveAnimatedWEBP", "filename_prefix"), ("SaveAnimatedPNG", "filename_prefix")}
+
+
+def test_image_nodes_take_comfyuis_inputs_names_defaults_and_choices():
+    check_comfyui_inputs(IMAGE_NODE_INPUTS, IMAGE_DEFAULT_DIFFERS, {})
+    classes = {node_class.type_name: node_class for node_class in NODES}
+    # Every choice ComfyUI offers is taken, none left out.
+    for comfy_type, name in (("ImageScaleToTotalPixels", "upscale_method"), ("SaveAnimatedWEBP", "method"),
+                             ("LatentUpscaleBy", "upscale_method"), ("LatentUpscale", "upscale_method")):
+        mapping = comfyui.MAPPINGS[comfy_type]
+        documented = IMAGE_NODE_INPUTS.get(comfy_type, IMAGE_NODE_INPUTS["LatentUpscaleBy"])[name]["choices"]
+        convert = mapping.values.get(name, lambda value: value)
+        spec = classes[mapping.type].specs().inputs[mapping.inputs[name]]
+        assert set(spec.choices) == {convert(choice) for choice in documented}, comfy_type
+
+
+def test_image_nodes_map_from_api_and_ui_formats():
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+        "2": {"class_type": "ImageScaleToTotalPixels", "inputs": {"image": ["1", 0], "upscale_method": "nearest-exact",
+                                                                  "megapixels": 1}},
+        "3": {"class_type": "Canny", "inputs": {"image": ["2", 0], "low_threshold": 0.15, "high_threshold": 0.3}},
+        "4": {"class_type": "SaveAnimatedWEBP", "inputs": {
+            "images": ["3", 0], "filename_prefix": "ComfyUI", "fps": 16.000000000000004, "lossless": False,
+            "quality": 85, "method": "default"}},
+        "5": {"class_type": "SaveAnimatedPNG", "inputs": {"images": ["3", 0], "filename_prefix": "anim", "fps": 24,
+                                                          "compress_level": 4}},
+    }
+    nodes = API.convert(graph)["nodes"]
+    assert nodes["2"] == {"type": "ImageScaleToTotalPixels", "inputs": {
+        "image": link("1", "image"), "method": "nearest", "megapixels": 1}}
+    assert nodes["3"] == {"type": "CannyEdges", "inputs": {"image": link("2", "image"), "low_threshold": 0.15,
+                                                           "high_threshold": 0.3}}
+    assert nodes["4"] == {"type": "SaveAnimatedWebP", "inputs": {
+        "images": link("3", "image"), "filename_prefix": "ComfyUI", "fps": 16.000000000000004, "lossless": False,
+        "quality": 85, "method": "default"}}
+    assert nodes["5"] == {"type": "SaveAnimatedPNG", "inputs": {
+        "images": link("3", "image"), "filename_prefix": "anim", "fps": 24, "compress_level": 4}}
+
+    document = {"nodes": [
+        ui_widget_node(1, "LoadImage", ["photo.png", "image"]),
+        ui_widget_node(2, "ImageScaleToTotalPixels", ["lanczos", 1], {"image": 1}),  # before resolution_steps
+        ui_widget_node(3, "ImageScaleToTotalPixels", ["area", 0.5, 64]),
+        ui_widget_node(4, "Canny", [0.3, 0.7000000000000001], {"image": 2}),
+        ui_widget_node(5, "SaveAnimatedWEBP", ["ComfyUI", 16, False, 90, "default", ""], {"images": 3}),  # preview
+        ui_widget_node(6, "SaveAnimatedPNG", ["ComfyUI", 24, 4], {"images": 4}),
+        ui_widget_node(7, "LatentUpscaleBy", ["bislerp", 1.5]),
+    ], "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 4, 0, "IMAGE"], [3, 4, 0, 5, 0, "IMAGE"],
+                 [4, 3, 0, 6, 0, "IMAGE"]]}
+    nodes = UI.convert(document)["nodes"]
+    assert nodes["2"]["inputs"] == {"method": "lanczos", "megapixels": 1, "image": link("1", "image")}
+    assert nodes["3"]["inputs"] == {"method": "area", "megapixels": 0.5, "resolution_steps": 64}
+    assert nodes["4"]["inputs"] == {"low_threshold": 0.3, "high_threshold": 0.7000000000000001,
+                                    "image": link("2", "image")}
+    assert nodes["5"]["inputs"] == {"filename_prefix": "ComfyUI", "fps": 16, "lossless": False, "quality": 90,
+                                    "method": "default", "images": link("4", "image")}
+    assert nodes["6"] == {"type": "SaveAnimatedPNG", "inputs": {"filename_prefix": "ComfyUI", "fps": 24,
+                                                                "compress_level": 4, "images": link("3", "image")}}
+    assert nodes["7"]["inputs"] == {"method": "bislerp", "scale_by": 1.5}
+
+    graph["4"]["inputs"]["method"] = "best"
+    graph["2"]["inputs"]["upscale_method"] = "bislerp"  # latent nodes only
+    assert issues_at(import_error(API, graph)) == {("4", "method"): "unsupported_value",
+                                                   ("2", "upscale_method"): "unsupported_value"}

@@ -39,7 +39,8 @@ UI_FORMAT = "ComfyUI UI format"
 # carry as "choose file to upload").
 UI_ONLY_WIDGETS = frozenset({"control_after_generate", "upload", "choose file to upload"})
 # Nodes that show an image: newer editors save their image preview's (empty) value after their widgets.
-IMAGE_PREVIEW_NODES = frozenset({"LoadImage", "LoadImageMask", "SaveImage", "PreviewImage"})
+IMAGE_PREVIEW_NODES = frozenset({"LoadImage", "LoadImageMask", "SaveImage", "PreviewImage", "SaveAnimatedWEBP",
+                                 "SaveAnimatedPNG"})
 
 
 class UnmappableValue(ValueError):
@@ -220,6 +221,11 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
         ("latent", "denoised"), ("add_noise", "noise_seed", "control_after_generate", "cfg")),
         "Sample", {"latent_image": "latent", **_same("noise", "guider", "sampler", "sigmas")}, ("latent", "denoised")),
     "SaveImage": NodeMapping("SaveImage", _same("images", "filename_prefix"), (), ("filename_prefix",)),
+    "SaveAnimatedWEBP": NodeMapping(
+        "SaveAnimatedWebP", _same("images", "filename_prefix", "fps", "lossless", "quality", "method"), (),
+        ("filename_prefix", "fps", "lossless", "quality", "method")),
+    "SaveAnimatedPNG": NodeMapping("SaveAnimatedPNG", _same("images", "filename_prefix", "fps", "compress_level"), (),
+                                   ("filename_prefix", "fps", "compress_level")),
     "PreviewImage": NodeMapping("PreviewImage", _same("images")),
     "LoadImage": NodeMapping("LoadImage", _same("image"), ("image", "mask"), ("image", "upload")),
     "LoadImageMask": NodeMapping("LoadMask", _same("image", "channel"), ("mask",), ("image", "channel", "upload")),
@@ -228,6 +234,14 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
         ("upscale_method", "width", "height", "crop"), {"upscale_method": _image_resize_method}),
     "ImageScaleBy": NodeMapping("ImageScaleBy", {"image": "image", "upscale_method": "method", "scale_by": "factor"},
                                 ("image",), ("upscale_method", "scale_by"), {"upscale_method": _image_resize_method}),
+    # resolution_steps came later.
+    "ImageScaleToTotalPixels": NodeMapping(
+        "ImageScaleToTotalPixels",
+        {"upscale_method": "method", **_same("image", "megapixels", "resolution_steps")}, ("image",),
+        ("upscale_method", "megapixels", "resolution_steps"), {"upscale_method": _image_resize_method},
+        later_widgets=1),
+    "Canny": NodeMapping("CannyEdges", _same("image", "low_threshold", "high_threshold"), ("image",),
+                         ("low_threshold", "high_threshold")),
     "ImagePadForOutpaint": NodeMapping(
         "PadForOutpaint", _same("image", "left", "top", "right", "bottom", "feathering"), ("image", "mask"),
         ("left", "top", "right", "bottom", "feathering")),

@@ -1,4 +1,5 @@
-"""Image nodes: load, save, preview, scale, pad for outpainting, invert, batch and composite images and masks.
+"""Image nodes: load, save (also as animated WebP or PNG), preview, scale, pad for outpainting, find
+edges, invert, batch and composite images and masks.
 
 Conventions shared by the pack:
   IMAGE: float32 tensor (B, H, W, 3), values in [0, 1], on the CPU.
@@ -25,8 +26,9 @@ from nodegraph.files import atomic_write, write_numbered
 from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
 from nodegraph.types import IMAGE, MASK, Choices
 
+from .. import imaging
 from . import folders
-from .common import InputError
+from .common import InputError, run_device
 
 ResizeMethod = Literal["nearest", "bilinear", "bicubic", "area", "lanczos"]
 MaskChannel = Literal["alpha", "red", "green", "blue"]
@@ -140,16 +142,60 @@ def center_crop_to_aspect(images: torch.Tensor, width: int, height: int) -> torc
     return images[:, top:top + keep]
 
 
-def png_bytes(image: torch.Tensor, text: dict[str, str], compress_level: int) -> bytes:
-    """One image (H, W, 3) encoded as PNG with `text` as tEXt/iTXt chunks."""
+def _png_text(text: dict[str, str]) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     for key, value in text.items():
         if value.isascii():
             info.add_text(key, value)
         else:  # tEXt is Latin-1 only; iTXt holds UTF-8 (prompts in any language)
             info.add_itxt(key, value)
+    return info
+
+
+def png_bytes(image: torch.Tensor, text: dict[str, str], compress_level: int) -> bytes:
+    """One image (H, W, 3) encoded as PNG with `text` as tEXt/iTXt chunks."""
     buffer = io.BytesIO()
-    pil_from_image(image).save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
+    pil_from_image(image).save(buffer, format="PNG", pnginfo=_png_text(text), compress_level=compress_level)
+    return buffer.getvalue()
+
+
+def frame_milliseconds(fps: float) -> int:
+    """How long each frame of an animation at `fps` shows: whole milliseconds, as WebP and APNG
+    store it, truncated as ComfyUI's animated saves do (so 6 fps shows each frame 166 ms)."""
+    return max(1, int(1000.0 / fps))
+
+
+def apng_bytes(images: torch.Tensor, text: dict[str, str], fps: float, compress_level: int) -> bytes:
+    """images (B, H, W, 3) as an animated PNG looping forever, one frame each (a single image is a
+    plain PNG), with `text` as tEXt/iTXt chunks before the frames."""
+    frames = [pil_from_image(image) for image in images]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="PNG", save_all=True, append_images=frames[1:], duration=frame_milliseconds(fps),
+                   loop=0, pnginfo=_png_text(text), compress_level=compress_level)
+    return buffer.getvalue()
+
+
+# WebP keeps text in EXIF: each entry is "<key>:<value>" in one of these tags, in this order (Make,
+# then ImageDescription), where ComfyUI puts its workflow and readers of its files look for it.
+WEBP_TEXT_TAGS = (0x010F, 0x010E)
+# WebP's compression effort (0 fastest .. 6 slowest) by the names ComfyUI's SaveAnimatedWEBP uses.
+WEBP_METHODS = {"default": 4, "fastest": 0, "slowest": 6}
+WebPMethod = Literal["default", "fastest", "slowest"]
+
+
+def webp_animation_bytes(images: torch.Tensor, text: dict[str, str], fps: float, lossless: bool, quality: int,
+                         method: WebPMethod) -> bytes:
+    """images (B, H, W, 3) as an animated WebP looping forever, one frame each, with `text` in
+    EXIF (WEBP_TEXT_TAGS; values must be ASCII, as EXIF text is)."""
+    if len(text) > len(WEBP_TEXT_TAGS):
+        raise ValueError(f"WebP holds at most {len(WEBP_TEXT_TAGS)} text entries, got {sorted(text)}")
+    frames = [pil_from_image(image) for image in images]
+    exif = Image.Exif()
+    for tag, (key, value) in zip(WEBP_TEXT_TAGS, text.items()):
+        exif[tag] = f"{key}:{value}"
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="WEBP", save_all=True, append_images=frames[1:], duration=frame_milliseconds(fps),
+                   loop=0, lossless=lossless, quality=quality, method=WEBP_METHODS[method], exif=exif.tobytes())
     return buffer.getvalue()
 
 
@@ -223,6 +269,17 @@ class LoadMask(Node):
 
 # -- saving and previews --
 
+def _file_text(ctx: RunContext, embed_workflow: bool, ascii_only: bool = False, **parameters: Any) -> dict[str, str]:
+    """What a saved file carries: the workflow being run (when embedded, so the editor can reopen
+    it) and `parameters` (the run id, the node id and the given values); `ascii_only` escapes
+    other characters in the workflow's JSON (for formats whose text is ASCII)."""
+    text = {}
+    if embed_workflow:
+        text["workflow"] = json.dumps(ctx.workflow, separators=(",", ":"), ensure_ascii=ascii_only)
+    text["parameters"] = json.dumps({"run_id": ctx.run_id, "node_id": ctx.node_id, **parameters})
+    return text
+
+
 class SaveImage(Node):
     """Save images as PNG files in the output folder, numbered so nothing is overwritten. Each file
     carries the workflow (PNG text `workflow`, so the editor can reopen it) and the run id and node
@@ -244,11 +301,8 @@ class SaveImage(Node):
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         images = as_image(inputs.images, "images")
-        workflow = json.dumps(ctx.workflow, separators=(",", ":"), ensure_ascii=False)
         for index in range(images.shape[0]):
-            text = {"parameters": json.dumps({"run_id": ctx.run_id, "node_id": ctx.node_id, "batch_index": index})}
-            if inputs.embed_workflow:
-                text["workflow"] = workflow
+            text = _file_text(ctx, inputs.embed_workflow, batch_index=index)
             data = png_bytes(images[index], text, inputs.compress_level)
             path = write_numbered(ctx.output_dir, inputs.filename_prefix, ".png", data)
             ctx.record_file(path)
@@ -277,6 +331,69 @@ class PreviewImage(Node):
             if not path.is_file():
                 atomic_write(path, data)
             ctx.record_file(path)
+        return self.Outputs()
+
+
+_FilenamePrefix = Annotated[str, Field(min_length=1, max_length=200,
+                                       description="File name prefix; may name subfolders (`portraits/face`).")]
+_EmbedWorkflow = Annotated[bool, Field(description="Store the workflow in the file (turn off to share it without "
+                                                   "the prompt and settings).")]
+_Fps = Annotated[float, Field(ge=0.01, le=1000.0, description="Frames per second; each frame shows 1000 / fps "
+                                                              "milliseconds, whole milliseconds.")]
+
+
+class SaveAnimatedWebP(Node):
+    """Save an image batch as one animated WebP in the output folder, one frame per image, looping,
+    numbered so nothing is overwritten. The workflow is stored in the file's EXIF (Make tag, as
+    `workflow:<JSON>`), the run id and node id as `parameters:<JSON>` (ImageDescription tag)."""
+
+    category = "image"
+    output_node = True
+
+    class Inputs(NodeInputs):
+        images: IMAGE.annotation = Field(description="The frames, in order.")
+        filename_prefix: _FilenamePrefix = "nodegraph"
+        fps: _Fps = 6.0
+        lossless: bool = Field(True, description="Keep every pixel exactly (larger files).")
+        quality: int = Field(80, ge=0, le=100, description="Lossy: picture quality, 100 best. Lossless: how hard "
+                                                           "to compress, 100 smallest.")
+        method: WebPMethod = Field("default", description="Encoder effort: fastest, default or slowest (smallest).")
+        embed_workflow: _EmbedWorkflow = True
+
+    class Outputs(NodeOutputs):
+        pass
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        images = as_image(inputs.images, "images")
+        text = _file_text(ctx, inputs.embed_workflow, ascii_only=True, frames=images.shape[0])
+        data = webp_animation_bytes(images, text, inputs.fps, inputs.lossless, inputs.quality, inputs.method)
+        ctx.record_file(write_numbered(ctx.output_dir, inputs.filename_prefix, ".webp", data))
+        return self.Outputs()
+
+
+class SaveAnimatedPNG(Node):
+    """Save an image batch as one animated PNG (APNG) in the output folder, one frame per image,
+    looping, numbered so nothing is overwritten. Like SaveImage's files it carries the workflow
+    (PNG text `workflow`) and the run id and node id (`parameters`)."""
+
+    category = "image"
+    output_node = True
+
+    class Inputs(NodeInputs):
+        images: IMAGE.annotation = Field(description="The frames, in order.")
+        filename_prefix: _FilenamePrefix = "nodegraph"
+        fps: _Fps = 6.0
+        compress_level: int = Field(4, ge=0, le=9, description="PNG compression: 0 fastest, 9 smallest.")
+        embed_workflow: _EmbedWorkflow = True
+
+    class Outputs(NodeOutputs):
+        pass
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        images = as_image(inputs.images, "images")
+        text = _file_text(ctx, inputs.embed_workflow, frames=images.shape[0])
+        data = apng_bytes(images, text, inputs.fps, inputs.compress_level)
+        ctx.record_file(write_numbered(ctx.output_dir, inputs.filename_prefix, ".png", data))
         return self.Outputs()
 
 
@@ -334,6 +451,31 @@ class ImageScaleBy(Node):
         return self.Outputs(image=resize(image, width, height, inputs.method))
 
 
+class ImageScaleToTotalPixels(Node):
+    """Scale images to about a number of megapixels (of 1024 x 1024 pixels), keeping the aspect
+    ratio; each side is rounded to a multiple of `resolution_steps`."""
+
+    category = "image"
+
+    class Inputs(NodeInputs):
+        image: IMAGE.annotation = Field(description="Images to scale.")
+        method: ResizeMethod = Field("nearest", description="Resampling filter.")
+        megapixels: float = Field(1.0, ge=0.01, le=16.0, description="Target size in megapixels.")
+        resolution_steps: int = Field(1, ge=1, le=256, description="Both sides become multiples of this.")
+
+    class Outputs(NodeOutputs):
+        image: IMAGE.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        image = as_image(inputs.image)
+        height, width = image.shape[1:3]
+        new_width, new_height = imaging.size_for_megapixels(width, height, inputs.megapixels, inputs.resolution_steps)
+        if max(new_width, new_height) > MAX_SIDE:
+            raise InputError("megapixels", f"{inputs.megapixels} megapixels make {width}x{height} pixels "
+                                           f"{new_width}x{new_height}; at most {MAX_SIDE} a side")
+        return self.Outputs(image=resize(image, new_width, new_height, inputs.method))
+
+
 class PadForOutpaint(Node):
     """Extend images with grey borders to paint into, and the mask that marks them. Feathering
     fades the mask into the original image near the padded edges so the seam is repainted too."""
@@ -379,6 +521,38 @@ class PadForOutpaint(Node):
             if padded:
                 distance = torch.minimum(distance, d)
         return ((1.0 - distance / inputs.feathering).clamp(min=0.0)) ** 2
+
+
+# -- edges --
+
+class CannyEdges(Node):
+    """Edges found by the Canny detector, white on black (what a canny ControlNet takes). The image
+    is turned grey and blurred (5 x 5 Gaussian, sigma 1); the thresholds apply to the Sobel
+    gradient's magnitude, as in ComfyUI's Canny: where it exceeds `high_threshold` is an edge, and
+    where it exceeds `low_threshold` too, if joined to such an edge."""
+
+    category = "image"
+
+    class Inputs(NodeInputs):
+        image: IMAGE.annotation = Field(description="Images to find edges in.")
+        low_threshold: float = Field(0.4, ge=0.01, le=0.99, description="Weaker edges kept where they join a "
+                                                                        "strong one; at most high_threshold.")
+        high_threshold: float = Field(0.8, ge=0.01, le=0.99, description="Edges kept wherever they are; lower "
+                                                                         "finds more.")
+
+    class Outputs(NodeOutputs):
+        image: IMAGE.annotation = Field(description="1 on edges, 0 elsewhere, in all three channels.")
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        if inputs.low_threshold > inputs.high_threshold:
+            raise InputError("low_threshold", f"{inputs.low_threshold} is above high_threshold "
+                                              f"{inputs.high_threshold}; it must be at most that")
+        image = as_image(inputs.image)
+        if min(image.shape[1:3]) < 3:
+            raise InputError("image", f"{image.shape[2]}x{image.shape[1]} pixels is too small; at least 3x3")
+        planar = image.permute(0, 3, 1, 2).to(run_device(ctx))
+        edges = imaging.canny(planar, inputs.low_threshold, inputs.high_threshold).edges
+        return self.Outputs(image=edges[:, 0, :, :, None].expand(-1, -1, -1, 3).cpu().contiguous())
 
 
 # -- values --
@@ -533,6 +707,7 @@ class ImageCompositeMasked(Node):
 
 
 NODES: list[type[Node]] = [
-    LoadImage, LoadMask, SaveImage, PreviewImage, ImageScale, ImageScaleBy, PadForOutpaint,
-    InvertImage, InvertMask, MaskFromColor, MaskToImage, ImageToMask, ImageBatch, ImageCompositeMasked,
+    LoadImage, LoadMask, SaveImage, SaveAnimatedWebP, SaveAnimatedPNG, PreviewImage, ImageScale, ImageScaleBy,
+    ImageScaleToTotalPixels, PadForOutpaint, CannyEdges, InvertImage, InvertMask, MaskFromColor, MaskToImage,
+    ImageToMask, ImageBatch, ImageCompositeMasked,
 ]

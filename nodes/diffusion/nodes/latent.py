@@ -12,15 +12,19 @@ from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
 from nodegraph.types import IMAGE, LATENT, MASK, MODEL, VAE
 
 from ..components import DiffusionModel, Latent, VAEModel
+from ..imaging import bislerp
 from .common import InputError
 from .images import as_mask, check_mask_size
 
-UpscaleMethod = Literal["nearest-exact", "bilinear", "area", "bicubic"]
+# bislerp: bilinear, with neighbouring latent vectors blended by slerp (imaging.bislerp).
+UpscaleMethod = Literal["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
 _SIZE = dict(ge=16, le=16384)
 
 
 def _resize(samples: torch.Tensor, height: int, width: int, method: str) -> torch.Tensor:
     """(B, C, h, w) -> (B, C, height, width)."""
+    if method == "bislerp":
+        return bislerp(samples, height, width)
     align = {"bilinear": False, "bicubic": False}.get(method)
     return F.interpolate(samples, size=(height, width), mode=method, align_corners=align)
 
