@@ -267,9 +267,14 @@ def test_a_group_node_becomes_its_nodes_with_the_instances_widget_values(kind):
 def test_group_node_widget_values_that_do_not_line_up_are_named():
     document = group_node_document("workflow>")
     document["nodes"][4]["widgets_values"] = ["dpmpp_2m", 42, "fixed"]
+    # A widget turned into an input and linked: the group node does not save which inner widget it feeds.
+    document["nodes"][4]["inputs"].append(slot("cfg", "FLOAT", 10, widget=True))
+    document["nodes"].append({**node(50, "PrimitiveNode", [7.5]), "outputs": [{"name": "FLOAT", "links": [10]}]})
+    document["links"].append([10, 50, 0, 37, 4, "FLOAT"])
     error = import_error(document)
-    assert issues_at(error) == {("37", None): "invalid_widgets"}
+    assert issues_at(error) == {("37", None): "invalid_widgets", ("37", "cfg"): "invalid_link"}
     assert "group node 'Sampler': the node holds 3 widget values, its inner nodes have 7" in str(error)
+    assert "group node 'Sampler': a widget turned into an input cannot be imported" in str(error)
 
 
 def test_what_cannot_be_expanded_is_named_with_the_inner_nodes_ids():

@@ -349,6 +349,13 @@ class _Expander:
                 delta = (pos[0] + delta[0] - min(p[0] for p in corners), pos[1] + delta[1] - min(p[1] for p in corners))
             created = _Instance(node, definition, flat_id, path, graph, parent, delta)
             self._apply_widget_values(created)
+            if definition.kind == "group node":
+                for entry in _input_entries(node):
+                    # Which inner widget such an input feeds is not saved with the group node.
+                    if isinstance(entry, dict) and entry.get("widget") and entry.get("link") is not None:
+                        self.report("invalid_link", f"{definition.describe()}: a widget turned into an input cannot "
+                                                    "be imported; set its value on the node instead",
+                                    flat_id, input_name(entry))
         self.instances[flat_id] = created
         return created
 
