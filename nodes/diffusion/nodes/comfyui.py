@@ -145,10 +145,10 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
         ("positive", "negative"), ("strength", "start_percent", "end_percent"),
         # Newer ComfyUI passes a VAE for ControlNets of other model families; SD1/SDXL ones need none.
         ignored=frozenset({"vae"})),
-    "EmptyLatentImage": NodeMapping("EmptyLatent", _same("width", "height", "batch_size"), ("latent",),
     # The older one-conditioning form: its ControlNet also guides the negative side (see ApplyControlNetSimple).
     "ControlNetApply": NodeMapping("ApplyControlNetSimple", _same("conditioning", "control_net", "image", "strength"),
                                    ("conditioning",), ("strength",)),
+    "EmptyLatentImage": NodeMapping("EmptyLatent", _same("width", "height", "batch_size"), ("latent",),
                                     ("width", "height", "batch_size"), needs_model=True),
     # Our EmptyLatent shapes the latent for its model (16 channels for SD3 and Flux).
     "EmptySD3LatentImage": NodeMapping("EmptyLatent", _same("width", "height", "batch_size"), ("latent",),
@@ -201,9 +201,9 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
     "DisableNoise": NodeMapping("DisableNoise", {}, ("noise",)),
     "BasicScheduler": NodeMapping("Scheduler", _same("model", "scheduler", "steps", "denoise"), ("sigmas",),
                                   ("scheduler", "steps", "denoise")),
-    "SplitSigmas": NodeMapping("SplitSigmas", _same("sigmas", "step"), ("high", "low"), ("step",)),
     "SDTurboScheduler": NodeMapping("SDTurboScheduler", _same("model", "steps", "denoise"), ("sigmas",),
                                     ("steps", "denoise")),
+    "SplitSigmas": NodeMapping("SplitSigmas", _same("sigmas", "step"), ("high", "low"), ("step",)),
     "KSamplerSelect": NodeMapping("SelectSampler", _same("sampler_name"), ("sampler",), ("sampler_name",)),
     "CFGGuider": NodeMapping("Guider", _same("model", "positive", "negative", "cfg"), ("guider",), ("cfg",)),
     "BasicGuider": NodeMapping("BasicGuider", _same("model", "conditioning"), ("guider",)),
@@ -211,7 +211,6 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
     "ModelSamplingFlux": NodeMapping(
         "ModelSamplingFlux", _same("model", "max_shift", "base_shift", "width", "height"), ("model",),
         ("max_shift", "base_shift", "width", "height")),
-    "SamplerCustomAdvanced": NodeMapping(
     "ModelSamplingDiscrete": NodeMapping("ModelSamplingDiscrete", _same("model", "sampling", "zsnr"), ("model",),
                                          ("sampling", "zsnr")),
     "SamplerCustom": NodeMapping(
@@ -219,6 +218,7 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
         {"latent_image": "latent",
          **_same("model", "add_noise", "noise_seed", "cfg", "positive", "negative", "sampler", "sigmas")},
         ("latent", "denoised"), ("add_noise", "noise_seed", "control_after_generate", "cfg")),
+    "SamplerCustomAdvanced": NodeMapping(
         "Sample", {"latent_image": "latent", **_same("noise", "guider", "sampler", "sigmas")}, ("latent", "denoised")),
     "SaveImage": NodeMapping("SaveImage", _same("images", "filename_prefix"), (), ("filename_prefix",)),
     "SaveAnimatedWEBP": NodeMapping(

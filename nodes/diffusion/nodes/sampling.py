@@ -165,10 +165,6 @@ class Scheduler(Node):
         return self.Outputs(sigmas=sigmas)
 
 
-class SplitSigmas(Node):
-    """Split a schedule at a step: the high-noise part and the low-noise rest (they share the boundary)."""
-
-    category = "sampling"
 class SDTurboScheduler(Node):
     """The noise levels SD-Turbo and SDXL-Turbo were distilled for: timesteps 999, 899, ... 99, one
     per step (1 to 10 steps). denoise < 1 starts further down (0.5: at timestep 499) for img2img."""
@@ -188,6 +184,10 @@ class SDTurboScheduler(Node):
         return self.Outputs(sigmas=sigmas)
 
 
+class SplitSigmas(Node):
+    """Split a schedule at a step: the high-noise part and the low-noise rest (they share the boundary)."""
+
+    category = "sampling"
 
     class Inputs(NodeInputs):
         sigmas: SIGMAS.annotation
@@ -319,10 +319,6 @@ class ModelSamplingFlux(Node):
         return self.Outputs(model=inputs.model.with_sampling(sampling))
 
 
-class Sample(Node):
-    """Run a sampler: noise + guider + sampler + sigmas on a latent. Outputs the result and the
-    model's last denoised estimate."""
-
 # ComfyUI's names for the predictions ModelSamplingDiscrete sets.
 DISCRETE_PREDICTIONS = {"eps": Prediction.EPS, "v_prediction": Prediction.V, "lcm": Prediction.LCM,
                         "x0": Prediction.X0}
@@ -355,6 +351,10 @@ class ModelSamplingDiscrete(Node):
         sampling = ModelSampling.discrete(schedule, DISCRETE_PREDICTIONS[inputs.sampling], inputs.zsnr)
         return self.Outputs(model=model.with_sampling(sampling))
 
+
+class Sample(Node):
+    """Run a sampler: noise + guider + sampler + sigmas on a latent. Outputs the result and the
+    model's last denoised estimate."""
 
     category = "sampling"
 
@@ -400,10 +400,6 @@ class DenoiseStep(Node):
         return self.Outputs(denoised=inputs.latent.with_(samples=denoised.float().cpu()))
 
 
-class KSampler(Node):
-    """Sample in one node: seed, steps, cfg, sampler, scheduler and denoise strength (1 = text-to-image,
-    less = img2img from the given latent)."""
-
 class SamplerCustom(Node):
     """Sample with a chosen sampler and schedule (SelectSampler, Scheduler or SDTurboScheduler) and
     classifier-free guidance in one node. add_noise off continues a latent that still holds its noise
@@ -434,6 +430,10 @@ class SamplerCustom(Node):
         result, denoised = run_sampling(ctx, guidance, inputs.sampler, inputs.sigmas, inputs.latent, noise)
         return self.Outputs(latent=result, denoised=denoised)
 
+
+class KSampler(Node):
+    """Sample in one node: seed, steps, cfg, sampler, scheduler and denoise strength (1 = text-to-image,
+    less = img2img from the given latent)."""
 
     category = "sampling"
 
