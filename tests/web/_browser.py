@@ -106,6 +106,32 @@ class Page:
         for kind in ("keyDown", "keyUp"):
             await self.send("Input.dispatchKeyEvent", type=kind, key=key, code=code, windowsVirtualKeyCode=key_code)
 
+    async def type_keys(self, text: str) -> None:
+        """Type into the focused element one character at a time, each its own input event."""
+        for character in text:
+            await self.send("Input.insertText", text=character)
+
+    async def centre(self, selector: str) -> tuple[float, float]:
+        """The middle of an element, in page coordinates."""
+        box = await self.evaluate(f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+                                  " if (!e) return null; const r = e.getBoundingClientRect();"
+                                  " return [r.left + r.width / 2, r.top + r.height / 2]; })()")
+        if box is None:
+            raise BrowserError(f"no element {selector}")
+        return box[0], box[1]
+
+    async def drag(self, start: tuple[float, float], end: tuple[float, float], steps: int = 8) -> None:
+        """Press the left button at `start`, move to `end` in steps, release there."""
+        await self.send("Input.dispatchMouseEvent", type="mouseMoved", x=start[0], y=start[1])
+        await self.send("Input.dispatchMouseEvent", type="mousePressed", x=start[0], y=start[1], button="left",
+                        buttons=1, clickCount=1)
+        for step in range(1, steps + 1):
+            x = start[0] + (end[0] - start[0]) * step / steps
+            y = start[1] + (end[1] - start[1]) * step / steps
+            await self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y, button="left", buttons=1)
+        await self.send("Input.dispatchMouseEvent", type="mouseReleased", x=end[0], y=end[1], button="left",
+                        buttons=0, clickCount=1)
+
     async def screenshot(self, path: Path) -> None:
         data = await self.send("Page.captureScreenshot", format="png")
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -92,42 +92,54 @@ def _unavailable_choices(workflow: dict, catalogue: dict) -> list[str]:
     return missing
 
 
+def _start_server(folder: Path, workflows: Path, nodes_dir: Path | None) -> tuple[str, subprocess.Popen]:
+    """A real server on loopback with its files under `folder`; returns its base address and process."""
+    port = _free_port()
+    command = [sys.executable, "-m", "nodegraph", "serve", "--port", str(port),
+               "--db", str(folder / "runs.sqlite"), "--workflows-dir", str(workflows),
+               "--inputs-dir", str(folder / "inputs"), "--output-dir", str(folder / "outputs"),
+               "--editor-dir", str(EDITOR_DIR), "--device", "cpu"]
+    if nodes_dir is not None:
+        command += ["--nodes-dir", str(nodes_dir)]
+    # The server runs in a scratch folder; the repository's models (the demo model) are its models root.
+    env = {**os.environ, "NODEGRAPH_MODELS": str(ROOT / "models")}
+    process = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120  # importing every pack (torch) is slow on a busy machine
+    while True:
+        try:
+            _get_json(f"{base}/api/health")
+            return base, process
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                _stop(process)
+                raise AssertionError(f"server did not start: {process.communicate()[1]}")
+            time.sleep(0.2)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    try:
+        process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 @pytest.fixture
 def serve(tmp_path):
     """Start a real server on loopback; returns its base address. Stopped at the end of the test."""
     processes: list[subprocess.Popen] = []
 
     def start(workflows: Path, nodes_dir: Path | None) -> str:
-        port = _free_port()
-        command = [sys.executable, "-m", "nodegraph", "serve", "--port", str(port),
-                   "--db", str(tmp_path / "runs.sqlite"), "--workflows-dir", str(workflows),
-                   "--inputs-dir", str(tmp_path / "inputs"), "--output-dir", str(tmp_path / "outputs"),
-                   "--editor-dir", str(EDITOR_DIR), "--device", "cpu"]
-        if nodes_dir is not None:
-            command += ["--nodes-dir", str(nodes_dir)]
-        # The server runs in a scratch folder; the repository's models (the demo model) are its models root.
-        env = {**os.environ, "NODEGRAPH_MODELS": str(ROOT / "models")}
-        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                   text=True)
+        base, process = _start_server(tmp_path, workflows, nodes_dir)
         processes.append(process)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120  # importing every pack (torch) is slow on a busy machine
-        while True:
-            try:
-                _get_json(f"{base}/api/health")
-                return base
-            except OSError:
-                assert process.poll() is None, process.communicate()[1]
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.2)
+        return base
 
     yield start
     for process in processes:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        _stop(process)
 
 
 async def open_saved(page: Page, name: str) -> None:
@@ -235,3 +247,67 @@ async def test_editor_runs_the_txt2img_workflow(case_name, serve, tmp_path):
         digest = hashlib.sha256(f"7:{prompt}".encode()).digest()
         assert picture.convert("RGB").getpixel((255, 191)) == (digest[0], digest[1], digest[2])
     assert (artifacts / f"editor-{case_name}.png").stat().st_size > 10_000
+
+
+# -- defects of issue 17, each against the picture workflow on one shared server --
+
+@pytest.fixture(scope="module")
+def picture_server(tmp_path_factory):
+    """A server with the picture pack and the picture txt2img workflow, shared by the tests below."""
+    chromium = find_chromium()
+    _need(chromium is not None, "no Chromium found (apt-get install chromium, or set $CHROMIUM)")
+    _need((EDITOR_DIR / "index.html").is_file(), "the editor is not built (npm ci && npm run build in web/)")
+    folder = tmp_path_factory.mktemp("picture_server")
+    workflows = folder / "workflows"
+    workflows.mkdir()
+    shutil.copy(CASES["picture"].workflow, workflows / "txt2img.json")
+    base, process = _start_server(folder, workflows, PICTURE_PACKS)
+    yield chromium, base
+    _stop(process)
+
+
+async def open_editor(page: Page, base: str, workflow: str | None = "txt2img.json") -> None:
+    """Load the editor, and open a saved workflow once its links are drawn."""
+    await page.goto(f"{base}/")
+    await page.wait_for("document.querySelector('.editor[data-ready=true]') !== null", what="the editor to start")
+    if workflow is not None:
+        await open_saved(page, workflow)
+        await page.wait_for("document.querySelectorAll('.react-flow__edge').length === 2", what="the links drawn")
+
+
+def stored_input(node: str, name: str) -> str:
+    """An expression for an input's value in the graph the editor keeps (local storage)."""
+    return (f"JSON.parse(localStorage.getItem('nodegraph.graph')).workflow.nodes[{json.dumps(node)}]"
+            f".inputs[{json.dumps(name)}]")
+
+
+@pytest.mark.asyncio
+async def test_number_fields_keep_what_is_typed(picture_server, tmp_path):
+    """Issue 17, defect 1: typing into a bounded number field is never rewritten keystroke by
+    keystroke; the value is taken on Enter or when the field is left, and one out of bounds is
+    shown as an error on the field, not changed."""
+    chromium, base = picture_server
+    width = "[data-testid=input-draw-width]"
+    async with Browser(chromium, tmp_path / "profile") as page:
+        await open_editor(page, base)
+        await page.evaluate(f"(() => {{ const e = document.querySelector('{width}'); e.focus(); e.select(); }})()")
+        await page.type_keys("64")
+        assert await page.evaluate(text_of(width)) == "64"
+        await page.press("Enter", "Enter", 13)
+        await page.wait_for(f"{stored_input('draw', 'width')} === 64", what="64 stored on Enter")
+        await page.press("Backspace", "Backspace", 8)
+        await page.press("Backspace", "Backspace", 8)
+        assert await page.evaluate(text_of(width)) == ""
+        await page.type_keys("768")
+        assert await page.evaluate(text_of(width)) == "768"
+        await page.evaluate(f"document.querySelector('{width}').blur()")
+        await page.wait_for(f"{stored_input('draw', 'width')} === 768", what="768 stored when the field is left")
+        # Below the minimum (16): kept as typed and marked, with the bound named.
+        await page.evaluate(f"(() => {{ const e = document.querySelector('{width}'); e.focus(); e.select(); }})()")
+        await page.type_keys("8")
+        await page.press("Enter", "Enter", 13)
+        error = await page.wait_for("document.querySelector('[data-testid=field-error-draw-width]')?.textContent",
+                                    what="the bound shown on the field")
+        assert "16" in error
+        assert await page.evaluate(text_of(width)) == "8"
+        assert await page.evaluate(stored_input("draw", "width")) == 8

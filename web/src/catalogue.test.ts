@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 
-import { canConnect, clampNumber, type InputSpec, paletteGroups, randomSeed, widgetFor } from "./catalogue";
+import { canConnect, type InputSpec, numberProblem, paletteGroups, randomSeed, widgetFor } from "./catalogue";
 import { catalogue } from "./testCatalogue";
 
 const input = (spec: Partial<InputSpec>): InputSpec => ({ type: "INT", required: false, description: "", link_only: false, ...spec });
@@ -31,12 +31,15 @@ describe("widgetFor", () => {
     expect(widgetFor("a", input({ type: "*" }))).toEqual({ kind: "json" });
   });
 
-  it("clamps and rounds numbers to the bounds and step", () => {
+  it("says why a number does not fit, without changing it", () => {
     const width = { kind: "number", integer: true, min: 16, max: 2048, step: 8 } as const;
-    expect(clampNumber(width, 3)).toBe(16);
-    expect(clampNumber(width, 515)).toBe(512);
-    expect(clampNumber(width, 5000)).toBe(2048);
-    expect(clampNumber({ kind: "number", integer: false, step: 0.1 }, 1.234)).toBe(1.234);
+    expect(numberProblem(width, 64)).toBeNull();
+    expect(numberProblem(width, 8)).toBe("at least 16");
+    expect(numberProblem(width, 4096)).toBe("at most 2048");
+    expect(numberProblem(width, 515)).toBe("a multiple of 8");
+    expect(numberProblem(width, 64.5)).toBe("a whole number is needed");
+    expect(numberProblem({ kind: "number", integer: false, step: 0.1 }, 1.234)).toBeNull();
+    expect(numberProblem({ kind: "seed", min: 0, max: 9 }, 10)).toBe("at most 9");
   });
 
   it("draws random seeds inside the bounds", () => {

@@ -100,19 +100,17 @@ export function widgetFor(name: string, spec: InputSpec): Widget {
   }
 }
 
-/** Clamp and round a number typed into a number widget to what the input accepts. */
-export function clampNumber(widget: Extract<Widget, { kind: "number" | "seed" }>, value: number): number {
-  let result = value;
-  if (widget.kind === "number" && widget.integer) result = Math.round(result);
-  if (widget.kind === "seed") result = Math.round(result);
-  if (widget.min !== undefined && result < widget.min) result = widget.min;
-  if (widget.max !== undefined && result > widget.max) result = widget.max;
-  if (widget.kind === "number" && widget.integer && widget.step > 1) {
-    const base = widget.min ?? 0;
-    result = base + Math.round((result - base) / widget.step) * widget.step;
-    if (widget.max !== undefined && result > widget.max) result -= widget.step;
-  }
-  return result;
+/** Why a number does not fit a number widget's input (bounds, whole numbers, step), or null if it
+ *  does. The server checks the same when a run is submitted; the field shows it as soon as it is typed. */
+export function numberProblem(widget: Extract<Widget, { kind: "number" | "seed" }>, value: number): string | null {
+  if (!Number.isFinite(value)) return "a number is needed";
+  const integer = widget.kind === "seed" || widget.integer;
+  if (integer && !Number.isInteger(value)) return "a whole number is needed";
+  if (widget.min !== undefined && value < widget.min) return `at least ${widget.min}`;
+  if (widget.max !== undefined && value > widget.max) return `at most ${widget.max}`;
+  // An integer's step is its multiple_of (a float's step may be only a hint for the arrows).
+  if (widget.kind === "number" && integer && widget.step > 1 && value % widget.step !== 0) return `a multiple of ${widget.step}`;
+  return null;
 }
 
 /** A fresh random seed within the widget's bounds (seed inputs are re-rolled after each run). */

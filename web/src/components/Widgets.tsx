@@ -1,8 +1,8 @@
 // Editing one literal input of a node, with the widget its schema calls for.
 
-import { type ChangeEvent } from "react";
+import { type ChangeEvent, type ReactNode, useState } from "react";
 
-import { clampNumber, type InputSpec, type Widget } from "../catalogue";
+import { type InputSpec, numberProblem, type Widget } from "../catalogue";
 import { actions } from "../store";
 
 interface Props {
@@ -22,16 +22,9 @@ export function InputWidget({ nodeId, name, spec, widget, value, randomize }: Pr
     case "none":
       return null;
     case "number":
-    case "seed": {
-      const onChange = (event: ChangeEvent<HTMLInputElement>) => {
-        if (event.target.value === "" || Number.isNaN(event.target.valueAsNumber)) return;
-        set(clampNumber(widget, event.target.valueAsNumber));
-      };
-      const step = widget.kind === "seed" ? 1 : widget.step;
+    case "seed":
       return (
-        <span className="widget-row">
-          <input {...common} type="number" min={widget.min} max={widget.max} step={step}
-                 value={typeof value === "number" ? value : ""} onChange={onChange} />
+        <NumberField common={common} widget={widget} value={value} onCommit={set}>
           {widget.kind === "seed" && (
             <label className="nodrag randomize" title="Pick a new random seed after each run">
               <input type="checkbox" data-testid={`randomize-${nodeId}-${name}`} checked={randomize}
@@ -39,9 +32,8 @@ export function InputWidget({ nodeId, name, spec, widget, value, randomize }: Pr
               random
             </label>
           )}
-        </span>
+        </NumberField>
       );
-    }
     case "text":
       return widget.multiline
         ? <textarea {...common} rows={3} value={typeof value === "string" ? value : ""}
@@ -90,4 +82,51 @@ export function InputWidget({ nodeId, name, spec, widget, value, randomize }: Pr
                       }
                     }} />;
   }
+}
+
+interface NumberFieldProps {
+  common: { "data-testid": string; className: string; title: string };
+  widget: Extract<Widget, { kind: "number" | "seed" }>;
+  value: unknown;
+  onCommit: (value: number) => void;
+  /** Shown beside the field (the seed's "random" box). */
+  children?: ReactNode;
+}
+
+/** A number typed freely: the text is taken on Enter or when the field is left (the arrows take it at
+ *  once), never rewritten; a value the input does not accept is marked with the reason. */
+function NumberField({ common, widget, value, onCommit, children }: NumberFieldProps) {
+  const [draft, setDraft] = useState<string | null>(null);
+  const text = draft ?? (typeof value === "number" ? String(value) : "");
+  const problem = text.trim() === "" ? null : numberProblem(widget, Number(text));
+  const take = (typed: string) => {
+    setDraft(null);
+    const number = Number(typed);
+    // Nothing or half a number (a lone "-") typed: the stored value stays and shows again.
+    if (typed.trim() !== "" && Number.isFinite(number) && number !== value) onCommit(number);
+  };
+  const onChange = (event: ChangeEvent<HTMLInputElement>) => {
+    // Typing and pasting are input events with an inputType; a step by the arrows or the arrow keys is not.
+    const inputType = (event.nativeEvent as InputEvent).inputType;
+    if (inputType) setDraft(event.target.value);
+    else take(event.target.value);
+  };
+  const step = widget.kind === "seed" ? 1 : widget.step;
+  const errorId = common["data-testid"].replace(/^input-/, "field-error-");
+  return (
+    <span className="widget-column">
+      <span className="widget-row">
+        <input {...common} className={problem ? `${common.className} invalid` : common.className} type="number"
+               min={widget.min} max={widget.max} step={step} value={text} onChange={onChange}
+               onBlur={(event) => { if (draft !== null) take(event.target.value); }}
+               onKeyDown={(event) => {
+                 if (event.key === "Enter" && draft !== null) take(event.currentTarget.value);
+                 else if (event.key === "Escape") setDraft(null);
+               }}
+               aria-invalid={problem !== null} />
+        {children}
+      </span>
+      {problem && <span className="field-error" data-testid={errorId}>{problem}</span>}
+    </span>
+  );
 }
