@@ -31,6 +31,25 @@ class UsageError(Exception):
     """Bad command-line arguments or files; exit code 2."""
 
 
+THREADS_ENV = "NODEGRAPH_THREADS"
+"""How many CPU threads packs compute with: a number, or "auto" (each pack's own policy; the
+diffusion pack's picks per run from the work size and the cores other programs leave free)."""
+
+
+def _threads(text: str) -> str:
+    """A --threads value: "auto" or a whole number of at least 1."""
+    value = text.strip()
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise argparse.ArgumentTypeError(f"expected a number of threads (1 or more) or 'auto', got {text!r}")
+    return value
+
+
+def _apply_threads(args: argparse.Namespace) -> None:
+    """--threads reaches the packs through the environment (the engine imports no compute library)."""
+    if args.threads is not None:
+        os.environ[THREADS_ENV] = args.threads
+
+
 def _parse_assignment(text: str) -> tuple[str, str, Any]:
     target, sep, raw = text.partition("=")
     node_id, dot, input_name = target.rpartition(".")
@@ -145,6 +164,7 @@ def _run_result_json(result: RunResult) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _apply_threads(args)
     registry, problems = build_registry(args.nodes_dir or [DEFAULT_NODES_DIR])
     _print_problems(problems)
     try:
@@ -286,6 +306,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.backend != "ray" and ray_options:
         raise UsageError(f"{', '.join(ray_options)}: only with --backend ray")
 
+    _apply_threads(args)
     # Packs that list input images (LoadImage) read $NODEGRAPH_INPUTS: uploads land where they look.
     inputs_dir = args.inputs_dir or Path(os.environ.get("NODEGRAPH_INPUTS") or "inputs")
     os.environ["NODEGRAPH_INPUTS"] = str(inputs_dir)
@@ -312,12 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more, and print tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def with_threads(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--threads", type=_threads, metavar="N|auto",
+                       help=f"CPU threads a run computes with (default: ${THREADS_ENV}, else auto: chosen per run "
+                            "from the work size and the cores other programs leave free)")
+        return p
+
     def with_nodes_dir(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--nodes-dir", action="append", type=Path, metavar="DIR",
                        help=f"load node packs from DIR (repeatable; default ./{DEFAULT_NODES_DIR})")
         return p
 
-    run = with_nodes_dir(sub.add_parser("run", help="run a workflow file (or a ComfyUI one a pack imports)"))
+    run = with_threads(with_nodes_dir(sub.add_parser("run", help="run a workflow file (or a ComfyUI one a pack imports)")))
     run.add_argument("workflow")
     run.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
                      help="override an input (VALUE is JSON, or plain text)")
@@ -345,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema = with_nodes_dir(sub.add_parser("schema", help="print the workflow JSON Schema"))
     schema.set_defaults(handler=cmd_schema)
 
-    serve = with_nodes_dir(sub.add_parser("serve", help="run the HTTP/WebSocket API server"))
+    serve = with_threads(with_nodes_dir(sub.add_parser("serve", help="run the HTTP/WebSocket API server")))
     serve.add_argument("--listen", "--host", dest="listen", default="127.0.0.1", metavar="ADDRESS",
                        help="address to listen on (default 127.0.0.1, this machine only; any other address "
                             "requires an access token)")

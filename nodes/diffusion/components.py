@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .weights import patching
 from .weights.patching import Deltas, WeightPatches
 from .weights.storage import compute_dtype
+from .weights.devices import cpu_threads, network_work
 from .architectures.detection import ModelFamily
 from .architectures.stable_diffusion import LatentFormat
 from .architectures.transformers import PIXART_T5_TOKENS
@@ -160,7 +161,8 @@ class TextEncoders:
         clip_skip = self.clip_skip if self.clip_skip is not None else choice.clip_skip
         device = module_device(encoder)
         ids = torch.tensor([chunk.ids for chunk in chunks], device=device)
-        with _patched(encoder, self.patches.get(slot, WeightPatches())), torch.no_grad():
+        with cpu_threads(device, network_work(encoder, ids.numel())), \
+                _patched(encoder, self.patches.get(slot, WeightPatches())), torch.no_grad():
             embedded = encoder.embed_tokens(ids)
             embedded = torch.stack([chunk.splice_embeddings(e) for chunk, e in zip(chunks, embedded)])
             out = encoder(ids, token_embeddings=embedded, clip_skip=clip_skip, final_norm=choice.final_norm,
@@ -184,7 +186,8 @@ class TextEncoders:
         device = module_device(encoder)
         ids = torch.tensor([tokens.ids], device=device)
         mask = torch.tensor([tokens.attention_mask])
-        with _patched(encoder, self.patches.get("t5xxl", WeightPatches())), torch.no_grad():
+        with cpu_threads(device, network_work(encoder, ids.numel())), \
+                _patched(encoder, self.patches.get("t5xxl", WeightPatches())), torch.no_grad():
             hidden = encoder(ids, attention_mask=mask.to(device) if masked else None).float()
         weights = torch.tensor([tokens.weights], device=device)
         if not masked:
@@ -322,6 +325,13 @@ class TextEncoders:
         return CondEntry(context=context, pooled=pooled, y=y)
 
 
+def _vae_work(half: nn.Module, image_shape: tuple[int, ...]) -> float:
+    """The size of a VAE encode or decode for the CPU thread policy. image_shape: (B, 3, H, W). The
+    wide blocks, which hold most weights, run at a fraction of the image's size, the narrow ones at
+    all of it: one sixteenth of the pixels is about where the weights work."""
+    return network_work(half, image_shape[0] * image_shape[2] * image_shape[3] // 16)
+
+
 @dataclass(frozen=True, eq=False)
 class VAEModel:
     """An autoencoder with the latent space it maps to."""
@@ -343,7 +353,8 @@ class VAEModel:
         """image: (B, H, W, 3) in [0, 1] -> diffusion latents (B, C, H/f, W/f) on the CPU (posterior mean)."""
         device, dtype = module_device(self.vae), module_dtype(self.vae)
         x = image.permute(0, 3, 1, 2).to(device, dtype) * 2.0 - 1.0
-        posterior = self.vae.encode(x) if tile_size is None else self.vae.encode_tiled(x, tile_size, overlap)
+        with cpu_threads(device, _vae_work(self.vae.encoder, x.shape)):
+            posterior = self.vae.encode(x) if tile_size is None else self.vae.encode_tiled(x, tile_size, overlap)
         return self.scaling.to_diffusion(posterior.mean.float()).cpu()
 
     @torch.no_grad()
@@ -351,7 +362,10 @@ class VAEModel:
         """latents: (B, C, h, w) diffusion latents -> image (B, h*f, w*f, 3) in [0, 1] on the CPU."""
         device, dtype = module_device(self.vae), module_dtype(self.vae)
         z = self.scaling.to_vae(latents.to(device, torch.float32)).to(dtype)
-        x = self.vae.decode(z) if tile_size is None else self.vae.decode_tiled(z, tile_size, overlap)
+        b, _, h, w = z.shape
+        f = self.downscale_factor
+        with cpu_threads(device, _vae_work(self.vae.decoder, (b, 3, h * f, w * f))):
+            x = self.vae.decode(z) if tile_size is None else self.vae.decode_tiled(z, tile_size, overlap)
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -164,3 +165,49 @@ def test_hostile_workflow_files_exit_2_with_a_message(workdir, capsys, text, mes
         assert run_in_process(workdir, command, path) == 2
         captured = capsys.readouterr()
         assert message in captured.out + captured.err and "Traceback" not in captured.err
+
+
+THREADS_PACK = '''
+import os
+from pathlib import Path
+from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
+
+
+class ThreadsSeen(Node):
+    """Writes the thread setting the packs see to threads.txt."""
+
+    output_node = True
+
+    class Outputs(NodeOutputs):
+        pass
+
+    def run(self, inputs: NodeInputs, ctx: RunContext) -> Outputs:
+        ctx.output_dir.mkdir(parents=True, exist_ok=True)
+        (ctx.output_dir / "threads.txt").write_text(os.environ.get("NODEGRAPH_THREADS", "unset"))
+        return self.Outputs()
+
+
+NODES = [ThreadsSeen]
+'''
+
+
+@pytest.mark.parametrize(("given", "environment", "seen"), [
+    (["--threads", "3"], None, "3"), (["--threads", "auto"], "2", "auto"), ([], "2", "2"), ([], None, "unset")])
+def test_threads_option_reaches_the_packs(workdir, given, environment, seen):
+    (workdir / "custom_nodes" / "threads_pack.py").write_text(THREADS_PACK)
+    workflow = write(workdir / "wf.json", {"version": 1, "nodes": {"t": {"type": "ThreadsSeen", "inputs": {}}}})
+    env = {k: v for k, v in os.environ.items() if k != "NODEGRAPH_THREADS"}
+    if environment is not None:
+        env["NODEGRAPH_THREADS"] = environment
+    done = nodegraph("run", workflow, "--output-dir", "out", *given, cwd=workdir, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (workdir / "out" / "threads.txt").read_text() == seen
+
+
+@pytest.mark.parametrize("value", ["0", "many", "-1"])
+def test_bad_threads_option_exits_2_naming_it(workdir, value):
+    workflow = write(workdir / "wf.json", doc(a=("Value", {"value": 1})))
+    for command in (["run", workflow], ["serve"]):
+        done = nodegraph(*command, f"--threads={value}", cwd=workdir)
+        assert done.returncode == 2
+        assert "--threads" in done.stderr and "expected a number of threads" in done.stderr

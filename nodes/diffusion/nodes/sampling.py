@@ -17,6 +17,7 @@ from ..components import DiffusionModel, Latent, NoiseSource, ZeroNoise
 from ..sampling.guidance import CFGGuider, Conditioning, GuidanceError, check_conditioning
 from ..sampling.model_sampling import ModelSampling, ModelSamplingError, Prediction
 from ..vae.previews import preview_image
+from ..weights.devices import cpu_threads, network_work
 from ..sampling.run import KSAMPLER_EXTRA_STEP_SAMPLERS, SAMPLER_NAMES, SamplerChoice, resize_mask, sample
 from .common import InputError
 
@@ -101,8 +102,11 @@ def run_sampling(ctx: RunContext, guidance: Guidance, sampler: SamplerChoice, si
         mask = resize_mask(latent.noise_mask, samples.shape[0], samples.shape[2], samples.shape[3])
     device = next(model.network.parameters()).device
     last = {"denoised": samples}
-    colours = model.preview_colours()
-    with model.patched_network() as network:
+    # Positive and negative share one batched call unless cfg 1 skips the negative.
+    calls = 2 if guidance.negative and guidance.cfg != 1 else 1
+    work = network_work(model.network, calls * samples.shape[0] * samples.shape[2] * samples.shape[3])
+    with cpu_threads(device, work), model.patched_network() as network:
+        colours = model.preview_colours()  # the first time, fitted through the VAE: under the same policy
         guider = CFGGuider(network, model.sampling, guidance.positive, guidance.negative, guidance.cfg,
                            downscale=model.latent_format.downscale_factor, concat=_inpaint_concat(model, latent))
 

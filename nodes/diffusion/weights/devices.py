@@ -1,8 +1,9 @@
-"""Where models run and in what precision: device choice, dtype policy, and a model manager that offloads when memory is short."""
+"""Where models run and in what precision: device choice, dtype policy, CPU thread policy, and a model manager that offloads when memory is short."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -131,6 +132,198 @@ def resolve_dtype(
     if dtype == torch.bfloat16 and device.type == "cuda" and not cuda_supports_bf16(device):
         raise DeviceError(f"{device} does not support bf16 (needs compute capability 8.0+); use fp16 or fp32")
     return dtype
+
+
+THREADS_ENV = "NODEGRAPH_THREADS"
+"""Environment variable fixing the CPU threads a run computes with: a number, or "auto" (the policy
+below). `nodegraph run --threads N` and `nodegraph serve --threads N` set it."""
+
+WORK_PER_THREAD = 4e8
+"""Work (parameters x positions, see :func:`network_work`) one more intra-op thread needs per network
+call to pay for itself: about 15 ms of single-thread compute on a current x86 core. Below it the
+fork/join of every operator costs more than splitting it saves, and on a busy machine a thread that
+waits for its core stalls every operator. The tiny-shapes demo model at 64x64 (1.3e9) gets at most
+three threads this way, SD1.5 at 512x512 (7e12) all there are."""
+
+
+@dataclass(frozen=True)
+class CpuLoad:
+    """How many cores this process may compute on, and how much of them other processes use.
+
+    usable: the most intra-op threads this process should run: the CPUs it may be scheduled on,
+    its cgroup's CPU quota and the count torch is configured with (OMP_NUM_THREADS, or what the
+    application set), whichever is least. busy_elsewhere: runnable threads of other processes on
+    those cores, on average over a few looks.
+    """
+
+    usable: int
+    busy_elsewhere: float
+
+    @property
+    def free(self) -> int:
+        """Cores nobody else is computing on (at least 1: this process runs anyway)."""
+        return max(1, min(self.usable, math.floor(self.usable - self.busy_elsewhere + 0.5)))
+
+
+def network_work(network: nn.Module, positions: int) -> float:
+    """A size for one network call: its parameter count times the positions it runs at
+    (batch x latent height x width). Proportional to the multiply-adds of a convolutional or
+    transformer network at a given depth profile; what :data:`WORK_PER_THREAD` is measured in."""
+    return float(sum(p.numel() for p in network.parameters())) * positions
+
+
+def threads_for_work(work: float, load: CpuLoad) -> int:
+    """Intra-op threads for a run of `work` per network call on a CPU loaded as `load`: enough that
+    each thread has :data:`WORK_PER_THREAD` to do, no more than the cores that are free."""
+    by_work = max(1, int(work // WORK_PER_THREAD))
+    return max(1, min(by_work, load.free))
+
+
+def requested_threads() -> int | None:
+    """The thread count fixed by $NODEGRAPH_THREADS, or None when it is unset or "auto"."""
+    text = os.environ.get(THREADS_ENV, "").strip()
+    if text in ("", "auto"):
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise DeviceError(f"${THREADS_ENV} is {text!r}; expected a number of threads (1 or more) or 'auto'")
+    return int(text)
+
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+PROC = "/proc"
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs this process's cgroup may use per period (v2 cpu.max, v1 cfs quota), or None if unlimited."""
+    relative = ""
+    try:
+        with open(f"{PROC}/self/cgroup") as f:
+            for line in f:
+                hierarchy, controllers, path = line.rstrip("\n").split(":", 2)
+                if hierarchy == "0" or "cpu" in controllers.split(","):
+                    relative = path.lstrip("/")
+                    break
+    except (OSError, ValueError):
+        return None
+    # The process's own cgroup, then the root of the namespace (where a container usually sees its own).
+    for base in (os.path.join(CGROUP_ROOT, relative), CGROUP_ROOT):
+        try:
+            with open(os.path.join(base, "cpu.max")) as f:
+                quota, period = f.read().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        except (OSError, ValueError):
+            pass
+        for v1 in ("cpu", "cpu,cpuacct"):
+            try:
+                with open(os.path.join(base, v1, "cpu.cfs_quota_us")) as f:
+                    quota_us = int(f.read())
+                with open(os.path.join(base, v1, "cpu.cfs_period_us")) as f:
+                    period_us = int(f.read())
+            except (OSError, ValueError):
+                continue
+            return None if quota_us <= 0 else quota_us / period_us
+    return None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may compute on: its affinity mask, capped by its cgroup's CPU quota."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity masks
+        count = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, max(1, math.ceil(quota)))
+    return max(1, count)
+
+
+def _own_running_threads() -> int:
+    """Threads of this process that are running or runnable now (state R in /proc/self/task)."""
+    running = 0
+    for tid in os.listdir(f"{PROC}/self/task"):
+        try:
+            with open(f"{PROC}/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if stat[stat.rindex(")") + 2] == "R":
+            running += 1
+    return running
+
+
+_last_own_cpu: tuple[float, float] | None = None  # (monotonic time, process CPU time) at the last probe
+
+
+def _busy_elsewhere_from_load_average() -> float:
+    """Where /proc is missing (macOS): the 1-minute load average less what this process itself
+    computed since the last look (that part of the load is ours)."""
+    global _last_own_cpu
+    now = (time.monotonic(), time.process_time())
+    previous, _last_own_cpu = _last_own_cpu, now
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows
+        return 0.0
+    own = 0.0
+    if previous is not None and 0 < now[0] - previous[0] < 60:
+        own = (now[1] - previous[1]) / (now[0] - previous[0])
+    return max(0.0, load - own)
+
+
+def probe_cpu_load(looks: int = 5, interval: float = 0.001) -> CpuLoad:
+    """How busy the CPUs this process may use are right now.
+
+    "Busy" counts threads of other processes that want a core at this moment (/proc/loadavg's
+    runnable count less this process's own runnable threads), averaged over `looks` looks
+    `interval` seconds apart: a CPU-bound neighbour is seen every time, an editor or a browser
+    now and then, in proportion to what it uses. The 1-minute load average would lag a minute
+    behind a job that just started and count this process's own last run. Where a container sees
+    the whole host's count, it is scaled to the share of the host's CPUs this process may use.
+    """
+    usable = min(usable_cpus(), max(1, torch.get_num_threads()))
+    try:
+        total = 0
+        for look in range(looks):
+            if look:
+                time.sleep(interval)
+            with open(f"{PROC}/loadavg") as f:
+                runnable = int(f.read().split()[3].split("/")[0])
+            total += max(0, runnable - _own_running_threads())
+        busy = total / looks
+        online = os.cpu_count() or usable
+        busy *= min(1.0, usable_cpus() / online)
+    except OSError:
+        busy = _busy_elsewhere_from_load_average()
+    return CpuLoad(usable, busy)
+
+
+@contextmanager
+def cpu_threads(device: torch.device, work: float, probe: Callable[[], CpuLoad] | None = None) -> Iterator[int]:
+    """Run the block with the intra-op thread count for `work` (see :func:`network_work`) on `device`.
+
+    On the CPU: $NODEGRAPH_THREADS when set to a number, else :func:`threads_for_work` on what
+    `probe` (default :func:`probe_cpu_load`) finds free now; the previous count is restored afterwards (it is also the ceiling the
+    policy chooses under, so an application that set fewer threads keeps them). Other devices:
+    nothing changes. Yields the thread count the block runs with. Results can differ in the last
+    bits between thread counts (reductions split differently); fix the count for bit-identical runs.
+    """
+    previous = torch.get_num_threads()
+    if device.type != "cpu":
+        yield previous
+        return
+    count = requested_threads()
+    if count is None:
+        load = (probe or probe_cpu_load)()
+        count = threads_for_work(work, load)
+        logger.info("CPU threads: %d (work %.2g per call, %d usable, %.1f busy elsewhere)",
+                    count, work, load.usable, load.busy_elsewhere)
+    if count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield count
+    finally:
+        if count != previous:
+            torch.set_num_threads(previous)
 
 
 def free_memory(device: torch.device) -> int:
