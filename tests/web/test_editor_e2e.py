@@ -311,3 +311,19 @@ async def test_number_fields_keep_what_is_typed(picture_server, tmp_path):
         assert "16" in error
         assert await page.evaluate(text_of(width)) == "8"
         assert await page.evaluate(stored_input("draw", "width")) == 8
+
+
+@pytest.mark.asyncio
+async def test_a_refused_link_says_why(picture_server, tmp_path):
+    """Issue 17, defect 8: dropping a link on an input of another type tells why it was refused."""
+    chromium, base = picture_server
+    async with Browser(chromium, tmp_path / "profile") as page:
+        await open_editor(page, base)
+        source = await page.centre("[data-nodeid=seed][data-handleid=value].source")
+        target = await page.centre("[data-nodeid=save][data-handleid=filename_prefix].target")
+        await page.drag(source, target)
+        message = await page.wait_for("(() => { const t = document.querySelector('[data-testid=message]')?.textContent;"
+                                      " return t?.startsWith('cannot connect') ? t : null; })()",
+                                      what="the refusal explained")
+        assert message == "cannot connect: INT cannot feed STRING"
+        assert await page.evaluate("document.querySelectorAll('.react-flow__edge').length") == 2

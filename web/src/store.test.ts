@@ -48,6 +48,13 @@ describe("the editor store", () => {
     expect(actions.addNode("NoSuchType", { x: 0, y: 0 })).toBeNull();
   });
 
+  it("says why a link dropped on a socket was refused", () => {
+    actions.explainRefusedLink({ source: "sum", sourceHandle: "result", target: "seed", targetHandle: "value" });
+    expect(getState().message).toEqual({ text: "cannot connect: FLOAT cannot feed INT", error: true });
+    actions.explainRefusedLink({ source: "sum", sourceHandle: "result", target: "seed", targetHandle: "value" }, true);
+    expect(getState().message?.text).toBe("cannot connect: a link goes from an output to an input");
+  });
+
   it("copies, pastes and deletes the selection", () => {
     actions.nodesChanged([{ type: "select", id: "seed", selected: true }, { type: "select", id: "sum", selected: true }]);
     actions.copy();

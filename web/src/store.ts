@@ -178,6 +178,14 @@ export const actions = {
     commit(connect(graph(), connection));
   },
 
+  /** Say why a link dropped on a socket was not made (`sameKind`: output on output, input on input). */
+  explainRefusedLink(connection: Connection, sameKind = false): void {
+    if (state.catalogue === null) return;
+    const problem = sameKind ? "a link goes from an output to an input"
+      : connectionProblem(state.catalogue, graph(), connection);
+    if (problem !== null) say(`cannot connect: ${problem}`, true);
+  },
+
   addNode(type: string, position: { x: number; y: number }): string | null {
     const spec = state.catalogue?.nodes[type];
     if (spec === undefined) return null;

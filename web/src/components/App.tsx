@@ -1,8 +1,8 @@
 // The editor page: toolbar, palette, canvas and queue; keyboard shortcuts and file drops.
 
 import {
-  Background, Controls, MiniMap, ReactFlow, ReactFlowProvider, useReactFlow, type Connection as FlowConnection,
-  type IsValidConnection,
+  Background, Controls, type FinalConnectionState, MiniMap, ReactFlow, ReactFlowProvider, useReactFlow,
+  type Connection as FlowConnection, type IsValidConnection,
 } from "@xyflow/react";
 import { type DragEvent, useEffect, useRef, useState } from "react";
 
@@ -17,6 +17,16 @@ const nodeTypes = { graph: GraphNode };
 function asConnection(connection: FlowConnection | GraphEdge) {
   return { source: connection.source, sourceHandle: connection.sourceHandle ?? "",
            target: connection.target, targetHandle: connection.targetHandle ?? "" };
+}
+
+/** The link a drag that ended on a socket asked for, whichever end it started from. */
+function droppedConnection(state: FinalConnectionState) {
+  const from = state.fromHandle;
+  const to = state.toHandle;
+  if (from === null || to === null) return null;
+  const [source, target] = from.type === "source" ? [from, to] : [to, from];
+  return { source: source.nodeId, sourceHandle: source.id ?? "", target: target.nodeId, targetHandle: target.id ?? "",
+           sameKind: from.type === to.type };
 }
 
 function typingInField(target: EventTarget | null): boolean {
@@ -126,6 +136,11 @@ function Canvas() {
       <ReactFlow nodes={nodes} edges={styledEdges} nodeTypes={nodeTypes}
                  onNodesChange={actions.nodesChanged} onEdgesChange={actions.edgesChanged}
                  onConnect={(connection) => actions.connect(asConnection(connection))}
+                 onConnectEnd={(_, state) => {
+                   // React Flow drops a refused link without a word: say why it was refused.
+                   const dropped = state.isValid === false ? droppedConnection(state) : null;
+                   if (dropped !== null) actions.explainRefusedLink(dropped, dropped.sameKind);
+                 }}
                  isValidConnection={isValidConnection} deleteKeyCode={["Delete", "Backspace"]}
                  multiSelectionKeyCode={["Shift", "Meta", "Control"]} fitView minZoom={0.1}>
         <Background />
