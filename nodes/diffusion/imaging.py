@@ -181,6 +181,7 @@ def _linear_taps(old: int, new: int) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def _bislerp_axis(samples: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """samples (B, C, H, W) resampled to `size` along `dim` (2 or 3), slerping over C."""
     before, after, weight = _linear_taps(samples.shape[dim], size)
     device = samples.device
     shape = [1] * samples.ndim

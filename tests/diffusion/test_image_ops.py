@@ -26,7 +26,6 @@ from nodegraph_diffusion.components import Latent
 from nodegraph_diffusion.nodes import folders, images, latent
 from nodegraph_diffusion.nodes.common import InputError
 
-
 # --- sizes by megapixels ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("width, height, megapixels, step, expected", [
