@@ -433,7 +433,14 @@ def _editor_routes(app: web.Application, editor_dir: Path) -> None:
                                      "`make setup`, or `npm ci && npm run build` in web/.")
         return web.FileResponse(index, headers={"Content-Security-Policy": _EDITOR_CSP, "Cache-Control": "no-cache"})
 
+    async def favicon(request: web.Request) -> web.StreamResponse:
+        icon = editor_dir / "favicon.ico"  # from web/public, copied into the build by Vite
+        if not icon.is_file():
+            return web.Response(status=404, content_type="text/plain", text=f"{icon} is missing")
+        return web.FileResponse(icon, headers={"Content-Type": "image/x-icon"})
+
     app.router.add_get("/", editor_page)
+    app.router.add_get("/favicon.ico", favicon)
     if (editor_dir / "assets").is_dir():
         app.router.add_static("/assets", editor_dir / "assets")
 

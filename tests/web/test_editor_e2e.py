@@ -327,3 +327,15 @@ async def test_a_refused_link_says_why(picture_server, tmp_path):
                                       what="the refusal explained")
         assert message == "cannot connect: INT cannot feed STRING"
         assert await page.evaluate("document.querySelectorAll('.react-flow__edge').length") == 2
+
+
+@pytest.mark.asyncio
+async def test_favicon_is_served(picture_server, tmp_path):
+    """Issue 17, defect 11: the page names an icon and /favicon.ico is served."""
+    _, base = picture_server
+    with urllib.request.urlopen(f"{base}/favicon.ico", timeout=10) as response:
+        assert response.status == 200
+        icon = Image.open(io.BytesIO(response.read()))
+    assert icon.format == "ICO"
+    page = _get_bytes(f"{base}/").decode()
+    assert 'rel="icon"' in page and "/favicon.ico" in page

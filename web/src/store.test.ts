@@ -1,4 +1,4 @@
-import { beforeEach, describe, expect, it } from "vitest";
+import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 
 import { graphToWorkflow } from "./graph";
 import { actions, getState } from "./store";
@@ -22,6 +22,26 @@ describe("the editor store", () => {
     seeded.nodes.Integer.inputs.value = { ...seeded.nodes.Integer.inputs.value, seed: true, ge: 0, le: 9 };
     actions.load(structuredClone(workflow), "test.json", false);
     actions.setCatalogue(seeded);
+  });
+
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+
+  it("clears the toolbar message after a while, errors later than news, a newer one restarting the wait", () => {
+    vi.useFakeTimers();
+    actions.notify("opened test.json");
+    vi.advanceTimersByTime(4000);
+    actions.notify("saved test.json");
+    vi.advanceTimersByTime(4000);
+    expect(getState().message?.text).toBe("saved test.json");
+    vi.advanceTimersByTime(2000);
+    expect(getState().message).toBeNull();
+    actions.notify("cannot save: disk full", true);
+    vi.advanceTimersByTime(10_000);
+    expect(getState().message?.text).toBe("cannot save: disk full");
+    vi.advanceTimersByTime(10_000);
+    expect(getState().message).toBeNull();
   });
 
   it("edits values with undo and redo", () => {

@@ -86,7 +86,15 @@ export function useEditor<T>(select: (state: EditorState) => T): T {
 
 const graph = () => state.history.present;
 const commit = (next: Graph) => set({ history: record(state.history, next), issues: {} });
-const say = (text: string, error = false) => set({ message: { text, error } });
+/** How long the toolbar shows news, and an error (longer: it may need reading twice). Clicking dismisses either. */
+export const MESSAGE_MS = { news: 6000, error: 20_000 };
+let messageTimer: ReturnType<typeof setTimeout> | undefined;
+
+function say(text: string, error = false): void {
+  clearTimeout(messageTimer);
+  set({ message: { text, error } });
+  messageTimer = setTimeout(() => set({ message: null }), error ? MESSAGE_MS.error : MESSAGE_MS.news);
+}
 
 function selectedIds(): { nodes: Set<string>; edges: Set<string> } {
   return { nodes: new Set(graph().nodes.filter((n) => n.selected).map((n) => n.id)),
@@ -312,7 +320,8 @@ export const actions = {
       actions.randomizeSeeds();
     } catch (error) {
       if (error instanceof ApiError && error.issues.length > 0) {
-        set({ issues: issuesByNode(error.issues), message: { text: `not run: ${error.issues.map((i) => i.message).join("; ")}`, error: true } });
+        set({ issues: issuesByNode(error.issues) });
+        say(`not run: ${error.issues.map((i) => i.message).join("; ")}`, true);
       } else {
         say(`cannot run: ${(error as Error).message}`, true);
       }
@@ -344,6 +353,7 @@ export const actions = {
   },
 
   dismissMessage(): void {
+    clearTimeout(messageTimer);
     set({ message: null });
   },
 };
