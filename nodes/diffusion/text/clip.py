@@ -245,11 +245,12 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention."""
+    """Multi-head self-attention: causal in the text tower, over all positions in the vision tower."""
 
-    def __init__(self, config: TextEncoderConfig) -> None:
+    def __init__(self, config: TextEncoderConfig, causal: bool = True) -> None:
         super().__init__()
         self.heads = config.heads
+        self.causal = causal
         self.q_proj = nn.Linear(config.width, config.width)
         self.k_proj = nn.Linear(config.width, config.width)
         self.v_proj = nn.Linear(config.width, config.width)
@@ -261,7 +262,7 @@ class CLIPAttention(nn.Module):
         q, k, v = (
             proj(x).view(b, t, self.heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(attended.transpose(1, 2).reshape(b, t, w))
 
 
@@ -283,12 +284,12 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """Pre-LayerNorm transformer block."""
+    """Pre-LayerNorm transformer block (the text and the vision tower share it; only the text's is causal)."""
 
-    def __init__(self, config: TextEncoderConfig) -> None:
+    def __init__(self, config: TextEncoderConfig, causal: bool = True) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.width, eps=LAYER_NORM_EPS)
-        self.self_attn = CLIPAttention(config)
+        self.self_attn = CLIPAttention(config, causal)
         self.layer_norm2 = nn.LayerNorm(config.width, eps=LAYER_NORM_EPS)
         self.mlp = CLIPMLP(config)
 

@@ -1,0 +1,1 @@
+"""Image encoders: the CLIP vision towers that unCLIP models and SDXL's image prompts (revision) read."""
