@@ -20,7 +20,7 @@ describe("the editor store", () => {
     // A catalogue where Integer's value is a seed, as a sampler's seed input would be.
     const seeded = structuredClone(catalogue);
     seeded.nodes.Integer.inputs.value = { ...seeded.nodes.Integer.inputs.value, seed: true, ge: 0, le: 9 };
-    actions.load(structuredClone(workflow), "test.json", false);
+    actions.load(structuredClone(workflow), "test.json");
     actions.setCatalogue(seeded);
   });
 
@@ -55,6 +55,30 @@ describe("the editor store", () => {
     expect(values("sum")).toEqual({ b: 1, operation: "add" });
     actions.redo();
     expect(values("sum")).toEqual({ b: 7, operation: "add" });
+  });
+
+  it("does not make loading an undo step", () => {
+    actions.load(structuredClone(workflow), "again.json");
+    expect(getState().history.past).toHaveLength(0);
+    actions.undo();
+    expect(getState().history.present.nodes.map((node) => node.id)).toEqual(["seed", "sum"]);
+  });
+
+  it("records typing into one field as one undo step until the field is left", () => {
+    const id = actions.addNode("FormatText", { x: 0, y: 0 }) as string;
+    const steps = getState().history.past.length;
+    const prompt = "a yellow star over a green hill, seen from far away, in the evening light, oil on canvas!!";
+    for (let end = 1; end <= prompt.length; end++) actions.setValue(id, "template", prompt.slice(0, end));
+    expect(getState().history.past).toHaveLength(steps + 1);
+    actions.finishTyping();
+    actions.setValue(id, "template", "again");
+    expect(getState().history.past).toHaveLength(steps + 2);
+    actions.undo();
+    expect(values(id)?.template).toBe(prompt);
+    actions.undo();
+    expect(values(id)?.template).toBe("{a}");
+    actions.undo();
+    expect(getState().history.present.nodes.map((node) => node.id)).toEqual(["seed", "sum"]);
   });
 
   it("adds nodes from the catalogue and refuses links between incompatible types", () => {

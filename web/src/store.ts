@@ -85,7 +85,13 @@ export function useEditor<T>(select: (state: EditorState) => T): T {
 }
 
 const graph = () => state.history.present;
-const commit = (next: Graph) => set({ history: record(state.history, next), issues: {} });
+/** The input being typed into ("node\u0000input"): its further changes join the same undo step. */
+let typing: string | null = null;
+
+function commit(next: Graph): void {
+  typing = null;
+  set({ history: record(state.history, next), issues: {} });
+}
 /** How long the toolbar shows news, and an error (longer: it may need reading twice). Clicking dismisses either. */
 export const MESSAGE_MS = { news: 6000, error: 20_000 };
 let messageTimer: ReturnType<typeof setTimeout> | undefined;
@@ -119,7 +125,7 @@ export const actions = {
     if (saved !== null) {
       try {
         const { name, workflow } = JSON.parse(saved) as { name: string; workflow: unknown };
-        actions.load(workflow, name, false);
+        actions.load(workflow, name);
         return;
       } catch {
         localStorage.removeItem(SAVED_GRAPH_KEY);  // unreadable: start from the default instead
@@ -163,12 +169,14 @@ export const actions = {
       const removed = new Set(changes.filter((c) => c.type === "remove").map((c) => c.id));
       next.edges = next.edges.filter((e) => !removed.has(e.source) && !removed.has(e.target));
     }
+    if (undoable) typing = null;
     set({ history: undoable ? record(state.history, next) : replace(state.history, next) });
   },
 
   edgesChanged(changes: EdgeChange<GraphEdge>[]): void {
     const next = { ...graph(), edges: applyEdgeChanges(changes, graph().edges) as GraphEdge[] };
     const undoable = changes.some((c) => c.type === "remove");
+    if (undoable) typing = null;
     set({ history: undoable ? record(state.history, next) : replace(state.history, next) });
   },
 
@@ -203,9 +211,22 @@ export const actions = {
     return id;
   },
 
+  /** Set a literal input. Changes to the same input one after another are one undo step (a prompt
+   *  typed letter by letter), until `finishTyping` (the field is left) or any other edit. */
   setValue(nodeId: string, input: string, value: unknown): void {
-    commit({ ...graph(), nodes: graph().nodes.map((node) => node.id !== nodeId ? node
-      : { ...node, data: { ...node.data, values: { ...node.data.values, [input]: value } } }) });
+    const next = { ...graph(), nodes: graph().nodes.map((node) => node.id !== nodeId ? node
+      : { ...node, data: { ...node.data, values: { ...node.data.values, [input]: value } } }) };
+    const key = `${nodeId}\u0000${input}`;
+    if (typing === key) {
+      set({ history: replace(state.history, next), issues: {} });
+    } else {
+      commit(next);
+      typing = key;
+    }
+  },
+
+  finishTyping(): void {
+    typing = null;
   },
 
   setRandomize(nodeId: string, input: string, on: boolean): void {
@@ -241,17 +262,20 @@ export const actions = {
   },
 
   undo(): void {
+    typing = null;
     set({ history: undo(state.history) });
   },
 
   redo(): void {
+    typing = null;
     set({ history: redo(state.history) });
   },
 
-  load(document: unknown, name: string, undoable = true): void {
+  /** Show a workflow document. Not an undo step: the loaded graph starts a new history. */
+  load(document: unknown, name: string): void {
     const next = workflowToGraph(document);
-    set({ history: undoable ? record(state.history, next) : startHistory(next), workflowName: name, issues: {},
-          media: {}, loads: state.loads + 1 });
+    typing = null;
+    set({ history: startHistory(next), workflowName: name, issues: {}, media: {}, loads: state.loads + 1 });
   },
 
   async openSaved(name: string): Promise<void> {

@@ -35,11 +35,12 @@ export function InputWidget({ nodeId, name, spec, widget, value, randomize }: Pr
         </NumberField>
       );
     case "text":
+      // Letters typed in one visit to the field are one undo step.
       return widget.multiline
         ? <textarea {...common} rows={3} value={typeof value === "string" ? value : ""}
-                    onChange={(event) => set(event.target.value)} />
+                    onChange={(event) => set(event.target.value)} onBlur={actions.finishTyping} />
         : <input {...common} type="text" value={typeof value === "string" ? value : ""}
-                 onChange={(event) => set(event.target.value)} />;
+                 onChange={(event) => set(event.target.value)} onBlur={actions.finishTyping} />;
     case "boolean":
       return <input {...common} type="checkbox" checked={value === true} onChange={(event) => set(event.target.checked)} />;
     case "choice":
@@ -118,7 +119,10 @@ function NumberField({ common, widget, value, onCommit, children }: NumberFieldP
       <span className="widget-row">
         <input {...common} className={problem ? `${common.className} invalid` : common.className} type="number"
                min={widget.min} max={widget.max} step={step} value={text} onChange={onChange}
-               onBlur={(event) => { if (draft !== null) take(event.target.value); }}
+               onBlur={(event) => {
+                 if (draft !== null) take(event.target.value);
+                 actions.finishTyping();
+               }}
                onKeyDown={(event) => {
                  if (event.key === "Enter" && draft !== null) take(event.currentTarget.value);
                  else if (event.key === "Escape") setDraft(null);
