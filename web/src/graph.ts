@@ -139,6 +139,25 @@ export function createNode(spec: NodeTypeSpec, id: string, position: { x: number
   return { id, type: "graph", position, data: { nodeType: spec.type, values } };
 }
 
+/** The graph with every input that has a schema default holding a value: what a widget shows is
+ *  what the run uses (a document may leave defaults out). Linked inputs get one too, shown again
+ *  if the link goes. Nodes of unknown types are left as they are; unchanged nodes keep their identity. */
+export function withDefaults(graph: Graph, catalogue: Catalogue): Graph {
+  let changed = false;
+  const nodes = graph.nodes.map((node) => {
+    const spec = catalogue.nodes[node.data.nodeType];
+    if (spec === undefined) return node;
+    const missing = Object.entries(spec.inputs).filter(([name, input]) =>
+      !input.link_only && input.default !== undefined && input.default !== null && node.data.values[name] === undefined);
+    if (missing.length === 0) return node;
+    changed = true;
+    const values = { ...node.data.values };
+    for (const [name, input] of missing) values[name] = structuredClone(input.default);
+    return { ...node, data: { ...node.data, values } };
+  });
+  return changed ? { ...graph, nodes } : graph;
+}
+
 export interface Connection {
   source: string;
   sourceHandle: string;

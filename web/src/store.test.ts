@@ -45,16 +45,17 @@ describe("the editor store", () => {
   });
 
   it("edits values with undo and redo", () => {
+    // (a is linked; it holds its default, shown if the link goes)
     actions.setValue("sum", "b", 7);
     actions.setValue("sum", "operation", "subtract");
-    expect(values("sum")).toEqual({ b: 7, operation: "subtract" });
+    expect(values("sum")).toEqual({ a: 0, b: 7, operation: "subtract" });
     actions.undo();
-    expect(values("sum")).toEqual({ b: 7, operation: "add" });
+    expect(values("sum")).toEqual({ a: 0, b: 7, operation: "add" });
     actions.undo();
     actions.undo();  // nothing further back than the loaded workflow
-    expect(values("sum")).toEqual({ b: 1, operation: "add" });
+    expect(values("sum")).toEqual({ a: 0, b: 1, operation: "add" });
     actions.redo();
-    expect(values("sum")).toEqual({ b: 7, operation: "add" });
+    expect(values("sum")).toEqual({ a: 0, b: 7, operation: "add" });
   });
 
   it("does not make loading an undo step", () => {
@@ -79,6 +80,16 @@ describe("the editor store", () => {
     expect(values(id)?.template).toBe("{a}");
     actions.undo();
     expect(getState().history.present.nodes.map((node) => node.id)).toEqual(["seed", "sum"]);
+  });
+
+  it("shows the schema's default for an input the loaded workflow leaves out", () => {
+    actions.load({ version: 1, nodes: { m: { type: "Math", inputs: { a: 2 } },
+                                        t: { type: "FormatText", inputs: { a: { from: "m", output: "result" } } } } },
+                 "partial.json");
+    expect(values("m")).toEqual({ a: 2, b: 0, operation: "add" });
+    expect(values("t")?.template).toBe("{a}");
+    // Filling them in is no edit of the user's: nothing to undo.
+    expect(getState().history.past).toHaveLength(0);
   });
 
   it("adds nodes from the catalogue and refuses links between incompatible types", () => {

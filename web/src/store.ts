@@ -9,7 +9,7 @@ import { type Catalogue, randomSeed, widgetFor } from "./catalogue";
 import {
   arrange, connect, type Connection, connectionProblem, copySelection, createNode, type Graph, type GraphEdge,
   type GraphNode, graphToWorkflow, hasOverlaps, newNodeId, paste, removeItems, type Size, type Snippet,
-  workflowToGraph,
+  withDefaults, workflowToGraph,
 } from "./graph";
 import { type History, record, redo, replace, startHistory, undo } from "./history";
 import { workflowFromPng } from "./pngWorkflow";
@@ -115,7 +115,7 @@ export const actions = {
 
   async loadInitialGraph(): Promise<void> {
     try {
-      set({ catalogue: await api.catalogue() });
+      actions.setCatalogue(await api.catalogue());
     } catch (error) {
       say(`cannot load the node catalogue: ${(error as Error).message}`, true);
       return;
@@ -135,7 +135,8 @@ export const actions = {
   },
 
   setCatalogue(catalogue: Catalogue): void {
-    set({ catalogue });
+    state = { ...state, catalogue };
+    set({ history: replace(state.history, withDefaults(graph(), catalogue)) });
   },
 
   async refreshWorkflows(): Promise<void> {
@@ -273,7 +274,8 @@ export const actions = {
 
   /** Show a workflow document. Not an undo step: the loaded graph starts a new history. */
   load(document: unknown, name: string): void {
-    const next = workflowToGraph(document);
+    const read = workflowToGraph(document);
+    const next = state.catalogue === null ? read : withDefaults(read, state.catalogue);
     typing = null;
     set({ history: startHistory(next), workflowName: name, issues: {}, media: {}, loads: state.loads + 1 });
   },
