@@ -61,7 +61,8 @@ describe("editing", () => {
     expect(connectionProblem(catalogue, graph, loop)).not.toBeNull();
 
     const linked = connect(graph, { source: "a", sourceHandle: "value", target: "sum", targetHandle: "b" });
-    expect(linked.nodes.find((n) => n.id === "sum")?.data.values).toEqual({ operation: "add" });
+    expect(graphToWorkflow(linked).nodes.sum.inputs.b).toEqual({ from: "a", output: "value" });
+    expect(linked.nodes.find((n) => n.id === "sum")?.data.values).toEqual({ b: 4.5, operation: "add" });  // kept for unlinking
     const relinked = connect(linked, { source: "sum", sourceHandle: "result", target: "text", targetHandle: "a" });
     expect(relinked.edges.filter((e) => e.target === "text")).toHaveLength(1);
   });

@@ -191,18 +191,13 @@ function reaches(graph: Graph, from: string, to: string): boolean {
   return false;
 }
 
-/** The graph with the link added, replacing any link into the same input; the input's literal goes. */
+/** The graph with the link added, replacing any link into the same input. The input's literal value
+ *  stays with the node (the link overrides it in the document) and is used again if the link goes. */
 export function connect(graph: Graph, connection: Connection): Graph {
   const id = edgeId(connection.target, connection.targetHandle);
   const edges = graph.edges.filter((edge) => edge.id !== id);
   edges.push({ id, ...connection });
-  const nodes = graph.nodes.map((node) => {
-    if (node.id !== connection.target || !(connection.targetHandle in node.data.values)) return node;
-    const values = { ...node.data.values };
-    delete values[connection.targetHandle];
-    return { ...node, data: { ...node.data, values } };
-  });
-  return { nodes, edges };
+  return { ...graph, edges };
 }
 
 /** The graph without the given nodes (and their links) and edges. */

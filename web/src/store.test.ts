@@ -92,6 +92,19 @@ describe("the editor store", () => {
     expect(getState().history.past).toHaveLength(0);
   });
 
+  it("brings an input's value back when its link goes", () => {
+    actions.setValue("sum", "b", 7.5);
+    const integer = actions.addNode("Integer", { x: 0, y: 200 }) as string;
+    actions.connect({ source: integer, sourceHandle: "value", target: "sum", targetHandle: "b" });
+    expect(graphToWorkflow(getState().history.present).nodes.sum.inputs.b).toEqual({ from: integer, output: "value" });
+    actions.nodesChanged([{ type: "remove", id: integer }]);
+    expect(values("sum")?.b).toBe(7.5);
+    expect(graphToWorkflow(getState().history.present).nodes.sum.inputs.b).toBe(7.5);
+    // A link that came with the workflow: unlinked, the input shows the default the run would use.
+    actions.edgesChanged([{ type: "remove", id: "sum:a" }]);
+    expect(graphToWorkflow(getState().history.present).nodes.sum.inputs.a).toBe(0);
+  });
+
   it("adds nodes from the catalogue and refuses links between incompatible types", () => {
     const id = actions.addNode("FormatText", { x: 10, y: 10 });
     expect(id).toBe("format_text");
