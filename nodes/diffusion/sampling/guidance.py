@@ -33,6 +33,7 @@ from ..networks.pixart import PixArtConfig, PixArtInputError
 from ..networks.unet import ControlResiduals, UNetConfig, sdxl_vector_conditioning
 from ..weights.storage import compute_dtype
 from .model_sampling import ModelSampling, learned_sigma_prediction
+from .unclip import ImagePrompt
 
 
 class GuidanceError(ValueError):
@@ -106,6 +107,8 @@ class CondEntry:
     start/end: the fraction of sampling (0 = first step, 1 = last) the entry is active in.
     control_to_negative: the entry's ControlNet also applies to the negative side when that has
     none of its own (ComfyUI's one-conditioning ControlNetApply), see :func:`controls_for_negative`.
+    image_prompts: CLIP image embeddings for models that take them (SD2.1-unCLIP, SDXL revision),
+    turned into y or the pooled vector before sampling by :func:`.unclip.with_image_prompts`.
     guidance: the guidance strength a guidance-distilled model (Flux.1-dev) is told (FluxGuidance);
     None = :data:`DEFAULT_DISTILLED_GUIDANCE`.
     """
@@ -123,6 +126,7 @@ class CondEntry:
     end: float = 1.0
     control: ControlSpec | None = None
     control_to_negative: bool = False
+    image_prompts: tuple[ImagePrompt, ...] = ()
     guidance: float | None = None
     size_from_latent: SizeFromLatent | None = None
 

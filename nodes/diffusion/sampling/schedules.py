@@ -24,6 +24,7 @@ __all__ = [
     "rescale_zero_terminal_snr",
     "zero_terminal_snr",
     "linear_discrete_schedule",
+    "cosine_discrete_schedule",
     "FlowSchedule",
     "flow_time_shift",
     "flux_mu",
@@ -208,6 +209,18 @@ def linear_discrete_schedule(
     """The DDPM/ADM "linear" beta schedule (betas linear from beta_start to beta_end), which DiT and
     PixArt-α/Σ were trained on; LDM code calls it "sqrt_linear". Not SD's scaled-linear."""
     betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+    return DiscreteSchedule(torch.cumprod(1 - betas, dim=0))
+
+
+def cosine_discrete_schedule(num_timesteps: int = 1000, max_beta: float = 0.999) -> DiscreteSchedule:
+    """Nichol & Dhariwal's cosine schedule ("squaredcos_cap_v2"): alpha_bar(t) = cos((t + 0.008) / 1.008 *
+    pi / 2)^2 for t in [0, 1], betas 1 - alpha_bar((i+1)/T) / alpha_bar(i/T) capped at max_beta.
+    unCLIP models noise their image embeddings on it."""
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = torch.tensor([min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+                          for i in range(num_timesteps)], dtype=torch.float64)
     return DiscreteSchedule(torch.cumprod(1 - betas, dim=0))
 
 
