@@ -34,6 +34,26 @@ describe("workflow documents", () => {
     expect(graphToWorkflow(graph).ui?.nodes?.s.randomize).toEqual(["value"]);
   });
 
+  it("keeps every field the editor does not own", () => {
+    const document = {
+      version: 1,
+      nodes: { a: { type: "Integer", inputs: { value: 3 }, title: "Seed", mode: "bypass" } },
+      ui: { description: "what this workflow is for", groups: [{ title: "inputs", bounding: [0, 0, 300, 200] }],
+            nodes: { a: { pos: [10, 20], color: "#335", collapsed: true } } },
+      author: { name: "someone" },
+    };
+    const back = graphToWorkflow(workflowToGraph(structuredClone(document)));
+    expect(back).toEqual(document);
+    // Also after editing and copying.
+    const graph = workflowToGraph(structuredClone(document));
+    const pasted = paste(removeItems(graph, new Set(), new Set()), copySelection(graph, new Set(["a"])), { x: 0, y: 0 });
+    const again = graphToWorkflow(pasted);
+    expect(again.ui?.description).toBe("what this workflow is for");
+    expect((again as unknown as { author: unknown }).author).toEqual({ name: "someone" });
+    expect(again.nodes.integer).toEqual({ type: "Integer", inputs: { value: 3 }, title: "Seed", mode: "bypass" });
+    expect(again.ui?.nodes?.integer).toMatchObject({ color: "#335", collapsed: true });
+  });
+
   it("lays out nodes without positions and refuses other documents", () => {
     const graph = workflowToGraph({ version: 1, nodes: { x: { type: "Integer", inputs: {} }, y: { type: "Integer", inputs: {} } } });
     expect(graph.nodes.map((n) => n.position.x)).toEqual([40, 300]);

@@ -12,6 +12,7 @@ export interface Link {
 export interface WorkflowNode {
   type: string;
   inputs: Record<string, unknown>;
+  [field: string]: unknown;
 }
 
 export interface UiNode {
@@ -24,15 +25,20 @@ export interface WorkflowDocument {
   version: number;
   nodes: Record<string, WorkflowNode>;
   ui?: { nodes?: Record<string, UiNode>; [key: string]: unknown };
+  [field: string]: unknown;
 }
 
 export interface GraphNodeData {
   [key: string]: unknown;
   nodeType: string;
-  /** Literal input values; linked inputs are edges instead. */
+  /** Literal input values; a linked input's value is kept here too, for when the link goes. */
   values: Record<string, unknown>;
   /** Seed inputs given a new random value after each run. */
   randomize?: string[];
+  /** The node's fields in the document other than `type` and `inputs`, kept as they came. */
+  fields?: Record<string, unknown>;
+  /** Its `ui.nodes` fields other than `pos` and `randomize`, kept as they came. */
+  uiFields?: Record<string, unknown>;
 }
 
 export interface GraphNode {
@@ -55,6 +61,26 @@ export interface GraphEdge {
 export interface Graph {
   nodes: GraphNode[];
   edges: GraphEdge[];
+  /** What the document holds that the editor does not own, written back unchanged when it is saved. */
+  document?: DocumentFields;
+}
+
+export interface DocumentFields {
+  version?: unknown;
+  /** Top-level fields other than `version`, `nodes` and `ui`. */
+  fields: Record<string, unknown>;
+  /** `ui` fields other than `nodes` (a description, groups, ...). */
+  ui: Record<string, unknown>;
+}
+
+const isRecord = (value: unknown): value is Record<string, unknown> =>
+  typeof value === "object" && value !== null && !Array.isArray(value);
+
+/** The fields of `record` other than `owned`, or undefined if there are none. */
+function otherFields(record: unknown, owned: string[]): Record<string, unknown> | undefined {
+  if (!isRecord(record)) return undefined;
+  const rest = Object.fromEntries(Object.entries(record).filter(([key]) => !owned.includes(key)));
+  return Object.keys(rest).length > 0 ? rest : undefined;
 }
 
 export class WorkflowFormatError extends Error {}
@@ -96,18 +122,26 @@ export function workflowToGraph(document: unknown): Graph {
     }
     const data: GraphNodeData = { nodeType: node.type, values };
     if (Array.isArray(ui?.randomize) && ui.randomize.length > 0) data.randomize = ui.randomize.map(String);
+    const fields = otherFields(node, ["type", "inputs"]);
+    if (fields) data.fields = fields;
+    const uiFields = otherFields(ui, ["pos", "randomize"]);
+    if (uiFields) data.uiFields = uiFields;
     nodes.push({ id, type: "graph", position, data });
   }
-  return { nodes, edges };
+  const kept: DocumentFields = { fields: otherFields(doc, ["version", "nodes", "ui"]) ?? {},
+                                 ui: otherFields(doc.ui, ["nodes"]) ?? {} };
+  if (doc.version !== undefined) kept.version = doc.version;
+  return { nodes, edges, document: kept };
 }
 
-/** The workflow document for a graph, node positions in its `ui` block. */
+/** The workflow document for a graph, node positions in its `ui` block, with every field the loaded
+ *  document held that the editor does not own. */
 export function graphToWorkflow(graph: Graph): WorkflowDocument {
   const nodes: Record<string, WorkflowNode> = {};
   const positions: Record<string, UiNode> = {};
   for (const node of graph.nodes) {
-    nodes[node.id] = { type: node.data.nodeType, inputs: { ...node.data.values } };
-    positions[node.id] = { pos: [Math.round(node.position.x), Math.round(node.position.y)] };
+    nodes[node.id] = { type: node.data.nodeType, inputs: { ...node.data.values }, ...node.data.fields };
+    positions[node.id] = { ...node.data.uiFields, pos: [Math.round(node.position.x), Math.round(node.position.y)] };
     if (node.data.randomize && node.data.randomize.length > 0) positions[node.id].randomize = [...node.data.randomize];
   }
   for (const edge of graph.edges) {
@@ -116,7 +150,9 @@ export function graphToWorkflow(graph: Graph): WorkflowDocument {
       target.inputs[edge.targetHandle] = { from: edge.source, output: edge.sourceHandle };
     }
   }
-  return { version: 1, nodes, ui: { nodes: positions } };
+  const kept = graph.document;
+  const version = typeof kept?.version === "number" ? kept.version : 1;
+  return { ...kept?.fields, version, nodes, ui: { ...kept?.ui, nodes: positions } };
 }
 
 /** An id for a new node of `type`, unused in `taken`: the type in snake case, numbered. */
@@ -203,6 +239,7 @@ export function connect(graph: Graph, connection: Connection): Graph {
 /** The graph without the given nodes (and their links) and edges. */
 export function removeItems(graph: Graph, nodeIds: Set<string>, edgeIds: Set<string>): Graph {
   return {
+    ...graph,
     nodes: graph.nodes.filter((node) => !nodeIds.has(node.id)),
     edges: graph.edges.filter((edge) => !edgeIds.has(edge.id) && !nodeIds.has(edge.source) && !nodeIds.has(edge.target)),
   };
@@ -240,7 +277,7 @@ export function paste(graph: Graph, snippet: Snippet, offset: { x: number; y: nu
     const target = renamed.get(edge.target) as string;
     edges.push({ ...edge, id: edgeId(target, edge.targetHandle), source, target });
   }
-  return { nodes, edges };
+  return { ...graph, nodes, edges };
 }
 
 export interface Size {

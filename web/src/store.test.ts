@@ -3,6 +3,7 @@ import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import { graphToWorkflow } from "./graph";
 import { actions, getState } from "./store";
 import { catalogue } from "./testCatalogue";
+import { stubServer } from "./testServer";
 
 const workflow = {
   version: 1,
@@ -26,6 +27,7 @@ describe("the editor store", () => {
 
   afterEach(() => {
     vi.useRealTimers();
+    vi.unstubAllGlobals();
   });
 
   it("clears the toolbar message after a while, errors later than news, a newer one restarting the wait", () => {
@@ -103,6 +105,52 @@ describe("the editor store", () => {
     // A link that came with the workflow: unlinked, the input shows the default the run would use.
     actions.edgesChanged([{ type: "remove", id: "sum:a" }]);
     expect(graphToWorkflow(getState().history.present).nodes.sum.inputs.a).toBe(0);
+  });
+
+  it("asks before saving over another workflow, keeps the fields it does not own, and forgets the name on New", async () => {
+    const files: Record<string, unknown> = {
+      "mine.json": { ...structuredClone(workflow), ui: { ...workflow.ui, description: "mine, described" } },
+      "other.json": { version: 1, nodes: {} },
+    };
+    const seen = stubServer({
+      "GET /api/workflows": () => ({ workflows: Object.keys(files).map((name) => ({ name })) }),
+      "GET /api/workflows/mine.json": () => files["mine.json"],
+      "PUT /api/workflows/mine.json": ({ body }) => { files["mine.json"] = body; return { name: "mine.json" }; },
+      "PUT /api/workflows/other.json": ({ body }) => { files["other.json"] = body; return { name: "other.json" }; },
+      "PUT /api/workflows/new.json": ({ body }) => { files["new.json"] = body; return { name: "new.json" }; },
+      "PUT /api/workflows/untitled.json": () => ({ name: "untitled.json" }),
+    });
+    const puts = () => seen.filter((request) => request.method === "PUT").map((request) => request.path);
+    await actions.refreshWorkflows();
+    await actions.openSaved("mine.json");
+    actions.setValue("sum", "b", 2);
+    await actions.saveToServer("mine.json");  // the file it came from: saved without asking
+    expect(puts()).toEqual(["/api/workflows/mine.json"]);
+    expect((files["mine.json"] as { ui: { description: string } }).ui.description).toBe("mine, described");
+
+    await actions.saveToServer("other");  // another existing file: asked first
+    expect(puts()).toHaveLength(1);
+    expect(getState().dialog).toEqual({ kind: "overwrite", name: "other.json" });
+    actions.closeDialog();
+    expect(getState().dialog).toBeNull();
+    await actions.saveToServer("other.json");
+    await actions.confirmDialog();
+    expect(puts()).toEqual(["/api/workflows/mine.json", "/api/workflows/other.json"]);
+    expect((files["other.json"] as { nodes: object }).nodes).toHaveProperty("sum");
+
+    actions.saveAs();  // Save As asks for the name
+    expect(getState().dialog).toEqual({ kind: "saveAs", name: "other.json" });
+    await actions.confirmDialog("new");
+    expect(puts().at(-1)).toBe("/api/workflows/new.json");
+    expect(getState().workflowName).toBe("new.json");
+
+    actions.newGraph();
+    expect(getState().history.present.nodes).toEqual([]);
+    expect(getState().workflowName).toBe("untitled.json");
+    actions.undo();  // New is undoable; the name stays new, so a save cannot replace new.json unasked
+    expect(getState().history.present.nodes).toHaveLength(2);
+    await actions.saveToServer(getState().workflowName);
+    expect(puts().at(-1)).toBe("/api/workflows/untitled.json");
   });
 
   it("adds nodes from the catalogue and refuses links between incompatible types", () => {

@@ -23,6 +23,16 @@ export interface NodeMedia {
   kind: "preview" | "image";
 }
 
+export type Dialog = { kind: "overwrite"; name: string } | { kind: "saveAs"; name: string };
+
+export const UNTITLED = "untitled.json";
+
+/** A name typed for saving, as a workflow file name. */
+export function workflowFileName(name: string): string {
+  const trimmed = name.trim() || UNTITLED;
+  return trimmed.toLowerCase().endsWith(".json") ? trimmed : `${trimmed}.json`;
+}
+
 export interface EditorState {
   catalogue: Catalogue | null;
   history: History<Graph>;
@@ -31,7 +41,12 @@ export interface EditorState {
   media: Record<string, NodeMedia>;
   message: { text: string; error: boolean } | null;
   connected: boolean;
+  /** The name to save under (the toolbar's name box). */
   workflowName: string;
+  /** The server's workflow file this graph was opened from or last saved to: saving to it asks nothing. */
+  savedAs: string | null;
+  /** A question the toolbar is asking: replace an existing file, or the name for Save As. */
+  dialog: Dialog | null;
   savedWorkflows: string[];
   /** Bumped whenever a whole workflow is loaded, so the canvas fits it into view. */
   loads: number;
@@ -47,7 +62,9 @@ let state: EditorState = {
   media: {},
   message: null,
   connected: false,
-  workflowName: "untitled.json",
+  workflowName: UNTITLED,
+  savedAs: null,
+  dialog: null,
   savedWorkflows: [],
   loads: 0,
   ready: false,
@@ -56,15 +73,16 @@ const listeners = new Set<() => void>();
 let clipboard: Snippet | null = null;
 
 function set(change: Partial<EditorState>): void {
-  const graphBefore = state.history.present;
+  const before = state;
   state = { ...state, ...change };
-  if (state.history.present !== graphBefore) persist();
+  if (state.history.present !== before.history.present || state.workflowName !== before.workflowName
+      || state.savedAs !== before.savedAs) persist();
   for (const listener of listeners) listener();
 }
 
 function persist(): void {
   try {
-    localStorage.setItem(SAVED_GRAPH_KEY, JSON.stringify({ name: state.workflowName,
+    localStorage.setItem(SAVED_GRAPH_KEY, JSON.stringify({ name: state.workflowName, savedAs: state.savedAs,
                                                            workflow: graphToWorkflow(state.history.present) }));
   } catch {
     // Storage full or disabled: the graph still lives in the page; nothing else depends on it.
@@ -107,6 +125,17 @@ function selectedIds(): { nodes: Set<string>; edges: Set<string> } {
            edges: new Set(graph().edges.filter((e) => e.selected).map((e) => e.id)) };
 }
 
+async function writeWorkflow(fileName: string): Promise<void> {
+  try {
+    await api.saveWorkflow(fileName, graphToWorkflow(graph()));
+    set({ workflowName: fileName, savedAs: fileName });
+    say(`saved ${fileName}`);
+    await actions.refreshWorkflows();
+  } catch (error) {
+    say(`cannot save ${fileName}: ${(error as Error).message}`, true);
+  }
+}
+
 export const actions = {
   async start(): Promise<void> {
     await actions.loadInitialGraph();
@@ -124,8 +153,9 @@ export const actions = {
     const saved = localStorage.getItem(SAVED_GRAPH_KEY);
     if (saved !== null) {
       try {
-        const { name, workflow } = JSON.parse(saved) as { name: string; workflow: unknown };
+        const { name, savedAs, workflow } = JSON.parse(saved) as { name: string; savedAs?: string | null; workflow: unknown };
         actions.load(workflow, name);
+        set({ savedAs: typeof savedAs === "string" ? savedAs : null });
         return;
       } catch {
         localStorage.removeItem(SAVED_GRAPH_KEY);  // unreadable: start from the default instead
@@ -277,28 +307,58 @@ export const actions = {
     const read = workflowToGraph(document);
     const next = state.catalogue === null ? read : withDefaults(read, state.catalogue);
     typing = null;
-    set({ history: startHistory(next), workflowName: name, issues: {}, media: {}, loads: state.loads + 1 });
+    set({ history: startHistory(next), workflowName: name, savedAs: null, issues: {}, media: {}, loads: state.loads + 1 });
   },
 
   async openSaved(name: string): Promise<void> {
     try {
       actions.load(await api.workflow(name), name);
+      set({ savedAs: name });
       say(`opened ${name}`);
     } catch (error) {
       say(`cannot open ${name}: ${(error as Error).message}`, true);
     }
   },
 
+  /** Change the name to save under. */
+  rename(name: string): void {
+    set({ workflowName: name });
+  },
+
+  /** Save under `name` in the server's workflows folder. Replacing a file other than the one this
+   *  graph came from (or was last saved to) is asked first (see `dialog`). */
   async saveToServer(name: string): Promise<void> {
-    const fileName = name.endsWith(".json") ? name : `${name}.json`;
-    try {
-      await api.saveWorkflow(fileName, graphToWorkflow(graph()));
-      set({ workflowName: fileName });
-      say(`saved ${fileName}`);
-      await actions.refreshWorkflows();
-    } catch (error) {
-      say(`cannot save: ${(error as Error).message}`, true);
+    const fileName = workflowFileName(name);
+    set({ workflowName: fileName });
+    await actions.refreshWorkflows();  // another tab or person may have saved one since
+    if (fileName !== state.savedAs && state.savedWorkflows.includes(fileName)) {
+      set({ dialog: { kind: "overwrite", name: fileName } });
+      return;
     }
+    await writeWorkflow(fileName);
+  },
+
+  /** Ask for a name to save under. */
+  saveAs(): void {
+    set({ dialog: { kind: "saveAs", name: workflowFileName(state.workflowName) } });
+  },
+
+  /** Answer the dialog with yes (for Save As, with the name chosen). */
+  async confirmDialog(name?: string): Promise<void> {
+    const dialog = state.dialog;
+    set({ dialog: null });
+    if (dialog?.kind === "overwrite") await writeWorkflow(dialog.name);
+    else if (dialog?.kind === "saveAs") await actions.saveToServer(name ?? dialog.name);
+  },
+
+  closeDialog(): void {
+    set({ dialog: null });
+  },
+
+  /** Clear the canvas for a new graph, without a name. Undoable: a slip loses nothing. */
+  newGraph(): void {
+    commit({ nodes: [], edges: [] });
+    set({ workflowName: UNTITLED, savedAs: null });
   },
 
   /** Open a dropped or chosen file: a workflow JSON, a foreign format the server converts, or a nodegraph PNG. */
@@ -321,6 +381,7 @@ export const actions = {
         say(`opened ${file.name}`);
       }
       actions.load(document, file.name.replace(/\.png$/i, ".json"));
+      set({ savedAs: null });
     } catch (error) {
       say(`cannot open ${file.name}: ${(error as Error).message}`, true);
     }

@@ -8,7 +8,7 @@ import { type DragEvent, useEffect, useRef, useState } from "react";
 
 import { followEvents } from "../api";
 import { graphToWorkflow, type GraphEdge, type Size } from "../graph";
-import { actions, getState, useEditor } from "../store";
+import { actions, getState, useEditor, workflowFileName } from "../store";
 import { GraphNode } from "./GraphNode";
 import { Palette, PALETTE_DRAG_TYPE, QueuePanel } from "./Panels";
 
@@ -50,21 +50,21 @@ function Toolbar() {
   const canRedo = useEditor((s) => s.history.future.length > 0);
   const fileInput = useRef<HTMLInputElement>(null);
   const flow = useReactFlow();
-  const [draftName, setDraftName] = useState(name);
-  useEffect(() => setDraftName(name), [name]);
   return (
     <header className="toolbar">
       <strong className="brand">nodegraph</strong>
       <button className="run-button" data-testid="run" onClick={() => void actions.run()}>▶ Run</button>
+      <button onClick={actions.newGraph} data-testid="new" title="clear the canvas for a new workflow (undoable)">New</button>
       <select data-testid="open-saved" value="" onChange={(event) => void actions.openSaved(event.target.value)}>
         <option value="" disabled>Open saved…</option>
         {saved.map((file) => <option key={file} value={file}>{file}</option>)}
       </select>
-      <input className="name" value={draftName} onChange={(event) => setDraftName(event.target.value)}
+      <input className="name" value={name} onChange={(event) => actions.rename(event.target.value)}
              data-testid="workflow-name" title="name to save under" />
-      <button onClick={() => void actions.saveToServer(draftName)}>Save</button>
-      <button onClick={() => downloadJson(draftName.endsWith(".json") ? draftName : `${draftName}.json`,
-                                          graphToWorkflow(getState().history.present))}>Download</button>
+      <button onClick={() => void actions.saveToServer(name)} data-testid="save"
+              title="save in the server's workflows folder (asks before replacing another workflow)">Save</button>
+      <button onClick={actions.saveAs} data-testid="save-as">Save As…</button>
+      <button onClick={() => downloadJson(workflowFileName(name), graphToWorkflow(getState().history.present))}>Download</button>
       <button onClick={() => fileInput.current?.click()}>Open file…</button>
       <input ref={fileInput} type="file" accept=".json,.png,application/json,image/png" hidden data-testid="open-file"
              onChange={(event) => {
@@ -81,6 +81,33 @@ function Toolbar() {
         </span>
       )}
     </header>
+  );
+}
+
+/** The toolbar's question: replace an existing workflow file, or the name for Save As. */
+function DialogBox() {
+  const dialog = useEditor((s) => s.dialog);
+  const [name, setName] = useState("");
+  useEffect(() => setName(dialog?.name ?? ""), [dialog]);
+  if (dialog === null) return null;
+  const confirm = () => void actions.confirmDialog(dialog.kind === "saveAs" ? name : undefined);
+  return (
+    <div className="dialog-backdrop" onClick={actions.closeDialog}>
+      <form className="dialog" data-testid="dialog" role="dialog" onClick={(event) => event.stopPropagation()}
+            onSubmit={(event) => { event.preventDefault(); confirm(); }}
+            onKeyDown={(event) => { if (event.key === "Escape") actions.closeDialog(); }}>
+        {dialog.kind === "overwrite"
+          ? <p>{dialog.name} already exists on the server. Replace it with this graph?</p>
+          : <label>Save as <input autoFocus value={name} data-testid="dialog-name"
+                                  onChange={(event) => setName(event.target.value)} /></label>}
+        <div className="dialog-buttons">
+          <button type="button" onClick={actions.closeDialog} data-testid="dialog-cancel">Cancel</button>
+          <button type="submit" className="run-button" data-testid="dialog-confirm" autoFocus={dialog.kind === "overwrite"}>
+            {dialog.kind === "overwrite" ? "Replace" : "Save"}
+          </button>
+        </div>
+      </form>
+    </div>
   );
 }
 
@@ -183,6 +210,7 @@ function Editor() {
   return (
     <div className="editor" data-ready={ready} data-loads={loads}>
       <Toolbar />
+      <DialogBox />
       <div className="main">
         <Palette onAdd={addAtCentre} />
         <Canvas />
