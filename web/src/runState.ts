@@ -134,6 +134,42 @@ export function runProgress(run: RunView): number {
   return done / nodes.length;
 }
 
+export interface NodeMedia {
+  src: string;
+  kind: "preview" | "image";
+}
+
+/** What the canvas shows of its own runs. */
+export interface GraphRunView {
+  /** Each node's state in the graph's running run, else in its latest run. */
+  nodes: Record<string, NodeRunState>;
+  /** Each node's newest picture from the graph's runs: the last image it made, else its last step preview. */
+  media: Record<string, NodeMedia>;
+}
+
+const NO_NODES: Record<string, NodeRunState> = {};
+
+/** The canvas's view of the runs that `owned` says were submitted from its graph (the queue panel
+ *  lists every run; the canvas only its own). Media entries equal to `previous` ones are reused. */
+export function graphRunView(runs: RunsState, owned: (runId: string) => boolean,
+                             previous: Record<string, NodeMedia> = {}): GraphRunView {
+  const own = runs.order.filter(owned);
+  const current = own.filter((id) => runs.runs[id].status === "running").at(-1) ?? own.at(-1);
+  const media: Record<string, NodeMedia> = {};
+  for (const runId of [...own].reverse()) {
+    for (const [nodeId, node] of Object.entries(runs.runs[runId].nodes)) {
+      if (nodeId in media) continue;
+      const image = node.images.at(-1);
+      const found: NodeMedia | null = image !== undefined ? { src: image, kind: "image" }
+        : node.preview !== undefined ? { src: node.preview, kind: "preview" } : null;
+      if (found === null) continue;
+      const before = previous[nodeId];
+      media[nodeId] = before?.src === found.src && before.kind === found.kind ? before : found;
+    }
+  }
+  return { nodes: current === undefined ? NO_NODES : runs.runs[current].nodes, media };
+}
+
 export interface Issue {
   code: string;
   message: string;

@@ -200,11 +200,43 @@ describe("the editor store", () => {
     expect(values("seed")?.value).toBe(fixed);
   });
 
-  it("shows previews, then images, on the node that made them", () => {
+  it("shows previews, then images, on the node that made them", async () => {
+    stubServer({ "POST /api/runs": () => [201, { id: "r", status: "queued" }] });
+    await actions.run();
     actions.event({ type: "node_preview", run_id: "r", node_id: "sum", image: "data:image/jpeg;base64,AA" });
     expect(getState().media.sum).toEqual({ src: "data:image/jpeg;base64,AA", kind: "preview" });
     actions.event({ type: "node_finished", run_id: "r", node_id: "sum", files: ["o/x.png"],
                     file_urls: ["/api/files/outputs/x.png"] });
     expect(getState().media.sum).toEqual({ src: "/api/files/outputs/x.png", kind: "image" });
+  });
+
+  it("shows a run on the graph it was submitted from only", async () => {
+    stubServer({ "POST /api/runs": () => [201, { id: "mine", status: "queued" }] });
+    // A run submitted elsewhere (another tab, the CLI) paints nothing here, though its node ids match.
+    actions.event({ type: "run_started", run_id: "theirs", node_id: null, nodes: ["seed", "sum"] });
+    actions.event({ type: "node_started", run_id: "theirs", node_id: "sum", node_type: "Math" });
+    actions.event({ type: "node_preview", run_id: "theirs", node_id: "sum", image: "data:image/jpeg;base64,XX" });
+    actions.event({ type: "node_finished", run_id: "theirs", node_id: "seed", files: [],
+                    file_urls: ["/api/files/outputs/theirs.png"] });
+    expect(getState().media).toEqual({});
+    expect(getState().nodeRuns).toEqual({});
+    expect(getState().runs.order).toContain("theirs");  // the queue panel lists every run
+
+    await actions.run();
+    actions.event({ type: "run_started", run_id: "mine", node_id: null, nodes: ["seed", "sum"] });
+    actions.event({ type: "node_finished", run_id: "mine", node_id: "sum", files: [],
+                    file_urls: ["/api/files/outputs/mine.png"] });
+    expect(getState().media).toEqual({ sum: { src: "/api/files/outputs/mine.png", kind: "image" } });
+    expect(getState().nodeRuns.sum.status).toBe("executed");
+    expect(getState().nodeRuns.seed.status).toBe("pending");
+
+    // Another workflow with the same node ids shows none of it; reopening the first does not either
+    // (a loaded document is a new graph), but undoing edits keeps the graph and its runs.
+    actions.setValue("sum", "b", 3);
+    actions.undo();
+    expect(getState().nodeRuns.sum.status).toBe("executed");
+    actions.load(structuredClone(workflow), "other.json");
+    expect(getState().media).toEqual({});
+    expect(getState().nodeRuns).toEqual({});
   });
 });

@@ -13,15 +13,15 @@ import {
 } from "./graph";
 import { type History, record, redo, replace, startHistory, undo } from "./history";
 import { workflowFromPng } from "./pngWorkflow";
-import { applyEvent, emptyRuns, imageUrls, issuesByNode, type RunsState, type ServerEvent } from "./runState";
+import {
+  applyEvent, emptyRuns, graphRunView, issuesByNode, type NodeMedia, type NodeRunState, type RunsState, type ServerEvent,
+} from "./runState";
 
 export const SAVED_GRAPH_KEY = "nodegraph.graph";
+/** Which graph each run was submitted from (run id -> graph id), newest last. */
+export const RUN_GRAPHS_KEY = "nodegraph.runGraphs";
+const RUN_GRAPHS_KEPT = 500;
 export const DEFAULT_WORKFLOW = "txt2img.json";
-
-export interface NodeMedia {
-  src: string;
-  kind: "preview" | "image";
-}
 
 export type Dialog = { kind: "overwrite"; name: string } | { kind: "saveAs"; name: string };
 
@@ -38,6 +38,12 @@ export interface EditorState {
   history: History<Graph>;
   runs: RunsState;
   issues: Record<string, Record<string, string[]>>;
+  /** Identifies the graph on the canvas: new for each loaded workflow and for New, kept across edits
+   *  and reloads. A run belongs to the graph it was submitted from. */
+  graphId: string;
+  /** Each node's state in this graph's current run (derived from `runs`). */
+  nodeRuns: Record<string, NodeRunState>;
+  /** Each node's newest picture from this graph's runs (derived from `runs`). */
   media: Record<string, NodeMedia>;
   message: { text: string; error: boolean } | null;
   connected: boolean;
@@ -54,11 +60,40 @@ export interface EditorState {
   ready: boolean;
 }
 
+function newGraphId(): string {
+  return typeof crypto !== "undefined" && "randomUUID" in crypto ? crypto.randomUUID()
+    : `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+}
+
+/** run id -> id of the graph it was submitted from; kept in local storage so a reload still knows. */
+const runGraphs = new Map<string, string>();
+
+function loadRunGraphs(): void {
+  try {
+    const saved = JSON.parse(localStorage.getItem(RUN_GRAPHS_KEY) ?? "[]") as unknown;
+    if (Array.isArray(saved)) for (const [run, graphId] of saved) runGraphs.set(String(run), String(graphId));
+  } catch {
+    // Unreadable or no storage: runs from before this page load are then shown as nobody's.
+  }
+}
+
+function rememberRun(runId: string): void {
+  runGraphs.set(runId, state.graphId);
+  while (runGraphs.size > RUN_GRAPHS_KEPT) runGraphs.delete(runGraphs.keys().next().value as string);
+  try {
+    localStorage.setItem(RUN_GRAPHS_KEY, JSON.stringify([...runGraphs]));
+  } catch {
+    // As above: only this page then knows whose the run is.
+  }
+}
+
 let state: EditorState = {
   catalogue: null,
   history: startHistory<Graph>({ nodes: [], edges: [] }),
   runs: emptyRuns,
   issues: {},
+  graphId: newGraphId(),
+  nodeRuns: {},
   media: {},
   message: null,
   connected: false,
@@ -72,17 +107,24 @@ let state: EditorState = {
 const listeners = new Set<() => void>();
 let clipboard: Snippet | null = null;
 
+/** The canvas's view of the runs submitted from the graph on it. */
+function runView(current: EditorState): Pick<EditorState, "nodeRuns" | "media"> {
+  const view = graphRunView(current.runs, (runId) => runGraphs.get(runId) === current.graphId, current.media);
+  return { nodeRuns: view.nodes, media: view.media };
+}
+
 function set(change: Partial<EditorState>): void {
   const before = state;
   state = { ...state, ...change };
+  if (state.runs !== before.runs || state.graphId !== before.graphId) state = { ...state, ...runView(state) };
   if (state.history.present !== before.history.present || state.workflowName !== before.workflowName
-      || state.savedAs !== before.savedAs) persist();
+      || state.savedAs !== before.savedAs || state.graphId !== before.graphId) persist();
   for (const listener of listeners) listener();
 }
 
 function persist(): void {
   try {
-    localStorage.setItem(SAVED_GRAPH_KEY, JSON.stringify({ name: state.workflowName, savedAs: state.savedAs,
+    localStorage.setItem(SAVED_GRAPH_KEY, JSON.stringify({ name: state.workflowName, savedAs: state.savedAs, graphId: state.graphId,
                                                            workflow: graphToWorkflow(state.history.present) }));
   } catch {
     // Storage full or disabled: the graph still lives in the page; nothing else depends on it.
@@ -150,12 +192,16 @@ export const actions = {
       return;
     }
     await actions.refreshWorkflows();
+    loadRunGraphs();
     const saved = localStorage.getItem(SAVED_GRAPH_KEY);
     if (saved !== null) {
       try {
-        const { name, savedAs, workflow } = JSON.parse(saved) as { name: string; savedAs?: string | null; workflow: unknown };
+        const { name, savedAs, graphId, workflow } = JSON.parse(saved) as
+          { name: string; savedAs?: string | null; graphId?: string; workflow: unknown };
         actions.load(workflow, name);
-        set({ savedAs: typeof savedAs === "string" ? savedAs : null });
+        // The same graph as before the reload: its runs are still its own.
+        set({ savedAs: typeof savedAs === "string" ? savedAs : null,
+              graphId: typeof graphId === "string" ? graphId : state.graphId });
         return;
       } catch {
         localStorage.removeItem(SAVED_GRAPH_KEY);  // unreadable: start from the default instead
@@ -179,13 +225,7 @@ export const actions = {
   },
 
   event(event: ServerEvent): void {
-    let media = state.media;
-    if (event.node_id !== null) {
-      if (event.type === "node_preview") media = { ...media, [event.node_id]: { src: event.image as string, kind: "preview" } };
-      const images = imageUrls(event.file_urls);
-      if (images.length > 0) media = { ...media, [event.node_id]: { src: images[images.length - 1], kind: "image" } };
-    }
-    set({ runs: applyEvent(state.runs, event), media });
+    set({ runs: applyEvent(state.runs, event) });
   },
 
   setConnected(connected: boolean): void {
@@ -307,7 +347,8 @@ export const actions = {
     const read = workflowToGraph(document);
     const next = state.catalogue === null ? read : withDefaults(read, state.catalogue);
     typing = null;
-    set({ history: startHistory(next), workflowName: name, savedAs: null, issues: {}, media: {}, loads: state.loads + 1 });
+    set({ history: startHistory(next), workflowName: name, savedAs: null, issues: {}, graphId: newGraphId(),
+          loads: state.loads + 1 });
   },
 
   async openSaved(name: string): Promise<void> {
@@ -358,7 +399,7 @@ export const actions = {
   /** Clear the canvas for a new graph, without a name. Undoable: a slip loses nothing. */
   newGraph(): void {
     commit({ nodes: [], edges: [] });
-    set({ workflowName: UNTITLED, savedAs: null });
+    set({ workflowName: UNTITLED, savedAs: null, graphId: newGraphId() });
   },
 
   /** Open a dropped or chosen file: a workflow JSON, a foreign format the server converts, or a nodegraph PNG. */
@@ -402,7 +443,8 @@ export const actions = {
     const workflow = graphToWorkflow(graph());
     try {
       const { id } = await api.submit(workflow);
-      set({ issues: {} });
+      rememberRun(id);
+      set({ issues: {}, ...runView(state) });  // its events may have come first: shown now it is known as ours
       say(`queued run ${id.slice(0, 8)}`);
       actions.randomizeSeeds();
     } catch (error) {

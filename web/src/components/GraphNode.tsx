@@ -12,10 +12,7 @@ export function GraphNode({ id, data, selected }: NodeProps<Node<GraphNodeData, 
   const linked = useEditor((s) => s.history.present.edges);
   const issues = useEditor((s) => s.issues[id]);
   const media = useEditor((s) => s.media[id]);
-  const runState = useEditor((s) => {
-    const runId = s.runs.queue.running ?? s.runs.order[s.runs.order.length - 1];
-    return runId === undefined ? undefined : s.runs.runs[runId]?.nodes[id];
-  });
+  const runState = useEditor((s) => s.nodeRuns[id]);
   const spec = catalogue?.nodes[data.nodeType];
   const status = runState?.status ?? "idle";
   const className = ["graph-node", `status-${status}`, selected ? "selected" : "", issues ? "has-issues" : ""].join(" ");
