@@ -222,6 +222,11 @@ CORE_SAMPLING_INPUTS: dict[str, dict[str, dict]] = {
                       "cfg": {"default": 8.0, "min": 0.0, "max": 100.0}, "positive": {"link": True},
                       "negative": {"link": True}, "sampler": {"link": True}, "sigmas": {"link": True},
                       "latent_image": {"link": True}},
+    "CLIPVisionLoader": {"clip_name": {"files": "clip_vision"}},
+    "CLIPVisionEncode": {"clip_vision": {"link": True}, "image": {"link": True}, "crop": {"choices": ["center", "none"]}},
+    "unCLIPConditioning": {"conditioning": {"link": True}, "clip_vision_output": {"link": True},
+                           "strength": {"default": 1.0, "min": -10.0, "max": 10.0},
+                           "noise_augmentation": {"default": 0.0, "min": 0.0, "max": 1.0}},
 }
 
 
@@ -294,6 +299,39 @@ def test_sampler_custom_turbo_scheduler_model_sampling_and_old_controlnet_map():
         "sampler": link("6", "sampler"), "sigmas": link("3", "sigmas"), "latent": link("7", "latent")}
     assert nodes["10"]["inputs"] == {"strength": 0.8999999999999999, "conditioning": link("5", "conditioning"),
                                      "control_net": link("8", "control_net"), "image": link("9", "image")}
+
+
+def test_clip_vision_and_unclip_conditioning_map_from_each_comfyui_version():
+    graph = {
+        "1": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "clip_vision_g.safetensors"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "sunset.png"}},
+        "3": {"class_type": "CLIPVisionEncode", "inputs": {"clip_vision": ["1", 0], "image": ["2", 0], "crop": "none"}},
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": ""}},
+        "6": {"class_type": "unCLIPConditioning", "inputs": {"conditioning": ["5", 0], "clip_vision_output": ["3", 0],
+                                                             "strength": 0.75, "noise_augmentation": 0.1}},
+    }
+    nodes = API.convert(graph)["nodes"]
+    assert nodes["1"] == {"type": "LoadCLIPVision", "inputs": {"name": "clip_vision_g.safetensors"}}
+    assert nodes["3"] == {"type": "CLIPVisionEncode", "inputs": {"clip_vision": link("1", "clip_vision"),
+                                                                 "image": link("2", "image"), "crop": "none"}}
+    assert nodes["6"] == {"type": "UnclipConditioning", "inputs": {
+        "conditioning": link("5", "conditioning"), "clip_vision_output": link("3", "clip_vision_output"),
+        "strength": 0.75, "noise_augmentation": 0.1}}
+
+    document = {"nodes": [
+        ui_widget_node(1, "CLIPVisionLoader", ["clip_vision_g.safetensors"]),
+        ui_widget_node(2, "LoadImage", ["sunset.png", "image"]),
+        ui_widget_node(3, "CLIPVisionEncode", [], {"clip_vision": 1, "image": 2}),  # before the crop widget
+        ui_widget_node(4, "CLIPVisionEncode", ["center"], {"clip_vision": 3, "image": 4}),
+        ui_widget_node(5, "unCLIPConditioning", [0.75, 0], {"clip_vision_output": 5}),
+    ], "links": [[1, 1, 0, 3, 0, "CLIP_VISION"], [2, 2, 0, 3, 1, "IMAGE"], [3, 1, 0, 4, 0, "CLIP_VISION"],
+                 [4, 2, 0, 4, 1, "IMAGE"], [5, 3, 0, 5, 1, "CLIP_VISION_OUTPUT"]]}
+    nodes = UI.convert(document)["nodes"]
+    assert nodes["3"]["inputs"] == {"clip_vision": link("1", "clip_vision"), "image": link("2", "image")}
+    assert nodes["4"]["inputs"]["crop"] == "center"
+    assert nodes["5"]["inputs"] == {"strength": 0.75, "noise_augmentation": 0,
+                                    "clip_vision_output": link("3", "clip_vision_output")}
 
 
 def test_image_nodes_map():

@@ -1,7 +1,8 @@
-"""ComfyUI core nodes added for issue 15, end to end on the small random SD1 checkpoint: ModelSamplingDiscrete
-(eps, v_prediction, x0, lcm; zsnr) read back through the U-Net, SamplerCustom against the one-node
-sampler, SDTurboScheduler, and ControlNetApply (its ControlNet guides the negative side too), with
-the corpus files they unblock imported and run at a reduced size."""
+"""ComfyUI core nodes added for issue 15, end to end on the small random SD1 and SDXL checkpoints:
+ModelSamplingDiscrete (eps, v_prediction, x0, lcm; zsnr) read back through the U-Net, SamplerCustom
+against the one-node sampler, SDTurboScheduler, ControlNetApply (its ControlNet guides the negative
+side too), CLIPVisionLoader/CLIPVisionEncode/unCLIPConditioning as SDXL image prompts, with the
+corpus files they unblock imported and run at a reduced size."""
 
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ from nodegraph_diffusion.nodes.sampling import ModelSamplingDiscrete
 from nodegraph_diffusion.sampling import schedules as S
 from nodegraph_diffusion.sampling.model_sampling import ModelSampling
 
+from nodegraph_diffusion.vision.clip_vision import CLIPVisionConfig, CLIPVisionEncoderModel, clip_preprocess
+
 from _checkpoint_fixtures import write_safetensors
+from _random_weights import randomize_
 from _pipeline_fixtures import SD1_UNET, _vae_weights, write_models
 from test_pipeline_graphs import write_lora
 
@@ -39,10 +43,19 @@ def link(node: str, output: str) -> dict:
     return {"from": node, "output": output}
 
 
+# A CLIP vision tower whose embeddings are as wide as the tiny SDXL checkpoint's pooled text vector (one
+# head: the loader reads width / 64 heads from a tower of unknown size).
+TINY_VISION = CLIPVisionConfig(image_size=28, patch_size=7, width=64, layers=2, heads=1, intermediate_size=96,
+                               activation="gelu", projection_dim=64)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = write_models(tmp_path_factory.mktemp("models"))
     write_safetensors(root / "vae" / "tiny-vae.safetensors", _vae_weights(1), dtype=None)
+    (root / "clip_vision").mkdir()
+    vision = randomize_(CLIPVisionEncoderModel(TINY_VISION), 30).state_dict()
+    write_safetensors(root / "clip_vision" / "tiny-clip-vision.safetensors", vision, dtype=None)
     return root
 
 
@@ -244,6 +257,60 @@ def test_controlnet_apply_guides_the_negative_side_too(env):
     assert np.array_equal(pixels(env.run(controlled({"pos": 0.0}))), plain)
 
 
+# --- CLIP vision and image prompts (SDXL revision) ----------------------------------------------
+
+def revision(strength: float = 0.75, augmentation: float = 0.0, zero_text: bool = False) -> dict:
+    """txt2img on the tiny SDXL checkpoint with an image prompt on the positive side."""
+    graph = txt2img()
+    nodes = graph["nodes"]
+    nodes["ckpt"]["inputs"]["name"] = "tiny-sdxl.safetensors"
+    nodes["vision"] = {"type": "LoadCLIPVision", "inputs": {"name": "tiny-clip-vision.safetensors"}}
+    nodes["load"] = {"type": "LoadImage", "inputs": {"image": "in.png"}}
+    nodes["encode_image"] = {"type": "CLIPVisionEncode", "inputs": {
+        "clip_vision": link("vision", "clip_vision"), "image": link("load", "image"), "crop": "center"}}
+    source = "pos"
+    if zero_text:
+        nodes["zero"] = {"type": "ConditioningZeroOut", "inputs": {"conditioning": link("pos", "conditioning")}}
+        source = "zero"
+    nodes["prompt"] = {"type": "UnclipConditioning", "inputs": {
+        "conditioning": link(source, "conditioning"), "clip_vision_output": link("encode_image", "clip_vision_output"),
+        "strength": strength, "noise_augmentation": augmentation}}
+    nodes["sample"]["inputs"]["positive"] = link("prompt", "conditioning")
+    return graph
+
+
+def test_clip_vision_encode_is_the_tower_on_the_preprocessed_image(env, models):
+    result = env.run(revision(), outputs=["encode_image", "load"])
+    encoded = output(result, "encode_image", "clip_vision_output")
+    tower = CLIPVisionEncoderModel(TINY_VISION)
+    tower.load_state_dict(randomize_(CLIPVisionEncoderModel(TINY_VISION), 30).state_dict())
+    with torch.no_grad():
+        expected = tower(clip_preprocess(output(result, "load", "image"), 28))
+    assert encoded.image_embeds.shape == (1, 64)
+    assert torch.allclose(encoded.image_embeds, expected.image_embeds, atol=1e-5)
+    assert torch.allclose(encoded.penultimate_hidden_states, expected.penultimate_hidden_states, atol=1e-5)
+
+
+def test_sdxl_image_prompt_replaces_the_pooled_text_vector(env):
+    plain = txt2img()
+    plain["nodes"]["ckpt"]["inputs"]["name"] = "tiny-sdxl.safetensors"
+    without = pixels(env.run(plain))
+    prompted = pixels(env.run(revision()))
+    assert not np.array_equal(prompted, without)
+    assert np.array_equal(pixels(env.run(revision(strength=0.0))), without)  # strength 0: unchanged, as ComfyUI
+    # The pooled vector is the image's, whatever the text's was: zeroing the text's pooled vector
+    # (ConditioningZeroOut also zeroes the states) changes the image only through the states.
+    assert not np.array_equal(pixels(env.run(revision(zero_text=True))), prompted)
+    assert not np.array_equal(pixels(env.run(revision(augmentation=0.5))), prompted)
+
+
+def test_image_prompts_on_a_model_that_takes_none_are_refused_by_input(env):
+    graph = revision()
+    graph["nodes"]["ckpt"]["inputs"]["name"] = "tiny-sd1.safetensors"
+    result = env.run(graph)
+    assert result.status == "failed" and "image prompts" in str(result.error) and "positive" in str(result.error)
+
+
 # --- corpus files these nodes unblock, run small -------------------------------------------------
 
 @pytest.mark.parametrize("name, sets", [
@@ -258,6 +325,12 @@ def test_controlnet_apply_guides_the_negative_side_too(env):
      ['20.name="tiny-sd1.safetensors"', "5.width=32", "5.height=32"]),
     ("examples__lcm__lcm_basic_example.png__png-api.json",
      ['4.name="tiny-sd1.safetensors"', "5.width=32", "5.height=32", "3.steps=2"]),
+    ("cog__examples__api_workflows__sdxl_revision_text_prompts.json",
+     ['40.name="tiny-sdxl.safetensors"', '39.name="tiny-clip-vision.safetensors"', '34.image="in.png"',
+      '38.image="in.png"', "5.width=32", "5.height=32", "3.steps=2"]),
+    ("examples__sdxl__sdxl_revision_zero_positive.png__png-api.json",
+     ['40.name="tiny-sdxl.safetensors"', '39.name="tiny-clip-vision.safetensors"', '34.image="in.png"',
+      '38.image="in.png"', "5.width=32", "5.height=32", "3.steps=2"]),
 ])
 def test_unblocked_corpus_files_run_small(env, models, name, sets):
     if "lcm" in name:  # its LCM LoRA: a tiny one for the tiny U-Net

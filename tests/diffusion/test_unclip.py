@@ -85,26 +85,26 @@ SD1 = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, trans
 
 
 def test_how_each_unet_takes_image_prompts() -> None:
-    assert U.image_conditioning_of(UNCLIP_H) == U.ImageConditioning("vector", 1024, 0.05)
-    assert U.image_conditioning_of(SDXL) == U.ImageConditioning("pooled", 1280, 0.0)
-    assert U.image_conditioning_of(SD1) is None and U.image_conditioning_of(object()) is None
+    assert U.image_conditioning_of(UNCLIP_H, "sd2") == U.ImageConditioning("vector", 1024, 0.05)
+    assert U.image_conditioning_of(SDXL, "sdxl") == U.ImageConditioning("pooled", None, 0.0)
+    assert U.image_conditioning_of(SD1, "sd1") is None and U.image_conditioning_of(object(), "sd3") is None
 
     text = CondEntry(context=torch.zeros(1, 77, 1024))
     prompt = U.ImagePrompt(embeds(6, 1, 1024), 1.0, 0.0)
-    plain, image = U.with_image_prompts(UNCLIP_H, [text, text.with_(image_prompts=(prompt,))], seed=20)
+    plain, image = U.with_image_prompts(UNCLIP_H, "sd2", [text, text.with_(image_prompts=(prompt,))], seed=20)
     assert torch.equal(plain.y, torch.zeros(1, 2048))  # no image: zeros, as ComfyUI and diffusers' negative
     assert torch.equal(image.y, U.image_prompt_vector([prompt], seed=10)) and image.image_prompts == ()
 
     pooled, sizes = torch.randn(1, 1280), torch.randn(1, 1536)
     xl = CondEntry(context=torch.zeros(1, 77, 2048), pooled=pooled, y=torch.cat([pooled, sizes], 1))
     xl_prompt = U.ImagePrompt(embeds(7, 1, 1280), 2.0, 0.5)
-    (revised,) = U.with_image_prompts(SDXL, [xl.with_(image_prompts=(xl_prompt,))], seed=3)
+    (revised,) = U.with_image_prompts(SDXL, "sdxl", [xl.with_(image_prompts=(xl_prompt,))], seed=3)
     vector = U.image_prompt_vector([xl_prompt], seed=-7, merge_augmentation=0.0)
     assert torch.equal(revised.pooled, vector[:, :1280])
     assert torch.equal(revised.y, torch.cat([vector[:, :1280], sizes], 1))
-    assert U.with_image_prompts(SDXL, [xl], seed=3) == (xl,)
+    assert U.with_image_prompts(SDXL, "sdxl", [xl], seed=3) == (xl,)
 
     with pytest.raises(U.ImagePromptError, match="takes none"):
-        U.with_image_prompts(SD1, [CondEntry(context=torch.zeros(1, 77, 768), image_prompts=(prompt,))], seed=0)
+        U.with_image_prompts(SD1, "sd1", [CondEntry(context=torch.zeros(1, 77, 768), image_prompts=(prompt,))], seed=0)
     with pytest.raises(U.ImagePromptError, match="width \\[1024\\] do not fit this model, which takes 1280"):
-        U.with_image_prompts(SDXL, [xl.with_(image_prompts=(prompt,))], seed=0)
+        U.with_image_prompts(SDXL, "sdxl", [xl.with_(image_prompts=(prompt,))], seed=0)

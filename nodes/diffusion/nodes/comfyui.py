@@ -108,6 +108,13 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
     "LoraLoaderModelOnly": NodeMapping(
         "LoadLora", {"lora_name": "name", **_same("model", "strength_model")}, ("model",),
         ("lora_name", "strength_model")),
+    "CLIPVisionLoader": NodeMapping("LoadCLIPVision", {"clip_name": "name"}, ("clip_vision",), ("clip_name",)),
+    # Older ComfyUI versions had no crop widget (they cropped the centre).
+    "CLIPVisionEncode": NodeMapping("CLIPVisionEncode", _same("clip_vision", "image", "crop"), ("clip_vision_output",),
+                                    ("crop",), later_widgets=1),
+    "unCLIPConditioning": NodeMapping(
+        "UnclipConditioning", _same("conditioning", "clip_vision_output", "strength", "noise_augmentation"),
+        ("conditioning",), ("strength", "noise_augmentation")),
     "ControlNetLoader": NodeMapping("LoadControlNet", {"control_net_name": "name"}, ("control_net",),
                                     ("control_net_name",)),
     "CLIPTextEncode": NodeMapping("TextEncode", _same("clip", "text"), ("conditioning",), ("text",)),

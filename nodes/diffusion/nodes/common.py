@@ -1,12 +1,18 @@
-"""What the diffusion nodes share: the input error type and the compute device of a run."""
+"""What the diffusion nodes share: the input error type, the compute device of a run, the pack's socket types."""
 
 from __future__ import annotations
 
 import torch
 
 from nodegraph.node import RunContext
+from nodegraph.types import SocketType
 
 from ..weights.devices import pick_device
+
+
+# The pack's own socket types (the engine registers them from the nodes that use them).
+CLIP_VISION = SocketType("CLIP_VISION", "CLIP image encoder.", "#a1887f")
+CLIP_VISION_OUTPUT = SocketType("CLIP_VISION_OUTPUT", "CLIP encoding of images.", "#ad7452")
 
 
 class InputError(ValueError):

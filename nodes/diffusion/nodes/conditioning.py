@@ -24,7 +24,9 @@ from ..sampling.guidance import (
     GuidanceError,
     learned_unconditional,
 )
-from .common import InputError
+from ..sampling.unclip import ImagePrompt
+from ..vision.clip_vision import CLIPVisionEncoderModel, CLIPVisionOutput, clip_preprocess
+from .common import CLIP_VISION, CLIP_VISION_OUTPUT, InputError
 
 
 def _text_encoders(clip: TextEncoders | None) -> TextEncoders:
@@ -461,7 +463,57 @@ class ApplyControlNetSimple(Node):
         return self.Outputs(conditioning=apply(inputs.conditioning, "conditioning", "ApplyControlNetSimple"))
 
 
+class CLIPVisionEncode(Node):
+    """Encode images with a CLIP image encoder, for image prompts (UnclipConditioning). crop center
+    takes the centre square after scaling the short side to the encoder's size; none squashes the
+    whole image to a square."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        clip_vision: CLIP_VISION.annotation
+        image: IMAGE.annotation
+        crop: Literal["center", "none"] = "center"
+
+    class Outputs(NodeOutputs):
+        clip_vision_output: CLIP_VISION_OUTPUT.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        model: CLIPVisionEncoderModel = inputs.clip_vision
+        weight = model.visual_projection.weight
+        pixels = clip_preprocess(inputs.image, model.config.image_size, crop=inputs.crop == "center")
+        with torch.no_grad():
+            output = model(pixels.to(weight.device, weight.dtype))
+        return self.Outputs(clip_vision_output=CLIPVisionOutput(
+            *(t.float().cpu() for t in (output.last_hidden_state, output.penultimate_hidden_states,
+                                        output.image_embeds))))
+
+
+class UnclipConditioning(Node):
+    """Add images (their CLIP encoding) to a conditioning as prompts: for SD2.1-unCLIP models, and for
+    SDXL in place of the pooled text vector ("revision"). noise_augmentation blurs the image's
+    meaning (0: as it is, 1: pure noise); several add up, each with its strength."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        conditioning: CONDITIONING.annotation
+        clip_vision_output: CLIP_VISION_OUTPUT.annotation
+        strength: float = Field(1.0, ge=-10.0, le=10.0)
+        noise_augmentation: float = Field(0.0, ge=0.0, le=1.0)
+
+    class Outputs(NodeOutputs):
+        conditioning: CONDITIONING.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        if inputs.strength == 0.0:
+            return self.Outputs(conditioning=inputs.conditioning)
+        prompt = ImagePrompt(inputs.clip_vision_output.image_embeds, inputs.strength, inputs.noise_augmentation)
+        return self.Outputs(conditioning=tuple(e.with_(image_prompts=(*e.image_prompts, prompt))
+                                               for e in inputs.conditioning))
+
+
 NODES = [TextEncode, TextEncodeSDXL, TextEncodeSD3, TextEncodeFlux, FluxGuidance, ClassLabel,
          UnconditionalConditioning, SetClipSkip, ConditioningCombine, ConditioningConcat, ConditioningSetArea,
          ConditioningSetMask, ConditioningSetTimestepRange, ConditioningZeroOut, ApplyControlNet,
-         ApplyControlNetSimple]
+         ApplyControlNetSimple, CLIPVisionEncode, UnclipConditioning]

@@ -35,6 +35,7 @@ KIND_SUBFOLDERS: dict[str, tuple[str, ...]] = {
     "vae": ("vae", "VAE"),
     "loras": ("loras", "Lora", "LyCORIS"),
     "controlnet": ("controlnet", "ControlNet"),
+    "clip_vision": ("clip_vision",),
     "embeddings": ("embeddings", "../embeddings"),
 }
 MODEL_KINDS = tuple(KIND_SUBFOLDERS)

@@ -29,9 +29,10 @@ from ..components import DiffusionModel, TextEncoders, VAEModel
 from ..sampling.model_sampling import ModelSampling
 from ..text.clip_tokenizer import CLIPTokenizer
 from ..vae.autoencoder import latent_scaling_for
+from ..vision.clip_vision import CLIPVisionLoadError, load_clip_vision_file
 from ..weights.safetensors_io import CheckpointError
 from . import folders
-from .common import InputError, run_device
+from .common import CLIP_VISION, InputError, run_device
 
 logger = logging.getLogger(__name__)
 
@@ -449,5 +450,33 @@ class LoadControlNet(Node):
         return self.Outputs(control_net=loaded)
 
 
+class LoadCLIPVision(Node):
+    """Load a CLIP image encoder (OpenAI ViT-L/14, OpenCLIP ViT-H/14 or bigG/14) from the clip_vision
+    folder, for image prompts (UnclipConditioning): a ComfyUI clip_vision file, or a whole CLIP model
+    in the HF or OpenCLIP layout (its text tower is left out)."""
+
+    category = "loaders"
+
+    class Inputs(NodeInputs):
+        name: _model_file("clip_vision")  # type: ignore[valid-type]
+
+    class Outputs(NodeOutputs):
+        clip_vision: CLIP_VISION.annotation
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
+        return _file_fingerprint("clip_vision", literals.get("name"))
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        path = _resolve("clip_vision", inputs.name)
+        try:
+            model = load_clip_vision_file(str(path), device=run_device(ctx))
+        except (CLIPVisionLoadError, CheckpointError) as error:
+            raise InputError("name", str(error)) from None
+        ctx.log.info("%s: CLIP vision, width %d, %d layers, embeddings of %d", inputs.name, model.config.width,
+                     model.config.layers, model.config.projection_dim)
+        return self.Outputs(clip_vision=model)
+
+
 NODES = [LoadCheckpoint, LoadDiffusionModel, LoadTextEncoder, LoadTextEncoders, LoadVAE, LoadLora,
-         LoadControlNet]
+         LoadControlNet, LoadCLIPVision]

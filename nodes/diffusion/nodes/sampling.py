@@ -3,7 +3,7 @@ one-node convenience samplers."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
 import torch
@@ -16,6 +16,7 @@ from ..sampling import schedules
 from ..components import DiffusionModel, Latent, NoiseSource, ZeroNoise
 from ..sampling.guidance import CFGGuider, Conditioning, GuidanceError, check_conditioning
 from ..sampling.model_sampling import ModelSampling, ModelSamplingError, Prediction
+from ..sampling.unclip import ImagePromptError, with_image_prompts
 from ..vae.previews import preview_image
 from ..weights.devices import cpu_threads, network_work
 from ..sampling.run import KSAMPLER_EXTRA_STEP_SAMPLERS, SAMPLER_NAMES, SamplerChoice, resize_mask, sample
@@ -68,9 +69,19 @@ class Guidance:
 def _check_guidance(model: DiffusionModel, positive: Conditioning, negative: Conditioning) -> None:
     for name, conditioning in (("positive", positive), ("negative", negative)):
         try:
-            check_conditioning(model.network, conditioning)
-        except GuidanceError as error:
+            # Image prompts as they will be when sampling (their width does not depend on the seed).
+            check_conditioning(model.network, with_image_prompts(model.network.config, model.family.latent_family,
+                                                                 conditioning, seed=0))
+        except (GuidanceError, ImagePromptError) as error:
             raise InputError(name, str(error)) from None
+
+
+def _with_image_prompts(guidance: Guidance, seed: int) -> Guidance:
+    """The guidance with its image prompts made into the model's vector conditioning; their noise is
+    seeded by the sampling seed, as in ComfyUI."""
+    config, family = guidance.model.network.config, guidance.model.family.latent_family
+    return replace(guidance, positive=with_image_prompts(config, family, guidance.positive, seed),
+                   negative=with_image_prompts(config, family, guidance.negative, seed))
 
 
 def _inpaint_concat(model: DiffusionModel, latent: Latent) -> torch.Tensor | None:
@@ -87,6 +98,7 @@ def _inpaint_concat(model: DiffusionModel, latent: Latent) -> torch.Tensor | Non
 def run_sampling(ctx: RunContext, guidance: Guidance, sampler: SamplerChoice, sigmas: torch.Tensor,
                  latent: Latent, noise: NoiseSource) -> tuple[Latent, Latent]:
     """Sample a latent with guidance; reports progress with previews. Returns (result, last denoised)."""
+    guidance = _with_image_prompts(guidance, noise.seed)
     model = guidance.model
     samples = latent.samples
     if sampler.uses_uncond and not guidance.negative:
@@ -392,7 +404,7 @@ class DenoiseStep(Node):
         denoised: LATENT.annotation
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        guidance: Guidance = inputs.guider
+        guidance: Guidance = _with_image_prompts(inputs.guider, seed=0)
         model = guidance.model
         device = next(model.network.parameters()).device
         with model.patched_network() as network, torch.no_grad():

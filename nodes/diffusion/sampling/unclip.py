@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 # Noise levels 0 .. IMAGE_NOISE_LEVELS - 1 (the cosine schedule's timesteps); augmentation a in
 # [0, 1] is level round((IMAGE_NOISE_LEVELS - 1) * a).
 IMAGE_NOISE_LEVELS = 1000
-# SDXL's pooled text vector, which an image embedding replaces.
-SDXL_POOLED_WIDTH = 1280
 # ComfyUI re-noises the sum of several SD2.1-unCLIP image prompts at augmentation 0.05 (SDXL: 0).
 UNCLIP_MERGE_AUGMENTATION = 0.05
 # ComfyUI seeds the embedding noise with the sampling seed minus this.
@@ -92,35 +90,35 @@ def image_prompt_vector(prompts: Sequence[ImagePrompt], seed: int,
 
 @dataclass(frozen=True)
 class ImageConditioning:
-    """How a U-Net takes image prompts: as its whole vector ("vector", SD2.1-unCLIP: y = 2 x width,
-    zeros without an image) or in place of its pooled text vector ("pooled", SDXL)."""
+    """How a U-Net takes image prompts: as its whole vector ("vector", SD2.1-unCLIP: y of twice the
+    embedding width, zeros without an image) or in place of its pooled text vector ("pooled", SDXL:
+    embeddings as wide as the pooled vector)."""
 
     kind: Literal["vector", "pooled"]
-    width: int  # the image embedding width D
+    width: int | None  # the image embedding width D ("vector"); "pooled": the entry's pooled width
     merge_augmentation: float
 
 
-def image_conditioning_of(config: object) -> ImageConditioning | None:
-    """Whether and how a denoiser (its config) takes image prompts, from its shape: U-Nets with
-    SDXL's 2048-wide text states and a vector (base and refiner) take them as the pooled vector;
-    with SD2's 1024-wide text states and a 1536- or 2048-wide vector they are unCLIP (ViT-L, ViT-H).
-    Others take none."""
+def image_conditioning_of(config: object, family: str) -> ImageConditioning | None:
+    """Whether and how a denoiser takes image prompts, from its family (the latent family's name:
+    SDXL base and refiner are "sdxl") and config: SDXL U-Nets take them as the pooled vector, SD2
+    U-Nets with a vector input are unCLIP (1536: ViT-L, 2048: ViT-H embeddings). Others take none."""
     if not isinstance(config, UNetConfig) or config.adm_in_channels is None:
         return None
-    if config.context_dim == 2048:
-        return ImageConditioning("pooled", SDXL_POOLED_WIDTH, 0.0)
-    if config.context_dim == 1024 and config.adm_in_channels in (1536, 2048):
+    if family == "sdxl":
+        return ImageConditioning("pooled", None, 0.0)
+    if family == "sd2":
         return ImageConditioning("vector", config.adm_in_channels // 2, UNCLIP_MERGE_AUGMENTATION)
     return None
 
 
-def with_image_prompts(config: object, entries: Sequence[CondEntry], seed: int) -> tuple[CondEntry, ...]:
-    """Entries with their image prompts turned into the vector conditioning of the denoiser whose
-    config is given: y for an unCLIP
-    U-Net (zeros for entries without prompts), the pooled vector for SDXL (and y's pooled part
-    when y is already built). seed: the sampling seed. Raises ImagePromptError for prompts on a
-    model that takes none, or of the wrong width."""
-    target = image_conditioning_of(config)
+def with_image_prompts(config: object, family: str, entries: Sequence[CondEntry], seed: int) -> tuple[CondEntry, ...]:
+    """Entries with their image prompts turned into the vector conditioning of the denoiser (its
+    config and family, see :func:`image_conditioning_of`): y for an unCLIP U-Net (zeros for entries
+    without prompts), the pooled vector for SDXL (and y's pooled part when y is already built).
+    seed: the sampling seed. Raises ImagePromptError for prompts on a model that takes none, or of
+    the wrong width."""
+    target = image_conditioning_of(config, family)
     out = []
     for entry in entries:
         if target is None:
@@ -129,20 +127,21 @@ def with_image_prompts(config: object, entries: Sequence[CondEntry], seed: int) 
                                        "this model takes none")
             out.append(entry)
             continue
+        width = target.width if target.kind == "vector" else (None if entry.pooled is None else entry.pooled.shape[-1])
         if not entry.image_prompts:
             if target.kind == "vector" and entry.y is None:
-                entry = entry.with_(y=torch.zeros(1, 2 * target.width))
+                entry = entry.with_(y=torch.zeros(1, 2 * width))
             out.append(entry)
             continue
         widths = {int(prompt.image_embeds.shape[-1]) for prompt in entry.image_prompts}
-        if widths != {target.width}:
+        if widths != {width}:
             raise ImagePromptError(f"image embeddings of width {sorted(widths)} do not fit this model, which takes "
-                                   f"{target.width} (a CLIP vision model of another size?)")
+                                   f"{width} (a CLIP vision model of another size?)")
         vector = image_prompt_vector(entry.image_prompts, seed - IMAGE_NOISE_SEED_OFFSET, target.merge_augmentation)
         if target.kind == "vector":
             out.append(entry.with_(y=vector, image_prompts=()))
         else:
-            pooled = vector[:, : target.width]
-            y = None if entry.y is None else torch.cat([pooled, entry.y[:, target.width:]], dim=1)
+            pooled = vector[:, :width]
+            y = None if entry.y is None else torch.cat([pooled, entry.y[:, width:]], dim=1)
             out.append(entry.with_(pooled=pooled, y=y, image_prompts=()))
     return tuple(out)

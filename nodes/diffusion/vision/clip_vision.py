@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..text.clip import LAYER_NORM_EPS, Activation, CLIPEncoderLayer, hf_clip_keys_from_openclip
+from ..weights.files import WeightFile, open_weights
+from ..weights.loading import target_device_dtype
 
 # CLIP's image normalisation (OpenAI's training statistics, kept by OpenCLIP and ComfyUI).
 CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -245,6 +247,44 @@ def load_clip_vision(state_dict: Mapping[str, Tensor], *, config: CLIPVisionConf
         raise CLIPVisionLoadError(f"CLIP vision state dict does not fit {config}: missing {result.missing_keys[:8]}, "
                                   f"unexpected {result.unexpected_keys[:8]}")
     return model.to(device=device, dtype=dtype).eval()
+
+
+# Where files keep a vision tower: ComfyUI's clip_vision files and HF CLIP models (which may hold the
+# text tower too) in the HF layout, OpenCLIP / OpenAI models under `visual.`, SD2.1-unCLIP checkpoints
+# under `embedder.model.visual.`.
+_HF_VISION_PREFIXES = ("vision_model.", "visual_projection.")
+OPENCLIP_VISION_PREFIX = "visual."
+UNCLIP_CHECKPOINT_VISION_PREFIX = "embedder.model.visual."
+
+
+def vision_prefix(names: Sequence[str] | Mapping[str, object]) -> str | None:
+    """The key prefix of the vision tower in a file ('' for the HF layout), or None if it holds none."""
+    for prefix in (UNCLIP_CHECKPOINT_VISION_PREFIX, OPENCLIP_VISION_PREFIX):
+        if f"{prefix}conv1.weight" in names:
+            return prefix
+    if "vision_model.embeddings.patch_embedding.weight" in names:
+        return ""
+    return None
+
+
+def load_clip_vision_file(source: str | WeightFile, device: str | torch.device = "auto",
+                          dtype: str | torch.dtype | None = None) -> CLIPVisionEncoderModel:
+    """The CLIP vision tower of a weight file (a path or an open file): a ComfyUI clip_vision file, a
+    whole HF or OpenCLIP CLIP model (its text tower is left out) or an SD2.1-unCLIP checkpoint.
+    Raises CLIPVisionLoadError naming the file when it holds none or it does not fit."""
+    weights = open_weights(source) if isinstance(source, str) else source
+    names = weights.shapes()
+    prefix = vision_prefix(names)
+    if prefix is None:
+        raise CLIPVisionLoadError(f"{weights.path}: holds no CLIP vision model (no vision_model.embeddings, "
+                                  "visual.conv1 or embedder.model.visual.conv1 weights)")
+    keep = (lambda k: k.startswith(prefix)) if prefix else (lambda k: k.startswith(_HF_VISION_PREFIXES))
+    target_device, target_dtype = target_device_dtype(device, dtype, "text_encoder")
+    state = {k[len(prefix):]: weights.tensor(k).to(target_dtype) for k in names if keep(k)}
+    try:
+        return load_clip_vision(state, device=target_device, dtype=target_dtype)
+    except CLIPVisionLoadError as error:
+        raise CLIPVisionLoadError(f"{weights.path}: {error}") from None
 
 
 def clip_preprocess(image: Tensor, size: int = 224, crop: bool = True) -> Tensor:
