@@ -339,3 +339,31 @@ async def test_favicon_is_served(picture_server, tmp_path):
     assert icon.format == "ICO"
     page = _get_bytes(f"{base}/").decode()
     assert 'rel="icon"' in page and "/favicon.ico" in page
+
+
+@pytest.mark.asyncio
+async def test_a_reload_during_a_run_shows_it_running(picture_server, tmp_path):
+    """Issue 17, defect 4: after a page reload the queue panel lists the server's runs again, and a
+    run in progress shows as running, with its progress, on the panel and on its graph's nodes."""
+    chromium, base = picture_server
+    async with Browser(chromium, tmp_path / "profile") as page:
+        await open_editor(page, base)
+        steps = "[data-testid=input-draw-steps]"
+        await page.evaluate(f"(() => {{ const e = document.querySelector('{steps}'); e.focus(); e.select(); }})()")
+        await page.type_keys("80")  # 80 steps of 0.15 s: time to reload mid-run
+        await page.press("Enter", "Enter", 13)
+        await page.wait_for(f"{stored_input('draw', 'steps')} === 80", what="80 steps stored")
+        await page.click("[data-testid=run]")
+        await page.wait_for("document.querySelector('[data-testid=progress-draw]') !== null", what="the run under way")
+        await page.send("Page.reload")
+        await page.wait_for("document.querySelector('.editor[data-ready=true]') !== null", what="the editor to restart")
+        await page.wait_for("document.querySelector('[data-testid^=run-][data-status=running]') !== null",
+                            what="the run listed as running after the reload")
+        await page.wait_for("parseFloat(document.querySelector('[data-status=running] .run-progress > div')?.style.width)"
+                            " > 0", what="its progress on the queue panel")
+        await page.wait_for("document.querySelector('[data-testid=node-draw][data-status=running]') !== null",
+                            what="the running node marked on the graph it was submitted from")
+        await page.wait_for("document.querySelector('[data-testid=media-save][data-kind=image]') !== null",
+                            timeout=60, what="the image on the save node when it is done")
+        await page.wait_for("document.querySelector('[data-testid^=run-][data-status=succeeded]') !== null",
+                            what="the run marked succeeded")

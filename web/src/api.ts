@@ -2,7 +2,7 @@
 
 import type { Catalogue } from "./catalogue";
 import type { WorkflowDocument } from "./graph";
-import type { Issue, ServerEvent } from "./runState";
+import type { ApiRun, ApiRunList, Issue, ServerEvent } from "./runState";
 
 export class ApiError extends Error {
   constructor(public status: number, public code: string, message: string, public issues: Issue[] = []) {
@@ -39,6 +39,9 @@ export const api = {
   pause: () => request<unknown>("/api/queue/pause", { method: "POST" }),
   resume: () => request<unknown>("/api/queue/resume", { method: "POST" }),
   reorder: (order: string[]) => request<unknown>("/api/queue/order", jsonBody("POST", { order })),
+  /** The newest `limit` runs and the queue; a run's live node states come from `run`. */
+  runs: (limit: number) => request<ApiRunList>(`/api/runs?limit=${limit}`),
+  run: (id: string) => request<ApiRun>(`/api/runs/${encodeURIComponent(id)}`),
   workflows: () => request<{ workflows: { name: string }[] }>("/api/workflows"),
   workflow: (name: string) => request<unknown>(`/api/workflows/${encodeURIComponent(name)}`),
   saveWorkflow: (name: string, workflow: WorkflowDocument) =>

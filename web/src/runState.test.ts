@@ -53,6 +53,14 @@ describe("run state", () => {
     expect(fold([event("something_new", null)])).toBe(emptyRuns);
   });
 
+  it("shows a run seen only from the middle (after a reload) as running", () => {
+    const midway = fold([event("node_progress", "sample", { value: 3, max: 10 })]);
+    expect(midway.runs.r1.status).toBe("running");
+    expect(midway.runs.r1.currentNode).toBe("sample");
+    const announced = fold([{ type: "queue_changed", run_id: "", node_id: null, queued: [], running: "r1", paused: false }]);
+    expect(announced.runs.r1.status).toBe("running");
+  });
+
   it("groups validation issues by node and input", () => {
     expect(issuesByNode([
       { code: "out_of_bounds", message: "too big", node_id: "a", input: "value" },

@@ -60,6 +60,11 @@ function withRun(state: RunsState, id: string, change: (run: RunView) => RunView
   };
 }
 
+/** A node's events mean its run is under way, even if the page saw neither its start nor its queueing. */
+function underWay(run: RunView): RunView {
+  return run.status === "queued" ? { ...run, status: "running" } : run;
+}
+
 function withNode(run: RunView, nodeId: string, change: (node: NodeRunState) => NodeRunState): RunView {
   const node = run.nodes[nodeId] ?? { status: "pending", images: [] };
   return { ...run, nodes: { ...run.nodes, [nodeId]: change(node) } };
@@ -69,9 +74,11 @@ function withNode(run: RunView, nodeId: string, change: (node: NodeRunState) => 
 export function applyEvent(state: RunsState, event: ServerEvent): RunsState {
   const nodeId = event.node_id;
   switch (event.type) {
-    case "queue_changed":
-      return { ...state, queue: { queued: event.queued as string[], running: event.running as string | null,
-                                  paused: event.paused as boolean } };
+    case "queue_changed": {
+      const running = event.running as string | null;
+      const next = { ...state, queue: { queued: event.queued as string[], running, paused: event.paused as boolean } };
+      return running ? withRun(next, running, underWay) : next;
+    }
     case "run_queued":
       return withRun(state, event.run_id, (run) => ({ ...run, status: "queued" }));
     case "run_started":
@@ -82,12 +89,14 @@ export function applyEvent(state: RunsState, event: ServerEvent): RunsState {
       });
     case "node_started":
       return withRun(state, event.run_id, (run) => ({
-        ...withNode(run, nodeId as string, (node) => ({ ...node, status: "running" })), currentNode: nodeId }));
+        ...withNode(underWay(run), nodeId as string, (node) => ({ ...node, status: "running" })), currentNode: nodeId }));
     case "node_progress":
-      return withRun(state, event.run_id, (run) => withNode(run, nodeId as string, (node) => ({
-        ...node, progress: [event.value as number, event.max as number] })));
+      return withRun(state, event.run_id, (run) => ({
+        ...withNode(underWay(run), nodeId as string, (node) => ({
+          ...node, status: "running", progress: [event.value as number, event.max as number] })),
+        currentNode: nodeId }));
     case "node_preview":
-      return withRun(state, event.run_id, (run) => withNode(run, nodeId as string, (node) => ({
+      return withRun(state, event.run_id, (run) => withNode(underWay(run), nodeId as string, (node) => ({
         ...node, preview: event.image as string })));
     case "node_cached":
     case "node_finished": {
@@ -96,7 +105,7 @@ export function applyEvent(state: RunsState, event: ServerEvent): RunsState {
       return withRun(state, event.run_id, (run) => ({
         ...withNode(run, nodeId as string, (node) => ({ ...node, status, images })),
         currentNode: run.currentNode === nodeId ? null : run.currentNode,
-        images: [...run.images, ...images],
+        images: [...run.images, ...images.filter((url) => !run.images.includes(url))],  // an event seen twice (resync)
       }));
     }
     case "node_failed":
@@ -105,11 +114,9 @@ export function applyEvent(state: RunsState, event: ServerEvent): RunsState {
     case "run_finished":
       return withRun(state, event.run_id, (run) => ({ ...run, status: "succeeded", currentNode: null,
                                                       seconds: event.seconds as number }));
-    case "run_failed": {
-      const error = event.error as { node_id?: string; message?: string; exception?: string } | undefined;
+    case "run_failed":
       return withRun(state, event.run_id, (run) => ({ ...run, status: "failed", currentNode: null,
-        error: error ? `${error.node_id ?? ""}: ${error.exception ?? ""} ${error.message ?? ""}`.trim() : "failed" }));
-    }
+                                                      error: runErrorText(event.error) }));
     case "run_cancelled":
       return withRun(state, event.run_id, (run) => {
         const nodes = Object.fromEntries(Object.entries(run.nodes).map(([id, node]) =>
@@ -119,6 +126,59 @@ export function applyEvent(state: RunsState, event: ServerEvent): RunsState {
     default:
       return state;
   }
+}
+
+/** A failed run's error (event `run_failed` or the API's run `error`) in one line. */
+export function runErrorText(error: unknown): string {
+  if (typeof error !== "object" || error === null) return "failed";
+  const { node_id, exception, message, issues } = error as
+    { node_id?: string; exception?: string; message?: string; issues?: Issue[] };
+  if (Array.isArray(issues) && issues.length > 0) return issues.map((issue) => issue.message).join("; ");
+  return `${node_id ?? ""}: ${exception ?? ""} ${message ?? ""}`.trim();
+}
+
+/** A run as GET /api/runs and GET /api/runs/{id} describe it (docs/api.md). */
+export interface ApiRun {
+  id: string;
+  status: RunStatus;
+  nodes?: Record<string, { status: NodeStatus; progress?: [number, number]; file_urls?: (string | null)[] }>;
+  file_urls?: (string | null)[];
+  error?: unknown;
+  seconds?: number | null;
+}
+
+/** GET /api/runs: the runs, oldest first, and the queue. */
+export interface ApiRunList {
+  runs: ApiRun[];
+  queued: string[];
+  running: string | null;
+  paused: boolean;
+}
+
+/** The view of a run read from the API (when events were missed: a reload, a dropped stream). */
+export function runFromApi(run: ApiRun): RunView {
+  const nodes: Record<string, NodeRunState> = {};
+  let currentNode: string | null = null;
+  for (const [id, node] of Object.entries(run.nodes ?? {})) {
+    nodes[id] = { status: node.status, images: imageUrls(node.file_urls) };
+    if (node.progress) nodes[id].progress = node.progress;
+    if (node.status === "running") currentNode = id;
+  }
+  const images = imageUrls(run.file_urls);
+  const view: RunView = { id: run.id, status: run.status, nodes, currentNode: run.status === "running" ? currentNode : null,
+                          images: images.length > 0 ? images : Object.values(nodes).flatMap((node) => node.images) };
+  if (run.status === "failed") view.error = runErrorText(run.error);
+  if (typeof run.seconds === "number") view.seconds = run.seconds;
+  return view;
+}
+
+/** The run state read from the API: `list` (GET /api/runs) with the live state of its running runs. */
+export function runsFromApi(list: ApiRunList, live: ApiRun[]): RunsState {
+  const runs: Record<string, RunView> = {};
+  for (const run of list.runs) runs[run.id] = runFromApi(run);
+  for (const run of live) runs[run.id] = runFromApi(run);
+  return { runs, order: list.runs.map((run) => run.id),
+           queue: { queued: list.queued, running: list.running, paused: list.paused } };
 }
 
 /** A run's progress from 0 to 1: finished nodes plus the running node's share of its steps. */

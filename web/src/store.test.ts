@@ -3,7 +3,7 @@ import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import { graphToWorkflow } from "./graph";
 import { actions, getState } from "./store";
 import { catalogue } from "./testCatalogue";
-import { stubServer } from "./testServer";
+import { stubServer, stubStorage } from "./testServer";
 
 const workflow = {
   version: 1,
@@ -208,6 +208,42 @@ describe("the editor store", () => {
     actions.event({ type: "node_finished", run_id: "r", node_id: "sum", files: ["o/x.png"],
                     file_urls: ["/api/files/outputs/x.png"] });
     expect(getState().media.sum).toEqual({ src: "/api/files/outputs/x.png", kind: "image" });
+  });
+
+  it("reads the runs from the server when the event stream (re)connects, as after a page reload", async () => {
+    const storage = stubStorage();
+    stubServer({
+      "GET /api/runs?limit=50": () => ({
+        runs: [
+          { id: "done", status: "succeeded", seconds: 2, files: ["/o/done.png"], file_urls: ["/api/files/outputs/done.png"],
+            nodes: { seed: { status: "cached" }, sum: { status: "executed", files: ["/o/done.png"],
+                                                        file_urls: ["/api/files/outputs/done.png"] } } },
+          { id: "broken", status: "failed", nodes: { sum: { status: "failed" } }, files: [],
+            error: { node_id: "sum", exception: "ValueError", message: "bad" } },
+          { id: "busy", status: "running", nodes: {}, files: [] },
+          { id: "next", status: "queued", nodes: {}, files: [] },
+        ],
+        queued: ["next"], queued_count: 1, running: "busy", running_ids: ["busy"], paused: false,
+      }),
+      "GET /api/runs/busy": () => ({ id: "busy", status: "running", files: [],
+                                     nodes: { seed: { status: "cached" }, sum: { status: "running", progress: [3, 4] } } }),
+    });
+    // The graph on the canvas submitted "busy" before the reload.
+    storage.set("nodegraph.runGraphs", JSON.stringify([["busy", getState().graphId]]));
+    const resynced = actions.setConnected(true);
+    // An event arriving while the runs are read is not lost.
+    actions.event({ type: "node_progress", run_id: "busy", node_id: "sum", value: 4, max: 4 });
+    await resynced;
+    const { runs } = getState();
+    expect(runs.order).toEqual(["done", "broken", "busy", "next"]);
+    expect(runs.runs.done).toMatchObject({ status: "succeeded", images: ["/api/files/outputs/done.png"], seconds: 2 });
+    expect(runs.runs.broken).toMatchObject({ status: "failed", error: "sum: ValueError bad" });
+    expect(runs.runs.busy).toMatchObject({ status: "running", currentNode: "sum" });
+    expect(runs.runs.busy.nodes.sum.progress).toEqual([4, 4]);
+    expect(runs.runs.next.status).toBe("queued");
+    expect(runs.queue).toEqual({ queued: ["next"], running: "busy", paused: false });
+    // The run in progress is the canvas's own: its nodes show it.
+    expect(getState().nodeRuns.sum).toMatchObject({ status: "running", progress: [4, 4] });
   });
 
   it("shows a run on the graph it was submitted from only", async () => {

@@ -14,7 +14,8 @@ import {
 import { type History, record, redo, replace, startHistory, undo } from "./history";
 import { workflowFromPng } from "./pngWorkflow";
 import {
-  applyEvent, emptyRuns, graphRunView, issuesByNode, type NodeMedia, type NodeRunState, type RunsState, type ServerEvent,
+  applyEvent, emptyRuns, graphRunView, issuesByNode, type NodeMedia, type NodeRunState, runsFromApi, type RunsState,
+  type ServerEvent,
 } from "./runState";
 
 export const SAVED_GRAPH_KEY = "nodegraph.graph";
@@ -64,6 +65,11 @@ function newGraphId(): string {
   return typeof crypto !== "undefined" && "randomUUID" in crypto ? crypto.randomUUID()
     : `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
 }
+
+/** How many of the newest runs the queue panel reads from the server when it (re)connects. */
+const RESYNC_RUNS = 50;
+/** Events received while a resync reads the runs: applied again on top of what it read. */
+let missed: ServerEvent[] | null = null;
 
 /** run id -> id of the graph it was submitted from; kept in local storage so a reload still knows. */
 const runGraphs = new Map<string, string>();
@@ -225,11 +231,32 @@ export const actions = {
   },
 
   event(event: ServerEvent): void {
+    missed?.push(event);
     set({ runs: applyEvent(state.runs, event) });
   },
 
-  setConnected(connected: boolean): void {
+  /** The event stream opened or closed. On opening (the page's first, or after a drop) the runs are
+   *  read from the server, since events sent while this page was not listening are not replayed. */
+  async setConnected(connected: boolean): Promise<void> {
     set({ connected });
+    if (connected) await actions.resync();
+  },
+
+  /** Read every recent run, and the live state of running ones, from the API; events arriving
+   *  meanwhile are applied again on top (applying one twice changes nothing). */
+  async resync(): Promise<void> {
+    const arriving: ServerEvent[] = [];
+    missed = arriving;
+    try {
+      loadRunGraphs();
+      const list = await api.runs(RESYNC_RUNS);
+      const live = await Promise.all(list.runs.filter((run) => run.status === "running").map((run) => api.run(run.id)));
+      if (missed === arriving) set({ runs: arriving.reduce(applyEvent, runsFromApi(list, live)) });
+    } catch (error) {
+      say(`cannot read the runs: ${(error as Error).message}`, true);
+    } finally {
+      if (missed === arriving) missed = null;
+    }
   },
 
   nodesChanged(changes: NodeChange<GraphNode>[]): void {
