@@ -153,6 +153,30 @@ describe("the editor store", () => {
     expect(puts().at(-1)).toBe("/api/workflows/untitled.json");
   });
 
+  it("imports a ComfyUI editor file with its random seeds, and says which notes and groups it left out", async () => {
+    const comfy = {
+      nodes: [
+        { id: 3, type: "KSampler", widgets_values: [5, "randomize", 20, 8, "euler", "normal", 1] },
+        { id: 4, type: "KSampler", widgets_values: [6, "fixed", 20, 8, "euler", "normal", 1] },
+        { id: 10, type: "Note", widgets_values: ["read me first"] },
+        { id: 11, type: "MarkdownNote", widgets_values: ["# and me"] },
+      ],
+      links: [],
+      groups: [{ title: "sampling", bounding: [0, 0, 400, 300] }],
+    };
+    // What the server's importer makes of it (the stand-in catalogue's seed node stands for a sampler).
+    const converted = { version: 1, nodes: { "3": { type: "Integer", inputs: { value: 5 } },
+                                             "4": { type: "Integer", inputs: { value: 6 } } },
+                        ui: { nodes: { "3": { pos: [10, 10] }, "4": { pos: [10, 200] } } } };
+    stubServer({ "POST /api/workflows/convert": () => ({ workflow: converted, importer: "ComfyUI UI format" }) });
+    await actions.openFile(new File([JSON.stringify(comfy)], "from-comfy.json", { type: "application/json" }));
+    const nodes = getState().history.present.nodes;
+    expect(nodes.find((node) => node.id === "3")?.data.randomize).toEqual(["value"]);
+    expect(nodes.find((node) => node.id === "4")?.data.randomize).toBeUndefined();
+    expect(getState().message?.text).toBe(
+      "imported from-comfy.json (ComfyUI UI format); left out: 2 notes, 1 group (the editor has no notes or groups yet)");
+  });
+
   it("adds nodes from the catalogue and refuses links between incompatible types", () => {
     const id = actions.addNode("FormatText", { x: 10, y: 10 });
     expect(id).toBe("format_text");

@@ -6,6 +6,7 @@ import { useSyncExternalStore } from "react";
 
 import { api, ApiError } from "./api";
 import { type Catalogue, randomSeed, widgetFor } from "./catalogue";
+import { comfyEditorExtras, leftOut, withRandomizedSeeds } from "./comfyEditorFile";
 import {
   arrange, connect, type Connection, connectionProblem, copySelection, createNode, type Graph, type GraphEdge,
   type GraphNode, graphToWorkflow, hasOverlaps, newNodeId, paste, removeItems, type Size, type Snippet,
@@ -443,8 +444,13 @@ export const actions = {
         && typeof (document as { nodes: unknown }).nodes === "object" && !Array.isArray((document as { nodes: unknown }).nodes);
       if (!native) {
         const converted = await api.convert(document);
-        document = converted.workflow;
-        say(`imported ${file.name} (${converted.importer ?? "converted"})`);
+        const extras = state.catalogue && comfyEditorExtras(document, converted.workflow, state.catalogue);
+        document = extras ? withRandomizedSeeds(converted.workflow, extras.randomized) : converted.workflow;
+        const dropped = extras ? leftOut(extras) : null;
+        const imported = `imported ${file.name} (${converted.importer ?? "converted"})`;
+        // Something of the file is not kept: said as a warning, which stays up longer.
+        if (dropped) say(`${imported}; left out: ${dropped} (the editor has no notes or groups yet)`, true);
+        else say(imported);
       } else {
         say(`opened ${file.name}`);
       }
