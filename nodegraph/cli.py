@@ -44,10 +44,18 @@ def _threads(text: str) -> str:
     return value
 
 
-def _apply_threads(args: argparse.Namespace) -> None:
-    """--threads reaches the packs through the environment (the engine imports no compute library)."""
+COMPILE_ENV = "NODEGRAPH_COMPILE"
+"""Whether packs compile their models and how: "1" or a mode name, which the pack checks (the
+diffusion pack: torch.compile's modes default, reduce-overhead, max-autotune, ...)."""
+
+
+def _apply_compute_options(args: argparse.Namespace) -> None:
+    """--threads and --compile reach the packs through the environment (the engine imports no
+    compute library)."""
     if args.threads is not None:
         os.environ[THREADS_ENV] = args.threads
+    if args.compile is not None:
+        os.environ[COMPILE_ENV] = args.compile
 
 
 def _parse_assignment(text: str) -> tuple[str, str, Any]:
@@ -164,7 +172,7 @@ def _run_result_json(result: RunResult) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _apply_threads(args)
+    _apply_compute_options(args)
     registry, problems = build_registry(args.nodes_dir or [DEFAULT_NODES_DIR])
     _print_problems(problems)
     try:
@@ -306,7 +314,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.backend != "ray" and ray_options:
         raise UsageError(f"{', '.join(ray_options)}: only with --backend ray")
 
-    _apply_threads(args)
+    _apply_compute_options(args)
     # Packs that list input images (LoadImage) read $NODEGRAPH_INPUTS: uploads land where they look.
     inputs_dir = args.inputs_dir or Path(os.environ.get("NODEGRAPH_INPUTS") or "inputs")
     os.environ["NODEGRAPH_INPUTS"] = str(inputs_dir)
@@ -333,10 +341,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more, and print tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_threads(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    def with_compute(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--threads", type=_threads, metavar="N|auto",
                        help=f"CPU threads a run computes with (default: ${THREADS_ENV}, else auto: chosen per run "
                             "from the work size and the cores other programs leave free)")
+        p.add_argument("--compile", action="store_const", const="default",
+                       help="compile the models (the first run of a model is slower, later runs of it faster; "
+                            f"default: ${COMPILE_ENV}, else not compiled)")
+        p.add_argument("--compile-mode", dest="compile", metavar="MODE",
+                       help="compile in this mode; the diffusion pack's: default, reduce-overhead (CUDA graphs), "
+                            "max-autotune, max-autotune-no-cudagraphs")
         return p
 
     def with_nodes_dir(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -344,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"load node packs from DIR (repeatable; default ./{DEFAULT_NODES_DIR})")
         return p
 
-    run = with_threads(with_nodes_dir(sub.add_parser("run", help="run a workflow file (or a ComfyUI one a pack imports)")))
+    run = with_compute(with_nodes_dir(sub.add_parser("run", help="run a workflow file (or a ComfyUI one a pack imports)")))
     run.add_argument("workflow")
     run.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
                      help="override an input (VALUE is JSON, or plain text)")
@@ -372,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema = with_nodes_dir(sub.add_parser("schema", help="print the workflow JSON Schema"))
     schema.set_defaults(handler=cmd_schema)
 
-    serve = with_threads(with_nodes_dir(sub.add_parser("serve", help="run the HTTP/WebSocket API server")))
+    serve = with_compute(with_nodes_dir(sub.add_parser("serve", help="run the HTTP/WebSocket API server")))
     serve.add_argument("--listen", "--host", dest="listen", default="127.0.0.1", metavar="ADDRESS",
                        help="address to listen on (default 127.0.0.1, this machine only; any other address "
                             "requires an access token)")

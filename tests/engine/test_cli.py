@@ -174,7 +174,7 @@ from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
 
 
 class ThreadsSeen(Node):
-    """Writes the thread setting the packs see to threads.txt."""
+    """Writes the thread and compile settings the packs see to threads.txt and compile.txt."""
 
     output_node = True
 
@@ -184,6 +184,7 @@ class ThreadsSeen(Node):
     def run(self, inputs: NodeInputs, ctx: RunContext) -> Outputs:
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         (ctx.output_dir / "threads.txt").write_text(os.environ.get("NODEGRAPH_THREADS", "unset"))
+        (ctx.output_dir / "compile.txt").write_text(os.environ.get("NODEGRAPH_COMPILE", "unset"))
         return self.Outputs()
 
 
@@ -211,3 +212,14 @@ def test_bad_threads_option_exits_2_naming_it(workdir, value):
         done = nodegraph(*command, f"--threads={value}", cwd=workdir)
         assert done.returncode == 2
         assert "--threads" in done.stderr and "expected a number of threads" in done.stderr
+
+
+@pytest.mark.parametrize(("given", "seen"), [(["--compile"], "default"), (["--compile-mode", "reduce-overhead"], "reduce-overhead"),
+                                             ([], "unset")])
+def test_compile_option_reaches_the_packs(workdir, given, seen):
+    (workdir / "custom_nodes" / "threads_pack.py").write_text(THREADS_PACK)
+    workflow = write(workdir / "wf.json", {"version": 1, "nodes": {"t": {"type": "ThreadsSeen", "inputs": {}}}})
+    env = {k: v for k, v in os.environ.items() if k != "NODEGRAPH_COMPILE"}
+    done = nodegraph("run", workflow, *given, "--output-dir", "out", cwd=workdir, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (workdir / "out" / "compile.txt").read_text() == seen

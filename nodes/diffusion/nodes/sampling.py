@@ -18,7 +18,7 @@ from ..sampling.guidance import CFGGuider, Conditioning, GuidanceError, check_co
 from ..sampling.model_sampling import ModelSampling, ModelSamplingError, Prediction
 from ..sampling.unclip import ImagePromptError, with_image_prompts
 from ..vae.previews import preview_image
-from ..weights.devices import cpu_threads, network_work
+from ..weights.devices import compile_mode, compiled, cpu_threads, network_work
 from ..sampling.run import KSAMPLER_EXTRA_STEP_SAMPLERS, SAMPLER_NAMES, SamplerChoice, resize_mask, sample
 from .common import InputError
 
@@ -117,8 +117,11 @@ def run_sampling(ctx: RunContext, guidance: Guidance, sampler: SamplerChoice, si
     # Positive and negative share one batched call unless cfg 1 skips the negative.
     calls = 2 if guidance.negative and guidance.cfg != 1 else 1
     work = network_work(model.network, calls * samples.shape[0] * samples.shape[2] * samples.shape[3])
+    mode = compile_mode()
     with cpu_threads(device, work), model.patched_network() as network:
         colours = model.preview_colours()  # the first time, fitted through the VAE: under the same policy
+        if mode is not None:
+            network = compiled(network, mode)
         guider = CFGGuider(network, model.sampling, guidance.positive, guidance.negative, guidance.cfg,
                            downscale=model.latent_format.downscale_factor, concat=_inpaint_concat(model, latent))
 

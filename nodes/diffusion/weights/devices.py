@@ -145,6 +145,11 @@ fork/join of every operator costs more than splitting it saves, and on a busy ma
 waits for its core stalls every operator. The tiny-shapes demo model at 64x64 (1.3e9) gets at most
 three threads this way, SD1.5 at 512x512 (7e12) all there are."""
 
+COPY_WORK_PER_ELEMENT = 25.0
+"""What reading, converting and writing one weight costs in :data:`WORK_PER_THREAD`'s units (a
+single thread converts about 1.5e7 elements in the 15 ms that much network work takes): loading
+the 27 MB demo model stays on one thread, an SD1.5 checkpoint (1e9 weights) gets every free core."""
+
 
 @dataclass(frozen=True)
 class CpuLoad:
@@ -270,7 +275,7 @@ def _busy_elsewhere_from_load_average() -> float:
     return max(0.0, load - own)
 
 
-def probe_cpu_load(looks: int = 5, interval: float = 0.001) -> CpuLoad:
+def probe_cpu_load(looks: int = 4, interval: float = 0.001) -> CpuLoad:
     """How busy the CPUs this process may use are right now.
 
     "Busy" counts threads of other processes that want a core at this moment (/proc/loadavg's
@@ -297,12 +302,30 @@ def probe_cpu_load(looks: int = 5, interval: float = 0.001) -> CpuLoad:
     return CpuLoad(usable, busy)
 
 
+PROBE_REUSE_SECONDS = 1.0
+"""A probe this recent is reused: the loads, encodes and decode of one run follow each other within
+milliseconds, and each look costs a few."""
+
+_recent_probe: tuple[float, Callable[[], CpuLoad], CpuLoad] | None = None
+
+
+def _recent_cpu_load() -> CpuLoad:
+    global _recent_probe
+    now, probe = time.monotonic(), probe_cpu_load
+    recent = _recent_probe
+    if recent is not None and recent[1] is probe and now - recent[0] < PROBE_REUSE_SECONDS:
+        return recent[2]
+    load = probe()
+    _recent_probe = (now, probe, load)
+    return load
+
+
 @contextmanager
 def cpu_threads(device: torch.device, work: float, probe: Callable[[], CpuLoad] | None = None) -> Iterator[int]:
     """Run the block with the intra-op thread count for `work` (see :func:`network_work`) on `device`.
 
     On the CPU: $NODEGRAPH_THREADS when set to a number, else :func:`threads_for_work` on what
-    `probe` (default :func:`probe_cpu_load`) finds free now; the previous count is restored afterwards (it is also the ceiling the
+    `probe` (default :func:`probe_cpu_load`, reused for :data:`PROBE_REUSE_SECONDS`) finds free now; the previous count is restored afterwards (it is also the ceiling the
     policy chooses under, so an application that set fewer threads keeps them). Other devices:
     nothing changes. Yields the thread count the block runs with. Results can differ in the last
     bits between thread counts (reductions split differently); fix the count for bit-identical runs.
@@ -313,7 +336,7 @@ def cpu_threads(device: torch.device, work: float, probe: Callable[[], CpuLoad] 
         return
     count = requested_threads()
     if count is None:
-        load = (probe or probe_cpu_load)()
+        load = (probe or _recent_cpu_load)()
         count = threads_for_work(work, load)
         logger.info("CPU threads: %d (work %.2g per call, %d usable, %.1f busy elsewhere)",
                     count, work, load.usable, load.busy_elsewhere)
@@ -324,6 +347,42 @@ def cpu_threads(device: torch.device, work: float, probe: Callable[[], CpuLoad] 
     finally:
         if count != previous:
             torch.set_num_threads(previous)
+
+
+COMPILE_ENV = "NODEGRAPH_COMPILE"
+"""Environment variable turning on torch.compile for the denoiser: "1" (inductor's default mode),
+"reduce-overhead" (CUDA graphs on a GPU), "max-autotune", "max-autotune-no-cudagraphs"; unset, "" or
+"0": eager. `nodegraph run --compile [MODE]` and `nodegraph serve --compile [MODE]` set it."""
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode() -> str | None:
+    """The torch.compile mode $NODEGRAPH_COMPILE asks for, or None for eager."""
+    text = os.environ.get(COMPILE_ENV, "").strip().lower()
+    if text in ("", "0", "off", "no", "false"):
+        return None
+    if text in ("1", "on", "yes", "true"):
+        return "default"
+    if text not in COMPILE_MODES:
+        raise DeviceError(f"${COMPILE_ENV} is {text!r}; expected 0/1 or one of {', '.join(COMPILE_MODES)}")
+    return text
+
+
+def compiled(network: nn.Module, mode: str = "default") -> nn.Module:
+    """`network` compiled with torch.compile (inductor) in `mode`, made once per loaded network and
+    mode and kept with it, so every later run of the same model reuses the compiled code (inductor
+    compiles again only for new input shapes). The result shares the network's weights, forwards
+    attribute reads (`config`) to it, and sees weight patches applied in place (LoRA)."""
+    if mode not in COMPILE_MODES:
+        raise DeviceError(f"unknown compile mode {mode!r}; expected one of {', '.join(COMPILE_MODES)}")
+    # A plain dict attribute, not a submodule: the compiled wrapper stays out of state_dict().
+    kept: dict[str, nn.Module] = network.__dict__.setdefault("_compiled_by_mode", {})
+    if mode not in kept:
+        logger.info("compiling %s with torch.compile (mode %s); the first steps take longer",
+                    type(network).__name__, mode)
+        kept[mode] = torch.compile(network, mode=None if mode == "default" else mode)
+    return kept[mode]
 
 
 def free_memory(device: torch.device) -> int:

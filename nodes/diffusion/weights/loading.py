@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .devices import Component, pick_device, resolve_dtype
+from .devices import COPY_WORK_PER_ELEMENT, Component, cpu_threads, pick_device, resolve_dtype
 from .files import WeightFile
 from .safetensors_io import CheckpointError
 from .storage import is_scale_key
@@ -59,8 +60,11 @@ class Materializer:
 
     def state_dict(self, prefix: str, skip: Callable[[str], bool]) -> dict[str, Tensor]:
         """Every tensor under `prefix` (prefix removed) except those `skip` says hold no weights."""
-        names = [k for k in self.source.shapes() if k.startswith(prefix) and not skip(k)]
-        return {k[len(prefix):]: self.tensor(k) for k in names}
+        shapes = self.source.shapes()
+        names = [k for k in shapes if k.startswith(prefix) and not skip(k)]
+        elements = sum(math.prod(shapes[k]) for k in names)
+        with cpu_threads(self.device, elements * COPY_WORK_PER_ELEMENT):
+            return {k[len(prefix):]: self.tensor(k) for k in names}
 
 
 def instantiate(
