@@ -177,3 +177,49 @@ def test_real_transfer_on_cpu_keeps_weights() -> None:
         out = used(torch.eye(3))
     assert torch.equal(out, before.t())
     assert manager.loaded()[0].device == torch.device("cpu")
+
+
+def test_runs_under_a_vram_cap_offload_only_what_they_must() -> None:
+    """A txt2img run's models (text encoder, U-Net, VAE), used in that order twice, on a device
+    whose memory (simulated through the free-memory probe) holds the U-Net and one other model but
+    not all three: each is on the device while used, the device never holds more than its cap less
+    the reserve, and the least recently used idle model is the one that leaves."""
+    gpu = torch.device("cuda", 0)
+    sizes = {"text_encoder": 40, "unet": 80, "vae": 30}  # Linear(n, n): n*n*4 bytes
+    reserve = 500
+    cap = (80 * 80 + 40 * 40) * 4 + reserve + 1000
+    manager = RecordingManager(gpu, policy="when_needed", reserve_bytes=reserve)
+
+    def resident() -> int:
+        return sum(info.bytes for info in manager.loaded() if info.device == gpu)
+
+    manager._free_memory = lambda device: cap - resident()  # type: ignore[method-assign]
+    models = {name: manager.add(name, _linear(n)) for name, n in sizes.items()}
+    placements, peak = [], 0
+    for _ in range(2):
+        for name in ("text_encoder", "unet", "vae"):
+            with manager.use(name):
+                placed = {info.name for info in manager.loaded() if info.device == gpu}
+                assert name in placed
+                placements.append(sorted(placed))
+                peak = max(peak, resident())
+    assert peak <= cap - reserve
+    assert placements == [["text_encoder"], ["text_encoder", "unet"], ["unet", "vae"],
+                          ["text_encoder", "vae"], ["text_encoder", "unet"], ["unet", "vae"]]
+    ids = {id(module): name for name, module in models.items()}
+    moved = [(ids[key], device) for key, device in manager.transfers]
+    assert moved[:4] == [("text_encoder", "cuda:0"), ("unet", "cuda:0"), ("text_encoder", "cpu"), ("vae", "cuda:0")]
+
+
+def test_runs_with_room_for_every_model_never_offload() -> None:
+    gpu = torch.device("cuda", 0)
+    manager = RecordingManager(gpu, policy="when_needed", reserve_bytes=500)
+    manager._free_memory = lambda device: 10**6 - sum(  # type: ignore[method-assign]
+        info.bytes for info in manager.loaded() if info.device == gpu)
+    for name, n in {"text_encoder": 40, "unet": 80, "vae": 30}.items():
+        manager.add(name, _linear(n))
+    for _ in range(3):
+        for name in ("text_encoder", "unet", "vae"):
+            with manager.use(name):
+                pass
+    assert [device for _, device in manager.transfers] == ["cuda:0"] * 3
