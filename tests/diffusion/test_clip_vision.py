@@ -38,7 +38,8 @@ def openclip_layout(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
              "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
     out = {name: hf[key] for key, name in top.items()}
     out["proj"] = hf["visual_projection.weight"].t().contiguous()
-    for i in range(3):
+    layers = {key.split(".")[3] for key in hf if key.startswith("vision_model.encoder.layers.")}
+    for i in range(len(layers)):
         p = f"vision_model.encoder.layers.{i}."
         for kind in ("weight", "bias"):
             out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(

@@ -223,6 +223,7 @@ CORE_SAMPLING_INPUTS: dict[str, dict[str, dict]] = {
                       "negative": {"link": True}, "sampler": {"link": True}, "sigmas": {"link": True},
                       "latent_image": {"link": True}},
     "CLIPVisionLoader": {"clip_name": {"files": "clip_vision"}},
+    "unCLIPCheckpointLoader": {"ckpt_name": {"files": "checkpoints"}},
     "CLIPVisionEncode": {"clip_vision": {"link": True}, "image": {"link": True}, "crop": {"choices": ["center", "none"]}},
     "unCLIPConditioning": {"conditioning": {"link": True}, "clip_vision_output": {"link": True},
                            "strength": {"default": 1.0, "min": -10.0, "max": 10.0},
@@ -311,7 +312,15 @@ def test_clip_vision_and_unclip_conditioning_map_from_each_comfyui_version():
         "6": {"class_type": "unCLIPConditioning", "inputs": {"conditioning": ["5", 0], "clip_vision_output": ["3", 0],
                                                              "strength": 0.75, "noise_augmentation": 0.1}},
     }
+    graph["7"] = {"class_type": "unCLIPCheckpointLoader", "inputs": {"ckpt_name": "sd21-unclip-h.ckpt"}}
+    graph["8"] = {"class_type": "CLIPVisionEncode", "inputs": {"clip_vision": ["7", 3], "image": ["2", 0]}}
     nodes = API.convert(graph)["nodes"]
+    assert nodes["7"] == {"type": "LoadUnclipCheckpoint", "inputs": {"name": "sd21-unclip-h.ckpt"}}
+    assert nodes["8"]["inputs"]["clip_vision"] == link("7", "clip_vision")
+    # An empty latent feeding no sampler takes a workflow's only model loader, unCLIP's too.
+    alone = {key: graph[key] for key in ("2", "7", "8")}
+    alone["9"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 768, "height": 768, "batch_size": 1}}
+    assert API.convert(alone)["nodes"]["9"]["inputs"]["model"] == link("7", "model")
     assert nodes["1"] == {"type": "LoadCLIPVision", "inputs": {"name": "clip_vision_g.safetensors"}}
     assert nodes["3"] == {"type": "CLIPVisionEncode", "inputs": {"clip_vision": link("1", "clip_vision"),
                                                                  "image": link("2", "image"), "crop": "none"}}

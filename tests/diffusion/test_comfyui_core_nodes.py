@@ -311,6 +311,12 @@ def test_image_prompts_on_a_model_that_takes_none_are_refused_by_input(env):
     assert result.status == "failed" and "image prompts" in str(result.error) and "positive" in str(result.error)
 
 
+def test_unclip_checkpoint_loader_refuses_a_checkpoint_without_an_image_encoder(env):
+    graph = {"version": 1, "nodes": {"ckpt": {"type": "LoadUnclipCheckpoint", "inputs": {"name": "tiny-sd1.safetensors"}}}}
+    result = env.run(graph, outputs=["ckpt"])
+    assert result.status == "failed" and "holds no CLIP image encoder" in str(result.error)
+
+
 # --- corpus files these nodes unblock, run small -------------------------------------------------
 
 @pytest.mark.parametrize("name, sets", [

@@ -11,6 +11,9 @@ scaled-down models of a layout are detected and loaded like the full ones:
 - SD2 vs SD1: the text encoder is OpenCLIP (``cond_stage_model.model.``) vs HF CLIP
   (``cond_stage_model.transformer.``); a U-Net alone by its transformer ``proj_in`` being linear
   (SD2) or a 1x1 conv (SD1).
+- SD2.1-unCLIP: SD2's layout with a ``label_emb`` vector (the noised CLIP image embedding) and the
+  OpenCLIP-H text encoder, its image encoder under ``embedder.model.visual.`` (component
+  ``image_encoder``); a U-Net alone is told from SDXL by attention at its first level.
 
 Transformer denoisers (SD3 MMDiT, Flux, DiT, PixArt) register their layout tests in
 :data:`DENOISERS`. PixArt-α vs Σ: the learned null caption ``y_embedder.y_embedding`` has α's 120
@@ -41,6 +44,7 @@ from ..networks import unet as unet_module
 from ..text import clip as text_encoder_module
 from ..text import t5 as t5_module
 from ..vae import autoencoder as vae_module
+from ..vision.clip_vision import UNCLIP_CHECKPOINT_VISION_PREFIX
 from ..weights.files import DiffusersFolder, WeightFile, open_weights
 from ..weights.loading import StateDictMismatchError
 from ..weights.safetensors_io import CheckpointError
@@ -119,6 +123,10 @@ _SCHEDULE_BUFFERS = frozenset({
 _IGNORED_PREFIXES = ("model_ema.", "denoiser.",
                      *(f"{vae_prefix}{training}" for vae_prefix in ("first_stage_model.", "")
                        for training in vae_module.TRAINING_ONLY_PREFIXES))
+
+# SD2.1-unCLIP files keep LDM's image-embedding noise schedule (buffers) and, beside the vision
+# tower they use, what their image embedder kept of its CLIP model (text parts, statistics).
+_UNCLIP_IGNORED_PREFIXES = ("noise_augmentor.", "embedder.")
 
 V_PRED_MARKER = "v_pred"
 # Adapter files: LoRA / LoCon (lora_up/down, PEFT lora_A/B), LoHa (hada_*), LoKr (lokr_*).
@@ -208,7 +216,8 @@ def shapes_of(state_dict: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
 
 
 def is_ignored(key: str) -> bool:
-    return key in _SCHEDULE_BUFFERS or key.startswith(_IGNORED_PREFIXES)
+    return (key in _SCHEDULE_BUFFERS or key.startswith(_IGNORED_PREFIXES)
+            or (key.startswith(_UNCLIP_IGNORED_PREFIXES) and not key.startswith(UNCLIP_CHECKPOINT_VISION_PREFIX)))
 
 
 def _has_prefix(keys: Sequence[str] | Mapping[str, object], prefix: str) -> bool:
@@ -267,6 +276,9 @@ def _family_from_unet(
     out_conv = ldm_shapes.get("out.2.weight")
     inpainting = out_conv is not None and in_channels == 2 * out_conv[0] + 1
     if "label_emb.0.0.weight" in ldm_shapes:
+        # SD2.1-unCLIP: SD2's text encoder, or (a U-Net alone) attention at the first level, which SDXL has not.
+        if "clip_h" in text_encoders or (not text_encoders and _has_prefix(ldm_shapes, "input_blocks.1.1.")):
+            return ModelFamily.SD2, inpainting
         if text_encoders:
             refiner = list(text_encoders) == ["clip_g"]
         else:
@@ -501,6 +513,8 @@ def detect_from_shapes(
             components["vae"] = vae
         text_encoders = _text_encoder_components(keys, path)
         components.update(text_encoders)
+        if f"{UNCLIP_CHECKPOINT_VISION_PREFIX}conv1.weight" in shapes:
+            components["image_encoder"] = ComponentKeys(UNCLIP_CHECKPOINT_VISION_PREFIX, "openclip")
         family, inpainting = _denoiser_family(shapes, component, components[component], list(text_encoders), path)
         ignored, unclaimed = _claim(keys, components)
         return Detection(path, FileKind.CHECKPOINT, family, inpainting, components, ignored, unclaimed)

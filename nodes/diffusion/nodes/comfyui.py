@@ -108,6 +108,8 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
     "LoraLoaderModelOnly": NodeMapping(
         "LoadLora", {"lora_name": "name", **_same("model", "strength_model")}, ("model",),
         ("lora_name", "strength_model")),
+    "unCLIPCheckpointLoader": NodeMapping("LoadUnclipCheckpoint", {"ckpt_name": "name"},
+                                          ("model", "clip", "vae", "clip_vision"), ("ckpt_name",)),
     "CLIPVisionLoader": NodeMapping("LoadCLIPVision", {"clip_name": "name"}, ("clip_vision",), ("clip_name",)),
     # Older ComfyUI versions had no crop widget (they cropped the centre).
     "CLIPVisionEncode": NodeMapping("CLIPVisionEncode", _same("clip_vision", "image", "crop"), ("clip_vision_output",),
@@ -525,7 +527,8 @@ def _check_choice(node_class: type[Node], our_input: str, value: Any) -> str | N
 
 
 # Our node types that load a diffusion model (a latent-making node with no sampler takes the only one).
-MODEL_LOADERS = frozenset({MAPPINGS["CheckpointLoaderSimple"].type, MAPPINGS["UNETLoader"].type})
+MODEL_LOADERS = frozenset({MAPPINGS["CheckpointLoaderSimple"].type, MAPPINGS["UNETLoader"].type,
+                           MAPPINGS["unCLIPCheckpointLoader"].type})
 
 
 def _linked_model(entry: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> Any:

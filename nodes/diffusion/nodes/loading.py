@@ -478,5 +478,43 @@ class LoadCLIPVision(Node):
         return self.Outputs(clip_vision=model)
 
 
+class LoadUnclipCheckpoint(Node):
+    """Load an unCLIP checkpoint (SD2.1-unCLIP: Stability's unclip-h/-l and models fine-tuned from them)
+    with the CLIP image encoder it carries: the diffusion model, text encoders and VAE as
+    LoadCheckpoint, and the image encoder for CLIPVisionEncode (the image prompts go in through
+    UnclipConditioning)."""
+
+    category = "loaders"
+
+    class Inputs(NodeInputs):
+        name: _model_file("checkpoints")  # type: ignore[valid-type]
+
+    class Outputs(NodeOutputs):
+        model: MODEL.annotation
+        clip: CLIP.annotation
+        vae: VAE.annotation
+        clip_vision: CLIP_VISION.annotation
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
+        return _file_fingerprint("checkpoints", literals.get("name"))
+
+    @classmethod
+    def validate_inputs(cls, literals: Mapping[str, Any]) -> list[InputProblem]:
+        return _architecture_problems("checkpoints", literals["name"])
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        path = _resolve("checkpoints", inputs.name)
+        if "image_encoder" not in _detect(path, inputs.name, "name").components:
+            raise InputError("name", f"{inputs.name} holds no CLIP image encoder (embedder.model.visual.): it is no "
+                                     "unCLIP checkpoint; load it with LoadCheckpoint and an encoder with LoadCLIPVision")
+        model, clip, vae = _load_model_file(path, inputs.name, "name", ctx)
+        try:
+            vision = load_clip_vision_file(str(path), device=run_device(ctx))
+        except (CLIPVisionLoadError, CheckpointError) as error:
+            raise InputError("name", str(error)) from None
+        return self.Outputs(model=model, clip=clip, vae=vae, clip_vision=vision)
+
+
 NODES = [LoadCheckpoint, LoadDiffusionModel, LoadTextEncoder, LoadTextEncoders, LoadVAE, LoadLora,
-         LoadControlNet, LoadCLIPVision]
+         LoadControlNet, LoadCLIPVision, LoadUnclipCheckpoint]
