@@ -131,8 +131,9 @@ function set(change: Partial<EditorState>): void {
 
 function persist(): void {
   try {
-    localStorage.setItem(SAVED_GRAPH_KEY, JSON.stringify({ name: state.workflowName, savedAs: state.savedAs, graphId: state.graphId,
-                                                           workflow: graphToWorkflow(state.history.present) }));
+    localStorage.setItem(SAVED_GRAPH_KEY, JSON.stringify({
+      name: state.workflowName, savedAs: state.savedAs, graphId: state.graphId,
+      workflow: graphToWorkflow(state.history.present) }));
   } catch {
     // Storage full or disabled: the graph still lives in the page; nothing else depends on it.
   }
@@ -159,6 +160,7 @@ function commit(next: Graph): void {
   typing = null;
   set({ history: record(state.history, next), issues: {} });
 }
+
 /** How long the toolbar shows news, and an error (longer: it may need reading twice). Clicking dismisses either. */
 export const MESSAGE_MS = { news: 6000, error: 20_000 };
 let messageTimer: ReturnType<typeof setTimeout> | undefined;
@@ -454,8 +456,7 @@ export const actions = {
       } else {
         say(`opened ${file.name}`);
       }
-      actions.load(document, file.name.replace(/\.png$/i, ".json"));
-      set({ savedAs: null });
+      actions.load(document, file.name.replace(/\.png$/i, ".json"));  // not the server's file: saving asks
     } catch (error) {
       say(`cannot open ${file.name}: ${(error as Error).message}`, true);
     }
