@@ -367,3 +367,31 @@ async def test_a_reload_during_a_run_shows_it_running(picture_server, tmp_path):
                             timeout=60, what="the image on the save node when it is done")
         await page.wait_for("document.querySelector('[data-testid^=run-][data-status=succeeded]') !== null",
                             what="the run marked succeeded")
+
+
+@pytest.mark.asyncio
+async def test_a_comfyui_file_keeps_its_random_seed_and_names_what_is_left_out(picture_server, tmp_path):
+    """Issue 17, defect 9, through the server's real importer: ComfyUI's default graph with a note and
+    a group opens with its "randomize" seed ticked random, and the note and group are named as left out."""
+    chromium, base = picture_server
+    checkpoints = _get_json(f"{base}/api/nodes")["nodes"]["LoadCheckpoint"]["inputs"]["name"]["choices"]
+    _need(bool(checkpoints), "no checkpoint in models/checkpoints")
+    comfy = json.loads((ROOT / "tests" / "diffusion" / "data" / "comfyui_txt2img_ui.json").read_text())
+    for node in comfy["nodes"]:
+        if node["type"] == "CheckpointLoaderSimple":
+            node["widgets_values"] = [checkpoints[0]]
+    assert next(n for n in comfy["nodes"] if n["id"] == 3)["widgets_values"][1] == "randomize"
+    comfy["nodes"].append({"id": 20, "type": "Note", "pos": [0, 0], "size": [200, 60], "widgets_values": ["read me"]})
+    comfy["groups"] = [{"title": "sampling", "bounding": [0, 0, 500, 400], "color": "#3f789e"}]
+    path = tmp_path / "comfy.json"
+    path.write_text(json.dumps(comfy))
+    async with Browser(chromium, tmp_path / "profile") as page:
+        await open_editor(page, base, workflow=None)
+        document = await page.send("DOM.getDocument")
+        node = await page.send("DOM.querySelector", nodeId=document["root"]["nodeId"], selector="[data-testid=open-file]")
+        await page.send("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(path)])
+        message = await page.wait_for("(() => { const t = document.querySelector('[data-testid=message]')?.textContent;"
+                                      " return t?.startsWith('imported') ? t : null; })()", what="the import reported")
+        assert "left out: 1 note, 1 group" in message
+        assert await page.wait_for("document.querySelector('[data-testid=randomize-3-seed]')?.checked",
+                                   what="the sampler's seed ticked random")
