@@ -395,3 +395,29 @@ async def test_a_comfyui_file_keeps_its_random_seed_and_names_what_is_left_out(p
         assert "left out: 1 note, 1 group" in message
         assert await page.wait_for("document.querySelector('[data-testid=randomize-3-seed]')?.checked",
                                    what="the sampler's seed ticked random")
+
+
+@pytest.mark.asyncio
+async def test_save_asks_before_replacing_another_workflow(picture_server, tmp_path):
+    """Issue 17, defect 6, against the real server: saving over another workflow file is asked first,
+    and New clears the name."""
+    chromium, base = picture_server
+    name_box = "[data-testid=workflow-name]"
+    async with Browser(chromium, tmp_path / "profile") as page:
+        await open_editor(page, base)
+        await page.type_into(name_box, "copy-of-txt2img")
+        await page.click("[data-testid=save]")  # a new file: nothing to ask
+        await page.wait_for("[...document.querySelectorAll('[data-testid=open-saved] option')]"
+                            ".some(o => o.value === 'copy-of-txt2img.json')", what="the copy saved")
+        assert _get_json(f"{base}/api/workflows/copy-of-txt2img.json")["nodes"]["draw"]["type"] == "PromptPicture"
+
+        await page.click("[data-testid=new]")
+        await page.wait_for(f"{text_of(name_box)} === 'untitled.json'", what="New forgets the name")
+        await page.type_into(name_box, "txt2img.json")
+        await page.click("[data-testid=save]")
+        question = await page.wait_for("document.querySelector('[data-testid=dialog]')?.textContent",
+                                       what="the question before replacing txt2img.json")
+        assert "txt2img.json already exists" in question
+        await page.click("[data-testid=dialog-cancel]")
+        await page.wait_for("document.querySelector('[data-testid=dialog]') === null", what="the dialog closed")
+        assert set(_get_json(f"{base}/api/workflows/txt2img.json")["nodes"]) == {"seed", "draw", "save"}
