@@ -49,7 +49,9 @@ def test_busy_cores_are_not_counted_as_free() -> None:
     assert threads_for_work(big, CpuLoad(usable=2, busy_elsewhere=1.0)) == 1  # one competing job on two cores
     assert threads_for_work(big, CpuLoad(usable=2, busy_elsewhere=5.0)) == 1
     assert threads_for_work(big, CpuLoad(usable=8, busy_elsewhere=2.6)) == 5
-    assert threads_for_work(big, CpuLoad(usable=2, busy_elsewhere=0.4)) == 2  # an editor now and then
+    assert threads_for_work(big, CpuLoad(usable=8, busy_elsewhere=2.8)) == 5
+    assert threads_for_work(big, CpuLoad(usable=2, busy_elsewhere=0.25)) == 2  # an editor now and then
+    assert threads_for_work(big, CpuLoad(usable=2, busy_elsewhere=0.5)) == 1  # half a core taken: not free
 
 
 def test_network_work_is_parameters_times_positions() -> None:
