@@ -12,7 +12,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import ValidationError
 
@@ -87,25 +87,24 @@ PLAN_CACHE_SIZE = 16
 """Compiled plans an executor keeps, so that running an identical document again skips validation."""
 
 
-def _document_identity(workflow: str | bytes | dict[str, Any] | Workflow) -> tuple[bytes, Any] | None:
-    """(digest of the document's exact content, a private copy of it to compile), or None when the
-    document has no cheap exact form (a dict holding values of other types): then it is compiled
-    every time. The copy keeps a cached plan safe from later changes to the caller's objects."""
+def _document_identity(workflow: str | bytes | dict[str, Any] | Workflow) -> tuple[bytes, Callable[[], Any]] | None:
+    """(digest of the document's exact content, a maker of a private copy of it to compile), or
+    None when the document has no cheap exact form (a dict holding values of other types): then it
+    is compiled every time. The copy keeps a kept plan safe from later changes to the caller's objects."""
     if isinstance(workflow, str):
-        content, private = b"s" + workflow.encode("utf-8", "surrogatepass"), workflow
-    elif isinstance(workflow, (bytes, bytearray)):
+        content = b"s" + workflow.encode("utf-8", "surrogatepass")
+        return hashlib.sha256(content).digest(), lambda: workflow
+    if isinstance(workflow, (bytes, bytearray)):
         content = b"b" + bytes(workflow)
-        private = content[1:]
-    else:
-        data = workflow.model_dump() if isinstance(workflow, Workflow) else workflow
-        try:
-            # marshal writes exact built-in types (a tuple is not a list, 1 is neither 1.0 nor True)
-            # and refuses any other; version 2 has no back-references, so equal values give equal bytes.
-            content = b"d" + marshal.dumps(data, 2)
-        except ValueError:
-            return None
-        private = marshal.loads(content[1:])
-    return hashlib.sha256(content).digest(), private
+        return hashlib.sha256(content).digest(), lambda: content[1:]
+    data = workflow.model_dump() if isinstance(workflow, Workflow) else workflow
+    try:
+        # marshal writes exact built-in types (a tuple is not a list, 1 is neither 1.0 nor True)
+        # and refuses any other; version 2 has no back-references, so equal values give equal bytes.
+        content = b"d" + marshal.dumps(data, 2)
+    except ValueError:
+        return None
+    return hashlib.sha256(content).digest(), lambda: marshal.loads(content[1:])
 
 
 @dataclass
@@ -167,7 +166,7 @@ class Executor:
         if identity is None:
             return compile_workflow(workflow, self.registry, outputs, max_nodes=self.max_nodes,
                                     memory_budget=self.memory_budget)
-        digest, private = identity
+        digest, private_copy = identity
         key = (digest, outputs_key, self.max_nodes, self.memory_budget)
         with self._plans_lock:
             cached = self._plans.get(key)
@@ -176,7 +175,7 @@ class Executor:
         if cached is not None and self._still_valid(cached):
             return cached.plan
         generation = self.registry.generation
-        plan = compile_workflow(private, self.registry, None if outputs is None else list(outputs),
+        plan = compile_workflow(private_copy(), self.registry, None if outputs is None else list(outputs),
                                 max_nodes=self.max_nodes, memory_budget=self.memory_budget)
         try:
             fingerprints = _fingerprints(plan.outside)
