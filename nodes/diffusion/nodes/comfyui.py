@@ -713,3 +713,50 @@ class ComfyUIImporter:
 
 
 IMPORTERS = [ComfyAPIImporter(), ComfyUIImporter()]
+
+
+# --- documentation ------------------------------------------------------------------------------
+
+def _code(value: Any) -> str:
+    return f"`{value}`" if isinstance(value, str) else f"`{value!r}`"
+
+
+MAX_CHOICES_SHOWN = 10  # longer lists (samplers, schedulers) are in `nodegraph nodes`
+
+
+def mapping_notes(comfy_type: str, mapping: NodeMapping) -> list[str]:
+    """What a user of ComfyUI's node should know about its import: renamed inputs, refused values,
+    inputs without effect here, what our node adds."""
+    notes = []
+    renamed = [f"{_code(theirs)} → {_code(ours)}" for theirs, ours in mapping.inputs.items() if theirs != ours]
+    if renamed:
+        notes.append("inputs " + ", ".join(renamed))
+    specs = _node_classes()[mapping.type].specs().inputs
+    for theirs, ours in mapping.inputs.items():
+        choices = specs[ours].choices if ours in specs else None
+        if choices is not None and len(choices) <= MAX_CHOICES_SHOWN:
+            notes.append(f"{_code(theirs)}: one of " + ", ".join(map(_code, choices)))
+    if mapping.values:
+        notes.append(", ".join(map(_code, mapping.values)) + " values translated (one without an equivalent is refused)")
+    notes += [f"{_code(name)}: only {_code(value)}, other values refused" for name, value in mapping.fixed.items()]
+    if mapping.ignored:
+        notes.append(", ".join(map(_code, sorted(mapping.ignored))) + " ignored (no effect on the models run here)")
+    if mapping.defaults:
+        notes.append("sets " + ", ".join(f"{_code(k)}={_code(v)}" for k, v in mapping.defaults.items()))
+    if mapping.needs_model:
+        notes.append("its model is the one of the sampler it feeds")
+    if mapping.later_widgets:
+        notes.append(f"files from older ComfyUI without its last {mapping.later_widgets} widget(s) accepted")
+    return notes
+
+
+def mapping_markdown() -> str:
+    """The Markdown table of MAPPINGS, one row per ComfyUI node type: the node it becomes and notes
+    (README's ComfyUI section is generated from it; tests/diffusion/test_comfyui_readme.py keeps it so)."""
+    lines = ["| ComfyUI node | nodegraph node | notes |", "| --- | --- | --- |"]
+    for comfy_type in sorted(MAPPINGS, key=str.lower):
+        mapping = MAPPINGS[comfy_type]
+        notes = "; ".join(mapping_notes(comfy_type, mapping))
+        lines.append(f"| `{comfy_type}` | `{mapping.type}` | {notes} |")
+    return "\n".join(lines)
+
