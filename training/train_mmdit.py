@@ -59,7 +59,7 @@ from .train_vae import DATASET_SEED, DATASET_SIZE, training_images
 logger = logging.getLogger(__name__)
 
 SEED = 51
-STEPS = 2800
+STEPS = 4400
 BATCH = 32
 LR = 6e-4
 WARMUP = 200
