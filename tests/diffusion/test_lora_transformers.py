@@ -50,6 +50,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 WEIGHT_TOL = 1e-6
+# Outputs of the same weights reached by two float32 paths (patched in place vs merged by hand,
+# or upcast on read): they differ by rounding only, a few ulps of outputs of size ~10 (2.4e-6 seen).
+SAME_WEIGHTS_OUTPUT_TOL = 1e-5
 OUTPUT_TOL = 1e-4  # our network against diffusers' (the networks' own parity tolerance)
 RANK = 4
 
@@ -397,7 +400,7 @@ def test_each_format_patches_the_rows_and_parameters_it_names(family_name: str, 
         if target == DIFFUSION_MODEL:
             merged = type(module)(module.config).eval()
             merged.load_state_dict(expected)
-            assert (patched_output - merged(**family.inputs())).abs().max().item() <= WEIGHT_TOL
+            assert (patched_output - merged(**family.inputs())).abs().max().item() <= SAME_WEIGHTS_OUTPUT_TOL
 
 
 def test_fused_q_k_v_modules_become_one_delta_on_their_rows() -> None:
@@ -616,6 +619,6 @@ def test_fused_deltas_on_fp8_storage_equal_the_float32_model() -> None:
     with patched(stored, [(deltas[DIFFUSION_MODEL], 0.5)]), patched(upcast, [(deltas[DIFFUSION_MODEL], 0.5)]):
         assert stored.state_dict()["double_blocks.0.img_attn.qkv.weight"].dtype == torch.float8_e4m3fn
         difference = (stored(**flux_inputs()) - upcast(**flux_inputs())).abs().max().item()
-    assert difference <= WEIGHT_TOL
+    assert difference <= SAME_WEIGHTS_OUTPUT_TOL
     assert all(torch.equal(stored.state_dict()[k].view(torch.uint8), v.view(torch.uint8)) for k, v in bits.items()
                if v.dtype == torch.float8_e4m3fn)
