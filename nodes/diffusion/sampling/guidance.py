@@ -236,8 +236,8 @@ def check_conditioning(network: nn.Module, entries: Sequence[CondEntry]) -> None
 def learned_unconditional(network: nn.Module) -> CondEntry:
     """The unconditional input a model learned for classifier-free guidance, as a conditioning entry:
     DiT's null class, PixArt's null caption (``y_embedder.y_embedding``, all positions attended).
-    Raises GuidanceError for models without one (U-Nets, MMDiT, Flux, and PixArt weights converted
-    from diffusers, which drop the null caption)."""
+    Raises GuidanceError for models without one (U-Nets, MMDiT, Flux, and PixArt weights that were
+    converted to the diffusers layout, which drops the null caption)."""
     config = network.config
     if isinstance(config, DiTConfig):
         return CondEntry(class_label=config.null_class)
