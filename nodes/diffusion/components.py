@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .weights import patching
 from .weights.patching import Deltas, WeightPatches
 from .weights.storage import compute_dtype
-from .weights.devices import cpu_threads, network_work
+from .weights.devices import cpu_threads, module_device, network_work
 from .architectures.detection import ModelFamily
 from .architectures.stable_diffusion import LatentFormat
 from .architectures.transformers import PIXART_T5_TOKENS
@@ -41,15 +41,6 @@ def _patched(module: nn.Module, patches: WeightPatches) -> Iterator[nn.Module]:
         return
     with patching.patched(module, patches):
         yield module
-
-
-def module_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype a module computes in (not its storage dtype: fp8 weights compute upcast)."""
-    return compute_dtype(module)
-
-
-def module_device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 @dataclass(frozen=True, eq=False)
@@ -351,7 +342,7 @@ class VAEModel:
     @torch.no_grad()
     def encode(self, image: Tensor, tile_size: int | None = None, overlap: int = 64) -> Tensor:
         """image: (B, H, W, 3) in [0, 1] -> diffusion latents (B, C, H/f, W/f) on the CPU (posterior mean)."""
-        device, dtype = module_device(self.vae), module_dtype(self.vae)
+        device, dtype = module_device(self.vae), compute_dtype(self.vae)
         x = image.permute(0, 3, 1, 2).to(device, dtype) * 2.0 - 1.0
         with cpu_threads(device, _vae_work(self.vae.encoder, x.shape)):
             posterior = self.vae.encode(x) if tile_size is None else self.vae.encode_tiled(x, tile_size, overlap)
@@ -360,7 +351,7 @@ class VAEModel:
     @torch.no_grad()
     def decode(self, latents: Tensor, tile_size: int | None = None, overlap: int = 64) -> Tensor:
         """latents: (B, C, h, w) diffusion latents -> image (B, h*f, w*f, 3) in [0, 1] on the CPU."""
-        device, dtype = module_device(self.vae), module_dtype(self.vae)
+        device, dtype = module_device(self.vae), compute_dtype(self.vae)
         z = self.scaling.to_vae(latents.to(device, torch.float32)).to(dtype)
         b, _, h, w = z.shape
         f = self.downscale_factor
