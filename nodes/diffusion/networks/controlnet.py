@@ -47,13 +47,14 @@ class ControlNetConfig:
         return 2 ** (len(self.hint_block_channels) - 1)
 
 
-def _hint_block(config: ControlNetConfig) -> nn.Sequential:
-    """conv, SiLU, then per stage (conv, SiLU, stride-2 conv, SiLU), then a conv to model_channels.
+def hint_block(in_channels: int, widths: Sequence[int], out_channels: int) -> nn.Sequential:
+    """conv, SiLU, then per stage (conv, SiLU, stride-2 conv, SiLU), then a conv to out_channels:
+    (B, in_channels, H, W) -> (B, out_channels, H / 2^(stages), W / 2^(stages)). Also XLabs' Flux
+    ControlNets' image embedder.
 
     Original indices: 0 first conv, 2/4, 6/8, 10/12 the stages, 14 the last conv.
     """
-    widths = config.hint_block_channels
-    layers: list[nn.Module] = [nn.Conv2d(config.hint_channels, widths[0], kernel_size=3, padding=1), nn.SiLU()]
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1), nn.SiLU()]
     for width, next_width in zip(widths[:-1], widths[1:]):
         layers += [
             nn.Conv2d(width, width, kernel_size=3, padding=1),
@@ -61,8 +62,12 @@ def _hint_block(config: ControlNetConfig) -> nn.Sequential:
             nn.Conv2d(width, next_width, kernel_size=3, padding=1, stride=2),
             nn.SiLU(),
         ]
-    layers.append(nn.Conv2d(widths[-1], config.unet.model_channels, kernel_size=3, padding=1))
+    layers.append(nn.Conv2d(widths[-1], out_channels, kernel_size=3, padding=1))
     return nn.Sequential(*layers)
+
+
+def _hint_block(config: ControlNetConfig) -> nn.Sequential:
+    return hint_block(config.hint_channels, config.hint_block_channels, config.unet.model_channels)
 
 
 class ControlNet(UNetEncoder):

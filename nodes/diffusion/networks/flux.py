@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .timestep import timestep_embedding
+from .transformer_control import TransformerControl
 
 logger = logging.getLogger(__name__)
 
@@ -348,16 +349,20 @@ class Flux(nn.Module):
         context: Tensor,
         y: Tensor,
         guidance: Tensor | None = None,
+        control: TransformerControl | None = None,
     ) -> Tensor:
         """Velocity prediction for a latent batch.
 
         x: (B, in_channels, H, W) latent (odd H or W are padded circularly to even and the output
         cropped back); timesteps: (B,) sigmas in [0, 1]; context: (B, L, context_dim) T5 hidden
         states; y: (B, pooled_dim) CLIP pooled output; guidance: (B,) distilled guidance scale,
-        required by guidance-embedding models (dev) and ignored by the others (schnell).
+        required by guidance-embedding models (dev) and ignored by the others (schnell); control:
+        ControlNet residuals added to the image tokens after each double- and single-stream block.
         Returns (B, out_channels, H, W).
         """
         self._check_inputs(x, timesteps, context, y, guidance)
+        if control is not None:
+            control.check_fits(self.config.depth, self.config.depth_single_blocks)
         height, width = x.shape[-2:]
         # Odd sizes wrap around (circular padding), as ComfyUI's Flux does; the extra row/column is cropped.
         x = F.pad(x, (0, width % PATCH_SIZE, 0, height % PATCH_SIZE), mode="circular")
@@ -375,11 +380,15 @@ class Flux(nn.Module):
         ids = torch.cat((text_ids, image_position_ids(rows, cols, x.device)), dim=0)
         rope = rope_angles(ids, self.config.axes_dim, self.config.theta)
 
-        for block in self.double_blocks:
+        for i, block in enumerate(self.double_blocks):
             img, txt = block(img, txt, vec, rope)
+            if control is not None and control.double[i] is not None:
+                img = img + control.double[i]
         joint = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
+        for i, block in enumerate(self.single_blocks):
             joint = block(joint, vec, rope)
+            if control is not None and control.single[i] is not None:
+                joint = torch.cat((joint[:, :txt.shape[1]], joint[:, txt.shape[1]:] + control.single[i]), dim=1)
         img = self.final_layer(joint[:, txt.shape[1]:], vec)
         return unpack_latent(img, rows, cols)[:, :, :height, :width]
 

@@ -40,6 +40,7 @@ from .transformer import (
     sincos_pos_embed_2d,
     unpatchify,
 )
+from .transformer_control import TransformerControl
 
 # Head counts leave no trace in the weights. The original ties width to depth (64 * depth wide,
 # depth heads), i.e. always 64-wide heads; config-from-shapes assumes that.
@@ -193,24 +194,20 @@ class MMDiT(nn.Module):
 
     def cropped_pos_embed(self, rows: int, cols: int) -> Tensor:
         """The centre rows x cols of the stored positional grid: (1, rows * cols, D)."""
-        grid = self.config.pos_embed_max_size
-        if rows > grid or cols > grid:
-            raise MMDiTInputError(
-                f"a latent of {rows}x{cols} patches is larger than this model's positional grid of "
-                f"{grid}x{grid} patches ({grid * self.config.patch_size} latent pixels a side)"
-            )
-        top, left = (grid - rows) // 2, (grid - cols) // 2
-        table = self.pos_embed.view(grid, grid, -1)[top : top + rows, left : left + cols]
-        return table.reshape(1, rows * cols, -1)
+        return crop_positions(self.pos_embed, self.config.pos_embed_max_size, self.config.patch_size, rows, cols)
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor) -> Tensor:
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor,
+                control: TransformerControl | None = None) -> Tensor:
         """x: (B, C, H, W) latent; timesteps: (B,) raw model timesteps (SD3: sigma * 1000);
         context: (B, L, context_dim) text tokens; y: (B, pooled_dim) pooled text -> (B, out_channels, H, W).
+        control: ControlNet residuals added to the image tokens after each joint block.
 
         H and W need not be multiples of the patch size: the latent is padded up (circularly, as
         ComfyUI does) and the output cropped back.
         """
         self._check_inputs(x, timesteps, context, y)
+        if control is not None:
+            control.check_fits(self.config.depth)
         height, width = x.shape[-2:]
         p = self.config.patch_size
         x = pad_to_patches(x, p)
@@ -223,6 +220,8 @@ class MMDiT(nn.Module):
         last = len(self.joint_blocks) - 1
         for i, block in enumerate(self.joint_blocks):
             tokens, text = block(tokens, text, c, last=i == last)
+            if control is not None and control.double[i] is not None:
+                tokens = tokens + control.double[i]
         return unpatchify(self.final_layer(tokens, c), rows, cols, p, height, width)
 
     def _check_inputs(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor) -> None:
@@ -236,6 +235,19 @@ class MMDiT(nn.Module):
             raise MMDiTInputError(f"context: expected ({batch}, L, {cfg.context_dim}), got {tuple(context.shape)}")
         if y.shape != (batch, cfg.pooled_dim):
             raise MMDiTInputError(f"y: expected ({batch}, {cfg.pooled_dim}), got {tuple(y.shape)}")
+
+
+def crop_positions(table: Tensor, grid: int, patch_size: int, rows: int, cols: int) -> Tensor:
+    """The centre rows x cols of a stored square positional grid. table: (1, grid * grid, D) ->
+    (1, rows * cols, D); raises MMDiTInputError for a latent larger than the grid."""
+    if rows > grid or cols > grid:
+        raise MMDiTInputError(
+            f"a latent of {rows}x{cols} patches is larger than this model's positional grid of "
+            f"{grid}x{grid} patches ({grid * patch_size} latent pixels a side)"
+        )
+    top, left = (grid - rows) // 2, (grid - cols) // 2
+    cropped = table.view(grid, grid, -1)[top : top + rows, left : left + cols]
+    return cropped.reshape(1, rows * cols, -1)
 
 
 # --------------------------------------------------------------------------- config from shapes
