@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import networkx as nx
 from pydantic import ValidationError
@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from .json_values import JsonProblem, JsonRefused, decode_json, json_problems
 from .node import InputSpec, Node
 from .registry import NodeRegistry
-from .workflow import Link, UnsupportedVersion, Workflow, as_link, upgrade
+from .workflow import BYPASS, MUTE, NODE_MODES, Link, UnsupportedVersion, Workflow, as_link, upgrade
 
 MAX_NODES = 10_000
 """A workflow with more nodes is refused before its nodes are checked one by one (the editor's
@@ -102,6 +102,14 @@ def parse_document(data: str | bytes | dict[str, Any], source: str = "workflow")
             loc = detail["loc"]
             node_id = str(loc[1]) if len(loc) > 1 and loc[0] == "nodes" else None
             path = "/".join(str(part) for part in loc)
+            if len(loc) == 3 and loc[0] == "nodes" and loc[2] == "mode":
+                value = detail.get("input")
+                issues.append(ValidationIssue(
+                    "invalid_mode", f"node {node_id!r}: 'mode' is {_short_repr(value)}; it must be "
+                                    f"{' or '.join(map(repr, NODE_MODES))}, or left out for a node that runs",
+                    node_id=node_id, details={"path": path, "field": "mode", "value": value,
+                                              "choices": list(NODE_MODES)}))
+                continue
             issues.append(ValidationIssue("invalid_document", f"{path}: {detail['msg']}", node_id=node_id,
                                           details={"path": path}))
         raise WorkflowInvalid(issues) from None
@@ -252,6 +260,99 @@ def outside_issues(plan: CompiledWorkflow) -> list[ValidationIssue]:
     return issues
 
 
+@dataclass(frozen=True)
+class PassThrough:
+    """Where a link to a bypassed node's output really comes from.
+
+    `source` is the link to the node that runs and feeds it (None when nothing does); `via` the
+    bypassed nodes crossed, nearest first. When nothing feeds it, `unfed` says why as a
+    (code, message) pair for the consumer, or is None when the reason is already reported on a
+    bypassed node itself (its link to a missing node or output, or its unknown type).
+    """
+
+    source: Link | None
+    via: tuple[str, ...] = ()
+    unfed: tuple[str, str, dict[str, Any]] | None = None
+
+
+def pass_through(workflow: Workflow, classes: Mapping[str, type[Node]], link: Link) -> PassThrough:
+    """Follow `link` back through bypassed nodes to the output that feeds it.
+
+    A bypassed node hands each of its outputs the value of its first input (in the order the node
+    declares them) that has the output's type and is linked; that input's link is followed in turn.
+    `classes` maps node ids to their node classes (ids of unknown types are absent). A link whose
+    source is not bypassed comes back as it is.
+    """
+    via: list[str] = []
+    while True:
+        entry = workflow.nodes.get(link.source)
+        if entry is None:
+            return PassThrough(None, tuple(via))
+        if entry.mode == MUTE and via:
+            return PassThrough(None, tuple(via), (
+                "muted_source", f"{_passed(via)} is fed by node {link.source!r} ({entry.type}), which is muted",
+                {"from": link.source, "muted": link.source, "via": list(via)}))
+        if entry.mode != BYPASS:
+            return PassThrough(link, tuple(via))
+        if link.source in via:
+            return PassThrough(None, tuple(via), (
+                "cycle", f"bypassed nodes {via[via.index(link.source):]} feed each other in a loop",
+                {"nodes": via[via.index(link.source):], "via": list(via)}))
+        via.append(link.source)
+        node_class = classes.get(link.source)
+        output = node_class.specs().outputs.get(link.output) if node_class is not None else None
+        if output is None:
+            return PassThrough(None, tuple(via))
+        wanted = output.socket_type.name
+        upstream = next((found for name, spec in node_class.specs().inputs.items()
+                         if spec.socket_type.name == wanted and (found := as_link(entry.inputs.get(name))) is not None),
+                        None)
+        if upstream is None:
+            return PassThrough(None, tuple(via), (
+                "bypass_unfed", f"node {link.source!r} ({entry.type}) is bypassed and has no linked input of type "
+                                f"{wanted} to pass to its output {link.output!r}; link one, or stop bypassing it",
+                {"from": link.source, "output": link.output, "type": wanted, "via": list(via)}))
+        link = upstream
+
+
+def _passed(via: list[str]) -> str:
+    return f"bypassed node {via[0]!r}" if len(via) == 1 else f"the chain of bypassed nodes {via}"
+
+
+def _check_link(workflow: Workflow, classes: Mapping[str, type[Node]], node_id: str,
+                spec: InputSpec, link: Link) -> tuple[str | None, ValidationIssue | None]:
+    """Check that a link names a node and one of its outputs: (the output's type, None), or (None,
+    the issue; None when it is reported elsewhere or there is nothing to check: a muted source)."""
+    name = spec.name
+    source_entry = workflow.nodes.get(link.source)
+    if source_entry is None:
+        return None, ValidationIssue("missing_node", f"input {name!r} links to node {link.source!r}, which is not in "
+                                                     "the workflow", node_id, name, {"from": link.source})
+    source_class = classes.get(link.source)
+    if source_class is None:
+        return None, None  # already reported as an unknown type
+    source_outputs = source_class.specs().outputs
+    if link.output not in source_outputs:
+        return None, ValidationIssue(
+            "missing_output",
+            f"input {name!r} links to output {link.output!r} of node {link.source!r} ({source_entry.type}), "
+            f"which has outputs {sorted(source_outputs)}",
+            node_id, name, {"from": link.source, "output": link.output, "outputs": sorted(source_outputs)})
+    return source_outputs[link.output].socket_type.name, None
+
+
+def _type_issue(registry: NodeRegistry, node_id: str, spec: InputSpec, source: Link, source_type: str,
+                via: tuple[str, ...] = ()) -> ValidationIssue | None:
+    if registry.types.compatible(source_type, spec.socket_type.name):
+        return None
+    passed = f" (passed through {_passed(list(via))})" if via else ""
+    return ValidationIssue(
+        "type_mismatch",
+        f"input {spec.name!r} expects {spec.socket_type.name} but {source.source}.{source.output}{passed} is {source_type}",
+        node_id, spec.name, {"expected_type": spec.socket_type.name, "got_type": source_type,
+                             **({"via": list(via)} if via else {})})
+
+
 def compile_workflow(
     data: str | bytes | dict[str, Any] | Workflow,
     registry: NodeRegistry,
@@ -262,12 +363,18 @@ def compile_workflow(
 ) -> CompiledWorkflow:
     """Validate everything, then select the nodes the outputs need and order them.
 
-    `outputs` names the nodes whose results are wanted; by default every output node. Before
-    the nodes, the document itself: at most `max_nodes` nodes, and only standard JSON values
-    (finite numbers, Unicode text, at most 64 levels deep), so that whatever is accepted can be
-    hashed, stored and sent back. With a `memory_budget` (bytes the device holds), a node whose
-    declared estimate (Node.estimated_bytes) exceeds it is refused here, before anything is allocated.
-    Raises WorkflowInvalid listing every issue found.
+    `outputs` names the nodes whose results are wanted; by default every output node that runs
+    (neither bypassed nor muted). Before the nodes, the document itself: at most `max_nodes`
+    nodes, and only standard JSON values (finite numbers, Unicode text, at most 64 levels deep),
+    so that whatever is accepted can be hashed, stored and sent back. With a `memory_budget`
+    (bytes the device holds), a node whose declared estimate (Node.estimated_bytes) exceeds it is
+    refused here, before anything is allocated.
+
+    Bypassed and muted nodes are left out of the plan: a link to a bypassed node's output is
+    compiled as a link to what it passes through (see pass_through), so cache keys and the run
+    order see through it. Their literal inputs are not checked (they do not run), their links are.
+    A node that the outputs need and that is fed by a muted node, or by a bypassed one with
+    nothing to pass, is an issue naming that node. Raises WorkflowInvalid listing every issue found.
     """
     workflow = data if isinstance(data, Workflow) else parse_document(data, source)
     if len(workflow.nodes) > max_nodes:
@@ -282,12 +389,15 @@ def compile_workflow(
         if problems:
             raise WorkflowInvalid([ValidationIssue(p.code, f"outputs/{p.where}: {p.message}") for p in problems])
     issues: list[ValidationIssue] = []
+    # Issues that stand only if their node is needed by the outputs: a feed cut by a mute or a bypass.
+    unfed: list[ValidationIssue] = []
     compiled: dict[str, CompiledNode] = {}
     graph = nx.DiGraph()
 
     classes: dict[str, type[Node]] = {}
     for node_id, entry in workflow.nodes.items():
-        graph.add_node(node_id)
+        if entry.runs:
+            graph.add_node(node_id)
         node_class = registry.get(entry.type)
         if node_class is None:
             options = registry.closest(entry.type)
@@ -298,6 +408,9 @@ def compile_workflow(
 
     for node_id, node_class in classes.items():
         entry = workflow.nodes[node_id]
+        if entry.mode == MUTE:
+            continue  # never runs: nothing of it is checked beyond its type
+        bypassed = entry.mode == BYPASS
         specs = node_class.specs().inputs
         issues_before = len(issues)
         for name in entry.inputs:
@@ -309,7 +422,7 @@ def compile_workflow(
         links: dict[str, Link] = {}
         for name, spec in specs.items():
             if name not in entry.inputs:
-                if spec.required:
+                if spec.required and not bypassed:
                     issues.append(ValidationIssue(
                         "missing_input", f"required input {name!r} ({spec.socket_type.name}) is not connected or set",
                         node_id, name, {"expected_type": spec.socket_type.name}))
@@ -319,37 +432,44 @@ def compile_workflow(
             value = entry.inputs[name]
             link = as_link(value)
             if link is None:
-                checked, issue = _check_literal(node_id, spec, value)
-                if issue is not None:
-                    issues.append(issue)
-                else:
-                    literals[name] = checked
+                if not bypassed:
+                    checked, issue = _check_literal(node_id, spec, value)
+                    if issue is not None:
+                        issues.append(issue)
+                    else:
+                        literals[name] = checked
                 continue
-            links[name] = link
-            graph.add_edge(link.source, node_id)
-            source_entry = workflow.nodes.get(link.source)
-            if source_entry is None:
-                issues.append(ValidationIssue(
-                    "missing_node", f"input {name!r} links to node {link.source!r}, which is not in the workflow",
-                    node_id, name, {"from": link.source}))
+            source_type, issue = _check_link(workflow, classes, node_id, spec, link)
+            if issue is not None:
+                issues.append(issue)
+            if source_type is None:
                 continue
-            source_class = classes.get(link.source)
-            if source_class is None:
-                continue  # already reported as an unknown type
-            source_outputs = source_class.specs().outputs
-            if link.output not in source_outputs:
-                issues.append(ValidationIssue(
-                    "missing_output",
-                    f"input {name!r} links to output {link.output!r} of node {link.source!r} ({source_entry.type}), "
-                    f"which has outputs {sorted(source_outputs)}",
-                    node_id, name, {"from": link.source, "output": link.output, "outputs": sorted(source_outputs)}))
-                continue
-            source_type = source_outputs[link.output].socket_type.name
-            if not registry.types.compatible(source_type, spec.socket_type.name):
-                issues.append(ValidationIssue(
-                    "type_mismatch",
-                    f"input {name!r} expects {spec.socket_type.name} but {link.source}.{link.output} is {source_type}",
-                    node_id, name, {"expected_type": spec.socket_type.name, "got_type": source_type}))
+            via: tuple[str, ...] = ()
+            if not bypassed:  # a bypassed node's own links are followed by its consumers
+                if workflow.nodes[link.source].mode == MUTE:
+                    unfed.append(ValidationIssue(
+                        "muted_source", f"input {name!r} is fed by node {link.source!r} "
+                                        f"({workflow.nodes[link.source].type}), which is muted; unmute it or mute "
+                                        "this node too", node_id, name, {"from": link.source, "muted": link.source}))
+                    continue
+                found = pass_through(workflow, classes, link)
+                if found.source is None:
+                    if found.unfed is not None:
+                        code, message, details = found.unfed
+                        unfed.append(ValidationIssue(code, f"input {name!r}: {message}", node_id, name, details))
+                    continue
+                via, link = found.via, found.source
+                if via:  # what the bypassed nodes pass on; its own problems are reported on them
+                    source_type, _ = _check_link(workflow, classes, node_id, spec, link)
+                    if source_type is None:
+                        continue
+                links[name] = link
+                graph.add_edge(link.source, node_id)
+            issue = _type_issue(registry, node_id, spec, link, source_type, via)
+            if issue is not None:
+                issues.append(issue)
+        if bypassed:
+            continue
         if len(issues) == issues_before:
             issues.extend(_input_check_issues(node_id, node_class, literals))
         compiled[node_id] = CompiledNode(node_id, node_class, literals, links, "")
@@ -369,24 +489,35 @@ def compile_workflow(
                                               {"nodes": members}))
 
     if outputs is None:
-        outputs = [node_id for node_id, cls in classes.items() if cls.output_node]
+        outputs = [node_id for node_id, cls in classes.items() if cls.output_node and workflow.nodes[node_id].runs]
         if not outputs and not any(i.code == "unknown_node_type" for i in issues):
-            issues.append(ValidationIssue("no_output_node", "the workflow has no output node (save, preview, ...), so nothing would run"))
+            idle = [node_id for node_id, cls in classes.items() if cls.output_node]
+            issues.append(ValidationIssue(
+                "no_output_node", f"every output node is bypassed or muted ({', '.join(idle)}), so nothing would run"
+                if idle else "the workflow has no output node (save, preview, ...), so nothing would run",
+                details={"idle_outputs": idle} if idle else {}))
     else:
         for node_id in outputs:
             if node_id not in workflow.nodes:
                 issues.append(ValidationIssue("unknown_output_node", f"requested output {node_id!r} is not a node of the workflow",
                                               node_id))
-    if issues:
-        raise WorkflowInvalid(issues)
+            elif not workflow.nodes[node_id].runs:
+                mode = workflow.nodes[node_id].mode
+                issues.append(ValidationIssue(
+                    "output_not_run", f"requested output {node_id!r} is {'bypassed' if mode == BYPASS else 'muted'}, "
+                                      "so it does not run", node_id, None, {"mode": mode}))
 
-    needed = set(outputs)
-    frontier = list(outputs)
+    needed = {node_id for node_id in outputs if node_id in graph}
+    frontier = list(needed)
     while frontier:
         for source in graph.predecessors(frontier.pop()):
             if source not in needed:
                 needed.add(source)
                 frontier.append(source)
+    issues.extend(issue for issue in unfed if issue.node_id in needed)
+    if issues:
+        raise WorkflowInvalid(issues)
+
     order = [node_id for node_id in topological if node_id in needed]
     for node_id in order:
         node = compiled[node_id]

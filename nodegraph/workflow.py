@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,12 +37,39 @@ LINK_SCHEMA: dict[str, Any] = {
 }
 
 
+BYPASS, MUTE = "bypass", "mute"
+NODE_MODES = (BYPASS, MUTE)
+"""A node's `mode`, when it does not run as usual. Bypassed: it does not run, and each of its outputs
+is fed by its first linked input of the same type (in the order the node declares its inputs), as
+if the node were not there. Muted: it never runs, and whatever needs its outputs is an error.
+Absent: the node runs."""
+
+MODE_SCHEMA: dict[str, Any] = {
+    "enum": [*NODE_MODES, None],
+    "description": "Left out (or null) for a node that runs. bypass: it does not run and each output is fed by "
+                   "its first linked input of the same type; mute: it never runs (nothing needed may consume it).",
+}
+
+
+def _mode_schema(schema: dict[str, Any]) -> None:
+    """`mode` in the JSON Schema (a saved document leaves it out for a node that runs; null, what
+    a model dump holds, is accepted as the same)."""
+    schema.clear()
+    schema.update(MODE_SCHEMA)
+
+
 class NodeEntry(BaseModel):
-    """One node of a workflow: its type and its inputs (literal JSON values or links)."""
+    """One node of a workflow: its type, its inputs (literal JSON values or links) and its mode."""
 
     model_config = ConfigDict(extra="forbid")
     type: str = Field(description="Node type name, e.g. LoadCheckpoint.")
     inputs: dict[str, Any] = Field(default_factory=dict, description="Input name -> literal value or link.")
+    mode: Literal["bypass", "mute"] | None = Field(None, json_schema_extra=_mode_schema)
+
+    @property
+    def runs(self) -> bool:
+        """Whether the node runs as usual (neither bypassed nor muted)."""
+        return self.mode is None
 
 
 class Workflow(BaseModel):
@@ -54,7 +81,11 @@ class Workflow(BaseModel):
     ui: dict[str, Any] = Field(default_factory=dict, description="Editor state (positions, groups); ignored by the executor.")
 
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True, mode="json")
+        document = self.model_dump(by_alias=True, mode="json")
+        for node in document["nodes"].values():
+            if node["mode"] is None:  # a node that runs is saved without a mode
+                del node["mode"]
+        return document
 
 
 def as_link(value: Any) -> Link | None:
@@ -139,6 +170,7 @@ def document_schema(registry: NodeRegistry | None = None) -> dict[str, Any]:
                 "type": {"const": node_class.type_name},
                 "inputs": {"type": "object", "properties": inputs, "required": required,
                            "additionalProperties": False},
+                "mode": MODE_SCHEMA,
             },
             "required": ["type"] + (["inputs"] if required else []),
             "additionalProperties": False,

@@ -103,6 +103,23 @@ class UseModel(Node):
         return self.Outputs(image=(inputs.model["name"], inputs.scale))
 
 
+class PatchModel(Node):
+    """MODEL in, MODEL out (a LoRA's shape): a bypass passes the model through. Its `tag` is a
+    link-capable text input ahead of the model, so a bypass must pick the input by type."""
+
+    class Inputs(NodeInputs):
+        tag: str = "patched"
+        model: MODEL.annotation
+
+    class Outputs(NodeOutputs):
+        model: MODEL.annotation
+        tag: str
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        RUNS[ctx.node_id] += 1
+        return self.Outputs(model={"name": f"{inputs.model['name']}+{inputs.tag}"}, tag=inputs.tag)
+
+
 class Blob(Node):
     """Holds `size` bytes, to exercise the cache's byte bound and memory estimates."""
 
@@ -212,4 +229,4 @@ def doc(**nodes: tuple[str, dict]) -> dict:
     return {"version": 1, "nodes": {n: {"type": t, "inputs": i} for n, (t, i) in nodes.items()}}
 
 
-NODES = [Value, Count, Add, Choose, LoadModel, UseModel, Blob, ReadFile, RandomValue, Steps, Fail, Sink]
+NODES = [Value, Count, Add, Choose, LoadModel, UseModel, PatchModel, Blob, ReadFile, RandomValue, Steps, Fail, Sink]

@@ -139,6 +139,22 @@ def run_in_process(workdir: Path, *args: str) -> int:
     return main([*args, "--nodes-dir", str(workdir / "custom_nodes")])
 
 
+def test_run_and_validate_honour_bypass_and_mute(workdir, capsys):
+    """The arithmetic example with its doubling bypassed runs the sum straight into the text; with
+    the sum muted, validation names it at the node it no longer feeds."""
+    document = json.loads((ROOT / "workflows" / "arithmetic.json").read_text())
+    document["nodes"]["scaled"]["mode"] = "bypass"
+    path = write(workdir / "bypassed.json", document)
+    assert run_in_process(workdir, "run", path, "--output-dir", str(workdir / "out")) == 0
+    written = capsys.readouterr().out.split()[0]
+    assert Path(written).read_text() == "(3 + 4.5) * 2 = 7.5\n"
+    document["nodes"]["sum"]["mode"] = "mute"
+    path = write(workdir / "muted.json", document)
+    assert run_in_process(workdir, "validate", path, "--json") == 2
+    [issue] = json.loads(capsys.readouterr().out)["issues"]
+    assert (issue["code"], issue["node_id"], issue["details"]["muted"]) == ("muted_source", "text", "sum")
+
+
 @pytest.mark.parametrize("value, message", [
     ("9" * 5000, "--set v.value: a number is too long"),
     ("[" * 5000, "--set v.value: nested too deeply"),
