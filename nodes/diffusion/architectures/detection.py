@@ -41,6 +41,7 @@ from ..networks import flux as flux_module
 from ..networks import mmdit as mmdit_module
 from ..networks import pixart as pixart_module
 from ..networks import unet as unet_module
+from ..sampling.concat import FLUX_FILL_MASK_CHANNELS, ConcatError, ImageInput, classify_image_input
 from ..text import clip as text_encoder_module
 from ..text import t5 as t5_module
 from ..vae import autoencoder as vae_module
@@ -162,6 +163,9 @@ class Detection:
     ignored_keys: tuple[str, ...] = ()
     unclaimed_keys: tuple[str, ...] = ()
     architecture: str = ""  # for UNSUPPORTED files: what they hold ('AuraFlow')
+    # What the denoiser takes beside the noisy latent: an image (InstructPix2Pix, Flux.1 Canny/Depth)
+    # or a mask and image (inpainting: SD inpainting, Flux.1 Fill, also flagged `inpainting`).
+    image_input: ImageInput = ImageInput.NONE
 
     @property
     def denoiser(self) -> str | None:
@@ -180,7 +184,8 @@ class Detection:
             FileKind.LORA: "LoRA/adapter", FileKind.EMBEDDING: "textual-inversion embedding",
             FileKind.UNKNOWN: "file of unknown kind",
         }[self.kind]
-        words = " ".join(w for w in (family, "inpainting" if self.inpainting else "", what) if w)
+        variant = "inpainting" if self.inpainting else "image-conditioned" if self.image_input is ImageInput.IMAGE else ""
+        words = " ".join(w for w in (family, variant, what) if w)
         article = "an" if words.startswith("SD") else "a"
         parts = f" ({', '.join(self.components)})" if self.components else ""
         return f"{article} {words}{parts}"
@@ -432,8 +437,35 @@ def to_original_keys(component: str, keys: ComponentKeys, state_dict: Mapping[st
 
 def _denoiser_family(
     shapes: Mapping[str, Sequence[int]], component: str, keys: ComponentKeys, text_encoders: Sequence[str], path: str
-) -> tuple[ModelFamily, bool]:
-    return _DENOISER_BY_COMPONENT[component].family(original_shapes(shapes, component, keys, path), text_encoders, path)
+) -> tuple[ModelFamily, bool, ImageInput]:
+    """(family, inpainting, what the network takes beside the noisy latent) of a denoiser."""
+    original = original_shapes(shapes, component, keys, path)
+    family, inpainting = _DENOISER_BY_COMPONENT[component].family(original, text_encoders, path)
+    image_input = _image_input(component, original, path)
+    return family, inpainting or image_input is ImageInput.INPAINT, image_input
+
+
+# Where a denoiser's first and last layers tell its (packed) input and output channels, and how
+# many channels its inpainting variant gives the mask.
+_CHANNEL_KEYS = {"unet": ("input_blocks.0.0.weight", "out.2.weight", 1, 1),
+                 "flux": ("img_in.weight", "final_layer.linear.weight", flux_module.PATCH_SIZE**2,
+                          FLUX_FILL_MASK_CHANNELS)}
+
+
+def _image_input(component: str, original: Mapping[str, Sequence[int]], path: str) -> ImageInput:
+    """Plain, image-conditioned (InstructPix2Pix, Flux.1 Canny/Depth) or inpainting (SD inpainting,
+    Flux.1 Fill), from the channel counts of a U-Net's or Flux's first and last layers."""
+    if component not in _CHANNEL_KEYS:
+        return ImageInput.NONE
+    in_key, out_key, packing, mask_channels = _CHANNEL_KEYS[component]
+    if in_key not in original or out_key not in original:
+        return ImageInput.NONE  # the network module names what is missing when it loads
+    try:
+        return classify_image_input(original[in_key][1] // packing, original[out_key][0] // packing, mask_channels)
+    except ConcatError as error:
+        raise CheckpointError(path, f"{component}: {error}") from None
+
+
 
 
 def _claim(keys: Sequence[str], components: Mapping[str, ComponentKeys]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -515,9 +547,11 @@ def detect_from_shapes(
         components.update(text_encoders)
         if f"{UNCLIP_CHECKPOINT_VISION_PREFIX}conv1.weight" in shapes:
             components["image_encoder"] = ComponentKeys(UNCLIP_CHECKPOINT_VISION_PREFIX, "openclip")
-        family, inpainting = _denoiser_family(shapes, component, components[component], list(text_encoders), path)
+        family, inpainting, image_input = _denoiser_family(shapes, component, components[component],
+                                                           list(text_encoders), path)
         ignored, unclaimed = _claim(keys, components)
-        return Detection(path, FileKind.CHECKPOINT, family, inpainting, components, ignored, unclaimed)
+        return Detection(path, FileKind.CHECKPOINT, family, inpainting, components, ignored, unclaimed,
+                         image_input=image_input)
     if _is_lora(keys):
         return Detection(path, FileKind.LORA)
     if _is_embedding(keys):
@@ -528,13 +562,14 @@ def detect_from_shapes(
     kind, components = standalone
     family: ModelFamily | None = None
     inpainting = False
+    image_input = ImageInput.NONE
     if kind is FileKind.DIFFUSION_MODEL:
         (component, component_keys), = components.items()
-        family, inpainting = _denoiser_family(shapes, component, component_keys, [], path)
+        family, inpainting, image_input = _denoiser_family(shapes, component, component_keys, [], path)
     elif kind is FileKind.CONTROLNET:
         family, _ = _family_from_unet(controlnet_ldm_shapes(shapes, components["controlnet"], path), [], path)
     ignored, unclaimed = _claim(keys, components)
-    return Detection(path, kind, family, inpainting, components, ignored, unclaimed)
+    return Detection(path, kind, family, inpainting, components, ignored, unclaimed, image_input=image_input)
 
 
 def _detect_folder(folder: DiffusersFolder) -> Detection:
@@ -576,15 +611,16 @@ def _detect_folder(folder: DiffusersFolder) -> Detection:
     denoiser_name = next((d.component for d in DENOISERS if d.component in components), None)
     if denoiser_name is not None:
         text_encoders = [n for n in components if n in TEXT_ENCODER_SLOTS]
-        family, inpainting = _denoiser_family(shapes, denoiser_name, components[denoiser_name], text_encoders, path)
+        family, inpainting, image_input = _denoiser_family(shapes, denoiser_name, components[denoiser_name],
+                                                           text_encoders, path)
         kind = FileKind.CHECKPOINT
     elif "controlnet" in components:
         family, _ = _family_from_unet(controlnet_ldm_shapes(shapes, components["controlnet"], path), [], path)
-        inpainting, kind = False, FileKind.CONTROLNET
+        inpainting, kind, image_input = False, FileKind.CONTROLNET, ImageInput.NONE
     else:
         raise CheckpointError(path, f"diffusers folder has no unet/, transformer/ or controlnet/ (found: {', '.join(subs)})")
     ignored, unclaimed = _claim(list(shapes), components)
-    return Detection(path, kind, family, inpainting, components, ignored, unclaimed)
+    return Detection(path, kind, family, inpainting, components, ignored, unclaimed, image_input=image_input)
 
 
 def open_source(path: str | os.PathLike[str] | WeightFile) -> tuple[WeightFile, Detection]:

@@ -222,6 +222,13 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
         ("max_shift", "base_shift", "width", "height")),
     "ModelSamplingDiscrete": NodeMapping("ModelSamplingDiscrete", _same("model", "sampling", "zsnr"), ("model",),
                                          ("sampling", "zsnr")),
+    # Older ComfyUI versions had no style widget (they guided the regular way).
+    "DualCFGGuider": NodeMapping(
+        "DualGuider", _same("model", "cond1", "cond2", "negative", "cfg_conds", "cfg_cond2_negative", "style"),
+        ("guider",), ("cfg_conds", "cfg_cond2_negative", "style"), later_widgets=1),
+    "InstructPixToPixConditioning": NodeMapping(
+        "InstructPix2PixConditioning", {"pixels": "image", **_same("positive", "negative", "vae")},
+        ("positive", "negative", "latent")),
     "SamplerCustom": NodeMapping(
         "SamplerCustom",
         {"latent_image": "latent",

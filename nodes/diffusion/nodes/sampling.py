@@ -14,7 +14,8 @@ from nodegraph.types import CONDITIONING, GUIDER, LATENT, MODEL, NOISE, SAMPLER,
 
 from ..sampling import schedules
 from ..components import DiffusionModel, Latent, NoiseSource, ZeroNoise
-from ..sampling.guidance import CFGGuider, Conditioning, GuidanceError, check_conditioning
+from ..sampling.concat import ConcatError, concat_channels
+from ..sampling.guidance import CFGGuider, Conditioning, DualCFGGuider, GuidanceError, check_conditioning
 from ..sampling.model_sampling import ModelSampling, ModelSamplingError, Prediction
 from ..sampling.unclip import ImagePromptError, with_image_prompts
 from ..vae.previews import preview_image
@@ -58,16 +59,41 @@ def ksampler_sigmas(model: DiffusionModel, scheduler: str, sampler: str, steps: 
 
 @dataclass(frozen=True, eq=False)
 class Guidance:
-    """A GUIDER value: the model and conditioning that classifier-free guidance combines."""
+    """A GUIDER value: the model and conditioning that classifier-free guidance combines.
+
+    middle: DualCFGGuider's second conditioning (None: plain CFG), guided from the negative by
+    cfg_middle, the positive guided from it by cfg; nested: DualCFGGuider's nested form.
+    """
 
     model: DiffusionModel
     positive: Conditioning
     negative: Conditioning
     cfg: float
+    middle: Conditioning | None = None
+    cfg_middle: float = 1.0
+    nested: bool = False
+
+    def sides(self) -> dict[str, Conditioning]:
+        """The conditionings by the input names they came in as."""
+        sides = {"positive": self.positive, "negative": self.negative}
+        if self.middle is not None:
+            sides["middle"] = self.middle
+        return sides
+
+    def guider(self, network: torch.nn.Module) -> CFGGuider:
+        """The denoiser that guides `network` (this model's, patched and maybe compiled)."""
+        model = self.model
+        downscale = model.latent_format.downscale_factor
+        if self.middle is None:
+            return CFGGuider(network, model.sampling, self.positive, self.negative, self.cfg, downscale=downscale)
+        return DualCFGGuider(network, model.sampling, self.positive, self.middle, self.negative, self.cfg,
+                             self.cfg_middle, nested=self.nested, downscale=downscale)
 
 
-def _check_guidance(model: DiffusionModel, positive: Conditioning, negative: Conditioning) -> None:
-    for name, conditioning in (("positive", positive), ("negative", negative)):
+def _check_guidance(model: DiffusionModel, positive: Conditioning, negative: Conditioning,
+                    positive_name: str = "positive") -> None:
+    """Refuse conditioning not made for the model, naming the input it came in by."""
+    for name, conditioning in ((positive_name, positive), ("negative", negative)):
         try:
             # Image prompts as they will be when sampling (their width does not depend on the seed).
             check_conditioning(model.network, with_image_prompts(model.network.config, model.family.latent_family,
@@ -80,25 +106,39 @@ def _with_image_prompts(guidance: Guidance, seed: int) -> Guidance:
     """The guidance with its image prompts made into the model's vector conditioning; their noise is
     seeded by the sampling seed, as in ComfyUI."""
     config, family = guidance.model.network.config, guidance.model.family.latent_family
-    return replace(guidance, positive=with_image_prompts(config, family, guidance.positive, seed),
-                   negative=with_image_prompts(config, family, guidance.negative, seed))
+    return replace(guidance, **{name: with_image_prompts(config, family, conditioning, seed)
+                                for name, conditioning in guidance.sides().items()})
 
 
-def _inpaint_concat(model: DiffusionModel, latent: Latent) -> torch.Tensor | None:
-    """The extra input channels of an inpainting U-Net: the mask and the (blanked) image's latent."""
-    if not model.inpainting:
-        return None
-    samples = latent.samples
-    b, _, h, w = samples.shape
-    if latent.noise_mask is None:
-        return torch.cat([torch.ones((b, 1, h, w)), torch.zeros_like(samples)], dim=1)
-    return torch.cat([resize_mask(latent.noise_mask, b, h, w), samples], dim=1)
+def _with_image_inputs(guidance: Guidance, latent: Latent) -> Guidance:
+    """The guidance with each entry's extra input channels for image-conditioned models (inpainting,
+    InstructPix2Pix, Flux Fill/Canny/Depth: sampling.concat) made for this latent."""
+    model = guidance.model
+    fmt = model.latent_format
+    # Continuous-time (EDM) U-Nets, CosXL edit among them, take an edit image's latent scaled.
+    scaled_image = not isinstance(model.sampling.schedule, (schedules.DiscreteSchedule, schedules.FlowSchedule))
+
+    def complete(conditioning: Conditioning, name: str) -> Conditioning:
+        out = []
+        for entry in conditioning:
+            try:
+                concat = concat_channels(model.network.config, latent.samples, image_latent=entry.concat_latent,
+                                         mask=entry.concat_mask, noise_mask=latent.noise_mask,
+                                         scaling=(fmt.scaling_factor, fmt.shift_factor),
+                                         downscale=fmt.downscale_factor, scaled_image=scaled_image)
+            except ConcatError as error:
+                raise InputError(name, str(error)) from None
+            out.append(entry if concat is None else entry.with_(concat=concat))
+        return tuple(out)
+
+    return replace(guidance, **{name: complete(conditioning, name)
+                                for name, conditioning in guidance.sides().items()})
 
 
 def run_sampling(ctx: RunContext, guidance: Guidance, sampler: SamplerChoice, sigmas: torch.Tensor,
                  latent: Latent, noise: NoiseSource) -> tuple[Latent, Latent]:
     """Sample a latent with guidance; reports progress with previews. Returns (result, last denoised)."""
-    guidance = _with_image_prompts(guidance, noise.seed)
+    guidance = _with_image_inputs(_with_image_prompts(guidance, noise.seed), latent)
     model = guidance.model
     samples = latent.samples
     if sampler.uses_uncond and not guidance.negative:
@@ -115,15 +155,14 @@ def run_sampling(ctx: RunContext, guidance: Guidance, sampler: SamplerChoice, si
     device = next(model.network.parameters()).device
     last = {"denoised": samples}
     # Positive and negative share one batched call unless cfg 1 skips the negative.
-    calls = 2 if guidance.negative and guidance.cfg != 1 else 1
+    calls = 3 if guidance.middle is not None else 2 if guidance.negative and guidance.cfg != 1 else 1
     work = network_work(model.network, calls * samples.shape[0] * samples.shape[2] * samples.shape[3])
     mode = compile_mode()
     with cpu_threads(device, work), model.patched_network() as network:
         colours = model.preview_colours()  # the first time, fitted through the VAE: under the same policy
         if mode is not None:
             network = compiled(network, mode)
-        guider = CFGGuider(network, model.sampling, guidance.positive, guidance.negative, guidance.cfg,
-                           downscale=model.latent_format.downscale_factor, concat=_inpaint_concat(model, latent))
+        guider = guidance.guider(network)
 
         def on_step(i: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
             last["denoised"] = denoised
@@ -279,6 +318,35 @@ class BasicGuider(Node):
         return self.Outputs(guider=Guidance(inputs.model, tuple(inputs.conditioning), (), 1.0))
 
 
+class DualGuider(Node):
+    """Guidance by two conditionings and a negative (ComfyUI's DualCFGGuider), for edit models: cond1
+    (the edit prompt with the image) is guided from cond2 (the image alone) by cfg_conds, and cond2 from
+    the negative by cfg_cond2_negative. regular: n + cfg_cond2_negative * (c2 - n) + cfg_conds * (c1 - c2);
+    nested: n + cfg_cond2_negative * (c2 + cfg_conds * (c1 - c2) - n)."""
+
+    category = "sampling"
+
+    class Inputs(NodeInputs):
+        model: MODEL.annotation
+        cond1: CONDITIONING.annotation
+        cond2: CONDITIONING.annotation
+        negative: CONDITIONING.annotation
+        cfg_conds: float = Field(8.0, ge=0.0, le=100.0, description="Scale from cond2 towards cond1.")
+        cfg_cond2_negative: float = Field(8.0, ge=0.0, le=100.0, description="Scale from negative towards cond2.")
+        style: Literal["regular", "nested"] = "regular"
+
+    class Outputs(NodeOutputs):
+        guider: GUIDER.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        _check_guidance(inputs.model, inputs.cond1, inputs.negative, positive_name="cond1")
+        _check_guidance(inputs.model, inputs.cond2, (), positive_name="cond2")
+        guidance = Guidance(inputs.model, tuple(inputs.cond1), tuple(inputs.negative), inputs.cfg_conds,
+                            middle=tuple(inputs.cond2), cfg_middle=inputs.cfg_cond2_negative,
+                            nested=inputs.style == "nested")
+        return self.Outputs(guider=guidance)
+
+
 def _flow_multiplier(model: DiffusionModel, node: str) -> float:
     """The timestep multiplier of a rectified-flow model (SD3 1000, Flux 1), kept when its shift changes."""
     schedule = model.sampling.schedule
@@ -407,13 +475,11 @@ class DenoiseStep(Node):
         denoised: LATENT.annotation
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        guidance: Guidance = _with_image_prompts(inputs.guider, seed=0)
+        guidance: Guidance = _with_image_inputs(_with_image_prompts(inputs.guider, seed=0), inputs.latent)
         model = guidance.model
         device = next(model.network.parameters()).device
         with model.patched_network() as network, torch.no_grad():
-            guider = CFGGuider(network, model.sampling, guidance.positive, guidance.negative, guidance.cfg,
-                               downscale=model.latent_format.downscale_factor,
-                               concat=_inpaint_concat(model, inputs.latent))
+            guider = guidance.guider(network)
             x = inputs.latent.samples.to(device, torch.float32)
             denoised = guider(x, torch.full((x.shape[0],), inputs.sigma, device=device))
         return self.Outputs(denoised=inputs.latent.with_(samples=denoised.float().cpu()))
@@ -522,5 +588,5 @@ class KSamplerAdvanced(Node):
 
 
 NODES = [RandomNoise, DisableNoise, Scheduler, SDTurboScheduler, SplitSigmas, SelectSampler, Guider, BasicGuider,
-         Sample, SamplerCustom, DenoiseStep, KSampler, KSamplerAdvanced, ModelSamplingSD3, ModelSamplingFlux,
-         ModelSamplingDiscrete]
+         DualGuider, Sample, SamplerCustom, DenoiseStep, KSampler, KSamplerAdvanced, ModelSamplingSD3,
+         ModelSamplingFlux, ModelSamplingDiscrete]

@@ -111,6 +111,11 @@ class CondEntry:
     turned into y or the pooled vector before sampling by :func:`.unclip.with_image_prompts`.
     guidance: the guidance strength a guidance-distilled model (Flux.1-dev) is told (FluxGuidance);
     None = :data:`DEFAULT_DISTILLED_GUIDANCE`.
+    concat_latent: (b, C, h, w) an image's latent (diffusion space) for image-conditioned models
+    (InstructPix2Pix, Flux Canny/Depth: the image; inpainting models: the masked image);
+    concat_mask: (b, 1, H, W) in [0, 1] their inpainting mask at any resolution; both turned into
+    `concat` before sampling (:func:`.concat.concat_channels`). concat: (b, K, h, w) the model's
+    extra input channels for this entry, at the sampled latent's size, or None.
     """
 
     context: Tensor | None = None
@@ -129,6 +134,9 @@ class CondEntry:
     image_prompts: tuple[ImagePrompt, ...] = ()
     guidance: float | None = None
     size_from_latent: SizeFromLatent | None = None
+    concat_latent: Tensor | None = None
+    concat_mask: Tensor | None = None
+    concat: Tensor | None = None
 
     def with_(self, **changes: object) -> CondEntry:
         return replace(self, **changes)
@@ -153,7 +161,7 @@ class _Work:
     """One entry's model input at one step: the region of x it sees and its weight there."""
 
     entry: CondEntry
-    side: int  # 0 = positive, 1 = negative
+    side: int  # 0 = positive; the others (negative, DualCFGGuider's middle) are told as negative
     region: tuple[int, int, int, int]  # top, left, height, width in latent cells
     weight: Tensor  # (1 or B, 1, h, w)
 
@@ -371,7 +379,7 @@ class CFGGuider:
             return entry
         key = (id(entry), side, pixel_size)
         if key not in self._sized:
-            self._sized[key] = entry.sized(pixel_size, negative=side == 1)
+            self._sized[key] = entry.sized(pixel_size, negative=side > 0)
         return self._sized[key]
 
     def _run_group(self, group: list[_Work], x: Tensor, sigma: Tensor) -> list[Tensor]:
@@ -384,8 +392,10 @@ class CFGGuider:
         sigmas = sigma.repeat(n)
         c_in = self.model_sampling.input_scale(sigmas).to(x.dtype).reshape(-1, 1, 1, 1)
         model_in = xs * c_in
-        if self.concat is not None:
-            extra = self.concat[:, :, top: top + h, left: left + w].to(x.device, x.dtype).repeat(n, 1, 1, 1)
+        extras = [self.concat if item.entry.concat is None else item.entry.concat for item in group]
+        if extras[0] is not None:
+            extra = torch.cat([e[:, :, top: top + h, left: left + w].to(x.device, x.dtype).expand(batch, -1, -1, -1)
+                               for e in extras])  # type: ignore[index]
             model_in = torch.cat([model_in, extra], dim=1)
         timesteps = self.model_sampling.timestep(sigmas).to(x.device)
         # The network may run in half precision; the sampler's arithmetic stays in x's dtype.
@@ -480,6 +490,60 @@ class CFGGuider:
         return hint
 
 
+class DualCFGGuider(CFGGuider):
+    """Guidance by two conditionings and a negative (ComfyUI's DualCFGGuider, for edit models: the
+    edit prompt with the image, the image alone, nothing).
+
+    With predictions p (positive, ComfyUI's cond1), m (middle, cond2) and n (negative):
+    regular: n + cfg_middle * (m - n) + cfg * (p - m); nested: n + cfg_middle * (m + cfg * (p - m) - n).
+    Regular skips the sides its scales make irrelevant (n at cfg_middle 1, then m too at cfg 1), which
+    leaves the result unchanged. The middle side is told as a negative prompt (SDXL refiner scores).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        model_sampling: ModelSampling,
+        positive: Sequence[CondEntry],
+        middle: Sequence[CondEntry],
+        negative: Sequence[CondEntry],
+        cfg: float,
+        cfg_middle: float,
+        nested: bool = False,
+        downscale: int = 8,
+        concat: Tensor | None = None,
+    ) -> None:
+        if not middle or not negative:
+            raise GuidanceError("DualCFGGuider needs a middle (cond2) and a negative conditioning")
+        super().__init__(network, model_sampling, positive, negative, cfg, downscale, concat)
+        if isinstance(network.config, PixArtConfig):
+            middle = [fit_caption(entry, network.config.max_token_length) for entry in middle]
+        self.middle = controls_for_negative(self.positive, middle)
+        self.cfg_middle = float(cfg_middle)
+        self.nested = nested
+        check_conditioning(network, self.middle)
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """x: (B, C, H, W) noisy latents, sigma: (B,) -> guided denoised estimate (B, C, H, W)."""
+        return self.denoise_with_uncond(x, sigma)[0]
+
+    def denoise_with_uncond(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """(guided, unconditional) denoised estimates, each (B, C, H, W); the unconditional one is
+        what the outer guidance step starts from (regular: the negative's, nested: the middle's)."""
+        if self.nested:
+            positive, middle, negative = self._predictions(x, sigma, [self.positive, self.middle, self.negative])
+            text = middle + self.cfg * (positive - middle)
+            return negative + self.cfg_middle * (text - negative), middle
+        if self.cfg_middle == 1.0:
+            if self.cfg == 1.0:
+                positive = self._predictions(x, sigma, [self.positive])[0]
+                return positive, positive
+            positive, middle = self._predictions(x, sigma, [self.positive, self.middle])
+            return middle + self.cfg * (positive - middle), middle
+        positive, middle, negative = self._predictions(x, sigma, [self.positive, self.middle, self.negative])
+        return negative + self.cfg_middle * (middle - negative) + self.cfg * (positive - middle), negative
+
+
 def _scatter_rows(residuals: ControlResiduals, rows: Tensor, total_rows: int) -> ControlResiduals:
     """Residuals computed for some rows of a batched call -> zeros elsewhere in the whole batch."""
 
@@ -494,7 +558,8 @@ def _groups(work: list[_Work]) -> list[list[_Work]]:
     groups: dict[tuple, list[_Work]] = {}
     for item in work:
         key = (item.region, None if item.entry.context is None else tuple(item.entry.context.shape),
-               None if item.entry.y is None else tuple(item.entry.y.shape))
+               None if item.entry.y is None else tuple(item.entry.y.shape),
+               None if item.entry.concat is None else tuple(item.entry.concat.shape[1:]))
         groups.setdefault(key, []).append(item)
     return list(groups.values())
 
