@@ -169,7 +169,7 @@ def test_inpaint_controlnet_and_latent_nodes_map():
     assert nodes["8"] == {"type": "ApplyControlNet", "inputs": {
         "positive": link("7", "conditioning"), "negative": link("5", "conditioning"),
         "control_net": link("4", "control_net"), "image": link("2", "image"), "strength": 0.7, "start": 0.1,
-        "end": 0.9}}
+        "end": 0.9, "vae": link("1", "vae")}}
     assert nodes["9"]["inputs"] == {"latent": link("3", "latent"), "method": "bilinear", "width": 96, "height": 64,
                                     "crop": "center"}
     assert nodes["11"]["inputs"]["negative"] == link("8", "negative")
@@ -617,6 +617,53 @@ def check_comfyui_inputs(documented_inputs: dict[str, dict[str, dict]], default_
 
 def test_sd3_and_flux_nodes_take_comfyuis_inputs_names_defaults_and_choices():
     check_comfyui_inputs(COMFYUI_INPUTS, DEFAULT_DIFFERS, VALUE_REFUSED)
+
+
+_APPLY_NUMBERS = {"strength": {"default": 1.0, "min": 0.0, "max": 10.0},
+                  "start_percent": {"default": 0.0, "min": 0.0, "max": 1.0},
+                  "end_percent": {"default": 1.0, "min": 0.0, "max": 1.0}}
+# As ComfyUI declares them (nodes.py, comfy_extras/nodes_sd3.py, nodes_controlnet.py with
+# comfy/cldm/control_types.py); ControlNetApplyAdvanced's vae is optional there, ControlNetApplySD3's not.
+CONTROLNET_INPUTS: dict[str, dict[str, dict]] = {
+    "ControlNetApplySD3": {"positive": LINK, "negative": LINK, "control_net": LINK, "vae": LINK, "image": LINK,
+                           **_APPLY_NUMBERS},
+    "ControlNetApplyAdvanced": {"positive": LINK, "negative": LINK, "control_net": LINK, "image": LINK, "vae": LINK,
+                                **_APPLY_NUMBERS},
+    "SetUnionControlNetType": {"control_net": LINK, "type": {"choices": [
+        "auto", "openpose", "depth", "hed/pidi/scribble/ted", "canny/lineart/anime_lineart/mlsd", "normal", "segment",
+        "tile", "repaint", "canny (InstantX)", "tile (InstantX)", "depth (InstantX)", "blur (InstantX)",
+        "pose (InstantX)", "gray (InstantX)", "lq (InstantX)"]}},
+}
+
+
+def test_transformer_controlnet_nodes_take_comfyuis_inputs_names_defaults_and_choices():
+    check_comfyui_inputs(CONTROLNET_INPUTS, set(), {})
+
+
+def test_sd3_and_flux_controlnet_nodes_map_from_both_formats():
+    document = {"nodes": [
+        ui_widget_node(1, "CheckpointLoaderSimple", ["sd3_medium_incl_clips_t5xxlfp8.safetensors"]),
+        ui_widget_node(2, "ControlNetLoader", ["instantx_flux_union.safetensors"]),
+        ui_widget_node(3, "SetUnionControlNetType", ["canny (InstantX)"], {"control_net": 1}),
+        ui_widget_node(4, "ControlNetApplySD3", [0.5700000000000001, 0, 1],
+                       {"positive": 2, "negative": 3, "control_net": 4, "vae": 5, "image": 6}),
+        ui_widget_node(5, "CLIPTextEncode", ["a fox"], {"clip": 7}),
+        ui_widget_node(6, "LoadImage", ["edges.png", "image"]),
+    ], "links": [[1, 2, 0, 3, 0, "CONTROL_NET"], [2, 5, 0, 4, 0, "CONDITIONING"], [3, 5, 0, 4, 1, "CONDITIONING"],
+                 [4, 3, 0, 4, 2, "CONTROL_NET"], [5, 1, 2, 4, 3, "VAE"], [6, 6, 0, 4, 4, "IMAGE"],
+                 [7, 1, 1, 5, 0, "CLIP"]]}
+    nodes = UI.convert(document)["nodes"]
+    assert nodes["3"] == {"type": "SetUnionControlNetType", "inputs": {
+        "type": "canny (InstantX)", "control_net": link("2", "control_net")}}
+    assert nodes["4"] == {"type": "ApplyControlNet", "inputs": {
+        "strength": 0.5700000000000001, "start": 0, "end": 1, "positive": link("5", "conditioning"),
+        "negative": link("5", "conditioning"), "control_net": link("3", "control_net"), "vae": link("1", "vae"),
+        "image": link("6", "image")}}
+    api = {"3": {"class_type": "SetUnionControlNetType", "inputs": {"control_net": ["2", 0], "type": "auto"}},
+           "2": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "u.safetensors"}}}
+    assert API.convert(api)["nodes"]["3"]["inputs"] == {"control_net": link("2", "control_net"), "type": "auto"}
+    api["3"]["inputs"]["type"] = "scribble"  # not one of ComfyUI's names
+    assert issues_at(import_error(API, api)) == {("3", "type"): "unsupported_value"}
 
 
 def test_defaults_of_mappings_are_inputs_comfyui_leaves_implicit():

@@ -1,7 +1,8 @@
 """What a weight file or diffusers folder holds, told from its key names and shapes alone.
 
 Kinds: SD1.x, SD2.x, SDXL base, SDXL refiner checkpoints and U-Nets (each possibly an inpainting
-model: ``in_channels == 2 * out_channels + 1``), ControlNets (SD1/SD2/SDXL), VAEs, text encoders,
+model: ``in_channels == 2 * out_channels + 1``), ControlNets (SD1/SD2/SDXL; SD3/SD3.5 and Flux ones in
+:data:`CONTROLNETS`), VAEs, text encoders,
 LoRA and textual-inversion embedding files. Family tests look at layout, never at sizes alone, so
 scaled-down models of a layout are detected and loaded like the full ones:
 
@@ -38,7 +39,9 @@ from torch import Tensor
 from ..networks import controlnet as controlnet_module
 from ..networks import dit as dit_module
 from ..networks import flux as flux_module
+from ..networks import flux_controlnet as flux_controlnet_module
 from ..networks import mmdit as mmdit_module
+from ..networks import mmdit_controlnet as mmdit_controlnet_module
 from ..networks import pixart as pixart_module
 from ..networks import unet as unet_module
 from ..sampling.concat import FLUX_FILL_MASK_CHANNELS, ConcatError, ImageInput, classify_image_input
@@ -382,6 +385,39 @@ DENOISERS: tuple[DenoiserLayout, ...] = (
 )
 _DENOISER_BY_COMPONENT = {d.component: d for d in DENOISERS}
 
+
+@dataclass(frozen=True)
+class ControlNetLayout:
+    """How one family of transformer ControlNets shows in weight files.
+
+    component: its name in :attr:`Detection.components`; layout: a test on key names (prefix removed)
+    -> the layout they are in (``original``, ``diffusers``) or None; to_module: layout -> the mapping
+    of its keys to the names the network module loads; family: key names -> the family it guides.
+    """
+
+    component: str
+    layout: Callable[[Collection[str]], str | None]
+    to_module: Mapping[str, Callable[[Mapping[str, Tensor]], dict[str, Tensor]]]
+    family: Callable[[Collection[str]], ModelFamily]
+
+
+def _family_of_flux_controlnet(keys: Collection[str]) -> ModelFamily:
+    guided = {"guidance_in.in_layer.weight", "time_text_embed.guidance_embedder.linear_1.weight"}
+    return ModelFamily.FLUX if guided & set(keys) else ModelFamily.FLUX_SCHNELL
+
+
+# The registry of transformer ControlNets (SD1/SD2/SDXL ones are told by their U-Net layout): one line each.
+CONTROLNETS: tuple[ControlNetLayout, ...] = (
+    ControlNetLayout("sd3_controlnet", mmdit_controlnet_module.sd3_controlnet_layout,
+                     {"original": mmdit_controlnet_module.sd3_controlnet_keys_from_original,
+                      "diffusers": mmdit_controlnet_module.sd3_controlnet_keys_from_diffusers},
+                     lambda keys: ModelFamily.SD3),
+    ControlNetLayout("flux_controlnet", flux_controlnet_module.flux_controlnet_layout,
+                     {"original": dict, "diffusers": flux_controlnet_module.flux_controlnet_keys_from_diffusers},
+                     _family_of_flux_controlnet),
+)
+CONTROLNET_BY_COMPONENT = {c.component: c for c in CONTROLNETS}
+
 # Architectures people run that this library cannot build yet, each told by a key of its own
 # (without the ``model.diffusion_model.`` prefix some files add); named instead of "unknown".
 UNSUPPORTED_ARCHITECTURES: tuple[tuple[str, str], ...] = (
@@ -392,6 +428,7 @@ UNSUPPORTED_ARCHITECTURES: tuple[tuple[str, str], ...] = (
     ("HunyuanVideo", "txt_in.individual_token_refiner.blocks.0.adaLN_modulation.1.bias"),
     ("Lumina 2", "cap_embedder.0.weight"),
     ("LTX-Video", "patchify_proj.weight"),
+    ("MistoLine Flux ControlNet", "controlnet_blocks.0.linear.weight"),
     ("Mochi", "blocks.0.attn.qkv_x.weight"),
     ("Wan", "head.modulation"),
     ("Qwen-Image", "txt_in.text_norm.weight"),
@@ -499,6 +536,11 @@ def _vae_component(keys: Sequence[str], prefixes: Sequence[str]) -> ComponentKey
 def _standalone_component(keys: Sequence[str], path: str) -> tuple[FileKind, dict[str, ComponentKeys]] | None:
     """A file holding one bare component (no checkpoint prefix), or one with just its own prefix."""
     key_set = set(keys)
+    # Before the SD ControlNet tests: XLabs' Flux ControlNets also have an input_hint_block.
+    for controlnet in CONTROLNETS:
+        layout = controlnet.layout(key_set)
+        if layout is not None:
+            return FileKind.CONTROLNET, {controlnet.component: ComponentKeys("", layout)}
     for prefix in ("control_model.", ""):
         if f"{prefix}input_hint_block.0.weight" in key_set:
             return FileKind.CONTROLNET, {"controlnet": ComponentKeys(prefix, "ldm")}
@@ -567,9 +609,18 @@ def detect_from_shapes(
         (component, component_keys), = components.items()
         family, inpainting, image_input = _denoiser_family(shapes, component, component_keys, [], path)
     elif kind is FileKind.CONTROLNET:
-        family, _ = _family_from_unet(controlnet_ldm_shapes(shapes, components["controlnet"], path), [], path)
+        family = _controlnet_family(shapes, components, path)
     ignored, unclaimed = _claim(keys, components)
     return Detection(path, kind, family, inpainting, components, ignored, unclaimed, image_input=image_input)
+
+
+def _controlnet_family(shapes: Mapping[str, Sequence[int]], components: Mapping[str, ComponentKeys],
+                       path: str) -> ModelFamily:
+    """The family a ControlNet file guides: an SD one's from its U-Net layout, a transformer one's from its registry line."""
+    if "controlnet" in components:
+        return _family_from_unet(controlnet_ldm_shapes(shapes, components["controlnet"], path), [], path)[0]
+    (component, keys), = components.items()
+    return CONTROLNET_BY_COMPONENT[component].family({k[len(keys.prefix):] for k in shapes if k.startswith(keys.prefix)})
 
 
 def _detect_folder(folder: DiffusersFolder) -> Detection:

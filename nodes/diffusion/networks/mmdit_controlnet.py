@@ -188,6 +188,7 @@ def image_block(block: StreamBlock, x: Tensor, c: Tensor) -> Tensor:
 
 _CONTROL_BLOCK_KEY = re.compile(r"^controlnet_blocks\.(\d+)\.weight$")
 _JOINT_BLOCK_KEY = re.compile(r"^joint_blocks\.(\d+)\.")
+_IMAGE_BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.")
 
 
 def sd3_controlnet_layout(keys: Collection[str]) -> str | None:
@@ -229,7 +230,9 @@ def sd3_controlnet_config_from_shapes(shapes: Mapping[str, Sequence[int]]) -> SD
             # is known to exist, and neither diffusers nor Stability's reference code build it.
             raise MMDiTConfigError("an SD3 ControlNet whose y_embedder reads the main model's pooled embedding "
                                    f"({width} -> {width}) is not supported")
-        _shape(shapes, f"transformer_blocks.{len(blocks) - 1}.adaLN_modulation.1.weight")
+        image_only = sorted({int(m.group(1)) for key in shapes if (m := _IMAGE_BLOCK_KEY.match(key))})
+        if image_only != blocks:
+            raise MMDiTConfigError(f"SD3 ControlNet has transformer_blocks {image_only} but controlnet_blocks {blocks}")
         return SD3ControlNetConfig(**common, in_channels=hint_channels)  # type: ignore[arg-type]
     joint = sorted({int(m.group(1)) for key in shapes if (m := _JOINT_BLOCK_KEY.match(key))})
     if joint != blocks:

@@ -119,6 +119,8 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
         ("conditioning",), ("strength", "noise_augmentation")),
     "ControlNetLoader": NodeMapping("LoadControlNet", {"control_net_name": "name"}, ("control_net",),
                                     ("control_net_name",)),
+    "SetUnionControlNetType": NodeMapping("SetUnionControlNetType", _same("control_net", "type"), ("control_net",),
+                                          ("type",)),
     "CLIPTextEncode": NodeMapping("TextEncode", _same("clip", "text"), ("conditioning",), ("text",)),
     "CLIPTextEncodeSDXL": NodeMapping(
         "TextEncodeSDXL",
@@ -147,13 +149,18 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
     "ConditioningSetTimestepRange": NodeMapping("ConditioningSetTimestepRange", _same("conditioning", "start", "end"),
                                                 ("conditioning",), ("start", "end")),
     "ConditioningZeroOut": NodeMapping("ConditioningZeroOut", _same("conditioning"), ("conditioning",)),
+    # Newer ComfyUI versions pass a VAE (optional), which SD3 and Flux ControlNets encode the control image with.
     "ControlNetApplyAdvanced": NodeMapping(
         "ApplyControlNet",
         {"start_percent": "start", "end_percent": "end",
-         **_same("positive", "negative", "control_net", "image", "strength")},
-        ("positive", "negative"), ("strength", "start_percent", "end_percent"),
-        # Newer ComfyUI passes a VAE for ControlNets of other model families; SD1/SDXL ones need none.
-        ignored=frozenset({"vae"})),
+         **_same("positive", "negative", "control_net", "image", "strength", "vae")},
+        ("positive", "negative"), ("strength", "start_percent", "end_percent")),
+    # The same with the VAE required (ComfyUI's node for SD3 and Flux ControlNets).
+    "ControlNetApplySD3": NodeMapping(
+        "ApplyControlNet",
+        {"start_percent": "start", "end_percent": "end",
+         **_same("positive", "negative", "control_net", "vae", "image", "strength")},
+        ("positive", "negative"), ("strength", "start_percent", "end_percent")),
     # The older one-conditioning form: its ControlNet also guides the negative side (see ApplyControlNetSimple).
     "ControlNetApply": NodeMapping("ApplyControlNetSimple", _same("conditioning", "control_net", "image", "strength"),
                                    ("conditioning",), ("strength",)),

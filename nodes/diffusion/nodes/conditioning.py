@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Literal
 
 import torch
@@ -9,11 +10,12 @@ from pydantic import Field
 from torch import Tensor
 
 from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
-from nodegraph.types import CLIP, CONDITIONING, CONTROL_NET, IMAGE, MASK, MODEL
+from nodegraph.types import CLIP, CONDITIONING, CONTROL_NET, IMAGE, MASK, MODEL, VAE
 
+from ..architectures.controlnets import AnyControlNet, LoadedTransformerControlNet
 from ..architectures.detection import ModelFamily
 from ..architectures.stable_diffusion import LoadedControlNet
-from ..components import DiffusionModel, MissingTextEncoderError, TextEncoders
+from ..components import DiffusionModel, MissingTextEncoderError, TextEncoders, VAEModel
 from ..networks.dit import DiTConfig
 from ..text.embeddings import EmbeddingNotFoundError
 from ..sampling.guidance import (
@@ -22,6 +24,7 @@ from ..sampling.guidance import (
     Conditioning,
     ControlSpec,
     GuidanceError,
+    LatentHint,
     learned_unconditional,
 )
 from ..sampling.unclip import ImagePrompt
@@ -389,7 +392,9 @@ class ConditioningZeroOut(Node):
 
 class ApplyControlNet(Node):
     """Guide sampling with a ControlNet and a control image, on both the positive and the negative
-    conditioning, between start and end (fractions of sampling). Chain to stack several."""
+    conditioning, between start and end (fractions of sampling). Chain to stack several. SD3 and Flux
+    ControlNets read the control image as latents of the model's VAE: connect it (XLabs' Flux
+    ControlNets and SD1.x/SDXL ones need none)."""
 
     category = "conditioning"
 
@@ -401,6 +406,8 @@ class ApplyControlNet(Node):
         strength: float = Field(1.0, ge=0.0, le=10.0)
         start: float = Field(0.0, ge=0.0, le=1.0)
         end: float = Field(1.0, ge=0.0, le=1.0)
+        vae: VAE.annotation | None = Field(None, description="The model's VAE, which encodes the control image "
+                                                             "for SD3 and Flux ControlNets.")
 
     class Outputs(NodeOutputs):
         positive: CONDITIONING.annotation
@@ -410,29 +417,58 @@ class ApplyControlNet(Node):
         if inputs.end < inputs.start:
             raise InputError("end", f"end ({inputs.end}) is before start ({inputs.start})")
         apply = _control_applier(inputs.control_net, inputs.image, inputs.strength, inputs.start, inputs.end,
-                                 to_negative=False)
+                                 to_negative=False, vae=inputs.vae)
         positive = apply(inputs.positive, "positive", "ApplyControlNet")
         negative = apply(inputs.negative, "negative", "ApplyControlNet")
         return self.Outputs(positive=positive, negative=negative)
 
 
-def _control_applier(control: LoadedControlNet, image: Tensor, strength: float, start: float, end: float,
-                     to_negative: bool) -> Callable[[Conditioning, str, str], Conditioning]:
+def _latent_hint(control: LoadedTransformerControlNet, vae: VAEModel | None) -> LatentHint:
+    """How the VAE turns the control image into the latents `control` reads (encoded when sampling
+    first needs them at a size)."""
+    if vae is None:
+        raise InputError("vae", f"this {control.family.label} ControlNet reads the control image as latents: "
+                                "connect the model's VAE")
+    if vae.latent_format.channels != control.latent_channels:
+        raise InputError("vae", f"this ControlNet reads {control.latent_channels}-channel latents, the VAE makes "
+                                f"{vae.latent_format.channels} (inpainting ControlNets, which add a mask channel, "
+                                "are not supported)")
+    scaling = vae.scaling
+    # InstantX's SD3 ControlNets read the scaled latents without the VAE's shift.
+    unshift = 0.0 if control.shifted_latents else scaling.shift_factor * scaling.scaling_factor
+
+    def encode(pixels: Tensor) -> Tensor:
+        latents = vae.encode(pixels.permute(0, 2, 3, 1))
+        return latents + unshift if unshift else latents
+
+    return LatentHint(encode, vae.downscale_factor)
+
+
+def _control_applier(control: AnyControlNet, image: Tensor, strength: float, start: float, end: float,
+                     to_negative: bool, vae: VAEModel | None = None) -> Callable[[Conditioning, str, str], Conditioning]:
     """A function adding one ControlNet (image: (B, H, W, 3)) to conditionings, after those already
     on their entries. At strength 0 it checks and returns them unchanged."""
     hint = image.permute(0, 3, 1, 2).contiguous()
-    context_dim = control.config.unet.context_dim
+    mode = latent_hint = None
+    if isinstance(control, LoadedControlNet):
+        context_dim: int | None = control.config.unet.context_dim
+    else:
+        context_dim, mode, hint = control.context_dim, control.mode, control.vae_input(hint)
+        if control.latent_input:
+            latent_hint = _latent_hint(control, vae)
     # One spec per earlier stack, so conditionings that share one share one ControlNet call per step.
     specs: dict[int, ControlSpec] = {}
 
     def spec_after(previous: ControlSpec | None) -> ControlSpec:
         if id(previous) not in specs:
-            specs[id(previous)] = ControlSpec(control.controlnet, hint, strength, start, end, previous=previous)
+            specs[id(previous)] = ControlSpec(control.controlnet, hint, strength, start, end, previous=previous,
+                                              mode=mode, latent_hint=latent_hint)
         return specs[id(previous)]
 
     def apply(conditioning: Conditioning, input_name: str, node: str) -> Conditioning:
         for entry in conditioning:
-            if _text_entry(entry, input_name, node).shape[-1] != context_dim:
+            width = _text_entry(entry, input_name, node).shape[-1]
+            if context_dim is not None and width != context_dim:
                 raise InputError(input_name, f"conditioning of width {entry.context.shape[-1]} does not fit this "
                                              f"{control.family.value} ControlNet (width {context_dim})")
         if strength == 0.0:
@@ -459,8 +495,51 @@ class ApplyControlNetSimple(Node):
         conditioning: CONDITIONING.annotation
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        if isinstance(inputs.control_net, LoadedTransformerControlNet) and inputs.control_net.latent_input:
+            raise InputError("control_net", "this ControlNet reads the control image as latents of the model's VAE: "
+                                            "apply it with ApplyControlNet and the VAE")
         apply = _control_applier(inputs.control_net, inputs.image, inputs.strength, 0.0, 1.0, to_negative=True)
         return self.Outputs(conditioning=apply(inputs.conditioning, "conditioning", "ApplyControlNetSimple"))
+
+
+# ComfyUI's control-type names (comfy/cldm/control_types.py) -> the index a union ControlNet embeds:
+# the first eight are xinsir's SDXL ControlNet++ types, the "(InstantX)" ones InstantX's and
+# Shakker-Labs' Flux union ControlNets'.
+UNION_CONTROLNET_TYPES = {
+    "openpose": 0, "depth": 1, "hed/pidi/scribble/ted": 2, "canny/lineart/anime_lineart/mlsd": 3, "normal": 4,
+    "segment": 5, "tile": 6, "repaint": 7, "canny (InstantX)": 0, "tile (InstantX)": 1, "depth (InstantX)": 2,
+    "blur (InstantX)": 3, "pose (InstantX)": 4, "gray (InstantX)": 5, "lq (InstantX)": 6,
+}
+
+
+class SetUnionControlNetType(Node):
+    """Tell a union ControlNet (one model for several kinds of control image, as InstantX's and
+    Shakker-Labs' Flux union ControlNets) which kind its control image is; auto tells it none."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        control_net: CONTROL_NET.annotation
+        type: Literal[("auto", *UNION_CONTROLNET_TYPES)] = "auto"  # type: ignore[valid-type]
+
+    class Outputs(NodeOutputs):
+        control_net: CONTROL_NET.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        control = inputs.control_net
+        mode = UNION_CONTROLNET_TYPES.get(inputs.type)
+        if mode is None:
+            if isinstance(control, LoadedTransformerControlNet):
+                control = replace(control, mode=None)
+            return self.Outputs(control_net=control)
+        modes = control.num_modes if isinstance(control, LoadedTransformerControlNet) else 0
+        if not modes:
+            raise InputError("control_net", f"{control.path} is not a union ControlNet (or a kind not supported "
+                                            "here, such as SDXL's ControlNet++): it takes no control type; use auto")
+        if mode >= modes:
+            raise InputError("type", f"{inputs.type!r} is type {mode}, but this union ControlNet knows {modes} types "
+                                     f"(0..{modes - 1})")
+        return self.Outputs(control_net=replace(control, mode=mode))
 
 
 class CLIPVisionEncode(Node):
@@ -516,4 +595,4 @@ class UnclipConditioning(Node):
 NODES = [TextEncode, TextEncodeSDXL, TextEncodeSD3, TextEncodeFlux, FluxGuidance, ClassLabel,
          UnconditionalConditioning, SetClipSkip, ConditioningCombine, ConditioningConcat, ConditioningSetArea,
          ConditioningSetMask, ConditioningSetTimestepRange, ConditioningZeroOut, ApplyControlNet,
-         ApplyControlNetSimple, CLIPVisionEncode, UnclipConditioning]
+         ApplyControlNetSimple, SetUnionControlNetType, CLIPVisionEncode, UnclipConditioning]

@@ -16,7 +16,8 @@ from nodegraph.types import CLIP, CONTROL_NET, MODEL, VAE, Choices
 from ..architectures import lora
 from ..architectures import lora_transformers
 from ..architectures.detection import TEXT_ENCODER_SLOTS, Detection, FileKind, ModelFamily, detect
-from ..architectures.stable_diffusion import LatentFormat, load_checkpoint, load_controlnet, load_vae
+from ..architectures.controlnets import load_any_controlnet
+from ..architectures.stable_diffusion import LatentFormat, load_checkpoint, load_vae
 from ..architectures.transformers import (
     TRANSFORMER_FAMILIES,
     TextEncoderSetError,
@@ -431,7 +432,8 @@ class LoadLora(Node):
 
 
 class LoadControlNet(Node):
-    """Load a ControlNet (original or diffusers layout) for SD1.x or SDXL."""
+    """Load a ControlNet: SD1.x, SD2.x or SDXL (original or diffusers layout), SD3/SD3.5 (InstantX,
+    Stability's SD3.5-large canny/depth/blur) or Flux.1 (InstantX, Shakker-Labs union, XLabs)."""
 
     category = "loaders"
 
@@ -446,7 +448,7 @@ class LoadControlNet(Node):
         return _file_fingerprint("controlnet", literals.get("name"))
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        loaded = load_controlnet(_resolve("controlnet", inputs.name), device=run_device(ctx))
+        loaded = load_any_controlnet(_resolve("controlnet", inputs.name), device=run_device(ctx))
         return self.Outputs(control_net=loaded)
 
 

@@ -9,7 +9,7 @@ Guidance then combines the two sides: uncond + cfg * (cond - uncond); at cfg 1 t
 not evaluated.
 
 The network's config says how it is called: a U-Net (text states, SDXL's vector, ControlNets), an
-MMDiT or Flux (text states and pooled vector, Flux-dev's distilled guidance), a DiT (class labels;
+MMDiT or Flux (text states and pooled vector, Flux-dev's distilled guidance, their ControlNets), a DiT (class labels;
 its unconditional input is the null class) or a PixArt (masked T5 states; its unconditional input
 is the learned null caption, :func:`learned_unconditional`). DiT and PixArt output a learned
 variance beside the eps, which the guider drops.
@@ -21,7 +21,7 @@ from the latent being sampled: :class:`SizeFromLatent`.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,12 @@ from torch import Tensor, nn
 
 from ..networks.controlnet import ControlNet
 from ..networks.dit import DiTConfig
+from ..networks.flux import FluxConfig
+from ..networks.flux_controlnet import FluxControlNet
+from ..networks.mmdit import MMDiTConfig
+from ..networks.mmdit_controlnet import SD3ControlNet
 from ..networks.pixart import PixArtConfig, PixArtInputError
+from ..networks.transformer_control import TransformerControl
 from ..networks.unet import ControlResiduals, UNetConfig, sdxl_vector_conditioning
 from ..weights.storage import compute_dtype
 from .model_sampling import ModelSampling, learned_sigma_prediction
@@ -41,19 +46,35 @@ class GuidanceError(ValueError):
 
 
 @dataclass(frozen=True)
+class LatentHint:
+    """How a ControlNet that reads its control image as latents (SD3, Flux) gets them.
+
+    encode: (B, 3, H, W) control image in [0, 1] -> (B, C, H / downscale, W / downscale) latents in
+    the ControlNet's scaling (the model's VAE, encoding when first needed at a latent size).
+    """
+
+    encode: Callable[[Tensor], Tensor]
+    downscale: int
+
+
+@dataclass(frozen=True)
 class ControlSpec:
     """One ControlNet applied to a conditioning; `previous` is the ControlNet applied before it (stacked).
 
     hint: (B or 1, 3, H, W) control image in [0, 1], resized to the latent's pixel size when used.
     start/end: the part of sampling it acts in, as fractions of the way from noise to image.
+    mode: a union ControlNet's control type (Flux), None for none. latent_hint: for ControlNets that
+    read latents, how the (resized) control image becomes them.
     """
 
-    controlnet: ControlNet
+    controlnet: ControlNet | SD3ControlNet | FluxControlNet
     hint: Tensor
     strength: float = 1.0
     start: float = 0.0
     end: float = 1.0
     previous: ControlSpec | None = None
+    mode: int | None = None
+    latent_hint: LatentHint | None = None
 
     def chain(self) -> list[ControlSpec]:
         specs, spec = [], self
@@ -237,8 +258,28 @@ def check_conditioning(network: nn.Module, entries: Sequence[CondEntry]) -> None
         if entry.context_mask is not None and entry.context_mask.shape != entry.context.shape[:2]:
             raise GuidanceError(f"conditioning mask of shape {tuple(entry.context_mask.shape)} does not fit its "
                                 f"text states {tuple(entry.context.shape)}: expected (1, T)")
-        if entry.control is not None and not isinstance(network.config, UNetConfig):
-            raise GuidanceError("ControlNets apply to U-Net models (SD1.x, SD2.x, SDXL) only")
+        if entry.control is not None:
+            _check_controls(network, entry.control)
+
+
+# Which ControlNets guide which networks: (network config, ControlNet module, what the model is).
+_CONTROLNETS_FOR = ((UNetConfig, ControlNet, "SD1.x/SD2.x/SDXL U-Net"), (MMDiTConfig, SD3ControlNet, "SD3 (MMDiT)"),
+                    (FluxConfig, FluxControlNet, "Flux"))
+_CONTROLNET_KINDS = {ControlNet: "an SD1.x/SD2.x/SDXL", SD3ControlNet: "an SD3", FluxControlNet: "a Flux"}
+
+
+def _check_controls(network: nn.Module, control: ControlSpec) -> None:
+    for config_type, controlnet_type, model in _CONTROLNETS_FOR:
+        if isinstance(network.config, config_type):
+            for spec in control.chain():
+                if not isinstance(spec.controlnet, controlnet_type):
+                    raise GuidanceError(f"{_CONTROLNET_KINDS[type(spec.controlnet)]} ControlNet cannot guide this "
+                                        f"{model} model: load a ControlNet made for it")
+                if controlnet_type is not ControlNet and spec.latent_hint is None and not getattr(
+                        spec.controlnet.config, "image_input", False):
+                    raise GuidanceError("this ControlNet reads its control image as latents: apply it with a VAE")
+            return
+    raise GuidanceError("ControlNets guide U-Net (SD1.x, SD2.x, SDXL), SD3 and Flux models only")
 
 
 def learned_unconditional(network: nn.Module) -> CondEntry:
@@ -332,6 +373,8 @@ class CFGGuider:
         # Entries completed for the latent's size, once per (entry, side, pixel size); the entries are
         # held by self.positive / self.negative, so their ids stay theirs.
         self._sized: dict[tuple[int, int, tuple[int, int]], CondEntry] = {}
+        # Control images encoded to latents, once per (spec, pixel size).
+        self._hint_latents: dict[tuple[int, int, int], Tensor] = {}
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         """x: (B, C, H, W) noisy latents, sigma: (B,) -> guided denoised estimate (B, C, H, W)."""
@@ -414,13 +457,16 @@ class CFGGuider:
             if conditioning_widths(self.network)[1] is not None:
                 y = torch.cat([item.entry.y.to(x.device, x.dtype).expand(batch, -1)  # type: ignore[union-attr]
                                for item in group]).to(dtype)
+            control = self._control(group, (xs * c_in).to(dtype), timesteps, context, y,
+                                    float(sigma.reshape(-1)[0]), (top, left, h, w),
+                                    self._distilled_guidance(group, batch, x))
             if isinstance(config, UNetConfig):
-                control = self._control(group, (xs * c_in).to(dtype), timesteps, context, y,
-                                        float(sigma.reshape(-1)[0]), (top, left, h, w))
                 output = self.network(model_in.to(dtype), timesteps, context, y, control)
             else:
-                output = self.network(model_in.to(dtype), timesteps, context, y,
-                                      **self._guidance_input(group, batch, x))
+                extra = self._guidance_input(group, batch, x)
+                if control is not None:
+                    extra["control"] = control
+                output = self.network(model_in.to(dtype), timesteps, context, y, **extra)
         self.model_calls += 1
         output = output.to(x.dtype)
         if getattr(config, "learn_sigma", False):
@@ -447,16 +493,23 @@ class CFGGuider:
         """The guidance strength guidance-distilled networks (Flux.1-dev) take, per row of the batched call."""
         if not getattr(self.network.config, "guidance_embed", False):
             return {}
+        return {"guidance": self._distilled_guidance(group, batch, x)}
+
+    @staticmethod
+    def _distilled_guidance(group: list[_Work], batch: int, x: Tensor) -> Tensor:
+        """(n * B,) the guidance strength each row is told (FluxGuidance; Flux ControlNets take it too)."""
         values = [DEFAULT_DISTILLED_GUIDANCE if item.entry.guidance is None else item.entry.guidance
                   for item in group for _ in range(batch)]
-        return {"guidance": torch.tensor(values, device=x.device, dtype=torch.float32)}
+        return torch.tensor(values, device=x.device, dtype=torch.float32)
 
     def _in_range(self, start: float, end: float, level: float) -> bool:
         return self.model_sampling.percent_to_sigma(end) <= level <= self.model_sampling.percent_to_sigma(start)
 
     def _control(self, group: list[_Work], x_in: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None,
-                 level: float, region: tuple[int, int, int, int]) -> ControlResiduals | None:
-        """Summed residuals of every active ControlNet of the group's entries, one call per ControlNet."""
+                 level: float, region: tuple[int, int, int, int],
+                 guidance: Tensor) -> ControlResiduals | TransformerControl | None:
+        """Summed residuals of every active ControlNet of the group's entries, one call per ControlNet.
+        guidance: (n * B,) distilled guidance per row, which Flux ControlNets take."""
         batch = x_in.shape[0] // len(group)
         users: dict[int, tuple[ControlSpec, list[int]]] = {}
         for index, item in enumerate(group):
@@ -464,25 +517,42 @@ class CFGGuider:
                 if self._in_range(spec.start, spec.end, level):
                     rows = list(range(index * batch, (index + 1) * batch))
                     users.setdefault(id(spec), (spec, []))[1].extend(rows)
-        total: ControlResiduals | None = None
+        total: ControlResiduals | TransformerControl | None = None
         for spec, rows in users.values():
             index = torch.tensor(rows, device=x_in.device)
             hint = self._hint(spec, len(rows), region, x_in)
-            residuals = spec.controlnet(
-                x_in[index], hint, timesteps[index], context[index], None if y is None else y[index], spec.strength
-            )
+            rows_y = None if y is None else y[index]
+            if isinstance(spec.controlnet, ControlNet):
+                residuals = spec.controlnet(x_in[index], hint, timesteps[index], context[index], rows_y, spec.strength)
+            else:
+                # Transformer ControlNets take the network they guide (SD3.5-large ones use its patch
+                # embedding; all spread their outputs over its blocks).
+                extra = {"guidance": guidance[index], "mode": spec.mode} if isinstance(spec.controlnet, FluxControlNet) else {}
+                residuals = spec.controlnet(x_in[index], hint, timesteps[index], context[index], rows_y, spec.strength,
+                                            base=self.network, **extra)
             full = _scatter_rows(residuals, index, x_in.shape[0])
             total = full if total is None else total + full
         return total
 
     def _hint(self, spec: ControlSpec, batch: int, region: tuple[int, int, int, int], x_in: Tensor) -> Tensor:
         top, left, h, w = region
-        # The hint is at the ControlNet's own scale (usually the VAE's 8x, but it is the ControlNet's call).
-        f = spec.controlnet.controlnet_config.hint_downscale
+        # The hint is at the ControlNet's own scale (usually the VAE's 8x, but it is the ControlNet's call);
+        # a latent-reading ControlNet's image is resized to the latent's pixel size, then encoded.
+        if spec.latent_hint is not None:
+            f = spec.latent_hint.downscale
+        elif isinstance(spec.controlnet, ControlNet):
+            f = spec.controlnet.controlnet_config.hint_downscale
+        else:
+            f = spec.controlnet.config.hint_downscale  # type: ignore[union-attr]
         hint = spec.hint.to(x_in.device, x_in.dtype)
         full_h, full_w = h * f, w * f
         if tuple(hint.shape[-2:]) != (full_h, full_w):
             hint = F.interpolate(hint, size=(full_h, full_w), mode="bilinear", align_corners=False)
+        if spec.latent_hint is not None:
+            key = (id(spec), full_h, full_w)
+            if key not in self._hint_latents:
+                self._hint_latents[key] = spec.latent_hint.encode(hint.float())
+            hint = self._hint_latents[key].to(x_in.device, x_in.dtype)
         if hint.shape[0] != batch:
             if batch % hint.shape[0]:
                 raise GuidanceError(f"control image batch {hint.shape[0]} does not divide the latent batch {batch}")
@@ -544,8 +614,11 @@ class DualCFGGuider(CFGGuider):
         return negative + self.cfg_middle * (middle - negative) + self.cfg * (positive - middle), negative
 
 
-def _scatter_rows(residuals: ControlResiduals, rows: Tensor, total_rows: int) -> ControlResiduals:
+def _scatter_rows(residuals: ControlResiduals | TransformerControl, rows: Tensor,
+                  total_rows: int) -> ControlResiduals | TransformerControl:
     """Residuals computed for some rows of a batched call -> zeros elsewhere in the whole batch."""
+    if isinstance(residuals, TransformerControl):
+        return residuals.scattered(rows, total_rows)
 
     def pad(t: Tensor) -> Tensor:
         return t.new_zeros((total_rows, *t.shape[1:])).index_copy(0, rows, t)
