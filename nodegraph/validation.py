@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from .json_values import JsonProblem, JsonRefused, decode_json, json_problems
 from .node import InputSpec, Node
 from .registry import NodeRegistry
-from .workflow import BYPASS, MUTE, NODE_MODES, Link, UnsupportedVersion, Workflow, as_link, upgrade
+from .workflow import BYPASS, MUTE, NODE_MODES, Link, NodeEntry, UnsupportedVersion, Workflow, as_link, upgrade
 
 MAX_NODES = 10_000
 """A workflow with more nodes is refused before its nodes are checked one by one (the editor's
@@ -275,6 +275,18 @@ class PassThrough:
     unfed: tuple[str, str, dict[str, Any]] | None = None
 
 
+def bypass_feed(entry: NodeEntry, node_class: type[Node], output: str) -> str | None:
+    """The input that feeds output `output` of a bypassed node: its first input, in the order the
+    node declares them, that has the output's socket type and is linked; None if none is (or the
+    node has no such output)."""
+    spec = node_class.specs().outputs.get(output)
+    if spec is None:
+        return None
+    wanted = spec.socket_type.name
+    return next((name for name, input_spec in node_class.specs().inputs.items()
+                 if input_spec.socket_type.name == wanted and as_link(entry.inputs.get(name)) is not None), None)
+
+
 def pass_through(workflow: Workflow, classes: Mapping[str, type[Node]], link: Link) -> PassThrough:
     """Follow `link` back through bypassed nodes to the output that feeds it.
 
@@ -301,18 +313,16 @@ def pass_through(workflow: Workflow, classes: Mapping[str, type[Node]], link: Li
         via.append(link.source)
         node_class = classes.get(link.source)
         output = node_class.specs().outputs.get(link.output) if node_class is not None else None
-        if output is None:
+        if node_class is None or output is None:
             return PassThrough(None, tuple(via))
-        wanted = output.socket_type.name
-        upstream = next((found for name, spec in node_class.specs().inputs.items()
-                         if spec.socket_type.name == wanted and (found := as_link(entry.inputs.get(name))) is not None),
-                        None)
-        if upstream is None:
+        feed = bypass_feed(entry, node_class, link.output)
+        if feed is None:
+            wanted = output.socket_type.name
             return PassThrough(None, tuple(via), (
                 "bypass_unfed", f"node {link.source!r} ({entry.type}) is bypassed and has no linked input of type "
                                 f"{wanted} to pass to its output {link.output!r}; link one, or stop bypassing it",
                 {"from": link.source, "output": link.output, "type": wanted, "via": list(via)}))
-        link = upstream
+        link = as_link(entry.inputs[feed])
 
 
 def _passed(via: list[str]) -> str:

@@ -455,7 +455,7 @@ def test_ui_primitive_reroute_bypass_mute_and_notes(api_graph, ui_graph):
                            "widgets_values": ["style.safetensors", 1, 1]})
     graph["links"] = [entry for entry in graph["links"] if entry[0] != 1]
     graph["links"] += [[11, 4, 0, 21, 0, "MODEL"], [12, 21, 0, 22, 0, "MODEL"], [1, 22, 0, 3, 0, "MODEL"]]
-    # A muted branch and a note change nothing.
+    # A muted branch and a note change nothing that runs.
     graph["nodes"].append({"id": 23, "type": "SaveImage", "mode": 2, "inputs": [{"name": "images", "link": 13}],
                            "widgets_values": ["muted"]})
     graph["links"].append([13, 8, 0, 23, 0, "IMAGE"])
@@ -464,7 +464,18 @@ def test_ui_primitive_reroute_bypass_mute_and_notes(api_graph, ui_graph):
     converted = UI.convert(graph)
     expected = API.convert(api_graph)["nodes"]
     expected["3"]["inputs"]["seed"] = 42
+    # The bypassed and muted nodes stay, with their modes (the engine passes the LoRA loader's model
+    # through and skips the muted save: tests/diffusion/test_comfyui_ui_block.py); the reroute and
+    # the note go to the ui block.
+    lora, muted = converted["nodes"].pop("22"), converted["nodes"].pop("23")
+    assert lora["mode"] == "bypass" and lora["inputs"]["model"] == link("4", "model")
+    assert muted == {"type": "SaveImage", "inputs": {"filename_prefix": "muted", "images": link("8", "image")},
+                     "mode": "mute"}
+    assert converted["nodes"]["3"]["inputs"].pop("model") == link("22", "model")
+    expected["3"]["inputs"].pop("model")
     assert converted["nodes"] == expected
+    assert [point["to"] for point in converted["ui"]["reroutes"]] == [{"node": "22", "input": "model"}]
+    assert [note["text"] for note in converted["ui"]["notes"]] == ["remember the milk"]
 
 
 def test_ui_problems_are_named(ui_graph):
@@ -480,9 +491,10 @@ def test_ui_problems_are_named(ui_graph):
     graph["definitions"] = {"subgraphs": [{"id": "6f1d2c3e-0000-4000-8000-000000000001", "name": "Upscale"}]}
     error = import_error(UI, graph)
     assert error.unsupported_types == {"CR Prompt Text": ["32"]}
-    # A subgraph instance is expanded into its nodes; this definition has none to expand.
+    # A subgraph instance is expanded into its nodes; this definition has none to expand. The muted
+    # VAEDecode is kept as a muted node: validation, not the import, names what it feeds.
     assert issues_at(error) == {("5", None): "invalid_widgets", ("8", "vae"): "invalid_link",
-                                ("30", "images"): "muted_source", ("33", None): "invalid_subgraph"}
+                                ("33", None): "invalid_subgraph"}
     assert "width, height, batch_size" in str(error)
 
 

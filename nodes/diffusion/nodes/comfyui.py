@@ -15,7 +15,8 @@ from typing import Any, Callable, Mapping
 
 from nodegraph.importers import WorkflowImportError
 from nodegraph.node import Node
-from nodegraph.validation import ValidationIssue
+from nodegraph.validation import ValidationIssue, bypass_feed
+from nodegraph.workflow import BYPASS, MUTE, NodeEntry
 
 from .comfyui_subgraphs import (
     MODE_BYPASSED,
@@ -28,11 +29,14 @@ from .comfyui_subgraphs import (
     node_position,
     read_link,
 )
+from .comfyui_ui import groups, node_decorations, notes, reroute_points
 
 logger = logging.getLogger(__name__)
 
 API_FORMAT = "ComfyUI API format"
 UI_FORMAT = "ComfyUI UI format"
+# UI node modes as our document's node modes.
+UI_MODES = {MODE_MUTED: MUTE, MODE_BYPASSED: BYPASS}
 
 # Widgets of the ComfyUI editor that are no inputs of the node (some API exports carry them too):
 # what to do with a seed after each run, and the image upload button (which older API exports
@@ -295,6 +299,13 @@ class ComfyNode:
     type: str
     inputs: dict[str, Any]
     pos: list[float] | None = None
+    # From the UI format only: the node's mode in our document (None: it runs), its title, colour
+    # and collapsed state (comfyui_ui.node_decorations), the reroutes each input's link crossed (nearest first), and
+    # for a bypassed node which of its inputs ComfyUI passes to each used output slot.
+    mode: str | None = None
+    ui: dict[str, Any] = field(default_factory=dict)
+    reroutes: dict[str, list[str]] = field(default_factory=dict)
+    feeds: dict[int, str | None] = field(default_factory=dict)
 
 
 class _Problems:
@@ -459,24 +470,50 @@ def _widget_values(node: dict[str, Any], mapping: NodeMapping, problems: _Proble
     return {name: value for name, value in zip(names, values) if name not in UI_ONLY_WIDGETS}
 
 
-def read_ui_nodes(document: Any, problems: _Problems | None = None) -> list[ComfyNode]:
-    """The nodes of a UI-format document that run, with links resolved through reroutes, bypassed
-    nodes and primitive nodes (which become literal values). Raises WorkflowImportError."""
+def _ui_mode(node: dict[str, Any]) -> str | None:
+    """Our mode for a UI node that is muted or bypassed; None for one that runs (files from outside
+    may hold anything in `mode`: what is no known mode runs, as in ComfyUI)."""
+    mode = node.get("mode", 0)
+    return UI_MODES.get(mode) if isinstance(mode, int) else None
+
+
+def read_ui_nodes(document: Any, problems: _Problems | None = None,
+                  resolved: frozenset[str] = frozenset()) -> list[ComfyNode]:
+    """The nodes of a UI-format document, with links resolved through reroutes and primitive nodes
+    (which become literal values). A muted or bypassed node of a type that maps is kept with its
+    mode (ComfyNode.mode); other muted ones are left out, other bypassed ones passed through, as
+    are those named in `resolved` (see ComfyUIImporter). Raises WorkflowImportError."""
     own_problems = problems is None
     problems = problems or _Problems(UI_FORMAT)
+    nodes, _ = _read_ui(document, problems, resolved)
+    if own_problems:
+        problems.raise_any()
+    return nodes
+
+
+def _read_ui(document: Any, problems: _Problems,
+             resolved: frozenset[str]) -> tuple[list[ComfyNode], dict[str, Any]]:
+    """read_ui_nodes' nodes, and the document with its subgraphs and group nodes expanded."""
     if not _is_ui_document(document):
         raise ValueError("not a ComfyUI UI-format document")
     document = expand_reusable_nodes(document, problems.add)
     links = _ui_links(document, problems)
     by_id = {str(node["id"]): node for node in document["nodes"]}
 
+    def kept_mode(node: dict[str, Any]) -> str | None:
+        """The mode a muted or bypassed node keeps in our document; None if it runs or is resolved."""
+        mode = _ui_mode(node)
+        return mode if mode is not None and node["type"] in MAPPINGS and str(node["id"]) not in resolved else None
+
     def linked_inputs(node: dict[str, Any]) -> list[tuple[str, Any, int]]:
         """(input name, input type, link id) for each connected input."""
         return [(input_name(entry), entry.get("type"), entry["link"]) for entry in node.get("inputs") or []
                 if isinstance(entry, dict) and entry.get("link") is not None]
 
-    def resolve(link_id: Any, target: str, input_name: str, seen: frozenset[str] = frozenset()) -> Any:
-        """What feeds an input: a SourceRef to a node that runs, or a literal from a primitive node."""
+    def resolve(link_id: Any, target: str, input_name: str, crossed: list[str],
+                seen: frozenset[str] = frozenset()) -> Any:
+        """What feeds an input: a SourceRef to a node of our document, or a literal from a primitive
+        node. Reroutes passed on the way are added to `crossed`."""
         link = links.get(link_id) if isinstance(link_id, (int, str)) else None
         if link is None:
             problems.add("invalid_link", f"link {link_id!r} is not in the file's links", target, input_name)
@@ -496,6 +533,8 @@ def read_ui_nodes(document: Any, problems: _Problems | None = None) -> list[Comf
                              input_name)
                 return None
             return values[0]
+        if kept_mode(source) is not None:
+            return SourceRef(link.source, link.slot)
         if source["type"] == REROUTE or mode == MODE_BYPASSED:
             # A bypassed node hands each output the first connected input of the same type.
             candidates = linked_inputs(source)
@@ -506,7 +545,9 @@ def read_ui_nodes(document: Any, problems: _Problems | None = None) -> list[Comf
                 problems.add("invalid_link", f"fed by {what} {link.source}, which passes nothing of type "
                                              f"{link.type} through", target, input_name)
                 return None
-            return resolve(candidates[0][2], target, input_name, seen | {link.source})
+            if source["type"] == REROUTE:
+                crossed.append(link.source)
+            return resolve(candidates[0][2], target, input_name, crossed, seen | {link.source})
         if mode == MODE_MUTED:
             problems.add("muted_source", f"fed by node {link.source} ({source['type']}), which is muted; "
                                          "mute this node too or unmute that one", target, input_name)
@@ -518,16 +559,25 @@ def read_ui_nodes(document: Any, problems: _Problems | None = None) -> list[Comf
         node_id, node_type = str(node["id"]), node["type"]
         if node_type in NOTE_TYPES or node_type in (REROUTE, PRIMITIVE):
             continue
-        if node.get("mode", 0) in (MODE_MUTED, MODE_BYPASSED):
+        mode = kept_mode(node)
+        if mode is None and _ui_mode(node) is not None:
             continue
         mapping = MAPPINGS.get(node_type)
         inputs = _widget_values(node, mapping, problems) if mapping is not None else {}
+        reroutes: dict[str, list[str]] = {}
         for name, _, link_id in linked_inputs(node):
-            inputs[name] = resolve(link_id, node_id, name)
-        nodes.append(ComfyNode(node_id, node_type, inputs, node_position(node)))
-    if own_problems:
-        problems.raise_any()
-    return nodes
+            crossed: list[str] = []
+            inputs[name] = resolve(link_id, node_id, name, crossed)
+            if crossed and isinstance(inputs[name], SourceRef):
+                reroutes[name] = crossed
+        feeds: dict[int, str | None] = {}
+        if mode == BYPASS:
+            for link in links.values():  # what ComfyUI passes to each used output (see _bypass_disagrees)
+                if link.source == node_id and link.slot not in feeds:
+                    feeds[link.slot] = next((name for name, kind, _ in linked_inputs(node) if kind == link.type), None)
+        nodes.append(ComfyNode(node_id, node_type, inputs, node_position(node), mode, node_decorations(node),
+                                 reroutes, feeds))
+    return nodes, document
 
 
 # --- conversion ---------------------------------------------------------------------------------
@@ -678,9 +728,17 @@ def convert_nodes(comfy_nodes: list[ComfyNode], importer: str, problems: _Proble
                 nodes[node.id]["inputs"]["model"] = model
     problems.raise_any()
     document: dict[str, Any] = {"version": 1, "nodes": nodes}
-    positions = {node.id: {"pos": node.pos} for node in comfy_nodes if node.pos is not None and node.id in nodes}
-    if positions:
-        document["ui"] = {"nodes": positions}
+    shown: dict[str, dict[str, Any]] = {}
+    for node in comfy_nodes:
+        if node.id not in nodes:
+            continue
+        if node.mode is not None:
+            nodes[node.id]["mode"] = node.mode
+        entry = {**({"pos": node.pos} if node.pos is not None else {}), **node.ui}
+        if entry:
+            shown[node.id] = entry
+    if shown:
+        document["ui"] = {"nodes": shown}
     return document
 
 
@@ -721,9 +779,59 @@ class ComfyUIImporter:
         return _is_ui_document(_carried(document))
 
     def convert(self, document: Any) -> dict[str, Any]:
-        problems = _Problems(UI_FORMAT)
+        """Muted and bypassed nodes of types that map are kept with their mode, so that the editor
+        shows them and the engine skips or passes them through. One is resolved here instead, as
+        ComfyUI does when it runs (left out if muted, passed through if bypassed), when it does not
+        convert cleanly or when the engine would pass a different input through than ComfyUI."""
         _note_images(_request(document))
-        return convert_nodes(read_ui_nodes(_carried(document), problems), UI_FORMAT, problems)
+        document = _carried(document)
+        resolved: frozenset[str] = frozenset()
+        while True:
+            problems = _Problems(UI_FORMAT)
+            comfy_nodes, expanded = _read_ui(document, problems, resolved)
+            kept = {node.id for node in comfy_nodes if node.mode is not None}
+            try:
+                converted = convert_nodes(comfy_nodes, UI_FORMAT, problems)
+            except WorkflowImportError as error:
+                failed = {issue.node_id for issue in error.issues} & kept
+                if not failed:
+                    raise
+                resolved |= failed
+                continue
+            disagreeing = {node.id for node in comfy_nodes if _bypass_disagrees(node, converted["nodes"])}
+            if not disagreeing:
+                break
+            resolved |= disagreeing
+        ui = converted.setdefault("ui", {})
+        by_id = {str(node["id"]): node for node in expanded["nodes"]}
+        crossed = [(node.id, MAPPINGS[node.type].inputs[name], ids) for node in comfy_nodes
+                   if node.id in converted["nodes"] for name, ids in node.reroutes.items()
+                   if name in MAPPINGS[node.type].inputs]
+        for key, found in (("groups", groups(document)), ("notes", notes(expanded["nodes"])),
+                           ("reroutes", reroute_points(crossed, by_id))):
+            if found:
+                ui[key] = found
+        if not ui:
+            del converted["ui"]
+        return converted
+
+
+def _bypass_disagrees(node: ComfyNode, converted: dict[str, dict[str, Any]]) -> bool:
+    """Whether, for a kept bypassed node, our engine would pass another input to one of its used
+    outputs than ComfyUI does (ComfyUI picks by its own type names and counts an input fed by a
+    primitive node; the engine picks by our socket types among linked inputs)."""
+    if node.mode != BYPASS or node.id not in converted:
+        return False
+    mapping = MAPPINGS[node.type]
+    entry = NodeEntry.model_validate(converted[node.id])
+    node_class = _node_classes()[mapping.type]
+    for slot, theirs in node.feeds.items():
+        if not 0 <= slot < len(mapping.outputs):
+            continue  # a link to an output the node lacks: reported at its consumer
+        ours = bypass_feed(entry, node_class, mapping.outputs[slot])
+        if ours != (mapping.inputs.get(theirs) if theirs is not None else None):
+            return True
+    return False
 
 
 IMPORTERS = [ComfyAPIImporter(), ComfyUIImporter()]
