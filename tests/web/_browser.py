@@ -35,6 +35,9 @@ class BrowserError(RuntimeError):
     """The browser failed to start, a command failed, or the page threw."""
 
 
+ALT, CTRL, META, SHIFT = 1, 2, 4, 8  # DevTools key event modifiers
+
+
 class Page:
     """One browser tab: navigate, evaluate JavaScript, type, screenshot."""
 
@@ -101,10 +104,25 @@ class Page:
                                    f" if (!e) return false; e.click(); return true; }})()"):
             raise BrowserError(f"no element {selector}")
 
-    async def press(self, key: str, code: str, key_code: int) -> None:
-        """Press and release a key, as a user at the keyboard would."""
+    async def press(self, key: str, code: str, key_code: int, modifiers: int = 0) -> None:
+        """Press and release a key, as a user at the keyboard would; `modifiers`: the sum of CTRL, SHIFT, ..."""
         for kind in ("keyDown", "keyUp"):
-            await self.send("Input.dispatchKeyEvent", type=kind, key=key, code=code, windowsVirtualKeyCode=key_code)
+            await self.send("Input.dispatchKeyEvent", type=kind, key=key, code=code, windowsVirtualKeyCode=key_code,
+                            modifiers=modifiers)
+
+    async def shortcut(self, letter: str, modifiers: int = 2) -> None:
+        """A letter with modifiers (Ctrl by default): Ctrl+B is shortcut("b")."""
+        await self.press(letter, f"Key{letter.upper()}", ord(letter.upper()), modifiers)
+
+    async def mouse_click(self, point: tuple[float, float], button: str = "left", count: int = 1) -> None:
+        """Click (count 2: double-click) at a point in page coordinates, as the mouse does."""
+        await self.send("Input.dispatchMouseEvent", type="mouseMoved", x=point[0], y=point[1])
+        buttons = {"left": 1, "right": 2, "middle": 4}[button]
+        for n in range(1, count + 1):
+            await self.send("Input.dispatchMouseEvent", type="mousePressed", x=point[0], y=point[1], button=button,
+                            buttons=buttons, clickCount=n)
+            await self.send("Input.dispatchMouseEvent", type="mouseReleased", x=point[0], y=point[1], button=button,
+                            buttons=0, clickCount=n)
 
     async def type_keys(self, text: str) -> None:
         """Type into the focused element one character at a time, each its own input event."""

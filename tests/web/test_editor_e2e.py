@@ -15,24 +15,30 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _browser import Browser, find_chromium
+from _editor import (
+    EDITOR_DIR,
+    PICTURE_PACKS,
+    PICTURE_WORKFLOW,
+    ROOT,
+    get_bytes,
+    get_json,
+    need,
+    open_editor,
+    open_saved,
+    start_server,
+    stop,
+    stored_input,
+    text_of,
+    unavailable_choices,
+)
 from PIL import Image
-
-from _browser import Browser, Page, find_chromium
-
-ROOT = Path(__file__).resolve().parents[2]
-EDITOR_DIR = ROOT / "web" / "dist"
-PICTURE_PACKS = ROOT / "tests" / "server" / "packs"
-REQUIRED = os.environ.get("NODEGRAPH_E2E") == "required"
 
 pytestmark = pytest.mark.slow
 
@@ -48,83 +54,10 @@ class Case:
 
 
 CASES = {
-    "picture": Case(Path(__file__).resolve().parent / "picture_txt2img.json", PICTURE_PACKS,
+    "picture": Case(PICTURE_WORKFLOW, PICTURE_PACKS,
                     "draw", "prompt", "save", "draw"),
     "diffusion": Case(ROOT / "workflows" / "txt2img.json", None, "prompt", "text", "save", None),
 }
-
-
-def _need(condition: bool, reason: str) -> None:
-    if not condition:
-        if REQUIRED:
-            pytest.fail(f"NODEGRAPH_E2E=required but {reason}")
-        pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.load(response)
-
-
-def _get_bytes(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read()
-
-
-def _unavailable_choices(workflow: dict, catalogue: dict) -> list[str]:
-    """Literal inputs whose value is not among the server's current choices (a model not installed)."""
-    missing = []
-    for node_id, node in workflow["nodes"].items():
-        spec = catalogue["nodes"].get(node["type"])
-        if spec is None:
-            missing.append(f"{node_id}: node type {node['type']}")
-            continue
-        for name, value in node["inputs"].items():
-            choices = spec["inputs"].get(name, {}).get("choices")
-            if choices is not None and not isinstance(value, dict) and value not in choices:
-                missing.append(f"{node_id}.{name} = {value!r}")
-    return missing
-
-
-def _start_server(folder: Path, workflows: Path, nodes_dir: Path | None) -> tuple[str, subprocess.Popen]:
-    """A real server on loopback with its files under `folder`; returns its base address and process."""
-    port = _free_port()
-    command = [sys.executable, "-m", "nodegraph", "serve", "--port", str(port),
-               "--db", str(folder / "runs.sqlite"), "--workflows-dir", str(workflows),
-               "--inputs-dir", str(folder / "inputs"), "--output-dir", str(folder / "outputs"),
-               "--editor-dir", str(EDITOR_DIR), "--device", "cpu"]
-    if nodes_dir is not None:
-        command += ["--nodes-dir", str(nodes_dir)]
-    # The server runs in a scratch folder; the repository's models (the demo model) are its models root.
-    env = {**os.environ, "NODEGRAPH_MODELS": str(ROOT / "models")}
-    process = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120  # importing every pack (torch) is slow on a busy machine
-    while True:
-        try:
-            _get_json(f"{base}/api/health")
-            return base, process
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                _stop(process)
-                raise AssertionError(f"server did not start: {process.communicate()[1]}")
-            time.sleep(0.2)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-    try:
-        process.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
 
 
 @pytest.fixture
@@ -133,27 +66,13 @@ def serve(tmp_path):
     processes: list[subprocess.Popen] = []
 
     def start(workflows: Path, nodes_dir: Path | None) -> str:
-        base, process = _start_server(tmp_path, workflows, nodes_dir)
+        base, process = start_server(tmp_path, workflows, nodes_dir)
         processes.append(process)
         return base
 
     yield start
     for process in processes:
-        _stop(process)
-
-
-async def open_saved(page: Page, name: str) -> None:
-    """Open a workflow from the server's folder, and wait until the editor has loaded it."""
-    await page.wait_for(f"[...document.querySelectorAll('[data-testid=open-saved] option')]"
-                        f".some(o => o.value === {json.dumps(name)})", what="the saved workflow list")
-    loads = int(await page.evaluate("document.querySelector('.editor').dataset.loads"))
-    await page.evaluate("(() => { const s = document.querySelector('[data-testid=open-saved]');"
-                        f" s.value = {json.dumps(name)}; s.dispatchEvent(new Event('change', {{bubbles: true}})); }})()")
-    await page.wait_for(f"Number(document.querySelector('.editor').dataset.loads) > {loads}", what=f"{name} loaded")
-
-
-def text_of(selector: str) -> str:
-    return f"document.querySelector({json.dumps(selector)})?.value"
+        stop(process)
 
 
 @pytest.mark.parametrize("case_name", list(CASES))
@@ -161,16 +80,16 @@ def text_of(selector: str) -> str:
 async def test_editor_runs_the_txt2img_workflow(case_name, serve, tmp_path):
     case = CASES[case_name]
     chromium = find_chromium()
-    _need(chromium is not None, "no Chromium found (apt-get install chromium, or set $CHROMIUM)")
-    _need((EDITOR_DIR / "index.html").is_file(), "the editor is not built (npm ci && npm run build in web/)")
-    _need(case.workflow.is_file(), f"{case.workflow} is missing")
+    need(chromium is not None, "no Chromium found (apt-get install chromium, or set $CHROMIUM)")
+    need((EDITOR_DIR / "index.html").is_file(), "the editor is not built (npm ci && npm run build in web/)")
+    need(case.workflow.is_file(), f"{case.workflow} is missing")
     workflows = tmp_path / "workflows"
     workflows.mkdir()
     shutil.copy(case.workflow, workflows / "txt2img.json")
     base = serve(workflows, case.nodes_dir)
     workflow = json.loads(case.workflow.read_text())
-    missing = _unavailable_choices(workflow, _get_json(f"{base}/api/nodes"))
-    _need(not missing, f"{case.workflow.name} needs what the server does not offer: {', '.join(missing)}")
+    missing = unavailable_choices(workflow, get_json(f"{base}/api/nodes"))
+    need(not missing, f"{case.workflow.name} needs what the server does not offer: {', '.join(missing)}")
 
     artifacts = Path(os.environ.get("NODEGRAPH_ARTIFACTS") or tmp_path / "artifacts")
     prompt_box = f"[data-testid=input-{case.prompt_node}-{case.prompt_input}]"
@@ -182,7 +101,7 @@ async def test_editor_runs_the_txt2img_workflow(case_name, serve, tmp_path):
         await page.goto(f"{base}/")
         await page.wait_for("document.querySelector('.editor[data-ready=true]') !== null", what="the editor to start")
         # Every node type of the catalogue is in the palette, descriptions as tooltips.
-        catalogue = _get_json(f"{base}/api/nodes")["nodes"]
+        catalogue = get_json(f"{base}/api/nodes")["nodes"]
         listed = await page.evaluate("[...document.querySelectorAll('.palette-item')].map(e => e.dataset.testid)")
         assert sorted(listed) == sorted(f"palette-{name}" for name in catalogue if not catalogue[name]["deprecated"])
 
@@ -210,7 +129,7 @@ async def test_editor_runs_the_txt2img_workflow(case_name, serve, tmp_path):
 
         # The PNG carries its workflow: opening it restores the graph with the changed prompt.
         png_path = tmp_path / "made.png"
-        png_path.write_bytes(_get_bytes(f"{base}{src}"))
+        png_path.write_bytes(get_bytes(f"{base}{src}"))
         await open_saved(page, "txt2img.json")
         await page.wait_for(f"{text_of(prompt_box)} === {json.dumps(original_prompt)}", what="the original prompt back")
         document = await page.send("DOM.getDocument")
@@ -239,7 +158,7 @@ async def test_editor_runs_the_txt2img_workflow(case_name, serve, tmp_path):
     picture = Image.open(png_path)
     stored = json.loads(picture.text["workflow"])
     assert stored["nodes"][case.prompt_node]["inputs"][case.prompt_input] == prompt
-    runs = _get_json(f"{base}/api/runs")["runs"]
+    runs = get_json(f"{base}/api/runs")["runs"]
     assert [run["status"] for run in runs] == ["succeeded"]  # the invalid one was never queued
     if case_name == "picture":
         # The image shown is the one made from the changed prompt (its colour comes from prompt and seed).
@@ -250,36 +169,6 @@ async def test_editor_runs_the_txt2img_workflow(case_name, serve, tmp_path):
 
 
 # -- defects of issue 17, each against the picture workflow on one shared server --
-
-@pytest.fixture(scope="module")
-def picture_server(tmp_path_factory):
-    """A server with the picture pack and the picture txt2img workflow, shared by the tests below."""
-    chromium = find_chromium()
-    _need(chromium is not None, "no Chromium found (apt-get install chromium, or set $CHROMIUM)")
-    _need((EDITOR_DIR / "index.html").is_file(), "the editor is not built (npm ci && npm run build in web/)")
-    folder = tmp_path_factory.mktemp("picture_server")
-    workflows = folder / "workflows"
-    workflows.mkdir()
-    shutil.copy(CASES["picture"].workflow, workflows / "txt2img.json")
-    base, process = _start_server(folder, workflows, PICTURE_PACKS)
-    yield chromium, base
-    _stop(process)
-
-
-async def open_editor(page: Page, base: str, workflow: str | None = "txt2img.json") -> None:
-    """Load the editor, and open a saved workflow once its links are drawn."""
-    await page.goto(f"{base}/")
-    await page.wait_for("document.querySelector('.editor[data-ready=true]') !== null", what="the editor to start")
-    if workflow is not None:
-        await open_saved(page, workflow)
-        await page.wait_for("document.querySelectorAll('.react-flow__edge').length === 2", what="the links drawn")
-
-
-def stored_input(node: str, name: str) -> str:
-    """An expression for an input's value in the graph the editor keeps (local storage)."""
-    return (f"JSON.parse(localStorage.getItem('nodegraph.graph')).workflow.nodes[{json.dumps(node)}]"
-            f".inputs[{json.dumps(name)}]")
-
 
 @pytest.mark.asyncio
 async def test_number_fields_keep_what_is_typed(picture_server, tmp_path):
@@ -337,7 +226,7 @@ async def test_favicon_is_served(picture_server, tmp_path):
         assert response.status == 200
         icon = Image.open(io.BytesIO(response.read()))
     assert icon.format == "ICO"
-    page = _get_bytes(f"{base}/").decode()
+    page = get_bytes(f"{base}/").decode()
     assert 'rel="icon"' in page and "/favicon.ico" in page
 
 
@@ -374,8 +263,8 @@ async def test_a_comfyui_file_keeps_its_random_seed_and_names_what_is_left_out(p
     """Issue 17, defect 9, through the server's real importer: ComfyUI's default graph with a note and
     a group opens with its "randomize" seed ticked random, and the note and group are named as left out."""
     chromium, base = picture_server
-    checkpoints = _get_json(f"{base}/api/nodes")["nodes"]["LoadCheckpoint"]["inputs"]["name"]["choices"]
-    _need(bool(checkpoints), "no checkpoint in models/checkpoints")
+    checkpoints = get_json(f"{base}/api/nodes")["nodes"]["LoadCheckpoint"]["inputs"]["name"]["choices"]
+    need(bool(checkpoints), "no checkpoint in models/checkpoints")
     comfy = json.loads((ROOT / "tests" / "diffusion" / "data" / "comfyui_txt2img_ui.json").read_text())
     for node in comfy["nodes"]:
         if node["type"] == "CheckpointLoaderSimple":
@@ -409,7 +298,7 @@ async def test_save_asks_before_replacing_another_workflow(picture_server, tmp_p
         await page.click("[data-testid=save]")  # a new file: nothing to ask
         await page.wait_for("[...document.querySelectorAll('[data-testid=open-saved] option')]"
                             ".some(o => o.value === 'copy-of-txt2img.json')", what="the copy saved")
-        assert _get_json(f"{base}/api/workflows/copy-of-txt2img.json")["nodes"]["draw"]["type"] == "PromptPicture"
+        assert get_json(f"{base}/api/workflows/copy-of-txt2img.json")["nodes"]["draw"]["type"] == "PromptPicture"
 
         await page.click("[data-testid=new]")
         await page.wait_for(f"{text_of(name_box)} === 'untitled.json'", what="New forgets the name")
@@ -420,4 +309,4 @@ async def test_save_asks_before_replacing_another_workflow(picture_server, tmp_p
         assert "txt2img.json already exists" in question
         await page.click("[data-testid=dialog-cancel]")
         await page.wait_for("document.querySelector('[data-testid=dialog]') === null", what="the dialog closed")
-        assert set(_get_json(f"{base}/api/workflows/txt2img.json")["nodes"]) == {"seed", "draw", "save"}
+        assert set(get_json(f"{base}/api/workflows/txt2img.json")["nodes"]) == {"seed", "draw", "save"}

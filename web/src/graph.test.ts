@@ -2,8 +2,8 @@ import { describe, expect, it } from "vitest";
 
 import { catalogue } from "./testCatalogue";
 import {
-  arrange, connect, connectionProblem, hasOverlaps, copySelection, createNode, graphToWorkflow, newNodeId, paste, removeItems,
-  workflowToGraph, type WorkflowDocument,
+  arrange, connect, connectionProblem, hasOverlaps, copySelection, createNode, freeSpot, graphToWorkflow,
+  linkUnambiguousInputs, newNodeId, paste, removeItems, workflowToGraph, type WorkflowDocument,
 } from "./graph";
 
 const arithmetic: WorkflowDocument = {
@@ -122,5 +122,49 @@ describe("arrange", () => {
       a: { x: 0, y: 0 }, b: { x: 0, y: 130 }, sum: { x: 300, y: 0 }, text: { x: 600, y: 0 } });
     expect(hasOverlaps(arranged, sizes)).toBe(false);
     expect(arranged.edges).toBe(graph.edges);
+  });
+});
+
+describe("adding nodes", () => {
+  const link = (type: string) => ({ type, required: true, description: "", link_only: true });
+  const spec = (type: string, inputs: Record<string, ReturnType<typeof link>>, outputs: Record<string, string>) => ({
+    type, display_name: type, category: "image", description: "", version: 1, output_node: false, deprecated: false,
+    pack: "test", inputs, outputs: Object.fromEntries(Object.entries(outputs).map(([n, t]) => [n, { type: t, description: "" }])),
+  });
+  const pictures = structuredClone(catalogue);
+  pictures.nodes.Picture = spec("Picture", {}, { image: "IMAGE" });
+  pictures.nodes.Blend = spec("Blend", { first: link("IMAGE"), second: link("IMAGE") }, { image: "IMAGE" });
+  pictures.nodes.Show = spec("Show", { value: link("*") }, {});
+  const at = (x: number, y: number) => ({ x, y });
+  const graphOf = (...nodes: [string, string][]) => ({
+    nodes: nodes.map(([id, type], i) => createNode(pictures.nodes[type], id, at(300 * i, 0))), edges: [],
+  });
+
+  it("moves a new node off a spot another node holds", () => {
+    const graph = graphOf(["a", "Integer"]);
+    expect(freeSpot(graph, at(0, 0))).toEqual(at(32, 32));
+    expect(freeSpot(graph, at(100, 0))).toEqual(at(100, 0));
+    const two = { ...graph, nodes: [...graph.nodes, createNode(pictures.nodes.Integer, "b", at(32, 32))] };
+    expect(freeSpot(two, at(10, 5))).toEqual(at(74, 69));
+  });
+
+  it("links a new node's required inputs where exactly one output fits, not one that feeds it already", () => {
+    // One picture: both of Blend's inputs could take it, but the second is left for the user to choose.
+    let graph = connect(graphOf(["p", "Picture"], ["blend", "Blend"]),
+                        { source: "p", sourceHandle: "image", target: "blend", targetHandle: "first" });
+    let result = linkUnambiguousInputs(pictures, graph, "blend");
+    expect(result.linked).toEqual([]);
+    // Without the first link, the one picture feeds "first" only.
+    graph = graphOf(["p", "Picture"], ["blend", "Blend"]);
+    result = linkUnambiguousInputs(pictures, graph, "blend");
+    expect(result.linked.map((c) => `${c.source}.${c.sourceHandle}->${c.targetHandle}`)).toEqual(["p.image->first"]);
+    // Two pictures: ambiguous, nothing linked; an input that takes anything is never guessed.
+    expect(linkUnambiguousInputs(pictures, graphOf(["p", "Picture"], ["q", "Picture"], ["blend", "Blend"]), "blend").linked)
+      .toEqual([]);
+    expect(linkUnambiguousInputs(pictures, graphOf(["p", "Picture"], ["show", "Show"]), "show").linked).toEqual([]);
+    // A link that would make a cycle is not made: the only other IMAGE output is downstream of the node.
+    const loop = connect(graphOf(["blend", "Blend"], ["after", "Blend"]),
+                         { source: "blend", sourceHandle: "image", target: "after", targetHandle: "first" });
+    expect(linkUnambiguousInputs(pictures, loop, "blend").linked).toEqual([]);
   });
 });

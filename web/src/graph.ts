@@ -2,7 +2,7 @@
 // document the server runs; conversion both ways, new nodes, links, copy and paste.
 
 import type { Catalogue, NodeTypeSpec } from "./catalogue";
-import { canConnect } from "./catalogue";
+import { ANY_TYPE, canConnect } from "./catalogue";
 
 export interface Link {
   from: string;
@@ -328,4 +328,44 @@ export function arrange(graph: Graph, sizes: Map<string, Size>, gap = { x: 60, y
     x += width + gap.x;
   }
   return { ...graph, nodes: graph.nodes.map((node) => ({ ...node, position: positions.get(node.id) ?? node.position })) };
+}
+
+/** Where to put a new node wanted at `position`: there, or moved down and right past any node already
+ *  there, so nodes added one after another never sit on one spot. */
+export function freeSpot(graph: Graph, position: { x: number; y: number }, step = 32): { x: number; y: number } {
+  let spot = { ...position };
+  const taken = (at: { x: number; y: number }) => graph.nodes.some((node) =>
+    Math.abs(node.position.x - at.x) < step / 2 && Math.abs(node.position.y - at.y) < step / 2);
+  for (let tries = 0; taken(spot) && tries < 200; tries++) spot = { x: spot.x + step, y: spot.y + step };
+  return spot;
+}
+
+/** The graph with each unlinked required link input of node `nodeId` linked, where exactly one output in
+ *  the graph can feed it and that output does not feed the node already (a sampler's positive prompt
+ *  is not also taken as its negative). Inputs that take anything are left alone. Returns the links made. */
+export function linkUnambiguousInputs(catalogue: Catalogue, graph: Graph, nodeId: string): { graph: Graph; linked: Connection[] } {
+  const node = graph.nodes.find((n) => n.id === nodeId);
+  const spec = node && catalogue.nodes[node.data.nodeType];
+  if (!spec) return { graph, linked: [] };
+  let next = graph;
+  const linked: Connection[] = [];
+  for (const [input, inputSpec] of Object.entries(spec.inputs)) {
+    if (!inputSpec.required || !inputSpec.link_only || inputSpec.type === ANY_TYPE) continue;
+    if (next.edges.some((edge) => edge.target === nodeId && edge.targetHandle === input)) continue;
+    const feeding = new Set(next.edges.filter((edge) => edge.target === nodeId).map((edge) => `${edge.source}\u0000${edge.sourceHandle}`));
+    const candidates: Connection[] = [];
+    for (const source of next.nodes) {
+      if (source.id === nodeId) continue;
+      for (const [output, outputSpec] of Object.entries(catalogue.nodes[source.data.nodeType]?.outputs ?? {})) {
+        if (outputSpec.type === ANY_TYPE || !canConnect(catalogue, outputSpec.type, inputSpec.type)) continue;
+        candidates.push({ source: source.id, sourceHandle: output, target: nodeId, targetHandle: input });
+      }
+    }
+    if (candidates.length !== 1) continue;
+    const [only] = candidates;
+    if (feeding.has(`${only.source}\u0000${only.sourceHandle}`) || connectionProblem(catalogue, next, only) !== null) continue;
+    next = connect(next, only);
+    linked.push(only);
+  }
+  return { graph: next, linked };
 }

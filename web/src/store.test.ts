@@ -188,6 +188,52 @@ describe("the editor store", () => {
     expect(actions.addNode("NoSuchType", { x: 0, y: 0 })).toBeNull();
   });
 
+  it("adds the node chosen in the search, joined by the dragged link, in one undo step", () => {
+    const steps = getState().history.past.length;
+    // A link dragged from sum's FLOAT output, let go at (500, 100): a Format Text takes it as "a".
+    actions.openSearch({ screen: { x: 0, y: 0 }, at: { x: 500, y: 100 },
+                         link: { from: "output", type: "FLOAT", nodeId: "sum", socket: "result" } });
+    expect(actions.addFromSearch("FormatText", "a")).toBe("format_text");
+    const document = graphToWorkflow(getState().history.present);
+    expect(document.nodes.format_text.inputs.a).toEqual({ from: "sum", output: "result" });
+    expect(document.ui?.nodes?.format_text.pos).toEqual([500, 80]);
+    expect(getState().search).toBeNull();
+    expect(getState().history.past).toHaveLength(steps + 1);
+    // From an input: the new node is put left of where the link was let go, its output feeding the input.
+    actions.openSearch({ screen: { x: 0, y: 0 }, at: { x: 500, y: 400 },
+                         link: { from: "input", type: "FLOAT", nodeId: "sum", socket: "b" } });
+    actions.addFromSearch("Math", "result");
+    const after = graphToWorkflow(getState().history.present);
+    expect(after.nodes.sum.inputs.b).toEqual({ from: "math", output: "result" });
+    expect(after.ui?.nodes?.math.pos).toEqual([500 - 240, 380]);
+  });
+
+  it("drops a link pulled off an input unless the search joins it to a new node", () => {
+    actions.openSearch({ screen: { x: 0, y: 0 }, at: { x: 0, y: 0 },
+                         link: { from: "output", type: "INT", nodeId: "seed", socket: "value", replaces: "sum:a" } });
+    actions.closeSearch();
+    expect(getState().history.present.edges).toEqual([]);
+    actions.undo();
+    expect(getState().history.present.edges.map((edge) => edge.id)).toEqual(["sum:a"]);
+    // Chosen: the link goes from its old input to the new node, in one step.
+    actions.openSearch({ screen: { x: 0, y: 0 }, at: { x: 0, y: 0 },
+                         link: { from: "output", type: "INT", nodeId: "seed", socket: "value", replaces: "sum:a" } });
+    actions.addFromSearch("FormatText", "a");
+    expect(getState().history.present.edges.map((edge) => edge.id)).toEqual(["format_text:a"]);
+    actions.undo();
+    expect(getState().history.present.edges.map((edge) => edge.id)).toEqual(["sum:a"]);
+  });
+
+  it("moves a pulled link to another input, or joins a link let go on a node to its first free fitting input", () => {
+    const edge = getState().history.present.edges[0];
+    actions.moveLink(edge, { source: "seed", sourceHandle: "value", target: "sum", targetHandle: "b" });
+    expect(getState().history.present.edges.map((e) => e.id)).toEqual(["sum:b"]);
+    expect(actions.linkToNode({ from: "output", type: "INT", nodeId: "seed", socket: "value" }, "sum")).toBe(true);
+    expect(getState().history.present.edges.map((e) => e.id)).toEqual(["sum:b", "sum:a"]);
+    // Nothing on Integer takes a FLOAT from sum... its value input is INT, which FLOAT cannot feed.
+    expect(actions.linkToNode({ from: "output", type: "FLOAT", nodeId: "sum", socket: "result" }, "seed")).toBe(false);
+  });
+
   it("says why a link dropped on a socket was refused", () => {
     actions.explainRefusedLink({ source: "sum", sourceHandle: "result", target: "seed", targetHandle: "value" });
     expect(getState().message).toEqual({ text: "cannot connect: FLOAT cannot feed INT", error: true });

@@ -9,10 +9,11 @@ import { type Catalogue, randomSeed, widgetFor } from "./catalogue";
 import { comfyEditorExtras, leftOut, withRandomizedSeeds } from "./comfyEditorFile";
 import {
   arrange, connect, type Connection, connectionProblem, copySelection, createNode, type Graph, type GraphEdge,
-  type GraphNode, graphToWorkflow, hasOverlaps, newNodeId, paste, removeItems, type Size, type Snippet,
+  freeSpot, type GraphNode, graphToWorkflow, hasOverlaps, linkUnambiguousInputs, newNodeId, paste, removeItems, type Size, type Snippet,
   withDefaults, workflowToGraph,
 } from "./graph";
 import { type History, record, redo, replace, startHistory, undo } from "./history";
+import { type LinkFilter, nodeUsage } from "./nodeSearch";
 import { workflowFromPng } from "./pngWorkflow";
 import {
   applyEvent, emptyRuns, graphRunView, issuesByNode, type NodeMedia, type NodeRunState, runsFromApi, type RunsState,
@@ -26,6 +27,21 @@ const RUN_GRAPHS_KEPT = 500;
 export const DEFAULT_WORKFLOW = "txt2img.json";
 
 export type Dialog = { kind: "overwrite"; name: string } | { kind: "saveAs"; name: string };
+
+/** A link being dragged when the search opened: it joins the node chosen. `replaces`: the link it was
+ *  pulled off an input as (it goes, whether or not a node is chosen). */
+export interface DraggedLink extends LinkFilter {
+  nodeId: string;
+  socket: string;
+  replaces?: string;
+}
+
+/** The node search box, open at `screen` (page pixels) to add a node at `at` (canvas coordinates). */
+export interface SearchRequest {
+  screen: { x: number; y: number };
+  at: { x: number; y: number };
+  link?: DraggedLink;
+}
 
 export const UNTITLED = "untitled.json";
 
@@ -60,6 +76,10 @@ export interface EditorState {
   loads: number;
   /** The start-up work (catalogue, saved or default graph) is done. */
   ready: boolean;
+  /** The node search box, when open. */
+  search: SearchRequest | null;
+  /** How often each node type appears in the server's saved workflows (ranks the search). */
+  usage: Record<string, number>;
 }
 
 function newGraphId(): string {
@@ -110,6 +130,8 @@ let state: EditorState = {
   savedWorkflows: [],
   loads: 0,
   ready: false,
+  search: null,
+  usage: {},
 };
 const listeners = new Set<() => void>();
 let clipboard: Snippet | null = null;
@@ -137,6 +159,18 @@ function persist(): void {
   } catch {
     // Storage full or disabled: the graph still lives in the page; nothing else depends on it.
   }
+}
+
+/** The drawn width of a node (styles.css .graph-node). */
+export const NODE_WIDTH = 240;
+
+/** The graph with a new node of `type` at `position` (or beside a node already there), selected alone. */
+function withNewNode(base: Graph, type: string, position: { x: number; y: number }): { graph: Graph; id: string } | null {
+  const spec = state.catalogue?.nodes[type];
+  if (spec === undefined) return null;
+  const id = newNodeId(type, new Set(base.nodes.map((n) => n.id)));
+  const node = { ...createNode(spec, id, freeSpot(base, position)), selected: true };
+  return { id, graph: { ...base, nodes: [...base.nodes.map((n) => ({ ...n, selected: false })), node] } };
 }
 
 export function getState(): EditorState {
@@ -201,6 +235,7 @@ export const actions = {
       return;
     }
     await actions.refreshWorkflows();
+    void actions.learnUsage();
     loadRunGraphs();
     const saved = localStorage.getItem(SAVED_GRAPH_KEY);
     if (saved !== null) {
@@ -231,6 +266,16 @@ export const actions = {
     } catch (error) {
       say(`cannot list saved workflows: ${(error as Error).message}`, true);
     }
+  },
+
+  /** Count the node types of the server's saved workflows, for the search's ranking. A workflow that
+   *  cannot be read is left out of the count (it only orders the search). */
+  async learnUsage(): Promise<void> {
+    const read = await Promise.all(state.savedWorkflows.map((name) => api.workflow(name).catch((error: Error) => {
+      console.warn(`node search: cannot read ${name} (${error.message}); its nodes are not counted`);
+      return null;
+    })));
+    set({ usage: nodeUsage(read) });
   },
 
   event(event: ServerEvent): void {
@@ -295,6 +340,43 @@ export const actions = {
     commit(connect(graph(), connection));
   },
 
+  /** Move a link pulled off its input to another input: one undo step. */
+  moveLink(edge: GraphEdge, connection: Connection): void {
+    if (state.catalogue === null) return;
+    const without = removeItems(graph(), new Set(), new Set([edge.id]));
+    const problem = connectionProblem(state.catalogue, without, connection);
+    if (problem !== null) {
+      say(`cannot connect: ${problem}`, true);
+      commit(without);
+      return;
+    }
+    commit(connect(without, connection));
+  },
+
+  removeLink(edgeId: string): void {
+    commit(removeItems(graph(), new Set(), new Set([edgeId])));
+  },
+
+  /** A dragged link let go on a node (not on a socket): joined to the first socket there that fits,
+   *  a free one before a linked one. False if none fits (nothing changes). */
+  linkToNode(link: DraggedLink, nodeId: string): boolean {
+    const catalogue = state.catalogue;
+    const node = graph().nodes.find((n) => n.id === nodeId);
+    const spec = node && catalogue?.nodes[node.data.nodeType];
+    if (!catalogue || !spec || nodeId === link.nodeId) return false;
+    let base = graph();
+    if (link.replaces !== undefined) base = removeItems(base, new Set(), new Set([link.replaces]));
+    const linked = new Set(base.edges.filter((e) => e.target === nodeId).map((e) => e.targetHandle));
+    const candidates = link.from === "output"
+      ? Object.keys(spec.inputs).sort((a, b) => Number(linked.has(a)) - Number(linked.has(b)))
+        .map((input) => ({ source: link.nodeId, sourceHandle: link.socket, target: nodeId, targetHandle: input }))
+      : Object.keys(spec.outputs).map((output) => ({ source: nodeId, sourceHandle: output, target: link.nodeId, targetHandle: link.socket }));
+    const fitting = candidates.find((connection) => connectionProblem(catalogue, base, connection) === null);
+    if (fitting === undefined) return false;
+    commit(connect(base, fitting));
+    return true;
+  },
+
   /** Say why a link dropped on a socket was not made (`sameKind`: output on output, input on input). */
   explainRefusedLink(connection: Connection, sameKind = false): void {
     if (state.catalogue === null) return;
@@ -303,13 +385,51 @@ export const actions = {
     if (problem !== null) say(`cannot connect: ${problem}`, true);
   },
 
+  /** Add a node of `type` at `position`, or beside it if a node sits there already; it is selected. */
   addNode(type: string, position: { x: number; y: number }): string | null {
-    const spec = state.catalogue?.nodes[type];
-    if (spec === undefined) return null;
-    const id = newNodeId(type, new Set(graph().nodes.map((n) => n.id)));
-    commit({ ...graph(), nodes: [...graph().nodes.map((n) => ({ ...n, selected: false })),
-                                 { ...createNode(spec, id, position), selected: true }] });
-    return id;
+    const added = withNewNode(graph(), type, position);
+    if (added === null) return null;
+    commit(added.graph);
+    return added.id;
+  },
+
+  openSearch(request: SearchRequest): void {
+    set({ search: request });
+  },
+
+  /** Close the search without choosing. A link pulled off an input for it stays off. */
+  closeSearch(): void {
+    const link = state.search?.link;
+    set({ search: null });
+    if (link?.replaces !== undefined) commit(removeItems(graph(), new Set(), new Set([link.replaces])));
+  },
+
+  /** Add the node chosen in the search where it was opened; with a dragged link, joined by it (the new
+   *  node placed so the socket is near where the link was let go), and its other required link inputs
+   *  linked where only one output fits. One undo step. */
+  addFromSearch(type: string, socket?: string): string | null {
+    const search = state.search;
+    if (search === null || state.catalogue === null) return null;
+    const link = search.link;
+    const at = link?.from === "input" ? { x: search.at.x - NODE_WIDTH, y: search.at.y - 20 } : { x: search.at.x, y: search.at.y - 20 };
+    let base = graph();
+    if (link?.replaces !== undefined) base = removeItems(base, new Set(), new Set([link.replaces]));
+    const added = withNewNode(base, type, at);
+    if (added === null) return null;
+    let next = added.graph;
+    if (link !== undefined && socket !== undefined) {
+      const connection = link.from === "output"
+        ? { source: link.nodeId, sourceHandle: link.socket, target: added.id, targetHandle: socket }
+        : { source: added.id, sourceHandle: socket, target: link.nodeId, targetHandle: link.socket };
+      if (connectionProblem(state.catalogue, next, connection) === null) next = connect(next, connection);
+    }
+    const filled = linkUnambiguousInputs(state.catalogue, next, added.id);
+    set({ search: null });
+    commit(filled.graph);
+    if (filled.linked.length > 0) {
+      say(`linked ${filled.linked.map((l) => `${l.targetHandle} from ${l.source}`).join(", ")} (the only fitting outputs)`);
+    }
+    return added.id;
   },
 
   /** Set a literal input. Changes to the same input one after another are one undo step (a prompt

@@ -1,10 +1,28 @@
 // One node on the canvas: typed, coloured handles, widgets for its literal inputs, run state and images.
 
-import { Handle, type Node, type NodeProps, Position } from "@xyflow/react";
+import { Handle, type Node, type NodeProps, Position, useConnection } from "@xyflow/react";
 
-import { typeColor, widgetFor } from "../catalogue";
+import { canConnect, type Catalogue, typeColor, widgetFor } from "../catalogue";
 import type { GraphNodeData } from "../graph";
-import { useEditor } from "../store";
+import { getState, useEditor } from "../store";
+
+/** The socket a link is being dragged from, as "source|node|socket" (or "target|..."), "" if none. */
+const draggedFrom = (connection: { inProgress: boolean; fromHandle: { type: string; nodeId: string; id?: string | null } | null }) =>
+  connection.inProgress && connection.fromHandle
+    ? `${connection.fromHandle.type}|${connection.fromHandle.nodeId}|${connection.fromHandle.id ?? ""}` : "";
+
+/** While a link is dragged: which of this node's sockets could take it ("compatible", lit up) or not. */
+function socketFit(catalogue: Catalogue, dragged: string, self: string, kind: "source" | "target", type: string): string {
+  if (dragged === "") return "";
+  const [fromKind, nodeId, socket] = dragged.split("|");
+  if (fromKind === kind || nodeId === self) return "incompatible";
+  const node = getState().history.present.nodes.find((n) => n.id === nodeId);
+  const spec = node && catalogue.nodes[node.data.nodeType];
+  const fromType = fromKind === "source" ? spec?.outputs[socket]?.type : spec?.inputs[socket]?.type;
+  if (fromType === undefined) return "";
+  const fits = fromKind === "source" ? canConnect(catalogue, fromType, type) : canConnect(catalogue, type, fromType);
+  return fits ? "compatible" : "incompatible";
+}
 import { InputWidget } from "./Widgets";
 
 export function GraphNode({ id, data, selected }: NodeProps<Node<GraphNodeData, "graph">>) {
@@ -13,6 +31,7 @@ export function GraphNode({ id, data, selected }: NodeProps<Node<GraphNodeData, 
   const issues = useEditor((s) => s.issues[id]);
   const media = useEditor((s) => s.media[id]);
   const runState = useEditor((s) => s.nodeRuns[id]);
+  const dragged = useConnection(draggedFrom);
   const spec = catalogue?.nodes[data.nodeType];
   const status = runState?.status ?? "idle";
   const className = ["graph-node", `status-${status}`, selected ? "selected" : "", issues ? "has-issues" : ""].join(" ");
@@ -45,9 +64,10 @@ export function GraphNode({ id, data, selected }: NodeProps<Node<GraphNodeData, 
           const isLinked = linkedInputs.has(name);
           return (
             <div className="node-input" key={name}>
-              <Handle type="target" position={Position.Left} id={name} className="socket"
+              <Handle type="target" position={Position.Left} id={name}
+                      className={`socket ${socketFit(catalogue, dragged, id, "target", input.type)}`}
                       style={{ background: typeColor(catalogue, input.type) }} title={`${name}: ${input.type}`} />
-              <span className="socket-label" title={input.description}>
+              <span className="socket-label" title={input.description} data-testid={`label-in-${name}`}>
                 {name}{input.required && !isLinked && widget.kind === "none" ? " *" : ""}
               </span>
               {!isLinked && (
@@ -62,8 +82,9 @@ export function GraphNode({ id, data, selected }: NodeProps<Node<GraphNodeData, 
         })}
         {Object.entries(spec.outputs).map(([name, output]) => (
           <div className="node-output" key={name}>
-            <span className="socket-label" title={output.description}>{name}</span>
-            <Handle type="source" position={Position.Right} id={name} className="socket"
+            <span className="socket-label" title={output.description} data-testid={`label-out-${name}`}>{name}</span>
+            <Handle type="source" position={Position.Right} id={name}
+                    className={`socket ${socketFit(catalogue, dragged, id, "source", output.type)}`}
                     style={{ background: typeColor(catalogue, output.type) }} title={`${name}: ${output.type}`} />
           </div>
         ))}

@@ -1,0 +1,189 @@
+// The canvas: React Flow over the store's graph; links made, refused, pulled off an input or let go in
+// empty space (which opens the node search); double-click opens the search; palette and file drops.
+
+import {
+  Background, Controls, type FinalConnectionState, getViewportForBounds, MiniMap, ReactFlow, useReactFlow,
+  type Connection as FlowConnection, type IsValidConnection,
+} from "@xyflow/react";
+import { type DragEvent, type MouseEvent as ReactMouseEvent, useEffect, useRef, useState } from "react";
+
+import type { GraphEdge, Size } from "../graph";
+import { actions, type DraggedLink, getState, useEditor } from "../store";
+import { GraphNode } from "./GraphNode";
+import { PALETTE_DRAG_TYPE } from "./Panels";
+
+const nodeTypes = { graph: GraphNode };
+
+/** How near (screen pixels) a let-go link must be to a socket to join it: sockets and their labels are easy to hit. */
+const CONNECTION_RADIUS = 36;
+
+export function measuredSizes(nodes: { id: string; measured?: { width?: number; height?: number } }[]): Map<string, Size> {
+  return new Map(nodes.map((node) => [node.id, { width: node.measured?.width ?? 240, height: node.measured?.height ?? 120 }]));
+}
+
+function asConnection(connection: FlowConnection | GraphEdge) {
+  return { source: connection.source, sourceHandle: connection.sourceHandle ?? "",
+           target: connection.target, targetHandle: connection.targetHandle ?? "" };
+}
+
+/** The link a drag that ended on a socket asked for, whichever end it started from. */
+function droppedConnection(state: FinalConnectionState) {
+  const from = state.fromHandle;
+  const to = state.toHandle;
+  if (from === null || to === null) return null;
+  const [source, target] = from.type === "source" ? [from, to] : [to, from];
+  return { source: source.nodeId, sourceHandle: source.id ?? "", target: target.nodeId, targetHandle: target.id ?? "",
+           sameKind: from.type === to.type };
+}
+
+/** The socket type of a node's input or output, from the catalogue. */
+function socketType(nodeId: string, socket: string, kind: "input" | "output"): string | undefined {
+  const { catalogue, history } = getState();
+  const node = history.present.nodes.find((n) => n.id === nodeId);
+  const spec = node && catalogue?.nodes[node.data.nodeType];
+  return kind === "input" ? spec?.inputs[socket]?.type : spec?.outputs[socket]?.type;
+}
+
+function clientPoint(event: MouseEvent | TouchEvent): { x: number; y: number } {
+  const point = "changedTouches" in event ? event.changedTouches[0] : event;
+  return { x: point.clientX, y: point.clientY };
+}
+
+/** Fit the graph into view at once (React Flow's fitView waits for the next node update, which may be
+ *  a cleared canvas's first node). Never zoomed in past 1: text is drawn at its size. */
+function fitNow(flow: ReturnType<typeof useReactFlow>): void {
+  const box = document.querySelector(".canvas")?.getBoundingClientRect();
+  const nodes = flow.getNodes();
+  if (!box || nodes.length === 0) return;
+  void flow.setViewport(getViewportForBounds(flow.getNodesBounds(nodes), box.width, box.height, 0.1, 1, 0.1));
+}
+
+export function Canvas() {
+  const nodes = useEditor((s) => s.history.present.nodes);
+  const edges = useEditor((s) => s.history.present.edges);
+  const catalogue = useEditor((s) => s.catalogue);
+  const loads = useEditor((s) => s.loads);
+  const flow = useReactFlow();
+  /** The link being pulled off an input (hidden while it is dragged from its output). */
+  const [pulling, setPulling] = useState<GraphEdge | null>(null);
+  const pulled = useRef<{ edge: GraphEdge; connected: boolean } | null>(null);
+  useEffect(() => {
+    // Bring a newly loaded workflow into view once React Flow has measured all of its nodes.
+    let frames = 0;
+    let handle = 0;
+    const fitWhenMeasured = () => {
+      const wanted = new Set(getState().history.present.nodes.map((node) => node.id));
+      const shown = flow.getNodes().filter((node) => wanted.has(node.id) && node.measured?.width);
+      if (wanted.size === 0) return;  // nothing to fit (or the canvas was cleared meanwhile)
+      if (shown.length === wanted.size) {
+        actions.arrange(measuredSizes(shown), true);
+        handle = requestAnimationFrame(() => fitNow(flow));
+      } else if (frames++ < 300) {
+        handle = requestAnimationFrame(fitWhenMeasured);
+      }
+    };
+    handle = requestAnimationFrame(fitWhenMeasured);
+    return () => cancelAnimationFrame(handle);
+  }, [loads, flow]);
+
+  const isValidConnection: IsValidConnection = (connection) => actions.canConnect(asConnection(connection as FlowConnection));
+  const styledEdges = edges.filter((edge) => edge.id !== pulling?.id).map((edge) => {
+    const source = nodes.find((node) => node.id === edge.source);
+    const type = source && catalogue?.nodes[source.data.nodeType]?.outputs[edge.sourceHandle]?.type;
+    const color = type ? catalogue?.types[type]?.color : undefined;
+    return color ? { ...edge, style: { stroke: color, strokeWidth: 2.5 } } : edge;
+  });
+
+  const openSearch = (screen: { x: number; y: number }, link?: DraggedLink) => {
+    actions.openSearch({ screen, at: flow.screenToFlowPosition(screen), link });
+  };
+
+  /** A press on an input that has a link pulls the link off it: the drag continues from the link's
+   *  output, so it can be dropped on another input, or in empty space to choose a new node. */
+  const onMouseDownCapture = (event: ReactMouseEvent) => {
+    const handle = (event.target as HTMLElement).closest?.(".react-flow__handle.target") as HTMLElement | null;
+    if (handle === null || event.button !== 0) return;
+    const edge = getState().history.present.edges.find((e) =>
+      e.target === handle.dataset.nodeid && e.targetHandle === handle.dataset.handleid);
+    const source = edge && document.querySelector<HTMLElement>(
+      `.react-flow__handle.source[data-nodeid="${CSS.escape(edge.source)}"][data-handleid="${CSS.escape(edge.sourceHandle)}"]`);
+    if (!edge || !source) return;
+    event.stopPropagation();
+    event.preventDefault();
+    pulled.current = { edge, connected: false };
+    setPulling(edge);
+    source.dispatchEvent(new MouseEvent("mousedown", { bubbles: true, cancelable: true, button: 0, buttons: 1,
+                                                       clientX: event.clientX, clientY: event.clientY }));
+  };
+
+  const onConnect = (connection: FlowConnection) => {
+    const pull = pulled.current;
+    if (pull !== null) {
+      pull.connected = true;
+      actions.moveLink(pull.edge, asConnection(connection));
+    } else {
+      actions.connect(asConnection(connection));
+    }
+  };
+
+  const onConnectEnd = (event: MouseEvent | TouchEvent, state: FinalConnectionState) => {
+    const pull = pulled.current;
+    pulled.current = null;
+    setPulling(null);
+    if (pull?.connected) return;
+    const from = state.fromHandle;
+    if (state.isValid === false || (state.toHandle !== null && !state.isValid)) {
+      // React Flow drops a refused link without a word: say why it was refused.
+      const dropped = droppedConnection(state);
+      if (dropped !== null) actions.explainRefusedLink(dropped, dropped.sameKind);
+      if (pull) actions.removeLink(pull.edge.id);
+      return;
+    }
+    const target = event.target as Element | null;
+    const onNode = target?.closest?.(".react-flow__node-graph") as HTMLElement | null;
+    if (from !== null && state.toHandle === null) {
+      const kind = from.type === "source" ? "output" : "input";
+      const type = socketType(from.nodeId, from.id ?? "", kind);
+      const link: DraggedLink | undefined = type === undefined ? undefined
+        : { from: kind, type, nodeId: from.nodeId, socket: from.id ?? "", replaces: pull?.edge.id };
+      if (link !== undefined && onNode?.dataset.id !== undefined) {
+        // Let go on a node but not on a socket: the first free socket there that fits.
+        if (actions.linkToNode(link, onNode.dataset.id)) return;
+      } else if (link !== undefined && onNode === null) {
+        openSearch(clientPoint(event), link);
+        return;
+      }
+    }
+    if (pull) actions.removeLink(pull.edge.id);
+  };
+
+  const onDoubleClick = (event: ReactMouseEvent) => {
+    if ((event.target as HTMLElement).classList.contains("react-flow__pane")) openSearch({ x: event.clientX, y: event.clientY });
+  };
+
+  const onDrop = (event: DragEvent) => {
+    event.preventDefault();
+    const type = event.dataTransfer.getData(PALETTE_DRAG_TYPE);
+    if (type) {
+      actions.addNode(type, flow.screenToFlowPosition({ x: event.clientX, y: event.clientY }));
+      return;
+    }
+    const file = event.dataTransfer.files[0];
+    if (file) void actions.openFile(file);
+  };
+
+  return (
+    <div className="canvas" onDrop={onDrop} onDragOver={(event) => event.preventDefault()} data-testid="canvas"
+         onMouseDownCapture={onMouseDownCapture} onDoubleClick={onDoubleClick}>
+      <ReactFlow nodes={nodes} edges={styledEdges} nodeTypes={nodeTypes}
+                 onNodesChange={actions.nodesChanged} onEdgesChange={actions.edgesChanged}
+                 onConnect={onConnect} onConnectEnd={onConnectEnd} connectionRadius={CONNECTION_RADIUS}
+                 isValidConnection={isValidConnection} deleteKeyCode={["Delete", "Backspace"]} zoomOnDoubleClick={false}
+                 multiSelectionKeyCode={["Shift", "Meta", "Control"]} minZoom={0.1}>
+        <Background />
+        <Controls />
+        <MiniMap pannable zoomable bgColor="#1e1f24" maskColor="#0009" nodeColor="#4a4e5a" />
+      </ReactFlow>
+    </div>
+  );
+}
