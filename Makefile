@@ -9,7 +9,7 @@ WORKFLOW ?= workflows/txt2img.json
 EDITOR_SOURCES := web/index.html web/package.json web/vite.config.ts web/tsconfig.json \
 	$(wildcard web/src/*.ts web/src/*.tsx web/src/*.css web/src/components/*.tsx)
 
-.PHONY: run serve test setup setup-run setup-test editor test-web
+.PHONY: run serve test setup setup-run setup-test editor test-web wheel
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ run: setup-run
 
 serve: setup
 	$(VENV)/bin/nodegraph serve
+
+# A wheel (and source distribution) in dist/ that carries the editor built here: `pip install` of it
+# serves the editor with no npm (setup.py copies web/dist into the nodegraph.server package).
+wheel: setup-test
+	$(VENV)/bin/python -m build --no-isolation --outdir dist .
 
 test-web: web/node_modules/.package-lock.json
 	cd web && $(NPM) test

@@ -399,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(default: $NODEGRAPH_INPUTS, else inputs/)")
     serve.add_argument("--workflows-dir", type=Path, default=Path("workflows"),
                        help="saved workflows the editor lists (default workflows/)")
-    serve.add_argument("--editor-dir", type=Path, help="the built editor to serve (default: web/dist of this checkout)")
+    serve.add_argument("--editor-dir", type=Path, help="the built editor to serve (default: the one installed with "
+                                                       "nodegraph, else web/dist of this checkout)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     serve.add_argument("--backend", choices=["local", "ray"], default="local",
                        help="where runs execute: local (this process, one at a time; the default) or ray (a pool "

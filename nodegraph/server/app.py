@@ -36,8 +36,12 @@ log = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8188
 MAX_BODY_BYTES = 32 * 1024 * 1024
-EDITOR_DIR = Path(__file__).resolve().parents[2] / "web" / "dist"
-"""Where `npm run build` in web/ puts the editor (the repository layout of an editable install)."""
+PACKAGED_EDITOR_DIR = Path(__file__).resolve().parent / "editor"
+"""The built editor inside an installed wheel (setup.py copies web/dist there when it builds one)."""
+CHECKOUT_EDITOR_DIR = Path(__file__).resolve().parents[2] / "web" / "dist"
+"""Where `npm run build` in web/ puts the editor in a source checkout (an editable install)."""
+EDITOR_DIR = PACKAGED_EDITOR_DIR if (PACKAGED_EDITOR_DIR / "index.html").is_file() else CHECKOUT_EDITOR_DIR
+"""The editor `nodegraph serve` serves by default: the installed one, else the checkout's build."""
 
 # File types a browser could run as a page of this origin are sent as downloads, never shown.
 _ACTIVE_CONTENT = frozenset({"text/html", "image/svg+xml", "application/xhtml+xml", "text/xml", "application/xml",
