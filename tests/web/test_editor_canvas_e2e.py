@@ -179,3 +179,62 @@ async def test_links_let_go_in_empty_space_open_the_search_for_their_type_and_ca
         await page.shortcut("z")
         await page.wait_for(f"{graph_expression()}.nodes.ksampler.inputs.negative?.from === 'text_encode'",
                             what="the link back after undo")
+
+
+def node_selector(node: str) -> str:
+    return f"[data-testid=node-{node}]"
+
+
+async def select_node(page: Page, node: str) -> None:
+    """Click a node's title bar, which selects it alone."""
+    await page.mouse_click(await page.centre(f"{node_selector(node)} .node-title"))
+    await page.wait_for(f"document.querySelector('.react-flow__node[data-id={json.dumps(node)}]')"
+                        ".classList.contains('selected')", what=f"{node} selected")
+
+
+@pytest.mark.asyncio
+async def test_bypass_and_mute_are_kept_in_the_document_and_honoured_by_the_server(picture_server, tmp_path):
+    """Ctrl+B bypasses the selected node, Ctrl+M mutes it (again: runs it again); drawn distinctly,
+    written as the node's "mode"; a run on the server passes a bypassed node's input on, and refuses
+    one that needs a muted node."""
+    chromium, base = picture_server
+    async with Browser(chromium, tmp_path / "profile") as page:
+        await open_editor(page, base)
+        # draw -> Invert Image -> save. The picture pack's pictures are not tensors: were Invert Image to
+        # run, the run would fail; bypassed, save gets draw's picture as it is.
+        await page.drag(await page.centre(socket("draw", "image", "source")), await canvas_point(page, 0.3, 0.8))
+        await search_and_add(page, "invert image", "InvertImage")
+        await page.drag(await page.centre(socket("invert_image", "image", "source")),
+                        await page.centre(socket("save", "image", "target")))
+        await page.wait_for(f"{graph_expression()}.nodes.save.inputs.image?.from === 'invert_image'",
+                            what="save fed by Invert Image")
+
+        await select_node(page, "invert_image")
+        await page.shortcut("b")
+        await page.wait_for(f"{graph_expression()}.nodes.invert_image.mode === 'bypass'", what="mode bypass stored")
+        looks = await page.evaluate(f"(() => {{ const s = getComputedStyle(document.querySelector('{node_selector('invert_image')}'));"
+                                    " return [s.borderTopStyle, s.opacity]; })()")
+        assert looks[0] == "dashed" and float(looks[1]) < 1
+        assert await page.evaluate(f"document.querySelector('[data-testid=mode-invert_image]').textContent") == "bypassed"
+        await page.click("[data-testid=run]")
+        await page.wait_for("document.querySelector('[data-testid=media-save][data-kind=image]') !== null",
+                            timeout=60, what="the image made past the bypassed node")
+        run = (get_json(f"{base}/api/runs"))["runs"][-1]
+        assert run["status"] == "succeeded"
+        assert get_json(f"{base}/api/runs/{run['id']}")["workflow"]["nodes"]["invert_image"]["mode"] == "bypass"
+        assert "invert_image" not in get_json(f"{base}/api/runs/{run['id']}")["nodes"]  # it never ran
+
+        await page.shortcut("m")  # bypassed -> muted
+        await page.wait_for(f"{graph_expression()}.nodes.invert_image.mode === 'mute'", what="mode mute stored")
+        assert float(await page.evaluate(f"getComputedStyle(document.querySelector('{node_selector('invert_image')}')).opacity")) < 0.6
+        await page.shortcut("m")  # muted -> runs
+        await page.wait_for(f"!('mode' in {graph_expression()}.nodes.invert_image)", what="mode gone")
+        assert await page.evaluate("document.querySelector('[data-testid=mode-invert_image]')") is None
+        await page.shortcut("m")
+        await page.wait_for(f"{graph_expression()}.nodes.invert_image.mode === 'mute'", what="muted again")
+        runs_before = len(get_json(f"{base}/api/runs")["runs"])
+        await page.click("[data-testid=run]")
+        issue = await page.wait_for("document.querySelector('[data-testid=issue-save-image]')?.textContent",
+                                    what="the save node's input fed by a muted node")
+        assert "muted" in issue
+        assert len(get_json(f"{base}/api/runs")["runs"]) == runs_before

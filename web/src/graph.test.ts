@@ -3,7 +3,7 @@ import { describe, expect, it } from "vitest";
 import { catalogue } from "./testCatalogue";
 import {
   arrange, connect, connectionProblem, hasOverlaps, copySelection, createNode, freeSpot, graphToWorkflow,
-  linkUnambiguousInputs, newNodeId, paste, removeItems, workflowToGraph, type WorkflowDocument,
+  linkUnambiguousInputs, newNodeId, paste, removeItems, toggleMode, workflowToGraph, type WorkflowDocument,
 } from "./graph";
 
 const arithmetic: WorkflowDocument = {
@@ -166,5 +166,33 @@ describe("adding nodes", () => {
     const loop = connect(graphOf(["blend", "Blend"], ["after", "Blend"]),
                          { source: "blend", sourceHandle: "image", target: "after", targetHandle: "first" });
     expect(linkUnambiguousInputs(pictures, loop, "blend").linked).toEqual([]);
+  });
+});
+
+describe("node modes", () => {
+  it("reads and writes a node's mode as the document's top-level field, absent when it runs", () => {
+    const document = structuredClone(arithmetic);
+    document.nodes.sum.mode = "bypass";
+    document.nodes.text.mode = "mute";
+    const graph = workflowToGraph(document);
+    expect(graph.nodes.map((node) => node.data.mode)).toEqual([undefined, "bypass", "mute"]);
+    const back = graphToWorkflow(graph);
+    expect(back.nodes.sum).toEqual({ ...arithmetic.nodes.sum, mode: "bypass" });
+    expect(back.nodes.text.mode).toBe("mute");
+    expect("mode" in back.nodes.a).toBe(false);
+    // A mode the editor does not know is written back as it came, for the server to report.
+    document.nodes.a.mode = "sleep";
+    expect(graphToWorkflow(workflowToGraph(document)).nodes.a.mode).toBe("sleep");
+  });
+
+  it("toggles a mode on a set of nodes: on for all, off when all have it", () => {
+    const graph = workflowToGraph(arithmetic);
+    const bypassed = toggleMode(graph, new Set(["a", "sum"]), "bypass");
+    expect(bypassed.nodes.map((node) => node.data.mode)).toEqual(["bypass", "bypass", undefined]);
+    const muted = toggleMode(bypassed, new Set(["sum", "text"]), "mute");
+    expect(muted.nodes.map((node) => node.data.mode)).toEqual(["bypass", "mute", "mute"]);
+    const back = toggleMode(muted, new Set(["sum", "text"]), "mute");
+    expect(back.nodes.map((node) => node.data.mode)).toEqual(["bypass", undefined, undefined]);
+    expect("mode" in back.nodes[1].data).toBe(false);
   });
 });

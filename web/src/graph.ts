@@ -28,9 +28,15 @@ export interface WorkflowDocument {
   [field: string]: unknown;
 }
 
+/** A node that does not run as usual (the document's `mode`): bypassed, its outputs are fed by its
+ *  inputs of the same type; muted, it never runs. */
+export type NodeMode = "bypass" | "mute";
+export const NODE_MODES: NodeMode[] = ["bypass", "mute"];
+
 export interface GraphNodeData {
   [key: string]: unknown;
   nodeType: string;
+  mode?: NodeMode;
   /** Literal input values; a linked input's value is kept here too, for when the link goes. */
   values: Record<string, unknown>;
   /** Seed inputs given a new random value after each run. */
@@ -121,8 +127,10 @@ export function workflowToGraph(document: unknown): Graph {
       }
     }
     const data: GraphNodeData = { nodeType: node.type, values };
+    if (NODE_MODES.includes(node.mode as NodeMode)) data.mode = node.mode as NodeMode;
     if (Array.isArray(ui?.randomize) && ui.randomize.length > 0) data.randomize = ui.randomize.map(String);
-    const fields = otherFields(node, ["type", "inputs"]);
+    // A mode the editor does not know is kept as it came (the server says what is wrong with it).
+    const fields = otherFields(node, data.mode ? ["type", "inputs", "mode"] : ["type", "inputs"]);
     if (fields) data.fields = fields;
     const uiFields = otherFields(ui, ["pos", "randomize"]);
     if (uiFields) data.uiFields = uiFields;
@@ -141,6 +149,7 @@ export function graphToWorkflow(graph: Graph): WorkflowDocument {
   const positions: Record<string, UiNode> = {};
   for (const node of graph.nodes) {
     nodes[node.id] = { type: node.data.nodeType, inputs: { ...node.data.values }, ...node.data.fields };
+    if (node.data.mode) nodes[node.id].mode = node.data.mode;
     positions[node.id] = { ...node.data.uiFields, pos: [Math.round(node.position.x), Math.round(node.position.y)] };
     if (node.data.randomize && node.data.randomize.length > 0) positions[node.id].randomize = [...node.data.randomize];
   }
@@ -153,6 +162,17 @@ export function graphToWorkflow(graph: Graph): WorkflowDocument {
   const kept = graph.document;
   const version = typeof kept?.version === "number" ? kept.version : 1;
   return { ...kept?.fields, version, nodes, ui: { ...kept?.ui, nodes: positions } };
+}
+
+/** The graph with `mode` toggled on the nodes `ids`: set on all of them, or taken off if all have it. */
+export function toggleMode(graph: Graph, ids: Set<string>, mode: NodeMode): Graph {
+  const chosen = graph.nodes.filter((node) => ids.has(node.id));
+  const off = chosen.length > 0 && chosen.every((node) => node.data.mode === mode);
+  return { ...graph, nodes: graph.nodes.map((node) => {
+    if (!ids.has(node.id)) return node;
+    const { mode: _old, ...data } = node.data;
+    return { ...node, data: off ? data : { ...data, mode } };
+  }) };
 }
 
 /** An id for a new node of `type`, unused in `taken`: the type in snake case, numbered. */

@@ -9,7 +9,8 @@ import { type Catalogue, randomSeed, widgetFor } from "./catalogue";
 import { comfyEditorExtras, leftOut, withRandomizedSeeds } from "./comfyEditorFile";
 import {
   arrange, connect, type Connection, connectionProblem, copySelection, createNode, type Graph, type GraphEdge,
-  freeSpot, type GraphNode, graphToWorkflow, hasOverlaps, linkUnambiguousInputs, newNodeId, paste, removeItems, type Size, type Snippet,
+  freeSpot, type GraphNode, graphToWorkflow, hasOverlaps, linkUnambiguousInputs, newNodeId, type NodeMode, paste,
+  toggleMode, removeItems, type Size, type Snippet,
   withDefaults, workflowToGraph,
 } from "./graph";
 import { type History, record, redo, replace, startHistory, undo } from "./history";
@@ -466,6 +467,16 @@ export const actions = {
       return;
     }
     commit(arrange(graph(), sizes));
+  },
+
+  /** Bypass (or mute) the selected nodes; if all of them already are, run them again (Ctrl+B, Ctrl+M). */
+  toggleMode(mode: NodeMode): void {
+    const { nodes } = selectedIds();
+    if (nodes.size === 0) {
+      say(`select the nodes to ${mode} first`, true);
+      return;
+    }
+    commit(toggleMode(graph(), nodes, mode));
   },
 
   deleteSelected(): void {

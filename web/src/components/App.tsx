@@ -30,6 +30,8 @@ function Editor() {
       else if (mod && key === "c") actions.copy();
       else if (mod && key === "v") actions.paste();
       else if (mod && key === "enter") void actions.run();
+      else if (mod && key === "b") actions.toggleMode("bypass");
+      else if (mod && key === "m") actions.toggleMode("mute");
       else return;
       event.preventDefault();
     };

@@ -34,7 +34,13 @@ export function GraphNode({ id, data, selected }: NodeProps<Node<GraphNodeData, 
   const dragged = useConnection(draggedFrom);
   const spec = catalogue?.nodes[data.nodeType];
   const status = runState?.status ?? "idle";
-  const className = ["graph-node", `status-${status}`, selected ? "selected" : "", issues ? "has-issues" : ""].join(" ");
+  const className = ["graph-node", `status-${status}`, selected ? "selected" : "", issues ? "has-issues" : "",
+                     data.mode ? `mode-${data.mode}` : ""].join(" ");
+  const modeBadge = data.mode && (
+    <span className="mode-badge" data-testid={`mode-${id}`} title={data.mode === "bypass"
+      ? "bypassed (Ctrl+B): does not run; its outputs pass on its inputs of the same type"
+      : "muted (Ctrl+M): does not run"}>{data.mode === "bypass" ? "bypassed" : "muted"}</span>
+  );
 
   if (catalogue === null || spec === undefined) {
     return (
@@ -47,9 +53,9 @@ export function GraphNode({ id, data, selected }: NodeProps<Node<GraphNodeData, 
   const linkedInputs = new Set(linked.filter((edge) => edge.target === id).map((edge) => edge.targetHandle));
   const progress = runState?.progress;
   return (
-    <div className={className} data-testid={`node-${id}`} data-status={status} title={spec.description}>
+    <div className={className} data-testid={`node-${id}`} data-status={status} data-mode={data.mode} title={spec.description}>
       <div className="node-title">
-        {spec.display_name} <span className="node-id">{id}</span>
+        {spec.display_name} <span className="node-id">{id}</span>{modeBadge}
       </div>
       {status === "running" && (
         <div className="node-progress" data-testid={`progress-${id}`}>
