@@ -265,9 +265,9 @@ class PassThrough:
     """Where a link to a bypassed node's output really comes from.
 
     `source` is the link to the node that runs and feeds it (None when nothing does); `via` the
-    bypassed nodes crossed, nearest first. When nothing feeds it, `unfed` says why as a
-    (code, message) pair for the consumer, or is None when the reason is already reported on a
-    bypassed node itself (its link to a missing node or output, or its unknown type).
+    bypassed nodes crossed, nearest first. When nothing feeds it, `unfed` says why as (code,
+    message, details) of an issue for the consumer, or is None when the reason is already reported
+    on a bypassed node itself (its link to a missing node or output, or its unknown type).
     """
 
     source: Link | None
@@ -332,7 +332,7 @@ def _passed(via: list[str]) -> str:
 def _check_link(workflow: Workflow, classes: Mapping[str, type[Node]], node_id: str,
                 spec: InputSpec, link: Link) -> tuple[str | None, ValidationIssue | None]:
     """Check that a link names a node and one of its outputs: (the output's type, None), or (None,
-    the issue; None when it is reported elsewhere or there is nothing to check: a muted source)."""
+    the issue), or (None, None) when the source's type is unknown (reported on the source)."""
     name = spec.name
     source_entry = workflow.nodes.get(link.source)
     if source_entry is None:
