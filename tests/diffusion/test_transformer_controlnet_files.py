@@ -47,7 +47,8 @@ def files(root: Path) -> dict[str, Path]:
         "xlabs_flux": xlabs_state(state(flux_diffusers_controlnet(flux_main_config(), seed=6, single=0, xlabs=True))),
         "sd1": controlnet_weights(TINY_SD1_UNET),
     }
-    return {name: write_safetensors(root / f"{name}.safetensors", weights, dtype=None) for name, weights in made.items()}
+    return {name: write_safetensors(root / f"{name}.safetensors", weights, dtype=None)
+            for name, weights in made.items()}
 
 
 @pytest.fixture(scope="module")

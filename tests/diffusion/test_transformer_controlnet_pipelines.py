@@ -1,12 +1,14 @@
-"""End-to-end parity of ComfyUI's SD3 ControlNet graphs with diffusers' StableDiffusion3ControlNetPipeline.
+"""End-to-end parity of ComfyUI's SD3 and Flux ControlNet graphs with diffusers' StableDiffusion3ControlNetPipeline
+and FluxControlNetPipeline.
 
-A tiny random SD3 single file (as test_transformer_pipelines builds it) and a tiny random ControlNet
-file, in the layouts people download them in (InstantX's diffusers layout for SD3 medium; Stability's
-layout with its control_type for SD3.5 large), are loaded by an imported ComfyUI API graph
-(ControlNetApplySD3 as ComfyUI's SD3 ControlNet example uses it; ControlNetApplyAdvanced with a VAE as
-its SD3.5 canny example does), and by the pipeline with the same modules, control image and start
-noise. The pipeline samples the VAE's latent distribution for the control image; ComfyUI and this
-project take its mean, so the test makes the pipeline take the mean too.
+A tiny random SD3 or Flux single file (as test_transformer_pipelines builds them) and a tiny random
+ControlNet file, in the layouts people download them in (InstantX's diffusers layout for SD3 medium
+and Flux, here a union ControlNet told its type by SetUnionControlNetType; Stability's layout with
+its control_type for SD3.5 large), are loaded by an imported ComfyUI API graph (ControlNetApplySD3
+as ComfyUI's SD3 and Flux ControlNet examples use it; ControlNetApplyAdvanced with a VAE as its SD3.5
+canny example does), and by the pipeline with the same modules, control image and start noise. The
+pipelines sample the VAE's latent distribution for the control image; ComfyUI and this project take
+its mean, so the test makes the pipelines take the mean too.
 """
 
 from __future__ import annotations
@@ -20,17 +22,20 @@ import torch
 from _checkpoint_fixtures import write_safetensors
 from _hf_tokenizers import clip_tokenizer, t5_tokenizer
 from _random_weights import randomize_
-from _transformer_fixtures import SD3, SD35, VAE16
+from _transformer_fixtures import FLUX_DEV, SD3, SD35
 from nodegraph_diffusion.nodes import comfyui
+from nodegraph_diffusion.networks import flux as flux_module
 from nodegraph_diffusion.networks import mmdit as mmdit_module
 from PIL import Image
 from test_transformer_pipelines import (
+    FLUX_GUIDANCE,
     MAX_ERROR,
     MEAN_ERROR,
     PROMPT,
     SD3_CFG,
     T5_LENGTH,
     Components,
+    flux_components,
     sd3_components,
     single_file,
     start_noise,
@@ -68,10 +73,27 @@ def sd3_controlnet(main: mmdit_module.MMDiTConfig, kind: str, seed: int):
     return randomize_(model, seed)
 
 
+# The union ControlNet's type the Flux graph sets ("depth (InstantX)") and its index.
+FLUX_TYPE, FLUX_MODE = "depth (InstantX)", 2
+
+
+def flux_union_controlnet(main: flux_module.FluxConfig, seed: int):
+    """InstantX's kind of Flux ControlNet (diffusers FluxControlNetModel) with three control types."""
+    from diffusers import FluxControlNetModel
+
+    model = FluxControlNetModel(
+        patch_size=1, in_channels=main.packed_in_channels, num_layers=1, num_single_layers=1,
+        attention_head_dim=main.head_dim, num_attention_heads=main.num_heads, joint_attention_dim=main.context_dim,
+        pooled_projection_dim=main.pooled_dim, guidance_embeds=main.guidance_embed,
+        axes_dims_rope=flux_module.default_axes_dim(main.head_dim), num_mode=3)
+    return randomize_(model, seed)
+
+
 def stability_file(controlnet) -> dict[str, Tensor]:
     """Stability's SD3.5 ControlNet file layout (what diffusers' conversion script reads), control type blur."""
     state = controlnet.state_dict()
-    out = {k: v for k, v in state.items() if k.startswith(("controlnet_blocks.", "pos_embed_input.", "time_text_embed."))}
+    own = ("controlnet_blocks.", "pos_embed_input.", "time_text_embed.")
+    out = {k: v for k, v in state.items() if k.startswith(own)}
     blocks = {int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")}
     for i in blocks:
         d = f"transformer_blocks.{i}."
@@ -87,7 +109,7 @@ def stability_file(controlnet) -> dict[str, Tensor]:
 
 @dataclass(frozen=True)
 class Case:
-    model: str  # "sd3" (InstantX ControlNet, ControlNetApplySD3) or "sd35" (Stability's, ControlNetApplyAdvanced)
+    model: str  # "sd3" (InstantX, ControlNetApplySD3), "sd35" (Stability's, ControlNetApplyAdvanced), "flux" (union)
     width: int
     height: int
     strength: float = 0.8
@@ -99,9 +121,11 @@ class Case:
         return f"{self.model}-{self.width}x{self.height}"
 
 
-CASES = [Case("sd3", 64, 64), Case("sd3", 48, 80), Case("sd35", 80, 48, strength=0.6)]
+CASES = [Case("sd3", 64, 64), Case("sd3", 48, 80), Case("sd35", 80, 48, strength=0.6), Case("flux", 64, 64),
+         Case("flux", 48, 80, strength=0.5)]
 FILES = {"sd3": ("sd3_cn_parity.safetensors", "sd3_controlnet_canny.safetensors"),
-         "sd35": ("sd35_cn_parity.safetensors", "sd3.5_large_controlnet_blur.safetensors")}
+         "sd35": ("sd35_cn_parity.safetensors", "sd3.5_large_controlnet_blur.safetensors"),
+         "flux": ("flux_cn_parity.safetensors", "instantx_flux_union.safetensors")}
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +134,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     for kind in ("checkpoints", "controlnet"):
         (root / kind).mkdir()
     built: dict[str, tuple[Components, object]] = {}
-    for name, config, kind, seed in (("sd3", SD3, "instantx", 400), ("sd35", SD35, "stability", 500)):
+    for name, config, kind, seed in (("sd3", SD3, "instantx", 400), ("sd35", SD35, "stability", 500),
+                                     ("flux", FLUX_DEV, "instantx", 600)):
         checkpoint, controlnet_file = FILES[name]
-        components = sd3_components(config, checkpoint, seed)
-        controlnet = sd3_controlnet(config, kind, seed + 50)
+        if name == "flux":
+            components, controlnet = flux_components(config, checkpoint, seed), flux_union_controlnet(config, seed + 50)
+        else:
+            components, controlnet = sd3_components(config, checkpoint, seed), sd3_controlnet(config, kind, seed + 50)
         write_safetensors(root / "checkpoints" / checkpoint, single_file(components), dtype=None)
         weights = ({k: v.detach().clone() for k, v in controlnet.state_dict().items()} if kind == "instantx"
                    else stability_file(controlnet))
@@ -121,8 +148,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
         built[name] = (components, controlnet)
     inputs = tmp_path_factory.mktemp("inputs")
     folder = tmp_path_factory.mktemp("tokenizers")
-    tokenizers = {"clip_l": clip_tokenizer(folder / "clip_l"), "clip_g": clip_tokenizer(folder / "clip_g", pad_token="!"),
-                  "t5xxl": t5_tokenizer(folder / "t5")}
+    tokenizers = {"clip_l": clip_tokenizer(folder / "clip_l"),
+                  "clip_g": clip_tokenizer(folder / "clip_g", pad_token="!"), "t5xxl": t5_tokenizer(folder / "t5")}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("NODEGRAPH_MODELS", str(root))
         patch.setenv("NODEGRAPH_INPUTS", str(inputs))
@@ -167,6 +194,57 @@ def graph(case: Case) -> dict:
     }
 
 
+def flux_graph(case: Case) -> dict:
+    """ComfyUI's Flux ControlNet example as BasicGuider + SamplerCustomAdvanced (FluxGuidance, no CFG),
+    its union ControlNet told the control type."""
+    checkpoint, controlnet_file = FILES[case.model]
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": PROMPT}},
+        "3": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": FLUX_GUIDANCE}},
+        "4": {"class_type": "ModelSamplingFlux", "inputs": {"model": ["1", 0], "max_shift": 1.15, "base_shift": 0.5,
+                                                            "width": case.width, "height": case.height}},
+        "5": {"class_type": "BasicGuider", "inputs": {"model": ["4", 0], "conditioning": ["15", 0]}},
+        "6": {"class_type": "RandomNoise", "inputs": {"noise_seed": case.seed}},
+        "7": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "8": {"class_type": "BasicScheduler", "inputs": {"model": ["4", 0], "scheduler": "simple", "steps": case.steps,
+                                                         "denoise": 1.0}},
+        "9": {"class_type": "EmptySD3LatentImage", "inputs": {"width": case.width, "height": case.height,
+                                                              "batch_size": 1}},
+        "10": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["6", 0], "guider": ["5", 0],
+                                                                 "sampler": ["7", 0], "sigmas": ["8", 0],
+                                                                 "latent_image": ["9", 0]}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "flux_controlnet"}},
+        "13": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": controlnet_file}},
+        "14": {"class_type": "SetUnionControlNetType", "inputs": {"control_net": ["13", 0], "type": FLUX_TYPE}},
+        "15": {"class_type": "ControlNetApplySD3", "inputs": {
+            "positive": ["3", 0], "negative": ["3", 0], "control_net": ["14", 0], "vae": ["1", 2],
+            "image": ["16", 0], "strength": case.strength, "start_percent": 0.0, "end_percent": 1.0}},
+        "16": {"class_type": "LoadImage", "inputs": {"image": CONTROL_IMAGE, "upload": "image"}},
+    }
+
+
+def run_flux_pipeline(case: Case, components: Components, controlnet, tokenizers: dict, image: Tensor) -> Tensor:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetPipeline, FluxPipeline
+
+    noise, _ = start_noise_for(case)
+    # FLUX.1-dev's scheduler config: the shift follows the image's token count.
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    encoders = components.text_encoders
+    pipe = FluxControlNetPipeline(scheduler=scheduler, vae=components.vae, text_encoder=encoders["clip_l"],
+                                  tokenizer=tokenizers["clip_l"], text_encoder_2=encoders["t5xxl"],
+                                  tokenizer_2=tokenizers["t5xxl"], transformer=components.transformer,
+                                  controlnet=controlnet)
+    packed = FluxPipeline._pack_latents(noise.clone(), *noise.shape)
+    return pipe(PROMPT, guidance_scale=FLUX_GUIDANCE, latents=packed, height=case.height, width=case.width,
+                num_inference_steps=case.steps, output_type="pt", max_sequence_length=T5_LENGTH["flux"],
+                control_image=image * 2 - 1, control_mode=FLUX_MODE,
+                controlnet_conditioning_scale=case.strength).images
+
+
 def run_pipeline(case: Case, components: Components, controlnet, tokenizers: dict, image: Tensor,
                  monkeypatch: pytest.MonkeyPatch) -> Tensor:
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3ControlNetPipeline
@@ -174,17 +252,21 @@ def run_pipeline(case: Case, components: Components, controlnet, tokenizers: dic
 
     # ComfyUI (and this project) encode the control image to the posterior mean, diffusers samples it.
     monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    if case.model == "flux":
+        return run_flux_pipeline(case, components, controlnet, tokenizers, image)
     noise, _ = start_noise_for(case)
     encoders = components.text_encoders
     pipe = StableDiffusion3ControlNetPipeline(
-        transformer=components.transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        transformer=components.transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
         vae=components.vae, text_encoder=encoders["clip_l"], tokenizer=tokenizers["clip_l"],
         text_encoder_2=encoders["clip_g"], tokenizer_2=tokenizers["clip_g"], text_encoder_3=encoders["t5xxl"],
         tokenizer_3=tokenizers["t5xxl"], controlnet=controlnet)
     # A tensor control image goes to the VAE as it is: in [-1, 1].
     return pipe(PROMPT, negative_prompt="", guidance_scale=SD3_CFG, latents=noise.clone(), height=case.height,
-                width=case.width, num_inference_steps=case.steps, output_type="pt", max_sequence_length=T5_LENGTH["sd3"],
-                control_image=image * 2 - 1, controlnet_conditioning_scale=case.strength).images
+                width=case.width, num_inference_steps=case.steps, output_type="pt",
+                max_sequence_length=T5_LENGTH["sd3"], control_image=image * 2 - 1,
+                controlnet_conditioning_scale=case.strength).images
 
 
 def start_noise_for(case: Case) -> tuple[Tensor, torch.Generator]:
@@ -196,14 +278,19 @@ def test_comfyui_controlnet_graph_matches_diffusers_pipeline(case: Case, setup, 
     executor, built, tokenizers, inputs = setup
     components, controlnet = built[case.model]
     image = control_image(case, inputs)
-    document = API.convert(graph(case))
-    result = executor.run(document, outputs=["8", "7"])
+    flux = case.model == "flux"
+    with_control = flux_graph(case) if flux else graph(case)
+    save, decode = ("12", "11") if flux else ("8", "7")
+    result = executor.run(API.convert(with_control), outputs=[save, decode])
     assert result.status == "succeeded", result.error
-    ours = result.results["7"].outputs.image.permute(0, 3, 1, 2)
+    ours = result.results[decode].outputs.image.permute(0, 3, 1, 2)
 
-    without = graph(case)
-    without["6"]["inputs"].update(positive=["3", 0], negative=["4", 0])
-    plain = executor.run(API.convert(without), outputs=["7"]).results["7"].outputs.image.permute(0, 3, 1, 2)
+    without = flux_graph(case) if flux else graph(case)
+    if flux:
+        without["5"]["inputs"]["conditioning"] = ["3", 0]
+    else:
+        without["6"]["inputs"].update(positive=["3", 0], negative=["4", 0])
+    plain = executor.run(API.convert(without), outputs=[decode]).results[decode].outputs.image.permute(0, 3, 1, 2)
 
     reference = run_pipeline(case, components, controlnet, tokenizers, image, monkeypatch)
     difference = (ours.double() - reference.double()).abs()

@@ -28,7 +28,7 @@ from nodegraph_diffusion.networks.mmdit_controlnet import (
     sd3_controlnet_keys_from_original,
     sd3_controlnet_layout,
 )
-from nodegraph_diffusion.networks.transformer_control import ControlShapeError, TransformerControl
+from nodegraph_diffusion.networks.transformer_control import ControlShapeError
 from torch import Tensor
 
 pytestmark = pytest.mark.parity
@@ -118,8 +118,10 @@ def ours_mmdit(reference) -> mmdit_module.MMDiT:
 
 def sd3_inputs(main: mmdit_module.MMDiTConfig, height: int, width: int, seed: int = 3) -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"x": torch.randn(BATCH, 16, height, width, generator=g), "hint": torch.randn(BATCH, 16, height, width, generator=g),
-            "timesteps": torch.tensor([820.0, 130.5]), "context": torch.randn(BATCH, TOKENS, main.context_dim, generator=g),
+    return {"x": torch.randn(BATCH, 16, height, width, generator=g),
+            "hint": torch.randn(BATCH, 16, height, width, generator=g),
+            "timesteps": torch.tensor([820.0, 130.5]),
+            "context": torch.randn(BATCH, TOKENS, main.context_dim, generator=g),
             "y": torch.randn(BATCH, main.pooled_dim, generator=g)}
 
 
@@ -170,7 +172,8 @@ def test_joint_sd3_controlnet_and_controlled_mmdit_match_diffusers(qk_norm: bool
     assert ours.config.joint and ours.config.qk_norm == qk_norm
     assert sd3_controlnet_layout(reference.state_dict()) == "diffusers"
     assert sd3_controlnet_layout(state) == "original"
-    # InstantX's ControlNets see a zero pooled vector whatever the prompt's (diffusers: force_zeros_for_pooled_projection).
+    # InstantX's ControlNets see a zero pooled vector whatever the prompt's (diffusers:
+    # force_zeros_for_pooled_projection).
     check_sd3(reference, ours, SD3_MAIN, strength, zero_pooled=True)
 
 

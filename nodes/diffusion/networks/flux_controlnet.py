@@ -156,7 +156,8 @@ class FluxControlNet(nn.Module):
         for block, projection in zip(self.single_blocks, self.controlnet_single_blocks):
             joint = block(joint, vec, rope)
             single.append(projection(joint[:, txt.shape[1]:]) * strength)
-        return TransformerControl(self._spread(double, base.config.depth), self._spread(single, base.config.depth_single_blocks))
+        return TransformerControl(self._spread(double, base.config.depth),
+                                  self._spread(single, base.config.depth_single_blocks))
 
     def _spread(self, samples: list[Tensor], blocks: int) -> list[Tensor | None]:
         if self.config.image_input:
@@ -232,8 +233,12 @@ def flux_controlnet_config_from_shapes(
 
 
 # diffusers' names of the ControlNet's own modules -> this module's.
-_DIFFUSERS_OWN = {"controlnet_x_embedder.": "pos_embed_input.", "controlnet_mode_embedder.": "controlnet_mode_embedder.",
-                  "controlnet_blocks.": "controlnet_blocks.", "controlnet_single_blocks.": "controlnet_single_blocks."}
+_DIFFUSERS_OWN = {
+    "controlnet_x_embedder.": "pos_embed_input.",
+    "controlnet_mode_embedder.": "controlnet_mode_embedder.",
+    "controlnet_blocks.": "controlnet_blocks.",
+    "controlnet_single_blocks.": "controlnet_single_blocks.",
+}
 
 
 def flux_controlnet_keys_from_diffusers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

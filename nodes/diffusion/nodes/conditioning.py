@@ -444,8 +444,10 @@ def _latent_hint(control: LoadedTransformerControlNet, vae: VAEModel | None) -> 
     return LatentHint(encode, vae.downscale_factor)
 
 
-def _control_applier(control: AnyControlNet, image: Tensor, strength: float, start: float, end: float,
-                     to_negative: bool, vae: VAEModel | None = None) -> Callable[[Conditioning, str, str], Conditioning]:
+def _control_applier(
+    control: AnyControlNet, image: Tensor, strength: float, start: float, end: float, to_negative: bool,
+    vae: VAEModel | None = None,
+) -> Callable[[Conditioning, str, str], Conditioning]:
     """A function adding one ControlNet (image: (B, H, W, 3)) to conditionings, after those already
     on their entries. At strength 0 it checks and returns them unchanged."""
     hint = image.permute(0, 3, 1, 2).contiguous()

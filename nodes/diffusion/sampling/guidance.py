@@ -527,7 +527,9 @@ class CFGGuider:
             else:
                 # Transformer ControlNets take the network they guide (SD3.5-large ones use its patch
                 # embedding; all spread their outputs over its blocks).
-                extra = {"guidance": guidance[index], "mode": spec.mode} if isinstance(spec.controlnet, FluxControlNet) else {}
+                extra = {}
+                if isinstance(spec.controlnet, FluxControlNet):
+                    extra = {"guidance": guidance[index], "mode": spec.mode}
                 residuals = spec.controlnet(x_in[index], hint, timesteps[index], context[index], rows_y, spec.strength,
                                             base=self.network, **extra)
             full = _scatter_rows(residuals, index, x_in.shape[0])
