@@ -850,7 +850,6 @@ def test_image_nodes_map_from_api_and_ui_formats():
         ui_widget_node(4, "Canny", [0.3, 0.7000000000000001], {"image": 2}),
         ui_widget_node(5, "SaveAnimatedWEBP", ["ComfyUI", 16, False, 90, "default", ""], {"images": 3}),  # preview
         ui_widget_node(6, "SaveAnimatedPNG", ["ComfyUI", 24, 4], {"images": 4}),
-        ui_widget_node(7, "LatentUpscaleBy", ["bislerp", 1.5]),
     ], "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 4, 0, "IMAGE"], [3, 4, 0, 5, 0, "IMAGE"],
                  [4, 3, 0, 6, 0, "IMAGE"]]}
     nodes = UI.convert(document)["nodes"]
@@ -862,9 +861,97 @@ def test_image_nodes_map_from_api_and_ui_formats():
                                     "method": "default", "images": link("4", "image")}
     assert nodes["6"] == {"type": "SaveAnimatedPNG", "inputs": {"filename_prefix": "ComfyUI", "fps": 24,
                                                                 "compress_level": 4, "images": link("3", "image")}}
+    # Alone: beside output nodes, a node no output needs that lacks an input is left out (as ComfyUI ignores it).
+    nodes = UI.convert({"nodes": [ui_widget_node(7, "LatentUpscaleBy", ["bislerp", 1.5])], "links": []})["nodes"]
     assert nodes["7"]["inputs"] == {"method": "bislerp", "scale_by": 1.5}
 
     graph["4"]["inputs"]["method"] = "best"
     graph["2"]["inputs"]["upscale_method"] = "bislerp"  # latent nodes only
     assert issues_at(import_error(API, graph)) == {("4", "method"): "unsupported_value",
                                                    ("2", "upscale_method"): "unsupported_value"}
+
+
+# --- model merging, continuous model sampling ------------------------------------------------------
+
+RATIO = {"default": 1.0, "min": 0.0, "max": 1.0}
+MULTIPLIER = {"default": 1.0, "min": -10.0, "max": 10.0}
+SD1_BLOCKS = (["time_embed.", "label_emb."] + [f"input_blocks.{i}." for i in range(12)]
+              + [f"middle_block.{i}." for i in range(3)] + [f"output_blocks.{i}." for i in range(12)] + ["out."])
+SDXL_BLOCKS = (["time_embed.", "label_emb."] + [f"input_blocks.{i}" for i in range(9)]
+               + [f"middle_block.{i}" for i in range(3)] + [f"output_blocks.{i}" for i in range(9)] + ["out."])
+# As ComfyUI declares them (comfy_extras/nodes_model_merging.py, nodes_model_merging_model_specific.py,
+# nodes_model_advanced.py).
+MERGING_INPUTS: dict[str, dict[str, dict]] = {
+    "ModelMergeSimple": {"model1": LINK, "model2": LINK, "ratio": RATIO},
+    "ModelMergeAdd": {"model1": LINK, "model2": LINK},
+    "ModelMergeSubtract": {"model1": LINK, "model2": LINK, "multiplier": MULTIPLIER},
+    "ModelMergeBlocks": {"model1": LINK, "model2": LINK, "input": RATIO, "middle": RATIO, "out": RATIO},
+    "ModelMergeSD1": {"model1": LINK, "model2": LINK, **{block: RATIO for block in SD1_BLOCKS}},
+    "ModelMergeSD2": {"model1": LINK, "model2": LINK, **{block: RATIO for block in SD1_BLOCKS}},
+    "ModelMergeSDXL": {"model1": LINK, "model2": LINK, **{block: RATIO for block in SDXL_BLOCKS}},
+    "CLIPMergeSimple": {"clip1": LINK, "clip2": LINK, "ratio": RATIO},
+    "CLIPMergeAdd": {"clip1": LINK, "clip2": LINK},
+    "CLIPMergeSubtract": {"clip1": LINK, "clip2": LINK, "multiplier": MULTIPLIER},
+    "ModelSamplingContinuousEDM": {
+        "model": LINK, "sampling": {"choices": ["v_prediction", "edm", "edm_playground_v2.5", "eps", "cosmos_rflow"]},
+        "sigma_max": {"default": 120.0, "min": 0.0, "max": 1000.0},
+        "sigma_min": {"default": 0.002, "min": 0.0, "max": 1000.0}},
+}
+# A noise level of 0 has no logarithm (the network's timestep is 0.25 ln sigma).
+MERGING_VALUE_REFUSED = {("ModelSamplingContinuousEDM", "sigma_max"): 0.0,
+                         ("ModelSamplingContinuousEDM", "sigma_min"): 0.0}
+
+
+def test_merging_nodes_take_comfyuis_inputs_names_defaults_and_choices():
+    check_comfyui_inputs(MERGING_INPUTS, set(), MERGING_VALUE_REFUSED)
+
+
+def test_cosxl_merge_maps_each_block_ratio_from_api_and_ui_files():
+    corpus = Path(__file__).resolve().parents[1] / "data" / "comfyui_corpus"
+    for form in ("api", "ui"):
+        document = json.loads((corpus / f"examples__model_merging__model_merging_cosxl.png__png-{form}.json").read_text())
+        nodes = (API if form == "api" else UI).convert(document)["nodes"]
+        merge = nodes["13"]
+        assert merge["type"] == "MergeModelBlocksSDXL"
+        assert merge["inputs"]["model1"] == link("17", "model") and merge["inputs"]["model2"] == link("12", "model")
+        assert [merge["inputs"][f"output_blocks_{i}"] for i in range(9)] == [0.5] * 5 + [1.0] * 4
+        assert merge["inputs"]["time_embed"] == merge["inputs"]["out"] == merge["inputs"]["input_blocks_8"] == 1.0
+        assert nodes["15"] == {"type": "SubtractModels", "inputs": {
+            "multiplier": 1.0, "model1": link("4", "model"), "model2": link("16", "model")}}
+        assert nodes["19"]["type"] == "AddTextEncoders"
+        assert nodes["19"]["inputs"] == {"clip1": link("18", "clip"), "clip2": link("12", "clip")}
+        assert nodes["23"] == {"type": "ModelSamplingContinuousEDM", "inputs": {
+            "sampling": "v_prediction", "sigma_max": 120.0, "sigma_min": 0.002, "model": link("13", "model")}}
+        # The latent's model: traced from its sampler's up through the model sampling to the merge.
+        assert nodes["5"]["inputs"]["model"] == link("13", "model")
+
+
+def test_old_turbo_scheduler_without_denoise_and_merge_widgets_map():
+    document = {"nodes": [
+        ui_widget_node(1, "CheckpointLoaderSimple", ["a.safetensors"]),
+        ui_widget_node(2, "CheckpointLoaderSimple", ["b.safetensors"]),
+        ui_widget_node(3, "ModelMergeBlocks", [1.0, 0.25, 0.75], {"model1": 1, "model2": 2}),
+        ui_widget_node(4, "SDTurboScheduler", [1], {"model": 5}),  # before the denoise widget
+        ui_widget_node(5, "CLIPMergeSubtract", [0.5], {"clip1": 3, "clip2": 4}),
+    ], "links": [[1, 1, 0, 3, 0, "MODEL"], [2, 2, 0, 3, 1, "MODEL"], [3, 1, 1, 5, 0, "CLIP"],
+                 [4, 2, 1, 5, 1, "CLIP"], [5, 3, 0, 4, 0, "MODEL"]]}
+    nodes = UI.convert(document)["nodes"]
+    assert nodes["3"] == {"type": "MergeModelBlocks", "inputs": {
+        "input": 1.0, "middle": 0.25, "out": 0.75, "model1": link("1", "model"), "model2": link("2", "model")}}
+    assert nodes["4"]["inputs"] == {"steps": 1, "model": link("3", "model")}  # denoise: ours defaults to 1
+    assert nodes["5"]["inputs"] == {"multiplier": 0.5, "clip1": link("1", "clip"), "clip2": link("2", "clip")}
+
+
+def test_incomplete_nodes_no_output_needs_are_left_out(api_graph):
+    # ComfyUI's area-composition example: a ConditioningCombine with one input, feeding nothing.
+    api_graph["20"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["6", 0]}}
+    api_graph["21"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["6", 0],
+                                                                       "conditioning_2": ["7", 0]}}
+    nodes = API.convert(api_graph)["nodes"]
+    assert "20" not in nodes
+    assert nodes["21"]["inputs"] == {"a": link("6", "conditioning"), "b": link("7", "conditioning")}  # complete
+    api_graph["9"]["inputs"]["images"] = ["22", 0]  # now an output needs it: its missing input is validation's
+    api_graph["22"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}}
+    api_graph["3"]["inputs"]["positive"] = ["20", 0]
+    assert nodes != (nodes := API.convert(api_graph)["nodes"]) and nodes["20"]["inputs"] == {
+        "a": link("6", "conditioning")}

@@ -54,12 +54,14 @@ OFFSETS: dict[str, tuple[str, ...]] = {
     "LatentComposite": ("x", "y", "feather"),
 }
 STEP_INPUTS: dict[str, tuple[str, ...]] = {"KSampler": ("steps",), "Scheduler": ("steps",)}
-BATCH_INPUTS: dict[str, tuple[str, ...]] = {"EmptyLatent": ("batch_size",)}
+BATCH_INPUTS: dict[str, tuple[str, ...]] = {"EmptyLatent": ("batch_size",), "RepeatLatentBatch": ("amount",)}
 # Node types with nothing in them that depends on the model, the image size or the run length.
 AS_THEY_ARE = frozenset({
     "TextEncode", "VAEDecode", "VAEEncode", "VAEEncodeForInpaint", "SaveImage", "PreviewImage",
     "ConditioningCombine", "ConditioningConcat", "SetClipSkip", "ApplyControlNet", "ApplyControlNetSimple",
     "LatentUpscaleBy", "ImageScaleBy", "InvertImage", "InvertMask", "SetLatentNoiseMask",
+    # Merges: every checkpoint is the embedded one, so these merge it with itself (a difference is 0).
+    "MergeModels", "AddModels", "SubtractModels", "MergeModelBlocks", "MergeModelBlocksSD1",
 })
 HANDLED = (frozenset(MODEL_NAMES) | frozenset(IMAGE_NAMES) | frozenset(SIZES) | frozenset(OFFSETS)
            | frozenset(STEP_INPUTS) | frozenset(BATCH_INPUTS) | AS_THEY_ARE)

@@ -4,10 +4,10 @@ Loaded through the `nodegraph.nodes` entry point like any third-party pack; the 
 (`nodegraph_diffusion.unet`, ...) does not depend on this package or on the engine.
 """
 
-from . import comfyui, conditioning, edit_conditioning, images, latent, loading, sampling
+from . import comfyui, conditioning, continuous, edit_conditioning, images, latent, loading, merging, sampling
 
 NODES = [*loading.NODES, *conditioning.NODES, *latent.NODES, *sampling.NODES, *images.NODES,
-         *edit_conditioning.NODES]
+         *edit_conditioning.NODES, *merging.NODES, *continuous.NODES]
 
 # Converters of ComfyUI workflows (API and UI formats) into workflows of these nodes.
 IMPORTERS = comfyui.IMPORTERS

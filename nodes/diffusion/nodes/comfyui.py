@@ -91,6 +91,23 @@ def _same(*names: str) -> dict[str, str]:
     return {name: name for name in names}
 
 
+def _per_block_merge_mappings() -> dict[str, NodeMapping]:
+    """ModelMergeSD1/SD2/SDXL: one ratio per U-Net block, named by its key prefix (SD1's end in a dot,
+    SDXL's do not), in ComfyUI's widget order."""
+    from .merging import MergeModelBlocksSD1, MergeModelBlocksSDXL, block_input_name
+
+    mappings = {}
+    for comfy_type, node_class, dotted in (("ModelMergeSD1", MergeModelBlocksSD1, True),
+                                           ("ModelMergeSD2", MergeModelBlocksSD1, True),
+                                           ("ModelMergeSDXL", MergeModelBlocksSDXL, False)):
+        theirs = [prefix if dotted or prefix in ("time_embed.", "label_emb.", "out.") else prefix.rstrip(".")
+                  for prefix in node_class.block_prefixes]
+        ours = {name: block_input_name(prefix) for name, prefix in zip(theirs, node_class.block_prefixes)}
+        mappings[comfy_type] = NodeMapping(node_class.type_name, {**_same("model1", "model2"), **ours}, ("model",),
+                                           tuple(theirs))
+    return mappings
+
+
 MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
     "CheckpointLoaderSimple": NodeMapping("LoadCheckpoint", {"ckpt_name": "name"}, ("model", "clip", "vae"),
                                           ("ckpt_name",)),
@@ -221,8 +238,9 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
     "DisableNoise": NodeMapping("DisableNoise", {}, ("noise",)),
     "BasicScheduler": NodeMapping("Scheduler", _same("model", "scheduler", "steps", "denoise"), ("sigmas",),
                                   ("scheduler", "steps", "denoise")),
+    # Older ComfyUI versions had no denoise widget.
     "SDTurboScheduler": NodeMapping("SDTurboScheduler", _same("model", "steps", "denoise"), ("sigmas",),
-                                    ("steps", "denoise")),
+                                    ("steps", "denoise"), later_widgets=1),
     "SplitSigmas": NodeMapping("SplitSigmas", _same("sigmas", "step"), ("high", "low"), ("step",)),
     "KSamplerSelect": NodeMapping("SelectSampler", _same("sampler_name"), ("sampler",), ("sampler_name",)),
     "CFGGuider": NodeMapping("Guider", _same("model", "positive", "negative", "cfg"), ("guider",), ("cfg",)),
@@ -280,6 +298,21 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
     "ImageCompositeMasked": NodeMapping(
         "ImageCompositeMasked", _same("destination", "source", "x", "y", "mask"), ("image",),
         ("x", "y", "resize_source"), fixed={"resize_source": False}),
+    # Model merging (merging.py): the merged model is model1 with model2's weights patched in.
+    "ModelMergeSimple": NodeMapping("MergeModels", _same("model1", "model2", "ratio"), ("model",), ("ratio",)),
+    "ModelMergeAdd": NodeMapping("AddModels", _same("model1", "model2"), ("model",)),
+    "ModelMergeSubtract": NodeMapping("SubtractModels", _same("model1", "model2", "multiplier"), ("model",),
+                                      ("multiplier",)),
+    "ModelMergeBlocks": NodeMapping("MergeModelBlocks", _same("model1", "model2", "input", "middle", "out"),
+                                    ("model",), ("input", "middle", "out")),
+    **_per_block_merge_mappings(),
+    "CLIPMergeSimple": NodeMapping("MergeTextEncoders", _same("clip1", "clip2", "ratio"), ("clip",), ("ratio",)),
+    "CLIPMergeAdd": NodeMapping("AddTextEncoders", _same("clip1", "clip2"), ("clip",)),
+    "CLIPMergeSubtract": NodeMapping("SubtractTextEncoders", _same("clip1", "clip2", "multiplier"), ("clip",),
+                                     ("multiplier",)),
+    "ModelSamplingContinuousEDM": NodeMapping(
+        "ModelSamplingContinuousEDM", _same("model", "sampling", "sigma_max", "sigma_min"), ("model",),
+        ("sampling", "sigma_max", "sigma_min")),
 })
 
 
@@ -664,12 +697,34 @@ def _model_lost_to_unconverted(node_id: str, comfy_nodes: list[ComfyNode], conve
     return False
 
 
+def _not_run(comfy_nodes: list[ComfyNode], classes: Mapping[str, type[Node]]) -> set[str]:
+    """The nodes that no output node needs (none in a file without output nodes: validation reports
+    that). ComfyUI validates and runs only its output nodes and what feeds them."""
+    by_id = {node.id: node for node in comfy_nodes}
+    stack = [node.id for node in comfy_nodes
+             if node.type in MAPPINGS and classes[MAPPINGS[node.type].type].output_node]
+    needed: set[str] = set()
+    while stack:
+        node_id = stack.pop()
+        if node_id in needed or node_id not in by_id:
+            continue
+        needed.add(node_id)
+        stack.extend(value.node for value in by_id[node_id].inputs.values() if isinstance(value, SourceRef))
+    return {node.id for node in comfy_nodes if node.id not in needed} if needed else set()
+
+
 def convert_nodes(comfy_nodes: list[ComfyNode], importer: str, problems: _Problems | None = None) -> dict[str, Any]:
     """A version-1 workflow document from ComfyUI nodes. Raises WorkflowImportError listing every
-    unsupported node type by name and every input that cannot be mapped."""
+    unsupported node type by name and every input that cannot be mapped.
+
+    A node that no output node needs and that lacks a required input is left out (logged): ComfyUI
+    neither validates nor runs such a node, so files that run there carry half-connected ones (a
+    ConditioningCombine with one input left over from editing). Such nodes that are complete are
+    kept, for the editor to show."""
     problems = problems or _Problems(importer)
     classes = _node_classes()
     types = {node.id: node.type for node in comfy_nodes}
+    not_run = _not_run(comfy_nodes, classes)
     nodes: dict[str, dict[str, Any]] = {}
     for node in comfy_nodes:
         mapping = MAPPINGS.get(node.type)
@@ -715,7 +770,14 @@ def convert_nodes(comfy_nodes: list[ComfyNode], importer: str, problems: _Proble
                 problems.add("unsupported_value", f"{node.type} input {name!r}: {reason}", node.id, name)
                 continue
             inputs[ours] = value
-        nodes[node.id] = {"type": mapping.type, "inputs": {**mapping.defaults, **inputs}}
+        entry_inputs = {**mapping.defaults, **inputs}
+        implicit = {"model"} if mapping.needs_model else set()  # linked below
+        if node.id in not_run and any(spec.required and name not in entry_inputs and name not in implicit
+                                      for name, spec in node_class.specs().inputs.items()):
+            logger.info("left out node %s (%s): it lacks a required input and no output node needs it, so "
+                        "ComfyUI does not run it either", node.id, node.type)
+            continue
+        nodes[node.id] = {"type": mapping.type, "inputs": entry_inputs}
     for node in comfy_nodes:
         mapping = MAPPINGS.get(node.type)
         if mapping is not None and mapping.needs_model and node.id in nodes:

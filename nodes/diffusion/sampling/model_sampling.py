@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from .samplers import Denoiser, NoiseForm
-from .schedules import DiscreteSchedule, DistilledSchedule, FlowSchedule, sd_discrete_schedule, zero_terminal_snr
+from .schedules import (ContinuousSchedule, DiscreteSchedule, DistilledSchedule, FlowSchedule, sd_discrete_schedule,
+                        zero_terminal_snr)
 
 # ComfyUI's ModelSamplingFlux keeps a 10,000-entry table (ModelSamplingDiscreteFlow: 1,000); the
 # "simple", "ddim_uniform" and "beta" schedulers pick from it, so its length is part of their result.
@@ -46,14 +47,16 @@ LCM_ORIGINAL_STEPS = 50
 
 class Prediction(str, Enum):
     """What the network outputs: the noise (eps), v = alpha * noise - sigma * x0, the flow velocity
-    noise - x0, the denoised image itself (x0), or the noise of a latent-consistency model (lcm: eps
-    under LCM's boundary condition, on its distilled timesteps)."""
+    noise - x0, the denoised image itself (x0), the noise of a latent-consistency model (lcm: eps
+    under LCM's boundary condition, on its distilled timesteps), or EDM's F (edm: the denoised image
+    is c_skip * x + c_out * F, Karras et al. 2022, the sign opposite to v's)."""
 
     EPS = "eps"
     V = "v"
     FLOW = "flow"
     X0 = "x0"
     LCM = "lcm"
+    EDM = "edm"
 
 
 # (x_in: (B, C, H, W), t: (B,)) -> raw model output (B, C, H, W); everything but the scaling.
@@ -70,19 +73,23 @@ def _per_sample(sigma: Tensor | float, like: Tensor) -> Tensor:
 class ModelSampling:
     """How a model is driven at a noise level sigma: its training schedule and its prediction type.
 
-    schedule: a :class:`DiscreteSchedule` with an EPS or V prediction, or a :class:`FlowSchedule`
-    with the FLOW prediction. Build them with :meth:`for_prediction`, :meth:`flow` or :meth:`flux`.
+    schedule: a :class:`DiscreteSchedule` with an EPS or V prediction, a :class:`FlowSchedule`
+    with the FLOW prediction, or a :class:`ContinuousSchedule` (EDM-style, :meth:`continuous`).
+    Build them with :meth:`for_prediction`, :meth:`flow`, :meth:`flux` or :meth:`continuous`.
+    sigma_data: the data's standard deviation in the EDM scalings (c_in = 1 / sqrt(sigma^2 +
+    sigma_data^2), and those of v and edm); 1 for every model but EDM-trained ones (0.5).
     """
 
-    schedule: DiscreteSchedule | FlowSchedule
+    schedule: DiscreteSchedule | FlowSchedule | ContinuousSchedule
     prediction: Prediction = Prediction.EPS
+    sigma_data: float = 1.0
 
     def __post_init__(self) -> None:
         flow_schedule = isinstance(self.schedule, FlowSchedule)
         if flow_schedule != (self.prediction is Prediction.FLOW):
             raise ModelSamplingError(
                 f"prediction {self.prediction.value!r} does not fit a {type(self.schedule).__name__}: "
-                "a flow prediction needs a FlowSchedule and eps/v a DiscreteSchedule"
+                "a flow prediction needs a FlowSchedule, and the others a DiscreteSchedule or ContinuousSchedule"
             )
 
     @classmethod
@@ -128,6 +135,23 @@ class ModelSampling:
         """
         return cls(_flow_schedule(math.exp(mu), multiplier, FLUX_TIMESTEPS), Prediction.FLOW)
 
+    @classmethod
+    def continuous(cls, prediction: Prediction | str, sigma_min: float = 0.002, sigma_max: float = 120.0,
+                   sigma_data: float = 1.0) -> ModelSampling:
+        """A model trained on continuous noise levels in [sigma_min, sigma_max] (ComfyUI's
+        ModelSamplingContinuousEDM): CosXL is v with sigma_data 1 on 0.002..120; EDM-trained models
+        predict edm with sigma_data 0.5."""
+        prediction = Prediction(prediction)
+        if prediction not in (Prediction.EPS, Prediction.V, Prediction.EDM):
+            raise ModelSamplingError(f"a continuous-time model predicts eps, v or edm, not {prediction.value!r}")
+        if not sigma_data > 0:
+            raise ModelSamplingError(f"sigma_data must be > 0, got {sigma_data}")
+        try:
+            schedule = ContinuousSchedule(sigma_min, sigma_max)
+        except ValueError as error:
+            raise ModelSamplingError(str(error)) from None
+        return cls(schedule, prediction, sigma_data)
+
     @property
     def noise_form(self) -> NoiseForm:
         """How the samplers see this model's noisy samples (VE, or FLOW for a flow prediction)."""
@@ -153,14 +177,16 @@ class ModelSampling:
         """c_in, the factor on x before the network: (B,) -> (B,). Flow models take x unscaled."""
         if self.prediction is Prediction.FLOW:
             return torch.ones_like(sigma)
-        return 1.0 / (sigma**2 + 1.0).sqrt()
+        return 1.0 / (sigma**2 + self.sigma_data**2).sqrt()
 
     def denoised(self, x: Tensor, sigma: Tensor, output: Tensor) -> Tensor:
         """x, output: (B, C, H, W); sigma: (B,) -> the denoised estimate (B, C, H, W)."""
         s = _per_sample(sigma, x)
-        if self.prediction is Prediction.V:
-            # c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1) (sigma_data = 1).
-            return x / (s**2 + 1.0) - output * s / (s**2 + 1.0).sqrt()
+        if self.prediction in (Prediction.V, Prediction.EDM):
+            # c_skip = sd^2 / (sigma^2 + sd^2), c_out = -+ sigma * sd / sqrt(sigma^2 + sd^2) (sd = sigma_data).
+            data = self.sigma_data**2
+            sign = -1.0 if self.prediction is Prediction.V else 1.0
+            return x * data / (s**2 + data) + sign * output * s * self.sigma_data / (s**2 + data).sqrt()
         if self.prediction is Prediction.X0:
             return output
         # eps: x = x0 + s * eps; flow: x = (1 - s) * x0 + s * noise with v = noise - x0. Both: x0 = x - s * output.

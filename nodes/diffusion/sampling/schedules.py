@@ -26,6 +26,7 @@ __all__ = [
     "linear_discrete_schedule",
     "cosine_discrete_schedule",
     "FlowSchedule",
+    "ContinuousSchedule",
     "flow_time_shift",
     "flux_mu",
     "sigmas_normal",
@@ -282,6 +283,49 @@ class FlowSchedule:
         if percent >= 1.0:
             return 0.0
         return float(flow_time_shift(torch.tensor(1.0 - percent), self.shift))
+
+
+class ContinuousSchedule:
+    """The noise levels of a model trained on continuous sigmas, EDM style (Karras et al. 2022;
+    CosXL, Playground v2.5): the network's timestep is 0.25 * ln(sigma), sigma in [sigma_min,
+    sigma_max]. sigmas: (T,) evenly spaced in log-sigma, the table the table-reading schedulers
+    (simple, ddim_uniform, beta) pick from (ComfyUI's ModelSamplingContinuousEDM keeps 1,000)."""
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 120.0, num_timesteps: int = 1000) -> None:
+        if not 0 < sigma_min < sigma_max:
+            raise ScheduleError(f"a continuous schedule needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if num_timesteps < 2:
+            raise ScheduleError(f"a continuous schedule needs at least 2 table entries, got {num_timesteps}")
+        self.sigmas = torch.linspace(math.log(sigma_min), math.log(sigma_max), num_timesteps,
+                                     dtype=torch.float64).exp()
+
+    def __repr__(self) -> str:
+        return f"ContinuousSchedule(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, num_timesteps={self.sigmas.numel()})"
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """0.25 * ln(sigma). sigma: any shape."""
+        return 0.25 * torch.as_tensor(sigma, dtype=torch.float64).log()
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """exp(4 t). t: any shape."""
+        return (torch.as_tensor(t, dtype=torch.float64) * 4.0).exp()
+
+    def percent_to_sigma(self, percent: float) -> float:
+        """Sampling progress (0 = start, 1 = end) -> sigma, log-linear from sigma_max to sigma_min."""
+        if percent <= 0.0:
+            return float("inf")
+        if percent >= 1.0:
+            return 0.0
+        log_min, log_max = math.log(self.sigma_min), math.log(self.sigma_max)
+        return math.exp(log_min + (log_max - log_min) * (1.0 - percent))
 
 
 def flux_mu(width: float, height: float, base_shift: float = 0.5, max_shift: float = 1.15,
