@@ -9,6 +9,9 @@ as ComfyUI's SD3 and Flux ControlNet examples use it; ControlNetApplyAdvanced wi
 canny example does), and by the pipeline with the same modules, control image and start noise. The
 pipelines sample the VAE's latent distribution for the control image; ComfyUI and this project take
 its mean, so the test makes the pipelines take the mean too.
+
+ComfyUI's own SD3 and Flux ControlNet example files of the corpus also run, unedited, on the tiny
+files (model names, the control image, sizes and steps set as `nodegraph run --set` would).
 """
 
 from __future__ import annotations
@@ -302,3 +305,60 @@ def test_comfyui_controlnet_graph_matches_diffusers_pipeline(case: Case, setup, 
     assert effect > 10 / 255, figures  # the ControlNet changes the image, so the comparison tests it
     assert difference.max().item() <= MAX_ERROR, figures
     assert difference.mean().item() <= MEAN_ERROR, figures
+
+
+# --------------------------------------------------------------------------- the corpus files themselves
+
+CORPUS_FILES = {  # ComfyUI's own SD3 and Flux ControlNet examples, in both forms -> the tiny models to run them on
+    "examples__sd3__sd3_controlnet_example.png__png-api.json": "sd3",
+    "examples__sd3__sd3_controlnet_example.png__png-ui.json": "sd3",
+    "examples__flux__flux_controlnet_example.png__png-api.json": "flux",
+    "examples__flux__flux_controlnet_example.png__png-ui.json": "flux",
+}
+CORPUS_SIZE = 64
+
+
+def corpus_overrides(workflow, model: str, strength: float | None = None) -> list[str]:
+    """`--set` assignments running an imported corpus file small on the tiny files: model names,
+    the control image, 1024-pixel sizes to 64, 2 steps (the files themselves are not edited)."""
+    checkpoint, controlnet_file = FILES[model]
+    sets = []
+    for node_id, node in workflow.nodes.items():
+        if node.type == "LoadCheckpoint":
+            sets.append(f"{node_id}.name={checkpoint}")
+        elif node.type == "LoadControlNet":
+            sets.append(f"{node_id}.name={controlnet_file}")
+        elif node.type == "LoadImage":
+            sets.append(f"{node_id}.image={CONTROL_IMAGE}")
+        elif node.type in ("EmptyLatent", "ImageScale"):
+            sets += [f"{node_id}.width={CORPUS_SIZE}", f"{node_id}.height={CORPUS_SIZE}"]
+        elif node.type == "KSampler":
+            sets.append(f"{node_id}.steps=2")
+        elif node.type == "ApplyControlNet" and strength is not None:
+            sets.append(f"{node_id}.strength={strength}")
+    return sets
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS_FILES))
+def test_comfyuis_controlnet_examples_run_on_tiny_models(name: str, setup, tmp_path) -> None:
+    from nodegraph.cli import read_workflow
+    from test_comfyui_corpus import CORPUS
+
+    executor, _, _, inputs = setup
+    control_image(Case(CORPUS_FILES[name], CORPUS_SIZE, CORPUS_SIZE), inputs)
+    path = str(CORPUS / name)
+    registry = executor.registry
+    plain = read_workflow(path, [], registry)
+    assert "ApplyControlNet" in {node.type for node in plain.nodes.values()}
+    images = []
+    for strength in (None, 0.0):
+        workflow = read_workflow(path, corpus_overrides(plain, CORPUS_FILES[name], strength), registry)
+        result = executor.run(workflow)
+        assert result.status == "succeeded", f"{name}: {result.error}"
+        decoded = [result.results[node_id].outputs.image for node_id, node in workflow.nodes.items()
+                   if node.type == "VAEDecode"]
+        assert len(decoded) == 1 and decoded[0].shape == (1, CORPUS_SIZE, CORPUS_SIZE, 3)
+        assert bool(torch.isfinite(decoded[0]).all()) and float(decoded[0].std()) > 0.01
+        images.append(decoded[0])
+    # The file's ControlNet strength against none: the ControlNet is applied.
+    assert (images[0] - images[1]).abs().max() > 1 / 255
