@@ -55,6 +55,8 @@ class DiffusionModel:
     name: str = ""
     patches: WeightPatches = WeightPatches()
     preview_vae: VAEModel | None = None  # the VAE the model's file came with: step previews' colours
+    # DifferentialDiffusion's strength: a noise mask is thresholded anew at every step (sampling.run).
+    differential_diffusion: float | None = None
 
     def with_patch(self, deltas: Deltas, strength: float) -> DiffusionModel:
         return replace(self, patches=self.patches.plus(deltas, strength))

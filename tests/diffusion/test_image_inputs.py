@@ -267,3 +267,72 @@ def test_entries_concat_is_the_extra_input_of_their_own_rows() -> None:
     assert unet.batches == [2]
     torch.testing.assert_close(guided, 2 * alone(a, x, sigma) - alone(b, x, sigma))
     assert not torch.allclose(alone(a, x, sigma), alone(b, x, sigma))
+
+
+# --------------------------------------------------------------------------- DifferentialDiffusion
+
+
+def comfy_differential_mask(mask: Tensor, sigma: float, sigmas: Tensor, sampling: ModelSampling,
+                            strength: float) -> Tensor:
+    """ComfyUI's DifferentialDiffusion.forward, written out: the timestep thresholds in plain floats."""
+    sigma_to = max(sampling.sigma_min, float(sigmas[-1]))
+    ts = [float(sampling.timestep(torch.tensor([s]))[0]) for s in (float(sigmas[0]), sigma_to, sigma)]
+    threshold = (ts[2] - ts[1]) / (ts[0] - ts[1])
+    binary = (mask >= threshold).float()
+    return strength * binary + (1 - strength) * mask if strength < 1 else binary
+
+
+@pytest.mark.parametrize("sampling", [ModelSampling.for_prediction("eps"), ModelSampling.flux(mu=1.15)],
+                         ids=["discrete", "flux"])
+@pytest.mark.parametrize("strength", [1.0, 0.4])
+def test_differential_mask_thresholds_by_the_models_timesteps(sampling: ModelSampling, strength: float) -> None:
+    from nodegraph_diffusion.sampling.run import differential_mask
+
+    mask = torch.linspace(0, 1, 24).reshape(1, 1, 4, 6)
+    sigmas = torch.linspace(sampling.sigma_max, 0, 9)
+    sigmas[-1] = 0.0
+    for sigma in sigmas[:-1]:
+        got = differential_mask(mask, sigma.reshape(1), sigmas, sampling.timestep, sampling.sigma_min, strength)
+        torch.testing.assert_close(got, comfy_differential_mask(mask, float(sigma), sigmas, sampling, strength))
+    first = differential_mask(mask, sigmas[:1], sigmas, sampling.timestep, sampling.sigma_min, 1.0)
+    last = differential_mask(mask, sigmas[-2:-1], sigmas, sampling.timestep, sampling.sigma_min, 1.0)
+    assert torch.all(first[mask < 1] == 0)  # at the first step only the cells masked fully
+    assert torch.all(last >= first) and last.sum() > first.sum()  # the others join as sampling goes on
+
+
+def test_sampling_uses_each_steps_mask_and_composites_with_the_last() -> None:
+    from nodegraph_diffusion.sampling.run import SamplerChoice, sample
+
+    latent = torch.randn(1, 4, 4, 6, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(1, 4, 4, 6, generator=torch.Generator().manual_seed(3))
+    mask = torch.linspace(0, 1, 24).reshape(1, 1, 4, 6)
+    sigmas = torch.tensor([10.0, 5.0, 2.0, 0.5, 0.0])
+    seen: list[Tensor] = []
+
+    def step_mask(sigma: Tensor, m: Tensor) -> Tensor:
+        out = (m >= float(sigma[0]) / 10.0).float()
+        seen.append(out)
+        return out
+
+    calls: list[Tensor] = []
+
+    def denoiser(x: Tensor, sigma: Tensor) -> Tensor:
+        calls.append(x.clone())
+        return torch.full_like(x, 3.0)
+
+    result = sample(denoiser, SamplerChoice("euler"), sigmas, latent, noise, noise_mask=mask, step_mask=step_mask)
+    assert len(seen) == len(calls) == 4
+    for m, x, sigma in zip(seen, calls, sigmas):  # outside each step's mask, x is the latent noised to sigma
+        kept = (m == 0).expand_as(x)
+        assert kept.any()
+        torch.testing.assert_close(x[kept], (latent + sigma * noise)[kept])
+    final = seen[-1]
+    torch.testing.assert_close(result, torch.full_like(latent, 3.0) * final + latent * (1 - final))
+
+
+def test_reference_latents_are_for_flux_models() -> None:
+    from nodegraph_diffusion.sampling.guidance import GuidanceError
+
+    entry = prompt(1.0).with_(reference_latents=(torch.zeros(1, 4, 6, 6),))
+    with pytest.raises(GuidanceError, match="reference latents .* are for Flux.1 Kontext"):
+        CFGGuider(EchoUNet(), SAMPLING, [entry], [], 1.0)

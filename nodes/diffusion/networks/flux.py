@@ -322,6 +322,30 @@ def image_position_ids(rows: int, cols: int, device: torch.device | None = None)
     return ids.view(-1, 3)
 
 
+# Reference images (Flux.1 Kontext) sit at this index of the first rotary axis; the image at 0.
+REFERENCE_INDEX = 1
+
+
+def reference_position_ids(sizes: Sequence[tuple[int, int]], device: torch.device | None = None) -> list[Tensor]:
+    """Position ids of reference latents' tokens (Flux.1 Kontext, ComfyUI's "offset" placement):
+    each at index 1, the first at row and column 0, each next one right of the ones before when
+    that keeps the whole closer to square, else below them. sizes: (height, width) of each latent
+    in latent cells -> one (tokens, 3) table per reference."""
+    tables, height_so_far, width_so_far = [], 0, 0
+    for height, width in sizes:
+        top = left = 0
+        if height + height_so_far > width + width_so_far:
+            left = width_so_far
+        else:
+            top = height_so_far
+        height_so_far, width_so_far = max(height_so_far, height + top), max(width_so_far, width + left)
+        ids = image_position_ids(-(-height // PATCH_SIZE), -(-width // PATCH_SIZE), device)
+        # Offsets count latent cells; a token covers PATCH_SIZE of them (rounded as the image's own size is).
+        ids += torch.tensor([REFERENCE_INDEX, -(-top // PATCH_SIZE), -(-left // PATCH_SIZE)], device=device)
+        tables.append(ids)
+    return tables
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -350,6 +374,7 @@ class Flux(nn.Module):
         y: Tensor,
         guidance: Tensor | None = None,
         control: TransformerControl | None = None,
+        reference_latents: Sequence[Tensor] = (),
     ) -> Tensor:
         """Velocity prediction for a latent batch.
 
@@ -357,8 +382,9 @@ class Flux(nn.Module):
         cropped back); timesteps: (B,) sigmas in [0, 1]; context: (B, L, context_dim) T5 hidden
         states; y: (B, pooled_dim) CLIP pooled output; guidance: (B,) distilled guidance scale,
         required by guidance-embedding models (dev) and ignored by the others (schnell); control:
-        ControlNet residuals added to the image tokens after each double- and single-stream block.
-        Returns (B, out_channels, H, W).
+        ControlNet residuals added to the image tokens after each double- and single-stream block;
+        reference_latents: (B or 1, in_channels, h, w) each, images the model attends to as extra
+        tokens (Flux.1 Kontext, :meth:`reference_tokens`). Returns (B, out_channels, H, W).
         """
         self._check_inputs(x, timesteps, context, y, guidance)
         if control is not None:
@@ -378,6 +404,12 @@ class Flux(nn.Module):
 
         text_ids = torch.zeros(txt.shape[1], 3, device=x.device)
         ids = torch.cat((text_ids, image_position_ids(rows, cols, x.device)), dim=0)
+        image_tokens = img.shape[1]
+        if reference_latents:
+            if control is not None:
+                raise FluxInputError("ControlNets and reference latents (Kontext) together are not supported")
+            references, reference_ids = self.reference_tokens(reference_latents, x.shape[0])
+            img, ids = torch.cat((img, references), dim=1), torch.cat((ids, reference_ids), dim=0)
         rope = rope_angles(ids, self.config.axes_dim, self.config.theta)
 
         for i, block in enumerate(self.double_blocks):
@@ -389,8 +421,23 @@ class Flux(nn.Module):
             joint = block(joint, vec, rope)
             if control is not None and control.single[i] is not None:
                 joint = torch.cat((joint[:, :txt.shape[1]], joint[:, txt.shape[1]:] + control.single[i]), dim=1)
-        img = self.final_layer(joint[:, txt.shape[1]:], vec)
+        img = self.final_layer(joint[:, txt.shape[1]: txt.shape[1] + image_tokens], vec)
         return unpack_latent(img, rows, cols)[:, :, :height, :width]
+
+    def reference_tokens(self, latents: Sequence[Tensor], batch: int) -> tuple[Tensor, Tensor]:
+        """Reference latents (each (B or 1, in_channels, h, w)) as tokens after the image's, embedded
+        like it (odd sizes padded circularly), with their positions (:func:`reference_position_ids`):
+        -> tokens (B, N, hidden_size), ids (N, 3)."""
+        tokens = []
+        for latent in latents:
+            if latent.ndim != 4 or latent.shape[1] != self.config.in_channels or latent.shape[0] not in (1, batch):
+                raise FluxInputError(f"a reference latent is (B={batch} or 1, {self.config.in_channels}, h, w), "
+                                     f"got {tuple(latent.shape)}")
+            h, w = latent.shape[-2:]
+            padded = F.pad(latent, (0, w % PATCH_SIZE, 0, h % PATCH_SIZE), mode="circular")
+            tokens.append(self.img_in(pack_latent(padded)).expand(batch, -1, -1))
+        ids = reference_position_ids([tuple(latent.shape[-2:]) for latent in latents], latents[0].device)
+        return torch.cat(tokens, dim=1), torch.cat(ids, dim=0)
 
     def _check_inputs(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor, guidance: Tensor | None) -> None:
         config = self.config

@@ -258,6 +258,18 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
     "InstructPixToPixConditioning": NodeMapping(
         "InstructPix2PixConditioning", {"pixels": "image", **_same("positive", "negative", "vae")},
         ("positive", "negative", "latent")),
+    # Older ComfyUI versions had no noise_mask widget (the mask was always the latent's noise mask, our
+    # default) and no DifferentialDiffusion strength.
+    "InpaintModelConditioning": NodeMapping(
+        "InpaintModelConditioning", {"pixels": "image", **_same("positive", "negative", "vae", "mask", "noise_mask")},
+        ("positive", "negative", "latent"), ("noise_mask",), later_widgets=1),
+    "DifferentialDiffusion": NodeMapping("DifferentialDiffusion", _same("model", "strength"), ("model",),
+                                         ("strength",), later_widgets=1),
+    "ReferenceLatent": NodeMapping("ReferenceLatent", _same("conditioning", "latent"), ("conditioning",)),
+    "FluxKontextImageScale": NodeMapping("KontextImageScale", _same("image"), ("image",)),
+    "ImageStitch": NodeMapping(
+        "ImageStitch", _same("image1", "direction", "match_image_size", "spacing_width", "spacing_color", "image2"),
+        ("image",), ("direction", "match_image_size", "spacing_width", "spacing_color")),
     "SamplerCustom": NodeMapping(
         "SamplerCustom",
         {"latent_image": "latent",

@@ -1,17 +1,21 @@
 """Conditioning on an image: edit and structure models (InstructPix2Pix, CosXL edit, Flux.1
 Canny/Depth) and inpainting models (SD inpainting, Flux.1 Fill) take an image's latent beside the
-noisy one (sampling.concat builds those input channels)."""
+noisy one (sampling.concat builds those input channels); Flux.1 Kontext attends to reference
+latents as extra tokens."""
 
 from __future__ import annotations
 
-from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
-from nodegraph.types import CONDITIONING, IMAGE, LATENT, VAE
-
 import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
+from nodegraph.types import CONDITIONING, IMAGE, LATENT, MASK, VAE
 
 from ..components import Latent
 from ..sampling.guidance import Conditioning
-from .images import as_image
+from .common import InputError
+from .images import as_image, as_mask
 from .latent import _encodable, _vae
 
 
@@ -48,4 +52,68 @@ class InstructPix2PixConditioning(Node):
                             latent=Latent(torch.zeros_like(encoded), vae.downscale_factor))
 
 
-NODES = [InstructPix2PixConditioning]
+class InpaintModelConditioning(Node):
+    """Condition an inpainting model (SD inpainting, Flux.1 Fill) on an image and the mask of what to
+    repaint (ComfyUI's InpaintModelConditioning): the image with the masked part made grey is
+    encoded and goes beside the noisy latent with the mask, on both sides. The latent output is the
+    whole image's, to sample from; noise_mask also gives it the mask as its noise mask, so only the
+    masked part is resampled (some models do better without). The mask is resized to the image;
+    sizes that are not multiples of the VAE's factor are cropped."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        positive: CONDITIONING.annotation
+        negative: CONDITIONING.annotation
+        vae: VAE.annotation
+        image: IMAGE.annotation
+        mask: MASK.annotation
+        noise_mask: bool = Field(True, description="Resample only the masked part (the latent's noise mask).")
+
+    class Outputs(NodeOutputs):
+        positive: CONDITIONING.annotation
+        negative: CONDITIONING.annotation
+        latent: LATENT.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        vae = _vae(inputs.vae)
+        image = as_image(inputs.image)
+        mask = as_mask(inputs.mask)
+        if mask.shape[0] not in (1, image.shape[0]):
+            raise InputError("mask", f"{mask.shape[0]} masks for {image.shape[0]} images: give one mask, or one "
+                                     "per image")
+        mask = F.interpolate(mask[:, None], size=image.shape[1:3], mode="bilinear", align_corners=False)
+        image = _encodable(image, vae.downscale_factor, ctx)
+        mask = _encodable(mask.permute(0, 2, 3, 1), vae.downscale_factor, ctx).permute(0, 3, 1, 2)
+        keep = 1.0 - mask.round().permute(0, 2, 3, 1)
+        masked = (image - 0.5) * keep + 0.5  # the part to repaint made grey
+        concat = {"concat_latent": vae.encode(masked), "concat_mask": mask}
+        latent = Latent(vae.encode(image), vae.downscale_factor, noise_mask=mask if inputs.noise_mask else None)
+        return self.Outputs(positive=_with_concat(inputs.positive, **concat),
+                            negative=_with_concat(inputs.negative, **concat), latent=latent)
+
+
+class ReferenceLatent(Node):
+    """Give an edit model an image to work from (ComfyUI's ReferenceLatent; Flux.1 Kontext): the
+    encoded image joins the conditioning as reference tokens the model attends to, at positions of
+    their own. Chain several for several references (placed beside or below one another); without a
+    latent the conditioning passes unchanged."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        conditioning: CONDITIONING.annotation
+        latent: LATENT.annotation | None = None
+
+    class Outputs(NodeOutputs):
+        conditioning: CONDITIONING.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        if inputs.latent is None:
+            return self.Outputs(conditioning=inputs.conditioning)
+        samples = inputs.latent.samples
+        return self.Outputs(conditioning=tuple(entry.with_(reference_latents=(*entry.reference_latents, samples))
+                                               for entry in inputs.conditioning))
+
+
+NODES = [InstructPix2PixConditioning, InpaintModelConditioning, ReferenceLatent]

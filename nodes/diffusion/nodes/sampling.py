@@ -20,7 +20,15 @@ from ..sampling.model_sampling import ModelSampling, ModelSamplingError, Predict
 from ..sampling.unclip import ImagePromptError, with_image_prompts
 from ..vae.previews import preview_image
 from ..weights.devices import compile_mode, compiled, cpu_threads, network_work
-from ..sampling.run import KSAMPLER_EXTRA_STEP_SAMPLERS, SAMPLER_NAMES, SamplerChoice, resize_mask, sample
+from ..sampling.run import (
+    KSAMPLER_EXTRA_STEP_SAMPLERS,
+    SAMPLER_NAMES,
+    SamplerChoice,
+    StepMask,
+    differential_mask,
+    resize_mask,
+    sample,
+)
 from .common import InputError
 
 # ComfyUI's KSampler.SAMPLERS and KSampler.SCHEDULERS, every one implemented under its name.
@@ -135,6 +143,15 @@ def _with_image_inputs(guidance: Guidance, latent: Latent) -> Guidance:
                                 for name, conditioning in guidance.sides().items()})
 
 
+def _step_mask(model: DiffusionModel, sigmas: torch.Tensor) -> StepMask | None:
+    """DifferentialDiffusion's per-step noise mask for this run's schedule, if the model has it."""
+    strength = model.differential_diffusion
+    if strength is None:
+        return None
+    sampling = model.sampling
+    return lambda sigma, mask: differential_mask(mask, sigma, sigmas, sampling.timestep, sampling.sigma_min, strength)
+
+
 def run_sampling(ctx: RunContext, guidance: Guidance, sampler: SamplerChoice, sigmas: torch.Tensor,
                  latent: Latent, noise: NoiseSource) -> tuple[Latent, Latent]:
     """Sample a latent with guidance; reports progress with previews. Returns (result, last denoised)."""
@@ -170,7 +187,8 @@ def run_sampling(ctx: RunContext, guidance: Guidance, sampler: SamplerChoice, si
 
         result = sample(guider, sampler, sigmas, samples, start_noise, noise_mask=mask,
                         generator=noise.sampler_generator(), device=device, callback=on_step,
-                        noise_form=model.sampling.noise_form, percent_to_sigma=model.sampling.percent_to_sigma)
+                        noise_form=model.sampling.noise_form, percent_to_sigma=model.sampling.percent_to_sigma,
+                        step_mask=_step_mask(model, sigmas))
     denoised = last["denoised"].float().cpu()
     return latent.with_(samples=result), latent.with_(samples=denoised)
 
@@ -406,6 +424,25 @@ class ModelSamplingFlux(Node):
         return self.Outputs(model=inputs.model.with_sampling(sampling))
 
 
+class DifferentialDiffusion(Node):
+    """Repaint a soft noise mask gradually: each cell joins the repainting at the step its mask value
+    says (1: from the first step, 0.5: from halfway, in the model's timesteps), so edits blend into
+    what is kept. Affects sampling with a noise mask (SetLatentNoiseMask, InpaintModelConditioning);
+    strength < 1 blends the thresholded mask with the mask itself."""
+
+    category = "model"
+
+    class Inputs(NodeInputs):
+        model: MODEL.annotation
+        strength: float = Field(1.0, ge=0.0, le=1.0, description="1: the thresholded mask alone.")
+
+    class Outputs(NodeOutputs):
+        model: MODEL.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        return self.Outputs(model=replace(inputs.model, differential_diffusion=inputs.strength))
+
+
 # ComfyUI's names for the predictions ModelSamplingDiscrete sets.
 DISCRETE_PREDICTIONS = {"eps": Prediction.EPS, "v_prediction": Prediction.V, "lcm": Prediction.LCM,
                         "x0": Prediction.X0}
@@ -589,4 +626,4 @@ class KSamplerAdvanced(Node):
 
 NODES = [RandomNoise, DisableNoise, Scheduler, SDTurboScheduler, SplitSigmas, SelectSampler, Guider, BasicGuider,
          DualGuider, Sample, SamplerCustom, DenoiseStep, KSampler, KSamplerAdvanced, ModelSamplingSD3,
-         ModelSamplingFlux, ModelSamplingDiscrete]
+         ModelSamplingFlux, ModelSamplingDiscrete, DifferentialDiffusion]

@@ -137,6 +137,8 @@ class CondEntry:
     concat_mask: (b, 1, H, W) in [0, 1] their inpainting mask at any resolution; both turned into
     `concat` before sampling (:func:`.concat.concat_channels`). concat: (b, K, h, w) the model's
     extra input channels for this entry, at the sampled latent's size, or None.
+    reference_latents: (b, C, h, w) latents (diffusion space) an edit model attends to as extra
+    tokens (Flux.1 Kontext: ReferenceLatent), in order.
     """
 
     context: Tensor | None = None
@@ -158,6 +160,7 @@ class CondEntry:
     concat_latent: Tensor | None = None
     concat_mask: Tensor | None = None
     concat: Tensor | None = None
+    reference_latents: tuple[Tensor, ...] = ()
 
     def with_(self, **changes: object) -> CondEntry:
         return replace(self, **changes)
@@ -260,6 +263,8 @@ def check_conditioning(network: nn.Module, entries: Sequence[CondEntry]) -> None
                                 f"text states {tuple(entry.context.shape)}: expected (1, T)")
         if entry.control is not None:
             _check_controls(network, entry.control)
+        if entry.reference_latents and not isinstance(network.config, FluxConfig):
+            raise GuidanceError("reference latents (ReferenceLatent) are for Flux.1 Kontext models")
 
 
 # Which ControlNets guide which networks: (network config, ControlNet module, what the model is).
@@ -466,6 +471,8 @@ class CFGGuider:
                 extra = self._guidance_input(group, batch, x)
                 if control is not None:
                     extra["control"] = control
+                if group[0].entry.reference_latents:
+                    extra["reference_latents"] = self._reference_latents(group, batch, x)
                 output = self.network(model_in.to(dtype), timesteps, context, y, **extra)
         self.model_calls += 1
         output = output.to(x.dtype)
@@ -488,6 +495,13 @@ class CFGGuider:
                 mask = torch.ones(item.entry.context.shape[:2])  # type: ignore[union-attr]
             rows.append(mask.to(device).bool().expand(batch, -1))
         return context, torch.cat(rows)
+
+    @staticmethod
+    def _reference_latents(group: list[_Work], batch: int, x: Tensor) -> list[Tensor]:
+        """Each reference latent of the group's entries for every row of the batched call: (n * B, C, h, w)."""
+        count = len(group[0].entry.reference_latents)
+        return [torch.cat([item.entry.reference_latents[i].to(x.device, x.dtype).expand(batch, -1, -1, -1)
+                           for item in group]) for i in range(count)]
 
     def _guidance_input(self, group: list[_Work], batch: int, x: Tensor) -> dict[str, Tensor]:
         """The guidance strength guidance-distilled networks (Flux.1-dev) take, per row of the batched call."""
@@ -634,7 +648,8 @@ def _groups(work: list[_Work]) -> list[list[_Work]]:
     for item in work:
         key = (item.region, None if item.entry.context is None else tuple(item.entry.context.shape),
                None if item.entry.y is None else tuple(item.entry.y.shape),
-               None if item.entry.concat is None else tuple(item.entry.concat.shape[1:]))
+               None if item.entry.concat is None else tuple(item.entry.concat.shape[1:]),
+               tuple(tuple(latent.shape[1:]) for latent in item.entry.reference_latents))
         groups.setdefault(key, []).append(item)
     return list(groups.values())
 

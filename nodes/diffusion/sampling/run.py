@@ -22,6 +22,8 @@ KSAMPLER_EXTRA_STEP_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", 
 
 # (step index, number of steps, current x (B, C, h, w), denoised estimate (B, C, h, w))
 ProgressCallback = Callable[[int, int, Tensor, Tensor], None]
+# (sigma (B,), the noise mask (B, 1, h, w)) -> the mask that step uses (DifferentialDiffusion)
+StepMask = Callable[[Tensor, Tensor], Tensor]
 
 
 class SamplingError(ValueError):
@@ -82,6 +84,45 @@ def resize_mask(mask: Tensor, batch: int, height: int, width: int) -> Tensor:
     return mask.clamp(0.0, 1.0)
 
 
+def differential_mask(mask: Tensor, sigma: Tensor, sigmas: Tensor, timestep: Callable[[Tensor], Tensor],
+                      sigma_min: float, strength: float = 1.0) -> Tensor:
+    """Differential diffusion's mask for the step at `sigma` (ComfyUI's DifferentialDiffusion): a
+    cell is repainted from the step at which sampling has gone as far, in the model's timesteps, as
+    its mask value asks. With t(s) the model's timestep of s, t_from = t(sigmas[0]) and t_to =
+    t(max(sigmas[-1], sigma_min)): threshold = (t(sigma) - t_to) / (t_from - t_to), binary =
+    (mask >= threshold); strength < 1 blends: strength * binary + (1 - strength) * mask.
+    mask: (B, 1, h, w) in [0, 1]; sigma: (B,) or a scalar; sigmas: the run's schedule."""
+    sigma_to = torch.clamp(sigmas[-1], min=sigma_min)
+    ends = timestep(torch.stack([sigmas[0], sigma_to]).reshape(2).float())
+    now = timestep(torch.as_tensor(sigma).reshape(-1)[:1].float())
+    span = float(ends[0] - ends[1])
+    threshold = float(now[0] - ends[1]) / span if span else 0.0  # a one-level schedule repaints all
+    binary = (mask >= threshold).to(mask.dtype)
+    return strength * binary + (1.0 - strength) * mask if strength < 1.0 else binary
+
+
+class _StepMasks:
+    """The noise mask of each model call (the same one unless a StepMask changes it per sigma), and
+    the last one used, which the finished sample is composited with."""
+
+    def __init__(self, mask: Tensor, step_mask: StepMask | None) -> None:
+        self.mask, self.step_mask, self.last = mask, step_mask, mask
+
+    def at(self, sigma: Tensor) -> Tensor:
+        self.last = self.mask if self.step_mask is None else self.step_mask(sigma, self.mask)
+        return self.last
+
+    def denoiser(self, model: Denoiser, latent: Tensor, noise: Tensor, noise_form: NoiseForm) -> Denoiser:
+        """`model` with the unmasked part kept (masked_denoiser) under each call's mask."""
+        if self.step_mask is None:
+            return masked_denoiser(model, latent, noise, self.mask, noise_form)
+
+        def wrapped(x: Tensor, sigma: Tensor) -> Tensor:
+            return masked_denoiser(model, latent, noise, self.at(sigma), noise_form)(x, sigma)
+
+        return wrapped
+
+
 def _cpu_noise_sampler(x: Tensor, generator: torch.Generator) -> Callable[[Tensor, Tensor], Tensor]:
     def draw(sigma: Tensor, sigma_next: Tensor) -> Tensor:
         return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
@@ -102,6 +143,7 @@ def sample(
     callback: ProgressCallback | None = None,
     noise_form: NoiseForm = NoiseForm.VE,
     percent_to_sigma: Callable[[float], float] | None = None,
+    step_mask: StepMask | None = None,
 ) -> Tensor:
     """Sample from `latent` (zeros for text-to-image) along `sigmas`.
 
@@ -114,8 +156,9 @@ def sample(
     CPU generator for stochastic samplers' per-step noise. CFG++ samplers (`sampler.uses_uncond`)
     take the unconditional prediction from `denoiser.denoise_with_uncond`. percent_to_sigma: the
     model's map from sampling progress to sigma (`ModelSampling.percent_to_sigma`), for samplers
-    that act on a part of the model's schedule (SA-Solver's noise). Returns (B, C, h, w) float32 on
-    the CPU.
+    that act on a part of the model's schedule (SA-Solver's noise). step_mask: the noise mask each
+    model call uses, from its sigma (:func:`differential_mask`); the result is composited with the
+    last one. Returns (B, C, h, w) float32 on the CPU.
     """
     if latent.shape != noise.shape:
         raise SamplingError(f"noise shape {tuple(noise.shape)} does not match the latent {tuple(latent.shape)}")
@@ -132,10 +175,9 @@ def sample(
     accepted = inspect.signature(SAMPLERS[sampler.name]).parameters
     if "percent_to_sigma" in accepted and percent_to_sigma is None:
         raise SamplingError(f"sampler {sampler.name!r} needs the model's schedule (percent_to_sigma)")
-    if noise_mask is not None:
-        noise_mask = noise_mask.to(device, torch.float32)
-    model = _uncond_model(denoiser, sampler, latent, noise, noise_mask, noise_form) if sampler.uses_uncond else (
-        denoiser if noise_mask is None else masked_denoiser(denoiser, latent, noise, noise_mask, noise_form))
+    masks = None if noise_mask is None else _StepMasks(noise_mask.to(device, torch.float32), step_mask)
+    model = _uncond_model(denoiser, sampler, latent, noise, masks, noise_form) if sampler.uses_uncond else (
+        denoiser if masks is None else masks.denoiser(denoiser, latent, noise, noise_form))
     x = noise_form.noisy(latent, noise, sigmas[0])
     steps = sigmas.numel() - 1
 
@@ -151,19 +193,19 @@ def sample(
     result = SAMPLERS[sampler.name](model, x, sigmas, callback=on_step, **kwargs)
     if sigmas[-1] > 0:
         result = latent_from_noisy(noise_form, result, sigmas[-1])
-    if noise_mask is not None:
-        result = apply_noise_mask(result, latent, noise_mask)
+    if masks is not None:
+        result = apply_noise_mask(result, latent, masks.last)
     return result.float().cpu()
 
 
 def _uncond_model(denoiser: Denoiser | UncondDenoiser, sampler: SamplerChoice, latent: Tensor, noise: Tensor,
-                  noise_mask: Tensor | None, noise_form: NoiseForm) -> GuidedDenoiser:
+                  masks: _StepMasks | None, noise_form: NoiseForm) -> GuidedDenoiser:
     """The guided and the unconditional prediction for a CFG++ sampler, both masked like the guided one."""
     both = getattr(denoiser, "denoise_with_uncond", None)
     if both is None:
         raise SamplingError(f"sampler {sampler.name!r} re-noises with the unconditional prediction: it needs a "
                             "guider with a negative conditioning (CFGGuider)")
-    if noise_mask is None:
+    if masks is None:
         return both
     uncond: dict[str, Tensor] = {}
 
@@ -171,10 +213,10 @@ def _uncond_model(denoiser: Denoiser | UncondDenoiser, sampler: SamplerChoice, l
         out, uncond["last"] = both(x, sigma)
         return out
 
-    masked = masked_denoiser(guided, latent, noise, noise_mask, noise_form)
+    masked = masks.denoiser(guided, latent, noise, noise_form)
 
     def pair(x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         out = masked(x, sigma)
-        return out, apply_noise_mask(uncond["last"], latent, noise_mask)
+        return out, apply_noise_mask(uncond["last"], latent, masks.last)
 
     return pair
