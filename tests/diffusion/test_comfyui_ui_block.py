@@ -75,6 +75,18 @@ def test_bypassed_node_is_kept_and_runs_as_comfyui_ran_the_file(registry):
                                                                "inputs/mountains.png"}
 
 
+def test_muted_node_is_kept_and_does_not_run(registry):
+    converted = UI.convert(corpus(f"{TURBO}-ui.json"))
+    assert converted["nodes"]["27"] == {"type": "SaveImage", "mode": "mute", "inputs": {
+        "filename_prefix": "ComfyUI", "images": link("8", "image")}}
+    api = API.convert(corpus(f"{TURBO}-api.json"))
+    assert "27" not in api["nodes"] and as_run(converted, registry) == as_run(api, registry)
+    assert converted["ui"]["groups"] == [{"id": "group1", "title": "Unmute (CTRL-M) if you want to save images.",
+                                          "color": "#3f789e", "bounds": [1808.0, -260.0, 536.0, 676.0]}]
+    with without_user_files():
+        assert validate(CORPUS / f"{TURBO}-ui.json", registry, Executor(registry, device="cpu")).validates
+
+
 def test_groups_notes_and_node_looks_of_a_real_file():
     document = corpus(f"{EDIT}-ui.json")
     ui = UI.convert(document)["ui"]
@@ -128,6 +140,17 @@ def test_collapsed_nodes_stay_collapsed():
     assert collapsed  # the file has some
     ui = UI.convert(document)["ui"]["nodes"]
     assert {node_id for node_id, entry in ui.items() if entry.get("collapsed")} == collapsed
+
+
+def test_muted_node_that_does_not_convert_is_left_out_as_before(registry):
+    # The muted SaveImage holding a widget value too many: the import cannot keep it, so it leaves
+    # it out, as it did before muted nodes were kept (ComfyUI does not run it either).
+    document = corpus(f"{TURBO}-ui.json")
+    save = next(node for node in document["nodes"] if node["id"] == 27)
+    save["widgets_values"] = ["ComfyUI", "extra"]
+    converted = UI.convert(document)
+    assert "27" not in converted["nodes"]
+    assert as_run(converted, registry) == as_run(API.convert(corpus(f"{TURBO}-api.json")), registry)
 
 
 def test_bypass_that_our_engine_would_pass_differently_is_resolved_at_import():
