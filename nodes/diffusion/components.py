@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import ContextManager, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,13 @@ def _patched(module: nn.Module, patches: WeightPatches) -> Iterator[nn.Module]:
         yield module
 
 
+class NetworkHook(Protocol):
+    """A change to how a network computes, in effect while it is installed (a hypernetwork's MLPs
+    on the attention inputs); like weight patches, it leaves the shared network as it was."""
+
+    def installed(self, network: nn.Module) -> ContextManager[None]: ...
+
+
 @dataclass(frozen=True, eq=False)
 class DiffusionModel:
     """A denoising network (U-Net, MMDiT, Flux, DiT, PixArt) with how to drive it; `patches` are LoRA deltas
@@ -55,11 +62,16 @@ class DiffusionModel:
     name: str = ""
     patches: WeightPatches = WeightPatches()
     preview_vae: VAEModel | None = None  # the VAE the model's file came with: step previews' colours
+    hooks: tuple[NetworkHook, ...] = ()  # installed, in order, while the network runs
     # DifferentialDiffusion's strength: a noise mask is thresholded anew at every step (sampling.run).
     differential_diffusion: float | None = None
 
     def with_patch(self, deltas: Deltas, strength: float) -> DiffusionModel:
         return replace(self, patches=self.patches.plus(deltas, strength))
+
+    def with_hook(self, hook: NetworkHook) -> DiffusionModel:
+        """The same model with `hook` installed after those it has while it runs."""
+        return replace(self, hooks=self.hooks + (hook,))
 
     def with_sampling(self, sampling: ModelSampling) -> DiffusionModel:
         """The same network driven another way (a flow model's shift: ModelSamplingSD3/Flux)."""
@@ -73,7 +85,9 @@ class DiffusionModel:
 
     @contextlib.contextmanager
     def patched_network(self) -> Iterator[nn.Module]:
-        with _patched(self.network, self.patches) as network:
+        with _patched(self.network, self.patches) as network, contextlib.ExitStack() as stack:
+            for hook in self.hooks:
+                stack.enter_context(hook.installed(network))
             yield network
 
     @property

@@ -955,3 +955,25 @@ def test_incomplete_nodes_no_output_needs_are_left_out(api_graph):
     api_graph["3"]["inputs"]["positive"] = ["20", 0]
     assert nodes != (nodes := API.convert(api_graph)["nodes"]) and nodes["20"]["inputs"] == {
         "a": link("6", "conditioning")}
+
+
+# As ComfyUI declares them (nodes.py DiffControlNetLoader, comfy_extras/nodes_hypernetwork.py).
+LOADER_INPUTS: dict[str, dict[str, dict]] = {
+    "DiffControlNetLoader": {"model": LINK, "control_net_name": {"files": "controlnet"}},
+    "HypernetworkLoader": {"model": LINK, "hypernetwork_name": {"files": "hypernetworks"},
+                           "strength": {"default": 1.0, "min": -10.0, "max": 10.0}},
+}
+
+
+def test_diff_controlnet_and_hypernetwork_loaders_take_comfyuis_inputs():
+    check_comfyui_inputs(LOADER_INPUTS, set(), {})
+    corpus = Path(__file__).resolve().parents[1] / "data" / "comfyui_corpus"
+    for name, node_id, expected in (
+            ("examples__hypernetworks__hypernetwork_example.png__png-ui.json", "10",
+             {"type": "LoadHypernetwork", "inputs": {"name": "dantionMarbleStatues_10.pt", "strength": 1.0}}),
+            ("examples__controlnet__depth_controlnet.png__png-ui.json", "33",
+             {"type": "LoadDiffControlNet", "inputs": {"name": "diff_control_sd15_depth_fp16.safetensors"}})):
+        node = UI.convert(json.loads((corpus / name).read_text()))["nodes"][node_id]
+        assert node["type"] == expected["type"]
+        assert {key: value for key, value in node["inputs"].items() if key != "model"} == expected["inputs"]
+        assert node["inputs"]["model"]["output"] == "model"

@@ -32,6 +32,7 @@ CHECKPOINT = "tiny-shapes.safetensors"
 LORA = "tiny-shapes-outlined.safetensors"
 CONTROLNET = "tiny-shapes-silhouette.safetensors"
 VAE = "tiny-shapes-vae.safetensors"  # the checkpoint's own VAE, written alone for LoadVAE
+HYPERNETWORK = "tiny-hypernetwork.pt"  # made in the test: small random MLPs for the embedded U-Net's widths
 INPUT_IMAGE = "in.png"
 SIZE = 64  # the embedded model's image size: the largest latent of each file is scaled to it
 STEPS = 2
@@ -40,7 +41,8 @@ STEPS = 2
 # pixel sizes (scaled, multiples of 8, at least 8), pixel offsets (scaled, multiples of 8), steps
 # and batch sizes. A node type outside both tables fails the test: a corpus file that starts to
 # validate with it needs its overrides decided here first.
-MODEL_NAMES = {"LoadCheckpoint": CHECKPOINT, "LoadLora": LORA, "LoadControlNet": CONTROLNET, "LoadVAE": VAE}
+MODEL_NAMES = {"LoadCheckpoint": CHECKPOINT, "LoadLora": LORA, "LoadControlNet": CONTROLNET, "LoadVAE": VAE,
+               "LoadDiffControlNet": CONTROLNET, "LoadHypernetwork": HYPERNETWORK}
 IMAGE_NAMES = ("LoadImage", "LoadMask")
 SIZES: dict[str, tuple[str, ...]] = {
     "EmptyLatent": ("width", "height"),
@@ -112,6 +114,21 @@ def _write_input_image(path: Path) -> None:
     Image.fromarray(pixels, "RGBA").save(path)
 
 
+def _write_hypernetwork(path: Path, widths: tuple[int, ...] = (64, 128)) -> None:
+    """A hypernetwork in the A1111 / ComfyUI format for the embedded U-Net: per attention input
+    width (its text's 64, its self-attention's 128) a key and a value MLP width -> 2 width -> width."""
+    generator = torch.Generator().manual_seed(0)
+
+    def mlp(width: int) -> dict[str, torch.Tensor]:
+        return {"linear.0.weight": 0.05 * torch.randn(2 * width, width, generator=generator),
+                "linear.0.bias": torch.zeros(2 * width),
+                "linear.2.weight": 0.05 * torch.randn(width, 2 * width, generator=generator),
+                "linear.2.bias": torch.zeros(width)}
+
+    torch.save({**{width: [mlp(width), mlp(width)] for width in widths}, "activation_func": "relu",
+                "is_layer_norm": False, "activate_output": False}, path)
+
+
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory) -> Iterator[NodeRegistry]:
     """A models folder holding only the embedded files (and the checkpoint's VAE alone), an inputs
@@ -125,6 +142,8 @@ def small_world(tmp_path_factory) -> Iterator[NodeRegistry]:
     (root / "vae").mkdir()
     save_file({key[len(prefix):]: value.contiguous() for key, value in weights.items() if key.startswith(prefix)},
               root / "vae" / VAE)
+    (root / "hypernetworks").mkdir()
+    _write_hypernetwork(root / "hypernetworks" / HYPERNETWORK)
     inputs = tmp_path_factory.mktemp("corpus_inputs")
     _write_input_image(inputs / INPUT_IMAGE)
     with pytest.MonkeyPatch.context() as patch:

@@ -8,6 +8,8 @@ fused kernel (flash / memory-efficient) where the device has one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -16,6 +18,10 @@ TRANSFORMER_GROUPNORM_EPS = 1e-6
 NORM_GROUPS = 32
 # Width of the GEGLU feed-forward hidden layer relative to the model width.
 FEED_FORWARD_MULT = 4
+
+# (key input, value input) -> new ones, both (B, T, context_dim): a hypernetwork's change of what
+# to_k and to_v see (installed on CrossAttention.kv_hooks while a model runs).
+KeyValueHook = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor]"]
 
 
 class CrossAttention(nn.Module):
@@ -35,15 +41,20 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         # A list so the checkpoint key is ``to_out.0``; the original's dropout at index 1 has no weights.
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim)])
+        # Applied in order to the key and value inputs (hypernetworks); empty but while one is installed.
+        self.kv_hooks: list[KeyValueHook] = []
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """x: (B, N, query_dim), context: (B, T, context_dim) or None (self-attention) -> (B, N, query_dim)."""
         context = x if context is None else context
         batch, tokens, _ = x.shape
+        key_in = value_in = context
+        for hook in self.kv_hooks:
+            key_in, value_in = hook(key_in, value_in)
         # (B, N, H*D) viewed as (B, H, N, D) without a copy; SDPA accepts the strided layout.
         q = self.to_q(x).view(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
-        k = self.to_k(context).view(batch, -1, self.heads, self.head_dim).transpose(1, 2)
-        v = self.to_v(context).view(batch, -1, self.heads, self.head_dim).transpose(1, 2)
+        k = self.to_k(key_in).view(batch, -1, self.heads, self.head_dim).transpose(1, 2)
+        v = self.to_v(value_in).view(batch, -1, self.heads, self.head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(batch, tokens, self.heads * self.head_dim)
         return self.to_out[0](out)

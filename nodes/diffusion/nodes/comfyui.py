@@ -325,6 +325,10 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
     "ModelSamplingContinuousEDM": NodeMapping(
         "ModelSamplingContinuousEDM", _same("model", "sampling", "sigma_max", "sigma_min"), ("model",),
         ("sampling", "sigma_max", "sigma_min")),
+    "DiffControlNetLoader": NodeMapping("LoadDiffControlNet", {"model": "model", "control_net_name": "name"},
+                                        ("control_net",), ("control_net_name",)),
+    "HypernetworkLoader": NodeMapping("LoadHypernetwork", {"hypernetwork_name": "name", **_same("model", "strength")},
+                                      ("model",), ("hypernetwork_name", "strength")),
 })
 
 

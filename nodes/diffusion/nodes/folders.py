@@ -37,6 +37,7 @@ KIND_SUBFOLDERS: dict[str, tuple[str, ...]] = {
     "controlnet": ("controlnet", "ControlNet"),
     "clip_vision": ("clip_vision",),
     "embeddings": ("embeddings", "../embeddings"),
+    "hypernetworks": ("hypernetworks",),
 }
 MODEL_KINDS = tuple(KIND_SUBFOLDERS)
 # ComfyUI's older kind names, accepted in the config file's [models.folders] table.
