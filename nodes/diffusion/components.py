@@ -65,6 +65,8 @@ class DiffusionModel:
     hooks: tuple[NetworkHook, ...] = ()  # installed, in order, while the network runs
     # DifferentialDiffusion's strength: a noise mask is thresholded anew at every step (sampling.run).
     differential_diffusion: float | None = None
+    # A torch.compile mode for the denoiser (CompileModel), else the run's --compile setting.
+    compile_mode: str | None = None
 
     def with_patch(self, deltas: Deltas, strength: float) -> DiffusionModel:
         return replace(self, patches=self.patches.plus(deltas, strength))

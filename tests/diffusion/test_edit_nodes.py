@@ -1,7 +1,8 @@
 """The nodes of image-conditioned and edit models as ComfyUI declares them, and graphs that use them
 on tiny random models: Flux.1 Canny/Depth with InstructPixToPixConditioning, Flux.1 Fill with
 InpaintModelConditioning and DifferentialDiffusion, Flux.1 Kontext's reference latents; the image
-nodes of edit workflows (FluxKontextImageScale, ImageStitch) against ComfyUI's formulas."""
+nodes of edit workflows (FluxKontextImageScale, ImageStitch) against ComfyUI's formulas; Flux.1
+Redux style models (StyleModelLoader, StyleModelApply), SetFirstSigma and TorchCompileModel."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 from nodegraph.cache import OutputCache
+from nodegraph.importers import WorkflowImportError
 from nodegraph.executor import Executor
 from nodegraph.plugins import build_registry
 from nodegraph_diffusion.nodes import comfyui
@@ -47,6 +49,11 @@ EDIT_NODE_INPUTS: dict[str, dict[str, dict]] = {
                     "match_image_size": {"boolean": True},
                     "spacing_width": {"default": 0, "min": 0, "max": 1024},
                     "spacing_color": {"choices": ["white", "black", "red", "green", "blue"]}, "image2": LINK},
+    "SetFirstSigma": {"sigmas": LINK, "sigma": {"default": 136.0, "min": 0.0, "max": 20000.0}},
+    "StyleModelLoader": {"style_model_name": {"files": "style_models"}},
+    "StyleModelApply": {"conditioning": LINK, "style_model": LINK, "clip_vision_output": LINK,
+                        "strength": {"default": 1.0, "min": 0.0, "max": 10.0},
+                        "strength_type": {"choices": ["multiply", "attn_bias"]}},
 }
 
 
@@ -257,3 +264,122 @@ def test_reference_latents_reach_a_flux_model_through_ksampler(world) -> None:
     plain = executor.run(API.convert(without), outputs=["9", "8"])
     referenced = executor.run(API.convert(graph), outputs=["8"])
     assert (plain.results["8"].outputs.image - referenced.results["8"].outputs.image).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------- SetFirstSigma, TorchCompileModel
+
+
+def test_set_first_sigma_replaces_only_the_first_level() -> None:
+    from nodegraph_diffusion.nodes.sampling import SetFirstSigma
+
+    sigmas = torch.tensor([14.6, 3.0, 0.0])
+    out = SetFirstSigma().run(SetFirstSigma.Inputs(sigmas=sigmas, sigma=10000.0), None).sigmas
+    assert out.tolist() == [10000.0, 3.0, 0.0] and sigmas[0] == 14.6
+
+
+def test_torch_compile_model_maps_its_mode_and_refuses_other_backends() -> None:
+    graph = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors",
+                                                          "weight_dtype": "default"}},
+             "2": {"class_type": "TorchCompileModel", "inputs": {"model": ["1", 0], "backend": "inductor"}}}
+    assert API.convert(graph)["nodes"]["2"] == {"type": "CompileModel", "inputs": {"model": {"from": "1",
+                                                                                             "output": "model"}}}
+    graph["2"]["inputs"].update(mode="reduce-overhead", fullgraph=False, dynamic=False, object_patch="diffusion_model",
+                                torch_tensorrt_optimization_level=3)  # a fork's options (hstests' workflow)
+    assert API.convert(graph)["nodes"]["2"]["inputs"]["mode"] == "reduce-overhead"
+    graph["2"]["inputs"]["backend"] = "cudagraphs"
+    with pytest.raises(WorkflowImportError, match="only 'inductor' is supported"):
+        API.convert(graph)
+
+
+def test_compile_model_runs_the_denoiser_compiled_in_its_mode(world, monkeypatch) -> None:
+    from nodegraph_diffusion.nodes import sampling
+
+    executor, _ = world
+    compiled: list[str] = []
+
+    def fake_compiled(network, mode):  # torch.compile itself is test_compile's; here: which network, which mode
+        compiled.append(mode)
+        return network
+
+    monkeypatch.setattr(sampling, "compiled", fake_compiled)
+    graph = flux_canny_graph("edges.png")
+    graph["50"] = {"class_type": "TorchCompileModel", "inputs": {"model": ["31", 0], "backend": "inductor",
+                                                                 "mode": "max-autotune"}}
+    graph["3"]["inputs"]["model"] = ["50", 0]
+    result = executor.run(API.convert(graph), outputs=["9", "50"])
+    assert result.status == "succeeded", result.error
+    assert compiled == ["max-autotune"] and result.results["50"].outputs.model.compile_mode == "max-autotune"
+
+
+# --------------------------------------------------------------------------- Flux.1 Redux
+
+
+def redux_weights(image_dim: int = 24, text_dim: int = 192, seed: int = 3) -> dict[str, torch.Tensor]:
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder as DiffusersRedux
+
+    from _random_weights import randomize_
+
+    return {k: v.detach().clone() for k, v in
+            randomize_(DiffusersRedux(redux_dim=image_dim, txt_in_features=text_dim), seed).state_dict().items()}
+
+
+def test_redux_encoder_matches_diffusers(tmp_path) -> None:
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder as DiffusersRedux
+
+    from nodegraph_diffusion.architectures.style_models import load_style_model
+
+    weights = redux_weights()
+    write_safetensors(tmp_path / "flux1-redux-dev.safetensors", weights, dtype=None)
+    model = load_style_model(tmp_path / "flux1-redux-dev.safetensors", device="cpu")
+    reference = DiffusersRedux(redux_dim=24, txt_in_features=192)
+    reference.load_state_dict(weights)
+    tokens = torch.randn(2, 9, 24, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = reference(tokens).image_embeds
+        got = model(tokens)
+    assert (model.config.image_dim, model.config.hidden_dim, model.config.text_dim) == (24, 576, 192)
+    assert expected.abs().max() > 0.1 and (got - expected).abs().max() <= 1e-6
+
+
+def test_t2i_adapter_style_models_are_refused_by_name(tmp_path) -> None:
+    from nodegraph_diffusion.architectures.style_models import StyleModelError, load_style_model
+
+    write_safetensors(tmp_path / "t2iadapter_style.safetensors", {"style_embedding": torch.zeros(1, 8, 16)},
+                      dtype=None)
+    with pytest.raises(StyleModelError, match="t2iadapter_style.safetensors: a T2I-Adapter style model"):
+        load_style_model(tmp_path / "t2iadapter_style.safetensors", device="cpu")
+
+
+def test_apply_style_model_appends_the_scaled_image_tokens_to_every_entry(tmp_path) -> None:
+    from nodegraph_diffusion.architectures.style_models import load_style_model
+    from nodegraph_diffusion.nodes.common import InputError
+    from nodegraph_diffusion.nodes.edit_conditioning import ApplyStyleModel
+    from nodegraph_diffusion.sampling.guidance import CondEntry
+    from nodegraph_diffusion.vision.clip_vision import CLIPVisionOutput
+
+    write_safetensors(tmp_path / "redux.safetensors", redux_weights(), dtype=None)
+    model = load_style_model(tmp_path / "redux.safetensors", device="cpu")
+    hidden = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(5))  # two images, five tokens each
+    vision = CLIPVisionOutput(last_hidden_state=hidden, penultimate_hidden_states=hidden,
+                              image_embeds=torch.zeros(2, 8))
+    entries = (CondEntry(context=torch.randn(1, 7, 192), pooled=torch.ones(1, 64)),
+               CondEntry(context=torch.zeros(1, 3, 192)))
+
+    def apply(**options):
+        inputs = ApplyStyleModel.Inputs(conditioning=entries, style_model=model, clip_vision_output=vision, **options)
+        return ApplyStyleModel().run(inputs, None).conditioning
+
+    with torch.no_grad():
+        tokens = model(hidden).reshape(1, 10, 192)
+    for strength in (1.0, 0.3):
+        out = apply(strength=strength)
+        for before, after in zip(entries, out):
+            torch.testing.assert_close(after.context, torch.cat([before.context, strength * tokens], dim=1))
+            assert after.pooled is before.pooled
+    torch.testing.assert_close(apply(strength=1.0, strength_type="attn_bias")[0].context, apply()[0].context)
+    with pytest.raises(InputError, match="attn_bias at a strength other than 1"):
+        apply(strength=0.5, strength_type="attn_bias")
+    narrow = CLIPVisionOutput(hidden[..., :16], hidden[..., :16], torch.zeros(2, 8))
+    with pytest.raises(InputError, match="image tokens 16 wide; this style model takes 24"):
+        ApplyStyleModel().run(ApplyStyleModel.Inputs(conditioning=entries, style_model=model,
+                                                     clip_vision_output=narrow), None)

@@ -270,6 +270,19 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
     "ImageStitch": NodeMapping(
         "ImageStitch", _same("image1", "direction", "match_image_size", "spacing_width", "spacing_color", "image2"),
         ("image",), ("direction", "match_image_size", "spacing_width", "spacing_color")),
+    "SetFirstSigma": NodeMapping("SetFirstSigma", _same("sigmas", "sigma"), ("sigmas",), ("sigma",)),
+    # ComfyUI's node takes the model and an inductor or cudagraphs backend; some forks add torch.compile's
+    # options, of which the mode maps and the rest change nothing in what is computed.
+    "TorchCompileModel": NodeMapping(
+        "CompileModel", _same("model", "mode"), ("model",), ("backend",),
+        fixed={"backend": "inductor", "object_patch": "diffusion_model"},
+        ignored=frozenset({"fullgraph", "dynamic", "torch_tensorrt_optimization_level"})),
+    "StyleModelLoader": NodeMapping("LoadStyleModel", {"style_model_name": "name"}, ("style_model",),
+                                    ("style_model_name",)),
+    # Older ComfyUI versions had no strength widgets (the tokens went in as they were: 1, multiply).
+    "StyleModelApply": NodeMapping(
+        "ApplyStyleModel", _same("conditioning", "style_model", "clip_vision_output", "strength", "strength_type"),
+        ("conditioning",), ("strength", "strength_type"), later_widgets=2),
     "SamplerCustom": NodeMapping(
         "SamplerCustom",
         {"latent_image": "latent",

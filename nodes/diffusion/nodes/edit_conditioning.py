@@ -1,22 +1,29 @@
 """Conditioning on an image: edit and structure models (InstructPix2Pix, CosXL edit, Flux.1
 Canny/Depth) and inpainting models (SD inpainting, Flux.1 Fill) take an image's latent beside the
 noisy one (sampling.concat builds those input channels); Flux.1 Kontext attends to reference
-latents as extra tokens."""
+latents as extra tokens; Flux.1 Redux (a style model) appends an image's tokens to the prompt."""
 
 from __future__ import annotations
+
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
 from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
-from nodegraph.types import CONDITIONING, IMAGE, LATENT, MASK, VAE
+from nodegraph.types import CONDITIONING, IMAGE, LATENT, MASK, VAE, SocketType
 
+from ..architectures.style_models import StyleModelError, load_style_model
 from ..components import Latent
+from ..networks.flux_redux import ReduxImageEncoder
 from ..sampling.guidance import Conditioning
-from .common import InputError
+from .common import CLIP_VISION_OUTPUT, InputError, run_device
 from .images import as_image, as_mask
 from .latent import _encodable, _vae
+from .loading import _file_fingerprint, _model_file, _resolve
+
+STYLE_MODEL = SocketType("STYLE_MODEL", "Style model: image tokens for the prompt (Flux.1 Redux).", "#c9a0dc")
 
 
 def _with_concat(conditioning: Conditioning, **values: object) -> Conditioning:
@@ -116,4 +123,74 @@ class ReferenceLatent(Node):
                                                for entry in inputs.conditioning))
 
 
-NODES = [InstructPix2PixConditioning, InpaintModelConditioning, ReferenceLatent]
+class LoadStyleModel(Node):
+    """Load a style model from the style_models folder (ComfyUI's StyleModelLoader): Flux.1 Redux
+    (flux1-redux-dev.safetensors), which turns a SigLIP image encoding into prompt tokens."""
+
+    category = "loaders"
+
+    class Inputs(NodeInputs):
+        name: _model_file("style_models")  # type: ignore[valid-type]
+
+    class Outputs(NodeOutputs):
+        style_model: STYLE_MODEL.annotation
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
+        return _file_fingerprint("style_models", literals.get("name"))
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        try:
+            model = load_style_model(_resolve("style_models", inputs.name), device=run_device(ctx))
+        except StyleModelError as error:
+            raise InputError("name", str(error)) from None
+        return self.Outputs(style_model=model)
+
+
+class ApplyStyleModel(Node):
+    """Steer a Flux prompt with an image (ComfyUI's StyleModelApply; Flux.1 Redux): the image
+    encoder's tokens (CLIPVisionEncode with a SigLIP encoder) go through the style model and are
+    appended to every entry's text states, one token per image patch, all images of the batch in
+    turn. strength scales them (multiply); attn_bias, which weights attention to them instead, is
+    not supported at strengths other than 1."""
+
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        conditioning: CONDITIONING.annotation
+        style_model: STYLE_MODEL.annotation
+        clip_vision_output: CLIP_VISION_OUTPUT.annotation
+        strength: float = Field(1.0, ge=0.0, le=10.0)
+        strength_type: Literal["multiply", "attn_bias"] = "multiply"
+
+    class Outputs(NodeOutputs):
+        conditioning: CONDITIONING.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        model: ReduxImageEncoder = inputs.style_model
+        if inputs.strength_type == "attn_bias" and inputs.strength != 1.0:
+            raise InputError("strength_type", "attn_bias at a strength other than 1 needs attention masks, which "
+                                              "this pack's Flux does not take; use multiply")
+        hidden = inputs.clip_vision_output.last_hidden_state
+        if hidden.shape[-1] != model.config.image_dim:
+            raise InputError("clip_vision_output", f"image tokens {hidden.shape[-1]} wide; this style model takes "
+                                                   f"{model.config.image_dim} (its SigLIP image encoder's)")
+        weight = model.redux_up.weight
+        with torch.no_grad():
+            tokens = model(hidden.to(weight.device, weight.dtype)).float().cpu()
+        tokens = tokens.flatten(0, 1)[None]  # every image's tokens in one sequence
+        if inputs.strength_type == "multiply":
+            tokens = tokens * inputs.strength
+        out = []
+        for entry in inputs.conditioning:
+            if entry.context is None or entry.context.shape[-1] != tokens.shape[-1]:
+                width = None if entry.context is None else entry.context.shape[-1]
+                raise InputError("conditioning", f"text states {width} wide; this style model's tokens are "
+                                                 f"{tokens.shape[-1]} wide (a Flux prompt's T5 states)")
+            mask = entry.context_mask
+            out.append(entry.with_(context=torch.cat([entry.context, tokens.to(entry.context.dtype)], dim=1),
+                                   context_mask=None if mask is None else F.pad(mask, (0, tokens.shape[1]), value=1)))
+        return self.Outputs(conditioning=tuple(out))
+
+
+NODES = [InstructPix2PixConditioning, InpaintModelConditioning, ReferenceLatent, LoadStyleModel, ApplyStyleModel]

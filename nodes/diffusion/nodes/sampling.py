@@ -19,7 +19,7 @@ from ..sampling.guidance import CFGGuider, Conditioning, DualCFGGuider, Guidance
 from ..sampling.model_sampling import ModelSampling, ModelSamplingError, Prediction
 from ..sampling.unclip import ImagePromptError, with_image_prompts
 from ..vae.previews import preview_image
-from ..weights.devices import compile_mode, compiled, cpu_threads, network_work
+from ..weights.devices import COMPILE_MODES, compile_mode, compiled, cpu_threads, network_work
 from ..sampling.run import (
     KSAMPLER_EXTRA_STEP_SAMPLERS,
     SAMPLER_NAMES,
@@ -174,7 +174,7 @@ def run_sampling(ctx: RunContext, guidance: Guidance, sampler: SamplerChoice, si
     # Positive and negative share one batched call unless cfg 1 skips the negative.
     calls = 3 if guidance.middle is not None else 2 if guidance.negative and guidance.cfg != 1 else 1
     work = network_work(model.network, calls * samples.shape[0] * samples.shape[2] * samples.shape[3])
-    mode = compile_mode()
+    mode = model.compile_mode or compile_mode()
     with cpu_threads(device, work), model.patched_network() as network:
         colours = model.preview_colours()  # the first time, fitted through the VAE: under the same policy
         if mode is not None:
@@ -257,6 +257,27 @@ class SDTurboScheduler(Node):
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         sigmas = schedules.sigmas_sd_turbo(inputs.model.sampling.schedule, inputs.steps, inputs.denoise)
+        return self.Outputs(sigmas=sigmas)
+
+
+class SetFirstSigma(Node):
+    """Replace the first noise level of a schedule (ComfyUI's SetFirstSigma), e.g. a very high one
+    that one-step models such as Lotus read as their starting timestep."""
+
+    category = "sampling"
+
+    class Inputs(NodeInputs):
+        sigmas: SIGMAS.annotation
+        sigma: float = Field(136.0, ge=0.0, le=20000.0)
+
+    class Outputs(NodeOutputs):
+        sigmas: SIGMAS.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        sigmas = inputs.sigmas.clone()
+        if not len(sigmas):
+            raise InputError("sigmas", "an empty schedule has no first sigma")
+        sigmas[0] = inputs.sigma
         return self.Outputs(sigmas=sigmas)
 
 
@@ -443,6 +464,24 @@ class DifferentialDiffusion(Node):
         return self.Outputs(model=replace(inputs.model, differential_diffusion=inputs.strength))
 
 
+class CompileModel(Node):
+    """Run the model's denoiser through torch.compile (inductor) in a mode, as `--compile` does for
+    every model (ComfyUI's TorchCompileModel): its first run compiles, later runs of the same loaded
+    model reuse the compiled code."""
+
+    category = "model"
+
+    class Inputs(NodeInputs):
+        model: MODEL.annotation
+        mode: Literal[COMPILE_MODES] = "default"  # type: ignore[valid-type]
+
+    class Outputs(NodeOutputs):
+        model: MODEL.annotation
+
+    def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
+        return self.Outputs(model=replace(inputs.model, compile_mode=inputs.mode))
+
+
 # ComfyUI's names for the predictions ModelSamplingDiscrete sets.
 DISCRETE_PREDICTIONS = {"eps": Prediction.EPS, "v_prediction": Prediction.V, "lcm": Prediction.LCM,
                         "x0": Prediction.X0}
@@ -626,4 +665,4 @@ class KSamplerAdvanced(Node):
 
 NODES = [RandomNoise, DisableNoise, Scheduler, SDTurboScheduler, SplitSigmas, SelectSampler, Guider, BasicGuider,
          DualGuider, Sample, SamplerCustom, DenoiseStep, KSampler, KSamplerAdvanced, ModelSamplingSD3,
-         ModelSamplingFlux, ModelSamplingDiscrete, DifferentialDiffusion]
+         ModelSamplingFlux, ModelSamplingDiscrete, DifferentialDiffusion, SetFirstSigma, CompileModel]
