@@ -36,6 +36,7 @@ KIND_SUBFOLDERS: dict[str, tuple[str, ...]] = {
     "loras": ("loras", "Lora", "LyCORIS"),
     "controlnet": ("controlnet", "ControlNet"),
     "clip_vision": ("clip_vision",),
+    "style_models": ("style_models",),
     "embeddings": ("embeddings", "../embeddings"),
     "hypernetworks": ("hypernetworks",),
 }
