@@ -503,8 +503,6 @@ def _image_input(component: str, original: Mapping[str, Sequence[int]], path: st
         raise CheckpointError(path, f"{component}: {error}") from None
 
 
-
-
 def _claim(keys: Sequence[str], components: Mapping[str, ComponentKeys]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     ignored, unclaimed = [], []
     for key in keys:
