@@ -1,6 +1,7 @@
-"""End-to-end parity of Flux.1 tool graphs with diffusers' pipelines: Fill (InpaintModelConditioning,
+"""End-to-end parity of edit-model graphs with diffusers' pipelines: Flux.1 Fill (InpaintModelConditioning,
 FluxFillPipeline), Canny/Depth (InstructPixToPixConditioning, FluxControlPipeline) and Kontext
-(ReferenceLatent, FluxKontextPipeline, the reference image of another size than the output).
+(ReferenceLatent, FluxKontextPipeline, the reference image of another size than the output), and
+an SD1.5-layout InstructPix2Pix model under DualCFGGuider (StableDiffusionInstructPix2PixPipeline).
 
 Tiny diffusers components with random values in every parameter (FluxTransformer2DModel taking 384 or
 128 packed input channels and giving 64, a 16-channel AutoencoderKL, CLIP-L, T5) are written as one
@@ -268,5 +269,110 @@ def test_flux_tool_graph_matches_diffusers_pipeline(case: Case, world) -> None:
     assert condition <= 1e-4, figures  # the masked (Fill) or control (Canny) image's latent
     assert latent <= 2e-3, figures
     assert ours.image.std() > 0.05, figures
+    assert difference.max().item() <= MAX_ERROR, figures
+    assert difference.mean().item() <= MEAN_ERROR, figures
+
+
+# --------------------------------------------------------------------------- InstructPix2Pix (SD1.5 layout)
+
+IP2P_CFG, IP2P_IMAGE_CFG = 7.0, 1.5
+
+
+@pytest.fixture(scope="module")
+def ip2p_world(tmp_path_factory: pytest.TempPathFactory):
+    """An SD1.5-layout InstructPix2Pix checkpoint (an 8-channel U-Net) and an input image."""
+    import test_sd_pipelines as sd
+
+    from _unet_fixtures import diffusers_unet
+
+    clip_l = sd.clip_model(sd.CLIP_L, 1002)
+    made = sd.Components("sd1", "ip2p_parity.safetensors", diffusers_unet(replace(sd.SD1_UNET, in_channels=8), 1000),
+                         sd.vae("sd1", 1001), {"clip_l": clip_l}, [clip_l])
+    root = tmp_path_factory.mktemp("ip2p_models")
+    (root / "checkpoints").mkdir()
+    write_safetensors(root / "checkpoints" / made.file_name, sd.single_file(made), dtype=None)
+    inputs = tmp_path_factory.mktemp("ip2p_inputs")
+    _write_source(inputs / "source.png", 64, 96)
+    tokenizer = clip_tokenizer(tmp_path_factory.mktemp("ip2p_tokenizer") / "clip_l")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NODEGRAPH_MODELS", str(root))
+        patch.setenv("NODEGRAPH_INPUTS", str(inputs))
+        registry, problems = build_registry()
+        assert not problems, problems
+        yield Executor(registry, OutputCache(max_bytes=1 << 30), device="cpu",
+                       output_dir=tmp_path_factory.mktemp("ip2p_out")), made, tokenizer
+
+
+def ip2p_graph(file_name: str, steps: int, seed: int) -> dict:
+    """ComfyUI's SDXL edit example (examples/edit_models) on an SD1.5 InstructPix2Pix checkpoint:
+    InstructPixToPixConditioning, DualCFGGuider (cond1 = prompt and image, cond2 = empty prompt and
+    image, negative = empty prompt alone), SamplerCustomAdvanced."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": file_name}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": PROMPT}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "source.png"}},
+        "5": {"class_type": "InstructPixToPixConditioning", "inputs": {
+            "positive": ["2", 0], "negative": ["3", 0], "vae": ["1", 2], "pixels": ["4", 0]}},
+        "6": {"class_type": "DualCFGGuider", "inputs": {
+            "model": ["1", 0], "cond1": ["5", 0], "cond2": ["5", 1], "negative": ["3", 0],
+            "cfg_conds": IP2P_CFG, "cfg_cond2_negative": IP2P_IMAGE_CFG, "style": "regular"}},
+        "7": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "8": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "9": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": steps,
+                                                         "denoise": 1.0}},
+        "10": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["7", 0], "guider": ["6", 0], "sampler": ["8", 0], "sigmas": ["9", 0], "latent_image": ["5", 2]}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "ip2p"}},
+    }
+
+
+def test_instructpix2pix_graph_with_dual_cfg_matches_diffusers_pipeline(ip2p_world) -> None:
+    """diffusers' StableDiffusionInstructPix2PixPipeline guides with uncond + guidance_scale * (text -
+    image) + image_guidance_scale * (image - uncond) over (prompt + image, empty prompt + image, empty
+    prompt + zero image): ComfyUI's DualCFGGuider, regular style, with cfg_conds the guidance scale
+    and cfg_cond2_negative the image guidance scale. Its image latent is the VAE's unscaled mean."""
+    import test_sd_pipelines as sd
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    executor, made, tokenizer = ip2p_world
+    case = sd.Case("sd1", 96, 64, steps=10)
+    result = executor.run(API.convert(ip2p_graph(made.file_name, case.steps, case.seed)),
+                          outputs=["12", "11", "5", "4"])
+    assert result.status == "succeeded", result.error
+    ours_latent = result.results["10"].outputs.latent.samples
+    ours_image = result.results["11"].outputs.image.permute(0, 3, 1, 2)
+    encoded = result.results["5"].outputs.positive[0].concat_latent
+
+    noise, generator = sd.start_noise(case)
+    latents: list[Tensor] = []
+
+    def keep_latents(pipe, i, t, kwargs):
+        latents.append(kwargs["latents"].clone())
+        return kwargs
+
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=made.vae, text_encoder=made.pipeline_text_encoders[0], tokenizer=tokenizer, unet=made.unet,
+        scheduler=sd.scheduler(case, "sd1"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    image = result.results["4"].outputs.image.permute(0, 3, 1, 2)
+    with torch.no_grad():
+        reference_latent = made.vae.encode(image * 2 - 1).latent_dist.mode()
+        reference_image = pipe(PROMPT, image=image, num_inference_steps=case.steps, guidance_scale=IP2P_CFG,
+                               image_guidance_scale=IP2P_IMAGE_CFG, latents=noise.clone(), output_type="pt",
+                               generator=generator, callback_on_step_end=keep_latents,
+                               callback_on_step_end_tensor_inputs=["latents"]).images
+    assert len(latents) == case.steps
+    # The graph keeps the image's latent scaled (its latent space); the model is given it unscaled.
+    condition = (encoded / sd.VAE_SCALING["sd1"] - reference_latent).abs().max().item()
+    latent = (ours_latent - latents[-1]).abs().max().item()
+    difference = (ours_image.double() - reference_image.double()).abs()
+    figures = (f"ip2p-96x64: image max {difference.max().item() * 255:.4f}/255 mean "
+               f"{difference.mean().item() * 255:.4f}/255; image latent {condition:.2e}, latent {latent:.2e}")
+    print(figures)
+    assert condition <= 1e-4, figures
+    assert latent <= 2e-3, figures
+    assert ours_image.std() > 0.05, figures
     assert difference.max().item() <= MAX_ERROR, figures
     assert difference.mean().item() <= MEAN_ERROR, figures
