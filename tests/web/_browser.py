@@ -114,15 +114,23 @@ class Page:
         """A letter with modifiers (Ctrl by default): Ctrl+B is shortcut("b")."""
         await self.press(letter, f"Key{letter.upper()}", ord(letter.upper()), modifiers)
 
-    async def mouse_click(self, point: tuple[float, float], button: str = "left", count: int = 1) -> None:
-        """Click (count 2: double-click) at a point in page coordinates, as the mouse does."""
-        await self.send("Input.dispatchMouseEvent", type="mouseMoved", x=point[0], y=point[1])
+    async def mouse_click(self, point: tuple[float, float], button: str = "left", count: int = 1,
+                          modifiers: int = 0) -> None:
+        """Click (count 2: double-click) at a point in page coordinates, as the mouse does; `modifiers`
+        held (SHIFT for a shift-click)."""
+        await self.send("Input.dispatchMouseEvent", type="mouseMoved", x=point[0], y=point[1], modifiers=modifiers)
         buttons = {"left": 1, "right": 2, "middle": 4}[button]
         for n in range(1, count + 1):
             await self.send("Input.dispatchMouseEvent", type="mousePressed", x=point[0], y=point[1], button=button,
-                            buttons=buttons, clickCount=n)
+                            buttons=buttons, clickCount=n, modifiers=modifiers)
             await self.send("Input.dispatchMouseEvent", type="mouseReleased", x=point[0], y=point[1], button=button,
-                            buttons=0, clickCount=n)
+                            buttons=0, clickCount=n, modifiers=modifiers)
+
+    async def hold(self, key: str, down: bool) -> None:
+        """Press (down) or release a modifier key: "Shift", "Control"."""
+        code = {"Shift": ("ShiftLeft", 16, SHIFT), "Control": ("ControlLeft", 17, CTRL)}[key]
+        await self.send("Input.dispatchKeyEvent", type="rawKeyDown" if down else "keyUp", key=key, code=code[0],
+                        windowsVirtualKeyCode=code[1], modifiers=code[2] if down else 0)
 
     async def type_keys(self, text: str) -> None:
         """Type into the focused element one character at a time, each its own input event."""

@@ -259,9 +259,10 @@ async def test_a_reload_during_a_run_shows_it_running(picture_server, tmp_path):
 
 
 @pytest.mark.asyncio
-async def test_a_comfyui_file_keeps_its_random_seed_and_names_what_is_left_out(picture_server, tmp_path):
+async def test_a_comfyui_file_keeps_its_random_seed_notes_and_groups(picture_server, tmp_path):
     """Issue 17, defect 9, through the server's real importer: ComfyUI's default graph with a note and
-    a group opens with its "randomize" seed ticked random, and the note and group are named as left out."""
+    a group opens with its "randomize" seed ticked random, and its note and group drawn (the importer
+    keeps them in the ui block; before it did, the editor named them as left out)."""
     chromium, base = picture_server
     checkpoints = get_json(f"{base}/api/nodes")["nodes"]["LoadCheckpoint"]["inputs"]["name"]["choices"]
     need(bool(checkpoints), "no checkpoint in models/checkpoints")
@@ -281,7 +282,10 @@ async def test_a_comfyui_file_keeps_its_random_seed_and_names_what_is_left_out(p
         await page.send("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(path)])
         message = await page.wait_for("(() => { const t = document.querySelector('[data-testid=message]')?.textContent;"
                                       " return t?.startsWith('imported') ? t : null; })()", what="the import reported")
-        assert "left out: 1 note, 1 group" in message
+        assert "left out" not in message, message
+        await page.wait_for("document.querySelector('[data-testid^=note-] .note-text')?.textContent === 'read me'",
+                            what="the note drawn")
+        assert await page.evaluate("document.querySelector('[data-testid^=group-title-]').textContent") == "sampling"
         assert await page.wait_for("document.querySelector('[data-testid=randomize-3-seed]')?.checked",
                                    what="the sampler's seed ticked random")
 

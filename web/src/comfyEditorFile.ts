@@ -1,6 +1,7 @@
 // What the server's ComfyUI import leaves to the editor: the server turns the nodes that run into a
-// workflow (nodes/diffusion/nodes/comfyui.py); a ComfyUI editor file also holds editor things —
-// seeds set to "randomize" after each run, notes, groups — which are the editor's to keep or report.
+// workflow (nodes/diffusion/nodes/comfyui.py), with the file's groups, notes, reroutes and node looks in
+// its ui block; seeds set to "randomize" after each run are the editor's to keep, and any note or group
+// the converted workflow lacks is reported.
 
 import { type Catalogue, widgetFor } from "./catalogue";
 import type { WorkflowDocument } from "./graph";
@@ -19,7 +20,8 @@ interface ComfyEditorNode {
 export interface ComfyEditorExtras {
   /** Node id -> seed inputs to re-roll after each run (our "random" box). */
   randomized: Record<string, string[]>;
-  /** Notes and groups of the file, which the editor cannot show yet. */
+  /** Notes and groups of the file that the converted workflow's ui block does not hold (an older
+   *  server's importer leaves them out; the current one keeps them as ui.notes and ui.groups). */
   notes: number;
   groups: number;
 }
@@ -43,7 +45,12 @@ export function comfyEditorExtras(original: unknown, converted: WorkflowDocument
       .map(([name]) => name);
     if (inputs.length > 0) randomized[String(node.id)] = inputs;
   }
-  return { randomized, notes, groups: Array.isArray(file.groups) ? file.groups.length : 0 };
+  const kept = (key: string) => {
+    const list = (converted.ui as Record<string, unknown> | undefined)?.[key];
+    return Array.isArray(list) ? list.length : 0;
+  };
+  const groups = Array.isArray(file.groups) ? file.groups.length : 0;
+  return { randomized, notes: Math.max(0, notes - kept("notes")), groups: Math.max(0, groups - kept("groups")) };
 }
 
 /** The seed values a node's widgets mark "randomize": the control widget follows its seed. */

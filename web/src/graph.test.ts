@@ -2,7 +2,7 @@ import { describe, expect, it } from "vitest";
 
 import { catalogue } from "./testCatalogue";
 import {
-  arrange, connect, connectionProblem, hasOverlaps, copySelection, createNode, freeSpot, graphToWorkflow,
+  arrange, connect, connectionProblem, hasOverlaps, copySelection, createNode, emptyGraph, freeSpot, graphToWorkflow,
   linkUnambiguousInputs, newNodeId, paste, removeItems, toggleMode, workflowToGraph, type WorkflowDocument,
 } from "./graph";
 
@@ -38,7 +38,7 @@ describe("workflow documents", () => {
     const document = {
       version: 1,
       nodes: { a: { type: "Integer", inputs: { value: 3 }, title: "Seed", mode: "bypass" } },
-      ui: { description: "what this workflow is for", groups: [{ title: "inputs", bounding: [0, 0, 300, 200] }],
+      ui: { description: "what this workflow is for", layers: [{ title: "inputs", bounding: [0, 0, 300, 200] }],
             nodes: { a: { pos: [10, 20], color: "#335", collapsed: true } } },
       author: { name: "someone" },
     };
@@ -52,6 +52,36 @@ describe("workflow documents", () => {
     expect((again as unknown as { author: unknown }).author).toEqual({ name: "someone" });
     expect(again.nodes.integer).toEqual({ type: "Integer", inputs: { value: 3 }, title: "Seed", mode: "bypass" });
     expect(again.ui?.nodes?.integer).toMatchObject({ color: "#335", collapsed: true });
+  });
+
+  it("reads and writes groups, notes, reroutes and node titles, colours and collapsing in the agreed ui format", () => {
+    const document = structuredClone(arithmetic);
+    document.ui = {
+      nodes: { a: { pos: [40, 80], title: "Seed", color: "#8c3a3a", collapsed: true }, sum: { pos: [260, 80] },
+               text: { pos: [480, 80] } },
+      groups: [{ id: "g", title: "numbers", color: "#3f789e", bounds: [0, 0, 500, 300] }],
+      notes: [{ id: "n", text: "# hi", pos: [0, 400], size: [200, 100] }, { id: "m", text: "x", pos: [1, 2], size: [3, 4], color: "#222226" }],
+      reroutes: [{ id: "r1", pos: [150, 90], to: { node: "sum", input: "a" } }, { id: "r2", pos: [200, 95], to: { node: "sum", input: "a" } }],
+    };
+    const graph = workflowToGraph(structuredClone(document));
+    expect(graph.nodes[0].data).toMatchObject({ title: "Seed", color: "#8c3a3a", collapsed: true });
+    expect(graph.groups.map((g) => g.title)).toEqual(["numbers"]);
+    const back = graphToWorkflow(graph);
+    expect(back.ui).toEqual(document.ui);
+    // Reroutes go with their link: removing it (or its node) takes them.
+    expect(graphToWorkflow(removeItems(graph, new Set(), new Set(["sum:a"]))).ui?.reroutes).toBeUndefined();
+    expect(removeItems(graph, new Set(["a"]), new Set()).reroutes).toEqual([]);
+    // A link from another output into the same input does not keep the old link's points; the same one does.
+    expect(connect(graph, { source: "a", sourceHandle: "value", target: "sum", targetHandle: "a" }).reroutes).toHaveLength(2);
+    expect(connect(graph, { source: "text", sourceHandle: "text", target: "sum", targetHandle: "a" }).reroutes).toEqual([]);
+  });
+
+  it("refuses a malformed group, note or reroute by its place and id", () => {
+    const bad = (ui: Record<string, unknown>) => () => workflowToGraph({ ...arithmetic, ui: { ...arithmetic.ui, ...ui } });
+    expect(bad({ groups: [{ id: "g", title: "t", color: "red", bounds: [0, 0, 1, 1] }] })).toThrow(/ui.groups\[0\] \(g\)/);
+    expect(bad({ notes: [{ id: "n", text: 5, pos: [0, 0], size: [1, 1] }] })).toThrow(/ui.notes\[0\] \(n\)/);
+    expect(bad({ reroutes: [{ id: "r", pos: [0, 0], to: "sum" }] })).toThrow(/ui.reroutes\[0\] \(r\)/);
+    expect(bad({ groups: {} })).toThrow(/ui.groups: expected a list/);
   });
 
   it("lays out nodes without positions and refuses other documents", () => {
@@ -137,7 +167,7 @@ describe("adding nodes", () => {
   pictures.nodes.Show = spec("Show", { value: link("*") }, {});
   const at = (x: number, y: number) => ({ x, y });
   const graphOf = (...nodes: [string, string][]) => ({
-    nodes: nodes.map(([id, type], i) => createNode(pictures.nodes[type], id, at(300 * i, 0))), edges: [],
+    ...emptyGraph(), nodes: nodes.map(([id, type], i) => createNode(pictures.nodes[type], id, at(300 * i, 0))),
   });
 
   it("moves a new node off a spot another node holds", () => {

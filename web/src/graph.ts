@@ -3,6 +3,7 @@
 
 import type { Catalogue, NodeTypeSpec } from "./catalogue";
 import { ANY_TYPE, canConnect } from "./catalogue";
+import { COLOR, type Group, type Note, readUiElements, type Reroute, UiFormatError, writeUiElements } from "./uiElements";
 
 export interface Link {
   from: string;
@@ -17,6 +18,9 @@ export interface WorkflowNode {
 
 export interface UiNode {
   pos?: [number, number];
+  title?: string;
+  color?: string;
+  collapsed?: boolean;
   randomize?: string[];
   [key: string]: unknown;
 }
@@ -41,9 +45,15 @@ export interface GraphNodeData {
   values: Record<string, unknown>;
   /** Seed inputs given a new random value after each run. */
   randomize?: string[];
-  /** The node's fields in the document other than `type` and `inputs`, kept as they came. */
+  /** The name shown instead of the type's (ui.nodes[id].title). */
+  title?: string;
+  /** The title bar's colour, "#rrggbb" (ui.nodes[id].color). */
+  color?: string;
+  /** Drawn as its title bar alone (ui.nodes[id].collapsed). */
+  collapsed?: boolean;
+  /** The node's fields in the document other than `type`, `inputs` and `mode`, kept as they came. */
   fields?: Record<string, unknown>;
-  /** Its `ui.nodes` fields other than `pos` and `randomize`, kept as they came. */
+  /** Its `ui.nodes` fields the editor does not own, kept as they came. */
   uiFields?: Record<string, unknown>;
 }
 
@@ -53,6 +63,8 @@ export interface GraphNode {
   position: { x: number; y: number };
   data: GraphNodeData;
   selected?: boolean;
+  /** Its drawn size, once React Flow has measured it. */
+  measured?: { width?: number; height?: number };
 }
 
 export interface GraphEdge {
@@ -67,6 +79,9 @@ export interface GraphEdge {
 export interface Graph {
   nodes: GraphNode[];
   edges: GraphEdge[];
+  groups: Group[];
+  notes: Note[];
+  reroutes: Reroute[];
   /** What the document holds that the editor does not own, written back unchanged when it is saved. */
   document?: DocumentFields;
 }
@@ -75,7 +90,7 @@ export interface DocumentFields {
   version?: unknown;
   /** Top-level fields other than `version`, `nodes` and `ui`. */
   fields: Record<string, unknown>;
-  /** `ui` fields other than `nodes` (a description, groups, ...). */
+  /** `ui` fields other than `nodes`, `groups`, `notes` and `reroutes` (a description, ...). */
   ui: Record<string, unknown>;
 }
 
@@ -90,6 +105,13 @@ function otherFields(record: unknown, owned: string[]): Record<string, unknown> 
 }
 
 export class WorkflowFormatError extends Error {}
+
+export function emptyGraph(): Graph {
+  return { nodes: [], edges: [], groups: [], notes: [], reroutes: [] };
+}
+
+/** The ui.nodes fields the editor owns. */
+const UI_NODE_FIELDS = ["pos", "randomize", "title", "color", "collapsed"];
 
 export function isLink(value: unknown): value is Link {
   return typeof value === "object" && value !== null && !Array.isArray(value)
@@ -129,17 +151,29 @@ export function workflowToGraph(document: unknown): Graph {
     const data: GraphNodeData = { nodeType: node.type, values };
     if (NODE_MODES.includes(node.mode as NodeMode)) data.mode = node.mode as NodeMode;
     if (Array.isArray(ui?.randomize) && ui.randomize.length > 0) data.randomize = ui.randomize.map(String);
+    if (typeof ui?.title === "string" && ui.title !== "") data.title = ui.title;
+    if (typeof ui?.color === "string" && COLOR.test(ui.color)) data.color = ui.color;
+    if (ui?.collapsed === true) data.collapsed = true;
     // A mode the editor does not know is kept as it came (the server says what is wrong with it).
     const fields = otherFields(node, data.mode ? ["type", "inputs", "mode"] : ["type", "inputs"]);
     if (fields) data.fields = fields;
-    const uiFields = otherFields(ui, ["pos", "randomize"]);
+    // A title, colour or collapsed flag the editor cannot read stays as it came.
+    const owned = UI_NODE_FIELDS.filter((key) => key === "pos" || key === "randomize" || data[key] !== undefined);
+    const uiFields = otherFields(ui, owned);
     if (uiFields) data.uiFields = uiFields;
     nodes.push({ id, type: "graph", position, data });
   }
+  let elements;
+  try {
+    elements = readUiElements(doc.ui);
+  } catch (error) {
+    if (error instanceof UiFormatError) throw new WorkflowFormatError(error.message);
+    throw error;
+  }
   const kept: DocumentFields = { fields: otherFields(doc, ["version", "nodes", "ui"]) ?? {},
-                                 ui: otherFields(doc.ui, ["nodes"]) ?? {} };
+                                 ui: otherFields(doc.ui, ["nodes", "groups", "notes", "reroutes"]) ?? {} };
   if (doc.version !== undefined) kept.version = doc.version;
-  return { nodes, edges, document: kept };
+  return pruneReroutes({ nodes, edges, ...elements, document: kept });
 }
 
 /** The workflow document for a graph, node positions in its `ui` block, with every field the loaded
@@ -150,8 +184,12 @@ export function graphToWorkflow(graph: Graph): WorkflowDocument {
   for (const node of graph.nodes) {
     nodes[node.id] = { type: node.data.nodeType, inputs: { ...node.data.values }, ...node.data.fields };
     if (node.data.mode) nodes[node.id].mode = node.data.mode;
-    positions[node.id] = { ...node.data.uiFields, pos: [Math.round(node.position.x), Math.round(node.position.y)] };
-    if (node.data.randomize && node.data.randomize.length > 0) positions[node.id].randomize = [...node.data.randomize];
+    const ui: UiNode = { ...node.data.uiFields, pos: [Math.round(node.position.x), Math.round(node.position.y)] };
+    if (node.data.title) ui.title = node.data.title;
+    if (node.data.color) ui.color = node.data.color;
+    if (node.data.collapsed) ui.collapsed = true;
+    if (node.data.randomize && node.data.randomize.length > 0) ui.randomize = [...node.data.randomize];
+    positions[node.id] = ui;
   }
   for (const edge of graph.edges) {
     const target = nodes[edge.target];
@@ -161,7 +199,7 @@ export function graphToWorkflow(graph: Graph): WorkflowDocument {
   }
   const kept = graph.document;
   const version = typeof kept?.version === "number" ? kept.version : 1;
-  return { ...kept?.fields, version, nodes, ui: { ...kept?.ui, nodes: positions } };
+  return { ...kept?.fields, version, nodes, ui: { ...kept?.ui, nodes: positions, ...writeUiElements(graph) } };
 }
 
 /** The graph with `mode` toggled on the nodes `ids`: set on all of them, or taken off if all have it. */
@@ -251,18 +289,30 @@ function reaches(graph: Graph, from: string, to: string): boolean {
  *  stays with the node (the link overrides it in the document) and is used again if the link goes. */
 export function connect(graph: Graph, connection: Connection): Graph {
   const id = edgeId(connection.target, connection.targetHandle);
+  const replaced = graph.edges.find((edge) => edge.id === id);
   const edges = graph.edges.filter((edge) => edge.id !== id);
   edges.push({ id, ...connection });
-  return { ...graph, edges };
+  const sameLink = replaced?.source === connection.source && replaced.sourceHandle === connection.sourceHandle;
+  // The points of a replaced link were on its way, not the new one's.
+  const reroutes = replaced && !sameLink
+    ? graph.reroutes.filter((r) => r.to.node !== connection.target || r.to.input !== connection.targetHandle) : graph.reroutes;
+  return { ...graph, edges, reroutes };
+}
+
+/** The graph without reroute points whose link is gone. */
+export function pruneReroutes(graph: Graph): Graph {
+  const links = new Set(graph.edges.map((edge) => edgeId(edge.target, edge.targetHandle)));
+  const reroutes = graph.reroutes.filter((r) => links.has(edgeId(r.to.node, r.to.input)));
+  return reroutes.length === graph.reroutes.length ? graph : { ...graph, reroutes };
 }
 
 /** The graph without the given nodes (and their links) and edges. */
 export function removeItems(graph: Graph, nodeIds: Set<string>, edgeIds: Set<string>): Graph {
-  return {
+  return pruneReroutes({
     ...graph,
     nodes: graph.nodes.filter((node) => !nodeIds.has(node.id)),
     edges: graph.edges.filter((edge) => !edgeIds.has(edge.id) && !nodeIds.has(edge.source) && !nodeIds.has(edge.target)),
-  };
+  });
 }
 
 export interface Snippet {

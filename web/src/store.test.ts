@@ -174,7 +174,16 @@ describe("the editor store", () => {
     expect(nodes.find((node) => node.id === "3")?.data.randomize).toEqual(["value"]);
     expect(nodes.find((node) => node.id === "4")?.data.randomize).toBeUndefined();
     expect(getState().message?.text).toBe(
-      "imported from-comfy.json (ComfyUI UI format); left out: 2 notes, 1 group (the editor has no notes or groups yet)");
+      "imported from-comfy.json (ComfyUI UI format); left out: 2 notes, 1 group (the server's importer did not convert them)");
+    // An importer that keeps them in the ui block: nothing is said to be left out, and they are drawn.
+    const kept = { ...converted, ui: { ...converted.ui,
+      notes: [{ id: "10", text: "read me first", pos: [0, 0], size: [200, 80] }, { id: "11", text: "# and me", pos: [0, 100], size: [200, 80] }],
+      groups: [{ id: "g1", title: "sampling", color: "#3f789e", bounds: [0, 0, 400, 300] }] } };
+    stubServer({ "POST /api/workflows/convert": () => ({ workflow: kept, importer: "ComfyUI UI format" }) });
+    await actions.openFile(new File([JSON.stringify(comfy)], "from-comfy.json", { type: "application/json" }));
+    expect(getState().message?.text).toBe("imported from-comfy.json (ComfyUI UI format)");
+    expect(getState().history.present.notes.map((note) => note.text)).toEqual(["read me first", "# and me"]);
+    expect(getState().history.present.groups.map((group) => group.title)).toEqual(["sampling"]);
   });
 
   it("adds nodes from the catalogue and refuses links between incompatible types", () => {

@@ -7,11 +7,11 @@ import { useSyncExternalStore } from "react";
 import { api, ApiError } from "./api";
 import { type Catalogue, randomSeed, widgetFor } from "./catalogue";
 import { comfyEditorExtras, leftOut, withRandomizedSeeds } from "./comfyEditorFile";
+import { applyElementChanges, elementOf } from "./canvasElements";
 import {
-  arrange, connect, type Connection, connectionProblem, copySelection, createNode, type Graph, type GraphEdge,
-  freeSpot, type GraphNode, graphToWorkflow, hasOverlaps, linkUnambiguousInputs, newNodeId, type NodeMode, paste,
-  toggleMode, removeItems, type Size, type Snippet,
-  withDefaults, workflowToGraph,
+  arrange, connect, type Connection, connectionProblem, copySelection, createNode, emptyGraph, freeSpot, type Graph,
+  type GraphEdge, type GraphNode, graphToWorkflow, hasOverlaps, linkUnambiguousInputs, newNodeId, type NodeMode, paste,
+  pruneReroutes, removeItems, type Size, type Snippet, toggleMode, withDefaults, workflowToGraph,
 } from "./graph";
 import { type History, record, redo, replace, startHistory, undo } from "./history";
 import { type LinkFilter, nodeUsage } from "./nodeSearch";
@@ -81,6 +81,8 @@ export interface EditorState {
   search: SearchRequest | null;
   /** How often each node type appears in the server's saved workflows (ranks the search). */
   usage: Record<string, number>;
+  /** A title to type over now (the context menu's Rename): the node or group id, and a count that changes per request. */
+  renaming: { target: string; count: number } | null;
 }
 
 function newGraphId(): string {
@@ -117,7 +119,7 @@ function rememberRun(runId: string): void {
 
 let state: EditorState = {
   catalogue: null,
-  history: startHistory<Graph>({ nodes: [], edges: [] }),
+  history: startHistory<Graph>(emptyGraph()),
   runs: emptyRuns,
   issues: {},
   graphId: newGraphId(),
@@ -133,6 +135,7 @@ let state: EditorState = {
   ready: false,
   search: null,
   usage: {},
+  renaming: null,
 };
 const listeners = new Set<() => void>();
 let clipboard: Snippet | null = null;
@@ -188,6 +191,8 @@ export function useEditor<T>(select: (state: EditorState) => T): T {
 }
 
 const graph = () => state.history.present;
+/** A drag or resize under way: its moves after the first join the undo step its start recorded. */
+let gesture = false;
 /** The input being typed into ("node\u0000input"): its further changes join the same undo step. */
 let typing: string | null = null;
 
@@ -221,6 +226,15 @@ async function writeWorkflow(fileName: string): Promise<void> {
     say(`cannot save ${fileName}: ${(error as Error).message}`, true);
   }
 }
+
+/** For the action modules beside the store (canvasActions.ts): the graph on the canvas, an undoable
+ *  change to it, the toolbar message and the selection. */
+export const editing = {
+  graph: (): Graph => graph(),
+  commit: (next: Graph): void => commit(next),
+  say: (text: string, error = false): void => say(text, error),
+  selected: selectedIds,
+};
 
 export const actions = {
   async start(): Promise<void> {
@@ -308,20 +322,36 @@ export const actions = {
     }
   },
 
-  nodesChanged(changes: NodeChange<GraphNode>[]): void {
-    const next = { ...graph(), nodes: applyNodeChanges(changes, graph().nodes) };
-    // A finished drag or a removal is one undo step; selection and in-drag moves are not.
-    const undoable = changes.some((c) => c.type === "remove" || (c.type === "position" && c.dragging === false));
-    if (changes.some((c) => c.type === "remove")) {
-      const removed = new Set(changes.filter((c) => c.type === "remove").map((c) => c.id));
-      next.edges = next.edges.filter((e) => !removed.has(e.source) && !removed.has(e.target));
+  nodesChanged(changes: NodeChange[]): void {
+    const isElement = (change: NodeChange) => "id" in change && elementOf(change.id, graph()) !== null;
+    const elementChanges = changes.filter(isElement);
+    const nodeChanges = changes.filter((change) => !isElement(change));
+    const moved = new Set(changes.flatMap((c) => c.type === "position" ? [c.id] : []));
+    let next = elementChanges.length > 0 ? applyElementChanges(graph(), elementChanges, moved) : graph();
+    if (nodeChanges.length > 0) next = { ...next, nodes: applyNodeChanges(nodeChanges as NodeChange<GraphNode>[], next.nodes) };
+    // A drag or resize is one undo step, recorded when it starts (the state before it is the one to go
+    // back to); a removal is one; selection changes are none.
+    const starts = changes.some((c) => (c.type === "position" && c.dragging === true) || (c.type === "dimensions" && c.resizing === true));
+    const ends = changes.some((c) => (c.type === "position" && c.dragging === false) || (c.type === "dimensions" && c.resizing === false));
+    let undoable = changes.some((c) => c.type === "remove");
+    if (starts && !gesture) {
+      gesture = true;
+      undoable = true;
+    }
+    if (ends) {
+      if (!gesture) undoable = true;  // a move reported only as finished
+      gesture = false;
+    }
+    if (nodeChanges.some((c) => c.type === "remove")) {
+      const removed = new Set(nodeChanges.filter((c) => c.type === "remove").map((c) => (c as { id: string }).id));
+      next = pruneReroutes({ ...next, edges: next.edges.filter((e) => !removed.has(e.source) && !removed.has(e.target)) });
     }
     if (undoable) typing = null;
     set({ history: undoable ? record(state.history, next) : replace(state.history, next) });
   },
 
   edgesChanged(changes: EdgeChange<GraphEdge>[]): void {
-    const next = { ...graph(), edges: applyEdgeChanges(changes, graph().edges) as GraphEdge[] };
+    const next = pruneReroutes({ ...graph(), edges: applyEdgeChanges(changes, graph().edges) as GraphEdge[] });
     const undoable = changes.some((c) => c.type === "remove");
     if (undoable) typing = null;
     set({ history: undoable ? record(state.history, next) : replace(state.history, next) });
@@ -392,6 +422,11 @@ export const actions = {
     if (added === null) return null;
     commit(added.graph);
     return added.id;
+  },
+
+  /** Start typing over the title of a node (or "group:<id>"). */
+  startRenaming(target: string): void {
+    set({ renaming: { target, count: (state.renaming?.count ?? 0) + 1 } });
   },
 
   openSearch(request: SearchRequest): void {
@@ -559,7 +594,7 @@ export const actions = {
 
   /** Clear the canvas for a new graph, without a name. Undoable: a slip loses nothing. */
   newGraph(): void {
-    commit({ nodes: [], edges: [] });
+    commit(emptyGraph());
     set({ workflowName: UNTITLED, savedAs: null, graphId: newGraphId() });
   },
 
@@ -582,7 +617,7 @@ export const actions = {
         const dropped = extras ? leftOut(extras) : null;
         const imported = `imported ${file.name} (${converted.importer ?? "converted"})`;
         // Something of the file is not kept: said as a warning, which stays up longer.
-        if (dropped) say(`${imported}; left out: ${dropped} (the editor has no notes or groups yet)`, true);
+        if (dropped) say(`${imported}; left out: ${dropped} (the server's importer did not convert them)`, true);
         else say(imported);
       } else {
         say(`opened ${file.name}`);

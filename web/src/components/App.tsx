@@ -4,6 +4,7 @@ import { ReactFlowProvider, useReactFlow } from "@xyflow/react";
 import { useEffect } from "react";
 
 import { followEvents } from "../api";
+import { canvasActions } from "../canvasActions";
 import { actions, useEditor } from "../store";
 import { Canvas } from "./Canvas";
 import { NodeSearch } from "./NodeSearch";
@@ -32,6 +33,7 @@ function Editor() {
       else if (mod && key === "enter") void actions.run();
       else if (mod && key === "b") actions.toggleMode("bypass");
       else if (mod && key === "m") actions.toggleMode("mute");
+      else if (mod && key === "g") canvasActions.groupSelection();
       else return;
       event.preventDefault();
     };

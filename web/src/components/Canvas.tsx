@@ -2,17 +2,55 @@
 // empty space (which opens the node search); double-click opens the search; palette and file drops.
 
 import {
-  Background, Controls, type FinalConnectionState, getViewportForBounds, MiniMap, ReactFlow, useReactFlow,
+  Background, Controls, type FinalConnectionState, getViewportForBounds, MiniMap, type Node, ReactFlow, useReactFlow,
   type Connection as FlowConnection, type IsValidConnection,
 } from "@xyflow/react";
-import { type DragEvent, type MouseEvent as ReactMouseEvent, useEffect, useRef, useState } from "react";
+import { type DragEvent, type MouseEvent as ReactMouseEvent, useEffect, useMemo, useRef, useState } from "react";
 
-import type { GraphEdge, Size } from "../graph";
+import { canvasActions } from "../canvasActions";
+import { REROUTE_RADIUS } from "../canvasElements";
+import type { Graph, GraphEdge, Size } from "../graph";
 import { actions, type DraggedLink, getState, useEditor } from "../store";
+import { pointsOf } from "../uiElements";
+import { FrameNode } from "./FrameNode";
 import { GraphNode } from "./GraphNode";
+import { LinkEdge } from "./LinkEdge";
+import { NoteNode } from "./NoteNode";
 import { PALETTE_DRAG_TYPE } from "./Panels";
+import { RerouteNode } from "./RerouteNode";
 
-const nodeTypes = { graph: GraphNode };
+const nodeTypes = { graph: GraphNode, frame: FrameNode, note: NoteNode, reroute: RerouteNode };
+const edgeTypes = { link: LinkEdge };
+
+/** The colour of the link into `edge`'s target: its output's socket type. */
+function linkColor(graph: Graph, edge: GraphEdge): string | undefined {
+  const { catalogue } = getState();
+  const source = graph.nodes.find((node) => node.id === edge.source);
+  const type = source && catalogue?.nodes[source.data.nodeType]?.outputs[edge.sourceHandle]?.type;
+  return type ? catalogue?.types[type]?.color : undefined;
+}
+
+/** What React Flow draws: groups behind everything, notes, the graph's nodes, reroute points on top. */
+function flowNodes(graph: Graph): Node[] {
+  const edgeColor = new Map(graph.edges.map((edge) => [edge.id, linkColor(graph, edge)]));
+  return [
+    ...graph.groups.map((group) => ({
+      id: `group:${group.id}`, type: "frame", position: { x: group.bounds[0], y: group.bounds[1] },
+      width: group.bounds[2], height: group.bounds[3], data: { group }, selected: group.selected ?? false,
+      zIndex: -1, dragHandle: ".frame-title", style: { pointerEvents: "none" as const },
+    })),
+    ...graph.notes.map((note) => ({
+      id: `note:${note.id}`, type: "note", position: { x: note.pos[0], y: note.pos[1] }, width: note.size[0],
+      height: note.size[1], data: { note }, selected: note.selected ?? false,
+    })),
+    ...(graph.nodes as Node[]),
+    ...graph.reroutes.map((reroute) => ({
+      id: `reroute:${reroute.id}`, type: "reroute", position: { x: reroute.pos[0] - REROUTE_RADIUS, y: reroute.pos[1] - REROUTE_RADIUS },
+      width: 2 * REROUTE_RADIUS, height: 2 * REROUTE_RADIUS, selected: reroute.selected ?? false, zIndex: 10,
+      data: { reroute, color: edgeColor.get(`${reroute.to.node}:${reroute.to.input}`) ?? "#9e9e9e" },
+    })),
+  ];
+}
 
 /** How near (screen pixels) a let-go link must be to a socket to join it: sockets and their labels are easy to hit. */
 const CONNECTION_RADIUS = 36;
@@ -59,9 +97,9 @@ function fitNow(flow: ReturnType<typeof useReactFlow>): void {
 }
 
 export function Canvas() {
-  const nodes = useEditor((s) => s.history.present.nodes);
-  const edges = useEditor((s) => s.history.present.edges);
+  const graph = useEditor((s) => s.history.present);
   const catalogue = useEditor((s) => s.catalogue);
+  const nodes = useMemo(() => flowNodes(graph), [graph, catalogue]);
   const loads = useEditor((s) => s.loads);
   const flow = useReactFlow();
   /** The link being pulled off an input (hidden while it is dragged from its output). */
@@ -87,12 +125,24 @@ export function Canvas() {
   }, [loads, flow]);
 
   const isValidConnection: IsValidConnection = (connection) => actions.canConnect(asConnection(connection as FlowConnection));
-  const styledEdges = edges.filter((edge) => edge.id !== pulling?.id).map((edge) => {
-    const source = nodes.find((node) => node.id === edge.source);
-    const type = source && catalogue?.nodes[source.data.nodeType]?.outputs[edge.sourceHandle]?.type;
-    const color = type ? catalogue?.types[type]?.color : undefined;
-    return color ? { ...edge, style: { stroke: color, strokeWidth: 2.5 } } : edge;
+  const styledEdges = graph.edges.filter((edge) => edge.id !== pulling?.id).map((edge) => {
+    const color = linkColor(graph, edge);
+    const points = pointsOf(graph.reroutes, edge.target, edge.targetHandle).map((r) => r.pos);
+    return { ...edge, type: "link", data: { points }, ...(color ? { style: { stroke: color, strokeWidth: 2.5 } } : {}) };
   });
+
+  /** A double-click on a link puts a reroute point there. */
+  const onEdgeDoubleClick = (event: ReactMouseEvent, edge: { target: string; targetHandle?: string | null; source: string; sourceHandle?: string | null }) => {
+    const end = (kind: string, node: string, handle: string) => {
+      const element = document.querySelector(`.react-flow__handle.${kind}[data-nodeid="${CSS.escape(node)}"][data-handleid="${CSS.escape(handle)}"]`);
+      const box = element?.getBoundingClientRect();
+      const point = box ? flow.screenToFlowPosition({ x: box.left + box.width / 2, y: box.top + box.height / 2 }) : { x: 0, y: 0 };
+      return [point.x, point.y] as [number, number];
+    };
+    const at = flow.screenToFlowPosition({ x: event.clientX, y: event.clientY });
+    canvasActions.addReroute(edge.target, edge.targetHandle ?? "", [at.x, at.y], end("source", edge.source, edge.sourceHandle ?? ""),
+                             end("target", edge.target, edge.targetHandle ?? ""));
+  };
 
   const openSearch = (screen: { x: number; y: number }, link?: DraggedLink) => {
     actions.openSearch({ screen, at: flow.screenToFlowPosition(screen), link });
@@ -175,7 +225,7 @@ export function Canvas() {
   return (
     <div className="canvas" onDrop={onDrop} onDragOver={(event) => event.preventDefault()} data-testid="canvas"
          onMouseDownCapture={onMouseDownCapture} onDoubleClick={onDoubleClick}>
-      <ReactFlow nodes={nodes} edges={styledEdges} nodeTypes={nodeTypes}
+      <ReactFlow nodes={nodes} edges={styledEdges} nodeTypes={nodeTypes} edgeTypes={edgeTypes} onEdgeDoubleClick={onEdgeDoubleClick}
                  onNodesChange={actions.nodesChanged} onEdgesChange={actions.edgesChanged}
                  onConnect={onConnect} onConnectEnd={onConnectEnd} connectionRadius={CONNECTION_RADIUS}
                  isValidConnection={isValidConnection} deleteKeyCode={["Delete", "Backspace"]} zoomOnDoubleClick={false}

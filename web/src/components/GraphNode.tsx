@@ -4,7 +4,9 @@ import { Handle, type Node, type NodeProps, Position, useConnection } from "@xyf
 
 import { canConnect, type Catalogue, typeColor, widgetFor } from "../catalogue";
 import type { GraphNodeData } from "../graph";
+import { canvasActions } from "../canvasActions";
 import { getState, useEditor } from "../store";
+import { EditableText } from "./EditableText";
 
 /** The socket a link is being dragged from, as "source|node|socket" (or "target|..."), "" if none. */
 const draggedFrom = (connection: { inProgress: boolean; fromHandle: { type: string; nodeId: string; id?: string | null } | null }) =>
@@ -32,6 +34,7 @@ export function GraphNode({ id, data, selected }: NodeProps<Node<GraphNodeData, 
   const media = useEditor((s) => s.media[id]);
   const runState = useEditor((s) => s.nodeRuns[id]);
   const dragged = useConnection(draggedFrom);
+  const renameRequest = useEditor((s) => s.renaming?.target === id ? s.renaming.count : 0);
   const spec = catalogue?.nodes[data.nodeType];
   const status = runState?.status ?? "idle";
   const className = ["graph-node", `status-${status}`, selected ? "selected" : "", issues ? "has-issues" : "",
@@ -52,11 +55,39 @@ export function GraphNode({ id, data, selected }: NodeProps<Node<GraphNodeData, 
   }
   const linkedInputs = new Set(linked.filter((edge) => edge.target === id).map((edge) => edge.targetHandle));
   const progress = runState?.progress;
-  return (
-    <div className={className} data-testid={`node-${id}`} data-status={status} data-mode={data.mode} title={spec.description}>
-      <div className="node-title">
-        {spec.display_name} <span className="node-id">{id}</span>{modeBadge}
+  const titleBar = (
+    <div className="node-title" style={data.color ? { background: data.color } : undefined}>
+      <button className="nodrag collapse-button" data-testid={`collapse-${id}`} title={data.collapsed ? "expand" : "collapse"}
+              onClick={() => canvasActions.toggleCollapsed([id])}>{data.collapsed ? "▸" : "▾"}</button>
+      <EditableText text={data.title ?? spec.display_name} placeholder={spec.display_name} testId={`title-${id}`} className="node-name"
+                    editRequest={renameRequest}
+                    onCommit={(title) => canvasActions.setNodeLook({ title: title === spec.display_name ? "" : title }, [id])} />
+      {data.title && <span className="node-type">{spec.display_name}</span>}
+      <span className="node-id">{id}</span>{modeBadge}
+    </div>
+  );
+  const look = data.color ? { borderColor: data.color } : undefined;
+  if (data.collapsed) {
+    // Drawn as its title bar; the sockets stay (at its ends) so its links still show.
+    return (
+      <div className={`${className} collapsed`} data-testid={`node-${id}`} data-status={status} data-mode={data.mode}
+           data-collapsed="true" title={spec.description} style={look}>
+        {titleBar}
+        {Object.entries(spec.inputs).map(([name, input]) => (
+          <Handle key={name} type="target" position={Position.Left} id={name} className="socket collapsed-socket"
+                  style={{ background: typeColor(catalogue, input.type) }} isConnectable={false} />
+        ))}
+        {Object.entries(spec.outputs).map(([name, output]) => (
+          <Handle key={name} type="source" position={Position.Right} id={name} className="socket collapsed-socket"
+                  style={{ background: typeColor(catalogue, output.type) }} isConnectable={false} />
+        ))}
       </div>
+    );
+  }
+  return (
+    <div className={className} data-testid={`node-${id}`} data-status={status} data-mode={data.mode} title={spec.description}
+         style={look}>
+      {titleBar}
       {status === "running" && (
         <div className="node-progress" data-testid={`progress-${id}`}>
           <div style={{ width: progress ? `${(100 * progress[0]) / Math.max(progress[1], 1)}%` : "0%" }} />

@@ -3,10 +3,19 @@
 
 import { useEffect, useRef, useState } from "react";
 
+import { canvasActions } from "../canvasActions";
 import { searchNodes } from "../nodeSearch";
-import { actions, useEditor } from "../store";
+import { actions, getState, useEditor } from "../store";
 
 const SHOWN = 60;
+
+/** Canvas things the search also adds (not node types): found by these words. */
+const EXTRAS = [
+  { key: "@note", name: "Note", detail: "markdown text", words: ["note", "markdown", "comment", "text"],
+    add: (at: { x: number; y: number }) => canvasActions.addNote(at) },
+  { key: "@group", name: "Group", detail: "a frame that moves its nodes", words: ["group", "frame"],
+    add: (at: { x: number; y: number }) => canvasActions.addGroup([at.x, at.y, 480, 320]) },
+];
 const BOX = { width: 360, height: 470 };
 
 export function NodeSearch() {
@@ -25,10 +34,19 @@ export function NodeSearch() {
   }, [active]);
   if (search === null || catalogue === null) return null;
   const hits = searchNodes(catalogue, query, search.link, usage).slice(0, SHOWN);
+  const typed = query.trim().toLowerCase();
+  const extras = search.link || typed.length < 2 ? [] : EXTRAS.filter((extra) => extra.words.some((word) => word.startsWith(typed)));
   const choose = (index: number) => {
-    const hit = hits[index];
+    if (index < extras.length) {
+      const at = getState().search?.at;
+      actions.closeSearch();
+      if (at) extras[index].add(at);
+      return;
+    }
+    const hit = hits[index - extras.length];
     if (hit !== undefined) actions.addFromSearch(hit.spec.type, hit.socket);
   };
+  const count = extras.length + hits.length;
   const left = Math.max(4, Math.min(search.screen.x, window.innerWidth - BOX.width - 4));
   const top = Math.max(4, Math.min(search.screen.y, window.innerHeight - BOX.height - 4));
   return (
@@ -41,7 +59,7 @@ export function NodeSearch() {
                onKeyDown={(event) => {
                  if (event.key === "Enter") choose(active);
                  else if (event.key === "Escape") actions.closeSearch();
-                 else if (event.key === "ArrowDown") setActive(Math.min(active + 1, hits.length - 1));
+                 else if (event.key === "ArrowDown") setActive(Math.min(active + 1, count - 1));
                  else if (event.key === "ArrowUp") setActive(Math.max(active - 1, 0));
                  else return;
                  event.preventDefault();
@@ -52,7 +70,15 @@ export function NodeSearch() {
           </div>
         )}
         <ul ref={list} className="search-hits" data-testid="node-search-hits">
-          {hits.map((hit, index) => (
+          {extras.map((extra, index) => (
+            <li key={extra.key} className={index === active ? "active" : ""} data-testid={`search-hit-${extra.key}`}
+                onMouseEnter={() => setActive(index)} onClick={() => choose(index)}>
+              <span className="hit-name">{extra.name}</span>
+              <span className="hit-detail">{extra.detail}</span>
+              <span className="hit-category">canvas</span>
+            </li>
+          ))}
+          {hits.map((hit, i) => ({ hit, index: i + extras.length })).map(({ hit, index }) => (
             <li key={hit.spec.type} className={index === active ? "active" : ""} data-testid={`search-hit-${hit.spec.type}`}
                 title={hit.spec.description} onMouseEnter={() => setActive(index)} onClick={() => choose(index)}>
               <span className="hit-name">{hit.spec.display_name}</span>
@@ -60,7 +86,7 @@ export function NodeSearch() {
               <span className="hit-category">{hit.spec.category}</span>
             </li>
           ))}
-          {hits.length === 0 && <li className="muted">no node matches “{query}”</li>}
+          {count === 0 && <li className="muted">no node matches “{query}”</li>}
         </ul>
       </div>
     </div>
