@@ -93,4 +93,20 @@ describe("canvas elements in the store", () => {
     expect(ui().reroutes!.map((r) => r.id)).toEqual([before, "r", after]);
     expect(canvasActions.addReroute("sum", "b", [0, 0], [0, 0], [1, 1])).toBeNull();  // b has no link
   });
+
+  it("selects all, duplicates beside, and pastes the copy with its top-left at a point", () => {
+    actions.selectAll();
+    const present = getState().history.present;
+    expect([...present.nodes, ...present.groups, ...present.notes, ...present.reroutes].every((x) => x.selected)).toBe(true);
+    expect(getState().history.past).toHaveLength(0);  // selecting is not an undo step
+    actions.duplicate(["seed", "sum"]);
+    expect(pos("integer")).toEqual([40, 40]);
+    expect(graphToWorkflow(getState().history.present).nodes.math.inputs.a).toEqual({ from: "integer", output: "value" });
+    actions.copy(["sum", "far"]);
+    expect(actions.canPaste()).toBe(true);
+    actions.paste({ x: 500, y: 600 });
+    expect([pos("math_2"), pos("integer_2")]).toEqual([[500, 600], [2200, 2600]]);
+    actions.selectOnly(["far"]);
+    expect(getState().history.present.nodes.filter((n) => n.selected).map((n) => n.id)).toEqual(["far"]);
+  });
 });

@@ -100,6 +100,16 @@ export const canvasActions = {
     editing.commit(next);
   },
 
+  removeNote(id: string): void {
+    const graph = editing.graph();
+    editing.commit({ ...graph, notes: graph.notes.filter((n) => n.id !== id) });
+  },
+
+  removeReroute(id: string): void {
+    const graph = editing.graph();
+    editing.commit({ ...graph, reroutes: graph.reroutes.filter((r) => r.id !== id) });
+  },
+
   /** A new, empty note at a point; it opens for typing. */
   addNote(at: { x: number; y: number }, text = ""): string {
     const graph = editing.graph();

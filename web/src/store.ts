@@ -37,6 +37,13 @@ export interface DraggedLink extends LinkFilter {
   replaces?: string;
 }
 
+/** A right-click menu at `screen` (page pixels; `at`: the same point on the canvas) for what was clicked. */
+export interface ContextMenu {
+  screen: { x: number; y: number };
+  at: { x: number; y: number };
+  target: { kind: "canvas" } | { kind: "node" | "link" | "group" | "note" | "reroute"; id: string };
+}
+
 /** The node search box, open at `screen` (page pixels) to add a node at `at` (canvas coordinates). */
 export interface SearchRequest {
   screen: { x: number; y: number };
@@ -83,6 +90,8 @@ export interface EditorState {
   usage: Record<string, number>;
   /** A title to type over now (the context menu's Rename): the node or group id, and a count that changes per request. */
   renaming: { target: string; count: number } | null;
+  /** The right-click menu, when open. */
+  menu: ContextMenu | null;
 }
 
 function newGraphId(): string {
@@ -136,6 +145,7 @@ let state: EditorState = {
   search: null,
   usage: {},
   renaming: null,
+  menu: null,
 };
 const listeners = new Set<() => void>();
 let clipboard: Snippet | null = null;
@@ -505,8 +515,8 @@ export const actions = {
   },
 
   /** Bypass (or mute) the selected nodes; if all of them already are, run them again (Ctrl+B, Ctrl+M). */
-  toggleMode(mode: NodeMode): void {
-    const { nodes } = selectedIds();
+  toggleMode(mode: NodeMode, ids?: string[]): void {
+    const nodes = ids ? new Set(ids) : selectedIds().nodes;
     if (nodes.size === 0) {
       say(`select the nodes to ${mode} first`, true);
       return;
@@ -519,13 +529,59 @@ export const actions = {
     if (nodes.size + edges.size > 0) commit(removeItems(graph(), nodes, edges));
   },
 
-  copy(): void {
-    const { nodes } = selectedIds();
+  /** Copy the nodes `ids` (else the selection) and the links among them. */
+  copy(ids?: string[]): void {
+    const nodes = ids ? new Set(ids) : selectedIds().nodes;
     if (nodes.size > 0) clipboard = copySelection(graph(), nodes);
   },
 
-  paste(): void {
-    if (clipboard !== null) commit(paste(graph(), clipboard, { x: 40, y: 40 }));
+  /** Paste the copied nodes, 40 to the right and down of where they were (or with their top-left at `at`). */
+  paste(at?: { x: number; y: number }): void {
+    if (clipboard === null || clipboard.nodes.length === 0) return;
+    const left = Math.min(...clipboard.nodes.map((n) => n.position.x));
+    const top = Math.min(...clipboard.nodes.map((n) => n.position.y));
+    commit(paste(graph(), clipboard, at ? { x: at.x - left, y: at.y - top } : { x: 40, y: 40 }));
+  },
+
+  canPaste(): boolean {
+    return clipboard !== null && clipboard.nodes.length > 0;
+  },
+
+  /** Copies of the nodes `ids` beside them, selected (the clipboard is left as it was). */
+  duplicate(ids: string[]): void {
+    if (ids.length > 0) commit(paste(graph(), copySelection(graph(), new Set(ids)), { x: 40, y: 40 }));
+  },
+
+  deleteNodes(ids: string[]): void {
+    if (ids.length > 0) commit(removeItems(graph(), new Set(ids), new Set()));
+  },
+
+  /** Select the nodes `ids` and nothing else. */
+  selectOnly(ids: string[]): void {
+    const g = graph();
+    const chosen = new Set(ids);
+    set({ history: replace(state.history, {
+      ...g, nodes: g.nodes.map((n) => ({ ...n, selected: chosen.has(n.id) })), edges: g.edges.map((e) => ({ ...e, selected: false })),
+      groups: g.groups.map((x) => ({ ...x, selected: false })), notes: g.notes.map((x) => ({ ...x, selected: false })),
+      reroutes: g.reroutes.map((x) => ({ ...x, selected: false })),
+    }) });
+  },
+
+  /** Select every node, group, note and reroute point (Ctrl+A). */
+  selectAll(): void {
+    const g = graph();
+    set({ history: replace(state.history, {
+      ...g, nodes: g.nodes.map((n) => ({ ...n, selected: true })), groups: g.groups.map((x) => ({ ...x, selected: true })),
+      notes: g.notes.map((x) => ({ ...x, selected: true })), reroutes: g.reroutes.map((x) => ({ ...x, selected: true })),
+    }) });
+  },
+
+  openMenu(menu: ContextMenu): void {
+    set({ menu });
+  },
+
+  closeMenu(): void {
+    if (state.menu !== null) set({ menu: null });
   },
 
   undo(): void {

@@ -7,6 +7,7 @@ import { followEvents } from "../api";
 import { canvasActions } from "../canvasActions";
 import { actions, useEditor } from "../store";
 import { Canvas } from "./Canvas";
+import { ContextMenu } from "./ContextMenu";
 import { NodeSearch } from "./NodeSearch";
 import { Palette, QueuePanel } from "./Panels";
 import { DialogBox, Toolbar } from "./Toolbar";
@@ -34,6 +35,7 @@ function Editor() {
       else if (mod && key === "b") actions.toggleMode("bypass");
       else if (mod && key === "m") actions.toggleMode("mute");
       else if (mod && key === "g") canvasActions.groupSelection();
+      else if (mod && key === "a") actions.selectAll();
       else return;
       event.preventDefault();
     };
@@ -52,6 +54,7 @@ function Editor() {
       <Toolbar />
       <DialogBox />
       <NodeSearch />
+      <ContextMenu />
       <div className="main">
         <Palette onAdd={addAtCentre} />
         <Canvas />

@@ -8,9 +8,9 @@ import {
 import { type DragEvent, type MouseEvent as ReactMouseEvent, useEffect, useMemo, useRef, useState } from "react";
 
 import { canvasActions } from "../canvasActions";
-import { REROUTE_RADIUS } from "../canvasElements";
+import { elementOf, REROUTE_RADIUS } from "../canvasElements";
 import type { Graph, GraphEdge, Size } from "../graph";
-import { actions, type DraggedLink, getState, useEditor } from "../store";
+import { actions, type ContextMenu as ContextMenuState, type DraggedLink, getState, useEditor } from "../store";
 import { pointsOf } from "../uiElements";
 import { FrameNode } from "./FrameNode";
 import { GraphNode } from "./GraphNode";
@@ -207,6 +207,16 @@ export function Canvas() {
     if (pull) actions.removeLink(pull.edge.id);
   };
 
+  const openMenu = (event: ReactMouseEvent | MouseEvent, target: ContextMenuState["target"]) => {
+    event.preventDefault();
+    const screen = { x: event.clientX, y: event.clientY };
+    actions.openMenu({ screen, at: flow.screenToFlowPosition(screen), target });
+  };
+  const onNodeContextMenu = (event: ReactMouseEvent, node: Node) => {
+    const element = elementOf(node.id, getState().history.present);
+    openMenu(event, element ? { kind: element.kind === "group" ? "group" : element.kind, id: element.id } : { kind: "node", id: node.id });
+  };
+
   const onDoubleClick = (event: ReactMouseEvent) => {
     if ((event.target as HTMLElement).classList.contains("react-flow__pane")) openSearch({ x: event.clientX, y: event.clientY });
   };
@@ -226,6 +236,8 @@ export function Canvas() {
     <div className="canvas" onDrop={onDrop} onDragOver={(event) => event.preventDefault()} data-testid="canvas"
          onMouseDownCapture={onMouseDownCapture} onDoubleClick={onDoubleClick}>
       <ReactFlow nodes={nodes} edges={styledEdges} nodeTypes={nodeTypes} edgeTypes={edgeTypes} onEdgeDoubleClick={onEdgeDoubleClick}
+                 onPaneContextMenu={(event) => openMenu(event, { kind: "canvas" })} onNodeContextMenu={onNodeContextMenu}
+                 onEdgeContextMenu={(event, edge) => openMenu(event, { kind: "link", id: edge.id })}
                  onNodesChange={actions.nodesChanged} onEdgesChange={actions.edgesChanged}
                  onConnect={onConnect} onConnectEnd={onConnectEnd} connectionRadius={CONNECTION_RADIUS}
                  isValidConnection={isValidConnection} deleteKeyCode={["Delete", "Backspace"]} zoomOnDoubleClick={false}
