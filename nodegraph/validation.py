@@ -464,7 +464,10 @@ def compile_workflow(
                     continue
                 found = pass_through(workflow, classes, link)
                 if found.source is None:
-                    if found.unfed is not None:
+                    if found.unfed is not None and found.unfed[0] == "bypass_unfed" and not spec.required:
+                        # As ComfyUI drops such a link: the optional input reads as not connected.
+                        literals[name] = spec.default
+                    elif found.unfed is not None:
                         code, message, details = found.unfed
                         unfed.append(ValidationIssue(code, f"input {name!r}: {message}", node_id, name, details))
                     continue

@@ -61,21 +61,26 @@ def test_bypassed_node_literals_are_not_checked_but_its_links_are(registry):
     assert (issue.node_id, issue.input) == ("s", "x")
 
 
-def test_bypass_without_an_input_of_the_output_type_is_named(registry):
-    # UseModel turns a MODEL into an IMAGE: bypassed, nothing feeds its image output.
+def test_bypass_without_a_linked_input_of_the_output_type_is_named(registry):
+    # The bypassed Add's FLOAT `a` is a literal and `b` is left out: nothing to pass to the required
+    # `a` of the Add it feeds.
+    data = with_modes(doc(add=("Add", {"a": 1}), use=("Add", {"a": link("add", "sum")}),
+                          out=("Sink", {"value": link("use", "sum")})), add="bypass")
+    [issue] = issues_of(data, registry)
+    assert (issue.code, issue.node_id, issue.input) == ("bypass_unfed", "use", "a")
+    assert issue.details == {"from": "add", "output": "sum", "type": "FLOAT", "via": ["add"]}
+    assert "'add' (Add) is bypassed" in issue.message and "FLOAT" in issue.message and "'sum'" in issue.message
+
+
+def test_bypass_feeding_nothing_into_an_optional_input_leaves_it_unconnected(executor, runs):
+    # As ComfyUI drops the link: Sink's optional `value` reads its default, and the bypassed
+    # UseModel (MODEL in, IMAGE out) and the loader only it needed do not run.
     data = with_modes(doc(load=("LoadModel", {}), use=("UseModel", {"model": link("load", "model")}),
                           out=("Sink", {"value": link("use", "image")})), use="bypass")
-    [issue] = issues_of(data, registry)
-    assert (issue.code, issue.node_id, issue.input) == ("bypass_unfed", "out", "value")
-    assert issue.details == {"from": "use", "output": "image", "type": "IMAGE", "via": ["use"]}
-    assert "'use' (UseModel) is bypassed" in issue.message and "IMAGE" in issue.message and "'image'" in issue.message
-
-
-def test_unlinked_input_of_the_type_passes_nothing(registry):
-    # Add's `a` (FLOAT) is a literal and `b` is left out: a bypassed Add has nothing to pass.
-    [issue] = issues_of(with_modes(doc(add=("Add", {"a": 1}), out=("Sink", {"value": link("add", "sum")})),
-                                   add="bypass"), registry)
-    assert issue.code == "bypass_unfed" and issue.details["type"] == "FLOAT"
+    result = executor.run(data)
+    assert result.status == "succeeded"
+    assert result.results["out"].outputs.value is None
+    assert dict(runs) == {"out": 1}
 
 
 def test_muted_output_node_does_not_run(executor, runs):
