@@ -145,6 +145,11 @@ export interface ApiRun {
   file_urls?: (string | null)[];
   error?: unknown;
   seconds?: number | null;
+  /** Unix seconds. */
+  created?: number;
+  finished?: number | null;
+  /** The workflow it ran (GET /api/runs/{id} only). */
+  workflow?: unknown;
 }
 
 /** GET /api/runs: the runs, oldest first, and the queue. */
@@ -197,6 +202,10 @@ export function runProgress(run: RunView): number {
 export interface NodeMedia {
   src: string;
   kind: "preview" | "image";
+  /** The run that made it. */
+  runId: string;
+  /** For an image: all the images the node made in that run (a batch), `src` the last. */
+  images?: string[];
 }
 
 /** What the canvas shows of its own runs. */
@@ -220,11 +229,13 @@ export function graphRunView(runs: RunsState, owned: (runId: string) => boolean,
     for (const [nodeId, node] of Object.entries(runs.runs[runId].nodes)) {
       if (nodeId in media) continue;
       const image = node.images.at(-1);
-      const found: NodeMedia | null = image !== undefined ? { src: image, kind: "image" }
-        : node.preview !== undefined ? { src: node.preview, kind: "preview" } : null;
+      const found: NodeMedia | null = image !== undefined ? { src: image, kind: "image", runId, images: node.images }
+        : node.preview !== undefined ? { src: node.preview, kind: "preview", runId } : null;
       if (found === null) continue;
       const before = previous[nodeId];
-      media[nodeId] = before?.src === found.src && before.kind === found.kind ? before : found;
+      const same = before?.src === found.src && before.kind === found.kind && before.runId === found.runId
+        && before.images?.length === found.images?.length;
+      media[nodeId] = same ? before : found;
     }
   }
   return { nodes: current === undefined ? NO_NODES : runs.runs[current].nodes, media };

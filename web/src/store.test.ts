@@ -243,6 +243,23 @@ describe("the editor store", () => {
     expect(actions.linkToNode({ from: "output", type: "FLOAT", nodeId: "sum", socket: "result" }, "seed")).toBe(false);
   });
 
+  it("steps the image viewer through a batch and opens the workflow of the run that made it", async () => {
+    actions.openViewer(["/a.png", "/b.png", "/c.png"], 5, "run-1");
+    expect(getState().viewer).toEqual({ images: ["/a.png", "/b.png", "/c.png"], index: 2, runId: "run-1" });
+    actions.stepViewer(1);
+    expect(getState().viewer?.index).toBe(0);
+    actions.stepViewer(-1);
+    expect(getState().viewer?.index).toBe(2);
+    const ran = { version: 1, nodes: { only: { type: "Integer", inputs: { value: 42 } } } };
+    stubServer({ "GET /api/runs/run-1": () => ({ id: "run-1", status: "succeeded", workflow: ran }),
+                 "GET /api/runs/gone": () => [404, { error: "unknown_run", message: "no run gone" }] });
+    await actions.openRunWorkflow("run-1");
+    expect(graphToWorkflow(getState().history.present).nodes).toEqual(ran.nodes);
+    expect(getState().viewer).toBeNull();
+    await actions.openRunWorkflow("gone");
+    expect(getState().message).toEqual({ text: "cannot open the workflow of run gone: no run gone", error: true });
+  });
+
   it("says why a link dropped on a socket was refused", () => {
     actions.explainRefusedLink({ source: "sum", sourceHandle: "result", target: "seed", targetHandle: "value" });
     expect(getState().message).toEqual({ text: "cannot connect: FLOAT cannot feed INT", error: true });
@@ -283,10 +300,10 @@ describe("the editor store", () => {
     stubServer({ "POST /api/runs": () => [201, { id: "r", status: "queued" }] });
     await actions.run();
     actions.event({ type: "node_preview", run_id: "r", node_id: "sum", image: "data:image/jpeg;base64,AA" });
-    expect(getState().media.sum).toEqual({ src: "data:image/jpeg;base64,AA", kind: "preview" });
+    expect(getState().media.sum).toMatchObject({ src: "data:image/jpeg;base64,AA", kind: "preview" });
     actions.event({ type: "node_finished", run_id: "r", node_id: "sum", files: ["o/x.png"],
                     file_urls: ["/api/files/outputs/x.png"] });
-    expect(getState().media.sum).toEqual({ src: "/api/files/outputs/x.png", kind: "image" });
+    expect(getState().media.sum).toMatchObject({ src: "/api/files/outputs/x.png", kind: "image", images: ["/api/files/outputs/x.png"] });
   });
 
   it("reads the runs from the server when the event stream (re)connects, as after a page reload", async () => {
@@ -341,7 +358,8 @@ describe("the editor store", () => {
     actions.event({ type: "run_started", run_id: "mine", node_id: null, nodes: ["seed", "sum"] });
     actions.event({ type: "node_finished", run_id: "mine", node_id: "sum", files: [],
                     file_urls: ["/api/files/outputs/mine.png"] });
-    expect(getState().media).toEqual({ sum: { src: "/api/files/outputs/mine.png", kind: "image" } });
+    expect(getState().media).toEqual({ sum: { src: "/api/files/outputs/mine.png", kind: "image", runId: "mine",
+                                              images: ["/api/files/outputs/mine.png"] } });
     expect(getState().nodeRuns.sum.status).toBe("executed");
     expect(getState().nodeRuns.seed.status).toBe("pending");
 

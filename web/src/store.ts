@@ -92,6 +92,8 @@ export interface EditorState {
   renaming: { target: string; count: number } | null;
   /** The right-click menu, when open. */
   menu: ContextMenu | null;
+  /** The image viewer, when open: a run's images (a batch), the one shown, and the run that made them. */
+  viewer: { images: string[]; index: number; runId: string } | null;
 }
 
 function newGraphId(): string {
@@ -146,6 +148,7 @@ let state: EditorState = {
   usage: {},
   renaming: null,
   menu: null,
+  viewer: null,
 };
 const listeners = new Set<() => void>();
 let clipboard: Snippet | null = null;
@@ -574,6 +577,36 @@ export const actions = {
       ...g, nodes: g.nodes.map((n) => ({ ...n, selected: true })), groups: g.groups.map((x) => ({ ...x, selected: true })),
       notes: g.notes.map((x) => ({ ...x, selected: true })), reroutes: g.reroutes.map((x) => ({ ...x, selected: true })),
     }) });
+  },
+
+  /** Show images large, starting at `index`; `runId`: the run that made them. */
+  openViewer(images: string[], index: number, runId: string): void {
+    if (images.length > 0) set({ viewer: { images, index: Math.max(0, Math.min(index, images.length - 1)), runId } });
+  },
+
+  /** Step through the viewer's images (wrapping around). */
+  stepViewer(delta: number): void {
+    const viewer = state.viewer;
+    if (viewer === null) return;
+    const count = viewer.images.length;
+    set({ viewer: { ...viewer, index: (viewer.index + delta + count) % count } });
+  },
+
+  closeViewer(): void {
+    set({ viewer: null });
+  },
+
+  /** Open the workflow a run was submitted with (GET /api/runs/{id}), as a new graph. */
+  async openRunWorkflow(runId: string): Promise<void> {
+    try {
+      const run = await api.run(runId);
+      if (typeof run.workflow !== "object" || run.workflow === null) throw new Error("the server sent no workflow for it");
+      actions.load(run.workflow, `run-${runId.slice(0, 8)}.json`);
+      set({ viewer: null });
+      say(`opened the workflow of run ${runId.slice(0, 8)}`);
+    } catch (error) {
+      say(`cannot open the workflow of run ${runId.slice(0, 8)}: ${(error as Error).message}`, true);
+    }
   },
 
   openMenu(menu: ContextMenu): void {

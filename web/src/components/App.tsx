@@ -8,6 +8,7 @@ import { canvasActions } from "../canvasActions";
 import { actions, useEditor } from "../store";
 import { Canvas } from "./Canvas";
 import { ContextMenu } from "./ContextMenu";
+import { ImageViewer } from "./ImageViewer";
 import { NodeSearch } from "./NodeSearch";
 import { Palette, QueuePanel } from "./Panels";
 import { DialogBox, Toolbar } from "./Toolbar";
@@ -55,6 +56,7 @@ function Editor() {
       <DialogBox />
       <NodeSearch />
       <ContextMenu />
+      <ImageViewer />
       <div className="main">
         <Palette onAdd={addAtCentre} />
         <Canvas />

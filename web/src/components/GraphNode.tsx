@@ -5,7 +5,7 @@ import { Handle, type Node, type NodeProps, Position, useConnection } from "@xyf
 import { canConnect, type Catalogue, typeColor, widgetFor } from "../catalogue";
 import type { GraphNodeData } from "../graph";
 import { canvasActions } from "../canvasActions";
-import { getState, useEditor } from "../store";
+import { actions, getState, useEditor } from "../store";
 import { EditableText } from "./EditableText";
 
 /** The socket a link is being dragged from, as "source|node|socket" (or "target|..."), "" if none. */
@@ -126,11 +126,10 @@ export function GraphNode({ id, data, selected }: NodeProps<Node<GraphNodeData, 
           </div>
         ))}
       </div>
-      {media && (
-        <a href={media.kind === "image" ? media.src : undefined} target="_blank" rel="noreferrer">
-          <img className="node-media" data-testid={`media-${id}`} data-kind={media.kind} src={media.src} alt={`${id} ${media.kind}`} />
-        </a>
-      )}
+      {media && (media.kind === "image"
+        ? <img className="node-media clickable" data-testid={`media-${id}`} data-kind="image" src={media.src} alt={`${id} image`}
+               title="click to see it large" onClick={() => actions.openViewer(media.images ?? [media.src], (media.images?.length ?? 1) - 1, media.runId)} />
+        : <img className="node-media" data-testid={`media-${id}`} data-kind="preview" src={media.src} alt={`${id} preview`} />)}
     </div>
   );
 }

@@ -81,7 +81,10 @@ export function QueuePanel() {
             {run.error && <div className="node-issue">{run.error}</div>}
             {run.images.length > 0 && (
               <div className="run-images">
-                {run.images.map((src) => <a key={src} href={src} target="_blank" rel="noreferrer"><img src={src} alt="" /></a>)}
+                {run.images.map((src, index) => (
+                  <img key={src} src={src} alt="" className="clickable" data-testid={`run-image-${id}-${index}`}
+                       onClick={() => actions.openViewer(run.images, index, id)} />
+                ))}
               </div>
             )}
           </div>

@@ -1,0 +1,72 @@
+"""End to end (issue 17): output images and past runs in headless Chromium against a real server: the
+image viewer (large, a batch stepped through, download, the workflow that made it), the history
+panel, and queueing several runs at once.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from _browser import Browser
+from _editor import get_bytes, get_json, open_editor
+from test_editor_canvas_e2e import canvas_point, graph, search_and_add, socket
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.asyncio
+async def test_the_image_viewer_steps_through_a_batch_downloads_and_opens_the_workflow(picture_server, tmp_path):
+    chromium, base = picture_server
+    async with Browser(chromium, tmp_path / "profile") as page:
+        await open_editor(page, base)
+        # A second save node: the run makes two images.
+        await page.drag(await page.centre(socket("draw", "image", "source")), await canvas_point(page, 0.45, 0.85))
+        await search_and_add(page, "save picture", "SavePicture")
+        await page.click("[data-testid=run]")
+        run_id = await page.wait_for(
+            "(() => { const r = document.querySelector('[data-testid^=run-][data-status=succeeded]');"
+            " return r && r.querySelectorAll('img').length === 2 ? r.dataset.testid.slice(4) : null; })()",
+            timeout=60, what="a finished run with two images")
+
+        # The image on a node opens large.
+        await page.wait_for("document.querySelector('[data-testid=media-save][data-kind=image]') !== null", what="save's image")
+        await page.click("[data-testid=media-save]")
+        await page.wait_for("document.querySelector('[data-testid=viewer]') !== null", what="the viewer")
+        assert await page.evaluate("document.querySelector('[data-testid=viewer-count]').textContent") == "1 / 1"
+        size = await page.evaluate("(() => { const i = document.querySelector('[data-testid=viewer-image]');"
+                                   " return [i.getBoundingClientRect().width, i.naturalWidth]; })()")
+        assert size[0] >= 256  # shown at least at its own size (256 wide), large next to the node's
+        await page.press("Escape", "Escape", 27)
+        await page.wait_for("document.querySelector('[data-testid=viewer]') === null", what="the viewer closed")
+
+        # The run's images from the queue panel: step through them with the arrow keys (wrapping).
+        await page.click(f"[data-testid=run-image-{run_id}-0]")
+        await page.wait_for("document.querySelector('[data-testid=viewer-count]')?.textContent === '1 / 2'", what="1 of 2")
+        first = await page.evaluate("document.querySelector('[data-testid=viewer-image]').getAttribute('src')")
+        await page.press("ArrowRight", "ArrowRight", 39)
+        await page.wait_for("document.querySelector('[data-testid=viewer-count]').textContent === '2 / 2'", what="2 of 2")
+        second = await page.evaluate("document.querySelector('[data-testid=viewer-image]').getAttribute('src')")
+        assert second != first
+        await page.click("[data-testid=viewer-next]")
+        await page.wait_for("document.querySelector('[data-testid=viewer-count]').textContent === '1 / 2'", what="wrapped")
+        # Download: the link names the file and fetches the PNG.
+        link = await page.evaluate("(() => { const a = document.querySelector('[data-testid=viewer-download]');"
+                                   " return [a.getAttribute('href'), a.getAttribute('download')]; })()")
+        assert link[0] == first and link[1] == first.rsplit("/", 1)[-1]
+        assert get_bytes(f"{base}{link[0]}")[:8] == b"\x89PNG\r\n\x1a\n"
+
+        # The workflow that made it, opened as a graph, also after the canvas was cleared.
+        await page.press("Escape", "Escape", 27)
+        await page.click("[data-testid=new]")
+        await page.mouse_click(await page.centre(f"[data-testid=run-image-{run_id}-1]"))
+        await page.wait_for("document.querySelector('[data-testid=viewer-count]')?.textContent === '2 / 2'", what="2 of 2")
+        loads = int(await page.evaluate("document.querySelector('.editor').dataset.loads"))
+        await page.mouse_click(await page.centre("[data-testid=viewer-workflow]"))
+        await page.wait_for(f"Number(document.querySelector('.editor').dataset.loads) > {loads}", what="the run's workflow")
+        assert await page.evaluate("document.querySelector('[data-testid=viewer]')") is None
+        ran = get_json(f"{base}/api/runs/{run_id}")["workflow"]
+        opened = await graph(page)
+        assert opened["nodes"] == ran["nodes"]
+        assert json.dumps(sorted(opened["nodes"])) == json.dumps(["draw", "save", "save_picture", "seed"])
