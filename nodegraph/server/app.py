@@ -28,8 +28,8 @@ from .event_stream import EventHub, StreamLimits
 from .folders import (IMAGE_SUFFIXES, MAX_NAME_LENGTH, MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, NotAFile, PathRefused,
                       ServedFolder, UploadRefused, check_image, safe_file_name, store_upload)
 from .openapi import openapi_document
-from .queue import (FINISHED, QUEUE_CHANGED, QUEUE_EVENT_IDS, WORKER_FIELDS, NotQueued, RunBackend, RunQueue, RunStore,
-                    UnknownRun)
+from .queue import (FINISHED, QUEUE_CHANGED, QUEUE_EVENT_IDS, WORKER_FIELDS, NotQueued, RunBackend, RunNotFinished,
+                    RunQueue, RunStore, UnknownRun)
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,18 @@ async def cancel_run(request: web.Request) -> web.Response:
     if status in FINISHED and status != "cancelled":
         return error_response(409, "run_finished", f"run {run_id} already ended: {status}", status=status)
     return web.json_response({"id": run_id, "status": status, "cancel_requested": True})
+
+
+async def delete_run(request: web.Request) -> web.Response:
+    """Delete a finished run from the history; the files it wrote stay in the output folder."""
+    run_id = request.match_info["run_id"]
+    try:
+        await asyncio.to_thread(request.app[QUEUE_KEY].delete, run_id)
+    except UnknownRun as error:
+        return error_response(404, "unknown_run", str(error))
+    except RunNotFinished as error:
+        return error_response(409, "run_not_finished", str(error), status=error.status)
+    return web.json_response({"id": run_id, "deleted": True})
 
 
 async def get_queue(request: web.Request) -> web.Response:
@@ -513,6 +525,7 @@ def create_app(registry: NodeRegistry, db_path: Path | str, output_dir: Path | s
     app.router.add_post("/api/runs", submit_run)
     app.router.add_get("/api/runs", list_runs)
     app.router.add_get("/api/runs/{run_id}", get_run)
+    app.router.add_delete("/api/runs/{run_id}", delete_run)
     app.router.add_post("/api/runs/{run_id}/cancel", cancel_run)
     app.router.add_get("/api/queue", get_queue)
     app.router.add_delete("/api/queue", clear_queue)

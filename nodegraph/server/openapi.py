@@ -130,11 +130,23 @@ PATHS: dict[str, Any] = {
                 "Runs without their workflow documents.")},
         },
     },
-    "/api/runs/{run_id}": {"get": {
-        "summary": "One run: status, timings, per-node state, files, error",
-        "parameters": [_RUN_ID],
-        "responses": {"200": _json({"$ref": "#/components/schemas/Run"}, "The run."), "404": _error("No such run.")},
-    }},
+    "/api/runs/{run_id}": {
+        "get": {
+            "summary": "One run: status, timings, per-node state, files, error",
+            "parameters": [_RUN_ID],
+            "responses": {"200": _json({"$ref": "#/components/schemas/Run"}, "The run."),
+                          "404": _error("No such run.")},
+        },
+        "delete": {
+            "summary": "Delete a finished run from the history (the files it wrote stay)",
+            "parameters": [_RUN_ID],
+            "responses": {"200": _json({"type": "object", "required": ["id", "deleted"],
+                                        "properties": {"id": {"type": "string"}, "deleted": {"const": True}}},
+                                       "Deleted; a run_deleted event tells every client."),
+                          "404": _error("No such run."),
+                          "409": _error("The run is queued or running (`status` says which): cancel it first.")},
+        },
+    },
     "/api/runs/{run_id}/cancel": {"post": {
         "summary": "Cancel a queued or running run",
         "parameters": [_RUN_ID],

@@ -33,6 +33,8 @@ FINISHED = (SUCCEEDED, FAILED, CANCELLED, INTERRUPTED)
 RUN_QUEUED = "run_queued"
 RUN_RETRIED = "run_retried"
 """A run's worker was lost mid-run and the run starts again on another; data: the lost attempt."""
+RUN_DELETED = "run_deleted"
+"""A finished run's record was deleted from the history (its files stay)."""
 QUEUE_CHANGED = "queue_changed"
 QUEUE_EVENT_IDS = 20
 """A queue_changed event names only the next this many runs: with hundreds queued, every change
@@ -82,6 +84,15 @@ class NotQueued(ValueError):
     def __init__(self, run_ids: list[str]) -> None:
         super().__init__(f"runs not in the queue: {', '.join(run_ids)}")
         self.run_ids = run_ids
+
+
+class RunNotFinished(ValueError):
+    """A queued or running run cannot be deleted from the history: it must be cancelled first."""
+
+    def __init__(self, run_id: str, status: str) -> None:
+        super().__init__(f"run {run_id} is {status}; cancel it first, then delete it")
+        self.run_id = run_id
+        self.status = status
 
 
 class RunStore:
@@ -135,6 +146,19 @@ class RunStore:
         if not rows:
             raise UnknownRun(run_id)
         return self._to_json(rows[0])
+
+    def delete_finished(self, run_id: str) -> None:
+        """Delete the record of a finished run (not its files). Raises UnknownRun, or RunNotFinished
+        (and deletes nothing) for a queued or running run."""
+        with self._lock:
+            finished = ", ".join("?" * len(FINISHED))
+            cursor = self._db.execute(f"DELETE FROM runs WHERE id = ? AND status IN ({finished})", (run_id, *FINISHED))
+            if cursor.rowcount:
+                return
+            rows = self._db.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchall()
+        if not rows:
+            raise UnknownRun(run_id)
+        raise RunNotFinished(run_id, rows[0]["status"])
 
     def list(self, status: str | None = None) -> list[dict[str, Any]]:
         """Runs in submission order; queued runs (`status="queued"`) in queue order."""
@@ -405,6 +429,15 @@ class RunQueue:
                 placement.token.cancel()
                 return RUNNING
         return self.store.get(run_id)["status"]
+
+    def delete(self, run_id: str) -> None:
+        """Delete a finished run from the history (its files stay) and tell listeners.
+        Raises UnknownRun, or RunNotFinished for a queued or running run."""
+        # Under the lock runs are placed with, so a queued run cannot start while it is checked.
+        with self._wake:
+            self.store.delete_finished(run_id)
+            self._broadcast(Event(RUN_DELETED, run_id))
+
     def clear(self) -> int:
         """Cancel every queued run; returns how many."""
         with self._wake:
