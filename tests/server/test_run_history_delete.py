@@ -56,6 +56,11 @@ async def test_a_finished_run_is_deleted_and_its_files_stay(aiohttp_client, tmp_
 
     again = await client.delete(f"/api/runs/{gone}")
     assert again.status == 404 and (await again.json())["error"] == "unknown_run"
+    # Odd ids are unknown runs too, answered in JSON; none deletes anything.
+    for odd in ("%27%20OR%201%3D1%20--", "x" * 2000, "%E2%80%AE%00"):
+        response = await client.delete(f"/api/runs/{odd}")
+        assert response.status == 404 and (await response.json())["error"] == "unknown_run"
+    assert await run_ids(client) == [kept]
     await socket.close()
 
 
