@@ -70,3 +70,59 @@ async def test_the_image_viewer_steps_through_a_batch_downloads_and_opens_the_wo
         opened = await graph(page)
         assert opened["nodes"] == ran["nodes"]
         assert json.dumps(sorted(opened["nodes"])) == json.dumps(["draw", "save", "save_picture", "seed"])
+
+
+@pytest.mark.asyncio
+async def test_history_survives_a_reload_reopens_a_run_and_hides_one_and_run_queues_a_batch(picture_server, tmp_path):
+    chromium, base = picture_server
+    before = {run["id"] for run in get_json(f"{base}/api/runs")["runs"]}
+    async with Browser(chromium, tmp_path / "profile") as page:
+        await open_editor(page, base)
+        prompt = "three green squares"
+        await page.type_into("[data-testid=input-draw-prompt]", prompt)
+        await page.type_into("[data-testid=batch-count]", "3")
+        assert "×3" in await page.evaluate("document.querySelector('[data-testid=run]').textContent")
+        await page.click("[data-testid=run]")
+        new = "(() => { const seen = new Set(%s); return [...document.querySelectorAll('[data-testid=history] [data-status=succeeded]')]" \
+              ".map(e => e.dataset.testid.slice(4)).filter(id => !seen.has(id)); })()" % json.dumps(sorted(before))
+        await page.wait_for(f"{new}.length === 3", timeout=90, what="three runs from one click, finished")
+        ids = await page.evaluate(new)
+        assert {run["id"] for run in get_json(f"{base}/api/runs")["runs"]} - before == set(ids)
+
+        async def entry(run: str) -> dict:
+            return await page.evaluate(
+                f"(() => {{ const e = document.querySelector('[data-testid=history] [data-testid=run-{run}]');"
+                " return e && { prompt: e.querySelector('.run-prompt')?.textContent, time: e.querySelector('.run-time').textContent,"
+                " images: e.querySelectorAll('.run-images img').length }; })()")
+
+        for run in ids:
+            await page.wait_for(f"document.querySelector('[data-testid=run-prompt-{run}]')?.textContent === {json.dumps(prompt)}",
+                                what="the run's prompt")
+            shown = await entry(run)
+            assert shown["images"] == 1 and len(shown["time"]) == 5 and shown["time"][2] == ":", shown
+
+        # After a reload the history is read from the server again, prompts and thumbnails included.
+        await page.send("Page.reload")
+        await page.wait_for("document.querySelector('.editor[data-ready=true]') !== null", what="the editor to restart")
+        for run in ids:
+            await page.wait_for(f"document.querySelector('[data-testid=run-prompt-{run}]')?.textContent === {json.dumps(prompt)}",
+                                what="the run's prompt after the reload")
+            assert (await entry(run))["images"] == 1
+
+        # One click reopens a run's workflow.
+        await page.click("[data-testid=new]")
+        loads = int(await page.evaluate("document.querySelector('.editor').dataset.loads"))
+        await page.mouse_click(await page.centre(f"[data-testid=history-open-{ids[0]}]"))
+        await page.wait_for(f"Number(document.querySelector('.editor').dataset.loads) > {loads}", what="the run's workflow")
+        assert (await graph(page))["nodes"]["draw"]["inputs"]["prompt"] == prompt
+
+        # Removed from the list, and still after a reload (the server keeps the run).
+        await page.mouse_click(await page.centre(f"[data-testid=history-hide-{ids[1]}]"))
+        await page.wait_for(f"document.querySelector('[data-testid=history] [data-testid=run-{ids[1]}]') === null",
+                            what="the run off the list")
+        await page.send("Page.reload")
+        await page.wait_for("document.querySelector('.editor[data-ready=true]') !== null", what="the editor to restart")
+        await page.wait_for(f"document.querySelector('[data-testid=history] [data-testid=run-{ids[2]}]') !== null",
+                            what="the history back")
+        assert await page.evaluate(f"document.querySelector('[data-testid=history] [data-testid=run-{ids[1]}]')") is None
+        assert get_json(f"{base}/api/runs/{ids[1]}")["status"] == "succeeded"

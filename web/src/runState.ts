@@ -19,6 +19,9 @@ export interface RunView {
   images: string[];
   error?: string;
   seconds?: number;
+  /** When it was queued and when it ended (Unix seconds), where known. */
+  created?: number;
+  finished?: number;
 }
 
 export interface QueueState {
@@ -70,6 +73,11 @@ function withNode(run: RunView, nodeId: string, change: (node: NodeRunState) => 
   return { ...run, nodes: { ...run.nodes, [nodeId]: change(node) } };
 }
 
+/** `{[field]: event.time}` when the event carries its time (every server event does). */
+function at(field: "created" | "finished", event: ServerEvent): Partial<RunView> {
+  return typeof event.time === "number" ? { [field]: event.time } : {};
+}
+
 /** The state after one server event. Unknown event types change nothing. */
 export function applyEvent(state: RunsState, event: ServerEvent): RunsState {
   const nodeId = event.node_id;
@@ -80,7 +88,7 @@ export function applyEvent(state: RunsState, event: ServerEvent): RunsState {
       return running ? withRun(next, running, underWay) : next;
     }
     case "run_queued":
-      return withRun(state, event.run_id, (run) => ({ ...run, status: "queued" }));
+      return withRun(state, event.run_id, (run) => ({ ...run, status: "queued", ...at("created", event) }));
     case "run_started":
       return withRun(state, event.run_id, (run) => {
         const nodes: Record<string, NodeRunState> = {};
@@ -113,15 +121,15 @@ export function applyEvent(state: RunsState, event: ServerEvent): RunsState {
         ...node, status: "failed", error: `${event.exception}: ${event.message}` })));
     case "run_finished":
       return withRun(state, event.run_id, (run) => ({ ...run, status: "succeeded", currentNode: null,
-                                                      seconds: event.seconds as number }));
+                                                      seconds: event.seconds as number, ...at("finished", event) }));
     case "run_failed":
       return withRun(state, event.run_id, (run) => ({ ...run, status: "failed", currentNode: null,
-                                                      error: runErrorText(event.error) }));
+                                                      error: runErrorText(event.error), ...at("finished", event) }));
     case "run_cancelled":
       return withRun(state, event.run_id, (run) => {
         const nodes = Object.fromEntries(Object.entries(run.nodes).map(([id, node]) =>
           [id, node.status === "running" ? { ...node, status: "cancelled" as NodeStatus } : node]));
-        return { ...run, status: "cancelled", currentNode: null, nodes };
+        return { ...run, status: "cancelled", currentNode: null, nodes, ...at("finished", event) };
       });
     default:
       return state;
@@ -174,6 +182,8 @@ export function runFromApi(run: ApiRun): RunView {
                           images: images.length > 0 ? images : Object.values(nodes).flatMap((node) => node.images) };
   if (run.status === "failed") view.error = runErrorText(run.error);
   if (typeof run.seconds === "number") view.seconds = run.seconds;
+  if (typeof run.created === "number") view.created = run.created;
+  if (typeof run.finished === "number") view.finished = run.finished;
   return view;
 }
 

@@ -1,6 +1,6 @@
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 
-import { graphToWorkflow } from "./graph";
+import { graphToWorkflow, type WorkflowDocument } from "./graph";
 import { actions, getState } from "./store";
 import { catalogue } from "./testCatalogue";
 import { stubServer, stubStorage } from "./testServer";
@@ -258,6 +258,39 @@ describe("the editor store", () => {
     expect(getState().viewer).toBeNull();
     await actions.openRunWorkflow("gone");
     expect(getState().message).toEqual({ text: "cannot open the workflow of run gone: no run gone", error: true });
+  });
+
+  it("queues the graph several times at once, re-rolling seeds marked random between the runs", async () => {
+    const rolls = [0.1, 0.5, 0.9];
+    vi.spyOn(Math, "random").mockImplementation(() => rolls.shift() ?? 0);
+    let n = 0;
+    const seen = stubServer({ "POST /api/runs": () => [201, { id: `batch-${++n}`, status: "queued" }] });
+    actions.setBatchCount(3);
+    actions.setBatchCount(0);  // refused: stays 3
+    await actions.run();
+    const seeds = seen.filter((r) => r.method === "POST").map((r) => (r.body as { workflow: WorkflowDocument }).workflow.nodes.seed.inputs.value);
+    expect(seeds).toEqual([5, 1, 5]);  // as loaded, then 0.1 -> 1, then 0.5 -> 5 (0.9 -> 9 is for the next run)
+    expect(values("seed")?.value).toBe(9);
+    vi.restoreAllMocks();
+    expect(getState().message?.text).toBe("queued 3 runs");
+    expect(Object.keys(getState().runInfo)).toEqual(expect.arrayContaining(["batch-1", "batch-2", "batch-3"]));
+    actions.setBatchCount(1);
+  });
+
+  it("reads each listed run's prompt once, and hides runs from the history in this browser", async () => {
+    const multiline = structuredClone(getState().catalogue!);
+    multiline.nodes.FormatText.inputs.template = { ...multiline.nodes.FormatText.inputs.template, multiline: true };
+    actions.setCatalogue(multiline);
+    const ran = { version: 1, nodes: { p: { type: "FormatText", inputs: { template: "a cat" } } } };
+    const seen = stubServer({ "GET /api/runs/old": () => ({ id: "old", status: "succeeded", workflow: ran }) });
+    const storage = stubStorage();
+    await actions.loadRunInfo(["old"]);
+    await actions.loadRunInfo(["old"]);
+    expect(getState().runInfo.old).toEqual({ prompt: "a cat" });
+    expect(seen.filter((r) => r.path === "/api/runs/old")).toHaveLength(1);
+    actions.hideRun("old");
+    expect(getState().hiddenRuns.has("old")).toBe(true);
+    expect(JSON.parse(storage.get("nodegraph.hiddenRuns") ?? "[]")).toContain("old");
   });
 
   it("says why a link dropped on a socket was refused", () => {

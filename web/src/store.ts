@@ -16,6 +16,7 @@ import {
 import { type History, record, redo, replace, startHistory, undo } from "./history";
 import { type LinkFilter, nodeUsage } from "./nodeSearch";
 import { workflowFromPng } from "./pngWorkflow";
+import { loadHiddenRuns, promptOf, saveHiddenRuns } from "./runHistory";
 import {
   applyEvent, emptyRuns, graphRunView, issuesByNode, type NodeMedia, type NodeRunState, runsFromApi, type RunsState,
   type ServerEvent,
@@ -94,6 +95,12 @@ export interface EditorState {
   menu: ContextMenu | null;
   /** The image viewer, when open: a run's images (a batch), the one shown, and the run that made them. */
   viewer: { images: string[]; index: number; runId: string } | null;
+  /** How many runs the Run button queues at once. */
+  batchCount: number;
+  /** What the history shows of each run beside its images: its prompt (read from its workflow). */
+  runInfo: Record<string, { prompt: string | null }>;
+  /** Runs taken off the history list in this browser. */
+  hiddenRuns: Set<string>;
 }
 
 function newGraphId(): string {
@@ -149,7 +156,13 @@ let state: EditorState = {
   renaming: null,
   menu: null,
   viewer: null,
+  batchCount: 1,
+  runInfo: {},
+  hiddenRuns: new Set(),
 };
+/** Runs whose workflow was asked for (the history's prompts), answered or not yet. */
+const runInfoAsked = new Set<string>();
+export const MAX_BATCH = 100;
 const listeners = new Set<() => void>();
 let clipboard: Snippet | null = null;
 
@@ -265,6 +278,7 @@ export const actions = {
     await actions.refreshWorkflows();
     void actions.learnUsage();
     loadRunGraphs();
+    set({ hiddenRuns: loadHiddenRuns() });
     const saved = localStorage.getItem(SAVED_GRAPH_KEY);
     if (saved !== null) {
       try {
@@ -728,15 +742,23 @@ export const actions = {
     }
   },
 
+  /** Queue the graph `batchCount` times (seeds marked random get new values between the runs). */
   async run(): Promise<void> {
-    const workflow = graphToWorkflow(graph());
+    const ids: string[] = [];
     try {
-      const { id } = await api.submit(workflow);
-      rememberRun(id);
-      set({ issues: {}, ...runView(state) });  // its events may have come first: shown now it is known as ours
-      say(`queued run ${id.slice(0, 8)}`);
-      actions.randomizeSeeds();
+      for (let i = 0; i < state.batchCount; i++) {
+        const workflow = graphToWorkflow(graph());
+        const { id } = await api.submit(workflow);
+        ids.push(id);
+        rememberRun(id);
+        const prompt = state.catalogue ? promptOf(workflow, state.catalogue) : null;
+        // Its events may have come first: shown now it is known as ours.
+        set({ issues: {}, ...runView(state), runInfo: { ...state.runInfo, [id]: { prompt } } });
+        actions.randomizeSeeds();
+      }
+      say(ids.length === 1 ? `queued run ${ids[0].slice(0, 8)}` : `queued ${ids.length} runs`);
     } catch (error) {
+      if (ids.length > 0) say(`queued ${ids.length} of ${state.batchCount} runs`, true);
       if (error instanceof ApiError && error.issues.length > 0) {
         set({ issues: issuesByNode(error.issues) });
         say(`not run: ${error.issues.map((i) => i.message).join("; ")}`, true);
@@ -744,6 +766,38 @@ export const actions = {
         say(`cannot run: ${(error as Error).message}`, true);
       }
     }
+  },
+
+  /** How many runs the Run button queues at once. */
+  setBatchCount(count: number): void {
+    if (Number.isInteger(count) && count >= 1 && count <= MAX_BATCH) set({ batchCount: count });
+  },
+
+  /** Read the prompt of each listed run not known yet, from the workflow it ran (GET /api/runs/{id}). */
+  async loadRunInfo(ids: string[]): Promise<void> {
+    const catalogue = state.catalogue;
+    const wanted = ids.filter((id) => !(id in state.runInfo) && !runInfoAsked.has(id));
+    if (catalogue === null || wanted.length === 0) return;
+    for (const id of wanted) runInfoAsked.add(id);
+    const read = await Promise.all(wanted.map(async (id) => {
+      try {
+        return [id, { prompt: promptOf((await api.run(id)).workflow, catalogue) }] as const;
+      } catch (error) {
+        console.warn(`history: cannot read run ${id} (${(error as Error).message})`);
+        runInfoAsked.delete(id);  // asked again next time the list is drawn
+        return null;
+      }
+    }));
+    const found = read.filter((entry) => entry !== null);
+    if (found.length > 0) set({ runInfo: { ...state.runInfo, ...Object.fromEntries(found) } });
+  },
+
+  /** Take a run off the history list in this browser (the server keeps it: it has no route to delete one). */
+  hideRun(id: string): void {
+    const hidden = new Set(state.hiddenRuns);
+    hidden.add(id);
+    saveHiddenRuns(hidden);
+    set({ hiddenRuns: hidden });
   },
 
   randomizeSeeds(): void {

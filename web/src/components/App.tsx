@@ -10,7 +10,8 @@ import { Canvas } from "./Canvas";
 import { ContextMenu } from "./ContextMenu";
 import { ImageViewer } from "./ImageViewer";
 import { NodeSearch } from "./NodeSearch";
-import { Palette, QueuePanel } from "./Panels";
+import { Palette } from "./Panels";
+import { RunsPanel } from "./RunsPanel";
 import { DialogBox, Toolbar } from "./Toolbar";
 
 function typingInField(target: EventTarget | null): boolean {
@@ -60,7 +61,7 @@ function Editor() {
       <div className="main">
         <Palette onAdd={addAtCentre} />
         <Canvas />
-        <QueuePanel />
+        <RunsPanel />
       </div>
     </div>
   );

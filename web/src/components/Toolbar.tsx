@@ -4,7 +4,7 @@ import { useReactFlow } from "@xyflow/react";
 import { useEffect, useRef, useState } from "react";
 
 import { graphToWorkflow } from "../graph";
-import { actions, getState, useEditor, workflowFileName } from "../store";
+import { actions, getState, MAX_BATCH, useEditor, workflowFileName } from "../store";
 import { measuredSizes } from "./Canvas";
 
 function downloadJson(name: string, data: unknown): void {
@@ -20,6 +20,7 @@ export function Toolbar() {
   const name = useEditor((s) => s.workflowName);
   const saved = useEditor((s) => s.savedWorkflows);
   const message = useEditor((s) => s.message);
+  const batch = useEditor((s) => s.batchCount);
   const canUndo = useEditor((s) => s.history.past.length > 0);
   const canRedo = useEditor((s) => s.history.future.length > 0);
   const fileInput = useRef<HTMLInputElement>(null);
@@ -27,7 +28,12 @@ export function Toolbar() {
   return (
     <header className="toolbar">
       <strong className="brand">nodegraph</strong>
-      <button className="run-button" data-testid="run" onClick={() => void actions.run()}>▶ Run</button>
+      <button className="run-button" data-testid="run" onClick={() => void actions.run()} title="queue the graph (Ctrl+Enter)">
+        ▶ Run{batch > 1 ? ` ×${batch}` : ""}
+      </button>
+      <input className="batch-count" type="number" min={1} max={MAX_BATCH} value={batch} data-testid="batch-count"
+             title="how many runs Run queues (seeds marked random change between them)"
+             onChange={(event) => actions.setBatchCount(Number(event.target.value))} />
       <button onClick={actions.newGraph} data-testid="new" title="clear the canvas for a new workflow (undoable)">New</button>
       <select data-testid="open-saved" value="" onChange={(event) => void actions.openSaved(event.target.value)}>
         <option value="" disabled>Open saved…</option>
