@@ -333,6 +333,18 @@ class TextEncoders:
             y = sdxl_vector_conditioning(pooled, size, crop, target_size or size)  # type: ignore[arg-type]
         return CondEntry(context=context, pooled=pooled, y=y)
 
+    def phrase_embedding(self, text: str) -> Tensor:
+        """A phrase's pooled embedding, unprojected (GLIGEN's phrase input; ComfyUI's
+        return_pooled="unprojected"): the last CLIP encoder's final-normed last-layer state at the
+        end token of the phrase's first chunk, whatever the clip skip -> (1, W)."""
+        slots = [slot for slot, encoder in self.encoders.items() if isinstance(encoder, CLIPTextEncoder)]
+        if not slots:
+            raise MissingTextEncoderError(f"a phrase embedding needs a CLIP text encoder; these are "
+                                          f"{', '.join(self.encoders) or 'none'}")
+        slot = slots[-1]
+        encoder: CLIPTextEncoder = self.encoders[slot]  # type: ignore[assignment]
+        return self._hidden(slot, encoder, self._chunks(slot, encoder, text)[:1], project_pooled=False)[1]
+
 
 def _vae_work(half: nn.Module, image_shape: tuple[int, ...]) -> float:
     """The size of a VAE encode or decode for the CPU thread policy. image_shape: (B, 3, H, W). The

@@ -977,3 +977,42 @@ def test_diff_controlnet_and_hypernetwork_loaders_take_comfyuis_inputs():
         assert node["type"] == expected["type"]
         assert {key: value for key, value in node["inputs"].items() if key != "model"} == expected["inputs"]
         assert node["inputs"]["model"]["output"] == "model"
+
+
+def test_muted_output_nodes_need_nothing(ui_graph):
+    # A muted SaveImage fed by a VAEDecode without its VAE: ComfyUI neither validates nor runs either.
+    ui_graph["nodes"] += [
+        {"id": 10, "type": "VAEDecode", "mode": 0, "pos": [0, 0],
+         "inputs": [{"name": "samples", "type": "LATENT", "link": 10}, {"name": "vae", "type": "VAE", "link": None}],
+         "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [11]}]},
+        {"id": 11, "type": "SaveImage", "mode": 2, "pos": [0, 0], "widgets_values": ["muted"],
+         "inputs": [{"name": "images", "type": "IMAGE", "link": 11}]}]
+    ui_graph["links"] += [[10, 3, 0, 10, 0, "LATENT"], [11, 10, 0, 11, 0, "IMAGE"]]
+    nodes = UI.convert(ui_graph)["nodes"]
+    assert "10" not in nodes
+    ui_graph["nodes"][-1]["mode"] = 0  # now it runs, and the VAEDecode's missing input is validation's to report
+    nodes = UI.convert(ui_graph)["nodes"]
+    assert nodes["10"] == {"type": "VAEDecode", "inputs": {"latent": link("3", "latent")}}
+
+
+# As ComfyUI declares them (nodes.py GLIGENLoader, GLIGENTextBoxApply; MAX_RESOLUTION 16384).
+GLIGEN_INPUTS: dict[str, dict[str, dict]] = {
+    "GLIGENLoader": {"gligen_name": {"files": "gligen"}},
+    "GLIGENTextBoxApply": {"conditioning_to": LINK, "clip": LINK, "gligen_textbox_model": LINK, "text": STRING,
+                           "width": {"default": 64, "min": 8, "max": 16384},
+                           "height": {"default": 64, "min": 8, "max": 16384},
+                           "x": {"default": 0, "min": 0, "max": 16384}, "y": {"default": 0, "min": 0, "max": 16384}},
+}
+
+
+def test_gligen_nodes_take_comfyuis_inputs():
+    check_comfyui_inputs(GLIGEN_INPUTS, set(), {})
+    corpus = Path(__file__).resolve().parents[1] / "data" / "comfyui_corpus"
+    for form, importer in (("api", API), ("ui", UI)):
+        document = json.loads((corpus / f"examples__gligen__gligen_textbox_example.png__png-{form}.json").read_text())
+        nodes = importer.convert(document)["nodes"]
+        assert nodes["10"] == {"type": "LoadGligen", "inputs": {"name": "gligen_sd14_textbox_pruned.safetensors"}}
+        assert nodes["27"] == {"type": "ApplyGligenTextBox", "inputs": {
+            "text": "sun", "width": 144, "height": 144, "x": 416, "y": 16, "conditioning": link("21", "conditioning"),
+            "clip": link("4", "clip"), "gligen": link("10", "gligen")}}
+        assert nodes["3"]["inputs"]["positive"] == link("27", "conditioning")

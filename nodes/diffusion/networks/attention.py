@@ -103,10 +103,15 @@ class BasicTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
+        # x (B, N, dim) -> x, applied in order between self- and cross-attention (GLIGEN's gated
+        # self-attention over grounding tokens); empty but while one is installed.
+        self.middle_hooks: list[Callable[[Tensor], Tensor]] = []
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         """x: (B, N, dim), context: (B, T, context_dim) -> (B, N, dim)."""
         x = self.attn1(self.norm1(x)) + x
+        for hook in self.middle_hooks:
+            x = hook(x)
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 

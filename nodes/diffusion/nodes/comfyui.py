@@ -342,6 +342,12 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
                                         ("control_net",), ("control_net_name",)),
     "HypernetworkLoader": NodeMapping("LoadHypernetwork", {"hypernetwork_name": "name", **_same("model", "strength")},
                                       ("model",), ("hypernetwork_name", "strength")),
+    "GLIGENLoader": NodeMapping("LoadGligen", {"gligen_name": "name"}, ("gligen",), ("gligen_name",)),
+    "GLIGENTextBoxApply": NodeMapping(
+        "ApplyGligenTextBox",
+        {"conditioning_to": "conditioning", "gligen_textbox_model": "gligen",
+         **_same("clip", "text", "width", "height", "x", "y")},
+        ("conditioning",), ("text", "width", "height", "x", "y")),
 })
 
 
@@ -727,11 +733,12 @@ def _model_lost_to_unconverted(node_id: str, comfy_nodes: list[ComfyNode], conve
 
 
 def _not_run(comfy_nodes: list[ComfyNode], classes: Mapping[str, type[Node]]) -> set[str]:
-    """The nodes that no output node needs (none in a file without output nodes: validation reports
-    that). ComfyUI validates and runs only its output nodes and what feeds them."""
+    """The nodes that no running output node needs (none in a file without one: validation reports
+    that). ComfyUI validates and runs only its output nodes that are neither muted nor bypassed, and
+    what feeds them."""
     by_id = {node.id: node for node in comfy_nodes}
     stack = [node.id for node in comfy_nodes
-             if node.type in MAPPINGS and classes[MAPPINGS[node.type].type].output_node]
+             if node.type in MAPPINGS and classes[MAPPINGS[node.type].type].output_node and node.mode is None]
     needed: set[str] = set()
     while stack:
         node_id = stack.pop()

@@ -39,6 +39,7 @@ KIND_SUBFOLDERS: dict[str, tuple[str, ...]] = {
     "style_models": ("style_models",),
     "embeddings": ("embeddings", "../embeddings"),
     "hypernetworks": ("hypernetworks",),
+    "gligen": ("gligen",),
 }
 MODEL_KINDS = tuple(KIND_SUBFOLDERS)
 # ComfyUI's older kind names, accepted in the config file's [models.folders] table.

@@ -31,6 +31,7 @@ from ..networks.controlnet import ControlNet
 from ..networks.dit import DiTConfig
 from ..networks.flux import FluxConfig
 from ..networks.flux_controlnet import FluxControlNet
+from ..networks.gligen import GligenError, Grounding, grounded
 from ..networks.mmdit import MMDiTConfig
 from ..networks.mmdit_controlnet import SD3ControlNet
 from ..networks.pixart import PixArtConfig, PixArtInputError
@@ -139,6 +140,8 @@ class CondEntry:
     extra input channels for this entry, at the sampled latent's size, or None.
     reference_latents: (b, C, h, w) latents (diffusion space) an edit model attends to as extra
     tokens (Flux.1 Kontext: ReferenceLatent), in order.
+    grounding: GLIGEN's phrases in boxes (GLIGENTextBoxApply), which ground this entry's U-Net
+    calls only; None for none.
     """
 
     context: Tensor | None = None
@@ -161,6 +164,7 @@ class CondEntry:
     concat_mask: Tensor | None = None
     concat: Tensor | None = None
     reference_latents: tuple[Tensor, ...] = ()
+    grounding: Grounding | None = None
 
     def with_(self, **changes: object) -> CondEntry:
         return replace(self, **changes)
@@ -265,6 +269,11 @@ def check_conditioning(network: nn.Module, entries: Sequence[CondEntry]) -> None
             _check_controls(network, entry.control)
         if entry.reference_latents and not isinstance(network.config, FluxConfig):
             raise GuidanceError("reference latents (ReferenceLatent) are for Flux.1 Kontext models")
+        if entry.grounding is not None:
+            try:
+                entry.grounding.model.check_fits(network)
+            except GligenError as error:
+                raise GuidanceError(str(error)) from None
 
 
 # Which ControlNets guide which networks: (network config, ControlNet module, what the model is).
@@ -466,7 +475,8 @@ class CFGGuider:
                                     float(sigma.reshape(-1)[0]), (top, left, h, w),
                                     self._distilled_guidance(group, batch, x))
             if isinstance(config, UNetConfig):
-                output = self.network(model_in.to(dtype), timesteps, context, y, control)
+                with grounded(self.network, [item.entry.grounding for item in group], batch, (h, w), self.downscale):
+                    output = self.network(model_in.to(dtype), timesteps, context, y, control)
             else:
                 extra = self._guidance_input(group, batch, x)
                 if control is not None:
