@@ -26,6 +26,7 @@ from .architectures.transformers import PIXART_T5_TOKENS
 from .sampling.model_sampling import ModelSampling
 from .text.embeddings import EmbeddingFolder
 from .sampling.guidance import REFINER_AESTHETIC_SCORE, CondEntry, SizeFromLatent
+from .sampling.hooks import Hooks
 from .text.clip import HIDDEN_STATE_BY_FAMILY, CLIPTextEncoder
 from .text.clip_tokenizer import PAD_ID_BY_ENCODER, CLIPTokenizer, TokenChunk
 from .text.t5_tokenizer import T5Tokenizer
@@ -130,6 +131,9 @@ class TextEncoders:
     clip_skip: None = the family's usual layer; 1 = last layer, 2 = penultimate, ...
     patches: slot -> LoRA patches for that encoder. t5_length: T5 pad length (None: the
     family's, :data:`T5_LENGTH_BY_FAMILY` or :data:`PIXART_T5_TOKENS`).
+    hook_patches: slot -> the CLIP patches of the LoRA hooks SetClipHooks set (a later SetClipHooks
+    replaces them; applied after `patches`). cond_hooks: the LoRA hooks every conditioning encoded
+    here carries to the sampler.
     """
 
     encoders: dict[str, nn.Module]
@@ -140,6 +144,8 @@ class TextEncoders:
     patches: dict[str, WeightPatches] = field(default_factory=dict)
     t5_tokenizer: T5Tokenizer | None = None
     t5_length: int | None = None
+    hook_patches: dict[str, WeightPatches] = field(default_factory=dict)
+    cond_hooks: Hooks = ()
 
     def with_clip_skip(self, clip_skip: int) -> TextEncoders:
         for slot, encoder in self.encoders.items():
@@ -157,6 +163,17 @@ class TextEncoders:
             merged[slot] = merged.get(slot, WeightPatches()).plus(slot_deltas, strength)
         return replace(self, patches=merged)
 
+    def with_hooks(self, hook_patches: dict[str, WeightPatches], cond_hooks: Hooks | None) -> TextEncoders:
+        """These encoders with LoRA hooks (SetClipHooks): `hook_patches` replace those of earlier hooks;
+        cond_hooks None keeps the hooks conditionings carried before."""
+        return replace(self, hook_patches=hook_patches,
+                       cond_hooks=self.cond_hooks if cond_hooks is None else cond_hooks)
+
+    def _slot_patches(self, slot: str) -> WeightPatches:
+        """The patches one encoder runs with: its LoRAs,thenitshooks."""
+        return WeightPatches(self.patches.get(slot, WeightPatches()).entries
+                             + self.hook_patches.get(slot, WeightPatches()).entries)
+
     def _chunks(self, slot: str, encoder: CLIPTextEncoder, prompt: str) -> list[TokenChunk]:
         lookup = None
         if self.embeddings_dirs:
@@ -171,7 +188,7 @@ class TextEncoders:
         device = module_device(encoder)
         ids = torch.tensor([chunk.ids for chunk in chunks], device=device)
         with cpu_threads(device, network_work(encoder, ids.numel())), \
-                _patched(encoder, self.patches.get(slot, WeightPatches())), torch.no_grad():
+                _patched(encoder, self._slot_patches(slot)), torch.no_grad():
             embedded = encoder.embed_tokens(ids)
             embedded = torch.stack([chunk.splice_embeddings(e) for chunk, e in zip(chunks, embedded)])
             out = encoder(ids, token_embeddings=embedded, clip_skip=clip_skip, final_norm=choice.final_norm,
@@ -274,7 +291,16 @@ class TextEncoders:
                                  project_pooled=False)
         return CondEntry(context=self._t5_hidden(text), pooled=pooled, y=pooled)
 
-    def encode(
+    def encode(self, text: str, *, text_secondary: str | None = None, size: tuple[int, int] | None = None,
+               crop: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
+               aesthetic_score: float | None = None) -> CondEntry:
+        """A prompt -> one conditioning entry (:meth:`_encode_prompt`) that carries the LoRA hooks
+        SetClipHooks gave these encoders for conditionings."""
+        entry = self._encode_prompt(text, text_secondary=text_secondary, size=size, crop=crop,
+                                    target_size=target_size, aesthetic_score=aesthetic_score)
+        return entry.with_(hooks=self.cond_hooks) if self.cond_hooks else entry
+
+    def _encode_prompt(
         self,
         text: str,
         *,

@@ -957,6 +957,60 @@ def test_incomplete_nodes_no_output_needs_are_left_out(api_graph):
         "a": link("6", "conditioning")}
 
 
+_PERCENT = {"start_percent": {"default": 0.0, "min": 0.0, "max": 1.0}}
+_PROPERTIES = {"strength": {"default": 1.0, "min": 0.0, "max": 10.0},
+               "set_cond_area": {"choices": ["default", "mask bounds"]}, "mask": LINK, "hooks": LINK,
+               "timesteps": LINK}
+_HOOK_LORA = {"lora_name": {"files": "loras"}, "strength_model": {"default": 1.0, "min": -20.0, "max": 20.0},
+              "prev_hooks": LINK}
+# As ComfyUI declares them (comfy_extras/nodes_hooks.py; comfy/hooks.py InterpolationMethod._LIST).
+HOOK_INPUTS: dict[str, dict[str, dict]] = {
+    "CreateHookLora": {**_HOOK_LORA, "strength_clip": {"default": 1.0, "min": -20.0, "max": 20.0}},
+    "CreateHookLoraModelOnly": _HOOK_LORA,
+    "SetHookKeyframes": {"hooks": LINK, "hook_kf": LINK},
+    "CreateHookKeyframe": {"strength_mult": {"default": 1.0, "min": -20.0, "max": 20.0}, **_PERCENT,
+                           "prev_hook_kf": LINK},
+    "CreateHookKeyframesInterpolated": {
+        "strength_start": {"default": 1.0, "min": 0.0, "max": 10.0},
+        "strength_end": {"default": 1.0, "min": 0.0, "max": 10.0},
+        "interpolation": {"choices": ["linear", "ease_in", "ease_out", "ease_in_out"]}, **_PERCENT,
+        "end_percent": {"default": 1.0, "min": 0.0, "max": 1.0},
+        "keyframes_count": {"default": 5, "min": 2, "max": 100}, "print_keyframes": {"boolean": False},
+        "prev_hook_kf": LINK},
+    "CombineHooks2": {f"hooks_{x}": LINK for x in "AB"},
+    "CombineHooks4": {f"hooks_{x}": LINK for x in "ABCD"},
+    "CombineHooks8": {f"hooks_{x}": LINK for x in "ABCDEFGH"},
+    "SetClipHooks": {"clip": LINK, "apply_to_conds": {"boolean": True}, "schedule_clip": {"boolean": False},
+                     "hooks": LINK},
+    "ConditioningSetProperties": {"cond_NEW": LINK, **_PROPERTIES},
+    "ConditioningSetPropertiesAndCombine": {"cond": LINK, "cond_NEW": LINK, **_PROPERTIES},
+    "PairConditioningSetProperties": {"positive_NEW": LINK, "negative_NEW": LINK, **_PROPERTIES},
+    "PairConditioningSetPropertiesAndCombine": {"positive": LINK, "negative": LINK, "positive_NEW": LINK,
+                                                "negative_NEW": LINK, **_PROPERTIES},
+    "SetModelHooksOnCond": {"conditioning": LINK, "hooks": LINK},
+    "ConditioningTimestepsRange": {**_PERCENT, "end_percent": {"default": 1.0, "min": 0.0, "max": 1.0}},
+}
+
+
+def test_hook_nodes_take_comfyuis_inputs():
+    check_comfyui_inputs(HOOK_INPUTS, set(), {})
+    corpus = Path(__file__).resolve().parents[1] / "data" / "comfyui_corpus"
+    nodes = API.convert(json.loads((corpus / "hstests__tests__inference__workflows__lora-hooks-1.json").read_text()))[
+        "nodes"]
+    assert nodes["76"] == {"type": "InterpolateHookKeyframes", "inputs": {
+        "strength_start": 0, "strength_end": 1, "interpolation": "linear", "start_percent": 0, "end_percent": 0.5,
+        "count": 5, "log_keyframes": True}}
+    assert nodes["75"]["inputs"] == {"hooks": link("20", "hooks"), "keyframes": link("76", "keyframes")}
+    assert nodes["21"]["inputs"] == {"clip": link("12", "clip"), "hooks": link("75", "hooks"),
+                                     "apply_to_conds": True, "schedule_clip": False}
+    assert nodes["16"]["type"] == "SetConditioningPairProperties"
+    assert nodes["23"]["inputs"]["positive"] == link("16", "positive")
+    assert nodes["23"]["inputs"]["negative"] == link("16", "negative")
+    model_only = API.convert({"1": {"class_type": "CreateHookLoraModelOnly",
+                                    "inputs": {"lora_name": "a.safetensors", "strength_model": 0.5}}})["nodes"]
+    assert model_only["1"]["inputs"] == {"name": "a.safetensors", "strength_model": 0.5, "strength_clip": 0.0}
+
+
 # As ComfyUI declares them (nodes.py DiffControlNetLoader, comfy_extras/nodes_hypernetwork.py).
 LOADER_INPUTS: dict[str, dict[str, dict]] = {
     "DiffControlNetLoader": {"model": LINK, "control_net_name": {"files": "controlnet"}},

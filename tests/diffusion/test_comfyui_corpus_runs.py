@@ -42,7 +42,8 @@ STEPS = 2
 # and batch sizes. A node type outside both tables fails the test: a corpus file that starts to
 # validate with it needs its overrides decided here first.
 MODEL_NAMES = {"LoadCheckpoint": CHECKPOINT, "LoadLora": LORA, "LoadControlNet": CONTROLNET, "LoadVAE": VAE,
-               "LoadDiffControlNet": CONTROLNET, "LoadHypernetwork": HYPERNETWORK}
+               "LoadDiffControlNet": CONTROLNET, "LoadHypernetwork": HYPERNETWORK,
+               "CreateLoraHook": LORA}  # the embedded LoRA has U-Net and text-encoder modules
 IMAGE_NAMES = ("LoadImage", "LoadMask")
 SIZES: dict[str, tuple[str, ...]] = {
     "EmptyLatent": ("width", "height"),
@@ -64,6 +65,10 @@ AS_THEY_ARE = frozenset({
     "LatentUpscaleBy", "ImageScaleBy", "InvertImage", "InvertMask", "SetLatentNoiseMask",
     # Merges: every checkpoint is the embedded one, so these merge it with itself (a difference is 0).
     "MergeModels", "AddModels", "SubtractModels", "MergeModelBlocks", "MergeModelBlocksSD1",
+    # LoRA hooks and their keyframes: percents of sampling, whatever its length.
+    "SetClipHooks", "SetHookKeyframes", "InterpolateHookKeyframes", "CreateHookKeyframe", "CombineHooks",
+    "SetConditioningProperties", "SetConditioningPairProperties", "AddConditioningWithProperties",
+    "AddConditioningPairWithProperties", "SetModelHooksOnConditioning", "TimestepsRange",
 })
 HANDLED = (frozenset(MODEL_NAMES) | frozenset(IMAGE_NAMES) | frozenset(SIZES) | frozenset(OFFSETS)
            | frozenset(STEP_INPUTS) | frozenset(BATCH_INPUTS) | AS_THEY_ARE)

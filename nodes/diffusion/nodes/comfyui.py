@@ -170,6 +170,49 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
     "ConditioningSetTimestepRange": NodeMapping("ConditioningSetTimestepRange", _same("conditioning", "start", "end"),
                                                 ("conditioning",), ("start", "end")),
     "ConditioningZeroOut": NodeMapping("ConditioningZeroOut", _same("conditioning"), ("conditioning",)),
+    # LoRA hooks (hooks.py): LoRAs acting only on the conditionings they are attached to.
+    "CreateHookLora": NodeMapping(
+        "CreateLoraHook", {"lora_name": "name", "prev_hooks": "previous", **_same("strength_model", "strength_clip")},
+        ("hooks",), ("lora_name", "strength_model", "strength_clip")),
+    "CreateHookLoraModelOnly": NodeMapping(
+        "CreateLoraHook", {"lora_name": "name", "prev_hooks": "previous", "strength_model": "strength_model"},
+        ("hooks",), ("lora_name", "strength_model"), defaults={"strength_clip": 0.0}),
+    "SetHookKeyframes": NodeMapping("SetHookKeyframes", {"hooks": "hooks", "hook_kf": "keyframes"}, ("hooks",)),
+    "CreateHookKeyframe": NodeMapping(
+        "CreateHookKeyframe", {"strength_mult": "strength", "start_percent": "start_percent", "prev_hook_kf": "previous"},
+        ("keyframes",), ("strength_mult", "start_percent")),
+    "CreateHookKeyframesInterpolated": NodeMapping(
+        "InterpolateHookKeyframes",
+        {"keyframes_count": "count", "print_keyframes": "log_keyframes", "prev_hook_kf": "previous",
+         **_same("strength_start", "strength_end", "interpolation", "start_percent", "end_percent")},
+        ("keyframes",), ("strength_start", "strength_end", "interpolation", "start_percent", "end_percent",
+                         "keyframes_count", "print_keyframes")),
+    "CombineHooks2": NodeMapping("CombineHooks", {"hooks_A": "a", "hooks_B": "b"}, ("hooks",)),
+    "CombineHooks4": NodeMapping("CombineHooks", {f"hooks_{x}": x.lower() for x in "ABCD"}, ("hooks",)),
+    "CombineHooks8": NodeMapping("CombineHooks", {f"hooks_{x}": x.lower() for x in "ABCDEFGH"}, ("hooks",)),
+    "SetClipHooks": NodeMapping("SetClipHooks", _same("clip", "apply_to_conds", "schedule_clip", "hooks"), ("clip",),
+                                ("apply_to_conds", "schedule_clip")),
+    "ConditioningSetProperties": NodeMapping(
+        "SetConditioningProperties",
+        {"cond_NEW": "conditioning", **_same("strength", "set_cond_area", "mask", "hooks", "timesteps")},
+        ("conditioning",), ("strength", "set_cond_area")),
+    "ConditioningSetPropertiesAndCombine": NodeMapping(
+        "AddConditioningWithProperties",
+        {"cond": "conditioning", "cond_NEW": "added", **_same("strength", "set_cond_area", "mask", "hooks", "timesteps")},
+        ("conditioning",), ("strength", "set_cond_area")),
+    "PairConditioningSetProperties": NodeMapping(
+        "SetConditioningPairProperties",
+        {"positive_NEW": "positive", "negative_NEW": "negative",
+         **_same("strength", "set_cond_area", "mask", "hooks", "timesteps")},
+        ("positive", "negative"), ("strength", "set_cond_area")),
+    "PairConditioningSetPropertiesAndCombine": NodeMapping(
+        "AddConditioningPairWithProperties",
+        {"positive_NEW": "added_positive", "negative_NEW": "added_negative",
+         **_same("positive", "negative", "strength", "set_cond_area", "mask", "hooks", "timesteps")},
+        ("positive", "negative"), ("strength", "set_cond_area")),
+    "SetModelHooksOnCond": NodeMapping("SetModelHooksOnConditioning", _same("conditioning", "hooks"), ("conditioning",)),
+    "ConditioningTimestepsRange": NodeMapping("TimestepsRange", _same("start_percent", "end_percent"),
+                                              ("range", "before", "after"), ("start_percent", "end_percent")),
     # Newer ComfyUI versions pass a VAE (optional), which SD3 and Flux ControlNets encode the control image with.
     "ControlNetApplyAdvanced": NodeMapping(
         "ApplyControlNet",

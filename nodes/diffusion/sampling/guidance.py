@@ -38,6 +38,7 @@ from ..networks.pixart import PixArtConfig, PixArtInputError
 from ..networks.transformer_control import TransformerControl
 from ..networks.unet import ControlResiduals, UNetConfig, sdxl_vector_conditioning
 from ..weights.storage import compute_dtype
+from .hooks import HookError, Hooks, HookSchedule, combined, hook_deltas
 from .model_sampling import ModelSampling, learned_sigma_prediction
 from .unclip import ImagePrompt
 
@@ -140,6 +141,8 @@ class CondEntry:
     extra input channels for this entry, at the sampled latent's size, or None.
     reference_latents: (b, C, h, w) latents (diffusion space) an edit model attends to as extra
     tokens (Flux.1 Kontext: ReferenceLatent), in order.
+    hooks: LoRA hooks that patch the denoiser for the network calls evaluating this entry alone
+    (ComfyUI's hook nodes, :mod:`.hooks`); entries with other hooks are evaluated in calls of their own.
     grounding: GLIGEN's phrases in boxes (GLIGENTextBoxApply), which ground this entry's U-Net
     calls only; None for none.
     """
@@ -164,6 +167,7 @@ class CondEntry:
     concat_mask: Tensor | None = None
     concat: Tensor | None = None
     reference_latents: tuple[Tensor, ...] = ()
+    hooks: Hooks = ()
     grounding: Grounding | None = None
 
     def with_(self, **changes: object) -> CondEntry:
@@ -239,8 +243,20 @@ def _check_class_labels(config: DiTConfig, entries: Sequence[CondEntry]) -> None
                                 f"0..{config.num_classes - 1}, its null class is {config.null_class}")
 
 
+def _check_hooks(network: nn.Module, entries: Sequence[CondEntry]) -> None:
+    """Refuse LoRA hooks that cannot act on this network (each hook's LoRA matched once)."""
+    params = None
+    for hook in combined(*(entry.hooks for entry in entries)):
+        params = network.state_dict() if params is None else params
+        try:
+            hook_deltas(network, hook, params)
+        except HookError as error:
+            raise GuidanceError(str(error)) from None
+
+
 def check_conditioning(network: nn.Module, entries: Sequence[CondEntry]) -> None:
     """Raise GuidanceError if any entry was not made for this network (U-Net, MMDiT, Flux, DiT, PixArt)."""
+    _check_hooks(network, entries)
     if isinstance(network.config, DiTConfig):
         _check_class_labels(network.config, entries)
         return
@@ -389,6 +405,8 @@ class CFGGuider:
         self._sized: dict[tuple[int, int, tuple[int, int]], CondEntry] = {}
         # Control images encoded to latents, once per (spec, pixel size).
         self._hint_latents: dict[tuple[int, int, int], Tensor] = {}
+        # The LoRA hooks of the entries: their keyframe walks over this run and their matched LoRAs.
+        self._hooks = HookSchedule(network, model_sampling.percent_to_sigma)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         """x: (B, C, H, W) noisy latents, sigma: (B,) -> guided denoised estimate (B, C, H, W)."""
@@ -422,7 +440,8 @@ class CFGGuider:
         totals = [torch.zeros_like(x) for _ in sides]
         weights = [torch.zeros((x.shape[0], 1, height, width), device=x.device, dtype=x.dtype) for _ in sides]
         for group in _groups(work):
-            outputs = self._run_group(group, x, sigma)
+            with self._hooks.applied(group[0].entry.hooks, level):  # a group's hooks patch its call alone
+                outputs = self._run_group(group, x, sigma)
             for item, output in zip(group, outputs):
                 top, left, h, w = item.region
                 totals[item.side][:, :, top: top + h, left: left + w] += output * item.weight
@@ -653,13 +672,13 @@ def _scatter_rows(residuals: ControlResiduals | TransformerControl, rows: Tensor
 
 
 def _groups(work: list[_Work]) -> list[list[_Work]]:
-    """Entries that can share one network call: same region and same context/vector shapes."""
+    """Entries that can share one network call: same region, context/vector shapes and LoRA hooks."""
     groups: dict[tuple, list[_Work]] = {}
     for item in work:
         key = (item.region, None if item.entry.context is None else tuple(item.entry.context.shape),
                None if item.entry.y is None else tuple(item.entry.y.shape),
                None if item.entry.concat is None else tuple(item.entry.concat.shape[1:]),
-               tuple(tuple(latent.shape[1:]) for latent in item.entry.reference_latents))
+               tuple(tuple(latent.shape[1:]) for latent in item.entry.reference_latents), item.entry.hooks)
         groups.setdefault(key, []).append(item)
     return list(groups.values())
 
