@@ -101,6 +101,10 @@ export interface EditorState {
   runInfo: Record<string, { prompt: string | null }>;
   /** Runs taken off the history list in this browser. */
   hiddenRuns: Set<string>;
+  /** The shortcut sheet is open. */
+  showShortcuts: boolean;
+  /** The minimap is shown (kept in local storage). */
+  showMinimap: boolean;
 }
 
 function newGraphId(): string {
@@ -159,7 +163,10 @@ let state: EditorState = {
   batchCount: 1,
   runInfo: {},
   hiddenRuns: new Set(),
+  showShortcuts: false,
+  showMinimap: true,
 };
+export const MINIMAP_KEY = "nodegraph.minimap";
 /** Runs whose workflow was asked for (the history's prompts), answered or not yet. */
 const runInfoAsked = new Set<string>();
 export const MAX_BATCH = 100;
@@ -278,7 +285,7 @@ export const actions = {
     await actions.refreshWorkflows();
     void actions.learnUsage();
     loadRunGraphs();
-    set({ hiddenRuns: loadHiddenRuns() });
+    set({ hiddenRuns: loadHiddenRuns(), showMinimap: localStorage.getItem(MINIMAP_KEY) !== "hidden" });
     const saved = localStorage.getItem(SAVED_GRAPH_KEY);
     if (saved !== null) {
       try {
@@ -765,6 +772,21 @@ export const actions = {
       } else {
         say(`cannot run: ${(error as Error).message}`, true);
       }
+    }
+  },
+
+  toggleShortcuts(): void {
+    set({ showShortcuts: !state.showShortcuts });
+  },
+
+  /** Show or hide the minimap; the choice is kept for the next visit. */
+  toggleMinimap(): void {
+    const show = !state.showMinimap;
+    set({ showMinimap: show });
+    try {
+      localStorage.setItem(MINIMAP_KEY, show ? "shown" : "hidden");
+    } catch {
+      // No storage: the choice holds for this page only.
     }
   },
 

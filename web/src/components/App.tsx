@@ -4,11 +4,12 @@ import { ReactFlowProvider, useReactFlow } from "@xyflow/react";
 import { useEffect } from "react";
 
 import { followEvents } from "../api";
-import { canvasActions } from "../canvasActions";
 import { actions, useEditor } from "../store";
 import { Canvas } from "./Canvas";
 import { ContextMenu } from "./ContextMenu";
 import { ImageViewer } from "./ImageViewer";
+import { shortcutFor } from "./keymap";
+import { ShortcutSheet } from "./ShortcutSheet";
 import { NodeSearch } from "./NodeSearch";
 import { Palette } from "./Panels";
 import { RunsPanel } from "./RunsPanel";
@@ -26,19 +27,9 @@ function Editor() {
   }, []);
   useEffect(() => {
     const onKey = (event: KeyboardEvent) => {
-      if (typingInField(event.target)) return;
-      const mod = event.ctrlKey || event.metaKey;
-      const key = event.key.toLowerCase();
-      if (mod && key === "z" && !event.shiftKey) actions.undo();
-      else if (mod && (key === "y" || (key === "z" && event.shiftKey))) actions.redo();
-      else if (mod && key === "c") actions.copy();
-      else if (mod && key === "v") actions.paste();
-      else if (mod && key === "enter") void actions.run();
-      else if (mod && key === "b") actions.toggleMode("bypass");
-      else if (mod && key === "m") actions.toggleMode("mute");
-      else if (mod && key === "g") canvasActions.groupSelection();
-      else if (mod && key === "a") actions.selectAll();
-      else return;
+      const shortcut = shortcutFor(event, typingInField(event.target));
+      if (shortcut === undefined) return;
+      shortcut.run();
       event.preventDefault();
     };
     window.addEventListener("keydown", onKey);
@@ -58,6 +49,7 @@ function Editor() {
       <NodeSearch />
       <ContextMenu />
       <ImageViewer />
+      <ShortcutSheet />
       <div className="main">
         <Palette onAdd={addAtCentre} />
         <Canvas />

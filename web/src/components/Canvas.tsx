@@ -2,7 +2,7 @@
 // empty space (which opens the node search); double-click opens the search; palette and file drops.
 
 import {
-  Background, Controls, type FinalConnectionState, getViewportForBounds, MiniMap, type Node, ReactFlow, useReactFlow,
+  Background, Controls, type FinalConnectionState, MiniMap, type Node, ReactFlow, useReactFlow,
   type Connection as FlowConnection, type IsValidConnection,
 } from "@xyflow/react";
 import { type DragEvent, type MouseEvent as ReactMouseEvent, useEffect, useMemo, useRef, useState } from "react";
@@ -12,6 +12,7 @@ import { elementOf, REROUTE_RADIUS } from "../canvasElements";
 import type { Graph, GraphEdge, Size } from "../graph";
 import { actions, type ContextMenu as ContextMenuState, type DraggedLink, getState, useEditor } from "../store";
 import { pointsOf } from "../uiElements";
+import { fitViewport } from "../viewport";
 import { FrameNode } from "./FrameNode";
 import { GraphNode } from "./GraphNode";
 import { LinkEdge } from "./LinkEdge";
@@ -87,13 +88,13 @@ function clientPoint(event: MouseEvent | TouchEvent): { x: number; y: number } {
   return { x: point.clientX, y: point.clientY };
 }
 
-/** Fit the graph into view at once (React Flow's fitView waits for the next node update, which may be
- *  a cleared canvas's first node). Never zoomed in past 1: text is drawn at its size. */
+/** Show a loaded workflow at once (React Flow's fitView waits for the next node update, which may be
+ *  a cleared canvas's first node): whole if it fits at a readable zoom (viewport.ts). */
 function fitNow(flow: ReturnType<typeof useReactFlow>): void {
   const box = document.querySelector(".canvas")?.getBoundingClientRect();
   const nodes = flow.getNodes();
   if (!box || nodes.length === 0) return;
-  void flow.setViewport(getViewportForBounds(flow.getNodesBounds(nodes), box.width, box.height, 0.1, 1, 0.1));
+  void flow.setViewport(fitViewport(flow.getNodesBounds(nodes), box.width, box.height));
 }
 
 export function Canvas() {
@@ -101,6 +102,7 @@ export function Canvas() {
   const catalogue = useEditor((s) => s.catalogue);
   const nodes = useMemo(() => flowNodes(graph), [graph, catalogue]);
   const loads = useEditor((s) => s.loads);
+  const minimap = useEditor((s) => s.showMinimap);
   const flow = useReactFlow();
   /** The link being pulled off an input (hidden while it is dragged from its output). */
   const [pulling, setPulling] = useState<GraphEdge | null>(null);
@@ -244,7 +246,7 @@ export function Canvas() {
                  multiSelectionKeyCode={["Shift", "Meta", "Control"]} minZoom={0.1}>
         <Background />
         <Controls />
-        <MiniMap pannable zoomable bgColor="#1e1f24" maskColor="#0009" nodeColor="#4a4e5a" />
+        {minimap && <MiniMap pannable zoomable bgColor="#1e1f24" maskColor="#0009" nodeColor="#4a4e5a" data-testid="minimap" />}
       </ReactFlow>
     </div>
   );

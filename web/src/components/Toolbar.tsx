@@ -21,6 +21,7 @@ export function Toolbar() {
   const saved = useEditor((s) => s.savedWorkflows);
   const message = useEditor((s) => s.message);
   const batch = useEditor((s) => s.batchCount);
+  const minimap = useEditor((s) => s.showMinimap);
   const canUndo = useEditor((s) => s.history.past.length > 0);
   const canRedo = useEditor((s) => s.history.future.length > 0);
   const fileInput = useRef<HTMLInputElement>(null);
@@ -42,7 +43,7 @@ export function Toolbar() {
       <input className="name" value={name} onChange={(event) => actions.rename(event.target.value)}
              data-testid="workflow-name" title="name to save under" />
       <button onClick={() => void actions.saveToServer(name)} data-testid="save"
-              title="save in the server's workflows folder (asks before replacing another workflow)">Save</button>
+              title="save in the server's workflows folder (asks before replacing another workflow; Ctrl+S)">Save</button>
       <button onClick={actions.saveAs} data-testid="save-as">Save As…</button>
       <button onClick={() => downloadJson(workflowFileName(name), graphToWorkflow(getState().history.present))}>Download</button>
       <button onClick={() => fileInput.current?.click()}>Open file…</button>
@@ -53,6 +54,10 @@ export function Toolbar() {
                event.target.value = "";
              }} />
       <button onClick={() => actions.arrange(measuredSizes(flow.getNodes()))} title="lay the graph out in columns">Arrange</button>
+      <button onClick={actions.toggleMinimap} data-testid="minimap-toggle" title="show or hide the minimap">
+        {minimap ? "Hide map" : "Show map"}
+      </button>
+      <button onClick={actions.toggleShortcuts} data-testid="shortcuts-button" title="keys and mouse gestures (?)">?</button>
       <button onClick={actions.undo} disabled={!canUndo} title="Ctrl+Z">Undo</button>
       <button onClick={actions.redo} disabled={!canRedo} title="Ctrl+Shift+Z">Redo</button>
       {message && (
