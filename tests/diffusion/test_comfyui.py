@@ -1011,6 +1011,26 @@ def test_hook_nodes_take_comfyuis_inputs():
     assert model_only["1"]["inputs"] == {"name": "a.safetensors", "strength_model": 0.5, "strength_clip": 0.0}
 
 
+# As ComfyUI declares them (comfy_extras/nodes_photomaker.py).
+PHOTOMAKER_INPUTS: dict[str, dict[str, dict]] = {
+    "PhotoMakerLoader": {"photomaker_model_name": {"files": "photomaker"}},
+    "PhotoMakerEncode": {"photomaker": LINK, "image": LINK, "clip": LINK,
+                         "text": {"string": "photograph of photomaker"}},
+}
+
+
+def test_photomaker_nodes_take_comfyuis_inputs():
+    check_comfyui_inputs(PHOTOMAKER_INPUTS, set(), {})
+    corpus = Path(__file__).resolve().parents[1] / "data" / "comfyui_corpus"
+    nodes = API.convert(json.loads((corpus / "cog__examples__api_workflows__photomaker_api.json").read_text()))[
+        "nodes"]
+    assert nodes["10"] == {"type": "LoadPhotoMaker", "inputs": {"name": "photomaker-v1.bin"}}
+    assert nodes["11"] == {"type": "PhotoMakerEncode", "inputs": {
+        "text": "photograph of photomaker", "photomaker": link("10", "photomaker"), "image": link("12", "image"),
+        "clip": link("4", "clip")}}
+    assert nodes["3"]["inputs"]["positive"] == link("11", "conditioning")
+
+
 # As ComfyUI declares them (nodes.py DiffControlNetLoader, comfy_extras/nodes_hypernetwork.py).
 LOADER_INPUTS: dict[str, dict[str, dict]] = {
     "DiffControlNetLoader": {"model": LINK, "control_net_name": {"files": "controlnet"}},

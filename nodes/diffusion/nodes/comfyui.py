@@ -213,6 +213,10 @@ MAPPINGS: Mapping[str, NodeMapping] = MappingProxyType({
     "SetModelHooksOnCond": NodeMapping("SetModelHooksOnConditioning", _same("conditioning", "hooks"), ("conditioning",)),
     "ConditioningTimestepsRange": NodeMapping("TimestepsRange", _same("start_percent", "end_percent"),
                                               ("range", "before", "after"), ("start_percent", "end_percent")),
+    "PhotoMakerLoader": NodeMapping("LoadPhotoMaker", {"photomaker_model_name": "name"}, ("photomaker",),
+                                    ("photomaker_model_name",)),
+    "PhotoMakerEncode": NodeMapping("PhotoMakerEncode", _same("photomaker", "image", "clip", "text"),
+                                    ("conditioning",), ("text",)),
     # Newer ComfyUI versions pass a VAE (optional), which SD3 and Flux ControlNets encode the control image with.
     "ControlNetApplyAdvanced": NodeMapping(
         "ApplyControlNet",

@@ -40,6 +40,7 @@ KIND_SUBFOLDERS: dict[str, tuple[str, ...]] = {
     "embeddings": ("embeddings", "../embeddings"),
     "hypernetworks": ("hypernetworks",),
     "gligen": ("gligen",),
+    "photomaker": ("photomaker",),
 }
 MODEL_KINDS = tuple(KIND_SUBFOLDERS)
 # ComfyUI's older kind names, accepted in the config file's [models.folders] table.
