@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from nodegraph_diffusion.networks.gligen import GatedSelfAttention, PositionNet, fuser_heads
 from nodegraph_diffusion.nodes import folders
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -33,6 +34,7 @@ LORA = "tiny-shapes-outlined.safetensors"
 CONTROLNET = "tiny-shapes-silhouette.safetensors"
 VAE = "tiny-shapes-vae.safetensors"  # the checkpoint's own VAE, written alone for LoadVAE
 HYPERNETWORK = "tiny-hypernetwork.pt"  # made in the test: small random MLPs for the embedded U-Net's widths
+GLIGEN = "tiny-gligen.safetensors"  # made in the test: random fusers and position net for the embedded model
 INPUT_IMAGE = "in.png"
 SIZE = 64  # the embedded model's image size: the largest latent of each file is scaled to it
 STEPS = 2
@@ -42,7 +44,7 @@ STEPS = 2
 # and batch sizes. A node type outside both tables fails the test: a corpus file that starts to
 # validate with it needs its overrides decided here first.
 MODEL_NAMES = {"LoadCheckpoint": CHECKPOINT, "LoadLora": LORA, "LoadControlNet": CONTROLNET, "LoadVAE": VAE,
-               "LoadDiffControlNet": CONTROLNET, "LoadHypernetwork": HYPERNETWORK,
+               "LoadDiffControlNet": CONTROLNET, "LoadHypernetwork": HYPERNETWORK, "LoadGligen": GLIGEN,
                "CreateLoraHook": LORA}  # the embedded LoRA has U-Net and text-encoder modules
 IMAGE_NAMES = ("LoadImage", "LoadMask")
 SIZES: dict[str, tuple[str, ...]] = {
@@ -50,11 +52,13 @@ SIZES: dict[str, tuple[str, ...]] = {
     "LatentUpscale": ("width", "height"),
     "ConditioningSetArea": ("width", "height"),
     "ImageScale": ("width", "height"),
+    "ApplyGligenTextBox": ("width", "height"),
 }
 OFFSETS: dict[str, tuple[str, ...]] = {
     "ConditioningSetArea": ("x", "y"),
     "PadForOutpaint": ("left", "top", "right", "bottom", "feathering"),
     "LatentComposite": ("x", "y", "feather"),
+    "ApplyGligenTextBox": ("x", "y"),
 }
 STEP_INPUTS: dict[str, tuple[str, ...]] = {"KSampler": ("steps",), "Scheduler": ("steps",)}
 BATCH_INPUTS: dict[str, tuple[str, ...]] = {"EmptyLatent": ("batch_size",), "RepeatLatentBatch": ("amount",)}
@@ -134,6 +138,35 @@ def _write_hypernetwork(path: Path, widths: tuple[int, ...] = (64, 128)) -> None
                 "is_layer_norm": False, "activate_output": False}, path)
 
 
+def _write_gligen(path: Path, checkpoint: dict[str, torch.Tensor]) -> None:
+    """A GLIGEN file in ComfyUI's layout for the embedded model: for each transformer block of its
+    U-Net a fuser (torch's initial weights, queries and keys 6x, gates open at tanh(1)), and a
+    position net from its CLIP's width to its text states' width (hidden 128)."""
+    unet, query = "model.diffusion_model.", ".attn1.to_q.weight"
+    phrase_dim = checkpoint["cond_stage_model.transformer.text_model.final_layer_norm.weight"].shape[0]
+    state: dict[str, torch.Tensor] = {}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for key in sorted(checkpoint):
+            if key.startswith(unet) and key.endswith(query):
+                block = key[len(unet):-len(query)]
+                width, token_dim = checkpoint[key].shape[0], checkpoint[f"{unet}{block}.attn2.to_k.weight"].shape[1]
+                fuser = GatedSelfAttention(width, token_dim, *fuser_heads(width, token_dim))
+                with torch.no_grad():
+                    fuser.alpha_attn.fill_(1.0)
+                    fuser.alpha_dense.fill_(1.0)
+                    # Sharp attention, so the boxes' two tokens stand out among the 28 null ones.
+                    fuser.attn.to_q.weight.mul_(6.0)
+                    fuser.attn.to_k.weight.mul_(6.0)
+                state |= {f"{block}.fuser.{name}": value for name, value in fuser.state_dict().items()}
+        position = PositionNet(phrase_dim, token_dim, 128, 8)
+        with torch.no_grad():
+            position.null_positive_feature.normal_()
+            position.null_position_feature.normal_()
+        state |= {f"position_net.{name}": value for name, value in position.state_dict().items()}
+    save_file({key: value.contiguous() for key, value in state.items()}, path)
+
+
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory) -> Iterator[NodeRegistry]:
     """A models folder holding only the embedded files (and the checkpoint's VAE alone), an inputs
@@ -149,6 +182,8 @@ def small_world(tmp_path_factory) -> Iterator[NodeRegistry]:
               root / "vae" / VAE)
     (root / "hypernetworks").mkdir()
     _write_hypernetwork(root / "hypernetworks" / HYPERNETWORK)
+    (root / "gligen").mkdir()
+    _write_gligen(root / "gligen" / GLIGEN, weights)
     inputs = tmp_path_factory.mktemp("corpus_inputs")
     _write_input_image(inputs / INPUT_IMAGE)
     with pytest.MonkeyPatch.context() as patch:
@@ -192,3 +227,26 @@ def test_sd1_corpus_workflow_runs_on_the_embedded_model(name, small_world, tmp_p
     shown = [getattr(result.results[link["from"]].outputs, link["output"])
              for node_id in savers for link in [workflow.nodes[node_id].inputs["images"]]]
     assert sizes == sorted((int(image.shape[2]), int(image.shape[1])) for image in shown)
+
+
+GLIGEN_EXAMPLE = "examples__gligen__gligen_textbox_example.png__png-api.json"
+
+
+@pytest.mark.slow
+def test_gligen_boxes_change_the_image(small_world, tmp_path):
+    """ComfyUI's GLIGEN example as the runs above make it, and again with its two boxes moved
+    elsewhere (the sun to the bottom right, the bottle to the top left): where the boxes are changes
+    the image (a run is deterministic, so boxes that were not read would give the same image)."""
+    path = str(CORPUS / GLIGEN_EXAMPLE)
+    sets = overrides(read_workflow(path, [], small_world))
+    images = []
+    for moved in ([], ["27.x=40", "27.y=40", "21.x=0", "21.y=0"]):
+        executor = Executor(small_world, OutputCache(max_bytes=1 << 30), device="cpu", output_dir=tmp_path)
+        workflow = read_workflow(path, sets + moved, small_world)
+        result = executor.run(workflow)
+        assert result.status == "succeeded", result.error
+        images.append(result.results["8"].outputs.image)
+    change = (images[0] - images[1]).abs() * 255
+    print(f"GLIGEN example: moving the boxes changes the image by {float(change.mean()):.2f}/255 on average, "
+          f"{float(change.max()):.1f}/255 at most")
+    assert float(change.mean()) > 0.25 and float(change.max()) > 4.0
