@@ -15,7 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from nodegraph_diffusion.networks.gligen import GatedSelfAttention, PositionNet, fuser_heads
+from nodegraph_diffusion.networks.gligen import (
+    GatedSelfAttention,
+    PositionNet,
+    fuser_heads,
+)
 from nodegraph_diffusion.nodes import folders
 from PIL import Image
 from safetensors.torch import load_file, save_file

@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from torch import Tensor
-
-from nodegraph.node import CancelToken, RunContext
+from _random_weights import randomize_
+from _unet_fixtures import _diffusers_common_kwargs
 from nodegraph_diffusion.architectures.detection import ModelFamily
 from nodegraph_diffusion.components import TextEncoders
 from nodegraph_diffusion.networks import unet
@@ -36,9 +34,10 @@ from nodegraph_diffusion.sampling.guidance import CFGGuider, CondEntry, Guidance
 from nodegraph_diffusion.sampling.model_sampling import ModelSampling
 from nodegraph_diffusion.text.clip import CLIPTextEncoder, TextEncoderConfig
 from nodegraph_diffusion.text.clip_tokenizer import CLIPTokenizer
+from safetensors.torch import save_file
+from torch import Tensor
 
-from _random_weights import randomize_
-from _unet_fixtures import _diffusers_common_kwargs
+from nodegraph.node import CancelToken, RunContext
 
 TOL = 1e-4
 TOKEN_DIM = 32  # the tiny U-Net's context width, which GLIGEN's tokens have

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -294,7 +294,7 @@ class Gligen(nn.Module):
                 block.middle_hooks.remove(hook)
 
 
-def _fuser_hook(fuser: GatedSelfAttention, tokens: Tensor, rows: Tensor | None):  # noqa: ANN202
+def _fuser_hook(fuser: GatedSelfAttention, tokens: Tensor, rows: Tensor | None) -> Callable[[Tensor], Tensor]:
     """x (B, N, dim) -> x with the fuser applied to `rows`, in the fuser's device and dtype."""
     weight = fuser.linear.weight
 
