@@ -34,6 +34,7 @@ from nodegraph_diffusion.sampling.guidance import CFGGuider, CondEntry, Guidance
 from nodegraph_diffusion.sampling.hooks import (
     HookKeyframe,
     HookKeyframes,
+    HookSchedule,
     KeyframeCursor,
     LoraHook,
     clip_schedule,
@@ -229,6 +230,22 @@ def test_entries_with_the_same_hooks_share_a_call_and_hooks_add_to_the_models_ow
     assert worst <= 1e-5
 
 
+def test_hooks_patch_the_module_a_compiled_network_wraps(unet, lora_path):
+    lora = load_lora(lora_path)
+    hook = LoraHook(lora, 0.5, 1.0, name="hook")
+    compiled = torch.compile(unet)  # compiled when first called: nothing runs here
+    check_conditioning(compiled, [text(1).with_(hooks=(hook,))])
+    schedule = HookSchedule(compiled, SAMPLING.percent_to_sigma)
+    deltas, _ = lora.deltas("unet", unet.state_dict())
+    name = next(iter(deltas))
+    weight = unet.get_parameter(name)
+    before = weight.detach().clone()
+    with schedule.applied((hook,), 1.0):
+        expected = before + 0.5 * deltas[name].tensor(weight.shape, torch.float32, "cpu")
+        assert max_err(weight.detach(), expected) < 1e-6
+    assert torch.equal(weight.detach(), before)
+
+
 def test_hooks_that_cannot_act_on_the_model_are_refused(tmp_path, lora_path):
     sdxl_lora = tmp_path / "sdxl.safetensors"
     sdxl_unet = UNet(TINY_SDXL)
@@ -262,7 +279,8 @@ def test_hook_nodes_build_scheduled_hooks_on_conditionings(tmp_path, monkeypatch
     assert chained[0] is hooks[0] and len(chained) == 2
     single = CreateHookKeyframe().run(CreateHookKeyframe.Inputs(strength=0.5, start_percent=0.2), c).keyframes
     keyframes = InterpolateHookKeyframes().run(InterpolateHookKeyframes.Inputs(
-        strength_start=0.0, strength_end=1.0, start_percent=0.0, end_percent=0.5, count=3, previous=single), c).keyframes
+        strength_start=0.0, strength_end=1.0, start_percent=0.0, end_percent=0.5, count=3, previous=single),
+        c).keyframes
     assert [(k.start_percent, k.strength) for k in keyframes.keyframes] == [(0.0, 0.0), (0.2, 0.5), (0.25, 0.5),
                                                                             (0.5, 1.0)]
     scheduled = SetHookKeyframes().run(SetHookKeyframes.Inputs(hooks=chained, keyframes=keyframes), c).hooks

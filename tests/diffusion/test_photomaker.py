@@ -86,7 +86,8 @@ def test_id_embedding_is_the_pooled_class_token_through_both_projections(photoma
                                            image_size=VISION.image_size, patch_size=VISION.patch_size,
                                            projection_dim=VISION.projection_dim, hidden_act="quick_gelu")
     reference = transformers.CLIPVisionModelWithProjection(config).eval()
-    own = {k: v for k, v in photomaker.state_dict().items() if not k.startswith(("fuse_module.", "visual_projection_2."))}
+    own = {k: v for k, v in photomaker.state_dict().items()
+           if not k.startswith(("fuse_module.", "visual_projection_2."))}
     missing, unexpected = reference.load_state_dict(own, strict=False)
     assert not unexpected and set(missing) <= {"vision_model.embeddings.position_ids"}
     pixels = clip_preprocess(face(batch=2))

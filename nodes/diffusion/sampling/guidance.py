@@ -245,11 +245,9 @@ def _check_class_labels(config: DiTConfig, entries: Sequence[CondEntry]) -> None
 
 def _check_hooks(network: nn.Module, entries: Sequence[CondEntry]) -> None:
     """Refuse LoRA hooks that cannot act on this network (each hook's LoRA matched once)."""
-    params = None
     for hook in combined(*(entry.hooks for entry in entries)):
-        params = network.state_dict() if params is None else params
         try:
-            hook_deltas(network, hook, params)
+            hook_deltas(network, hook)
         except HookError as error:
             raise GuidanceError(str(error)) from None
 

@@ -209,15 +209,21 @@ class KeyframeCursor:
         return self.keyframes[self.index].strength
 
 
-def hook_deltas(network: nn.Module, hook: LoraHook, params: Mapping[str, Tensor] | None = None) -> Deltas:
-    """The hook's LoRA matched to a denoiser's parameters (params: its state dict, if at hand).
+def _wrapped(network: nn.Module) -> nn.Module:
+    """The module torch.compile's wrapper calls: its weights are the ones to patch, under their own names."""
+    return getattr(network, "_orig_mod", network)
+
+
+def hook_deltas(network: nn.Module, hook: LoraHook) -> Deltas:
+    """The hook's LoRA matched to a denoiser's parameters (compiled or not).
 
     Raises :class:`HookError` for a network other than a U-Net, or a LoRA whose diffusion-model
     modules match none of its layers; modules that match nothing beside some that do are logged."""
     name = hook.name or hook.weights.path
+    network = _wrapped(network)
     if not isinstance(getattr(network, "config", None), UNetConfig):
         raise HookError(f"LoRA hook {name}: hooks act on SD1.x/SD2.x/SDXL U-Nets; this model is another architecture")
-    deltas, unmatched = hook.weights.deltas("unet", network.state_dict() if params is None else params)
+    deltas, unmatched = hook.weights.deltas("unet", network.state_dict())
     if not deltas and unmatched:
         raise HookError(f"LoRA hook {name}: none of its {len(unmatched)} diffusion-model modules match this "
                         "model's layers (a LoRA for another architecture?)")
@@ -231,12 +237,12 @@ class HookSchedule:
     """The LoRA hooks of one sampling run on one denoiser: each hook's LoRA matched to the network's
     parameters when first needed, each keyframe walk, and the weight patches a network call runs with.
 
-    network: the denoiser the guider calls (already carrying the model's own patches); sigma_of:
-    the model's percent -> sigma.
+    network: the denoiser the guider calls (already carrying the model's own patches; compiled or
+    not); sigma_of: the model's percent -> sigma.
     """
 
     def __init__(self, network: nn.Module, sigma_of: Callable[[float], float]) -> None:
-        self.network = network
+        self.network = _wrapped(network)
         self.sigma_of = sigma_of
         self._deltas: dict[int, Deltas] = {}
         self._cursors: dict[tuple[int, HookKeyframes], KeyframeCursor] = {}

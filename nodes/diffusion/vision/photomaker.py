@@ -176,8 +176,9 @@ def load_photomaker(path: str | os.PathLike[str], device: str | torch.device = "
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
+            reason = str(error).splitlines()[0] if str(error) else "unsafe"
             raise PhotoMakerError(f"{path}: refused to unpickle: it needs code beyond tensors and plain data "
-                                  f"({str(error).splitlines()[0] if str(error) else 'unsafe'}); nothing in it was run") from None
+                                  f"({reason}); nothing in it was run") from None
         except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as error:
             raise PhotoMakerError(f"{path}: cannot be read as a torch file ({type(error).__name__})") from None
         if not isinstance(loaded, Mapping):
