@@ -17,6 +17,8 @@ import { type History, record, redo, replace, startHistory, undo } from "./histo
 import { type LinkFilter, nodeUsage } from "./nodeSearch";
 import { workflowFromPng } from "./pngWorkflow";
 import { loadHiddenRuns, promptOf, saveHiddenRuns } from "./runHistory";
+import { edited, neighbourOf, readStoredTabs, type StoredTab, storedTab, type Tab, TABS_KEY } from "./tabs";
+import type { Viewport } from "./viewport";
 import {
   applyEvent, emptyRuns, graphRunView, issuesByNode, type NodeMedia, type NodeRunState, runsFromApi, type RunsState,
   type ServerEvent,
@@ -105,6 +107,12 @@ export interface EditorState {
   showShortcuts: boolean;
   /** The minimap is shown (kept in local storage). */
   showMinimap: boolean;
+  /** Every open tab, in order. The open one's entry (`activeTab`) is brought up to date from the live
+   *  fields (history, graphId, workflowName, savedAs, viewport) when another opens or the tabs are stored. */
+  tabs: Tab[];
+  activeTab: number;
+  /** Where the canvas looks (kept with the tab). */
+  viewport?: Viewport;
 }
 
 function newGraphId(): string {
@@ -165,6 +173,8 @@ let state: EditorState = {
   hiddenRuns: new Set(),
   showShortcuts: false,
   showMinimap: true,
+  tabs: [],
+  activeTab: 0,
 };
 export const MINIMAP_KEY = "nodegraph.minimap";
 /** Runs whose workflow was asked for (the history's prompts), answered or not yet. */
@@ -184,17 +194,72 @@ function set(change: Partial<EditorState>): void {
   state = { ...state, ...change };
   if (state.runs !== before.runs || state.graphId !== before.graphId) state = { ...state, ...runView(state) };
   if (state.history.present !== before.history.present || state.workflowName !== before.workflowName
-      || state.savedAs !== before.savedAs || state.graphId !== before.graphId) persist();
+      || state.savedAs !== before.savedAs || state.graphId !== before.graphId || state.tabs !== before.tabs) persist();
   for (const listener of listeners) listener();
+}
+
+/** The open tab as its live fields say. */
+function liveTab(): Tab {
+  const tab: Tab = { graphId: state.graphId, workflowName: state.workflowName, savedAs: state.savedAs, history: state.history };
+  if (state.viewport) tab.viewport = state.viewport;
+  return tab;
+}
+
+/** Every tab, the open one up to date. */
+function currentTabs(): Tab[] {
+  const tabs = [...state.tabs];
+  tabs[Math.min(state.activeTab, tabs.length)] = liveTab();
+  return tabs;
+}
+
+/** The tabs open before the page was (re)loaded, from local storage: each graph with a new undo
+ *  history, the same graph id (its runs are still its own). False if there are none. */
+function restoreTabs(): boolean {
+  let stored: { active: string; tabs: StoredTab[] } | null = null;
+  try {
+    stored = readStoredTabs(localStorage.getItem(TABS_KEY));
+    if (stored === null) {
+      // Stored by an editor without tabs: its one graph.
+      const single = localStorage.getItem(SAVED_GRAPH_KEY);
+      const one = single === null ? null : JSON.parse(single) as StoredTab;
+      if (one !== null && typeof one.graphId === "string") stored = { active: one.graphId, tabs: [one] };
+    }
+  } catch {
+    stored = null;  // unreadable: start from the default workflow instead
+  }
+  if (stored === null) return false;
+  const tabs: Tab[] = [];
+  for (const saved of stored.tabs) {
+    try {
+      const read = workflowToGraph(saved.workflow);
+      const graph = state.catalogue === null ? read : withDefaults(read, state.catalogue);
+      tabs.push({ graphId: saved.graphId, workflowName: saved.name, savedAs: typeof saved.savedAs === "string" ? saved.savedAs : null,
+                  history: startHistory(graph) });
+    } catch (error) {
+      say(`a tab could not be reopened (${saved.name}): ${(error as Error).message}`, true);
+    }
+  }
+  if (tabs.length === 0) return false;
+  const active = Math.max(0, tabs.findIndex((tab) => tab.graphId === stored.active));
+  set({ tabs, activeTab: active, ...opened(tabs[active]), loads: state.loads + 1 });
+  return true;
+}
+
+/** The fields that make `tab` the open one. */
+function opened(tab: Tab): Partial<EditorState> {
+  typing = null;
+  gesture = false;
+  return { graphId: tab.graphId, workflowName: tab.workflowName, savedAs: tab.savedAs, history: tab.history,
+           viewport: tab.viewport, issues: {} };
 }
 
 function persist(): void {
   try {
-    localStorage.setItem(SAVED_GRAPH_KEY, JSON.stringify({
-      name: state.workflowName, savedAs: state.savedAs, graphId: state.graphId,
-      workflow: graphToWorkflow(state.history.present) }));
+    const active = storedTab(liveTab());
+    localStorage.setItem(SAVED_GRAPH_KEY, JSON.stringify(active));
+    localStorage.setItem(TABS_KEY, JSON.stringify({ active: state.graphId, tabs: currentTabs().map(storedTab) }));
   } catch {
-    // Storage full or disabled: the graph still lives in the page; nothing else depends on it.
+    // Storage full or disabled: the graphs still live in the page; nothing else depends on them.
   }
 }
 
@@ -208,6 +273,12 @@ function withNewNode(base: Graph, type: string, position: { x: number; y: number
   const id = newNodeId(type, new Set(base.nodes.map((n) => n.id)));
   const node = { ...createNode(spec, id, freeSpot(base, position)), selected: true };
   return { id, graph: { ...base, nodes: [...base.nodes.map((n) => ({ ...n, selected: false })), node] } };
+}
+
+/** Whether a run submitted from graph `graphId` is queued or running (a tab shows it). */
+export function graphBusy(current: EditorState, graphId: string): boolean {
+  return Object.values(current.runs.runs).some((run) => (run.status === "queued" || run.status === "running")
+                                                        && runGraphs.get(run.id) === graphId);
 }
 
 export function getState(): EditorState {
@@ -286,20 +357,7 @@ export const actions = {
     void actions.learnUsage();
     loadRunGraphs();
     set({ hiddenRuns: loadHiddenRuns(), showMinimap: localStorage.getItem(MINIMAP_KEY) !== "hidden" });
-    const saved = localStorage.getItem(SAVED_GRAPH_KEY);
-    if (saved !== null) {
-      try {
-        const { name, savedAs, graphId, workflow } = JSON.parse(saved) as
-          { name: string; savedAs?: string | null; graphId?: string; workflow: unknown };
-        actions.load(workflow, name);
-        // The same graph as before the reload: its runs are still its own.
-        set({ savedAs: typeof savedAs === "string" ? savedAs : null,
-              graphId: typeof graphId === "string" ? graphId : state.graphId });
-        return;
-      } catch {
-        localStorage.removeItem(SAVED_GRAPH_KEY);  // unreadable: start from the default instead
-      }
-    }
+    if (restoreTabs()) return;
     if (state.savedWorkflows.includes(DEFAULT_WORKFLOW)) await actions.openSaved(DEFAULT_WORKFLOW);
   },
 
@@ -649,12 +707,57 @@ export const actions = {
   },
 
   /** Show a workflow document. Not an undo step: the loaded graph starts a new history. */
+  /** Open a workflow document in a new tab, or in the open one if it is unchanged since it was opened
+   *  and has submitted no run. Not an undo step: the graph starts a new history. */
   load(document: unknown, name: string): void {
     const read = workflowToGraph(document);
-    const next = state.catalogue === null ? read : withDefaults(read, state.catalogue);
-    typing = null;
-    set({ history: startHistory(next), workflowName: name, savedAs: null, issues: {}, graphId: newGraphId(),
-          loads: state.loads + 1 });
+    const graph = state.catalogue === null ? read : withDefaults(read, state.catalogue);
+    const tab: Tab = { graphId: newGraphId(), workflowName: name, savedAs: null, history: startHistory(graph) };
+    const current = liveTab();
+    const keep = edited(current) || current.history.future.length > 0 || [...runGraphs.values()].includes(current.graphId);
+    const tabs = currentTabs();
+    const activeTab = keep ? tabs.length : state.activeTab;
+    tabs[activeTab] = tab;
+    set({ tabs, activeTab, ...opened(tab), loads: state.loads + 1 });
+  },
+
+  /** Open a new, empty tab. */
+  newTab(): void {
+    const tabs = currentTabs();
+    const tab: Tab = { graphId: newGraphId(), workflowName: UNTITLED, savedAs: null, history: startHistory(emptyGraph()) };
+    set({ tabs: [...tabs, tab], activeTab: tabs.length, ...opened(tab) });
+  },
+
+  switchTab(index: number): void {
+    if (index === state.activeTab || index < 0 || index >= state.tabs.length) return;
+    const tabs = currentTabs();
+    // A tab never looked at since the page loaded is fitted into view once it is drawn.
+    set({ tabs, activeTab: index, ...opened(tabs[index]), ...(tabs[index].viewport ? {} : { loads: state.loads + 1 }) });
+  },
+
+  /** Close a tab (its runs stay in the history); the last one closed leaves an empty tab. */
+  closeTab(index: number): void {
+    const tabs = currentTabs();
+    const closing = tabs[index];
+    if (closing === undefined) return;
+    if (tabs.length === 1) {
+      actions.newTab();
+      set({ tabs: [state.tabs[1]], activeTab: 0 });
+      return;
+    }
+    const rest = tabs.filter((_, i) => i !== index);
+    if (index !== state.activeTab) {
+      set({ tabs: rest, activeTab: state.activeTab - (index < state.activeTab ? 1 : 0) });
+      return;
+    }
+    const next = neighbourOf(tabs, closing.graphId) as Tab;
+    const activeTab = rest.indexOf(next);
+    set({ tabs: rest, activeTab, ...opened(next) });
+  },
+
+  /** Where the canvas looks now (kept with the tab). */
+  rememberViewport(viewport: Viewport): void {
+    state = { ...state, viewport };
   },
 
   async openSaved(name: string): Promise<void> {

@@ -13,6 +13,7 @@ import { ShortcutSheet } from "./ShortcutSheet";
 import { NodeSearch } from "./NodeSearch";
 import { Palette } from "./Panels";
 import { RunsPanel } from "./RunsPanel";
+import { TabBar } from "./TabBar";
 import { DialogBox, Toolbar } from "./Toolbar";
 
 function typingInField(target: EventTarget | null): boolean {
@@ -52,7 +53,10 @@ function Editor() {
       <ShortcutSheet />
       <div className="main">
         <Palette onAdd={addAtCentre} />
-        <Canvas />
+        <div className="middle">
+          <TabBar />
+          <Canvas />
+        </div>
         <RunsPanel />
       </div>
     </div>

@@ -94,7 +94,9 @@ function fitNow(flow: ReturnType<typeof useReactFlow>): void {
   const box = document.querySelector(".canvas")?.getBoundingClientRect();
   const nodes = flow.getNodes();
   if (!box || nodes.length === 0) return;
-  void flow.setViewport(fitViewport(flow.getNodesBounds(nodes), box.width, box.height));
+  const viewport = fitViewport(flow.getNodesBounds(nodes), box.width, box.height);
+  void flow.setViewport(viewport);
+  actions.rememberViewport(viewport);
 }
 
 export function Canvas() {
@@ -125,6 +127,13 @@ export function Canvas() {
     handle = requestAnimationFrame(fitWhenMeasured);
     return () => cancelAnimationFrame(handle);
   }, [loads, flow]);
+
+  const graphId = useEditor((s) => s.graphId);
+  useEffect(() => {
+    // Another tab opened: the canvas looks where it looked when that tab was left.
+    const viewport = getState().viewport;
+    if (viewport) void flow.setViewport(viewport);
+  }, [graphId, flow]);
 
   const isValidConnection: IsValidConnection = (connection) => actions.canConnect(asConnection(connection as FlowConnection));
   const styledEdges = graph.edges.filter((edge) => edge.id !== pulling?.id).map((edge) => {
@@ -238,6 +247,7 @@ export function Canvas() {
     <div className="canvas" onDrop={onDrop} onDragOver={(event) => event.preventDefault()} data-testid="canvas"
          onMouseDownCapture={onMouseDownCapture} onDoubleClick={onDoubleClick}>
       <ReactFlow nodes={nodes} edges={styledEdges} nodeTypes={nodeTypes} edgeTypes={edgeTypes} onEdgeDoubleClick={onEdgeDoubleClick}
+                 onMoveEnd={(_, viewport) => actions.rememberViewport(viewport)}
                  onPaneContextMenu={(event) => openMenu(event, { kind: "canvas" })} onNodeContextMenu={onNodeContextMenu}
                  onEdgeContextMenu={(event, edge) => openMenu(event, { kind: "link", id: edge.id })}
                  onNodesChange={actions.nodesChanged} onEdgesChange={actions.edgesChanged}
