@@ -428,6 +428,11 @@ def test_empty_latent_feeding_no_sampler_takes_the_only_loader_or_is_named(api_g
     assert nodes["12"]["inputs"]["model"] == link("4", "model")
     assert nodes["5"]["inputs"]["model"] == link("4", "model")  # feeds nothing now; there is one loader
     api_graph["13"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "other.safetensors"}}
+    # With two loaders: one that feeds nothing is left out, as ComfyUI never runs it ...
+    assert "5" not in API.convert(copy.deepcopy(api_graph))["nodes"]
+    # ... but one that an output needs without a sampler between them is named.
+    api_graph["14"] = {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["4", 2]}}
+    api_graph["15"] = {"class_type": "SaveImage", "inputs": {"images": ["14", 0], "filename_prefix": "raw"}}
     error = import_error(API, api_graph)
     assert issues_at(error) == {("5", None): "needs_model"}
 

@@ -796,14 +796,21 @@ def _not_run(comfy_nodes: list[ComfyNode], classes: Mapping[str, type[Node]]) ->
     return {node.id for node in comfy_nodes if node.id not in needed} if needed else set()
 
 
+def _linked_from(node_id: str, nodes: Mapping[str, dict[str, Any]]) -> bool:
+    """Whether any of the converted `nodes` takes an input from node `node_id`."""
+    return any(isinstance(value, dict) and value.get("from") == node_id
+               for entry in nodes.values() for value in entry["inputs"].values())
+
+
 def convert_nodes(comfy_nodes: list[ComfyNode], importer: str, problems: _Problems | None = None) -> dict[str, Any]:
     """A version-1 workflow document from ComfyUI nodes. Raises WorkflowImportError listing every
     unsupported node type by name and every input that cannot be mapped.
 
     A node that no output node needs and that lacks a required input is left out (logged): ComfyUI
     neither validates nor runs such a node, so files that run there carry half-connected ones (a
-    ConditioningCombine with one input left over from editing). Such nodes that are complete are
-    kept, for the editor to show."""
+    ConditioningCombine with one input left over from editing), or an empty latent that feeds
+    nothing, whose model (and so latent format) is unknown. Such nodes that are complete are kept,
+    for the editor to show."""
     problems = problems or _Problems(importer)
     classes = _node_classes()
     types = {node.id: node.type for node in comfy_nodes}
@@ -865,7 +872,11 @@ def convert_nodes(comfy_nodes: list[ComfyNode], importer: str, problems: _Proble
         mapping = MAPPINGS.get(node.type)
         if mapping is not None and mapping.needs_model and node.id in nodes:
             model = _model_source(node.id, nodes)
-            if model is None and not _model_lost_to_unconverted(node.id, comfy_nodes, set(nodes)):
+            if model is None and node.id in not_run and not _linked_from(node.id, nodes):
+                logger.info("left out node %s (%s): it feeds nothing, so its model is unknown, and ComfyUI "
+                            "does not run it", node.id, node.type)
+                del nodes[node.id]
+            elif model is None and not _model_lost_to_unconverted(node.id, comfy_nodes, set(nodes)):
                 problems.add("needs_model", f"{node.type} feeds no sampler and the workflow has no single "
                                             "model loader, so its model is unknown; connect it to a sampler",
                              node.id)
