@@ -98,6 +98,8 @@ describe("editing", () => {
     expect(node.id).toBe("math_2");
     expect(node.data.values).toEqual({ a: 0, b: 0, operation: "add" });
     expect(newNodeId("FormatText", new Set())).toBe("format_text");
+    expect([newNodeId("VAEDecode", new Set()), newNodeId("KSampler", new Set()), newNodeId("LoadVAE", new Set())])
+      .toEqual(["vae_decode", "ksampler", "load_vae"]);
   });
 
   it("refuses incompatible types and cycles, and one link replaces another", () => {

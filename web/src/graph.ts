@@ -215,7 +215,8 @@ export function toggleMode(graph: Graph, ids: Set<string>, mode: NodeMode): Grap
 
 /** An id for a new node of `type`, unused in `taken`: the type in snake case, numbered. */
 export function newNodeId(type: string, taken: Set<string>): string {
-  const base = type.replace(/([a-z0-9])([A-Z])/g, "$1_$2").toLowerCase() || "node";
+  // KSampler -> ksampler, EmptyLatent -> empty_latent, VAEDecode -> vae_decode
+  const base = type.replace(/([a-z0-9])([A-Z])/g, "$1_$2").replace(/([A-Z]{2,})([A-Z][a-z])/g, "$1_$2").toLowerCase() || "node";
   for (let n = 1; ; n++) {
     const id = n === 1 ? base : `${base}_${n}`;
     if (!taken.has(id)) return id;

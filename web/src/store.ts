@@ -52,6 +52,10 @@ export interface SearchRequest {
   screen: { x: number; y: number };
   at: { x: number; y: number };
   link?: DraggedLink;
+  /** The text typed to open it (typing on the canvas starts a search). */
+  query?: string;
+  /** Which opening this is (set by openSearch). */
+  serial?: number;
 }
 
 export const UNTITLED = "untitled.json";
@@ -177,6 +181,7 @@ let state: EditorState = {
   activeTab: 0,
 };
 export const MINIMAP_KEY = "nodegraph.minimap";
+let searchSerial = 0;
 /** Runs whose workflow was asked for (the history's prompts), answered or not yet. */
 const runInfoAsked = new Set<string>();
 export const MAX_BATCH = 100;
@@ -522,7 +527,8 @@ export const actions = {
   },
 
   openSearch(request: SearchRequest): void {
-    set({ search: request });
+    searchSerial += 1;
+    set({ search: { ...request, serial: searchSerial }, menu: null });
   },
 
   /** Close the search without choosing. A link pulled off an input for it stays off. */

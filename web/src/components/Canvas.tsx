@@ -162,6 +162,14 @@ export function Canvas() {
   /** A press on an input that has a link pulls the link off it: the drag continues from the link's
    *  output, so it can be dropped on another input, or in empty space to choose a new node. */
   const onMouseDownCapture = (event: ReactMouseEvent) => {
+    // React Flow keeps the press on its pane and sockets from moving the focus: leave a field being typed
+    // in, so what was typed is taken (a number field takes its value when left).
+    const focused = document.activeElement;
+    const target = event.target as HTMLElement;
+    if (focused instanceof HTMLElement && focused !== target && !focused.contains(target)
+        && ["INPUT", "TEXTAREA", "SELECT"].includes(focused.tagName) && !["INPUT", "TEXTAREA", "SELECT"].includes(target.tagName)) {
+      focused.blur();
+    }
     const handle = (event.target as HTMLElement).closest?.(".react-flow__handle.target") as HTMLElement | null;
     if (handle === null || event.button !== 0) return;
     const edge = getState().history.present.edges.find((e) =>

@@ -5,7 +5,8 @@ import { useEffect, useRef, useState } from "react";
 
 import { canvasActions } from "../canvasActions";
 import { searchNodes } from "../nodeSearch";
-import { actions, getState, useEditor } from "../store";
+import type { Catalogue } from "../catalogue";
+import { actions, getState, type SearchRequest, useEditor } from "../store";
 
 const SHOWN = 60;
 
@@ -21,18 +22,19 @@ const BOX = { width: 360, height: 470 };
 export function NodeSearch() {
   const search = useEditor((s) => s.search);
   const catalogue = useEditor((s) => s.catalogue);
+  if (search === null || catalogue === null) return null;
+  // A new box for each opening: it starts from the text typed to open it.
+  return <SearchBox key={search.serial} search={search} catalogue={catalogue} />;
+}
+
+function SearchBox({ search, catalogue }: { search: SearchRequest; catalogue: Catalogue }) {
   const usage = useEditor((s) => s.usage);
-  const [query, setQuery] = useState("");
+  const [query, setQuery] = useState(search.query ?? "");
   const [active, setActive] = useState(0);
   const list = useRef<HTMLUListElement>(null);
   useEffect(() => {
-    setQuery("");
-    setActive(0);
-  }, [search]);
-  useEffect(() => {
     list.current?.querySelector(".active")?.scrollIntoView({ block: "nearest" });
   }, [active]);
-  if (search === null || catalogue === null) return null;
   const hits = searchNodes(catalogue, query, search.link, usage).slice(0, SHOWN);
   const typed = query.trim().toLowerCase();
   const extras = search.link || typed.length < 2 ? [] : EXTRAS.filter((extra) => extra.words.some((word) => word.startsWith(typed)));

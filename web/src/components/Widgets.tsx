@@ -1,6 +1,6 @@
 // Editing one literal input of a node, with the widget its schema calls for.
 
-import { type ChangeEvent, type ReactNode, useState } from "react";
+import { type ChangeEvent, type ReactNode, useRef, useState } from "react";
 
 import { type InputSpec, numberProblem, type Widget } from "../catalogue";
 import { actions } from "../store";
@@ -98,6 +98,7 @@ interface NumberFieldProps {
  *  once), never rewritten; a value the input does not accept is marked with the reason. */
 function NumberField({ common, widget, value, onCommit, children }: NumberFieldProps) {
   const [draft, setDraft] = useState<string | null>(null);
+  const justFocused = useRef(false);
   const text = draft ?? (typeof value === "number" ? String(value) : "");
   const problem = text.trim() === "" ? null : numberProblem(widget, Number(text));
   const take = (typed: string) => {
@@ -122,6 +123,15 @@ function NumberField({ common, widget, value, onCommit, children }: NumberFieldP
                onBlur={(event) => {
                  if (draft !== null) take(event.target.value);
                  actions.finishTyping();
+               }}
+               // Entering the field selects the number, so what is typed replaces it.
+               onFocus={(event) => {
+                 event.target.select();
+                 justFocused.current = true;
+               }}
+               onMouseUp={(event) => {
+                 if (justFocused.current) event.preventDefault();  // the click would drop the selection
+                 justFocused.current = false;
                }}
                onKeyDown={(event) => {
                  if (event.key === "Enter" && draft !== null) take(event.currentTarget.value);

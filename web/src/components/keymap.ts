@@ -35,6 +35,7 @@ export const KEYMAP: Shortcut[] = [
 /** Mouse gestures, for the sheet. */
 export const GESTURES: [string, string][] = [
   ["double-click the canvas", "search for a node to add there (ComfyUI's names work too)"],
+  ["type a letter over the canvas", "the same search, starting with what is typed"],
   ["drag a link into empty space", "search for a node that fits it; it is linked"],
   ["drag from a linked input", "pull its link off, to another input or into empty space"],
   ["double-click a link", "add a reroute point"],
