@@ -8,7 +8,7 @@ import { actions, getState, useEditor } from "../store";
 import { Canvas } from "./Canvas";
 import { ContextMenu } from "./ContextMenu";
 import { ImageViewer } from "./ImageViewer";
-import { shortcutFor } from "./keymap";
+import { shortcutFor } from "../keymap";
 import { ShortcutSheet } from "./ShortcutSheet";
 import { NodeSearch } from "./NodeSearch";
 import { Palette } from "./Panels";

@@ -3,7 +3,7 @@
 import { useEffect } from "react";
 
 import { actions, useEditor } from "../store";
-import { GESTURES, KEYMAP } from "./keymap";
+import { GESTURES, KEYMAP } from "../keymap";
 
 export function ShortcutSheet() {
   const open = useEditor((s) => s.showShortcuts);

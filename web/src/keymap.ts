@@ -1,7 +1,7 @@
 // The keyboard shortcuts: what the editor does on each, and what the shortcut sheet lists (one table).
 
-import { canvasActions } from "../canvasActions";
-import { actions, getState } from "../store";
+import { canvasActions } from "./canvasActions";
+import { actions, getState } from "./store";
 
 export interface Shortcut {
   /** As shown: "Ctrl+Z". */
