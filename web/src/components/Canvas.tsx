@@ -56,6 +56,12 @@ function flowNodes(graph: Graph): Node[] {
 /** How near (screen pixels) a let-go link must be to a socket to join it: sockets and their labels are easy to hit. */
 const CONNECTION_RADIUS = 36;
 
+/** Groups as their colour, faint; notes yellowish; nodes grey. */
+function minimapColor(node: Node): string {
+  if (node.type === "frame") return `${(node.data as { group: { color: string } }).group.color}55`;
+  return node.type === "note" ? "#6b6440" : "#4a4e5a";
+}
+
 export function measuredSizes(nodes: { id: string; measured?: { width?: number; height?: number } }[]): Map<string, Size> {
   return new Map(nodes.map((node) => [node.id, { width: node.measured?.width ?? 240, height: node.measured?.height ?? 120 }]));
 }
@@ -264,7 +270,7 @@ export function Canvas() {
                  multiSelectionKeyCode={["Shift", "Meta", "Control"]} minZoom={0.1}>
         <Background />
         <Controls />
-        {minimap && <MiniMap pannable zoomable bgColor="#1e1f24" maskColor="#0009" nodeColor="#4a4e5a" data-testid="minimap" />}
+        {minimap && <MiniMap pannable zoomable bgColor="#1e1f24" maskColor="#0009" nodeColor={minimapColor} />}
       </ReactFlow>
     </div>
   );

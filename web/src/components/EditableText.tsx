@@ -18,7 +18,7 @@ export function EditableText({ text, placeholder, onCommit, testId, className, e
   const [draft, setDraft] = useState<string | null>(null);
   useEffect(() => {
     if (editRequest > 0) setDraft(text);
-  }, [editRequest]);  // eslint-disable-line react-hooks/exhaustive-deps -- only a new request starts typing
+  }, [editRequest]);  // only a new request starts typing (not a change of the text meanwhile)
   if (draft === null) {
     return (
       <span className={className} data-testid={testId} title="double-click to rename"
