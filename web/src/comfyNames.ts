@@ -4,6 +4,12 @@
 // carry its own `comfyui_names`.
 
 export const COMFYUI_NAMES: Record<string, string[]> = {
+  "AddConditioningPairWithProperties": [
+    "PairConditioningSetPropertiesAndCombine"
+  ],
+  "AddConditioningWithProperties": [
+    "ConditioningSetPropertiesAndCombine"
+  ],
   "AddModels": [
     "ModelMergeAdd"
   ],
@@ -17,6 +23,12 @@ export const COMFYUI_NAMES: Record<string, string[]> = {
   "ApplyControlNetSimple": [
     "ControlNetApply"
   ],
+  "ApplyGligenTextBox": [
+    "GLIGENTextBoxApply"
+  ],
+  "ApplyStyleModel": [
+    "StyleModelApply"
+  ],
   "BasicGuider": [
     "BasicGuider"
   ],
@@ -25,6 +37,14 @@ export const COMFYUI_NAMES: Record<string, string[]> = {
   ],
   "CannyEdges": [
     "Canny"
+  ],
+  "CombineHooks": [
+    "CombineHooks2",
+    "CombineHooks4",
+    "CombineHooks8"
+  ],
+  "CompileModel": [
+    "TorchCompileModel"
   ],
   "ConditioningCombine": [
     "ConditioningCombine"
@@ -43,6 +63,13 @@ export const COMFYUI_NAMES: Record<string, string[]> = {
   ],
   "ConditioningZeroOut": [
     "ConditioningZeroOut"
+  ],
+  "CreateHookKeyframe": [
+    "CreateHookKeyframe"
+  ],
+  "CreateLoraHook": [
+    "CreateHookLora",
+    "CreateHookLoraModelOnly"
   ],
   "DifferentialDiffusion": [
     "DifferentialDiffusion"
@@ -78,6 +105,9 @@ export const COMFYUI_NAMES: Record<string, string[]> = {
   "ImageScaleToTotalPixels": [
     "ImageScaleToTotalPixels"
   ],
+  "ImageStitch": [
+    "ImageStitch"
+  ],
   "ImageToMask": [
     "ImageToMask"
   ],
@@ -86,6 +116,9 @@ export const COMFYUI_NAMES: Record<string, string[]> = {
   ],
   "InstructPix2PixConditioning": [
     "InstructPixToPixConditioning"
+  ],
+  "InterpolateHookKeyframes": [
+    "CreateHookKeyframesInterpolated"
   ],
   "InvertImage": [
     "ImageInvert"
@@ -98,6 +131,9 @@ export const COMFYUI_NAMES: Record<string, string[]> = {
   ],
   "KSamplerAdvanced": [
     "KSamplerAdvanced"
+  ],
+  "KontextImageScale": [
+    "FluxKontextImageScale"
   ],
   "LatentComposite": [
     "LatentComposite"
@@ -120,8 +156,17 @@ export const COMFYUI_NAMES: Record<string, string[]> = {
   "LoadControlNet": [
     "ControlNetLoader"
   ],
+  "LoadDiffControlNet": [
+    "DiffControlNetLoader"
+  ],
   "LoadDiffusionModel": [
     "UNETLoader"
+  ],
+  "LoadGligen": [
+    "GLIGENLoader"
+  ],
+  "LoadHypernetwork": [
+    "HypernetworkLoader"
   ],
   "LoadImage": [
     "LoadImage"
@@ -132,6 +177,12 @@ export const COMFYUI_NAMES: Record<string, string[]> = {
   ],
   "LoadMask": [
     "LoadImageMask"
+  ],
+  "LoadPhotoMaker": [
+    "PhotoMakerLoader"
+  ],
+  "LoadStyleModel": [
+    "StyleModelLoader"
   ],
   "LoadTextEncoder": [
     "CLIPLoader"
@@ -180,11 +231,17 @@ export const COMFYUI_NAMES: Record<string, string[]> = {
   "PadForOutpaint": [
     "ImagePadForOutpaint"
   ],
+  "PhotoMakerEncode": [
+    "PhotoMakerEncode"
+  ],
   "PreviewImage": [
     "PreviewImage"
   ],
   "RandomNoise": [
     "RandomNoise"
+  ],
+  "ReferenceLatent": [
+    "ReferenceLatent"
   ],
   "RepeatLatentBatch": [
     "RepeatLatentBatch"
@@ -213,11 +270,29 @@ export const COMFYUI_NAMES: Record<string, string[]> = {
   "SelectSampler": [
     "KSamplerSelect"
   ],
+  "SetClipHooks": [
+    "SetClipHooks"
+  ],
   "SetClipSkip": [
     "CLIPSetLastLayer"
   ],
+  "SetConditioningPairProperties": [
+    "PairConditioningSetProperties"
+  ],
+  "SetConditioningProperties": [
+    "ConditioningSetProperties"
+  ],
+  "SetFirstSigma": [
+    "SetFirstSigma"
+  ],
+  "SetHookKeyframes": [
+    "SetHookKeyframes"
+  ],
   "SetLatentNoiseMask": [
     "SetLatentNoiseMask"
+  ],
+  "SetModelHooksOnConditioning": [
+    "SetModelHooksOnCond"
   ],
   "SetUnionControlNetType": [
     "SetUnionControlNetType"
@@ -242,6 +317,9 @@ export const COMFYUI_NAMES: Record<string, string[]> = {
   ],
   "TextEncodeSDXL": [
     "CLIPTextEncodeSDXL"
+  ],
+  "TimestepsRange": [
+    "ConditioningTimestepsRange"
   ],
   "UnclipConditioning": [
     "unCLIPConditioning"
