@@ -5,11 +5,15 @@ A pack lists its importers in `IMPORTERS`. An importer has a `name` (shown to us
 "ComfyUI API format"), `detect(document) -> bool` (is this decoded JSON document in my format?)
 and `convert(document) -> dict` (a version-1 workflow document). `convert` raises
 WorkflowImportError with every reason the document cannot be converted at once.
+
+An importer may also have `aliases() -> {our node type: [names]}`: the names its format gives the
+node types it converts into ours. The catalogue lists them as each node's `aliases`, so that a user
+of that tool finds our node by the name they know.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 
 from .validation import ValidationIssue, WorkflowInvalid
 
@@ -64,6 +68,31 @@ def check_importer(importer: Any) -> None:
     for method in ("detect", "convert"):
         if not callable(getattr(importer, method, None)):
             raise TypeError(f"importer {name!r} has no `{method}(document)` method")
+    if hasattr(importer, "aliases") and not callable(importer.aliases):
+        raise TypeError(f"importer {name!r} has an `aliases` that is not a method")
+
+
+def importer_aliases(importer: Importer) -> dict[str, list[str]]:
+    """Our node type -> the names the importer's format gives it (empty for an importer without
+    `aliases`). Raises TypeError naming the importer if `aliases()` returns anything but a mapping
+    of type names to lists of names."""
+    method = getattr(importer, "aliases", None)
+    if method is None:
+        return {}
+    found = method()
+    expected = "a mapping of node type names to lists of names"
+    if not isinstance(found, Mapping):
+        raise TypeError(f"importer {importer.name!r}: aliases() returned {type(found).__name__}, expected {expected}")
+    aliases: dict[str, list[str]] = {}
+    for node_type, names in found.items():
+        if not isinstance(node_type, str) or isinstance(names, str) or not isinstance(names, Iterable):
+            raise TypeError(f"importer {importer.name!r}: aliases() gave {node_type!r}: {names!r}, expected {expected}")
+        names = list(names)
+        if not all(isinstance(alias, str) and alias for alias in names):
+            raise TypeError(f"importer {importer.name!r}: aliases() of {node_type!r} are {names!r}, "
+                            "expected non-empty strings")
+        aliases[node_type] = names
+    return aliases
 
 
 def import_document(importers: Iterable[Importer], document: Any) -> tuple[Any, str | None]:

@@ -31,6 +31,8 @@ class NodeRegistry:
         self._nodes: dict[str, type[Node]] = {}
         self._pack_of: dict[str, str] = {}
         self._importers: list[Importer] = []
+        # Our node type -> other tools' names for it, from the importers (see nodegraph.importers).
+        self._aliases: dict[str, set[str]] = {}
         # Counts the packs added: a plan compiled against an older generation is not reused.
         self.generation = 0
 
@@ -38,13 +40,15 @@ class NodeRegistry:
                  importers: Iterable[Importer] = ()) -> None:
         """Add all of a pack's nodes (and importers of foreign workflow formats, see
         nodegraph.importers), or none of them if any name is taken."""
-        from .importers import check_importer  # importers -> validation -> registry
+        from .importers import check_importer, importer_aliases  # importers -> validation -> registry
 
         importers = list(importers)
         importer_names = {importer.name for importer in self._importers}
+        aliases: list[dict[str, list[str]]] = []
         for importer in importers:
             try:
                 check_importer(importer)
+                aliases.append(importer_aliases(importer))
             except TypeError as error:
                 raise TypeError(f"pack {pack!r}: {error}") from None
             if importer.name in importer_names:
@@ -70,6 +74,9 @@ class NodeRegistry:
             self._nodes[name] = node_class
             self._pack_of[name] = pack
         self._importers.extend(importers)
+        for found in aliases:
+            for type_name, names in found.items():
+                self._aliases.setdefault(type_name, set()).update(names)
         self.generation += 1
 
     @property
@@ -90,6 +97,10 @@ class NodeRegistry:
     def pack_of(self, type_name: str) -> str:
         return self._pack_of[type_name]
 
+    def aliases(self, type_name: str) -> list[str]:
+        """Other tools' names for a node type (from the importers of every pack), sorted."""
+        return sorted(self._aliases.get(type_name, ()), key=str.lower)
+
     def closest(self, type_name: str, n: int = 3) -> list[str]:
         """Known type names that look like `type_name`, best first."""
         by_lower = {name.lower(): name for name in self._nodes}
@@ -103,10 +114,11 @@ class NodeRegistry:
         return len(self._nodes)
 
     def catalogue(self) -> dict[str, Any]:
-        """Every node type with its inputs and outputs, and every socket type: what UIs draw from."""
+        """Every node type with its inputs and outputs, the pack it came from and other tools' names for
+        it (`aliases`), and every socket type: what UIs draw from."""
         return {
             "nodes": {
-                name: {**cls.specs().to_json(), "pack": self._pack_of[name]}
+                name: {**cls.specs().to_json(), "pack": self._pack_of[name], "aliases": self.aliases(name)}
                 for name, cls in sorted(self._nodes.items())
             },
             "types": {

@@ -83,7 +83,8 @@ SCHEMAS: dict[str, Any] = {
     "Catalogue": {
         "type": "object", "required": ["nodes", "types"],
         "properties": {
-            "nodes": {"type": "object", "description": "Node type name -> inputs, outputs, category, description."},
+            "nodes": {"type": "object", "description": "Node type name -> inputs, outputs, category, description, "
+                                                       "pack, aliases (other tools' names for it)."},
             "types": {"type": "object", "description": "Socket type name -> description, color, accepts."},
         },
     },

@@ -32,8 +32,8 @@ export interface NodeTypeSpec {
   output_node: boolean;
   deprecated: boolean;
   pack: string;
-  /** ComfyUI's names for this type, where the server's catalogue carries them (see comfyNames.ts). */
-  comfyui_names?: string[];
+  /** Other tools' names for this type (with the built-in packs: the ComfyUI node types that import as it). */
+  aliases: string[];
   inputs: Record<string, InputSpec>;
   outputs: Record<string, OutputSpec>;
 }

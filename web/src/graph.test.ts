@@ -161,7 +161,7 @@ describe("adding nodes", () => {
   const link = (type: string) => ({ type, required: true, description: "", link_only: true });
   const spec = (type: string, inputs: Record<string, ReturnType<typeof link>>, outputs: Record<string, string>) => ({
     type, display_name: type, category: "image", description: "", version: 1, output_node: false, deprecated: false,
-    pack: "test", inputs, outputs: Object.fromEntries(Object.entries(outputs).map(([n, t]) => [n, { type: t, description: "" }])),
+    pack: "test", aliases: [], inputs, outputs: Object.fromEntries(Object.entries(outputs).map(([n, t]) => [n, { type: t, description: "" }])),
   });
   const pictures = structuredClone(catalogue);
   pictures.nodes.Picture = spec("Picture", {}, { image: "IMAGE" });

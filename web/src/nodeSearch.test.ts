@@ -9,28 +9,32 @@ const value = (type: string): InputSpec => ({ type, required: false, description
 function node(type: string, display: string, description: string, inputs: Record<string, InputSpec>,
               outputs: Record<string, string>, extra: Partial<NodeTypeSpec> = {}): NodeTypeSpec {
   return { type, display_name: display, category: "sampling", description, version: 1, output_node: false,
-           deprecated: false, pack: "diffusion", inputs,
+           deprecated: false, pack: "diffusion", aliases: [], inputs,
            outputs: Object.fromEntries(Object.entries(outputs).map(([name, t]) => [name, { type: t, description: "" }])),
            ...extra };
 }
 
-// Shaped like the diffusion pack's nodes, by their real type names (COMFYUI_NAMES knows them).
+// Shaped like the diffusion pack's nodes, by their real type names, with the ComfyUI names GET /api/nodes
+// lists as their aliases.
 const catalogue: Catalogue = {
   types: Object.fromEntries(["MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "INT", "STRING", "*"]
     .map((t) => [t, { description: "", color: "#fff", accepts: [] }])),
   nodes: Object.fromEntries([
     node("LoadCheckpoint", "Load Checkpoint", "Load a checkpoint file.", { name: value("STRING") },
-         { model: "MODEL", clip: "CLIP", vae: "VAE" }),
+         { model: "MODEL", clip: "CLIP", vae: "VAE" }, { aliases: ["CheckpointLoaderSimple"] }),
     node("TextEncode", "Text Encode", "Encode a prompt into conditioning.", { clip: link("CLIP"), text: value("STRING") },
-         { conditioning: "CONDITIONING" }),
+         { conditioning: "CONDITIONING" }, { aliases: ["CLIPTextEncode"] }),
     node("KSampler", "K Sampler", "Denoise a latent.", { model: link("MODEL"), positive: link("CONDITIONING"),
-         negative: link("CONDITIONING"), latent: link("LATENT"), seed: value("INT") }, { latent: "LATENT" }),
+         negative: link("CONDITIONING"), latent: link("LATENT"), seed: value("INT") }, { latent: "LATENT" },
+         { aliases: ["KSampler"] }),
     node("EmptyLatent", "Empty Latent", "An all-zero latent batch to start text-to-image from.",
-         { model: link("MODEL"), width: value("INT") }, { latent: "LATENT" }),
+         { model: link("MODEL"), width: value("INT") }, { latent: "LATENT" },
+         { aliases: ["EmptyLatentImage", "EmptySD3LatentImage"] }),
     node("LoadLora", "Load Lora", "Apply a LoRA to the model and text encoder.", { model: link("MODEL"), clip: link("CLIP") },
-         { model: "MODEL", clip: "CLIP" }),
-    node("VAEDecode", "VAE Decode", "Latent to pixels.", { vae: link("VAE"), latent: link("LATENT") }, { image: "IMAGE" }),
-    node("SaveImage", "Save Image", "Write PNG files.", { images: link("IMAGE") }, {}, { output_node: true }),
+         { model: "MODEL", clip: "CLIP" }, { aliases: ["LoraLoader", "LoraLoaderModelOnly"] }),
+    node("VAEDecode", "VAE Decode", "Latent to pixels.", { vae: link("VAE"), latent: link("LATENT") }, { image: "IMAGE" },
+         { aliases: ["VAEDecode"] }),
+    node("SaveImage", "Save Image", "Write PNG files.", { images: link("IMAGE") }, {}, { output_node: true, aliases: ["SaveImage"] }),
     node("Show", "Show", "Show any value.", { value: link("*") }, {}),
     node("OldSampler", "Old Sampler", "Denoise a latent, the old way.", { latent: link("LATENT") }, { latent: "LATENT" },
          { deprecated: true }),
@@ -40,19 +44,23 @@ const catalogue: Catalogue = {
 const types = (hits: { spec: NodeTypeSpec }[]) => hits.map((hit) => hit.spec.type);
 
 describe("the node search", () => {
-  it("finds nodes by ComfyUI's names", () => {
+  it("finds nodes by the catalogue's aliases (ComfyUI's names)", () => {
     expect(types(searchNodes(catalogue, "CLIPTextEncode"))[0]).toBe("TextEncode");
-    expect(searchNodes(catalogue, "CLIPTextEncode")[0].comfyName).toBe("CLIPTextEncode");
+    expect(searchNodes(catalogue, "CLIPTextEncode")[0].alias).toBe("CLIPTextEncode");
     expect(types(searchNodes(catalogue, "EmptyLatentImage"))[0]).toBe("EmptyLatent");
     expect(types(searchNodes(catalogue, "LoraLoader"))[0]).toBe("LoadLora");
     expect(types(searchNodes(catalogue, "CheckpointLoaderSimple"))[0]).toBe("LoadCheckpoint");
     expect(types(searchNodes(catalogue, "ksampler"))[0]).toBe("KSampler");
   });
 
-  it("prefers a catalogue's own ComfyUI names to the editor's table", () => {
-    const own = structuredClone(catalogue);
-    own.nodes.Show.comfyui_names = ["PreviewAny"];
-    expect(types(searchNodes(own, "PreviewAny"))).toEqual(["Show"]);
+  it("knows no names but the catalogue's", () => {
+    expect(searchNodes(catalogue, "PreviewAny")).toEqual([]);
+    const named = structuredClone(catalogue);
+    named.nodes.Show.aliases = ["PreviewAny"];
+    expect(types(searchNodes(named, "PreviewAny"))).toEqual(["Show"]);
+    expect(searchNodes(named, "PreviewAny")[0].alias).toBe("PreviewAny");
+    // An alias equal to our own name is not shown as another name.
+    expect(searchNodes(catalogue, "KSampler")[0].alias).toBeUndefined();
   });
 
   it("ranks a whole name above its start, a word's start and text inside it, then descriptions", () => {

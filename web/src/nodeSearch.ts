@@ -1,9 +1,9 @@
 // The node search (double-click on the canvas, or a link dropped in empty space): catalogue node types
-// ranked by how well the typed text fits their names (ours, the display name, ComfyUI's), category and
-// description, optionally only those that can take or give a link of a given type.
+// ranked by how well the typed text fits their names (ours, the display name, the catalogue's aliases:
+// ComfyUI's names), category and description, optionally only those that can take or give a link of a
+// given type.
 
 import { ANY_TYPE, type Catalogue, canConnect, type NodeTypeSpec } from "./catalogue";
-import { COMFYUI_NAMES } from "./comfyNames";
 
 /** A link being dragged: from an output of `type` (the new node takes it) or from an input of `type`
  *  (the new node feeds it). */
@@ -16,15 +16,9 @@ export interface SearchHit {
   spec: NodeTypeSpec;
   /** With a filter: the new node's socket that the link goes to (an input name, or an output name). */
   socket?: string;
-  /** The ComfyUI name that matched the text, shown beside ours. */
-  comfyName?: string;
+  /** The alias (another tool's name, e.g. ComfyUI's) that matched the text, shown beside ours. */
+  alias?: string;
   score: number;
-}
-
-/** ComfyUI's names for a node type: the catalogue's own list, else the editor's table. */
-export function comfyNamesOf(spec: NodeTypeSpec): string[] {
-  const own = spec.comfyui_names;
-  return Array.isArray(own) ? own.map(String) : COMFYUI_NAMES[spec.type] ?? [];
 }
 
 /** Lower case, letters and digits only: "K Sampler", "KSampler" and "k-sampler" read alike. */
@@ -59,31 +53,31 @@ export function linkSocket(catalogue: Catalogue, spec: NodeTypeSpec, filter: Lin
 
 interface Scored {
   score: number;
-  comfyName?: string;
+  alias?: string;
 }
 
 function scoreSpec(spec: NodeTypeSpec, words: string[]): Scored | null {
   const names = [spec.type, spec.display_name];
-  const comfy = comfyNamesOf(spec);
+  const aliases = spec.aliases;
   const whole = compact(words.join(""));
-  // The text as one name ("ksampler", "empty latent image"): the best of our names and ComfyUI's.
+  // The text as one name ("ksampler", "empty latent image"): the best of our names and the aliases.
   let best = Math.max(...names.map((name) => nameScore(name, whole)));
-  let comfyName: string | undefined;
-  for (const name of comfy) {
+  let alias: string | undefined;
+  for (const name of aliases) {
     const score = nameScore(name, whole);
     if (score > best) {
       best = score;
-      comfyName = name;
+      alias = name;
     }
   }
-  if (best > 0) return { score: best, comfyName };
+  if (best > 0) return { score: best, alias };
   // Otherwise every word must be found somewhere: in a name, the category or the description.
   const description = spec.description.toLowerCase();
   const category = spec.category.toLowerCase();
   let total = 0;
   for (const word of words) {
     const text = compact(word);
-    const inName = Math.max(...[...names, ...comfy].map((name) => nameScore(name, text)));
+    const inName = Math.max(...[...names, ...aliases].map((name) => nameScore(name, text)));
     const score = inName > 0 ? inName / 2 : category.includes(text) ? 15 : description.includes(word.toLowerCase()) ? 8 : 0;
     if (score === 0) return null;
     total += score;
@@ -120,7 +114,7 @@ export function searchNodes(catalogue: Catalogue, query: string, filter?: LinkFi
     if (scored === null) continue;
     const hit: SearchHit = { spec, score: scored.score };
     if (socket !== undefined) hit.socket = socket;
-    if (scored.comfyName !== undefined) hit.comfyName = scored.comfyName;
+    if (scored.alias !== undefined) hit.alias = scored.alias;
     hits.push(hit);
   }
   const anyOnly = (hit: SearchHit) => {

@@ -898,10 +898,22 @@ def convert_nodes(comfy_nodes: list[ComfyNode], importer: str, problems: _Proble
     return document
 
 
+def node_aliases() -> dict[str, list[str]]:
+    """Our node type -> the ComfyUI node types that import as it (sorted): the catalogue's `aliases`,
+    by which the editor's search finds TextEncode when a ComfyUI user types CLIPTextEncode."""
+    aliases: dict[str, list[str]] = {}
+    for comfy_type, mapping in sorted(MAPPINGS.items()):
+        aliases.setdefault(mapping.type, []).append(comfy_type)
+    return aliases
+
+
 class ComfyAPIImporter:
     """ComfyUI's API format: what its "Export (API)" writes and its POST /prompt takes."""
 
     name = API_FORMAT
+
+    def aliases(self) -> dict[str, list[str]]:
+        return node_aliases()
 
     def detect(self, document: Any) -> bool:
         # A request carrying anything but a UI-format workflow is this importer's to read or refuse.
@@ -930,6 +942,9 @@ class ComfyUIImporter:
     """ComfyUI's UI format: the editor's saved workflows, also embedded in its PNGs."""
 
     name = UI_FORMAT
+
+    def aliases(self) -> dict[str, list[str]]:
+        return node_aliases()
 
     def detect(self, document: Any) -> bool:
         return _is_ui_document(_carried(document))

@@ -84,7 +84,7 @@ function SearchBox({ search, catalogue }: { search: SearchRequest; catalogue: Ca
             <li key={hit.spec.type} className={index === active ? "active" : ""} data-testid={`search-hit-${hit.spec.type}`}
                 title={hit.spec.description} onMouseEnter={() => setActive(index)} onClick={() => choose(index)}>
               <span className="hit-name">{hit.spec.display_name}</span>
-              <span className="hit-detail">{hit.comfyName ?? (hit.spec.display_name.replace(/\s/g, "") !== hit.spec.type ? hit.spec.type : "")}</span>
+              <span className="hit-detail">{hit.alias ?? (hit.spec.display_name.replace(/\s/g, "") !== hit.spec.type ? hit.spec.type : "")}</span>
               <span className="hit-category">{hit.spec.category}</span>
             </li>
           ))}
