@@ -10,7 +10,7 @@ import json
 import pytest
 
 from _browser import Browser
-from _editor import get_bytes, get_json, open_editor
+from _editor import get_bytes, get_json, http_status, open_editor
 from test_editor_canvas_e2e import canvas_point, graph, search_and_add, socket
 
 pytestmark = pytest.mark.slow
@@ -73,7 +73,7 @@ async def test_the_image_viewer_steps_through_a_batch_downloads_and_opens_the_wo
 
 
 @pytest.mark.asyncio
-async def test_history_survives_a_reload_reopens_a_run_and_hides_one_and_run_queues_a_batch(picture_server, tmp_path):
+async def test_history_survives_a_reload_reopens_a_run_and_deletes_runs_and_run_queues_a_batch(picture_server, tmp_path):
     chromium, base = picture_server
     before = {run["id"] for run in get_json(f"{base}/api/runs")["runs"]}
     async with Browser(chromium, tmp_path / "profile") as page:
@@ -116,13 +116,24 @@ async def test_history_survives_a_reload_reopens_a_run_and_hides_one_and_run_que
         await page.wait_for(f"Number(document.querySelector('.editor').dataset.loads) > {loads}", what="the run's workflow")
         assert (await graph(page))["nodes"]["draw"]["inputs"]["prompt"] == prompt
 
-        # Removed from the list, and still after a reload (the server keeps the run).
-        await page.mouse_click(await page.centre(f"[data-testid=history-hide-{ids[1]}]"))
+        # Deleted from the server's history: off the list, out of GET /api/runs, its image file kept.
+        image = get_json(f"{base}/api/runs/{ids[1]}")["file_urls"][0]
+        await page.mouse_click(await page.centre(f"[data-testid=history-delete-{ids[1]}]"))
         await page.wait_for(f"document.querySelector('[data-testid=history] [data-testid=run-{ids[1]}]') === null",
                             what="the run off the list")
+        await page.wait_for(f"document.querySelector('[data-testid=history] [data-testid=run-{ids[0]}]') !== null",
+                            what="the other runs still listed")
+        assert ids[1] not in {run["id"] for run in get_json(f"{base}/api/runs")["runs"]}
+        assert http_status(f"{base}/api/runs/{ids[1]}") == 404
+        assert http_status(f"{base}{image}") == 200
+        # Deleted by another client (another tab, a script): this page's list follows its run_deleted event.
+        assert http_status(f"{base}/api/runs/{ids[2]}", "DELETE") == 200
+        await page.wait_for(f"document.querySelector('[data-testid=history] [data-testid=run-{ids[2]}]') === null",
+                            what="another client's deletion shown")
+        # Both stay gone after a reload.
         await page.send("Page.reload")
         await page.wait_for("document.querySelector('.editor[data-ready=true]') !== null", what="the editor to restart")
-        await page.wait_for(f"document.querySelector('[data-testid=history] [data-testid=run-{ids[2]}]') !== null",
+        await page.wait_for(f"document.querySelector('[data-testid=history] [data-testid=run-{ids[0]}]') !== null",
                             what="the history back")
-        assert await page.evaluate(f"document.querySelector('[data-testid=history] [data-testid=run-{ids[1]}]')") is None
-        assert get_json(f"{base}/api/runs/{ids[1]}")["status"] == "succeeded"
+        for gone in ids[1:]:
+            assert await page.evaluate(f"document.querySelector('[data-testid=history] [data-testid=run-{gone}]')") is None

@@ -35,6 +35,8 @@ export const api = {
   catalogue: () => request<Catalogue>("/api/nodes"),
   submit: (workflow: WorkflowDocument) => request<{ id: string }>("/api/runs", jsonBody("POST", { workflow })),
   cancel: (id: string) => request<unknown>(`/api/runs/${encodeURIComponent(id)}/cancel`, { method: "POST" }),
+  /** Delete a finished run from the server's history (409 run_not_finished for a queued or running one). */
+  deleteRun: (id: string) => request<unknown>(`/api/runs/${encodeURIComponent(id)}`, { method: "DELETE" }),
   clearQueue: () => request<unknown>("/api/queue", { method: "DELETE" }),
   pause: () => request<unknown>("/api/queue/pause", { method: "POST" }),
   resume: () => request<unknown>("/api/queue/resume", { method: "POST" }),

@@ -1,9 +1,8 @@
 import { describe, expect, it } from "vitest";
 
-import { loadHiddenRuns, promptOf, runTime, saveHiddenRuns } from "./runHistory";
+import { promptOf, runTime } from "./runHistory";
 import { applyEvent, emptyRuns, runFromApi } from "./runState";
 import { catalogue } from "./testCatalogue";
-import { stubStorage } from "./testServer";
 
 const multiline = structuredClone(catalogue);
 multiline.nodes.FormatText.inputs.template = { ...multiline.nodes.FormatText.inputs.template, multiline: true };
@@ -34,14 +33,5 @@ describe("the history of runs", () => {
                   { type: "run_finished", run_id: "r", node_id: null, time: 107.5, seconds: 7 }].reduce(applyEvent, emptyRuns);
     expect(runs.runs.r).toMatchObject({ created: 100, finished: 107.5, seconds: 7 });
     expect(runFromApi({ id: "s", status: "failed", created: 5, finished: 9 })).toMatchObject({ created: 5, finished: 9 });
-  });
-
-  it("remembers the runs taken off the list", () => {
-    const storage = stubStorage();
-    saveHiddenRuns(new Set(["a", "b"]));
-    expect(storage.get("nodegraph.hiddenRuns")).toBe('["a","b"]');
-    expect(loadHiddenRuns()).toEqual(new Set(["a", "b"]));
-    storage.set("nodegraph.hiddenRuns", "not json");
-    expect(loadHiddenRuns()).toEqual(new Set());
   });
 });

@@ -1,5 +1,5 @@
 // What the history panel shows of a past run beside its images: its prompt (read from the workflow it
-// ran) and its time; and the runs removed from the list in this browser.
+// ran) and its time.
 
 import { type Catalogue, widgetFor } from "./catalogue";
 import { isLink } from "./graph";
@@ -29,26 +29,4 @@ export function runTime(seconds: number, now: Date = new Date()): string {
   const clock = `${pad(when.getHours())}:${pad(when.getMinutes())}`;
   const sameDay = when.getFullYear() === now.getFullYear() && when.getMonth() === now.getMonth() && when.getDate() === now.getDate();
   return sameDay ? clock : `${when.getFullYear()}-${pad(when.getMonth() + 1)}-${pad(when.getDate())} ${clock}`;
-}
-
-/** Runs removed from the history list in this browser (the server keeps them: it has no route to
- *  delete a run). */
-export const HIDDEN_RUNS_KEY = "nodegraph.hiddenRuns";
-const HIDDEN_KEPT = 1000;
-
-export function loadHiddenRuns(): Set<string> {
-  try {
-    const saved = JSON.parse(localStorage.getItem(HIDDEN_RUNS_KEY) ?? "[]") as unknown;
-    return new Set(Array.isArray(saved) ? saved.map(String) : []);
-  } catch {
-    return new Set();  // unreadable or no storage: nothing hidden
-  }
-}
-
-export function saveHiddenRuns(hidden: Set<string>): void {
-  try {
-    localStorage.setItem(HIDDEN_RUNS_KEY, JSON.stringify([...hidden].slice(-HIDDEN_KEPT)));
-  } catch {
-    // Storage full or disabled: hidden for this page only.
-  }
 }

@@ -68,4 +68,13 @@ describe("run state", () => {
       { code: "no_output", message: "no output node", node_id: null, input: null },
     ])).toEqual({ a: { value: ["too big"], other: ["needed"] }, "": { "": ["no output node"] } });
   });
+
+  it("forgets a run deleted from the server's history, once", () => {
+    const two = fold([event("run_queued", null), { type: "run_queued", run_id: "r2", node_id: null },
+                      event("run_finished", null, { seconds: 1 })]);
+    const deleted = applyEvent(two, event("run_deleted", null));
+    expect(deleted.order).toEqual(["r2"]);
+    expect(Object.keys(deleted.runs)).toEqual(["r2"]);
+    expect(applyEvent(deleted, event("run_deleted", null))).toBe(deleted);  // seen again (a resync): no change
+  });
 });

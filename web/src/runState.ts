@@ -63,6 +63,13 @@ function withRun(state: RunsState, id: string, change: (run: RunView) => RunView
   };
 }
 
+/** The state without a run (deleted from the server's history, by this page or another client). */
+export function withoutRun(state: RunsState, id: string): RunsState {
+  if (!(id in state.runs)) return state;
+  const { [id]: _deleted, ...runs } = state.runs;
+  return { ...state, runs, order: state.order.filter((known) => known !== id) };
+}
+
 /** A node's events mean its run is under way, even if the page saw neither its start nor its queueing. */
 function underWay(run: RunView): RunView {
   return run.status === "queued" ? { ...run, status: "running" } : run;
@@ -125,6 +132,8 @@ export function applyEvent(state: RunsState, event: ServerEvent): RunsState {
     case "run_failed":
       return withRun(state, event.run_id, (run) => ({ ...run, status: "failed", currentNode: null,
                                                       error: runErrorText(event.error), ...at("finished", event) }));
+    case "run_deleted":
+      return withoutRun(state, event.run_id);
     case "run_cancelled":
       return withRun(state, event.run_id, (run) => {
         const nodes = Object.fromEntries(Object.entries(run.nodes).map(([id, node]) =>

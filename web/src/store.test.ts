@@ -277,20 +277,36 @@ describe("the editor store", () => {
     actions.setBatchCount(1);
   });
 
-  it("reads each listed run's prompt once, and hides runs from the history in this browser", async () => {
+  it("reads each listed run's prompt once", async () => {
     const multiline = structuredClone(getState().catalogue!);
     multiline.nodes.FormatText.inputs.template = { ...multiline.nodes.FormatText.inputs.template, multiline: true };
     actions.setCatalogue(multiline);
     const ran = { version: 1, nodes: { p: { type: "FormatText", inputs: { template: "a cat" } } } };
     const seen = stubServer({ "GET /api/runs/old": () => ({ id: "old", status: "succeeded", workflow: ran }) });
-    const storage = stubStorage();
     await actions.loadRunInfo(["old"]);
     await actions.loadRunInfo(["old"]);
     expect(getState().runInfo.old).toEqual({ prompt: "a cat" });
     expect(seen.filter((r) => r.path === "/api/runs/old")).toHaveLength(1);
-    actions.hideRun("old");
-    expect(getState().hiddenRuns.has("old")).toBe(true);
-    expect(JSON.parse(storage.get("nodegraph.hiddenRuns") ?? "[]")).toContain("old");
+  });
+
+  it("deletes a run from the server's history, and says why the server refuses one", async () => {
+    for (const event of [{ type: "run_queued", run_id: "done", node_id: null }, { type: "run_finished", run_id: "done", node_id: null },
+                         { type: "run_queued", run_id: "busy", node_id: null }]) actions.event(event);
+    const seen = stubServer({
+      "DELETE /api/runs/done": () => ({ id: "done", deleted: true }),
+      "DELETE /api/runs/busy": () => [409, { error: "run_not_finished", message: "run busy is queued: cancel it first",
+                                             status: "queued" }],
+    });
+    await actions.deleteRun("done");
+    expect(seen.map((r) => `${r.method} ${r.path}`)).toEqual(["DELETE /api/runs/done"]);
+    expect(getState().runs.runs.done).toBeUndefined();
+    expect(getState().runs.order).not.toContain("done");
+    await actions.deleteRun("busy");
+    expect(getState().runs.runs.busy?.status).toBe("queued");
+    expect(getState().message).toEqual({ text: "cannot delete run busy: run busy is queued: cancel it first", error: true });
+    // Another page's deletion arrives as an event.
+    actions.event({ type: "run_deleted", run_id: "busy", node_id: null });
+    expect(getState().runs.runs.busy).toBeUndefined();
   });
 
   it("says why a link dropped on a socket was refused", () => {

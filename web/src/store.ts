@@ -16,12 +16,12 @@ import {
 import { type History, record, redo, replace, startHistory, undo } from "./history";
 import { type LinkFilter, nodeUsage } from "./nodeSearch";
 import { workflowFromPng } from "./pngWorkflow";
-import { loadHiddenRuns, promptOf, saveHiddenRuns } from "./runHistory";
+import { promptOf } from "./runHistory";
 import { edited, neighbourOf, readStoredTabs, type StoredTab, storedTab, type Tab, TABS_KEY } from "./tabs";
 import type { Viewport } from "./viewport";
 import {
   applyEvent, emptyRuns, graphRunView, issuesByNode, type NodeMedia, type NodeRunState, runsFromApi, type RunsState,
-  type ServerEvent,
+  type ServerEvent, withoutRun,
 } from "./runState";
 
 export const SAVED_GRAPH_KEY = "nodegraph.graph";
@@ -105,8 +105,6 @@ export interface EditorState {
   batchCount: number;
   /** What the history shows of each run beside its images: its prompt (read from its workflow). */
   runInfo: Record<string, { prompt: string | null }>;
-  /** Runs taken off the history list in this browser. */
-  hiddenRuns: Set<string>;
   /** The shortcut sheet is open. */
   showShortcuts: boolean;
   /** The minimap is shown (kept in local storage). */
@@ -174,7 +172,6 @@ let state: EditorState = {
   viewer: null,
   batchCount: 1,
   runInfo: {},
-  hiddenRuns: new Set(),
   showShortcuts: false,
   showMinimap: true,
   tabs: [],
@@ -361,7 +358,7 @@ export const actions = {
     await actions.refreshWorkflows();
     void actions.learnUsage();
     loadRunGraphs();
-    set({ hiddenRuns: loadHiddenRuns(), showMinimap: localStorage.getItem(MINIMAP_KEY) !== "hidden" });
+    set({ showMinimap: localStorage.getItem(MINIMAP_KEY) !== "hidden" });
     if (restoreTabs()) return;
     if (state.savedWorkflows.includes(DEFAULT_WORKFLOW)) await actions.openSaved(DEFAULT_WORKFLOW);
   },
@@ -923,12 +920,16 @@ export const actions = {
     if (found.length > 0) set({ runInfo: { ...state.runInfo, ...Object.fromEntries(found) } });
   },
 
-  /** Take a run off the history list in this browser (the server keeps it: it has no route to delete one). */
-  hideRun(id: string): void {
-    const hidden = new Set(state.hiddenRuns);
-    hidden.add(id);
-    saveHiddenRuns(hidden);
-    set({ hiddenRuns: hidden });
+  /** Delete a finished run from the server's history (DELETE /api/runs/{id}; its files stay). It leaves
+   *  the list now, and on every other page by the `run_deleted` event; a refusal (a run not finished)
+   *  is said with the server's reason. */
+  async deleteRun(id: string): Promise<void> {
+    try {
+      await api.deleteRun(id);
+      set({ runs: withoutRun(state.runs, id) });
+    } catch (error) {
+      say(`cannot delete run ${id.slice(0, 8)}: ${(error as Error).message}`, true);
+    }
   },
 
   randomizeSeeds(): void {

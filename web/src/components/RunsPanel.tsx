@@ -1,6 +1,6 @@
 // The right-hand panel: the queue (running and waiting runs: progress, cancel, run next; pause, clear)
 // and the history of finished runs read from the server (so it survives reloads): thumbnails, prompt,
-// time, the run's workflow reopened in one click, removal from the list.
+// time, the run's workflow reopened in one click (in a new tab), deletion from the server's history.
 
 import { useEffect } from "react";
 
@@ -60,8 +60,8 @@ function HistoryEntry({ run }: { run: RunView }) {
         {run.seconds !== undefined && <span className="muted">{run.seconds.toFixed(1)} s</span>}
         <button title="open the workflow this run ran" data-testid={`history-open-${run.id}`}
                 onClick={() => void actions.openRunWorkflow(run.id)}>Open</button>
-        <button title="remove from this list (in this browser; the server keeps the run)" data-testid={`history-hide-${run.id}`}
-                onClick={() => actions.hideRun(run.id)}>✕</button>
+        <button title="delete this run from the history (the files it wrote stay)" data-testid={`history-delete-${run.id}`}
+                onClick={() => void actions.deleteRun(run.id)}>✕</button>
       </div>
       <Thumbnails run={run} />
       <Prompt id={run.id} />
@@ -73,11 +73,10 @@ function HistoryEntry({ run }: { run: RunView }) {
 export function RunsPanel() {
   const runs = useEditor((s) => s.runs);
   const connected = useEditor((s) => s.connected);
-  const hidden = useEditor((s) => s.hiddenRuns);
   const catalogue = useEditor((s) => s.catalogue);
   const newestFirst = [...runs.order].reverse().map((id) => runs.runs[id]);
   const waiting = newestFirst.filter((run) => run.status === "queued" || run.status === "running").reverse();
-  const finished = newestFirst.filter((run) => run.status !== "queued" && run.status !== "running" && !hidden.has(run.id))
+  const finished = newestFirst.filter((run) => run.status !== "queued" && run.status !== "running")
     .slice(0, HISTORY_SHOWN);
   const listed = [...waiting, ...finished].map((run) => run.id).join(" ");
   useEffect(() => {
