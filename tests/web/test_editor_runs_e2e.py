@@ -11,7 +11,7 @@ import pytest
 
 from _browser import Browser
 from _editor import get_bytes, get_json, http_status, open_editor
-from test_editor_canvas_e2e import canvas_point, graph, search_and_add, socket
+from test_editor_canvas_e2e import canvas_point, graph, graph_expression, search_and_add, socket
 
 pytestmark = pytest.mark.slow
 
@@ -57,19 +57,26 @@ async def test_the_image_viewer_steps_through_a_batch_downloads_and_opens_the_wo
         assert link[0] == first and link[1] == first.rsplit("/", 1)[-1]
         assert get_bytes(f"{base}{link[0]}")[:8] == b"\x89PNG\r\n\x1a\n"
 
-        # The workflow that made it, opened as a graph, also after the canvas was cleared.
+        # The workflow that made it, opened in a new tab: the graph on the canvas, changed since and not
+        # saved, is not replaced.
         await page.press("Escape", "Escape", 27)
-        await page.click("[data-testid=new]")
+        await page.type_into("[data-testid=input-draw-prompt]", "changed after the run")
+        await page.evaluate("document.activeElement?.blur()")
         await page.mouse_click(await page.centre(f"[data-testid=run-image-{run_id}-1]"))
         await page.wait_for("document.querySelector('[data-testid=viewer-count]')?.textContent === '2 / 2'", what="2 of 2")
-        loads = int(await page.evaluate("document.querySelector('.editor').dataset.loads"))
         await page.mouse_click(await page.centre("[data-testid=viewer-workflow]"))
-        await page.wait_for(f"Number(document.querySelector('.editor').dataset.loads) > {loads}", what="the run's workflow")
+        await page.wait_for("document.querySelectorAll('[data-testid=tabs] .tab').length === 2", what="a second tab")
+        await page.wait_for("document.querySelector('[data-testid=tab-1]').classList.contains('active')", what="it open")
         assert await page.evaluate("document.querySelector('[data-testid=viewer]')") is None
         ran = get_json(f"{base}/api/runs/{run_id}")["workflow"]
+        await page.wait_for(f"{graph_expression()}.nodes.draw?.inputs.prompt === {json.dumps(ran['nodes']['draw']['inputs']['prompt'])}",
+                            what="the run's workflow")
         opened = await graph(page)
         assert opened["nodes"] == ran["nodes"]
         assert json.dumps(sorted(opened["nodes"])) == json.dumps(["draw", "save", "save_picture", "seed"])
+        await page.mouse_click(await page.centre("[data-testid=tab-0] .tab-name"))
+        await page.wait_for("document.querySelector('[data-testid=tab-0]').classList.contains('active')", what="tab 0 open")
+        assert (await graph(page))["nodes"]["draw"]["inputs"]["prompt"] == "changed after the run"
 
 
 @pytest.mark.asyncio
@@ -109,12 +116,20 @@ async def test_history_survives_a_reload_reopens_a_run_and_deletes_runs_and_run_
                                 what="the run's prompt after the reload")
             assert (await entry(run))["images"] == 1
 
-        # One click reopens a run's workflow.
-        await page.click("[data-testid=new]")
-        loads = int(await page.evaluate("document.querySelector('.editor').dataset.loads"))
+        # One click reopens a run's workflow, in a new tab: the graph open, changed before the reload and
+        # not saved, stays as it was in its own tab.
+        await page.type_into("[data-testid=input-draw-prompt]", "changed, not saved")
+        await page.evaluate("document.activeElement?.blur()")
+        await page.send("Page.reload")
+        await page.wait_for("document.querySelector('.editor[data-ready=true]') !== null", what="the editor to restart")
+        await page.wait_for("document.querySelector('[data-testid=tab-0] .tab-edited') !== null", what="the tab marked changed")
+        tabs = await page.evaluate("document.querySelectorAll('[data-testid=tabs] .tab').length")
         await page.mouse_click(await page.centre(f"[data-testid=history-open-{ids[0]}]"))
-        await page.wait_for(f"Number(document.querySelector('.editor').dataset.loads) > {loads}", what="the run's workflow")
-        assert (await graph(page))["nodes"]["draw"]["inputs"]["prompt"] == prompt
+        await page.wait_for(f"document.querySelectorAll('[data-testid=tabs] .tab').length === {tabs + 1}", what="a new tab")
+        await page.wait_for(f"{graph_expression()}.nodes.draw?.inputs.prompt === {json.dumps(prompt)}", what="the run's workflow")
+        await page.mouse_click(await page.centre("[data-testid=tab-0] .tab-name"))
+        await page.wait_for("document.querySelector('[data-testid=tab-0]').classList.contains('active')", what="tab 0 open")
+        assert (await graph(page))["nodes"]["draw"]["inputs"]["prompt"] == "changed, not saved"
 
         # Deleted from the server's history: off the list, out of GET /api/runs, its image file kept.
         image = get_json(f"{base}/api/runs/{ids[1]}")["file_urls"][0]

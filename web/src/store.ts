@@ -17,7 +17,7 @@ import { type History, record, redo, replace, startHistory, undo } from "./histo
 import { type LinkFilter, nodeUsage } from "./nodeSearch";
 import { workflowFromPng } from "./pngWorkflow";
 import { promptOf } from "./runHistory";
-import { edited, neighbourOf, readStoredTabs, type StoredTab, storedTab, type Tab, TABS_KEY } from "./tabs";
+import { blank, edited, neighbourOf, readStoredTabs, type StoredTab, storedTab, type Tab, TABS_KEY } from "./tabs";
 import type { Viewport } from "./viewport";
 import {
   applyEvent, emptyRuns, graphRunView, issuesByNode, type NodeMedia, type NodeRunState, runsFromApi, type RunsState,
@@ -115,6 +115,8 @@ export interface EditorState {
   activeTab: number;
   /** Where the canvas looks (kept with the tab). */
   viewport?: Viewport;
+  /** The open tab was changed before the page was reloaded (kept with the tab, see tabs.ts `edited`). */
+  editedBefore: boolean;
 }
 
 function newGraphId(): string {
@@ -176,6 +178,7 @@ let state: EditorState = {
   showMinimap: true,
   tabs: [],
   activeTab: 0,
+  editedBefore: false,
 };
 export const MINIMAP_KEY = "nodegraph.minimap";
 let searchSerial = 0;
@@ -204,6 +207,7 @@ function set(change: Partial<EditorState>): void {
 function liveTab(): Tab {
   const tab: Tab = { graphId: state.graphId, workflowName: state.workflowName, savedAs: state.savedAs, history: state.history };
   if (state.viewport) tab.viewport = state.viewport;
+  if (state.editedBefore) tab.editedBefore = true;
   return tab;
 }
 
@@ -236,7 +240,7 @@ function restoreTabs(): boolean {
       const read = workflowToGraph(saved.workflow);
       const graph = state.catalogue === null ? read : withDefaults(read, state.catalogue);
       tabs.push({ graphId: saved.graphId, workflowName: saved.name, savedAs: typeof saved.savedAs === "string" ? saved.savedAs : null,
-                  history: startHistory(graph) });
+                  history: startHistory(graph), editedBefore: saved.edited === true });
     } catch (error) {
       say(`a tab could not be reopened (${saved.name}): ${(error as Error).message}`, true);
     }
@@ -252,7 +256,7 @@ function opened(tab: Tab): Partial<EditorState> {
   typing = null;
   gesture = false;
   return { graphId: tab.graphId, workflowName: tab.workflowName, savedAs: tab.savedAs, history: tab.history,
-           viewport: tab.viewport, issues: {} };
+           viewport: tab.viewport, editedBefore: tab.editedBefore === true, issues: {} };
 }
 
 function persist(): void {
@@ -678,14 +682,16 @@ export const actions = {
     set({ viewer: null });
   },
 
-  /** Open the workflow a run was submitted with (GET /api/runs/{id}), as a new graph. */
+  /** Open the workflow a run was submitted with (GET /api/runs/{id}) in a new tab (in the open one only
+   *  if it is blank), so that it never replaces work, saved or not. */
   async openRunWorkflow(runId: string): Promise<void> {
     try {
       const run = await api.run(runId);
       if (typeof run.workflow !== "object" || run.workflow === null) throw new Error("the server sent no workflow for it");
-      actions.load(run.workflow, `run-${runId.slice(0, 8)}.json`);
+      const tabs = currentTabs().length;
+      actions.load(run.workflow, `run-${runId.slice(0, 8)}.json`, true);
       set({ viewer: null });
-      say(`opened the workflow of run ${runId.slice(0, 8)}`);
+      say(`opened the workflow of run ${runId.slice(0, 8)}${state.tabs.length > tabs ? " in a new tab" : ""}`);
     } catch (error) {
       say(`cannot open the workflow of run ${runId.slice(0, 8)}: ${(error as Error).message}`, true);
     }
@@ -709,15 +715,16 @@ export const actions = {
     set({ history: redo(state.history) });
   },
 
-  /** Show a workflow document. Not an undo step: the loaded graph starts a new history. */
   /** Open a workflow document in a new tab, or in the open one if it is unchanged since it was opened
-   *  and has submitted no run. Not an undo step: the graph starts a new history. */
-  load(document: unknown, name: string): void {
+   *  and has submitted no run (with `newTab`: only if it is blank). Not an undo step: the graph starts
+   *  a new history. */
+  load(document: unknown, name: string, newTab = false): void {
     const read = workflowToGraph(document);
     const graph = state.catalogue === null ? read : withDefaults(read, state.catalogue);
     const tab: Tab = { graphId: newGraphId(), workflowName: name, savedAs: null, history: startHistory(graph) };
     const current = liveTab();
-    const keep = edited(current) || current.history.future.length > 0 || [...runGraphs.values()].includes(current.graphId);
+    const keep = newTab ? !blank(current)
+      : edited(current) || current.history.future.length > 0 || [...runGraphs.values()].includes(current.graphId);
     const tabs = currentTabs();
     const activeTab = keep ? tabs.length : state.activeTab;
     tabs[activeTab] = tab;

@@ -80,4 +80,44 @@ describe("workflow tabs", () => {
     expect(names()).toEqual(["untitled.json"]);
     expect(getState().history.present.nodes).toEqual([]);
   });
+
+  it("opens a past run's workflow in a new tab, never over the open graph, unless that is blank", async () => {
+    const ran = { version: 1, nodes: { seed: { type: "Integer", inputs: { value: 99 } } } };
+    stubServer({ "GET /api/runs/run-1": () => ({ id: "run-1", status: "succeeded", workflow: ran }) });
+    // one.json as opened, unchanged: a workflow opened from the list would replace it, a run's does not.
+    await actions.openRunWorkflow("run-1");
+    expect(names()).toEqual(["one.json", "run-run-1.json"]);
+    expect(seed()).toBe(99);
+    expect(getState().message?.text).toBe("opened the workflow of run run-1 in a new tab");
+    actions.switchTab(0);
+    expect(seed()).toBe(1);
+    // A blank tab (+) takes it.
+    actions.newTab();
+    await actions.openRunWorkflow("run-1");
+    expect(names()).toEqual(["one.json", "run-run-1.json", "run-run-1.json"]);
+    expect(getState().activeTab).toBe(2);
+    expect(getState().message?.text).toBe("opened the workflow of run run-1");
+    // A canvas emptied by hand still has its undo history: not blank.
+    actions.deleteNodes(["seed"]);
+    await actions.openRunWorkflow("run-1");
+    expect(names()).toHaveLength(4);
+    actions.switchTab(2);
+    expect(seed()).toBeUndefined();
+    actions.undo();  // what was there comes back
+    expect(seed()).toBe(99);
+  });
+
+  it("keeps knowing, across a reload, that a tab was changed, so a workflow opened later does not replace it", async () => {
+    actions.setValue("seed", "value", 12);
+    const stored = JSON.parse(storage.get("nodegraph.tabs") as string);
+    expect(stored.tabs[0].edited).toBe(true);
+    // A reload: the undo history is gone, the change is not forgotten.
+    stubServer({ "GET /api/nodes": () => catalogue, "GET /api/workflows": () => ({ workflows: [] }) });
+    await actions.loadInitialGraph();
+    expect(getState().history.past).toHaveLength(0);
+    actions.load(workflow(4), "four.json");
+    expect(names()).toEqual(["one.json", "four.json"]);
+    actions.switchTab(0);
+    expect(seed()).toBe(12);
+  });
 });

@@ -13,6 +13,8 @@ export interface Tab {
   history: History<Graph>;
   /** Where the canvas looked when the tab was left. */
   viewport?: Viewport;
+  /** Changed before the page was reloaded (the undo history that showed it is not kept). */
+  editedBefore?: boolean;
 }
 
 /** A tab as kept in local storage: its graph as a workflow document (its undo history is not kept). */
@@ -21,6 +23,8 @@ export interface StoredTab {
   savedAs: string | null;
   graphId: string;
   workflow: unknown;
+  /** Changed since it was opened (see `edited`). */
+  edited?: boolean;
 }
 
 export const TABS_KEY = "nodegraph.tabs";
@@ -35,7 +39,7 @@ export function storedTab(tab: Tab): StoredTab {
     workflow = graphToWorkflow(graph);
     written.set(graph, workflow);
   }
-  return { name: tab.workflowName, savedAs: tab.savedAs, graphId: tab.graphId, workflow };
+  return { name: tab.workflowName, savedAs: tab.savedAs, graphId: tab.graphId, workflow, edited: edited(tab) };
 }
 
 /** The open tabs read back from local storage (entries that cannot be read are left out), or null. */
@@ -54,7 +58,15 @@ export function neighbourOf(tabs: Tab[], closing: string): Tab | undefined {
   return tabs[index + 1] ?? tabs[index - 1];
 }
 
-/** Whether a tab has changes since it was opened (its undo history is not empty). */
+/** Whether a tab has changes since it was opened (its undo history is not empty, or was not before
+ *  the page was reloaded). */
 export function edited(tab: Tab): boolean {
-  return tab.history.past.length > 0;
+  return tab.history.past.length > 0 || tab.editedBefore === true;
+}
+
+/** Whether a tab holds nothing to lose: an empty canvas, never changed (nothing to redo either). */
+export function blank(tab: Tab): boolean {
+  const graph = tab.history.present;
+  return !edited(tab) && tab.history.future.length === 0 && graph.nodes.length === 0 && graph.groups.length === 0
+    && graph.notes.length === 0 && graph.reroutes.length === 0;
 }

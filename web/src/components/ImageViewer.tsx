@@ -43,7 +43,7 @@ export function ImageViewer() {
           <span data-testid="viewer-count">{viewer.index + 1} / {count}</span>
           <span className="muted" title={name}>{name}</span>
           <a className="button" href={src} download={name} data-testid="viewer-download">Download</a>
-          <button data-testid="viewer-workflow" title="open the workflow of the run that made it, as a new graph"
+          <button data-testid="viewer-workflow" title="open the workflow of the run that made it, in a new tab"
                   onClick={() => void actions.openRunWorkflow(viewer.runId)}>Open workflow</button>
           <button data-testid="viewer-close" title="close (Esc)" onClick={actions.closeViewer}>✕</button>
         </div>

@@ -58,7 +58,7 @@ function HistoryEntry({ run }: { run: RunView }) {
         <span className="run-time" title={run.id}>{time !== undefined ? runTime(time) : run.id.slice(0, 8)}</span>
         <span className={`run-status ${run.status}`}>{run.status}</span>
         {run.seconds !== undefined && <span className="muted">{run.seconds.toFixed(1)} s</span>}
-        <button title="open the workflow this run ran" data-testid={`history-open-${run.id}`}
+        <button title="open the workflow this run ran, in a new tab" data-testid={`history-open-${run.id}`}
                 onClick={() => void actions.openRunWorkflow(run.id)}>Open</button>
         <button title="delete this run from the history (the files it wrote stay)" data-testid={`history-delete-${run.id}`}
                 onClick={() => void actions.deleteRun(run.id)}>✕</button>

@@ -11,8 +11,9 @@ export function TabBar() {
   const history = useEditor((s) => s.history);
   const graphId = useEditor((s) => s.graphId);
   const savedAs = useEditor((s) => s.savedAs);
+  const editedBefore = useEditor((s) => s.editedBefore);
   // The open tab as it is now (the list holds it as it was when last stored).
-  const live: Tab = { graphId, workflowName: name, savedAs, history };
+  const live: Tab = { graphId, workflowName: name, savedAs, history, editedBefore };
   const shown = tabs.length === 0 ? [live] : tabs.map((tab, i) => i === active ? live : tab);
   const busy = useEditor((s) => shown.map((tab) => graphBusy(s, tab.graphId)).join(","));
   const running = busy.split(",");
