@@ -155,17 +155,49 @@ async def submit_run(request: web.Request) -> web.Response:
     return web.json_response({"id": run_id, "status": "queued"}, status=201)
 
 
+def run_prompt(workflow: Any, registry: NodeRegistry) -> str | None:
+    """What a list of runs shows as a run's prompt: the first non-empty text of a multi-line text input
+    (the catalogue's `multiline`) that its workflow sets or leaves at its default, in node order (a
+    prompt comes before its negative, which is usually empty), linked inputs skipped. None if there
+    is none."""
+    nodes = workflow.get("nodes") if isinstance(workflow, dict) else None
+    if not isinstance(nodes, dict):
+        return None
+    for node in nodes.values():
+        is_node = isinstance(node, dict) and isinstance(node.get("type"), str)
+        node_class = registry.get(node["type"]) if is_node else None
+        if node_class is None:
+            continue  # not a node (the run was validated), or its pack is no longer loaded
+        inputs = node.get("inputs") if isinstance(node.get("inputs"), dict) else {}
+        for name, spec in node_class.specs().inputs.items():
+            value = inputs.get(name, spec.default)
+            if spec.extra.get("multiline") is True and isinstance(value, str) and value.strip():
+                return value
+    return None
+
+
+def _run_record(request: web.Request, run: dict[str, Any], with_workflow: bool) -> dict[str, Any]:
+    """A run as the API shows it: with its file URLs and its `prompt`, with or without its workflow."""
+    record = run if with_workflow else {k: v for k, v in run.items() if k != "workflow"}
+    record["prompt"] = run_prompt(run.get("workflow"), request.app[REGISTRY_KEY])
+    return _with_file_urls(request, record)
+
+
 async def list_runs(request: web.Request) -> web.Response:
     queue = request.app[QUEUE_KEY]
     status = request.query.get("status")
     limit_text = request.query.get("limit")
-    runs = await asyncio.to_thread(queue.list, status)
-    if limit_text is not None:
-        if not (limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 9):
-            raise BadRequest(f"limit must be a whole number (0 to 999999999), got {limit_text[:40]!r}")
-        runs = runs[-int(limit_text):] if int(limit_text) else []
-    summaries = [_with_file_urls(request, {k: v for k, v in run.items() if k != "workflow"}) for run in runs]
-    return web.json_response({"runs": summaries, **queue.snapshot()})
+    if limit_text is not None and not (limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 9):
+        raise BadRequest(f"limit must be a whole number (0 to 999999999), got {limit_text[:40]!r}")
+
+    def summaries() -> list[dict[str, Any]]:
+        runs = queue.list(status)
+        if limit_text is not None:
+            runs = runs[-int(limit_text):] if int(limit_text) else []
+        return [_run_record(request, run, with_workflow=False) for run in runs]
+
+    runs = await asyncio.to_thread(summaries)
+    return web.json_response({"runs": runs, **queue.snapshot()})
 
 
 async def get_run(request: web.Request) -> web.Response:
@@ -173,7 +205,7 @@ async def get_run(request: web.Request) -> web.Response:
         run = request.app[QUEUE_KEY].get(request.match_info["run_id"])
     except UnknownRun as error:
         return error_response(404, "unknown_run", str(error))
-    return web.json_response(_with_file_urls(request, run))
+    return web.json_response(_run_record(request, run, with_workflow=True))
 
 
 async def cancel_run(request: web.Request) -> web.Response:

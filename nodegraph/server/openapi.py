@@ -69,6 +69,9 @@ SCHEMAS: dict[str, Any] = {
             "attempts": {"type": "array", "items": {"type": "object"},
                          "description": "Earlier attempts lost with their worker (worker, error, message, started, "
                                         "ended); the run was retried on another."},
+            "prompt": {"type": ["string", "null"],
+                       "description": "The first non-empty multi-line text input of its workflow (set or "
+                                      "default), in node order."},
         },
     },
     "Queue": {

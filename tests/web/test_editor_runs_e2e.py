@@ -115,6 +115,9 @@ async def test_history_survives_a_reload_reopens_a_run_and_deletes_runs_and_run_
             await page.wait_for(f"document.querySelector('[data-testid=run-prompt-{run}]')?.textContent === {json.dumps(prompt)}",
                                 what="the run's prompt after the reload")
             assert (await entry(run))["images"] == 1
+        # The prompts came with the list of runs (GET /api/runs), not one request per run.
+        fetched = await page.evaluate("performance.getEntriesByType('resource').map(e => new URL(e.name).pathname)")
+        assert "/api/runs" in fetched and not [path for path in fetched if path.startswith("/api/runs/")], fetched
 
         # One click reopens a run's workflow, in a new tab: the graph open, changed before the reload and
         # not saved, stays as it was in its own tab.

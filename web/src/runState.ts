@@ -167,6 +167,8 @@ export interface ApiRun {
   finished?: number | null;
   /** The workflow it ran (GET /api/runs/{id} only). */
   workflow?: unknown;
+  /** Its prompt: the first non-empty multi-line text of its workflow, or null (docs/api.md). */
+  prompt?: string | null;
 }
 
 /** GET /api/runs: the runs, oldest first, and the queue. */

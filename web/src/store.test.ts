@@ -273,20 +273,18 @@ describe("the editor store", () => {
     expect(values("seed")?.value).toBe(9);
     vi.restoreAllMocks();
     expect(getState().message?.text).toBe("queued 3 runs");
-    expect(Object.keys(getState().runInfo)).toEqual(expect.arrayContaining(["batch-1", "batch-2", "batch-3"]));
     actions.setBatchCount(1);
   });
 
-  it("reads each listed run's prompt once", async () => {
-    const multiline = structuredClone(getState().catalogue!);
-    multiline.nodes.FormatText.inputs.template = { ...multiline.nodes.FormatText.inputs.template, multiline: true };
-    actions.setCatalogue(multiline);
-    const ran = { version: 1, nodes: { p: { type: "FormatText", inputs: { template: "a cat" } } } };
-    const seen = stubServer({ "GET /api/runs/old": () => ({ id: "old", status: "succeeded", workflow: ran }) });
-    await actions.loadRunInfo(["old"]);
-    await actions.loadRunInfo(["old"]);
-    expect(getState().runInfo.old).toEqual({ prompt: "a cat" });
-    expect(seen.filter((r) => r.path === "/api/runs/old")).toHaveLength(1);
+  it("reads each listed run's prompt once, from the server's list of runs, an older run on its own", async () => {
+    const list = { runs: [{ id: "new-1", status: "succeeded", prompt: "a cat" }, { id: "new-2", status: "failed", prompt: null }],
+                   queued: [], running: null, paused: false };
+    const seen = stubServer({ "GET /api/runs?limit=50": () => list,
+                              "GET /api/runs/old": () => ({ id: "old", status: "succeeded", prompt: "a dog", workflow: {} }) });
+    await actions.loadRunInfo(["new-1", "new-2", "old"]);
+    await actions.loadRunInfo(["new-1", "new-2", "old"]);
+    expect(getState().runInfo).toMatchObject({ "new-1": { prompt: "a cat" }, "new-2": { prompt: null }, old: { prompt: "a dog" } });
+    expect(seen.map((r) => r.path)).toEqual(["/api/runs?limit=50", "/api/runs/old"]);
   });
 
   it("deletes a run from the server's history, and says why the server refuses one", async () => {
@@ -361,6 +359,7 @@ describe("the editor store", () => {
       "GET /api/runs?limit=50": () => ({
         runs: [
           { id: "done", status: "succeeded", seconds: 2, files: ["/o/done.png"], file_urls: ["/api/files/outputs/done.png"],
+            prompt: "a red circle",
             nodes: { seed: { status: "cached" }, sum: { status: "executed", files: ["/o/done.png"],
                                                         file_urls: ["/api/files/outputs/done.png"] } } },
           { id: "broken", status: "failed", nodes: { sum: { status: "failed" } }, files: [],
@@ -389,6 +388,9 @@ describe("the editor store", () => {
     expect(runs.queue).toEqual({ queued: ["next"], running: "busy", paused: false });
     // The run in progress is the canvas's own: its nodes show it.
     expect(getState().nodeRuns.sum).toMatchObject({ status: "running", progress: [4, 4] });
+    // The prompts come with the list: the history needs no request per run.
+    expect(getState().runInfo.done).toEqual({ prompt: "a red circle" });
+    expect(getState().runInfo.broken).toEqual({ prompt: null });
   });
 
   it("shows a run on the graph it was submitted from only", async () => {

@@ -16,7 +16,6 @@ import {
 import { type History, record, redo, replace, startHistory, undo } from "./history";
 import { type LinkFilter, nodeUsage } from "./nodeSearch";
 import { workflowFromPng } from "./pngWorkflow";
-import { promptOf } from "./runHistory";
 import { blank, edited, neighbourOf, readStoredTabs, type StoredTab, storedTab, type Tab, TABS_KEY } from "./tabs";
 import type { Viewport } from "./viewport";
 import {
@@ -103,7 +102,7 @@ export interface EditorState {
   viewer: { images: string[]; index: number; runId: string } | null;
   /** How many runs the Run button queues at once. */
   batchCount: number;
-  /** What the history shows of each run beside its images: its prompt (read from its workflow). */
+  /** What the history shows of each run beside its images: its prompt (the server's `prompt` of the run). */
   runInfo: Record<string, { prompt: string | null }>;
   /** The shortcut sheet is open. */
   showShortcuts: boolean;
@@ -412,7 +411,10 @@ export const actions = {
       loadRunGraphs();
       const list = await api.runs(RESYNC_RUNS);
       const live = await Promise.all(list.runs.filter((run) => run.status === "running").map((run) => api.run(run.id)));
-      if (missed === arriving) set({ runs: arriving.reduce(applyEvent, runsFromApi(list, live)) });
+      const prompts = Object.fromEntries(list.runs.map((run) => [run.id, { prompt: run.prompt ?? null }]));
+      if (missed === arriving) {
+        set({ runs: arriving.reduce(applyEvent, runsFromApi(list, live)), runInfo: { ...state.runInfo, ...prompts } });
+      }
     } catch (error) {
       say(`cannot read the runs: ${(error as Error).message}`, true);
     } finally {
@@ -867,13 +869,11 @@ export const actions = {
     const ids: string[] = [];
     try {
       for (let i = 0; i < state.batchCount; i++) {
-        const workflow = graphToWorkflow(graph());
-        const { id } = await api.submit(workflow);
+        const { id } = await api.submit(graphToWorkflow(graph()));
         ids.push(id);
         rememberRun(id);
-        const prompt = state.catalogue ? promptOf(workflow, state.catalogue) : null;
         // Its events may have come first: shown now it is known as ours.
-        set({ issues: {}, ...runView(state), runInfo: { ...state.runInfo, [id]: { prompt } } });
+        set({ issues: {}, ...runView(state) });
         actions.randomizeSeeds();
       }
       say(ids.length === 1 ? `queued run ${ids[0].slice(0, 8)}` : `queued ${ids.length} runs`);
@@ -908,23 +908,29 @@ export const actions = {
     if (Number.isInteger(count) && count >= 1 && count <= MAX_BATCH) set({ batchCount: count });
   },
 
-  /** Read the prompt of each listed run not known yet, from the workflow it ran (GET /api/runs/{id}). */
+  /** Read the prompt of each listed run not known yet: from the list of the newest runs (one request,
+   *  no workflows), else from the run itself (GET /api/runs/{id}) for an older one. */
   async loadRunInfo(ids: string[]): Promise<void> {
-    const catalogue = state.catalogue;
     const wanted = ids.filter((id) => !(id in state.runInfo) && !runInfoAsked.has(id));
-    if (catalogue === null || wanted.length === 0) return;
+    if (wanted.length === 0) return;
     for (const id of wanted) runInfoAsked.add(id);
-    const read = await Promise.all(wanted.map(async (id) => {
+    const found: Record<string, { prompt: string | null }> = {};
+    try {
+      for (const run of (await api.runs(RESYNC_RUNS)).runs) {
+        if (wanted.includes(run.id)) found[run.id] = { prompt: run.prompt ?? null };
+      }
+    } catch (error) {
+      console.warn(`history: cannot list the runs (${(error as Error).message}); reading them one by one`);
+    }
+    await Promise.all(wanted.filter((id) => !(id in found)).map(async (id) => {
       try {
-        return [id, { prompt: promptOf((await api.run(id)).workflow, catalogue) }] as const;
+        found[id] = { prompt: (await api.run(id)).prompt ?? null };
       } catch (error) {
         console.warn(`history: cannot read run ${id} (${(error as Error).message})`);
         runInfoAsked.delete(id);  // asked again next time the list is drawn
-        return null;
       }
     }));
-    const found = read.filter((entry) => entry !== null);
-    if (found.length > 0) set({ runInfo: { ...state.runInfo, ...Object.fromEntries(found) } });
+    if (Object.keys(found).length > 0) set({ runInfo: { ...state.runInfo, ...found } });
   },
 
   /** Delete a finished run from the server's history (DELETE /api/runs/{id}; its files stay). It leaves

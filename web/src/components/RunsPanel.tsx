@@ -73,7 +73,6 @@ function HistoryEntry({ run }: { run: RunView }) {
 export function RunsPanel() {
   const runs = useEditor((s) => s.runs);
   const connected = useEditor((s) => s.connected);
-  const catalogue = useEditor((s) => s.catalogue);
   const newestFirst = [...runs.order].reverse().map((id) => runs.runs[id]);
   const waiting = newestFirst.filter((run) => run.status === "queued" || run.status === "running").reverse();
   const finished = newestFirst.filter((run) => run.status !== "queued" && run.status !== "running")
@@ -81,7 +80,7 @@ export function RunsPanel() {
   const listed = [...waiting, ...finished].map((run) => run.id).join(" ");
   useEffect(() => {
     if (listed !== "") void actions.loadRunInfo(listed.split(" "));
-  }, [listed, catalogue]);
+  }, [listed]);
   return (
     <aside className="queue" data-testid="queue">
       <div className="queue-head">
