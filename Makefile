@@ -6,8 +6,10 @@ VENV := .venv
 PIP := $(VENV)/bin/pip install --quiet --constraint .ci/constraints.txt
 WORKFLOW ?= workflows/txt2img.json
 # The browser editor that `nodegraph serve` serves: built from web/ with the versions in its lockfile.
+# Every file the build reads (sources at any depth under web/src, and web/public, copied as it is), so
+# that any change rebuilds it.
 EDITOR_SOURCES := web/index.html web/package.json web/vite.config.ts web/tsconfig.json \
-	$(wildcard web/src/*.ts web/src/*.tsx web/src/*.css web/src/components/*.tsx)
+	$(shell find web/src web/public -type f 2>/dev/null)
 
 .PHONY: run serve test setup setup-run setup-test editor test-web wheel
 
