@@ -6,8 +6,7 @@ lora.json; txt2img_mmdit.json for ``mmdit``) through the engine, as ``nodegraph 
 their default settings; only the prompt, the seed and the control image are set per image:
 
 - base: shape-colour / background-colour / shape accuracy on the held-out combinations;
-- mmdit: the same accuracies for the SD3-layout MMDiT through txt2img_mmdit.json (not part of
-  ``all``: the MMDiT is not shipped yet, see training/README.md);
+- mmdit: the same accuracies for the SD3-layout MMDiT through txt2img_mmdit.json;
 - controlnet: mean IoU between the control silhouette and the generated shape's (hole-filled)
   mask, with prompts naming a held-out colour pair and a random shape (often not the silhouette's);
 - lora: mean filled fraction of the shape's box with the "outlined" LoRA at strength 1 versus the
@@ -122,7 +121,7 @@ def main() -> None:
             report["controlnet"] = evaluate_controlnet(runner, 8 if args.quick else 48)
         if args.what in ("lora", "all"):
             report["lora"] = evaluate_lora(runner, combos, seeds if args.quick else seeds[:2])
-        if args.what == "mmdit":  # not in "all" until the MMDiT is shipped (training/README.md)
+        if args.what in ("mmdit", "all"):
             report["mmdit_workflow_settings"] = settings(runner, MMDIT_WORKFLOW)
             report["mmdit_held_out"] = evaluate_base(runner, combos, seeds, MMDIT_WORKFLOW)
     print(json.dumps(report, indent=2))
