@@ -25,7 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_PATH = REPO_ROOT / "models" / "checkpoints" / "tiny-shapes.safetensors"
 CONTROLNET_PATH = REPO_ROOT / "models" / "controlnet" / "tiny-shapes-silhouette.safetensors"
 LORA_PATH = REPO_ROOT / "models" / "loras" / "tiny-shapes-outlined.safetensors"
-MMDIT_CHECKPOINT_PATH = REPO_ROOT / "models" / "checkpoints" / "tiny-shapes-mmdit.safetensors"
+# Named to sort after tiny-shapes.safetensors, which a file list (the editor's first choice) offers first.
+MMDIT_CHECKPOINT_PATH = REPO_ROOT / "models" / "checkpoints" / "tiny-shapes.sd3.safetensors"
 
 # 64 -> 32 -> 16: the SD1 AutoencoderKL layout with three levels (f=4) at the smallest widths
 # GroupNorm(32) allows. At f=8 the shapes (18-40 px) cover only 2-5 latent cells and even the

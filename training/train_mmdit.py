@@ -336,7 +336,7 @@ def load_state(state_name: str = "mmdit", raw: bool = False) -> tuple[MMDiT, MMD
 
 
 def export_trained(state_name: str = "mmdit") -> dict[str, float]:
-    """Write ``models/checkpoints/tiny-shapes-mmdit.safetensors`` from the EMA weights of a run."""
+    """Write ``models/checkpoints/tiny-shapes.sd3.safetensors`` from the EMA weights of a run."""
     from .export import export_mmdit
 
     net, _ = load_state(state_name)
