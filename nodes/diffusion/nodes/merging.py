@@ -6,6 +6,8 @@ both inputs stay as they were, and a LoRA applied after the merge adds to the me
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pydantic import Field, create_model
@@ -19,6 +21,15 @@ from ..weights.patching import WeightPatches
 from .common import InputError
 
 
+@contextmanager
+def _refused_on(input_name: str) -> Iterator[None]:
+    """A merge the weights refuse (merging.MergeError) as an InputError on `input_name`."""
+    try:
+        yield
+    except merging.MergeError as error:
+        raise InputError(input_name, str(error)) from None
+
+
 def _merge_models(model1: DiffusionModel, model2: DiffusionModel, strengths: merging.Strengths,
                   node: str, ctx: RunContext) -> DiffusionModel:
     """model1 with model2 merged in: its network, sampling and latent format, merged weights."""
@@ -26,11 +37,9 @@ def _merge_models(model1: DiffusionModel, model2: DiffusionModel, strengths: mer
             or model1.family.latent_family != model2.family.latent_family):
         raise InputError("model2", f"{node}: model2 is {model2.family.label}, model1 {model1.family.label}: "
                                    "models of different architectures cannot be merged")
-    try:
+    with _refused_on("model2"):
         plan = merging.merge_deltas(model1.network, model1.patches, model2.network, model2.patches, strengths,
                                     source=f"{node} of {model1.name or 'model1'} and {model2.name or 'model2'}")
-    except merging.MergeError as error:
-        raise InputError("model2", str(error)) from None
     ctx.log.info("%s: %d weights merged, %d of other shapes left as model1's", node, len(plan.deltas),
                  len(plan.mismatched))
     return model1.with_patch(plan.deltas, 1.0) if plan.deltas else model1
@@ -45,17 +54,30 @@ def _merge_text_encoders(clip1: TextEncoders, clip2: TextEncoders, strengths: me
                                   f"{', '.join(clip1.encoders)}, clip2 {', '.join(clip2.encoders)})")
     deltas = {}
     for slot in slots:
-        try:
+        with _refused_on("clip2"):
             plan = merging.merge_deltas(
                 clip1.encoders[slot], clip1.patches.get(slot, WeightPatches()), clip2.encoders[slot],
                 clip2.patches.get(slot, WeightPatches()), strengths, source=f"{node} {slot}",
                 skip=merging.text_encoder_skipped)
-        except merging.MergeError as error:
-            raise InputError("clip2", str(error)) from None
         ctx.log.info("%s: %s: %d weights merged", node, slot, len(plan.deltas))
         if plan.deltas:
             deltas[slot] = plan.deltas
     return clip1.with_patches(deltas, 1.0)
+
+
+def _blend(ratio: float) -> merging.Strengths:
+    """ratio * first + (1 - ratio) * second, every weight (MergeModels, MergeTextEncoders)."""
+    return merging.weighted_sum(lambda name: ratio)
+
+
+def _add() -> merging.Strengths:
+    """first + second, every weight (AddModels, AddTextEncoders)."""
+    return merging.uniform(1.0, 1.0)
+
+
+def _difference(multiplier: float) -> merging.Strengths:
+    """multiplier * (first - second), every weight (SubtractModels, SubtractTextEncoders)."""
+    return merging.uniform(-multiplier, multiplier)
 
 
 def _ratio() -> Any:
@@ -81,8 +103,7 @@ class MergeModels(Node):
         model: MODEL.annotation
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        strengths = merging.weighted_sum(lambda name: inputs.ratio)
-        return self.Outputs(model=_merge_models(inputs.model1, inputs.model2, strengths, "MergeModels", ctx))
+        return self.Outputs(model=_merge_models(inputs.model1, inputs.model2, _blend(inputs.ratio), "MergeModels", ctx))
 
 
 class AddModels(Node):
@@ -99,8 +120,7 @@ class AddModels(Node):
         model: MODEL.annotation
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        strengths = merging.uniform(1.0, 1.0)
-        return self.Outputs(model=_merge_models(inputs.model1, inputs.model2, strengths, "AddModels", ctx))
+        return self.Outputs(model=_merge_models(inputs.model1, inputs.model2, _add(), "AddModels", ctx))
 
 
 class SubtractModels(Node):
@@ -118,8 +138,8 @@ class SubtractModels(Node):
         model: MODEL.annotation
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        strengths = merging.uniform(-inputs.multiplier, inputs.multiplier)
-        return self.Outputs(model=_merge_models(inputs.model1, inputs.model2, strengths, "SubtractModels", ctx))
+        return self.Outputs(model=_merge_models(inputs.model1, inputs.model2, _difference(inputs.multiplier),
+                                                "SubtractModels", ctx))
 
 
 class MergeModelBlocks(Node):
@@ -210,8 +230,8 @@ class MergeTextEncoders(Node):
         clip: CLIP.annotation
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        strengths = merging.weighted_sum(lambda name: inputs.ratio)
-        return self.Outputs(clip=_merge_text_encoders(inputs.clip1, inputs.clip2, strengths, "MergeTextEncoders", ctx))
+        return self.Outputs(clip=_merge_text_encoders(inputs.clip1, inputs.clip2, _blend(inputs.ratio),
+                                                      "MergeTextEncoders", ctx))
 
 
 class AddTextEncoders(Node):
@@ -227,8 +247,7 @@ class AddTextEncoders(Node):
         clip: CLIP.annotation
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        strengths = merging.uniform(1.0, 1.0)
-        return self.Outputs(clip=_merge_text_encoders(inputs.clip1, inputs.clip2, strengths, "AddTextEncoders", ctx))
+        return self.Outputs(clip=_merge_text_encoders(inputs.clip1, inputs.clip2, _add(), "AddTextEncoders", ctx))
 
 
 class SubtractTextEncoders(Node):
@@ -245,8 +264,7 @@ class SubtractTextEncoders(Node):
         clip: CLIP.annotation
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        strengths = merging.uniform(-inputs.multiplier, inputs.multiplier)
-        return self.Outputs(clip=_merge_text_encoders(inputs.clip1, inputs.clip2, strengths,
+        return self.Outputs(clip=_merge_text_encoders(inputs.clip1, inputs.clip2, _difference(inputs.multiplier),
                                                       "SubtractTextEncoders", ctx))
 
 
