@@ -69,7 +69,22 @@ class NoiseSchedule(Protocol):
     def percent_to_sigma(self, percent: float) -> float: ...
 
 
-class DiscreteSchedule:
+class _SigmaTable:
+    """A schedule held as its table of training sigmas, increasing: the table's ends are its
+    sigma_min and sigma_max."""
+
+    sigmas: torch.Tensor
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+
+class DiscreteSchedule(_SigmaTable):
     """The training noise levels of a discrete-time (DDPM-style) model and sigma<->timestep maps.
 
     sigmas: (T,) increasing, sigmas[t] = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t]).
@@ -87,14 +102,6 @@ class DiscreteSchedule:
     def with_alphas_cumprod(self, alphas_cumprod: torch.Tensor) -> DiscreteSchedule:
         """The same kind of schedule (same timestep map) over other noise levels, from the same training schedule."""
         return DiscreteSchedule(alphas_cumprod, self.training)
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """Fractional timestep of each sigma, interpolating linearly in log-sigma. sigma: any shape."""
@@ -235,7 +242,7 @@ def flow_time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-class FlowSchedule:
+class FlowSchedule(_SigmaTable):
     """The training noise levels of a rectified-flow model (SD3, Flux, AuraFlow).
 
     sigmas: (T,) = flow_time_shift(i / T, shift) for i = 1..T, increasing to 1. The network's
@@ -260,14 +267,6 @@ class FlowSchedule:
     def __repr__(self) -> str:
         return f"FlowSchedule(shift={self.shift}, multiplier={self.multiplier}, num_timesteps={self.sigmas.numel()})"
 
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
-
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """The network's timestep at each sigma: sigma * multiplier. sigma: any shape."""
         return torch.as_tensor(sigma, dtype=torch.float64) * self.multiplier
@@ -285,7 +284,7 @@ class FlowSchedule:
         return float(flow_time_shift(torch.tensor(1.0 - percent), self.shift))
 
 
-class ContinuousSchedule:
+class ContinuousSchedule(_SigmaTable):
     """The noise levels of a model trained on continuous sigmas, EDM style (Karras et al. 2022;
     CosXL, Playground v2.5): the network's timestep is 0.25 * ln(sigma), sigma in [sigma_min,
     sigma_max]. sigmas: (T,) evenly spaced in log-sigma, the table the table-reading schedulers
@@ -301,14 +300,6 @@ class ContinuousSchedule:
 
     def __repr__(self) -> str:
         return f"ContinuousSchedule(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, num_timesteps={self.sigmas.numel()})"
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """0.25 * ln(sigma). sigma: any shape."""
