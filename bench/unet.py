@@ -4,8 +4,12 @@ Prints JSON. Both models carry the same random weights (diffusers' moved through
 mapping), so the run also reports how far apart their outputs are at full size.
 
 Time: one warm-up forward each, then ``--repeats`` forwards alternating between the two models
-(so drifting machine load hits both alike), median per model (and the ratio of the fastest runs,
-the least disturbed ones on a shared machine), under ``torch.inference_mode``.
+(so drifting machine load hits both alike), under ``torch.inference_mode``. Each forward is timed
+by the wall clock and by the process's CPU time; on a shared machine the CPU time leaves out the
+time other processes held the core, so its ratio is the steadier one. Reported: the median per
+model and the ratio of medians, and the ratio of the fastest runs (the least disturbed ones), with
+the load average before and after. ``--threads`` sets torch's intra-op threads (both models run
+with the same count).
 
 Memory: each model runs one forward in a fresh child process. Before it, the child resets the
 kernel's peak-RSS mark (writing 5 to /proc/self/clear_refs) and notes its RSS; afterwards it reads
@@ -13,7 +17,7 @@ the peak (VmHWM). Peak minus starting RSS is the forward's extra resident memory
 workspaces and allocator slack, everything the process really had to hold, weights excluded.
 Linux only.
 
-    python bench/unet.py                      # the real measurement (a few minutes on 2 cores)
+    python bench/unet.py --threads 1          # the measurement in the README (minutes on 2 cores)
     python bench/unet.py --latent 32 --repeats 1   # a quick look
 """
 
@@ -123,14 +127,31 @@ def peak_memory(which: str, batch: int, latent: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def timing_summary(wall: dict[str, list[float]], cpu: dict[str, list[float]]) -> dict:
+    """Per-run times, medians and ours/diffusers ratios (of medians and of the fastest runs) of
+    both clocks; ``wall`` and ``cpu`` map "ours" and "diffusers" to their runs' seconds."""
+    summary: dict = {}
+    for clock, runs in (("wall", wall), ("cpu", cpu)):
+        for name in ("ours", "diffusers"):
+            summary[f"{name}_{clock}_s"] = runs[name]
+            summary[f"{name}_{clock}_median_s"] = statistics.median(runs[name])
+        summary[f"{clock}_ratio_of_medians"] = statistics.median(runs["ours"]) / statistics.median(runs["diffusers"])
+        # The fastest run is the one least disturbed by other load on a shared machine.
+        summary[f"{clock}_ratio_of_fastest"] = min(runs["ours"]) / min(runs["diffusers"])
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--latent", type=int, default=64, help="latent height and width")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(child_peak_memory(args.child, args.batch, args.latent)))
         return
@@ -138,18 +159,20 @@ def main() -> None:
     reference = build_diffusers(0)
     ours = ours_from(reference)
     x, t, context = inputs(args.batch, args.latent)
-    times: dict[str, list[float]] = {"ours": [], "diffusers": []}
+    wall: dict[str, list[float]] = {"ours": [], "diffusers": []}
+    cpu: dict[str, list[float]] = {"ours": [], "diffusers": []}
     runners = {"ours": (run_ours, ours), "diffusers": (run_diffusers, reference)}
+    load_before = os.getloadavg()[0]
     with torch.inference_mode():
         outputs = {name: forward(model, x, t, context) for name, (forward, model) in runners.items()}
         for _ in range(args.repeats):
             for name, (forward, model) in runners.items():
-                start = time.perf_counter()
+                start_cpu, start = time.process_time(), time.perf_counter()
                 forward(model, x, t, context)
-                times[name].append(time.perf_counter() - start)
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
     del reference, ours, runners
 
-    median = {name: statistics.median(values) for name, values in times.items()}
     report = {
         "benchmark": "unet_forward_sd15",
         "device": "cpu",
@@ -162,13 +185,8 @@ def main() -> None:
         "latent": [args.latent, args.latent],
         "context": [CONTEXT_TOKENS, 768],
         "repeats": args.repeats,
-        "ours_s": times["ours"],
-        "diffusers_s": times["diffusers"],
-        "ours_median_s": median["ours"],
-        "diffusers_median_s": median["diffusers"],
-        "time_ratio_ours_over_diffusers": median["ours"] / median["diffusers"],
-        # The fastest run is the one least disturbed by other load on a shared machine.
-        "time_ratio_of_fastest_runs": min(times["ours"]) / min(times["diffusers"]),
+        **timing_summary(wall, cpu),
+        "load_average_1min_before": load_before,
         "load_average_1min_after": os.getloadavg()[0],
         "max_abs_diff_vs_diffusers": (outputs["ours"] - outputs["diffusers"]).abs().max().item(),
         "output_abs_max": outputs["diffusers"].abs().max().item(),

@@ -3,7 +3,8 @@
 Module names follow the original LDM layout (``attn1.to_q``, ``ff.net.0.proj``, ``proj_in``, ...),
 which diffusers also kept, so U-Net checkpoints of either format reach these modules unrenamed.
 Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention`, which picks a
-fused kernel (flash / memory-efficient) where the device has one.
+fused kernel (flash / memory-efficient) where the device has one; the linear layers through
+:mod:`.kernels` (oneDNN for float32 inference on the CPU, the modules themselves otherwise).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import kernels
 
 # GroupNorm in front of every SpatialTransformer (LDM and diffusers agree); ResBlocks use 1e-5.
 TRANSFORMER_GROUPNORM_EPS = 1e-6
@@ -51,13 +54,13 @@ class CrossAttention(nn.Module):
         key_in = value_in = context
         for hook in self.kv_hooks:
             key_in, value_in = hook(key_in, value_in)
-        # (B, N, H*D) viewed as (B, H, N, D) without a copy; SDPA accepts the strided layout.
-        q = self.to_q(x).view(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
-        k = self.to_k(key_in).view(batch, -1, self.heads, self.head_dim).transpose(1, 2)
-        v = self.to_v(value_in).view(batch, -1, self.heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        # (B, N, H*D) viewed as (B, N, H, D) without a copy.
+        q = kernels.linear(x, self.to_q).view(batch, tokens, self.heads, self.head_dim)
+        k = kernels.linear(key_in, self.to_k).view(batch, -1, self.heads, self.head_dim)
+        v = kernels.linear(value_in, self.to_v).view(batch, -1, self.heads, self.head_dim)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         out = out.transpose(1, 2).reshape(batch, tokens, self.heads * self.head_dim)
-        return self.to_out[0](out)
+        return kernels.linear(out, self.to_out[0])
 
 
 class GEGLU(nn.Module):
@@ -69,13 +72,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, N, dim_in) -> (B, N, dim_out)."""
-        hidden, gate = self.proj(x).chunk(2, dim=-1)
-        gated = F.gelu(gate)
-        # gelu's output is a fresh tensor nobody else holds; multiplying into it saves one
-        # allocation the size of the widest activation in the block.
-        if gated.requires_grad:
-            return gated * hidden
-        return gated.mul_(hidden)
+        return kernels.gated_gelu(x, self.proj)
 
 
 class FeedForward(nn.Module):
@@ -89,7 +86,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, N, dim) -> (B, N, dim)."""
-        return self.net(x)
+        return kernels.linear(self.net[0](x), self.net[2])
 
 
 class BasicTransformerBlock(nn.Module):
@@ -151,19 +148,13 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         """x: (B, C, H, W), context: (B, T, context_dim) -> (B, C, H, W)."""
         batch, _, height, width = x.shape
-        h = self.norm(x)
-        if not self.use_linear_projection:
-            h = self.proj_in(h)
         # (B, C, H, W) -> (B, H*W, C): one explicit copy into the token-major layout, so the norms,
-        # matmuls and residual adds downstream all read contiguous memory.
-        h = h.permute(0, 2, 3, 1).contiguous().view(batch, height * width, -1)
-        if self.use_linear_projection:
-            h = self.proj_in(h)
+        # matmuls and residual adds downstream all read contiguous memory. A 1x1 conv projection
+        # (SD1.x) is the same map over channels as a linear one, so both run on the tokens.
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(batch, height * width, -1)
+        h = kernels.linear(h, self.proj_in)
         for block in self.transformer_blocks:
             h = block(h, context)
-        if self.use_linear_projection:
-            h = self.proj_out(h)
-        h = h.reshape(batch, height, width, -1).permute(0, 3, 1, 2).contiguous()
-        if not self.use_linear_projection:
-            h = self.proj_out(h)
-        return h + x
+        h = kernels.linear(h, self.proj_out)
+        # Back to (B, C, H, W) as a strided view; the residual add writes x's layout.
+        return x + h.view(batch, height, width, -1).permute(0, 3, 1, 2)

@@ -1,0 +1,107 @@
+"""Tests for nodegraph_diffusion.networks.kernels: the oneDNN paths compute what the torch expressions do, and are left when they cannot apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nodegraph_diffusion.networks import kernels
+
+needs_onednn = pytest.mark.skipif(not kernels._ONEDNN_AVAILABLE, reason="this torch build has no oneDNN ops")
+# float32 rounding of sums of a few hundred products of O(1) values, in a different order.
+TOL = 1e-5
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def random_linear(fan_in: int, fan_out: int, bias: bool = True, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    layer = nn.Linear(fan_in, fan_out, bias=bias)
+    with torch.no_grad():
+        layer.weight.normal_(0.0, fan_in**-0.5)
+        if bias:
+            layer.bias.normal_(0.0, 0.5)
+    return layer
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_takes_onednn_under_inference_and_matches_the_module(bias: bool) -> None:
+    layer = random_linear(48, 40, bias)
+    x = torch.randn(2, 7, 48)
+    with torch.inference_mode():
+        assert kernels.onednn_usable(x, layer.weight, layer.bias)
+        got = kernels.linear(x, layer)
+        expected = layer(x)
+    assert got.shape == (2, 7, 40)
+    assert max_err(got, expected) <= TOL
+    assert expected.abs().max() > 0.5
+
+
+@needs_onednn
+def test_linear_applies_a_1x1_conv_over_token_channels() -> None:
+    torch.manual_seed(1)
+    conv = nn.Conv2d(24, 16, kernel_size=1)
+    image = torch.randn(2, 24, 5, 3)
+    tokens = image.permute(0, 2, 3, 1).reshape(2, 15, 24)
+    with torch.no_grad():
+        got = kernels.linear(tokens, conv)
+        expected = conv(image).permute(0, 2, 3, 1).reshape(2, 15, 16)
+    assert max_err(got, expected) <= TOL
+
+
+def test_linear_refuses_a_conv_that_is_not_1x1() -> None:
+    with pytest.raises(ValueError, match="1x1 Conv2d"):
+        kernels.linear(torch.randn(1, 4, 8), nn.Conv2d(8, 8, kernel_size=3))
+
+
+def test_gradients_flow_through_the_torch_path() -> None:
+    # With autograd recording, oneDNN (no backward) must be left for the module itself.
+    layer = random_linear(16, 8)
+    x = torch.randn(3, 16, requires_grad=True)
+    assert not kernels.onednn_usable(x, layer.weight)
+    kernels.linear(x, layer).square().sum().backward()
+    expected = torch.autograd.grad(layer(x).square().sum(), x)[0]
+    assert x.grad is not None and torch.allclose(x.grad, expected)
+    assert layer.weight.grad is not None
+
+
+def test_other_dtypes_and_a_strided_weight_take_the_torch_path() -> None:
+    layer = random_linear(16, 8).double()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert not kernels.onednn_usable(x, layer.weight)
+        assert torch.equal(kernels.linear(x, layer), layer(x))
+        strided = random_linear(16, 8)
+        strided.weight = nn.Parameter(torch.randn(16, 8).t())  # (8, 16) viewed from a transpose
+        x32 = torch.randn(3, 16)
+        assert torch.equal(kernels.linear(x32, strided), strided(x32))
+
+
+def test_disabled_onednn_gives_the_torch_results_exactly(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "ONEDNN_ENABLED", False)
+    layer = random_linear(32, 64)
+    x = torch.randn(2, 5, 32)
+    with torch.inference_mode():
+        assert torch.equal(kernels.linear(x, layer), layer(x))
+        hidden, gate = layer(x).chunk(2, dim=-1)
+        assert torch.equal(kernels.gated_gelu(x, layer), hidden * F.gelu(gate))
+
+
+@needs_onednn
+def test_gated_gelu_is_hidden_times_exact_gelu_of_gate() -> None:
+    proj = random_linear(40, 2 * 96)
+    x = torch.randn(2, 11, 40) * 2  # gate values spread over the range where GELU's tanh form differs
+    with torch.inference_mode():
+        got = kernels.gated_gelu(x, proj)
+        hidden, gate = proj(x).chunk(2, dim=-1)
+        expected = hidden * F.gelu(gate)
+        tanh_form = hidden * F.gelu(gate, approximate="tanh")
+    assert got.shape == (2, 11, 96)
+    assert max_err(got, expected) <= TOL
+    assert max_err(tanh_form, expected) > 100 * TOL  # so the comparison tells the two forms apart
+
