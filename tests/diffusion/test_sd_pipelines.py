@@ -12,8 +12,10 @@ StableDiffusionXLPipeline run the same modules from the same start noise.
 
 Schedule: diffusers' EulerDiscreteScheduler default spacing ("linspace": timesteps evenly spaced
 from 999 to 0, sigma interpolated in the training table) is the graph's "normal" scheduler, and its
-init_noise_sigma for that spacing is sigma_max, the graph's start (noise x sigmas[0]); so the noise
-goes in as it is. The step counts make the timesteps whole numbers (999 / (steps - 1) an integer),
+init_noise_sigma for that spacing is sigma_max, by which the pipeline multiplies the latents it is
+given. The graph starts a full denoise as ComfyUI does, at noise x sqrt(1 + sigma_max^2) (diffusers'
+own 'leading' spacing uses the same sqrt(sigma^2 + 1) as its init_noise_sigma), so the pipeline is
+handed noise x sqrt(1 + sigma_max^2) / sigma_max (:func:`comfyui_start`). The step counts make the timesteps whole numbers (999 / (steps - 1) an integer),
 where diffusers' interpolation (linear in sigma) and the graph's (linear in log-sigma, as ComfyUI's)
 agree; between whole timesteps they differ by some 3e-5 of sigma (seen at 8, 20 and 30 steps).
 Ancestral sampling: EulerAncestralDiscreteScheduler draws one latent-shaped standard normal per step
@@ -30,6 +32,7 @@ the model original = target = (height, width), crop (0, 0).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -331,6 +334,12 @@ def start_noise(case: Case) -> tuple[Tensor, torch.Generator]:
     return source.generate(shape), source.sampler_generator()
 
 
+def comfyui_start(noise: Tensor, init_noise_sigma: float) -> Tensor:
+    """The latents that a pipeline multiplying them by init_noise_sigma (sigma_max, 'linspace'
+    spacing) starts from as ComfyUI's full denoise does: noise x sqrt(1 + sigma_max^2). noise: (B, C, h, w)."""
+    return noise * (math.sqrt(1.0 + init_noise_sigma**2) / init_noise_sigma)
+
+
 def scheduler(case: Case, family: str):
     """The SD training schedule (scaled-linear betas 0.00085..0.012 over 1000 steps) with diffusers'
     default timestep spacing; SD2 predicts v. steps_offset 1 is the released repos' value (the
@@ -360,6 +369,8 @@ def run_pipeline(case: Case, components: Components, tokenizers: dict[str, objec
               "guidance_scale": CFG, "negative_prompt": NEGATIVE, "output_type": "pt",
               "generator": sampler_generator, "callback_on_step_end": keep_latents,
               "callback_on_step_end_tensor_inputs": ["latents"]}
+    sigma_max = float(scheduler(case, components.family).init_noise_sigma)
+    start = comfyui_start(noise, sigma_max)
     encoders = components.pipeline_text_encoders
     y = pooled = negative_pooled = None
     if components.family == "sdxl":
@@ -372,7 +383,7 @@ def run_pipeline(case: Case, components: Components, tokenizers: dict[str, objec
                 PROMPT, do_classifier_free_guidance=True, negative_prompt=NEGATIVE)
         y_input = FirstInput(components.unet.add_embedding)
         try:
-            image = pipe(PROMPT, latents=noise.clone(), **common).images
+            image = pipe(PROMPT, latents=start, **common).images
         finally:
             batched = y_input.remove()
         assert batched is not None, "the U-Net's add_embedding was never called"
@@ -386,8 +397,9 @@ def run_pipeline(case: Case, components: Components, tokenizers: dict[str, objec
             requires_safety_checker=False)
         with torch.no_grad():
             context, negative_context = pipe.encode_prompt(PROMPT, "cpu", 1, True, negative_prompt=NEGATIVE)
-        image = pipe(PROMPT, latents=noise.clone(), **common).images
-    assert pipe.scheduler.init_noise_sigma == pipe.scheduler.sigmas.max()  # the graph's start: noise x sigma_max
+        image = pipe(PROMPT, latents=start, **common).images
+    # The pipeline multiplied `start` by sigma_max: the graph's start, noise x sqrt(1 + sigma_max^2).
+    assert pipe.scheduler.init_noise_sigma == pipe.scheduler.sigmas.max() == sigma_max
     assert len(latents) == case.steps
     return Side(context=context, negative_context=negative_context, sigmas=pipe.scheduler.sigmas,
                 latent=latents[-1], image=image, pooled=pooled, negative_pooled=negative_pooled, y=y)

@@ -188,7 +188,7 @@ def run_sampling(ctx: RunContext, guidance: Guidance, sampler: SamplerChoice, si
         result = sample(guider, sampler, sigmas, samples, start_noise, noise_mask=mask,
                         generator=noise.sampler_generator(), device=device, callback=on_step,
                         noise_form=model.sampling.noise_form, percent_to_sigma=model.sampling.percent_to_sigma,
-                        step_mask=_step_mask(model, sigmas))
+                        step_mask=_step_mask(model, sigmas), sigma_max=model.sampling.sigma_max)
     denoised = last["denoised"].float().cpu()
     return latent.with_(samples=result), latent.with_(samples=denoised)
 

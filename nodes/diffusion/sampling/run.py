@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -144,15 +145,19 @@ def sample(
     noise_form: NoiseForm = NoiseForm.VE,
     percent_to_sigma: Callable[[float], float] | None = None,
     step_mask: StepMask | None = None,
+    sigma_max: float | None = None,
 ) -> Tensor:
     """Sample from `latent` (zeros for text-to-image) along `sigmas`.
 
     latent, noise: (B, C, h, w) on any device; the start is the latent noised to sigmas[0] in the
     model's noise form (`ModelSampling.noise_form`): latent + sigmas[0] * noise (VE), or
     (1 - sigmas[0]) * latent + sigmas[0] * noise (FLOW); img2img starts at the sigma that its
-    denoise strength implies. A schedule that ends above 0 returns the sample in the form the next
-    run starts from (`ModelSampling.latent_from_noisy`), so a split schedule continues exactly.
-    noise_mask: (B, 1, h, w) with 1 = repaint; outside it the result equals `latent`. generator:
+    denoise strength implies. sigma_max: the model's largest sigma (`ModelSampling.sigma_max`);
+    when given, a VE start at or above it (a full denoise; within a relative 1e-5) is latent +
+    sqrt(1 + sigmas[0]^2) * noise, as ComfyUI starts one (and diffusers' init_noise_sigma with
+    'leading' spacing); a FLOW start is unchanged. A schedule that ends above 0 returns the sample
+    in the form the next run starts from (`ModelSampling.latent_from_noisy`), so a split schedule
+    continues exactly. noise_mask: (B, 1, h, w) with 1 = repaint; outside it the result equals `latent`. generator:
     CPU generator for stochastic samplers' per-step noise. CFG++ samplers (`sampler.uses_uncond`)
     take the unconditional prediction from `denoiser.denoise_with_uncond`. percent_to_sigma: the
     model's map from sampling progress to sigma (`ModelSampling.percent_to_sigma`), for samplers
@@ -178,7 +183,7 @@ def sample(
     masks = None if noise_mask is None else _StepMasks(noise_mask.to(device, torch.float32), step_mask)
     model = _uncond_model(denoiser, sampler, latent, noise, masks, noise_form) if sampler.uses_uncond else (
         denoiser if masks is None else masks.denoiser(denoiser, latent, noise, noise_form))
-    x = noise_form.noisy(latent, noise, sigmas[0])
+    x = _start(noise_form, latent, noise, float(sigmas[0]), sigma_max)
     steps = sigmas.numel() - 1
 
     def on_step(i: int, x_i: Tensor, denoised: Tensor) -> None:
@@ -196,6 +201,16 @@ def sample(
     if masks is not None:
         result = apply_noise_mask(result, latent, masks.last)
     return result.float().cpu()
+
+
+def _start(noise_form: NoiseForm, latent: Tensor, noise: Tensor, sigma: float, sigma_max: float | None) -> Tensor:
+    """The first sample (see :func:`sample`); latent, noise: (B, C, h, w)."""
+    full = sigma_max is not None and (math.isclose(sigma, sigma_max, rel_tol=1e-5) or sigma > sigma_max)
+    if noise_form is NoiseForm.VE and full:
+        # A start at the top of the schedule: unit-variance data plus noise of that level, as ComfyUI's
+        # full denoise (its max_denoise tolerance) begins.
+        return latent + math.sqrt(1.0 + sigma * sigma) * noise
+    return noise_form.noisy(latent, noise, sigma)
 
 
 def _uncond_model(denoiser: Denoiser | UncondDenoiser, sampler: SamplerChoice, latent: Tensor, noise: Tensor,
