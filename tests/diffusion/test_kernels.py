@@ -86,10 +86,13 @@ def test_disabled_onednn_gives_the_torch_results_exactly(monkeypatch) -> None:
     monkeypatch.setattr(kernels, "ONEDNN_ENABLED", False)
     layer = random_linear(32, 64)
     x = torch.randn(2, 5, 32)
+    q, k, v = torch.randn(2, 9, 2, 8), torch.randn(2, 4, 2, 8), torch.randn(2, 4, 2, 8)
     with torch.inference_mode():
         assert torch.equal(kernels.linear(x, layer), layer(x))
         hidden, gate = layer(x).chunk(2, dim=-1)
         assert torch.equal(kernels.gated_gelu(x, layer), hidden * F.gelu(gate))
+        sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        assert torch.equal(kernels.attention(q, k, v), sdpa.transpose(1, 2).reshape(2, 9, 16))
 
 
 @needs_onednn
@@ -105,3 +108,23 @@ def test_gated_gelu_is_hidden_times_exact_gelu_of_gate() -> None:
     assert max_err(got, expected) <= TOL
     assert max_err(tanh_form, expected) > 100 * TOL  # so the comparison tells the two forms apart
 
+
+@needs_onednn
+@pytest.mark.parametrize("tokens, keys", [(37, 37), (37, 5), (6, 50)])
+def test_attention_matches_sdpa_in_query_blocks(monkeypatch, tokens: int, keys: int) -> None:
+    # Small blocks: several per head, the last one shorter.
+    monkeypatch.setattr(kernels, "ATTENTION_BLOCK_ELEMENTS", 8 * keys)
+    generator = torch.Generator().manual_seed(2)
+    heads, head_dim = 3, 16
+    # Views of (B, tokens, H*D) projections, as CrossAttention passes them.
+    q = (torch.randn(2, tokens, heads * head_dim, generator=generator) * 2).view(2, tokens, heads, head_dim)
+    k = torch.randn(2, keys, heads * head_dim, generator=generator).view(2, keys, heads, head_dim)
+    v = torch.randn(2, keys, heads * head_dim, generator=generator).view(2, keys, heads, head_dim)
+    with torch.inference_mode():
+        assert kernels.onednn_usable(q, k, v)
+        got = kernels.attention(q, k, v)
+    scores = torch.einsum("bnhd,bthd->bhnt", q, k) / head_dim**0.5
+    expected = torch.einsum("bhnt,bthd->bnhd", scores.softmax(-1), v).reshape(2, tokens, heads * head_dim)
+    assert got.shape == (2, tokens, heads * head_dim)
+    assert max_err(got, expected) <= TOL
+    assert expected.std() > 0.1

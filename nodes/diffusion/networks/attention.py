@@ -2,16 +2,15 @@
 
 Module names follow the original LDM layout (``attn1.to_q``, ``ff.net.0.proj``, ``proj_in``, ...),
 which diffusers also kept, so U-Net checkpoints of either format reach these modules unrenamed.
-Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention`, which picks a
-fused kernel (flash / memory-efficient) where the device has one; the linear layers through
-:mod:`.kernels` (oneDNN for float32 inference on the CPU, the modules themselves otherwise).
+Attention and the linear layers run through :mod:`.kernels`: oneDNN for float32 inference on the
+CPU, :func:`torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient where the
+device has them) and the modules themselves otherwise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
@@ -58,9 +57,7 @@ class CrossAttention(nn.Module):
         q = kernels.linear(x, self.to_q).view(batch, tokens, self.heads, self.head_dim)
         k = kernels.linear(key_in, self.to_k).view(batch, -1, self.heads, self.head_dim)
         v = kernels.linear(value_in, self.to_v).view(batch, -1, self.heads, self.head_dim)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        out = out.transpose(1, 2).reshape(batch, tokens, self.heads * self.head_dim)
-        return kernels.linear(out, self.to_out[0])
+        return kernels.linear(kernels.attention(q, k, v), self.to_out[0])
 
 
 class GEGLU(nn.Module):
