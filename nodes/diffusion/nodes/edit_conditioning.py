@@ -5,7 +5,7 @@ latents as extra tokens; Flux.1 Redux (a style model) appends an image's tokens 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from ..sampling.guidance import Conditioning
 from .common import CLIP_VISION_OUTPUT, InputError, run_device
 from .images import as_image, as_mask
 from .latent import _encodable, _vae
-from .loading import _file_fingerprint, _model_file, _resolve
+from .loading import ModelFileNode, model_file
 
 STYLE_MODEL = SocketType("STYLE_MODEL", "Style model: image tokens for the prompt (Flux.1 Redux).", "#c9a0dc")
 
@@ -123,25 +123,22 @@ class ReferenceLatent(Node):
                                                for entry in inputs.conditioning))
 
 
-class LoadStyleModel(Node):
+class LoadStyleModel(ModelFileNode):
     """Load a style model from the style_models folder (ComfyUI's StyleModelLoader): Flux.1 Redux
     (flux1-redux-dev.safetensors), which turns a SigLIP image encoding into prompt tokens."""
 
     category = "loaders"
+    model_kind = "style_models"
 
     class Inputs(NodeInputs):
-        name: _model_file("style_models")  # type: ignore[valid-type]
+        name: model_file("style_models")  # type: ignore[valid-type]
 
     class Outputs(NodeOutputs):
         style_model: STYLE_MODEL.annotation
 
-    @classmethod
-    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
-        return _file_fingerprint("style_models", literals.get("name"))
-
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         try:
-            model = load_style_model(_resolve("style_models", inputs.name), device=run_device(ctx))
+            model = load_style_model(self.model_path(inputs.name), device=run_device(ctx))
         except StyleModelError as error:
             raise InputError("name", str(error)) from None
         return self.Outputs(style_model=model)

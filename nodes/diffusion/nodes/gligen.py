@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field
 
 from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
@@ -13,31 +11,28 @@ from ..components import MissingTextEncoderError, TextEncoders
 from ..networks.gligen import MAX_OBJECTS, Gligen, Grounding, GroundingBox
 from ..weights.safetensors_io import CheckpointError
 from .common import InputError, run_device
-from .loading import _file_fingerprint, _model_file, _resolve
+from .loading import ModelFileNode, model_file
 
 GLIGEN = SocketType("GLIGEN", "GLIGEN model: phrases placed in boxes for an SD U-Net.", "#8fb8de")
 
 
-class LoadGligen(Node):
+class LoadGligen(ModelFileNode):
     """Load a GLIGEN model from the gligen folder (ComfyUI's GLIGENLoader): gated self-attention
     layers for each transformer block of an SD1.x U-Net and the net that turns a phrase in a box
     into a grounding token (gligen_sd14_textbox_pruned.safetensors)."""
 
     category = "loaders"
+    model_kind = "gligen"
 
     class Inputs(NodeInputs):
-        name: _model_file("gligen")  # type: ignore[valid-type]
+        name: model_file("gligen")  # type: ignore[valid-type]
 
     class Outputs(NodeOutputs):
         gligen: GLIGEN.annotation
 
-    @classmethod
-    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
-        return _file_fingerprint("gligen", literals.get("name"))
-
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         try:
-            gligen = Gligen.load(_resolve("gligen", inputs.name), device=run_device(ctx))
+            gligen = Gligen.load(self.model_path(inputs.name), device=run_device(ctx))
         except CheckpointError as error:  # GligenError, or a file that cannot be read
             raise InputError("name", str(error)) from None
         ctx.log.info("%s: fusers for %d transformer blocks, %d-wide phrases", inputs.name, len(gligen.fusers),

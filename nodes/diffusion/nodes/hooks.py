@@ -26,7 +26,7 @@ from ..sampling.hooks import (
 )
 from ..weights.patching import WeightPatches
 from .common import InputError
-from .loading import _file_fingerprint, _model_file, _resolve
+from .loading import ModelFileNode, model_file
 
 # ComfyUI's names for these values.
 HOOKS = SocketType("HOOKS", "LoRA hooks: LoRAs that act only on the conditionings they are attached to.", "#b2dfdb")
@@ -40,15 +40,16 @@ _CLIP_FAMILIES = frozenset({ModelFamily.SD1, ModelFamily.SD2, ModelFamily.SDXL, 
 _STRENGTH = Field(1.0, ge=-20.0, le=20.0)
 
 
-class CreateLoraHook(Node):
+class CreateLoraHook(ModelFileNode):
     """A LoRA (from the loras folder) as a hook: attached to conditionings (SetClipHooks,
     SetConditioningProperties) it patches the diffusion model only while they are evaluated, and
     SetClipHooks applies its text-encoder part when encoding. Chain several through `previous`."""
 
     category = "hooks"
+    model_kind = "loras"
 
     class Inputs(NodeInputs):
-        name: _model_file("loras")  # type: ignore[valid-type]
+        name: model_file("loras")  # type: ignore[valid-type]
         strength_model: float = _STRENGTH
         strength_clip: float = _STRENGTH
         previous: Optional[HOOKS.annotation] = None
@@ -56,16 +57,12 @@ class CreateLoraHook(Node):
     class Outputs(NodeOutputs):
         hooks: HOOKS.annotation
 
-    @classmethod
-    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
-        return _file_fingerprint("loras", literals.get("name"))
-
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         previous: Hooks = inputs.previous or ()
         if inputs.strength_model == 0 and inputs.strength_clip == 0:
             return self.Outputs(hooks=previous)
         try:
-            lora_file = lora.load_lora(_resolve("loras", inputs.name))
+            lora_file = lora.load_lora(self.model_path(inputs.name))
         except lora.LoraFormatError as error:
             raise InputError("name", str(error)) from None
         hook = LoraHook(lora_file, inputs.strength_model, inputs.strength_clip, name=inputs.name)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field
 
 from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
@@ -13,34 +11,31 @@ from ..components import DiffusionModel
 from ..networks.hypernetwork import Hypernetwork, HypernetworkError, HypernetworkHook
 from ..networks.unet import UNet
 from .common import InputError
-from .loading import _file_fingerprint, _model_file, _resolve
+from .loading import ModelFileNode, model_file
 
 
-class LoadHypernetwork(Node):
+class LoadHypernetwork(ModelFileNode):
     """Apply a hypernetwork (A1111 / ComfyUI .pt format, from the hypernetworks folder) to an SD
     U-Net: each attention layer computes its keys and values from its inputs plus strength times
     the hypernetwork's MLP of them. The model's weights are not changed; chain several to stack them."""
 
     category = "loaders"
+    model_kind = "hypernetworks"
 
     class Inputs(NodeInputs):
         model: MODEL.annotation
-        name: _model_file("hypernetworks")  # type: ignore[valid-type]
+        name: model_file("hypernetworks")  # type: ignore[valid-type]
         strength: float = Field(1.0, ge=-10.0, le=10.0, description="How strongly the hypernetwork acts.")
 
     class Outputs(NodeOutputs):
         model: MODEL.annotation
-
-    @classmethod
-    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
-        return _file_fingerprint("hypernetworks", literals.get("name"))
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         model: DiffusionModel = inputs.model
         if not isinstance(model.network, UNet):
             raise InputError("model", f"hypernetworks act on SD U-Nets; this is a {model.family.label} model")
         try:
-            hypernetwork = Hypernetwork.load(_resolve("hypernetworks", inputs.name))
+            hypernetwork = Hypernetwork.load(self.model_path(inputs.name))
         except HypernetworkError as error:
             raise InputError("name", str(error)) from None
         context_dim = model.network.config.context_dim

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Optional
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional
 
 import torch
 from pydantic import Field
@@ -52,7 +52,8 @@ def _model_files(kind: str) -> Choices:
                    explain_missing=lambda name: folders.missing_file_message(kind, name))
 
 
-def _model_file(kind: str) -> Any:
+def model_file(kind: str) -> Any:
+    """The annotation of an input naming a file of `kind` (a model folder kind: "loras", ...)."""
     return Annotated[str, _model_files(kind), Field(description=f"A file under the {kind} model folder(s).")]
 
 
@@ -67,6 +68,22 @@ def _resolve(kind: str, name: str, input_name: str = "name") -> Path:
         return folders.resolve(kind, name)
     except folders.ModelFolderError as error:
         raise InputError(input_name, str(error)) from None
+
+
+class ModelFileNode(Node):
+    """A node that reads one file of a model kind (`model_kind`, a model folder kind), named by its
+    `name` input (declared `name: model_file(model_kind)`). The file's size and mtime are the
+    node's fingerprint, so a changed file runs it again."""
+
+    model_kind: ClassVar[str]
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
+        return _file_fingerprint(cls.model_kind, literals.get("name"))
+
+    def model_path(self, name: str) -> Path:
+        """The file `name` of this node's kind; a name not in its folders is an InputError on `name`."""
+        return _resolve(self.model_kind, name)
 
 
 def _detect(path: Path, name: str, input_name: str) -> Detection:
@@ -140,17 +157,18 @@ def _load_model_file(
     return model, clip, vae
 
 
-class LoadCheckpoint(Node):
+class LoadCheckpoint(ModelFileNode):
     """Load a checkpoint: SD1.x, SD2.x, SDXL, SD3/SD3.5, Flux.1, DiT or PixArt-α/Σ, as a single file
     or a diffusers folder. The architecture is detected from the weights. Outputs the diffusion model
     and, when the file holds them, its text encoders and VAE (SD3.5, most Flux files and the released
     DiT and PixArt files have none: load them with LoadTextEncoder(s) and LoadVAE)."""
 
     category = "loaders"
+    model_kind = "checkpoints"
     version = 2
 
     class Inputs(NodeInputs):
-        name: _model_file("checkpoints")  # type: ignore[valid-type]
+        name: model_file("checkpoints")  # type: ignore[valid-type]
 
     class Outputs(NodeOutputs):
         model: MODEL.annotation
@@ -158,15 +176,11 @@ class LoadCheckpoint(Node):
         vae: VAE.annotation
 
     @classmethod
-    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
-        return _file_fingerprint("checkpoints", literals.get("name"))
-
-    @classmethod
     def validate_inputs(cls, literals: Mapping[str, Any]) -> list[InputProblem]:
         return _architecture_problems("checkpoints", literals["name"])
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        model, clip, vae = _load_model_file(_resolve("checkpoints", inputs.name), inputs.name, "name", ctx)
+        model, clip, vae = _load_model_file(self.model_path(inputs.name), inputs.name, "name", ctx)
         return self.Outputs(model=model, clip=clip, vae=vae)
 
 
@@ -179,31 +193,28 @@ WEIGHT_DTYPES: dict[str, torch.dtype | None] = {
 WeightDtype = Literal["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
 
 
-class LoadDiffusionModel(Node):
+class LoadDiffusionModel(ModelFileNode):
     """Load a diffusion model alone (no VAE, no text encoders): a Flux.1, SD3, DiT or PixArt
     transformer or an SD U-Net from the diffusion_models (or unet) folder. weight_dtype fp8 keeps a
     transformer's weights in 8 bits (a quarter of float32's memory), each layer upcast when it runs;
     "default" keeps the file's own storage (fp8 files stay fp8)."""
 
     category = "loaders"
+    model_kind = "diffusion_models"
 
     class Inputs(NodeInputs):
-        name: _model_file("diffusion_models")  # type: ignore[valid-type]
+        name: model_file("diffusion_models")  # type: ignore[valid-type]
         weight_dtype: WeightDtype = Field("default", description="How the weights are stored in memory.")
 
     class Outputs(NodeOutputs):
         model: MODEL.annotation
 
     @classmethod
-    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
-        return _file_fingerprint("diffusion_models", literals.get("name"))
-
-    @classmethod
     def validate_inputs(cls, literals: Mapping[str, Any]) -> list[InputProblem]:
         return _architecture_problems("diffusion_models", literals["name"])
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        path = _resolve("diffusion_models", inputs.name)
+        path = self.model_path(inputs.name)
         model, _, _ = _load_model_file(path, inputs.name, "name", ctx, WEIGHT_DTYPES[inputs.weight_dtype])
         return self.Outputs(model=model)
 
@@ -263,24 +274,21 @@ def _load_text_encoders(names: list[tuple[str, str]], encoder_type: str, device:
     return _text_encoders(dict(sorted(encoders.items(), key=lambda item: TEXT_ENCODER_SLOTS.index(item[0]))), family)
 
 
-class LoadTextEncoder(Node):
+class LoadTextEncoder(ModelFileNode):
     """Load one text encoder from the text_encoders (or clip) folder. type: what it conditions:
     stable_diffusion (a CLIP for SD1.x/SD2.x), sd3 (one of SD3's CLIP-L, CLIP-G or T5-XXL; the
     others count as empty) or pixart (T5-XXL for PixArt-α and Σ)."""
 
     category = "loaders"
+    model_kind = "text_encoders"
 
     class Inputs(NodeInputs):
-        name: _model_file("text_encoders")  # type: ignore[valid-type]
+        name: model_file("text_encoders")  # type: ignore[valid-type]
         type: SingleTextEncoderType = Field("stable_diffusion", description="The model family it conditions.")
         device: LoadDevice = Field("default", description="cpu: keep the encoder on the CPU (saves GPU memory).")
 
     class Outputs(NodeOutputs):
         clip: CLIP.annotation
-
-    @classmethod
-    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
-        return _file_fingerprint("text_encoders", literals.get("name"))
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         return self.Outputs(clip=_load_text_encoders([("name", inputs.name)], inputs.type, inputs.device, ctx))
@@ -294,8 +302,8 @@ class LoadTextEncoders(Node):
     category = "loaders"
 
     class Inputs(NodeInputs):
-        name1: _model_file("text_encoders")  # type: ignore[valid-type]
-        name2: _model_file("text_encoders")  # type: ignore[valid-type]
+        name1: model_file("text_encoders")  # type: ignore[valid-type]
+        name2: model_file("text_encoders")  # type: ignore[valid-type]
         name3: _optional_model_file("text_encoders") = None  # type: ignore[valid-type]
         type: DualTextEncoderType = Field("sdxl", description="The model family they condition.")
         device: LoadDevice = Field("default", description="cpu: keep the encoders on the CPU (saves GPU memory).")
@@ -318,7 +326,7 @@ VAEFamily = Literal["auto", "sd1", "sd2", "sdxl", "sdxl_refiner", "sd3", "flux",
                     "pixart_alpha", "pixart_sigma"]
 
 
-class LoadVAE(Node):
+class LoadVAE(ModelFileNode):
     """Load a standalone VAE (to replace a checkpoint's own, or for models that come without one).
     family: the latent space it serves, which sets its latent scaling. auto: from the latent
     channels, 4 = SD1/SD2 and 16 = Flux.1 (ae.safetensors); pair SDXL VAEs with sdxl (or
@@ -326,21 +334,18 @@ class LoadVAE(Node):
     PixArt-α use SD1's."""
 
     category = "loaders"
+    model_kind = "vae"
     version = 2
 
     class Inputs(NodeInputs):
-        name: _model_file("vae")  # type: ignore[valid-type]
+        name: model_file("vae")  # type: ignore[valid-type]
         family: VAEFamily = Field("auto", description="Latent space the VAE serves.")
 
     class Outputs(NodeOutputs):
         vae: VAE.annotation
 
-    @classmethod
-    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
-        return _file_fingerprint("vae", literals.get("name"))
-
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        path = _resolve("vae", inputs.name)
+        path = self.model_path(inputs.name)
         try:
             loaded = load_vae(path, family=None if inputs.family == "auto" else inputs.family,
                               device=run_device(ctx))
@@ -357,18 +362,19 @@ class LoadVAE(Node):
         return self.Outputs(vae=VAEModel(loaded.vae, latent_format, inputs.name))
 
 
-class LoadLora(Node):
+class LoadLora(ModelFileNode):
     """Apply a LoRA (kohya, diffusers/PEFT or LoCon format; for SD3 and Flux also ComfyUI/BFL,
     ai-toolkit and XLabs names) to a model and its text encoders, with separate strengths. The base
     weights are not changed: the LoRA is applied while the model runs. Chain several to stack them;
     leave `clip` unconnected to patch the diffusion model only."""
 
     category = "loaders"
+    model_kind = "loras"
 
     class Inputs(NodeInputs):
         model: MODEL.annotation
         clip: Optional[CLIP.annotation] = None
-        name: _model_file("loras")  # type: ignore[valid-type]
+        name: model_file("loras")  # type: ignore[valid-type]
         strength_model: float = Field(1.0, ge=-20.0, le=20.0, description="Strength on the diffusion model.")
         strength_clip: float = Field(1.0, ge=-20.0, le=20.0, description="Strength on the text encoders.")
 
@@ -376,12 +382,8 @@ class LoadLora(Node):
         model: MODEL.annotation
         clip: Optional[CLIP.annotation]
 
-    @classmethod
-    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
-        return _file_fingerprint("loras", literals.get("name"))
-
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        path = _resolve("loras", inputs.name)
+        path = self.model_path(inputs.name)
         try:
             lora_file = lora.load_lora(path)
         except lora.LoraFormatError as error:
@@ -431,46 +433,40 @@ class LoadLora(Node):
         return self.Outputs(model=model, clip=clip)
 
 
-class LoadControlNet(Node):
+class LoadControlNet(ModelFileNode):
     """Load a ControlNet: SD1.x, SD2.x or SDXL (original or diffusers layout), SD3/SD3.5 (InstantX,
     Stability's SD3.5-large canny/depth/blur) or Flux.1 (InstantX, Shakker-Labs union, XLabs)."""
 
     category = "loaders"
+    model_kind = "controlnet"
 
     class Inputs(NodeInputs):
-        name: _model_file("controlnet")  # type: ignore[valid-type]
+        name: model_file("controlnet")  # type: ignore[valid-type]
 
     class Outputs(NodeOutputs):
         control_net: CONTROL_NET.annotation
 
-    @classmethod
-    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
-        return _file_fingerprint("controlnet", literals.get("name"))
-
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        loaded = load_any_controlnet(_resolve("controlnet", inputs.name), device=run_device(ctx))
+        loaded = load_any_controlnet(self.model_path(inputs.name), device=run_device(ctx))
         return self.Outputs(control_net=loaded)
 
 
-class LoadCLIPVision(Node):
+class LoadCLIPVision(ModelFileNode):
     """Load a CLIP image encoder (OpenAI ViT-L/14, OpenCLIP ViT-H/14 or bigG/14) from the clip_vision
     folder, for image prompts (UnclipConditioning): a ComfyUI clip_vision file, or a whole CLIP model
     in the HF or OpenCLIP layout (its text tower is left out)."""
 
     category = "loaders"
+    model_kind = "clip_vision"
 
     class Inputs(NodeInputs):
-        name: _model_file("clip_vision")  # type: ignore[valid-type]
+        name: model_file("clip_vision")  # type: ignore[valid-type]
 
     class Outputs(NodeOutputs):
         clip_vision: CLIP_VISION.annotation
 
-    @classmethod
-    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
-        return _file_fingerprint("clip_vision", literals.get("name"))
-
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        path = _resolve("clip_vision", inputs.name)
+        path = self.model_path(inputs.name)
         try:
             model = load_clip_vision_file(str(path), device=run_device(ctx))
         except (CLIPVisionLoadError, CheckpointError) as error:
@@ -480,16 +476,17 @@ class LoadCLIPVision(Node):
         return self.Outputs(clip_vision=model)
 
 
-class LoadUnclipCheckpoint(Node):
+class LoadUnclipCheckpoint(ModelFileNode):
     """Load an unCLIP checkpoint (SD2.1-unCLIP: Stability's unclip-h/-l and models fine-tuned from them)
     with the CLIP image encoder it carries: the diffusion model, text encoders and VAE as
     LoadCheckpoint, and the image encoder for CLIPVisionEncode (the image prompts go in through
     UnclipConditioning)."""
 
     category = "loaders"
+    model_kind = "checkpoints"
 
     class Inputs(NodeInputs):
-        name: _model_file("checkpoints")  # type: ignore[valid-type]
+        name: model_file("checkpoints")  # type: ignore[valid-type]
 
     class Outputs(NodeOutputs):
         model: MODEL.annotation
@@ -498,15 +495,11 @@ class LoadUnclipCheckpoint(Node):
         clip_vision: CLIP_VISION.annotation
 
     @classmethod
-    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
-        return _file_fingerprint("checkpoints", literals.get("name"))
-
-    @classmethod
     def validate_inputs(cls, literals: Mapping[str, Any]) -> list[InputProblem]:
         return _architecture_problems("checkpoints", literals["name"])
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        path = _resolve("checkpoints", inputs.name)
+        path = self.model_path(inputs.name)
         if "image_encoder" not in _detect(path, inputs.name, "name").components:
             raise InputError("name", f"{inputs.name} holds no CLIP image encoder (embedder.model.visual.): it is no "
                                      "unCLIP checkpoint; load it with LoadCheckpoint and an encoder with LoadCLIPVision")

@@ -3,8 +3,6 @@ class word (vision.photomaker holds the model)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field
 
 from nodegraph.node import Node, NodeInputs, NodeOutputs, RunContext
@@ -13,33 +11,36 @@ from nodegraph.types import CLIP, CONDITIONING, IMAGE, SocketType
 from ..components import MissingTextEncoderError, TextEncoders
 from ..text.embeddings import EmbeddingNotFoundError
 from ..vision.clip_vision import clip_preprocess
-from ..vision.photomaker import TRIGGER_WORD, PhotoMakerError, PhotoMakerIDEncoder, load_photomaker, trigger_position
+from ..vision.photomaker import (
+    TRIGGER_WORD,
+    PhotoMakerError,
+    PhotoMakerIDEncoder,
+    load_photomaker,
+    trigger_position,
+)
 from .common import InputError, run_device
-from .loading import _file_fingerprint, _model_file, _resolve
+from .loading import ModelFileNode, model_file
 
 PHOTOMAKER = SocketType("PHOTOMAKER", "A PhotoMaker ID encoder (face image -> SDXL prompt states).", "#ce93d8")
 # Text states per chunk of a CLIP prompt: the ID is fused within the first.
 _CHUNK = 77
 
 
-class LoadPhotoMaker(Node):
+class LoadPhotoMaker(ModelFileNode):
     """Load a PhotoMaker v1 ID encoder (photomaker-v1.bin or .safetensors) from the photomaker folder."""
 
     category = "loaders"
+    model_kind = "photomaker"
 
     class Inputs(NodeInputs):
-        name: _model_file("photomaker")  # type: ignore[valid-type]
+        name: model_file("photomaker")  # type: ignore[valid-type]
 
     class Outputs(NodeOutputs):
         photomaker: PHOTOMAKER.annotation
 
-    @classmethod
-    def fingerprint(cls, literals: dict[str, Any]) -> str | None:
-        return _file_fingerprint("photomaker", literals.get("name"))
-
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         try:
-            model = load_photomaker(_resolve("photomaker", inputs.name), device=run_device(ctx))
+            model = load_photomaker(self.model_path(inputs.name), device=run_device(ctx))
         except PhotoMakerError as error:
             raise InputError("name", str(error)) from None
         ctx.log.info("%s: PhotoMaker ID encoder, CLIP vision width %d, ID embedding %d", inputs.name,
