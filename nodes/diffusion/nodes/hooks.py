@@ -239,6 +239,11 @@ class _PropertiesInputs(NodeInputs):
     hooks: Optional[HOOKS.annotation] = None
     timesteps: Optional[TIMESTEPS_RANGE.annotation] = None
 
+    def apply(self, conditioning: Conditioning) -> Conditioning:
+        """`conditioning` with these properties (hooks, mask at strength, timestep range), each when given."""
+        return _with_properties(conditioning, self.strength, self.set_cond_area, self.mask, self.hooks,
+                                self.timesteps)
+
 
 class SetConditioningProperties(Node):
     """Attach hooks to a conditioning, restrict it to a mask (at a strength) and to a part of sampling,
@@ -253,9 +258,7 @@ class SetConditioningProperties(Node):
         conditioning: CONDITIONING.annotation
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        return self.Outputs(conditioning=_with_properties(
-            inputs.conditioning, inputs.strength, inputs.set_cond_area, inputs.mask, inputs.hooks,
-            inputs.timesteps))
+        return self.Outputs(conditioning=inputs.apply(inputs.conditioning))
 
 
 class SetConditioningPairProperties(Node):
@@ -272,9 +275,7 @@ class SetConditioningPairProperties(Node):
         negative: CONDITIONING.annotation
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        props = (inputs.strength, inputs.set_cond_area, inputs.mask, inputs.hooks, inputs.timesteps)
-        return self.Outputs(positive=_with_properties(inputs.positive, *props),
-                            negative=_with_properties(inputs.negative, *props))
+        return self.Outputs(positive=inputs.apply(inputs.positive), negative=inputs.apply(inputs.negative))
 
 
 class AddConditioningWithProperties(Node):
@@ -290,9 +291,7 @@ class AddConditioningWithProperties(Node):
         conditioning: CONDITIONING.annotation
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        added = _with_properties(inputs.added, inputs.strength, inputs.set_cond_area, inputs.mask,
-                                 inputs.hooks, inputs.timesteps)
-        return self.Outputs(conditioning=tuple(inputs.conditioning) + added)
+        return self.Outputs(conditioning=tuple(inputs.conditioning) + inputs.apply(inputs.added))
 
 
 class AddConditioningPairWithProperties(Node):
@@ -311,10 +310,8 @@ class AddConditioningPairWithProperties(Node):
         negative: CONDITIONING.annotation
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
-        props = (inputs.strength, inputs.set_cond_area, inputs.mask, inputs.hooks, inputs.timesteps)
-        return self.Outputs(
-            positive=tuple(inputs.positive) + _with_properties(inputs.added_positive, *props),
-            negative=tuple(inputs.negative) + _with_properties(inputs.added_negative, *props))
+        return self.Outputs(positive=tuple(inputs.positive) + inputs.apply(inputs.added_positive),
+                            negative=tuple(inputs.negative) + inputs.apply(inputs.added_negative))
 
 
 class SetModelHooksOnConditioning(Node):
