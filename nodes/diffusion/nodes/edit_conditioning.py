@@ -30,6 +30,23 @@ def _with_concat(conditioning: Conditioning, **values: object) -> Conditioning:
     return tuple(entry.with_(**values) for entry in conditioning)
 
 
+class _ImageConditioningInputs(NodeInputs):
+    """What a model is conditioned on an image with: both conditionings, the VAE and the image."""
+
+    positive: CONDITIONING.annotation
+    negative: CONDITIONING.annotation
+    vae: VAE.annotation
+    image: IMAGE.annotation
+
+
+class _ImageConditioningOutputs(NodeOutputs):
+    """Both conditionings with the image's latent beside the noisy one, and the latent to sample from."""
+
+    positive: CONDITIONING.annotation
+    negative: CONDITIONING.annotation
+    latent: LATENT.annotation
+
+
 class InstructPix2PixConditioning(Node):
     """Condition an image-edit or structure model on an image (ComfyUI's InstructPixToPixConditioning):
     InstructPix2Pix and SDXL/CosXL edit models edit the image as the prompt says; Flux.1 Canny and
@@ -39,16 +56,8 @@ class InstructPix2PixConditioning(Node):
 
     category = "conditioning"
 
-    class Inputs(NodeInputs):
-        positive: CONDITIONING.annotation
-        negative: CONDITIONING.annotation
-        vae: VAE.annotation
-        image: IMAGE.annotation
-
-    class Outputs(NodeOutputs):
-        positive: CONDITIONING.annotation
-        negative: CONDITIONING.annotation
-        latent: LATENT.annotation
+    Inputs = _ImageConditioningInputs
+    Outputs = _ImageConditioningOutputs
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         vae = _vae(inputs.vae)
@@ -69,18 +78,11 @@ class InpaintModelConditioning(Node):
 
     category = "conditioning"
 
-    class Inputs(NodeInputs):
-        positive: CONDITIONING.annotation
-        negative: CONDITIONING.annotation
-        vae: VAE.annotation
-        image: IMAGE.annotation
+    class Inputs(_ImageConditioningInputs):
         mask: MASK.annotation
         noise_mask: bool = Field(True, description="Resample only the masked part (the latent's noise mask).")
 
-    class Outputs(NodeOutputs):
-        positive: CONDITIONING.annotation
-        negative: CONDITIONING.annotation
-        latent: LATENT.annotation
+    Outputs = _ImageConditioningOutputs
 
     def run(self, inputs: Inputs, ctx: RunContext) -> Outputs:
         vae = _vae(inputs.vae)
