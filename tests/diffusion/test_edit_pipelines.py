@@ -9,8 +9,11 @@ single file in the original key layout, as in test_transformer_pipelines. A Comf
 shaped like ComfyUI's Flux examples, imported as a user's file is, loads it and samples; the diffusers
 pipeline runs the same modules from the same start noise. Both pipelines draw the conditioning image's
 latent from the VAE's posterior; ComfyUI and the graph take its mean, so the pipelines are given the
-mean too (the only change made to them). Images must agree within 3/255 at every pixel and 1/255 on
-average; the conditioning latents and the final latent are compared as well.
+mean too (the only change made to them). The InstructPix2Pix pipeline multiplies its latents by
+init_noise_sigma = sigma_max, so it is handed noise x sqrt(1 + sigma_max^2) / sigma_max: the graph's
+start, which is ComfyUI's for a full denoise (diffusers' 'leading' spacing uses the same
+sqrt(sigma^2 + 1) as init_noise_sigma); the Flux start is unchanged. Images must agree within 3/255
+at every pixel and 1/255 on average; the conditioning latents and the final latent are compared as well.
 """
 
 from __future__ import annotations
@@ -357,10 +360,11 @@ def test_instructpix2pix_graph_with_dual_cfg_matches_diffusers_pipeline(ip2p_wor
         scheduler=sd.scheduler(case, "sd1"), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     image = result.results["4"].outputs.image.permute(0, 3, 1, 2)
+    start = sd.comfyui_start(noise, float(pipe.scheduler.init_noise_sigma))  # the graph's: ComfyUI's full denoise
     with torch.no_grad():
         reference_latent = made.vae.encode(image * 2 - 1).latent_dist.mode()
         reference_image = pipe(PROMPT, image=image, num_inference_steps=case.steps, guidance_scale=IP2P_CFG,
-                               image_guidance_scale=IP2P_IMAGE_CFG, latents=noise.clone(), output_type="pt",
+                               image_guidance_scale=IP2P_IMAGE_CFG, latents=start, output_type="pt",
                                generator=generator, callback_on_step_end=keep_latents,
                                callback_on_step_end_tensor_inputs=["latents"]).images
     assert len(latents) == case.steps
