@@ -4,10 +4,17 @@ two-level VAE (downscale factor 2) keeps images small and proves nothing assumes
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 from torch import Tensor
+
+from nodegraph.cache import OutputCache
+from nodegraph.executor import Executor
+from nodegraph.plugins import build_registry
 
 from nodegraph_diffusion.networks import controlnet
 from nodegraph_diffusion.text import clip as text_encoder
@@ -103,3 +110,17 @@ def write_models(root: Path) -> Path:
     write_safetensors(root / "controlnet" / "tiny-sdxl-control.safetensors", controlnet_weights(CONTROL_XL, 21),
                       dtype=None)
     return root
+
+
+@contextmanager
+def folder_executor(models: Path, output_dir: Path, inputs: Path | None = None,
+                    cache_bytes: int = 4 << 30) -> Iterator[Executor]:
+    """An executor over every node (the registry built without a problem) that reads model files from
+    `models` and, when given, input images from `inputs` while it is open."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NODEGRAPH_MODELS", str(models))
+        if inputs is not None:
+            patch.setenv("NODEGRAPH_INPUTS", str(inputs))
+        registry, problems = build_registry()
+        assert not problems, problems
+        yield Executor(registry, OutputCache(max_bytes=cache_bytes), device="cpu", output_dir=output_dir)

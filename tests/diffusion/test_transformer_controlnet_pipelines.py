@@ -24,6 +24,7 @@ import pytest
 import torch
 from _checkpoint_fixtures import write_safetensors
 from _hf_tokenizers import clip_tokenizer, t5_tokenizer
+from _pipeline_fixtures import folder_executor
 from _random_weights import randomize_
 from _transformer_fixtures import FLUX_DEV, SD3, SD35
 from nodegraph_diffusion.nodes import comfyui
@@ -45,9 +46,6 @@ from test_transformer_pipelines import (
 )
 from torch import Tensor
 
-from nodegraph.cache import OutputCache
-from nodegraph.executor import Executor
-from nodegraph.plugins import build_registry
 
 pytestmark = [pytest.mark.slow, pytest.mark.parity]
 
@@ -153,13 +151,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("tokenizers")
     tokenizers = {"clip_l": clip_tokenizer(folder / "clip_l"),
                   "clip_g": clip_tokenizer(folder / "clip_g", pad_token="!"), "t5xxl": t5_tokenizer(folder / "t5")}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NODEGRAPH_MODELS", str(root))
-        patch.setenv("NODEGRAPH_INPUTS", str(inputs))
-        registry, problems = build_registry()
-        assert not problems, problems
-        executor = Executor(registry, OutputCache(max_bytes=4 << 30), device="cpu",
-                            output_dir=tmp_path_factory.mktemp("out"))
+    with folder_executor(root, tmp_path_factory.mktemp("out"), inputs) as executor:
         yield executor, built, tokenizers, inputs
 
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 from _checkpoint_fixtures import prefixed, write_safetensors
 from _hf_tokenizers import clip_tokenizer, t5_tokenizer
+from _pipeline_fixtures import folder_executor
 from _random_weights import randomize_
 from _transformer_fixtures import (
     CLIP_G,
@@ -41,9 +42,7 @@ from nodegraph_diffusion.text.clip import TextEncoderConfig
 from nodegraph_diffusion.vae import autoencoder as vae_module
 from torch import Tensor, nn
 
-from nodegraph.cache import OutputCache
 from nodegraph.executor import Executor
-from nodegraph.plugins import build_registry
 
 pytestmark = [pytest.mark.slow, pytest.mark.parity]
 
@@ -226,12 +225,8 @@ def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 def executor(models, tmp_path_factory: pytest.TempPathFactory):
     """One executor for the module, so each file loads once (as in a long-running server)."""
     root, _ = models
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NODEGRAPH_MODELS", str(root))
-        registry, problems = build_registry()
-        assert not problems, problems
-        yield Executor(registry, OutputCache(max_bytes=4 << 30), device="cpu",
-                       output_dir=tmp_path_factory.mktemp("out"))
+    with folder_executor(root, tmp_path_factory.mktemp("out")) as executor:
+        yield executor
 
 
 # --------------------------------------------------------------------------- the two sides
