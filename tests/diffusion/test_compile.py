@@ -112,5 +112,6 @@ def test_sampling_graph_runs_the_compiled_network_made_once(monkeypatch: pytest.
     monkeypatch.delenv(COMPILE_ENV)
     eager = Executor(registry, device="cpu", output_dir=tempfile.mkdtemp()).run(document, outputs=["decode"])
     assert made == [network]
+    # Traced and eager runs may round differently (1.2e-5 seen): 1e-4 is 0.03/255.
     torch.testing.assert_close(result.results["decode"].outputs.image, eager.results["decode"].outputs.image,
-                               rtol=0, atol=1e-5)
+                               rtol=0, atol=1e-4)
