@@ -128,3 +128,60 @@ def test_attention_matches_sdpa_in_query_blocks(monkeypatch, tokens: int, keys: 
     assert got.shape == (2, tokens, heads * head_dim)
     assert max_err(got, expected) <= TOL
     assert expected.std() > 0.1
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_conv_equals_nearest_upsampling_then_the_conv(monkeypatch, bias: bool, channels_last: bool) -> None:
+    monkeypatch.setattr(kernels, "UPSAMPLE_PHASES_MIN_PIXELS", 0)
+    torch.manual_seed(3)
+    conv = nn.Conv2d(6, 5, kernel_size=3, padding=1, bias=bias)
+    x = torch.randn(2, 6, 5, 7)  # odd sizes: the edge phases read the zero padding
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = kernels.upsample_conv(x, conv)
+        expected = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    assert got.shape == (2, 5, 10, 14)
+    assert max_err(got, expected) <= TOL
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_upsample_phase_weights_are_sums_of_the_3x3_taps() -> None:
+    weight = torch.arange(9.0).view(1, 1, 3, 3)  # taps 0..8, row-major
+    phases = kernels.upsample_phase_weights(weight)
+    # Phase (even row, odd column): rows 0 | 1+2, columns 0+1 | 2.
+    assert phases[1, 0].tolist() == [[0 + 1, 2], [3 + 4 + 6 + 7, 5 + 8]]
+    assert phases[2, 0].tolist() == [[0 + 3, 1 + 2 + 4 + 5], [6, 7 + 8]]
+    assert phases.shape == (4, 1, 2, 2) and phases.sum().item() == 4 * weight.sum().item()
+
+
+def test_upsample_conv_gradients_match_and_other_convs_run_as_given(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "UPSAMPLE_PHASES_MIN_PIXELS", 0)
+    torch.manual_seed(4)
+    conv = nn.Conv2d(3, 4, kernel_size=3, padding=1)
+    x = torch.randn(1, 3, 4, 4, requires_grad=True)
+    kernels.upsample_conv(x, conv).square().sum().backward()
+    got_x, got_w = x.grad.clone(), conv.weight.grad.clone()
+    x.grad = conv.weight.grad = None
+    conv(F.interpolate(x, scale_factor=2.0, mode="nearest")).square().sum().backward()
+    assert max_err(got_x, x.grad) <= TOL * x.grad.abs().max().item()
+    assert max_err(got_w, conv.weight.grad) <= TOL * conv.weight.grad.abs().max().item()
+    unpadded = nn.Conv2d(3, 4, kernel_size=3)
+    with torch.no_grad():
+        y = torch.randn(1, 3, 4, 4)
+        assert torch.equal(kernels.upsample_conv(y, unpadded), unpadded(F.interpolate(y, scale_factor=2.0, mode="nearest")))
+
+
+def test_small_upsampler_inputs_take_the_plain_way(monkeypatch) -> None:
+    torch.manual_seed(5)
+    conv = nn.Conv2d(3, 4, kernel_size=3, padding=1)
+    x = torch.randn(2, 3, 4, 4)
+    monkeypatch.setattr(kernels, "UPSAMPLE_PHASES_MIN_PIXELS", 2 * 4 * 4 + 1)
+    with torch.no_grad():
+        plain = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        assert torch.equal(kernels.upsample_conv(x, conv), plain)
+        monkeypatch.setattr(kernels, "UPSAMPLE_PHASES_MIN_PIXELS", 2 * 4 * 4)
+        phased = kernels.upsample_conv(x, conv)
+    assert not torch.equal(phased, plain) and max_err(phased, plain) <= TOL  # the other summation order
+

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .attention import NORM_GROUPS, SpatialTransformer
 from .timestep import timestep_embedding
 
@@ -256,11 +257,9 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
         """x: (B, C, H, W) -> (B, C, *size) or (B, C, 2H, 2W)."""
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=tuple(size), mode="nearest")
-        return self.conv(x)
+        if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
+            return kernels.upsample_conv(x, self.conv)
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
 
 
 class EmbedSequential(nn.ModuleList):

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..networks import kernels
+
 logger = logging.getLogger(__name__)
 
 # GroupNorm epsilon of every LDM/SD VAE norm layer.
@@ -372,7 +374,7 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, C, 2H, 2W)"""
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return kernels.upsample_conv(x, self.conv)
 
 
 class MidBlock(nn.Module):
