@@ -309,11 +309,11 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C_in, H, W) -> (B, C_out, H, W)"""
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        if self.nin_shortcut is not None:
-            x = self.nin_shortcut(x)
-        return x + h
+        # SiLU acts on fresh GroupNorm outputs, the residual lands on a fresh conv output (whose
+        # backward does not read it): all in place, no extra image-sized allocations.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
 class AttnBlock(nn.Module):
@@ -336,10 +336,11 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)"""
         b, c, h, w = x.shape
-        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.q, self.k, self.v))
-        attended = F.scaled_dot_product_attention(q, k, v).squeeze(1)
-        return x + self.proj_out(attended).transpose(1, 2).reshape(b, c, h, w)
+        # (B, HW, C), copied to be contiguous for oneDNN.
+        tokens = self.norm(x).flatten(2).transpose(1, 2).contiguous()
+        q, k, v = (kernels.linear(tokens, proj).unsqueeze(2) for proj in (self.q, self.k, self.v))
+        attended = kernels.attention(q, k, v)  # one head: (B, HW, 1, C) -> (B, HW, C)
+        return x + kernels.linear(attended, self.proj_out).transpose(1, 2).reshape(b, c, h, w)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:  # type: ignore[override]
@@ -475,7 +476,7 @@ class Decoder(nn.Module):
         x = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             x = level(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True))
 
 
 @dataclass
