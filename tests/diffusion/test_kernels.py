@@ -185,3 +185,20 @@ def test_small_upsampler_inputs_take_the_plain_way(monkeypatch) -> None:
         phased = kernels.upsample_conv(x, conv)
     assert not torch.equal(phased, plain) and max_err(phased, plain) <= TOL  # the other summation order
 
+
+@needs_onednn
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pointwise_conv_matches_the_module(channels_last: bool) -> None:
+    torch.manual_seed(6)
+    conv = nn.Conv2d(24, 16, kernel_size=1)
+    x = torch.randn(2, 24, 6, 5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        got = kernels.pointwise_conv(x, conv)
+        expected = conv(x)
+    assert max_err(got, expected) <= TOL
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    strided = nn.Conv2d(24, 16, kernel_size=1, stride=2)
+    with torch.inference_mode():
+        assert torch.equal(kernels.pointwise_conv(x, strided), strided(x))
