@@ -112,8 +112,9 @@ def test_gated_gelu_is_hidden_times_exact_gelu_of_gate() -> None:
 @needs_onednn
 @pytest.mark.parametrize("tokens, keys", [(37, 37), (37, 5), (6, 50)])
 def test_attention_matches_sdpa_in_query_blocks(monkeypatch, tokens: int, keys: int) -> None:
-    # Small blocks: several per head, the last one shorter.
+    # Small blocks: several per head, the last one shorter; oneDNN whatever the thread count.
     monkeypatch.setattr(kernels, "ATTENTION_BLOCK_ELEMENTS", 8 * keys)
+    monkeypatch.setattr(kernels, "ATTENTION_MAX_THREADS", torch.get_num_threads())
     generator = torch.Generator().manual_seed(2)
     heads, head_dim = 3, 16
     # Views of (B, tokens, H*D) projections, as CrossAttention passes them.
@@ -202,3 +203,11 @@ def test_pointwise_conv_matches_the_module(channels_last: bool) -> None:
     strided = nn.Conv2d(24, 16, kernel_size=1, stride=2)
     with torch.inference_mode():
         assert torch.equal(kernels.pointwise_conv(x, strided), strided(x))
+
+
+def test_attention_leaves_onednn_to_sdpa_above_its_thread_limit(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "ATTENTION_MAX_THREADS", torch.get_num_threads() - 1)
+    q, k, v = torch.randn(1, 6, 2, 8), torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
+    with torch.inference_mode():
+        sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        assert torch.equal(kernels.attention(q, k, v), sdpa.transpose(1, 2).reshape(1, 6, 16))

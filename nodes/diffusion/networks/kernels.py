@@ -31,6 +31,10 @@ UPSAMPLE_PHASES_MIN_PIXELS = 2048
 # so a block stays in cache between the two products (against 4096 keys: 64-128 rows 0.7x the time
 # of SDPA's flash kernel, 512 rows 0.9x, all 4096 rows at once 2.5x).
 ATTENTION_BLOCK_ELEMENTS = 1 << 18
+# Most intra-op threads for which attention takes the oneDNN blocks. They parallelise only inside
+# each product, SDPA's flash kernel over heads and blocks: against 4096 keys 0.75x SDPA's time on
+# one thread, 0.91x on two; with more (not measurable on the 2-core development machine) SDPA runs.
+ATTENTION_MAX_THREADS = 2
 
 
 def onednn_usable(*tensors: Tensor | None) -> bool:
@@ -91,10 +95,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     result transposed back and flattened. q: (B, N, H, D), k and v: (B, T, H, D) -> (B, N, H*D).
     """
     batch, tokens, heads, head_dim = q.shape
-    if not onednn_usable(q, k, v):
+    if torch.get_num_threads() > ATTENTION_MAX_THREADS or not onednn_usable(q, k, v):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
-    rows = max(1, ATTENTION_BLOCK_ELEMENTS // k.shape[1])
+    rows = max(1, ATTENTION_BLOCK_ELEMENTS // max(1, k.shape[1]))
     scale = head_dim**-0.5
     out = q.new_empty(batch, tokens, heads, head_dim)
     product = torch.ops.mkldnn._linear_pointwise
