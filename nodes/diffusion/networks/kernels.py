@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# False: always the torch expressions (tests compare both paths; a user can rule oneDNN out).
+# False: always the torch expressions (the tests compare both paths).
 ONEDNN_ENABLED = True
 _ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # Batch x height x width of an upsampler's input from which the phase form pays for forming its
@@ -147,8 +147,8 @@ def upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     alike). One 2x2 convolution with all four phases as output channels does 4/9 of the
     multiplications; the phases are then interleaved. Forming the phase kernels costs a pass over
     the weights per call, so inputs of fewer than ``UPSAMPLE_PHASES_MIN_PIXELS`` pixels (batch
-    included) take the plain way. x: (B, C, H, W) -> (B, out, 2H, 2W), in x's memory format
-    (channels-last stays channels-last).
+    included) take the plain way. x: (B, C, H, W) -> (B, out, 2H, 2W), in the memory format the
+    conv gives (channels-last input stays channels-last).
     """
     if not (
         x.device.type == "cpu"
@@ -167,21 +167,21 @@ def upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     out_channels = weight.shape[0]
     # Padding 1 on a 2x2 kernel gives (H+1, W+1) positions; phase (a, c) reads positions (i+a, j+c).
     y = F.conv2d(x, upsample_phase_weights(weight), None if bias is None else bias.repeat(4), padding=1)
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    if channels_last:
-        # y's memory is (B, H+1, W+1, 4*out); the result's (B, H, 2, W, 2, out).
-        phases = y.permute(0, 2, 3, 1).reshape(batch, height + 1, width + 1, 2, 2, out_channels)
-        out = y.new_empty(batch, height, 2, width, 2, out_channels)
+    if y.is_contiguous():
+        phases = y.view(batch, 2, 2, out_channels, height + 1, width + 1)
+        out = y.new_empty(batch, out_channels, height, 2, width, 2)
         for a in (0, 1):
             for c in (0, 1):
-                out[:, :, a, :, c] = phases[:, a : a + height, c : c + width, a, c]
-        return out.view(batch, 2 * height, 2 * width, out_channels).permute(0, 3, 1, 2)
-    phases = y.view(batch, 2, 2, out_channels, height + 1, width + 1)
-    out = y.new_empty(batch, out_channels, height, 2, width, 2)
+                out[:, :, :, a, :, c] = phases[:, a, c, :, a : a + height, c : c + width]
+        return out.view(batch, out_channels, 2 * height, 2 * width)
+    # Channels-last (the conv keeps its input's layout): y's memory is (B, H+1, W+1, 4*out), the
+    # result's (B, H, 2, W, 2, out).
+    phases = y.permute(0, 2, 3, 1).reshape(batch, height + 1, width + 1, 2, 2, out_channels)
+    out = y.new_empty(batch, height, 2, width, 2, out_channels)
     for a in (0, 1):
         for c in (0, 1):
-            out[:, :, :, a, :, c] = phases[:, a, c, :, a : a + height, c : c + width]
-    return out.view(batch, out_channels, 2 * height, 2 * width)
+            out[:, :, a, :, c] = phases[:, a : a + height, c : c + width, a, c]
+    return out.view(batch, 2 * height, 2 * width, out_channels).permute(0, 3, 1, 2)
 
 
 def upsample_phase_weights(weight: Tensor) -> Tensor:
