@@ -9,7 +9,8 @@ by the wall clock and by the process's CPU time; on a shared machine the CPU tim
 time other processes held the core, so its ratio is the steadier one. Reported: the median per
 model and the ratio of medians, and the ratio of the fastest runs (the least disturbed ones), with
 the load average before and after. ``--threads`` sets torch's intra-op threads (both models run
-with the same count).
+with the same count). ``--compile`` then does the same with both models through torch.compile
+(inductor; ours as ``--compile`` runs it), first calls (compiling) timed apart.
 
 Memory: each model runs one forward in a fresh child process. Before it, the child resets the
 kernel's peak-RSS mark (writing 5 to /proc/self/clear_refs) and notes its RSS; afterwards it reads
@@ -19,6 +20,7 @@ Linux only.
 
     python bench/unet.py --threads 1          # the measurement in the README (minutes on 2 cores)
     python bench/unet.py --latent 32 --repeats 1   # a quick look
+    python bench/unet.py --threads 1 --compile --skip-memory   # eager and compiled
 """
 
 from __future__ import annotations
@@ -117,9 +119,10 @@ def child_peak_memory(which: str, batch: int, latent: int) -> dict:
     return {"rss_before_mib": before / 1024, "forward_peak_extra_mib": (peak - before) / 1024}
 
 
-def peak_memory(which: str, batch: int, latent: int) -> dict:
+def peak_memory(which: str, batch: int, latent: int, threads: int | None) -> dict:
+    threads_args = ["--threads", str(threads)] if threads else []
     result = subprocess.run(
-        [sys.executable, __file__, "--child", which, "--batch", str(batch), "--latent", str(latent)],
+        [sys.executable, __file__, "--child", which, "--batch", str(batch), "--latent", str(latent), *threads_args],
         check=True,
         capture_output=True,
         text=True,
@@ -141,12 +144,37 @@ def timing_summary(wall: dict[str, list[float]], cpu: dict[str, list[float]]) ->
     return summary
 
 
+def alternate(
+    runners: dict[str, tuple], x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, repeats: int
+) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, list[float]], dict[str, list[float]]]:
+    """One call of each, then ``repeats`` rounds alternating them; ``runners`` maps a name to
+    (forward, model). Returns outputs, first-call wall seconds, and the rounds' wall and CPU seconds."""
+    wall: dict[str, list[float]] = {name: [] for name in runners}
+    cpu: dict[str, list[float]] = {name: [] for name in runners}
+    outputs: dict[str, torch.Tensor] = {}
+    first_call: dict[str, float] = {}
+    with torch.inference_mode():
+        for name, (forward, model) in runners.items():
+            start = time.perf_counter()
+            outputs[name] = forward(model, x, t, context)
+            first_call[name] = time.perf_counter() - start
+        for _ in range(repeats):
+            for name, (forward, model) in runners.items():
+                start_cpu, start = time.process_time(), time.perf_counter()
+                forward(model, x, t, context)
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    return outputs, first_call, wall, cpu
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--latent", type=int, default=64, help="latent height and width")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also both models through torch.compile (inductor, default mode; minutes to compile)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -159,20 +187,10 @@ def main() -> None:
     reference = build_diffusers(0)
     ours = ours_from(reference)
     x, t, context = inputs(args.batch, args.latent)
-    wall: dict[str, list[float]] = {"ours": [], "diffusers": []}
-    cpu: dict[str, list[float]] = {"ours": [], "diffusers": []}
-    runners = {"ours": (run_ours, ours), "diffusers": (run_diffusers, reference)}
     load_before = os.getloadavg()[0]
-    with torch.inference_mode():
-        outputs = {name: forward(model, x, t, context) for name, (forward, model) in runners.items()}
-        for _ in range(args.repeats):
-            for name, (forward, model) in runners.items():
-                start_cpu, start = time.process_time(), time.perf_counter()
-                forward(model, x, t, context)
-                wall[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - start_cpu)
-    del reference, ours, runners
-
+    outputs, _, wall, cpu = alternate(
+        {"ours": (run_ours, ours), "diffusers": (run_diffusers, reference)}, x, t, context, args.repeats
+    )
     report = {
         "benchmark": "unet_forward_sd15",
         "device": "cpu",
@@ -191,8 +209,25 @@ def main() -> None:
         "max_abs_diff_vs_diffusers": (outputs["ours"] - outputs["diffusers"]).abs().max().item(),
         "output_abs_max": outputs["diffusers"].abs().max().item(),
     }
+    if args.compile:
+        from nodegraph_diffusion.weights.devices import compiled
+
+        # ours as `--compile` runs it (compiled once per loaded network), diffusers' the same way.
+        runners = {"ours": (run_ours, compiled(ours)), "diffusers": (run_diffusers, torch.compile(reference))}
+        compiled_outputs, first_call, compiled_wall, compiled_cpu = alternate(runners, x, t, context, args.repeats)
+        report["compiled_first_call_s"] = first_call  # compiling included
+        report.update({f"compiled_{key}": value for key, value in timing_summary(compiled_wall, compiled_cpu).items()})
+        report["compiled_ours_cpu_over_eager_diffusers_cpu"] = (
+            statistics.median(compiled_cpu["ours"]) / statistics.median(cpu["diffusers"])
+        )
+        report["compiled_max_abs_diff_vs_eager_diffusers"] = (
+            (compiled_outputs["ours"] - outputs["diffusers"]).abs().max().item()
+        )
+        report["load_average_1min_after_compiled"] = os.getloadavg()[0]
+    del reference, ours
+
     if not args.skip_memory:
-        memory = {name: peak_memory(name, args.batch, args.latent) for name in ("ours", "diffusers")}
+        memory = {name: peak_memory(name, args.batch, args.latent, args.threads) for name in ("ours", "diffusers")}
         report["memory_method"] = "fresh child per model; VmHWM after one forward minus VmRSS before (clear_refs=5)"
         report["ours_forward_peak_extra_mib"] = memory["ours"]["forward_peak_extra_mib"]
         report["diffusers_forward_peak_extra_mib"] = memory["diffusers"]["forward_peak_extra_mib"]
