@@ -27,23 +27,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from unet import fill_random_  # bench/unet.py: random weights of sane scale
+
 from nodegraph_diffusion.networks import flux, mmdit
 
 TEXT_TOKENS = {"sd3": 77 + 77, "flux": 256}  # ComfyUI's T5 pad lengths (SD3 adds CLIP's 77)
-
-
-def fill_random_(module: nn.Module, seed: int) -> nn.Module:
-    """Random weights of sane scale (activations stay O(1): no inf/NaN or denormal slow paths)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.ndim > 1:
-                param.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
-            elif "norm" in name:
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
-    return module.eval()
 
 
 def sd3_pair(depth: int, latent: int, seed: int) -> tuple[nn.Module, nn.Module, Callable, Callable, tuple]:

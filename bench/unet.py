@@ -46,8 +46,9 @@ SD15_DIFFUSERS_CONFIG = {"cross_attention_dim": 768, "sample_size": 64}
 
 
 def fill_random_(module: nn.Module, seed: int) -> nn.Module:
-    """Random weights of sane scale (activations stay O(1), so no inf/NaN or denormal slow paths)."""
-    generator = torch.Generator().manual_seed(seed)
+    """Random weights of sane scale (activations stay O(1), so no inf/NaN in fp16 or denormal slow
+    paths), drawn on the device the module's parameters are on."""
+    generator = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
     with torch.no_grad():
         for name, param in module.named_parameters():
             if param.ndim > 1:
