@@ -349,6 +349,18 @@ def reference_position_ids(sizes: Sequence[tuple[int, int]], device: torch.devic
 # --------------------------------------------------------------------------- the model
 
 
+def modulation_vector(net: nn.Module, guidance_embed: bool, timesteps: Tensor, guidance: Tensor | None, y: Tensor,
+                      dtype: torch.dtype) -> Tensor:
+    """The vector every block is modulated by: embedded timesteps (+ distilled guidance when the
+    network embeds it) + the pooled text, through ``net``'s ``time_in``, ``guidance_in`` and
+    ``vector_in`` (a Flux or a Flux ControlNet). timesteps, guidance: (B,); y: (B, pooled) -> (B, dim)."""
+    vec = net.time_in(timestep_embedding(timesteps * TIME_FACTOR, TIMESTEP_EMBED_DIM).to(dtype))
+    if guidance_embed:
+        assert guidance is not None  # the callers' _check_inputs
+        vec = vec + net.guidance_in(timestep_embedding(guidance * TIME_FACTOR, TIMESTEP_EMBED_DIM).to(dtype))
+    return vec + net.vector_in(y)
+
+
 class Flux(nn.Module):
     """The Flux.1 transformer; ``state_dict()`` keys are the original BFL names."""
 
@@ -395,11 +407,7 @@ class Flux(nn.Module):
         rows, cols = x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE
 
         img = self.img_in(pack_latent(x))
-        vec = self.time_in(timestep_embedding(timesteps * TIME_FACTOR, TIMESTEP_EMBED_DIM).to(img.dtype))
-        if self.config.guidance_embed:
-            assert guidance is not None  # _check_inputs
-            vec = vec + self.guidance_in(timestep_embedding(guidance * TIME_FACTOR, TIMESTEP_EMBED_DIM).to(img.dtype))
-        vec = vec + self.vector_in(y)
+        vec = modulation_vector(self, self.config.guidance_embed, timesteps, guidance, y, img.dtype)
         txt = self.txt_in(context)
 
         text_ids = torch.zeros(txt.shape[1], 3, device=x.device)

@@ -32,7 +32,6 @@ from torch import Tensor, nn
 from .controlnet import hint_block
 from .flux import (
     PATCH_SIZE,
-    TIME_FACTOR,
     TIMESTEP_EMBED_DIM,
     DoubleStreamBlock,
     Flux,
@@ -44,10 +43,10 @@ from .flux import (
     flux_config_from_shapes,
     flux_keys_from_diffusers,
     image_position_ids,
+    modulation_vector,
     pack_latent,
     rope_angles,
 )
-from .timestep import timestep_embedding
 from .transformer import pad_to_patches
 from .transformer_control import ControlShapeError, TransformerControl, spread
 
@@ -135,11 +134,7 @@ class FluxControlNet(nn.Module):
             cond = pad_to_patches(hint.to(img.dtype), PATCH_SIZE)
         img = img + self.pos_embed_input(pack_latent(cond))
 
-        vec = self.time_in(timestep_embedding(timesteps * TIME_FACTOR, TIMESTEP_EMBED_DIM).to(img.dtype))
-        if trunk.guidance_embed:
-            assert guidance is not None  # _check_inputs
-            vec = vec + self.guidance_in(timestep_embedding(guidance * TIME_FACTOR, TIMESTEP_EMBED_DIM).to(img.dtype))
-        vec = vec + self.vector_in(y)
+        vec = modulation_vector(self, trunk.guidance_embed, timesteps, guidance, y, img.dtype)
         txt = self.txt_in(context)
         if mode is not None:
             token = self.controlnet_mode_embedder(torch.tensor([mode], device=img.device)).to(txt.dtype)
