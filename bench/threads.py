@@ -109,7 +109,7 @@ def summarise(figures: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the workflow's 20)")
     args = parser.parse_args()
 

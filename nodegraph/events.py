@@ -20,7 +20,7 @@ NODE_FAILED = "node_failed"
 RUN_ENDED = (RUN_FINISHED, RUN_FAILED, RUN_CANCELLED)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     """Something that happened in a run. `data` holds JSON values, except a preview's image."""
 

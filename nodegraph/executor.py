@@ -52,7 +52,7 @@ class NodeMemoryError(MemoryError):
     """A node's inputs ask for more memory than the device holds; refused before it ran."""
 
 
-@dataclass
+@dataclass(slots=True)
 class NodeResult:
     node_id: str
     status: Literal["executed", "cached"]
@@ -277,16 +277,14 @@ class Executor:
             else:
                 needed.update(link.source for link in plan.nodes[node_id].links.values())
 
-        emit(Event(ev.RUN_STARTED, run_id, data={"nodes": [n for n in plan.order if n in needed],
-                                                 "outputs": plan.outputs}))
+        to_run = [n for n in plan.order if n in needed]
+        emit(Event(ev.RUN_STARTED, run_id, data={"nodes": to_run, "outputs": plan.outputs}))
         values: dict[str, NodeOutputs] = {}
         document = plan.memo.get("document")
         if document is None:  # the same for every run of the plan; nodes only read it
             document = plan.memo["document"] = plan.workflow.to_json()
         try:
-            for node_id in plan.order:
-                if node_id not in needed:
-                    continue
+            for node_id in to_run:
                 if cancel.cancelled:
                     raise RunCancelled()
                 entry = hits.get(node_id)

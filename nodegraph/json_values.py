@@ -86,42 +86,55 @@ def _is_text(value: str) -> bool:
     return True
 
 
+def _spelled(where: tuple[Any, str | int] | None) -> tuple[str | int, ...]:
+    """A path kept as nested (parent, key) pairs, spelled out from the root."""
+    parts: list[str | int] = []
+    while where is not None:
+        where, key = where
+        parts.append(key)
+    return tuple(reversed(parts))
+
+
 def json_problems(value: Any, max_depth: int = MAX_DEPTH, limit: int = MAX_PROBLEMS) -> list[JsonProblem]:
     """What keeps `value` (a decoded document) from being standard JSON text: nesting deeper than
     `max_depth`, non-finite numbers, strings (or keys) with lone surrogates, and values of other
-    Python types. Walks without recursion, so any depth is safe to check; at most `limit` problems."""
+    Python types. Walks without recursion, so any depth is safe to check; at most `limit` problems,
+    in document order. Each value's place is kept as a (parent's place, key) pair and spelled out
+    as a path only for a problem: most documents have none."""
     problems: list[JsonProblem] = []
-    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]
+    stack: list[tuple[Any, int, tuple[Any, str | int] | None]] = [(value, 0, None)]
     while stack and len(problems) < limit:
-        item, path = stack.pop()
+        item, depth, where = stack.pop()
         if isinstance(item, str):
             if not _is_text(item):
-                problems.append(JsonProblem(path, "invalid_text", "text contains a lone surrogate (such as \\ud800), "
-                                            "which is not Unicode text"))
+                problems.append(JsonProblem(_spelled(where), "invalid_text", "text contains a lone surrogate "
+                                            "(such as \\ud800), which is not Unicode text"))
         elif isinstance(item, float):
             if not math.isfinite(item):
-                problems.append(JsonProblem(path, "not_finite", f"{item} is not a JSON number; numbers must be finite"))
+                problems.append(JsonProblem(_spelled(where), "not_finite",
+                                            f"{item} is not a JSON number; numbers must be finite"))
         elif item is None or isinstance(item, (bool, int)):
             continue
         elif isinstance(item, (dict, list)):
-            if len(path) >= max_depth:
-                problems.append(JsonProblem(path, "too_deep", f"nested more than {max_depth} levels deep",
+            if depth >= max_depth:
+                problems.append(JsonProblem(_spelled(where), "too_deep", f"nested more than {max_depth} levels deep",
                                             {"max_depth": max_depth}))
                 continue
+            depth += 1
             if isinstance(item, list):
-                stack.extend((child, (*path, index)) for index, child in reversed(list(enumerate(item))))
+                stack.extend((item[index], depth, (where, index)) for index in range(len(item) - 1, -1, -1))
                 continue
             children = []
             for key, child in item.items():
                 if not isinstance(key, str):
-                    problems.append(JsonProblem(path, "not_json", f"key {key!r} is not a string"))
+                    problems.append(JsonProblem(_spelled(where), "not_json", f"key {key!r} is not a string"))
                 elif not _is_text(key):
-                    problems.append(JsonProblem((*path, key.encode("utf-8", "backslashreplace").decode()),
+                    problems.append(JsonProblem((*_spelled(where), key.encode("utf-8", "backslashreplace").decode()),
                                                 "invalid_text", "a key contains a lone surrogate (such as \\ud800), "
                                                 "which is not Unicode text"))
                 else:
-                    children.append((child, (*path, key)))
+                    children.append((child, depth, (where, key)))
             stack.extend(reversed(children))
         else:
-            problems.append(JsonProblem(path, "not_json", f"a {type(item).__name__} is not a JSON value"))
+            problems.append(JsonProblem(_spelled(where), "not_json", f"a {type(item).__name__} is not a JSON value"))
     return problems[:limit]
