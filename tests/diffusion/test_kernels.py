@@ -18,6 +18,13 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+@pytest.fixture
+def any_size(monkeypatch) -> None:
+    """The oneDNN paths for products of any size (the tests' tensors are far below the thresholds)."""
+    for name in ("LINEAR_MIN_ROWS", "LINEAR_MIN_MACS", "POINTWISE_MIN_MACS", "ATTENTION_MIN_WORK"):
+        monkeypatch.setattr(kernels, name, 0)
+
+
 def random_linear(fan_in: int, fan_out: int, bias: bool = True, seed: int = 0) -> nn.Linear:
     torch.manual_seed(seed)
     layer = nn.Linear(fan_in, fan_out, bias=bias)
@@ -30,20 +37,20 @@ def random_linear(fan_in: int, fan_out: int, bias: bool = True, seed: int = 0) -
 
 @needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_takes_onednn_under_inference_and_matches_the_module(bias: bool) -> None:
+def test_linear_takes_onednn_under_inference_and_matches_the_module(any_size, bias: bool) -> None:
     layer = random_linear(48, 40, bias)
-    x = torch.randn(2, 7, 48)
+    x = torch.randn(2, 9, 48)
     with torch.inference_mode():
         assert kernels.onednn_usable(x, layer.weight, layer.bias)
         got = kernels.linear(x, layer)
         expected = layer(x)
-    assert got.shape == (2, 7, 40)
+    assert got.shape == (2, 9, 40)
     assert max_err(got, expected) <= TOL
     assert expected.abs().max() > 0.5
 
 
 @needs_onednn
-def test_linear_applies_a_1x1_conv_over_token_channels() -> None:
+def test_linear_applies_a_1x1_conv_over_token_channels(any_size) -> None:
     torch.manual_seed(1)
     conv = nn.Conv2d(24, 16, kernel_size=1)
     image = torch.randn(2, 24, 5, 3)
@@ -96,7 +103,7 @@ def test_disabled_onednn_gives_the_torch_results_exactly(monkeypatch) -> None:
 
 
 @needs_onednn
-def test_gated_gelu_is_hidden_times_exact_gelu_of_gate() -> None:
+def test_gated_gelu_is_hidden_times_exact_gelu_of_gate(any_size) -> None:
     proj = random_linear(40, 2 * 96)
     x = torch.randn(2, 11, 40) * 2  # gate values spread over the range where GELU's tanh form differs
     with torch.inference_mode():
@@ -111,7 +118,7 @@ def test_gated_gelu_is_hidden_times_exact_gelu_of_gate() -> None:
 
 @needs_onednn
 @pytest.mark.parametrize("tokens, keys", [(37, 37), (37, 5), (6, 50)])
-def test_attention_matches_sdpa_in_query_blocks(monkeypatch, tokens: int, keys: int) -> None:
+def test_attention_matches_sdpa_in_query_blocks(monkeypatch, any_size, tokens: int, keys: int) -> None:
     # Small blocks: several per head, the last one shorter; oneDNN whatever the thread count.
     monkeypatch.setattr(kernels, "ATTENTION_BLOCK_ELEMENTS", 8 * keys)
     monkeypatch.setattr(kernels, "ATTENTION_MAX_THREADS", torch.get_num_threads())
@@ -189,7 +196,7 @@ def test_small_upsampler_inputs_take_the_plain_way(monkeypatch) -> None:
 
 @needs_onednn
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_pointwise_conv_matches_the_module(channels_last: bool) -> None:
+def test_pointwise_conv_matches_the_module(any_size, channels_last: bool) -> None:
     torch.manual_seed(6)
     conv = nn.Conv2d(24, 16, kernel_size=1)
     x = torch.randn(2, 24, 6, 5)
@@ -211,3 +218,38 @@ def test_attention_leaves_onednn_to_sdpa_above_its_thread_limit(monkeypatch) -> 
     with torch.inference_mode():
         sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         assert torch.equal(kernels.attention(q, k, v), sdpa.transpose(1, 2).reshape(1, 6, 16))
+
+
+@needs_onednn
+def test_small_products_take_the_torch_path(monkeypatch) -> None:
+    # Below the sizes where oneDNN pays, the results are torch's own, bit for bit; at the
+    # thresholds the oneDNN matmul runs (its results differ in the last bits). The thresholds are
+    # scaled down so that small tensors show each limit.
+    monkeypatch.setattr(kernels, "LINEAR_MIN_MACS", 16 * 32 * 64)
+    monkeypatch.setattr(kernels, "ATTENTION_MIN_WORK", 6 * 5 * 8)
+    monkeypatch.setattr(kernels, "ATTENTION_MAX_THREADS", torch.get_num_threads())
+    layer, narrow = random_linear(32, 64, seed=3), random_linear(32, 8, seed=4)
+    few, enough = torch.randn(kernels.LINEAR_MIN_ROWS - 1, 32), torch.randn(kernels.LINEAR_MIN_ROWS, 32)
+    q, k, v = torch.randn(1, 6, 2, 8), torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
+    conv, image = nn.Conv2d(32, 16, kernel_size=1), torch.randn(1, 32, 4, 4)
+    calls = []
+    product = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a) or product(*a))
+
+    def sdpa(queries: torch.Tensor) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(queries.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2).reshape(1, queries.shape[1], 16)
+
+    with torch.inference_mode():
+        assert torch.equal(kernels.linear(few, layer), layer(few))  # too few rows
+        assert torch.equal(kernels.linear(enough, narrow), narrow(enough))  # too few multiply-adds
+        hidden, gate = layer(few).chunk(2, dim=-1)
+        assert torch.equal(kernels.gated_gelu(few, layer), hidden * F.gelu(gate))
+        assert torch.equal(kernels.attention(q[:, :5], k, v), sdpa(q[:, :5]))  # 5 x 5 x 8 < 6 x 5 x 8
+        assert image.numel() * 16 < kernels.POINTWISE_MIN_MACS
+        assert torch.equal(kernels.pointwise_conv(image, conv), conv(image))
+        assert calls == []
+        assert max_err(kernels.linear(enough, layer), layer(enough)) <= TOL
+        assert len(calls) == 1
+        assert max_err(kernels.attention(q, k, v), sdpa(q)) <= TOL
+        assert len(calls) == 1 + 2 * 2  # two products per head

@@ -31,6 +31,21 @@ UPSAMPLE_PHASES_MIN_PIXELS = 2048
 # so a block stays in cache between the two products (against 4096 keys: 64-128 rows 0.7x the time
 # of SDPA's flash kernel, 512 rows 0.9x, all 4096 rows at once 2.5x).
 ATTENTION_BLOCK_ELEMENTS = 1 << 18
+# Multiply-adds per (batch, head) of one product, query rows x key tokens x head width, from which
+# attention takes the oneDNN blocks (one thread, against SDPA): 6e6 and more (1024x77 tokens at width
+# 80, 256x256 at 160, 4096x77 at 40, 512x512 at 40) 0.6-0.76x its time, 2.6-3.2e6 (256x256 or
+# 1024x77 at width 40) 1.0x, 4096 (16x16 at 16, the demo model's) 34x: two small products and a
+# softmax per head cost far more than SDPA's one call.
+ATTENTION_MIN_WORK = 1 << 22
+# A linear layer goes through oneDNN from LINEAR_MIN_ROWS rows (all dimensions but the last) and
+# LINEAR_MIN_MACS multiply-adds (rows x in x out): at 2-8 rows (the time embedding, pooled vectors)
+# it takes 1.06-1.3x torch's time whatever the width, at 32 rows x 128 x 128 (5e5) 1.4x; from 2e6
+# (32 x 128 x 1024, 128 x 128 x 128, 32 x 256 x 256) 0.68-0.83x, at SD1.5's sizes 0.45x.
+LINEAR_MIN_ROWS = 16
+LINEAR_MIN_MACS = 1 << 21
+# Multiply-adds (batch x pixels x in x out channels) from which a 1x1 conv goes through oneDNN: at
+# 3-4e6 (192-384 channels at 4x4-8x8 pixels) it takes 0.97-1.15x torch's time, from 1.7e7 0.5-0.75x.
+POINTWISE_MIN_MACS = 1 << 23
 # Most intra-op threads for which attention takes the oneDNN blocks. They parallelise only inside
 # each product, SDPA's flash kernel over heads and blocks: against 4096 keys 0.75x SDPA's time on
 # one thread, 0.91x on two; with more (not measurable on the 2-core development machine) SDPA runs.
@@ -51,6 +66,12 @@ def onednn_usable(*tensors: Tensor | None) -> bool:
     return True
 
 
+def _linear_pays(x: Tensor, weight: Tensor) -> bool:
+    """Whether a linear map of ``x`` by ``weight`` (out, in) is big enough for oneDNN to pay."""
+    fan_in = weight.shape[-1]
+    return fan_in > 0 and x.numel() >= LINEAR_MIN_ROWS * fan_in and x.numel() * weight.shape[0] >= LINEAR_MIN_MACS
+
+
 def linear(x: Tensor, layer: nn.Linear | nn.Conv2d) -> Tensor:
     """``layer(x)`` for a Linear; for a 1x1 Conv2d, the same map over the channels of token-major
     ``x``: ``F.linear(x, layer.weight.flatten(1), layer.bias)``. x: (..., in) -> (..., out)."""
@@ -60,7 +81,7 @@ def linear(x: Tensor, layer: nn.Linear | nn.Conv2d) -> Tensor:
             raise ValueError(f"kernels.linear takes a 1x1 Conv2d without groups, got {layer}")
         weight = weight.flatten(1)
     # A strided weight sends oneDNN down a path many times slower than torch's.
-    if weight.is_contiguous() and onednn_usable(x, weight, bias):
+    if weight.is_contiguous() and _linear_pays(x, weight) and onednn_usable(x, weight, bias):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if isinstance(layer, nn.Linear):
         return layer(x)
@@ -73,7 +94,7 @@ def gated_gelu(x: Tensor, proj: nn.Linear) -> Tensor:
     x: (..., in) -> (..., proj.out_features // 2).
     """
     weight, bias = proj.weight, proj.bias
-    if not (weight.is_contiguous() and onednn_usable(x, weight, bias)):
+    if not (weight.is_contiguous() and _linear_pays(x, weight) and onednn_usable(x, weight, bias)):
         hidden, gate = proj(x).chunk(2, dim=-1)
         gated = F.gelu(gate)
         # gelu's output is a fresh tensor nobody else holds; multiplying into it saves one
@@ -95,7 +116,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     result transposed back and flattened. q: (B, N, H, D), k and v: (B, T, H, D) -> (B, N, H*D).
     """
     batch, tokens, heads, head_dim = q.shape
-    if torch.get_num_threads() > ATTENTION_MAX_THREADS or not onednn_usable(q, k, v):
+    if (tokens * k.shape[1] * head_dim < ATTENTION_MIN_WORK or torch.get_num_threads() > ATTENTION_MAX_THREADS
+            or not onednn_usable(q, k, v)):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
     rows = max(1, ATTENTION_BLOCK_ELEMENTS // max(1, k.shape[1]))
@@ -132,6 +154,7 @@ def pointwise_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
         and conv.padding == (0, 0)
         and conv.dilation == (1, 1)
         and conv.groups == 1
+        and x.numel() * weight.shape[0] >= POINTWISE_MIN_MACS
         and onednn_usable(x, weight, bias)
     ):
         return torch.ops.aten.mkldnn_convolution(x, weight, bias, [0, 0], [1, 1], [1, 1], 1)
