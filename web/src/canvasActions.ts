@@ -3,7 +3,7 @@
 
 import { nodeBox } from "./canvasElements";
 import { edgeId, type Graph, type GraphNodeData } from "./graph";
-import { editing } from "./store";
+import { editing } from "./graphActions";
 import {
   addReroute, boundsAround, COLOR, DEFAULT_GROUP_COLOR, DEFAULT_NOTE_SIZE, type Group, newElementId, type Note, type Point,
 } from "./uiElements";
