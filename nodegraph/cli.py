@@ -256,6 +256,14 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     registry, problems = build_registry(args.nodes_dir or [DEFAULT_NODES_DIR])
     _print_problems(problems)
     catalogue = registry.catalogue()
+    if args.query:
+        query = args.query.casefold()
+        catalogue["nodes"] = {name: info for name, info in catalogue["nodes"].items()
+                              if any(query in text.casefold() for text in
+                                     (name, info.get("display_name", ""), *info["aliases"]))}
+        if not catalogue["nodes"]:
+            print(f"no node type, display name or other tool's name contains {args.query!r}", file=sys.stderr)
+            return EXIT_INVALID
     if args.json:
         print(json.dumps(catalogue, indent=2, default=str))
         return EXIT_OK
@@ -266,6 +274,9 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         print(f"{category}:")
         for info in by_category[category]:
             print(f"  {info['type']} - {info['description']}")
+            other_names = [name for name in info["aliases"] if name != info["type"]]
+            if other_names:
+                print(f"      also known as: {', '.join(other_names)}")
             for name, spec in info["inputs"].items():
                 detail = spec["type"] + ("" if spec["required"] else f" = {spec.get('default')!r}")
                 if "choices" in spec:
@@ -380,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(handler=cmd_convert)
 
     nodes = with_nodes_dir(sub.add_parser("nodes", help="list node types with their inputs and outputs"))
+    nodes.add_argument("query", nargs="?", help="only node types whose name, display name or another tool's "
+                                                "name for them (ComfyUI's, say) contains this, any case")
     nodes.add_argument("--json", action="store_true")
     nodes.set_defaults(handler=cmd_nodes)
 

@@ -125,6 +125,41 @@ def test_nodes_json_lists_inputs_and_outputs(workdir):
     assert "Math - Arithmetic on two numbers." in text
 
 
+NAMING_PACK = """
+class OtherToolNames:
+    name = "othertool"
+
+    def detect(self, document):
+        return False
+
+    def convert(self, document):
+        raise ValueError("never detects")
+
+    def aliases(self):
+        return {"Sink": ["ShowAnything", "Sink"], "Value": ["PrimitiveNumber"]}
+
+
+NODES = []
+IMPORTERS = [OtherToolNames()]
+"""
+
+
+def test_nodes_query_finds_node_types_by_any_of_their_names(workdir):
+    (workdir / "custom_nodes" / "naming_pack.py").write_text(NAMING_PACK)
+    done = nodegraph("nodes", "showanything", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    assert "  Sink - " in done.stdout
+    assert "also known as: ShowAnything\n" in done.stdout  # its own name is not repeated
+    assert "  Value - " not in done.stdout and "  Math - " not in done.stdout
+    listed = json.loads(nodegraph("nodes", "NUMBER", "--json", cwd=workdir).stdout)["nodes"]
+    assert listed["Value"]["aliases"] == ["PrimitiveNumber"]
+    assert "Sink" not in listed
+    assert "Math" in json.loads(nodegraph("nodes", "math", "--json", cwd=workdir).stdout)["nodes"]
+    missing = nodegraph("nodes", "NoSuchNode", cwd=workdir)
+    assert missing.returncode == 2
+    assert "'NoSuchNode'" in missing.stderr and missing.stdout == ""
+
+
 def test_schema_command_prints_json_schema(workdir):
     done = nodegraph("schema", cwd=workdir)
     assert done.returncode == 0
