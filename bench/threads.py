@@ -9,7 +9,7 @@ load average and the runnable count seen when it was taken: on a shared machine 
 For "1" and "2" torch runs with that many threads throughout (NODEGRAPH_THREADS pins the pack's
 networks too); "auto" starts from torch's default count and lets the policy choose.
 
-    python bench/threads.py [--repeats 3] [--steps 20]
+    python bench/threads.py [--repeats 7] [--steps 20]
 """
 
 from __future__ import annotations
