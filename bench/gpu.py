@@ -38,9 +38,9 @@ from unet import fill_random_  # bench/unet.py: random weights of sane scale
 from nodegraph_diffusion.networks import unet
 
 TOKENS = 77
-BATCH = 2
+BATCH = 2  # positive and negative prompt in one call, as the guider batches them
 DEVICE = "cuda"  # --smoke: "cpu"
-COMPILE_BACKEND = "inductor"  # --smoke: "eager" (dynamo's tracing without code generation)  # positive and negative prompt in one call, as the guider batches them
+COMPILE_BACKEND = "inductor"  # --smoke: "eager" (dynamo's tracing without code generation)
 MODELS = {
     "sd15": {"config": unet.SD1_CONFIG, "size": 512,
              "diffusers": {"cross_attention_dim": 768, "sample_size": 64}},
