@@ -7,8 +7,9 @@ memory; time per block is what the depth scales. Both models carry the same rand
 (diffusers' moved through our key mapping), so the run also reports how far apart the outputs are.
 
 Time: one warm-up forward each, then ``--repeats`` forwards alternating between the two models
-(so drifting machine load hits both alike), median per model and the ratio of the fastest runs,
-under ``torch.inference_mode``.
+(so drifting machine load hits both alike), under ``torch.inference_mode``; each forward timed by
+the wall clock and by the process's CPU time (which leaves out the time other processes held the
+core), medians per model and the ratios of the medians and of the fastest runs.
 
     python bench/dit_forward.py                           # both families, 512x512 images
     python bench/dit_forward.py --family flux --repeats 1 # a quick look
@@ -20,14 +21,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from unet import fill_random_  # bench/unet.py: random weights of sane scale
+from unet import fill_random_, timing_summary  # bench/unet.py: random weights of sane scale, ratios
 
 from nodegraph_diffusion.networks import flux, mmdit
 
@@ -95,27 +95,25 @@ PAIRS = {"sd3": sd3_pair, "flux": flux_pair}
 
 
 def measure(family: str, depth: int, latent: int, repeats: int) -> dict:
-    reference, ours, run_reference, run_ours, shape = PAIRS[family](depth, latent, seed=0)
+    _reference, ours, run_reference, run_ours, shape = PAIRS[family](depth, latent, seed=0)
     runners = {"ours": run_ours, "diffusers": run_reference}
-    times: dict[str, list[float]] = {name: [] for name in runners}
+    wall: dict[str, list[float]] = {name: [] for name in runners}
+    cpu: dict[str, list[float]] = {name: [] for name in runners}
     with torch.inference_mode():
         outputs = {name: run() for name, run in runners.items()}
         for _ in range(repeats):
             for name, run in runners.items():
-                start = time.perf_counter()
+                start_cpu, start = time.process_time(), time.perf_counter()
                 run()
-                times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(values) for name, values in times.items()}
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
     return {
         "family": family,
         "depth": depth if family == "sd3" else {"double": depth // 2, "single": depth},
         "parameters_ours": sum(p.numel() for p in ours.parameters()),
         "latent": list(shape),
         "text_tokens": TEXT_TOKENS[family],
-        "ours_s": times["ours"],
-        "diffusers_s": times["diffusers"],
-        "time_ratio_ours_over_diffusers": median["ours"] / median["diffusers"],
-        "time_ratio_of_fastest_runs": min(times["ours"]) / min(times["diffusers"]),
+        **timing_summary(wall, cpu),
         "max_abs_diff_vs_diffusers": (outputs["ours"] - outputs["diffusers"]).abs().max().item(),
         "output_abs_max": outputs["diffusers"].abs().max().item(),
     }
@@ -138,6 +136,7 @@ def main() -> None:
         "machine": platform.machine(),
         "torch": torch.__version__,
         "repeats": args.repeats,
+        "load_average_1min_before": os.getloadavg()[0],
         "results": [measure(family, args.depth, args.latent, args.repeats) for family in families],
         "load_average_1min_after": os.getloadavg()[0],
     }

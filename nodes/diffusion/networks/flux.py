@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .timestep import timestep_embedding
 from .transformer_control import TransformerControl
 
@@ -166,7 +167,7 @@ class SelfAttention(nn.Module):
 
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: (B, L, D) -> normed q, k and v, each (B, heads, L, head_dim)."""
-        return split_heads(self.qkv(x), self.num_heads, self.norm)
+        return split_heads(kernels.linear(x, self.qkv), self.num_heads, self.norm)
 
 
 class Modulation(nn.Module):
@@ -186,6 +187,11 @@ def split_heads(qkv: Tensor, num_heads: int, norm: QKNorm) -> tuple[Tensor, Tens
     batch, length, _ = qkv.shape
     q, k, v = qkv.view(batch, length, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
     return norm.query_norm(q), norm.key_norm(k), v
+
+
+def mlp(layers: nn.Sequential, x: Tensor) -> Tensor:
+    """A double block's MLP, ``layers`` = (Linear, tanh GELU, Linear): x: (B, L, D) -> (B, L, D)."""
+    return kernels.linear(F.gelu(kernels.linear(x, layers[0]), approximate="tanh"), layers[2])
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -254,10 +260,10 @@ class DoubleStreamBlock(nn.Module):
         )
         txt_out, img_out = joint.split((txt.shape[1], img.shape[1]), dim=1)
 
-        img = img + img_gate1 * self.img_attn.proj(img_out)
-        img = img + img_gate2 * self.img_mlp(modulate(img, img_shift2, img_scale2))
-        txt = txt + txt_gate1 * self.txt_attn.proj(txt_out)
-        txt = txt + txt_gate2 * self.txt_mlp(modulate(txt, txt_shift2, txt_scale2))
+        img = img + img_gate1 * kernels.linear(img_out, self.img_attn.proj)
+        img = img + img_gate2 * mlp(self.img_mlp, modulate(img, img_shift2, img_scale2))
+        txt = txt + txt_gate1 * kernels.linear(txt_out, self.txt_attn.proj)
+        txt = txt + txt_gate2 * mlp(self.txt_mlp, modulate(txt, txt_shift2, txt_scale2))
         return img, txt
 
 
@@ -278,10 +284,10 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         """x: (B, L, D), vec: (B, D) -> (B, L, D)."""
         shift, scale, gate = self.modulation(vec)
-        qkv, mlp = self.linear1(modulate(x, shift, scale)).split(self.split, dim=-1)
+        qkv, hidden = kernels.linear(modulate(x, shift, scale), self.linear1).split(self.split, dim=-1)
         q, k, v = split_heads(qkv, self.num_heads, self.norm)
-        out = torch.cat((attention(q, k, v, *rope), F.gelu(mlp, approximate="tanh")), dim=-1)
-        return x + gate * self.linear2(out)
+        out = torch.cat((attention(q, k, v, *rope), F.gelu(hidden, approximate="tanh")), dim=-1)
+        return x + gate * kernels.linear(out, self.linear2)
 
 
 class LastLayer(nn.Module):
@@ -294,7 +300,7 @@ class LastLayer(nn.Module):
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
-        return self.linear(modulate(x, shift, scale))
+        return kernels.linear(modulate(x, shift, scale), self.linear)
 
 
 # --------------------------------------------------------------------------- latent packing
@@ -406,9 +412,9 @@ class Flux(nn.Module):
         x = F.pad(x, (0, width % PATCH_SIZE, 0, height % PATCH_SIZE), mode="circular")
         rows, cols = x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE
 
-        img = self.img_in(pack_latent(x))
+        img = kernels.linear(pack_latent(x), self.img_in)
         vec = modulation_vector(self, self.config.guidance_embed, timesteps, guidance, y, img.dtype)
-        txt = self.txt_in(context)
+        txt = kernels.linear(context, self.txt_in)
 
         text_ids = torch.zeros(txt.shape[1], 3, device=x.device)
         ids = torch.cat((text_ids, image_position_ids(rows, cols, x.device)), dim=0)
@@ -443,7 +449,7 @@ class Flux(nn.Module):
                                      f"got {tuple(latent.shape)}")
             h, w = latent.shape[-2:]
             padded = F.pad(latent, (0, w % PATCH_SIZE, 0, h % PATCH_SIZE), mode="circular")
-            tokens.append(self.img_in(pack_latent(padded)).expand(batch, -1, -1))
+            tokens.append(kernels.linear(pack_latent(padded), self.img_in).expand(batch, -1, -1))
         ids = reference_position_ids([tuple(latent.shape[-2:]) for latent in latents], latents[0].device)
         return torch.cat(tokens, dim=1), torch.cat(ids, dim=0)
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .controlnet import hint_block
 from .flux import (
     PATCH_SIZE,
@@ -127,15 +128,15 @@ class FluxControlNet(nn.Module):
         config, trunk = self.config, self.config.flux
         x = pad_to_patches(x, PATCH_SIZE)
         rows, cols = x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE
-        img = self.img_in(pack_latent(x))
+        img = kernels.linear(pack_latent(x), self.img_in)
         if config.image_input:
             cond = self.input_hint_block(hint.to(img.dtype) * 2.0 - 1.0)
         else:
             cond = pad_to_patches(hint.to(img.dtype), PATCH_SIZE)
-        img = img + self.pos_embed_input(pack_latent(cond))
+        img = img + kernels.linear(pack_latent(cond), self.pos_embed_input)
 
         vec = modulation_vector(self, trunk.guidance_embed, timesteps, guidance, y, img.dtype)
-        txt = self.txt_in(context)
+        txt = kernels.linear(context, self.txt_in)
         if mode is not None:
             token = self.controlnet_mode_embedder(torch.tensor([mode], device=img.device)).to(txt.dtype)
             txt = torch.cat((token.expand(txt.shape[0], 1, -1), txt), dim=1)
@@ -145,12 +146,12 @@ class FluxControlNet(nn.Module):
         double = []
         for block, projection in zip(self.double_blocks, self.controlnet_blocks):
             img, txt = block(img, txt, vec, rope)
-            double.append(projection(img) * strength)
+            double.append(kernels.linear(img, projection) * strength)
         joint = torch.cat((txt, img), dim=1)
         single = []
         for block, projection in zip(self.single_blocks, self.controlnet_single_blocks):
             joint = block(joint, vec, rope)
-            single.append(projection(joint[:, txt.shape[1]:]) * strength)
+            single.append(kernels.linear(joint[:, txt.shape[1]:], projection) * strength)
         return TransformerControl(self._spread(double, base.config.depth),
                                   self._spread(single, base.config.depth_single_blocks))
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .timestep import timestep_embedding
 from .transformer import (
     MLP_RATIO,
@@ -216,7 +217,7 @@ class MMDiT(nn.Module):
         tokens = self.x_embedder(x) + self.cropped_pos_embed(rows, cols).to(x.dtype)
         c = self.t_embedder(timestep_embedding(timesteps, TIMESTEP_FREQUENCY_DIM).to(tokens.dtype))
         c = c + self.y_embedder(y)
-        text = self.context_embedder(context)
+        text = kernels.linear(context, self.context_embedder)
         last = len(self.joint_blocks) - 1
         for i, block in enumerate(self.joint_blocks):
             tokens, text = block(tokens, text, c, last=i == last)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .mmdit import (
     HEAD_DIM,
     JointBlock,
@@ -151,7 +152,7 @@ class SD3ControlNet(nn.Module):
 
         samples = []
         if config.joint:
-            text = self.context_embedder(context)
+            text = kernels.linear(context, self.context_embedder)
             last = len(self.joint_blocks) - 1
             for i, block in enumerate(self.joint_blocks):
                 tokens, text = block(tokens, text, c, last=i == last)
@@ -160,7 +161,8 @@ class SD3ControlNet(nn.Module):
             for block in self.transformer_blocks:
                 tokens = image_block(block, tokens, c)
                 samples.append(tokens)
-        outputs = [projection(sample) * strength for projection, sample in zip(self.controlnet_blocks, samples)]
+        outputs = [kernels.linear(sample, projection) * strength
+                   for projection, sample in zip(self.controlnet_blocks, samples)]
         return TransformerControl(spread(outputs, base.config.depth, skip_last=base.config.last_context_pre_only))
 
     def _check_inputs(self, x: Tensor, hint: Tensor, base: MMDiT) -> None:

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .dit import check_stored_positions, num_heads_for_width
 from .timestep import timestep_embedding
 from .transformer import (
@@ -183,10 +184,10 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
         """x: (B, N, D), context: (B, L, D), mask: (B, 1, 1, L) bool (True = attend) or None -> (B, N, D)."""
         batch, tokens, _ = x.shape
-        q = self.q_linear(x).view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv_linear(context).view(batch, -1, 2, self.num_heads, self.head_dim).unbind(2)
+        q = kernels.linear(x, self.q_linear).view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = kernels.linear(context, self.kv_linear).view(batch, -1, 2, self.num_heads, self.head_dim).unbind(2)
         out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+        return kernels.linear(out.transpose(1, 2).reshape(batch, tokens, -1), self.proj)
 
 
 class PixArtBlock(nn.Module):
@@ -218,7 +219,7 @@ class PixArtFinalLayer(nn.Module):
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """x: (B, N, D), t: (B, D) the embedded timestep (before ``t_block``) -> (B, N, p * p * out_channels)."""
         shift, scale = (self.scale_shift_table + t[:, None]).unbind(1)
-        return self.linear(modulate(layer_norm(x), shift, scale))
+        return kernels.linear(modulate(layer_norm(x), shift, scale), self.linear)
 
 
 # --------------------------------------------------------------------------- the model

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
+
 # Every LayerNorm of these networks (DiT, PixArt, SD3; diffusers agrees except where noted).
 NORM_EPS = 1e-6
 MLP_RATIO = 4
@@ -72,13 +74,13 @@ class FusedQKVAttention(nn.Module):
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: (B, L, D) -> q, k, v, each (B, heads, L, head_dim)."""
         batch, length, _ = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k, v = kernels.linear(x, self.qkv).view(batch, length, 3, self.num_heads, self.head_dim).unbind(2)
         return self.ln_q(q).transpose(1, 2), self.ln_k(k).transpose(1, 2), v.transpose(1, 2)
 
     def out(self, attended: Tensor) -> Tensor:
         """attended: (B, heads, L, head_dim) -> (B, L, D) through the output projection."""
         batch, _, length, _ = attended.shape
-        return self.proj(attended.transpose(1, 2).reshape(batch, length, -1))
+        return kernels.linear(attended.transpose(1, 2).reshape(batch, length, -1), self.proj)
 
     def forward(self, x: Tensor) -> Tensor:
         """Self-attention of one sequence: x: (B, L, D) -> (B, L, D)."""
@@ -95,7 +97,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, L, in_dim) -> (B, L, out_dim)."""
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return kernels.linear(F.gelu(kernels.linear(x, self.fc1), approximate="tanh"), self.fc2)
 
 
 class PatchEmbed(nn.Module):
@@ -122,7 +124,7 @@ class FinalLayer(nn.Module):
         """x: (B, L, D), c: (B, D) -> (B, L, p * p * out_channels)."""
         # (shift, scale) in the original; diffusers' SD3 stores the same rows as (scale, shift).
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(layer_norm(x), shift, scale))
+        return kernels.linear(modulate(layer_norm(x), shift, scale), self.linear)
 
 
 def pad_to_patches(x: Tensor, patch_size: int) -> Tensor:
