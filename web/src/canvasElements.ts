@@ -29,7 +29,8 @@ export function nodeBox(node: GraphNode): Box {
   return { ...node.position, width: node.measured?.width ?? UNMEASURED.width, height: node.measured?.height ?? UNMEASURED.height };
 }
 
-const noteBox = (note: Note): Box => ({ x: note.pos[0], y: note.pos[1], width: note.size[0], height: note.size[1] });
+/** Where a note lies on the canvas. */
+export const noteBox = (note: Note): Box => ({ x: note.pos[0], y: note.pos[1], width: note.size[0], height: note.size[1] });
 const rerouteBox = (reroute: Reroute): Box => ({ x: reroute.pos[0], y: reroute.pos[1], width: 0, height: 0 });
 
 export interface Members {

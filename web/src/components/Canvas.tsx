@@ -12,7 +12,7 @@ import { elementOf, REROUTE_RADIUS } from "../canvasElements";
 import type { Graph, GraphEdge, Size } from "../graph";
 import { actions, type ContextMenu as ContextMenuState, type DraggedLink, getState, useEditor } from "../store";
 import { pointsOf } from "../uiElements";
-import { fitViewport } from "../viewport";
+import { fitViewport, graphBounds, MIN_ZOOM } from "../viewport";
 import { FrameNode } from "./FrameNode";
 import { GraphNode } from "./GraphNode";
 import { LinkEdge } from "./LinkEdge";
@@ -95,12 +95,13 @@ function clientPoint(event: MouseEvent | TouchEvent): { x: number; y: number } {
 }
 
 /** Show a loaded workflow at once (React Flow's fitView waits for the next node update, which may be
- *  a cleared canvas's first node): whole if it fits at a readable zoom (viewport.ts). */
+ *  a cleared canvas's first node): all of it, as the store's graph has it after its nodes were measured
+ *  (viewport.ts). */
 function fitNow(flow: ReturnType<typeof useReactFlow>): void {
   const box = document.querySelector(".canvas")?.getBoundingClientRect();
-  const nodes = flow.getNodes();
-  if (!box || nodes.length === 0) return;
-  const viewport = fitViewport(flow.getNodesBounds(nodes), box.width, box.height);
+  const bounds = graphBounds(getState().history.present);
+  if (!box || bounds === null) return;
+  const viewport = fitViewport(bounds, box.width, box.height);
   void flow.setViewport(viewport);
   actions.rememberViewport(viewport);
 }
@@ -122,9 +123,9 @@ export function Canvas() {
     const fitWhenMeasured = () => {
       const wanted = new Set(getState().history.present.nodes.map((node) => node.id));
       const shown = flow.getNodes().filter((node) => wanted.has(node.id) && node.measured?.width);
-      if (wanted.size === 0) return;  // nothing to fit (or the canvas was cleared meanwhile)
       if (shown.length === wanted.size) {
-        actions.arrange(measuredSizes(shown), true);
+        // (Groups and notes have their size in the document: a graph of only those fits at once.)
+        if (wanted.size > 0) actions.arrange(measuredSizes(shown), true);
         handle = requestAnimationFrame(() => fitNow(flow));
       } else if (frames++ < 300) {
         handle = requestAnimationFrame(fitWhenMeasured);
@@ -257,17 +258,19 @@ export function Canvas() {
     if (file) void actions.openFile(file);
   };
 
+  // The view is kept on every move, not when a move ends: a wheel's zoom ends a moment after its last
+  // turn, and a tab switched to meanwhile would be given the view of the one left.
   return (
     <div className="canvas" onDrop={onDrop} onDragOver={(event) => event.preventDefault()} data-testid="canvas"
          onMouseDownCapture={onMouseDownCapture} onDoubleClick={onDoubleClick}>
       <ReactFlow nodes={nodes} edges={styledEdges} nodeTypes={nodeTypes} edgeTypes={edgeTypes} onEdgeDoubleClick={onEdgeDoubleClick}
-                 onMoveEnd={(_, viewport) => actions.rememberViewport(viewport)}
+                 onMove={(_, viewport) => actions.rememberViewport(viewport)}
                  onPaneContextMenu={(event) => openMenu(event, { kind: "canvas" })} onNodeContextMenu={onNodeContextMenu}
                  onEdgeContextMenu={(event, edge) => openMenu(event, { kind: "link", id: edge.id })}
                  onNodesChange={actions.nodesChanged} onEdgesChange={actions.edgesChanged}
                  onConnect={onConnect} onConnectEnd={onConnectEnd} connectionRadius={CONNECTION_RADIUS}
                  isValidConnection={isValidConnection} deleteKeyCode={["Delete", "Backspace"]} zoomOnDoubleClick={false}
-                 multiSelectionKeyCode={["Shift", "Meta", "Control"]} minZoom={0.1}>
+                 multiSelectionKeyCode={["Shift", "Meta", "Control"]} minZoom={MIN_ZOOM}>
         <Background />
         <Controls />
         {minimap && <MiniMap pannable zoomable bgColor="#1e1f24" maskColor="#0009" nodeColor={minimapColor} />}
