@@ -1,7 +1,8 @@
 """End to end: where the canvas looks when a workflow opens, in headless Chromium against a real server.
 A graph wider than the view (nodes spread over 4000 px, a group and a note) opens showing all of it; a
 small one opens at its size (zoom 1), centred; each tab keeps the view it was left with, and a tab never
-shown since the page loaded is fitted when it is first shown.
+shown since the page loaded is fitted when it is first shown. The canvas menu's "Fit to view" fits the
+same way.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 
 from _browser import Browser, Page
 from _editor import open_editor, open_saved
+from test_editor_menus_e2e import choose, menu
 from test_editor_tabs_e2e import open_tab
 from test_editor_ui_e2e import put_workflow
 
@@ -63,6 +65,19 @@ def assert_wide_fitted(shown: dict) -> None:
     pane_width = shown["pane"]["right"] - shown["pane"]["left"]
     assert right - left > 0.85 * pane_width, (right - left, pane_width)
     assert shown["zoom"] < 0.35, shown["zoom"]
+
+
+def empty_point(shown: dict) -> tuple[float, float]:
+    """A point of the pane that no drawn node (nor a group's frame or a note) covers."""
+    pane = shown["pane"]
+    for fx in (0.5, 0.35, 0.65, 0.2, 0.8):
+        for fy in (0.5, 0.35, 0.65, 0.2, 0.8):
+            x = pane["left"] + fx * (pane["right"] - pane["left"])
+            y = pane["top"] + fy * (pane["bottom"] - pane["top"])
+            if not any(b["left"] - 8 <= x <= b["right"] + 8 and b["top"] - 8 <= y <= b["bottom"] + 8
+                       for b in shown["nodes"].values()):
+                return x, y
+    raise AssertionError(f"no empty point in the pane: {shown}")
 
 
 async def open_file(page: Page, path) -> None:
@@ -125,3 +140,19 @@ async def test_a_workflow_opens_whole_and_each_tab_keeps_its_view(picture_server
         await page.wait_for(f"document.querySelectorAll('.react-flow__node').length === {WIDE_DRAWN} && {ZOOM} < 1",
                             what="the wide tab placed in view")
         assert_wide_fitted(await view(page))
+
+        # Looked at closer again, then the canvas menu's "Fit to view": the same view as opening gave.
+        fitted = await view(page)
+        pane = fitted["pane"]
+        await page.send("Input.dispatchMouseEvent", type="mouseWheel", x=pane["left"] + 200, y=pane["top"] + 200,
+                        deltaX=0, deltaY=-300)
+        await page.wait_for(f"{ZOOM} > {fitted['zoom'] * 1.2}", what="the view zoomed in")
+        zoomed = await view(page)
+        assert outside(zoomed) != [], "zoomed in, some of the graph is out of view"
+        await menu(page, empty_point(zoomed), "canvas")
+        await choose(page, "fit-to-view")
+        await page.wait_for(f"Math.abs({ZOOM} - {fitted['zoom']}) < 1e-6", what="the view fitted again")
+        refitted = await view(page)
+        assert_wide_fitted(refitted)
+        for node, box in refitted["nodes"].items():
+            assert box == pytest.approx(fitted["nodes"][node], abs=1), node

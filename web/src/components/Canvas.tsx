@@ -97,7 +97,7 @@ function clientPoint(event: MouseEvent | TouchEvent): { x: number; y: number } {
 /** Show a loaded workflow at once (React Flow's fitView waits for the next node update, which may be
  *  a cleared canvas's first node): all of it, as the store's graph has it after its nodes were measured
  *  (viewport.ts). */
-function fitNow(flow: ReturnType<typeof useReactFlow>): void {
+export function fitNow(flow: ReturnType<typeof useReactFlow>): void {
   const box = document.querySelector(".canvas")?.getBoundingClientRect();
   const bounds = graphBounds(getState().history.present);
   if (!box || bounds === null) return;

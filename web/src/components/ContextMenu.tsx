@@ -8,7 +8,7 @@ import { canvasActions, PALETTE } from "../canvasActions";
 import { edgeId, type Graph } from "../graph";
 import { actions, type ContextMenu as Menu, useEditor } from "../store";
 import { DEFAULT_GROUP_COLOR } from "../uiElements";
-import { measuredSizes } from "./Canvas";
+import { fitNow, measuredSizes } from "./Canvas";
 
 interface Item {
   label: string;
@@ -50,7 +50,7 @@ function menuFor(menu: Menu, graph: Graph, flow: ReturnType<typeof useReactFlow>
         { label: "Paste here", hint: "Ctrl+V", run: () => actions.paste(at), disabled: !actions.canPaste() },
         { label: "Select all", hint: "Ctrl+A", run: actions.selectAll },
         { label: "Arrange", run: () => actions.arrange(measuredSizes(flow.getNodes().filter((n) => n.type === "graph"))) },
-        { label: "Fit to view", run: () => void flow.fitView({ padding: 0.1, maxZoom: 1 }) },
+        { label: "Fit to view", run: () => fitNow(flow) },
       ] };
     case "node": {
       const ids = nodeTargets(graph, target.id);
