@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from _kernel_fixtures import onednn_at_any_size  # noqa: F401 (a fixture)
 from _random_weights import randomize_
 from nodegraph_diffusion.networks.flux import (
     FLUX_AXES_DIM,
@@ -109,6 +110,22 @@ def test_matches_diffusers(guidance: bool, size: tuple[int, int]) -> None:
         got = model(args["x"], args["t"], args["context"], args["y"], args["guidance"])
     assert got.shape == args["x"].shape
     assert expected.abs().max() > 0.1  # a live output, not a zero-initialised path
+    assert max_err(got, expected) <= TOL
+
+
+@pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
+def test_forward_through_the_cpu_fast_paths_matches_diffusers(guidance: bool, onednn_at_any_size) -> None:
+    # Full-size models multiply through kernels' oneDNN paths; forced here at the tiny model's sizes.
+    config = tiny_config(guidance)
+    reference = diffusers_flux(config)
+    model = converted_flux(reference)
+    args = inputs(config, 8, 12)
+    with torch.inference_mode():
+        expected = reference_forward(reference, **args)
+        got = model(args["x"], args["t"], args["context"], args["y"], args["guidance"])
+    assert any(call[2] is not None for call in onednn_at_any_size)  # linear layers
+    assert any(call[2] is None for call in onednn_at_any_size)  # attention
+    assert expected.abs().max() > 0.1
     assert max_err(got, expected) <= TOL
 
 

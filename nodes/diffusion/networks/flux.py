@@ -166,7 +166,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: (B, L, D) -> normed q, k and v, each (B, heads, L, head_dim)."""
+        """x: (B, L, D) -> normed q, k and v, each (B, L, heads, head_dim)."""
         return split_heads(kernels.linear(x, self.qkv), self.num_heads, self.norm)
 
 
@@ -183,9 +183,10 @@ class Modulation(nn.Module):
 
 
 def split_heads(qkv: Tensor, num_heads: int, norm: QKNorm) -> tuple[Tensor, Tensor, Tensor]:
-    """qkv: (B, L, 3 * H * Dh), laid out [q | k | v], heads inside each -> normed q, k, v: (B, H, L, Dh)."""
+    """qkv: (B, L, 3 * H * Dh), laid out [q | k | v], heads inside each -> normed q, k, v: (B, L, H, Dh),
+    the layout kernels.attention takes."""
     batch, length, _ = qkv.shape
-    q, k, v = qkv.view(batch, length, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.view(batch, length, 3, num_heads, -1).unbind(2)
     return norm.query_norm(q), norm.key_norm(k), v
 
 
@@ -217,7 +218,8 @@ def rope_angles(ids: Tensor, axes_dim: Sequence[int], theta: float) -> tuple[Ten
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate each adjacent channel pair (2i, 2i+1) of x: (B, H, L, Dh) by its angle; cos/sin: (L, Dh/2)."""
+    """Rotate each adjacent channel pair (2i, 2i+1) of x: (B, L, H, Dh) by its angle; cos/sin: (L, Dh/2)."""
+    cos, sin = cos[:, None], sin[:, None]  # the same angle for every head
     pairs = x.float().unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
@@ -225,9 +227,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary-embedded scaled dot-product attention. q, k, v: (B, H, L, Dh) -> (B, L, H * Dh)."""
-    out = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
-    return out.transpose(1, 2).flatten(2)
+    """Rotary-embedded scaled dot-product attention. q, k, v: (B, L, H, Dh) -> (B, L, H * Dh)."""
+    return kernels.attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
 
 
 # --------------------------------------------------------------------------- blocks
@@ -255,7 +256,7 @@ class DoubleStreamBlock(nn.Module):
         txt_q, txt_k, txt_v = self.txt_attn.heads(modulate(txt, txt_shift1, txt_scale1))
         # Text first: the rotary tables are built for the sequence [text, image].
         joint = attention(
-            torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2), torch.cat((txt_v, img_v), dim=2),
+            torch.cat((txt_q, img_q), dim=1), torch.cat((txt_k, img_k), dim=1), torch.cat((txt_v, img_v), dim=1),
             *rope,
         )
         txt_out, img_out = joint.split((txt.shape[1], img.shape[1]), dim=1)

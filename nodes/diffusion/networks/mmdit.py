@@ -21,7 +21,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
@@ -123,7 +122,7 @@ class StreamBlock(nn.Module):
         """The residual updates after the joint attention.
 
         x, x_norm (x layer-normed before the attention): (B, L, D); attended: this stream's part
-        of the joint attention (B, heads, L, head_dim) -> (B, L, D).
+        of the joint attention, heads side by side (B, L, D) -> (B, L, D).
         """
         _, _, gate_attn, shift_mlp, scale_mlp, gate_mlp = mods[:6]
         x = x + gate_attn[:, None] * self.attn.out(attended)
@@ -153,9 +152,9 @@ class JointBlock(nn.Module):
         x_qkv = self.x_block.attn.heads(modulate(x_norm, x_mods[0], x_mods[1]))
         context_qkv = self.context_block.attn.heads(modulate(context_norm, context_mods[0], context_mods[1]))
         # Text first, as in the original; the order does not change the result (no positions here).
-        q, k, v = (torch.cat(pair, dim=2) for pair in zip(context_qkv, x_qkv))
-        attended = F.scaled_dot_product_attention(q, k, v)
-        context_attended, x_attended = attended.split([context.shape[1], x.shape[1]], dim=2)
+        q, k, v = (torch.cat(pair, dim=1) for pair in zip(context_qkv, x_qkv))
+        attended = kernels.attention(q, k, v)
+        context_attended, x_attended = attended.split([context.shape[1], x.shape[1]], dim=1)
 
         x = self.x_block.update(x, x_norm, x_attended, x_mods)
         if last or self.context_block.pre_only:

@@ -30,7 +30,6 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
@@ -182,7 +181,7 @@ def image_block(block: StreamBlock, x: Tensor, c: Tensor) -> Tensor:
     then MLP, each gated. x: (B, L, D), c: (B, D) -> (B, L, D)."""
     mods = block.modulations(c)
     x_norm = layer_norm(x)
-    attended = F.scaled_dot_product_attention(*block.attn.heads(modulate(x_norm, mods[0], mods[1])))
+    attended = kernels.attention(*block.attn.heads(modulate(x_norm, mods[0], mods[1])))
     return block.update(x, x_norm, attended, mods)
 
 

@@ -184,9 +184,11 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
         """x: (B, N, D), context: (B, L, D), mask: (B, 1, 1, L) bool (True = attend) or None -> (B, N, D)."""
         batch, tokens, _ = x.shape
-        q = kernels.linear(x, self.q_linear).view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        q = kernels.linear(x, self.q_linear).view(batch, tokens, self.num_heads, self.head_dim)
         k, v = kernels.linear(context, self.kv_linear).view(batch, -1, 2, self.num_heads, self.head_dim).unbind(2)
-        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        if mask is None:
+            return kernels.linear(kernels.attention(q, k, v), self.proj)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return kernels.linear(out.transpose(1, 2).reshape(batch, tokens, -1), self.proj)
 
 

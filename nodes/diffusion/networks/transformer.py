@@ -72,19 +72,18 @@ class FusedQKVAttention(nn.Module):
         self.proj = None if pre_only else nn.Linear(dim, dim)
 
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: (B, L, D) -> q, k, v, each (B, heads, L, head_dim)."""
+        """x: (B, L, D) -> q, k, v, each (B, L, heads, head_dim), the layout kernels.attention takes."""
         batch, length, _ = x.shape
         q, k, v = kernels.linear(x, self.qkv).view(batch, length, 3, self.num_heads, self.head_dim).unbind(2)
-        return self.ln_q(q).transpose(1, 2), self.ln_k(k).transpose(1, 2), v.transpose(1, 2)
+        return self.ln_q(q), self.ln_k(k), v
 
     def out(self, attended: Tensor) -> Tensor:
-        """attended: (B, heads, L, head_dim) -> (B, L, D) through the output projection."""
-        batch, _, length, _ = attended.shape
-        return kernels.linear(attended.transpose(1, 2).reshape(batch, length, -1), self.proj)
+        """attended: (B, L, heads * head_dim), heads side by side -> (B, L, D) through the output projection."""
+        return kernels.linear(attended, self.proj)
 
     def forward(self, x: Tensor) -> Tensor:
         """Self-attention of one sequence: x: (B, L, D) -> (B, L, D)."""
-        return self.out(F.scaled_dot_product_attention(*self.heads(x)))
+        return self.out(kernels.attention(*self.heads(x)))
 
 
 class Mlp(nn.Module):
