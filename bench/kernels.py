@@ -84,6 +84,26 @@ def upsample_case(batch: int, channels: int, side: int):
             lambda: batch * side * side >= kernels.UPSAMPLE_PHASES_MIN_PIXELS)
 
 
+def gelu_linear_case(rows: int, fan_in: int, fan_out: int):
+    x, layer = torch.randn(rows, fan_in), nn.Linear(fan_in, fan_out)
+    return (lambda: kernels.linear_gelu_tanh(x, layer), lambda: F.gelu(layer(x), approximate="tanh"),
+            lambda: kernels._gelu_linear_pays(x, layer.weight) and kernels.onednn_usable(x, layer.weight))
+
+
+def split_gelu_case(rows: int, fan_in: int, plain: int, activated: int):
+    x, layer = torch.randn(rows, fan_in), nn.Linear(fan_in, plain + activated)
+
+    def plain_form() -> tuple[torch.Tensor, torch.Tensor]:
+        head, tail = layer(x).split([plain, activated], dim=-1)
+        return head, F.gelu(tail, approximate="tanh")
+
+    def takes_fast() -> bool:
+        return (kernels._linear_pays(x, layer.weight[:plain]) and kernels._gelu_linear_pays(x, layer.weight[plain:])
+                and kernels.onednn_usable(x, layer.weight))
+
+    return lambda: kernels.linear_and_gelu_tanh(x, layer, plain), plain_form, takes_fast
+
+
 # (model, what, builder, arguments): the demo U-Net (64 and 128 channels at 8x8, 4x4 and 2x2
 # latent pixels, attention at 4x4 and 2x2 in 8 heads of 16, CLIP width 256 at 77 tokens) and
 # SD1.5's (320-1280 channels, 8 heads of 40-160, 768 at 77 tokens); batch 2 as a guidance step.
@@ -108,6 +128,13 @@ CASES = [
     ("sd15", "cross-attention, 32x32 latent", attention_case, (2, 1024, 77, 8, 80)),
     ("sd15", "upsample + conv, 32x32 -> 64x64", upsample_case, (2, 640, 32)),
     ("sd15", "upsample + conv, 8x8 -> 16x16", upsample_case, (2, 1280, 8)),
+    # Transformers' MLPs (fc1 then GELU's tanh form) and Flux's single-block input layer: the demo
+    # MMDiT (192 wide, 16 image and 154 text tokens, batch 2), SD3-medium and Flux.1 at 512x512.
+    ("sd3-demo", "MLP fc1 + tanh GELU, image tokens", gelu_linear_case, (32, 192, 768)),
+    ("sd3-demo", "MLP fc1 + tanh GELU, text tokens", gelu_linear_case, (308, 192, 768)),
+    ("sd3", "MLP fc1 + tanh GELU, image tokens", gelu_linear_case, (1024, 1536, 6144)),
+    ("flux", "MLP fc1 + tanh GELU, text tokens", gelu_linear_case, (256, 3072, 12288)),
+    ("flux", "single block: q, k, v + tanh GELU of the MLP input", split_gelu_case, (1280, 3072, 9216, 12288)),
 ]
 
 

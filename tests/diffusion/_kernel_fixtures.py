@@ -12,7 +12,7 @@ import torch
 
 from nodegraph_diffusion.networks import kernels
 
-_THRESHOLDS = ("LINEAR_MIN_ROWS", "LINEAR_MIN_MACS", "POINTWISE_MIN_MACS", "ATTENTION_MIN_WORK")
+_THRESHOLDS = ("LINEAR_MIN_ROWS", "LINEAR_MIN_MACS", "POINTWISE_MIN_MACS", "ATTENTION_MIN_WORK", "GELU_LINEAR_MIN_MACS")
 
 
 @pytest.fixture

@@ -125,6 +125,7 @@ def test_forward_through_the_cpu_fast_paths_matches_diffusers(guidance: bool, on
         got = model(args["x"], args["t"], args["context"], args["y"], args["guidance"])
     assert any(call[2] is not None for call in onednn_at_any_size)  # linear layers
     assert any(call[2] is None for call in onednn_at_any_size)  # attention
+    assert any(call[3:] == ("gelu", [], "tanh") for call in onednn_at_any_size)  # MLPs with GELU fused
     assert expected.abs().max() > 0.1
     assert max_err(got, expected) <= TOL
 

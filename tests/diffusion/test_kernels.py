@@ -253,3 +253,62 @@ def test_small_products_take_the_torch_path(monkeypatch) -> None:
         assert len(calls) == 1
         assert max_err(kernels.attention(q, k, v), sdpa(q)) <= TOL
         assert len(calls) == 1 + 2 * 2  # two products per head
+
+
+@needs_onednn
+def test_linear_gelu_tanh_is_the_tanh_form_of_gelu_after_the_layer(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "GELU_LINEAR_MIN_MACS", 0)
+    layer = random_linear(40, 96, seed=7)
+    x = torch.randn(2, 11, 40) * 2  # outputs spread over the range where the two GELU forms differ
+    with torch.inference_mode():
+        assert kernels.onednn_usable(x, layer.weight, layer.bias)
+        got = kernels.linear_gelu_tanh(x, layer)
+        expected = F.gelu(layer(x), approximate="tanh")
+        exact_form = F.gelu(layer(x))
+    assert got.shape == (2, 11, 96)
+    assert max_err(got, expected) <= TOL
+    assert max_err(exact_form, expected) > 30 * TOL  # so the comparison tells the two forms apart (at most 4.7e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_and_gelu_tanh_splits_the_outputs_and_activates_the_tail(any_size, monkeypatch, bias: bool) -> None:
+    monkeypatch.setattr(kernels, "GELU_LINEAR_MIN_MACS", 0)
+    layer = random_linear(32, 3 * 16 + 64, bias, seed=8)  # q, k, v of width 16, then a 64-wide MLP input
+    x = torch.randn(2, 9, 32) * 2
+    with torch.inference_mode():
+        head, tail = kernels.linear_and_gelu_tanh(x, layer, 48)
+        expected_head, expected_tail = layer(x).split([48, 64], dim=-1)
+        expected_tail = F.gelu(expected_tail, approximate="tanh")
+    assert head.shape == (2, 9, 48) and tail.shape == (2, 9, 64)
+    assert max_err(head, expected_head) <= TOL
+    assert max_err(tail, expected_tail) <= TOL
+    assert expected_tail.abs().max() > 0.5
+
+
+@needs_onednn
+def test_small_gelu_products_take_the_torch_path(monkeypatch) -> None:
+    # Below GELU_LINEAR_MIN_MACS (scaled down here) the results are torch's own, bit for bit; from it
+    # the fused product runs. The split form needs both of its products to pay.
+    monkeypatch.setattr(kernels, "GELU_LINEAR_MIN_MACS", 16 * 32 * 64)
+    monkeypatch.setattr(kernels, "LINEAR_MIN_MACS", 16 * 32 * 48)
+    layer, narrow = random_linear(32, 64, seed=9), random_linear(32, 48 + 63, seed=10)
+    few, enough = torch.randn(15, 32), torch.randn(16, 32)
+    calls = []
+    product = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a) or product(*a))
+
+    def split_then_gelu(x: torch.Tensor, linear: nn.Linear, plain: int) -> tuple[torch.Tensor, torch.Tensor]:
+        head, tail = linear(x).split([plain, linear.out_features - plain], dim=-1)
+        return head, F.gelu(tail, approximate="tanh")
+
+    with torch.inference_mode():
+        assert torch.equal(kernels.linear_gelu_tanh(few, layer), F.gelu(layer(few), approximate="tanh"))
+        for got, expected in zip(kernels.linear_and_gelu_tanh(enough, narrow, 48), split_then_gelu(enough, narrow, 48)):
+            assert torch.equal(got, expected)  # the tail's 16 x 32 x 63 falls short
+        assert calls == []
+        assert max_err(kernels.linear_gelu_tanh(enough, layer), F.gelu(layer(enough), approximate="tanh")) <= TOL
+        assert len(calls) == 1
+        monkeypatch.setattr(kernels, "ONEDNN_ENABLED", False)
+        assert torch.equal(kernels.linear_gelu_tanh(enough, layer), F.gelu(layer(enough), approximate="tanh"))
+        assert len(calls) == 1

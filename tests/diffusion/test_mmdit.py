@@ -125,6 +125,7 @@ def test_forward_through_the_cpu_fast_paths_matches_diffusers(pair, onednn_at_an
     got = ours(**inputs)
     assert any(call[2] is not None for call in onednn_at_any_size)  # linear layers
     assert any(call[2] is None for call in onednn_at_any_size)  # attention
+    assert any(call[3:] == ("gelu", [], "tanh") for call in onednn_at_any_size)  # MLPs with GELU fused
     assert expected.abs().max() > 0.1
     assert (got - expected).abs().max().item() <= TOLERANCE
 

@@ -192,7 +192,7 @@ def split_heads(qkv: Tensor, num_heads: int, norm: QKNorm) -> tuple[Tensor, Tens
 
 def mlp(layers: nn.Sequential, x: Tensor) -> Tensor:
     """A double block's MLP, ``layers`` = (Linear, tanh GELU, Linear): x: (B, L, D) -> (B, L, D)."""
-    return kernels.linear(F.gelu(kernels.linear(x, layers[0]), approximate="tanh"), layers[2])
+    return kernels.linear(kernels.linear_gelu_tanh(x, layers[0]), layers[2])
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -276,7 +276,7 @@ class SingleStreamBlock(nn.Module):
         super().__init__()
         dim = config.hidden_size
         self.num_heads = config.num_heads
-        self.split = (3 * dim, config.mlp_hidden_dim)
+        self.qkv_width = 3 * dim  # linear1: q, k, v, then the MLP input
         self.linear1 = nn.Linear(dim, 3 * dim + config.mlp_hidden_dim)
         self.linear2 = nn.Linear(dim + config.mlp_hidden_dim, dim)
         self.norm = QKNorm(config.head_dim)
@@ -285,9 +285,9 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         """x: (B, L, D), vec: (B, D) -> (B, L, D)."""
         shift, scale, gate = self.modulation(vec)
-        qkv, hidden = kernels.linear(modulate(x, shift, scale), self.linear1).split(self.split, dim=-1)
+        qkv, hidden = kernels.linear_and_gelu_tanh(modulate(x, shift, scale), self.linear1, self.qkv_width)
         q, k, v = split_heads(qkv, self.num_heads, self.norm)
-        out = torch.cat((attention(q, k, v, *rope), F.gelu(hidden, approximate="tanh")), dim=-1)
+        out = torch.cat((attention(q, k, v, *rope), hidden), dim=-1)
         return x + gate * kernels.linear(out, self.linear2)
 
 

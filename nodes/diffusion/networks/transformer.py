@@ -96,7 +96,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, L, in_dim) -> (B, L, out_dim)."""
-        return kernels.linear(F.gelu(kernels.linear(x, self.fc1), approximate="tanh"), self.fc2)
+        return kernels.linear(kernels.linear_gelu_tanh(x, self.fc1), self.fc2)
 
 
 class PatchEmbed(nn.Module):
