@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from _kernel_fixtures import onednn_at_any_size  # noqa: F401 (a fixture)
 from _random_weights import randomize_
 from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
@@ -121,6 +122,20 @@ def test_forward_matches_diffusers(pair, size: str) -> None:
     got = ours(**inputs)
     assert got.shape == (BATCH, config.out_channels, side, side)
     assert expected.abs().max() > 0.1  # the comparison below means something
+    assert (got - expected).abs().max().item() <= TOLERANCE
+
+
+@torch.inference_mode()
+def test_forward_through_the_cpu_fast_paths_matches_diffusers(pair, onednn_at_any_size) -> None:
+    # Full-size models multiply through kernels' oneDNN paths; forced here at the tiny model's sizes.
+    config, reference, ours, _ = pair
+    side = config.sample_size
+    inputs = _inputs(config, side, side)
+    expected = _reference(reference, inputs)
+    got = ours(**inputs)
+    assert any(call[2] is None for call in onednn_at_any_size)  # attention
+    assert any(call[3:] == ("gelu", [], "tanh") for call in onednn_at_any_size)  # MLPs with GELU fused
+    assert expected.abs().max() > 0.1
     assert (got - expected).abs().max().item() <= TOLERANCE
 
 

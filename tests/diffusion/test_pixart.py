@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from _kernel_fixtures import onednn_at_any_size  # noqa: F401 (a fixture)
 from _random_weights import randomize_
 from diffusers import PixArtTransformer2DModel
 from nodegraph_diffusion.networks.dit import DiT, DiTConfig, is_dit_layout
@@ -121,6 +122,20 @@ def test_forward_matches_diffusers(pair, height: int, width: int) -> None:
     got = ours(**inputs)
     assert got.shape == (BATCH, config.out_channels, height, width)
     assert expected.abs().max() > 0.1  # the comparison below means something
+    assert (got - expected).abs().max().item() <= TOLERANCE
+
+
+@torch.inference_mode()
+def test_forward_through_the_cpu_fast_paths_matches_diffusers(pair, onednn_at_any_size) -> None:
+    # Full-size models multiply through kernels' oneDNN paths; forced here at the tiny model's sizes.
+    config, reference, ours, _ = pair
+    inputs = _inputs(config, 8, 12)
+    expected = _reference(reference, inputs)
+    got = ours(**inputs)
+    assert any(call[3:] == ("gelu", [], "tanh") for call in onednn_at_any_size)  # MLPs with GELU fused
+    # The first prompt's cross-attention: scores against its 3 unmasked caption tokens alone.
+    assert any(call[2] is None and call[1].shape[0] == 3 for call in onednn_at_any_size)
+    assert expected.abs().max() > 0.1
     assert (got - expected).abs().max().item() <= TOLERANCE
 
 

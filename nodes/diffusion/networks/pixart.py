@@ -44,7 +44,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
@@ -188,8 +187,11 @@ class CrossAttention(nn.Module):
         k, v = kernels.linear(context, self.kv_linear).view(batch, -1, 2, self.num_heads, self.head_dim).unbind(2)
         if mask is None:
             return kernels.linear(kernels.attention(q, k, v), self.proj)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        return kernels.linear(out.transpose(1, 2).reshape(batch, tokens, -1), self.proj)
+        # A masked-out caption token gets no weight, so each sample attending to its kept tokens alone
+        # is the same softmax, in the layout kernels.attention takes (it has no mask).
+        keep = mask.reshape(batch, -1)
+        attended = [kernels.attention(q[i : i + 1], k[i : i + 1, keep[i]], v[i : i + 1, keep[i]]) for i in range(batch)]
+        return kernels.linear(torch.cat(attended), self.proj)
 
 
 class PixArtBlock(nn.Module):
