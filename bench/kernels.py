@@ -135,6 +135,8 @@ CASES = [
     ("sd3", "MLP fc1 + tanh GELU, image tokens", gelu_linear_case, (1024, 1536, 6144)),
     ("flux", "MLP fc1 + tanh GELU, text tokens", gelu_linear_case, (256, 3072, 12288)),
     ("flux", "single block: q, k, v + tanh GELU of the MLP input", split_gelu_case, (1280, 3072, 9216, 12288)),
+    ("sd3", "joint attention, 154 text + 1024 image tokens", attention_case, (1, 1178, 1178, 24, 64)),
+    ("flux", "joint attention, 256 text + 1024 image tokens", attention_case, (1, 1280, 1280, 24, 128)),
 ]
 
 

@@ -108,7 +108,9 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W), H and W multiples of the patch size -> (B, H/p * W/p, D), row-major."""
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # Contiguous once here: the transposed view's layout would otherwise carry through every
+        # residual add of the blocks, and each LayerNorm and product would copy it again.
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class FinalLayer(nn.Module):
