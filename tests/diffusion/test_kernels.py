@@ -9,6 +9,8 @@ from torch import nn
 
 from nodegraph_diffusion.networks import kernels
 
+from _kernel_fixtures import onednn_at_any_size  # noqa: F401 (a fixture)
+
 needs_onednn = pytest.mark.skipif(not kernels._ONEDNN_AVAILABLE, reason="this torch build has no oneDNN ops")
 # float32 rounding of sums of a few hundred products of O(1) values, in a different order.
 TOL = 1e-5
@@ -16,13 +18,6 @@ TOL = 1e-5
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
-
-
-@pytest.fixture
-def any_size(monkeypatch) -> None:
-    """The oneDNN paths for products of any size (the tests' tensors are far below the thresholds)."""
-    for name in ("LINEAR_MIN_ROWS", "LINEAR_MIN_MACS", "POINTWISE_MIN_MACS", "ATTENTION_MIN_WORK"):
-        monkeypatch.setattr(kernels, name, 0)
 
 
 def random_linear(fan_in: int, fan_out: int, bias: bool = True, seed: int = 0) -> nn.Linear:
@@ -37,7 +32,7 @@ def random_linear(fan_in: int, fan_out: int, bias: bool = True, seed: int = 0) -
 
 @needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_takes_onednn_under_inference_and_matches_the_module(any_size, bias: bool) -> None:
+def test_linear_takes_onednn_under_inference_and_matches_the_module(onednn_at_any_size, bias: bool) -> None:
     layer = random_linear(48, 40, bias)
     x = torch.randn(2, 9, 48)
     with torch.inference_mode():
@@ -45,12 +40,13 @@ def test_linear_takes_onednn_under_inference_and_matches_the_module(any_size, bi
         got = kernels.linear(x, layer)
         expected = layer(x)
     assert got.shape == (2, 9, 40)
+    assert len(onednn_at_any_size) == 1  # the product went through oneDNN
     assert max_err(got, expected) <= TOL
     assert expected.abs().max() > 0.5
 
 
 @needs_onednn
-def test_linear_applies_a_1x1_conv_over_token_channels(any_size) -> None:
+def test_linear_applies_a_1x1_conv_over_token_channels(onednn_at_any_size) -> None:
     torch.manual_seed(1)
     conv = nn.Conv2d(24, 16, kernel_size=1)
     image = torch.randn(2, 24, 5, 3)
@@ -103,7 +99,7 @@ def test_disabled_onednn_gives_the_torch_results_exactly(monkeypatch) -> None:
 
 
 @needs_onednn
-def test_gated_gelu_is_hidden_times_exact_gelu_of_gate(any_size) -> None:
+def test_gated_gelu_is_hidden_times_exact_gelu_of_gate(onednn_at_any_size) -> None:
     proj = random_linear(40, 2 * 96)
     x = torch.randn(2, 11, 40) * 2  # gate values spread over the range where GELU's tanh form differs
     with torch.inference_mode():
@@ -118,7 +114,7 @@ def test_gated_gelu_is_hidden_times_exact_gelu_of_gate(any_size) -> None:
 
 @needs_onednn
 @pytest.mark.parametrize("tokens, keys", [(37, 37), (37, 5), (6, 50)])
-def test_attention_matches_sdpa_in_query_blocks(monkeypatch, any_size, tokens: int, keys: int) -> None:
+def test_attention_matches_sdpa_in_query_blocks(monkeypatch, onednn_at_any_size, tokens: int, keys: int) -> None:
     # Small blocks: several per head, the last one shorter; oneDNN whatever the thread count.
     monkeypatch.setattr(kernels, "ATTENTION_BLOCK_ELEMENTS", 8 * keys)
     monkeypatch.setattr(kernels, "ATTENTION_MAX_THREADS", torch.get_num_threads())
@@ -196,7 +192,7 @@ def test_small_upsampler_inputs_take_the_plain_way(monkeypatch) -> None:
 
 @needs_onednn
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_pointwise_conv_matches_the_module(any_size, channels_last: bool) -> None:
+def test_pointwise_conv_matches_the_module(onednn_at_any_size, channels_last: bool) -> None:
     torch.manual_seed(6)
     conv = nn.Conv2d(24, 16, kernel_size=1)
     x = torch.randn(2, 24, 6, 5)
@@ -256,8 +252,7 @@ def test_small_products_take_the_torch_path(monkeypatch) -> None:
 
 
 @needs_onednn
-def test_linear_gelu_tanh_is_the_tanh_form_of_gelu_after_the_layer(monkeypatch) -> None:
-    monkeypatch.setattr(kernels, "GELU_LINEAR_MIN_MACS", 0)
+def test_linear_gelu_tanh_is_the_tanh_form_of_gelu_after_the_layer(onednn_at_any_size) -> None:
     layer = random_linear(40, 96, seed=7)
     x = torch.randn(2, 11, 40) * 2  # outputs spread over the range where the two GELU forms differ
     with torch.inference_mode():
@@ -272,14 +267,14 @@ def test_linear_gelu_tanh_is_the_tanh_form_of_gelu_after_the_layer(monkeypatch) 
 
 @needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_and_gelu_tanh_splits_the_outputs_and_activates_the_tail(any_size, monkeypatch, bias: bool) -> None:
-    monkeypatch.setattr(kernels, "GELU_LINEAR_MIN_MACS", 0)
+def test_linear_and_gelu_tanh_splits_the_outputs_and_activates_the_tail(onednn_at_any_size, bias: bool) -> None:
     layer = random_linear(32, 3 * 16 + 64, bias, seed=8)  # q, k, v of width 16, then a 64-wide MLP input
     x = torch.randn(2, 9, 32) * 2
     with torch.inference_mode():
         head, tail = kernels.linear_and_gelu_tanh(x, layer, 48)
         expected_head, expected_tail = layer(x).split([48, 64], dim=-1)
         expected_tail = F.gelu(expected_tail, approximate="tanh")
+    assert onednn_at_any_size, "the fused product went through oneDNN"
     assert head.shape == (2, 9, 48) and tail.shape == (2, 9, 64)
     assert max_err(head, expected_head) <= TOL
     assert max_err(tail, expected_tail) <= TOL
