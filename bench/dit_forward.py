@@ -23,14 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from unet import fill_random_, timing_summary  # bench/unet.py: random weights of sane scale, ratios
+from unet import alternate, cpu_report, fill_random_, timing_summary  # bench/unet.py: shared helpers
 
 from nodegraph_diffusion.networks import flux, mmdit, pixart
 
@@ -130,17 +128,7 @@ PAIRS = {"sd3": sd3_pair, "flux": flux_pair, "pixart": pixart_pair}
 
 def measure(family: str, depth: int, latent: int, repeats: int) -> dict:
     _reference, ours, run_reference, run_ours, shape = PAIRS[family](depth, latent, seed=0)
-    runners = {"ours": run_ours, "diffusers": run_reference}
-    wall: dict[str, list[float]] = {name: [] for name in runners}
-    cpu: dict[str, list[float]] = {name: [] for name in runners}
-    with torch.inference_mode():
-        outputs = {name: run() for name, run in runners.items()}
-        for _ in range(repeats):
-            for name, run in runners.items():
-                start_cpu, start = time.process_time(), time.perf_counter()
-                run()
-                wall[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - start_cpu)
+    outputs, _, wall, cpu = alternate({"ours": run_ours, "diffusers": run_reference}, repeats)
     return {
         "family": family,
         "depth": {"double": depth // 2, "single": depth} if family == "flux" else depth,
@@ -163,13 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     families = {"both": ["sd3", "flux"], "all": list(PAIRS)}.get(args.family, [args.family])
     report = {
-        "benchmark": "transformer_forward",
-        "device": "cpu",
-        "dtype": "float32",
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "torch": torch.__version__,
+        **cpu_report("transformer_forward"),
         "repeats": args.repeats,
         "load_average_1min_before": os.getloadavg()[0],
         "results": [measure(family, args.depth, args.latent, args.repeats) for family in families],

@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -146,26 +147,33 @@ def timing_summary(wall: dict[str, list[float]], cpu: dict[str, list[float]]) ->
 
 
 def alternate(
-    runners: dict[str, tuple], x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, repeats: int
+    runners: dict[str, Callable[[], torch.Tensor]], repeats: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, list[float]], dict[str, list[float]]]:
-    """One call of each, then ``repeats`` rounds alternating them; ``runners`` maps a name to
-    (forward, model). Returns outputs, first-call wall seconds, and the rounds' wall and CPU seconds."""
+    """One call of each runner, then ``repeats`` rounds alternating them (so drifting machine load
+    hits all alike), under ``torch.inference_mode``. Returns each runner's first output, first-call
+    wall seconds, and the rounds' wall and CPU seconds."""
     wall: dict[str, list[float]] = {name: [] for name in runners}
     cpu: dict[str, list[float]] = {name: [] for name in runners}
     outputs: dict[str, torch.Tensor] = {}
     first_call: dict[str, float] = {}
     with torch.inference_mode():
-        for name, (forward, model) in runners.items():
+        for name, run in runners.items():
             start = time.perf_counter()
-            outputs[name] = forward(model, x, t, context)
+            outputs[name] = run()
             first_call[name] = time.perf_counter() - start
         for _ in range(repeats):
-            for name, (forward, model) in runners.items():
+            for name, run in runners.items():
                 start_cpu, start = time.process_time(), time.perf_counter()
-                forward(model, x, t, context)
+                run()
                 wall[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
     return outputs, first_call, wall, cpu
+
+
+def cpu_report(benchmark: str) -> dict:
+    """The head of a CPU float32 report: what ran, on what, with which torch and thread count."""
+    return {"benchmark": benchmark, "device": "cpu", "dtype": "float32", "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__}
 
 
 def main() -> None:
@@ -190,16 +198,12 @@ def main() -> None:
     x, t, context = inputs(args.batch, args.latent)
     load_before = os.getloadavg()[0]
     outputs, _, wall, cpu = alternate(
-        {"ours": (run_ours, ours), "diffusers": (run_diffusers, reference)}, x, t, context, args.repeats
+        {"ours": lambda model=ours: run_ours(model, x, t, context),
+         "diffusers": lambda model=reference: run_diffusers(model, x, t, context)},
+        args.repeats,
     )
     report = {
-        "benchmark": "unet_forward_sd15",
-        "device": "cpu",
-        "dtype": "float32",
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "torch": torch.__version__,
+        **cpu_report("unet_forward_sd15"),
         "batch": args.batch,
         "latent": [args.latent, args.latent],
         "context": [CONTEXT_TOKENS, 768],
@@ -214,8 +218,10 @@ def main() -> None:
         from nodegraph_diffusion.weights.devices import compiled
 
         # ours as `--compile` runs it (compiled once per loaded network), diffusers' the same way.
-        runners = {"ours": (run_ours, compiled(ours)), "diffusers": (run_diffusers, torch.compile(reference))}
-        compiled_outputs, first_call, compiled_wall, compiled_cpu = alternate(runners, x, t, context, args.repeats)
+        compiled_ours, compiled_reference = compiled(ours), torch.compile(reference)
+        runners = {"ours": lambda: run_ours(compiled_ours, x, t, context),
+                   "diffusers": lambda: run_diffusers(compiled_reference, x, t, context)}
+        compiled_outputs, first_call, compiled_wall, compiled_cpu = alternate(runners, args.repeats)
         report["compiled_first_call_s"] = first_call  # compiling included
         report.update({f"compiled_{key}": value for key, value in timing_summary(compiled_wall, compiled_cpu).items()})
         report["compiled_ours_cpu_over_eager_diffusers_cpu"] = (

@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import time
 
 import torch
 from torch import nn
 
-# bench/unet.py, beside this script: the same random-weight recipe and timing summary.
-from unet import fill_random_, timing_summary
+# bench/unet.py, beside this script: the same random weights, alternation, report head and timing summary.
+from unet import alternate, cpu_report, fill_random_, timing_summary
 
 from nodegraph_diffusion.vae import autoencoder
 
@@ -72,26 +70,11 @@ def main() -> None:
     ours = ours_from(reference)
     latent = torch.randn(args.batch, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
     runners = {"ours": lambda: ours.decode(latent), "diffusers": lambda: reference.decode(latent).sample}
-    wall: dict[str, list[float]] = {name: [] for name in runners}
-    cpu: dict[str, list[float]] = {name: [] for name in runners}
     load_before = os.getloadavg()[0]
-    with torch.inference_mode():
-        outputs = {name: decode() for name, decode in runners.items()}
-        for _ in range(args.repeats):
-            for name, decode in runners.items():
-                start_cpu, start = time.process_time(), time.perf_counter()
-                decode()
-                wall[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - start_cpu)
+    outputs, _, wall, cpu = alternate(runners, args.repeats)
 
     report = {
-        "benchmark": "vae_decode_sd15",
-        "device": "cpu",
-        "dtype": "float32",
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "torch": torch.__version__,
+        **cpu_report("vae_decode_sd15"),
         "batch": args.batch,
         "image": [args.size, args.size],
         "repeats": args.repeats,
