@@ -46,6 +46,13 @@ LINEAR_MIN_MACS = 1 << 21
 # Multiply-adds (batch x pixels x in x out channels) from which a 1x1 conv goes through oneDNN: at
 # 3-4e6 (192-384 channels at 4x4-8x8 pixels) it takes 0.97-1.15x torch's time, from 1.7e7 0.5-0.75x.
 POINTWISE_MIN_MACS = 1 << 23
+# Multiply-adds (rows x in x out) from which a linear layer followed by GELU's tanh form goes through
+# oneDNN with the activation fused, whatever the row count (one thread, against
+# ``F.gelu(F.linear(...), approximate="tanh")``): from 2^20 (16 x 64 x 1024, 16 x 256 x 256, 8 x 256 x 512,
+# 4 x 512 x 1024) 0.69-0.96x its time, from 2e6 0.4-0.72x, at SD3's and Flux's MLPs 0.45x (and 0.93-0.96x
+# the time of the unfused oneDNN product and a separate GELU); 5e5 (16 x 128 x 256, 32 x 128 x 128)
+# 1.06-1.08x, 2.6e5 (16 x 64 x 256) 1.27x, 3e4 (2 x 64 x 256) 2.3x.
+GELU_LINEAR_MIN_MACS = 1 << 20
 # Most intra-op threads for which attention takes the oneDNN blocks. They parallelise only inside
 # each product, SDPA's flash kernel over heads and blocks: against 4096 keys 0.75x SDPA's time on
 # one thread, 0.91x on two; with more (not measurable on the 2-core development machine) SDPA runs.
@@ -70,6 +77,11 @@ def _linear_pays(x: Tensor, weight: Tensor) -> bool:
     """Whether a linear map of ``x`` by ``weight`` (out, in) is big enough for oneDNN to pay."""
     fan_in = weight.shape[-1]
     return fan_in > 0 and x.numel() >= LINEAR_MIN_ROWS * fan_in and x.numel() * weight.shape[0] >= LINEAR_MIN_MACS
+
+
+def _gelu_linear_pays(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``x`` by ``weight`` (out, in) followed by GELU is big enough for the fused product to pay."""
+    return weight.shape[-1] > 0 and x.numel() * weight.shape[0] >= GELU_LINEAR_MIN_MACS
 
 
 def linear(x: Tensor, layer: nn.Linear | nn.Conv2d) -> Tensor:
@@ -107,6 +119,37 @@ def gated_gelu(x: Tensor, proj: nn.Linear) -> Tensor:
     hidden_bias = None if bias is None else bias[:width]
     gated = torch.ops.mkldnn._linear_pointwise(x, weight[width:], gate_bias, "gelu", [], "none")
     return torch.ops.mkldnn._linear_pointwise.binary(x, gated, weight[:width], hidden_bias, "mul")
+
+
+def linear_gelu_tanh(x: Tensor, layer: nn.Linear) -> Tensor:
+    """``F.gelu(layer(x), approximate="tanh")``: a linear layer and GELU's tanh form (the MLPs of
+    DiT, PixArt, SD3 and Flux), the activation fused into oneDNN's product. x: (..., in) -> (..., out)."""
+    weight, bias = layer.weight, layer.bias
+    if weight.is_contiguous() and _gelu_linear_pays(x, weight) and onednn_usable(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
+    return F.gelu(layer(x), approximate="tanh")
+
+
+def linear_and_gelu_tanh(x: Tensor, layer: nn.Linear, plain: int) -> tuple[Tensor, Tensor]:
+    """One layer whose first ``plain`` outputs are used as they are and the others through GELU's tanh
+    form (Flux's single blocks: q, k and v, then the MLP's input): ``head, tail = layer(x).split([plain,
+    layer.out_features - plain], -1)``, returning ``head, F.gelu(tail, approximate="tanh")``.
+
+    On the oneDNN path two products over the weight's row ranges (contiguous views), GELU fused into
+    the second; each range must pay on its own (:data:`LINEAR_MIN_MACS`, :data:`GELU_LINEAR_MIN_MACS`).
+    x: (..., in) -> (..., plain), (..., out - plain).
+    """
+    weight, bias = layer.weight, layer.bias
+    head_weight, tail_weight = weight[:plain], weight[plain:]
+    if (weight.is_contiguous() and 0 < plain < weight.shape[0] and _linear_pays(x, head_weight)
+            and _gelu_linear_pays(x, tail_weight) and onednn_usable(x, weight, bias)):
+        head_bias = None if bias is None else bias[:plain]
+        tail_bias = None if bias is None else bias[plain:]
+        product = torch.ops.mkldnn._linear_pointwise
+        return (product(x, head_weight, head_bias, "none", [], ""),
+                product(x, tail_weight, tail_bias, "gelu", [], "tanh"))
+    head, tail = layer(x).split([plain, weight.shape[0] - plain], dim=-1)
+    return head, F.gelu(tail, approximate="tanh")
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -225,49 +268,3 @@ def _upsample_tap_sums() -> Tensor:
 
 
 _UPSAMPLE_TAP_SUMS = _upsample_tap_sums()
-
-
-
-# Multiply-adds (rows x in x out) from which a linear layer followed by GELU's tanh form goes through
-# oneDNN with the activation fused, whatever the row count (one thread, against
-# ``F.gelu(F.linear(...), approximate="tanh")``): from 2^20 (16 x 64 x 1024, 16 x 256 x 256, 8 x 256 x 512,
-# 4 x 512 x 1024) 0.69-0.96x its time, from 2e6 0.4-0.72x, at SD3's and Flux's MLPs 0.45x (and 0.93-0.96x
-# the time of the unfused oneDNN product and a separate GELU); 5e5 (16 x 128 x 256, 32 x 128 x 128)
-# 1.06-1.08x, 2.6e5 (16 x 64 x 256) 1.27x, 3e4 (2 x 64 x 256) 2.3x.
-GELU_LINEAR_MIN_MACS = 1 << 20
-
-
-def _gelu_linear_pays(x: Tensor, weight: Tensor) -> bool:
-    """Whether ``x`` by ``weight`` (out, in) followed by GELU is big enough for the fused product to pay."""
-    return weight.shape[-1] > 0 and x.numel() * weight.shape[0] >= GELU_LINEAR_MIN_MACS
-
-
-def linear_gelu_tanh(x: Tensor, layer: nn.Linear) -> Tensor:
-    """``F.gelu(layer(x), approximate="tanh")``: a linear layer and GELU's tanh form (the MLPs of
-    DiT, PixArt, SD3 and Flux), the activation fused into oneDNN's product. x: (..., in) -> (..., out)."""
-    weight, bias = layer.weight, layer.bias
-    if weight.is_contiguous() and _gelu_linear_pays(x, weight) and onednn_usable(x, weight, bias):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
-    return F.gelu(layer(x), approximate="tanh")
-
-
-def linear_and_gelu_tanh(x: Tensor, layer: nn.Linear, plain: int) -> tuple[Tensor, Tensor]:
-    """One layer whose first ``plain`` outputs are used as they are and the others through GELU's tanh
-    form (Flux's single blocks: q, k and v, then the MLP's input): ``head, tail = layer(x).split([plain,
-    layer.out_features - plain], -1)``, returning ``head, F.gelu(tail, approximate="tanh")``.
-
-    On the oneDNN path two products over the weight's row ranges (contiguous views), GELU fused into
-    the second; each range must pay on its own (:data:`LINEAR_MIN_MACS`, :data:`GELU_LINEAR_MIN_MACS`).
-    x: (..., in) -> (..., plain), (..., out - plain).
-    """
-    weight, bias = layer.weight, layer.bias
-    head_weight, tail_weight = weight[:plain], weight[plain:]
-    if (weight.is_contiguous() and 0 < plain < weight.shape[0] and _linear_pays(x, head_weight)
-            and _gelu_linear_pays(x, tail_weight) and onednn_usable(x, weight, bias)):
-        head_bias = None if bias is None else bias[:plain]
-        tail_bias = None if bias is None else bias[plain:]
-        product = torch.ops.mkldnn._linear_pointwise
-        return (product(x, head_weight, head_bias, "none", [], ""),
-                product(x, tail_weight, tail_bias, "gelu", [], "tanh"))
-    head, tail = layer(x).split([plain, weight.shape[0] - plain], dim=-1)
-    return head, F.gelu(tail, approximate="tanh")
